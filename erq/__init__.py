@@ -1,0 +1,6 @@
+"""erq: a durable, Kestrel-compatible message-queue server on the memcache text protocol."""
+
+from ._compat import IMPLEMENTATION
+
+__version__ = "0.1.0"
+__all__ = ["IMPLEMENTATION", "__version__"]

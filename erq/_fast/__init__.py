@@ -1,0 +1,1 @@
+"""Cython hot paths: request parser, ring-buffer FIFO, journal codec and mmap'd append."""

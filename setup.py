@@ -1,0 +1,69 @@
+"""Build erq's Cython hot paths (erq/_fast), or nothing when ERQ_NO_EXTENSIONS=1.
+
+The extensions are the default. A machine without a C compiler gets a build error that
+names the switch to the pure-Python twins instead of a silently slower server.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+NO_EXTENSIONS = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
+DEBUG = os.environ.get("ERQ_CYTHON_DEBUG", "") not in ("", "0")
+FAST_MODULES = ["_parser", "_ring", "_journal"]
+
+NO_COMPILER_HELP = """
+erq: building the Cython extensions failed ({error}).
+erq needs a C compiler (gcc or clang) and the Python headers for its fast build.
+To install the portable pure-Python build instead, set ERQ_NO_EXTENSIONS=1:
+
+    ERQ_NO_EXTENSIONS=1 pip install erq
+"""
+
+
+class BuildExt(build_ext):
+    """Turn a missing compiler into a message that names the pure-Python switch."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # DistutilsPlatformError, CompileError, ...
+            raise SystemExit(NO_COMPILER_HELP.format(error=exc)) from exc
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            raise SystemExit(NO_COMPILER_HELP.format(error=exc)) from exc
+
+
+def extensions():
+    if NO_EXTENSIONS:
+        print("erq: ERQ_NO_EXTENSIONS set, installing the pure-Python build", file=sys.stderr)
+        return []
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    compile_args = ["-O3"] if not DEBUG else ["-O0", "-g"]
+    macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
+    exts = [
+        Extension(
+            f"erq._fast.{name}",
+            [f"erq/_fast/{name}.pyx"],
+            extra_compile_args=compile_args,
+            define_macros=macros,
+        )
+        for name in FAST_MODULES
+    ]
+    print("erq: building the Cython extensions (accelerated build)", file=sys.stderr)
+    return cythonize(
+        exts,
+        language_level=3,
+        annotate=DEBUG,
+        compiler_directives={"linetrace": DEBUG, "embedsignature": True},
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
