@@ -1,0 +1,19 @@
+from cpython.ref cimport PyObject
+
+
+cdef class Ring:
+    cdef PyObject** _buf
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _min_cap
+    cdef Py_ssize_t _head
+    cdef Py_ssize_t _count
+
+    cdef void _release(self)
+    cdef int _grow(self) except -1
+    cpdef push(self, object item)
+    cpdef push_front(self, object item)
+    cpdef object pop(self)
+    cpdef object peek(self)
+    cpdef object peek_tail(self)
+    cpdef clear(self)
+    cpdef list to_list(self)

@@ -1,0 +1,120 @@
+# cython: language_level=3
+"""Cython ring-buffer FIFO of Python objects (twin: erq/_ring_py.py).
+
+A C array of owned references, a head index and a count; the capacity is a power of two
+so wrap-around is a mask. Growth doubles and re-lays the items from index 0.
+"""
+
+cimport cython
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+
+
+cdef class Ring:
+    def __cinit__(self, Py_ssize_t capacity=16):
+        cdef Py_ssize_t cap = 4
+        while cap < capacity:
+            cap <<= 1
+        self._buf = <PyObject**>PyMem_Calloc(cap, sizeof(PyObject*))
+        if self._buf == NULL:
+            raise MemoryError()
+        self._cap = cap
+        self._min_cap = cap
+        self._head = 0
+        self._count = 0
+
+    def __dealloc__(self):
+        if self._buf != NULL:
+            self._release()
+            PyMem_Free(self._buf)
+            self._buf = NULL
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef void _release(self):
+        cdef Py_ssize_t i, mask = self._cap - 1
+        for i in range(self._count):
+            Py_XDECREF(self._buf[(self._head + i) & mask])
+            self._buf[(self._head + i) & mask] = NULL
+
+    def __len__(self):
+        return self._count
+
+    def __bool__(self):
+        return self._count > 0
+
+    @property
+    def capacity(self):
+        return self._cap
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t i, newcap = self._cap * 2
+        cdef PyObject** nb = <PyObject**>PyMem_Calloc(newcap, sizeof(PyObject*))
+        if nb == NULL:
+            raise MemoryError()
+        for i in range(self._count):
+            nb[i] = self._buf[(self._head + i) & (self._cap - 1)]
+        PyMem_Free(self._buf)
+        self._buf = nb
+        self._cap = newcap
+        self._head = 0
+        return 0
+
+    cpdef push(self, object item):
+        if self._count == self._cap:
+            self._grow()
+        Py_INCREF(item)
+        self._buf[(self._head + self._count) & (self._cap - 1)] = <PyObject*>item
+        self._count += 1
+
+    cpdef push_front(self, object item):
+        if self._count == self._cap:
+            self._grow()
+        Py_INCREF(item)
+        self._head = (self._head - 1) & (self._cap - 1)
+        self._buf[self._head] = <PyObject*>item
+        self._count += 1
+
+    cpdef object pop(self):
+        if self._count == 0:
+            raise IndexError("pop from an empty Ring")
+        cdef PyObject* p = self._buf[self._head]
+        self._buf[self._head] = NULL
+        self._head = (self._head + 1) & (self._cap - 1)
+        self._count -= 1
+        cdef object item = <object>p
+        Py_XDECREF(p)  # the array's reference; `item` holds its own
+        return item
+
+    cpdef object peek(self):
+        if self._count == 0:
+            raise IndexError("peek at an empty Ring")
+        return <object>self._buf[self._head]
+
+    cpdef object peek_tail(self):
+        if self._count == 0:
+            raise IndexError("peek at an empty Ring")
+        return <object>self._buf[(self._head + self._count - 1) & (self._cap - 1)]
+
+    cpdef clear(self):
+        self._release()
+        if self._cap != self._min_cap:
+            PyMem_Free(self._buf)
+            self._buf = <PyObject**>PyMem_Calloc(self._min_cap, sizeof(PyObject*))
+            if self._buf == NULL:
+                raise MemoryError()
+            self._cap = self._min_cap
+        self._head = 0
+        self._count = 0
+
+    def __iter__(self):
+        return iter(self.to_list())
+
+    cpdef list to_list(self):
+        cdef Py_ssize_t i
+        cdef list out = []
+        for i in range(self._count):
+            out.append(<object>self._buf[(self._head + i) & (self._cap - 1)])
+        return out

@@ -1,0 +1,93 @@
+"""Pure-Python twin of erq._fast._ring: a growable FIFO ring of Python objects.
+
+The reference behaviour for the Cython ring. It is written as an explicit ring (list +
+head index + count) rather than a deque so that the two implementations share one
+algorithm: capacity grows by doubling and never shrinks below the initial size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+
+class Ring:
+    """FIFO with O(1) push (tail), push_front (head), pop (head) and peek."""
+
+    __slots__ = ("_buf", "_head", "_count", "_min_capacity")
+
+    def __init__(self, capacity: int = 16) -> None:
+        capacity = max(4, 1 << (max(capacity, 1) - 1).bit_length())
+        self._buf: list[Any] = [None] * capacity
+        self._head = 0
+        self._count = 0
+        self._min_capacity = capacity
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self._buf)
+
+    def _grow(self) -> None:
+        buf = self._buf
+        cap = len(buf)
+        head = self._head
+        self._buf = buf[head:] + buf[:head] + [None] * cap
+        self._head = 0
+
+    def push(self, item: Any) -> None:
+        if self._count == len(self._buf):
+            self._grow()
+        buf = self._buf
+        buf[(self._head + self._count) & (len(buf) - 1)] = item
+        self._count += 1
+
+    def push_front(self, item: Any) -> None:
+        if self._count == len(self._buf):
+            self._grow()
+        buf = self._buf
+        self._head = (self._head - 1) & (len(buf) - 1)
+        buf[self._head] = item
+        self._count += 1
+
+    def pop(self) -> Any:
+        if not self._count:
+            raise IndexError("pop from an empty Ring")
+        buf = self._buf
+        head = self._head
+        item = buf[head]
+        buf[head] = None
+        self._head = (head + 1) & (len(buf) - 1)
+        self._count -= 1
+        return item
+
+    def peek(self) -> Any:
+        if not self._count:
+            raise IndexError("peek at an empty Ring")
+        return self._buf[self._head]
+
+    def peek_tail(self) -> Any:
+        if not self._count:
+            raise IndexError("peek at an empty Ring")
+        buf = self._buf
+        return buf[(self._head + self._count - 1) & (len(buf) - 1)]
+
+    def clear(self) -> None:
+        self._buf = [None] * self._min_capacity
+        self._head = 0
+        self._count = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        buf = self._buf
+        mask = len(buf) - 1
+        head = self._head
+        for i in range(self._count):
+            yield buf[(head + i) & mask]
+
+    def to_list(self) -> list[Any]:
+        return list(self)

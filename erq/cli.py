@@ -1,0 +1,91 @@
+"""Command line: ``erq serve`` (the default), ``erq stats``, ``erq journal dump|check|pack``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from . import __version__
+from ._compat import IMPLEMENTATION
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML configuration file (default: none, embedded defaults)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", "-p", type=int, help="memcache-protocol port (default 22133)")
+    p.add_argument("--admin-port", type=int, dest="admin_port", help="admin HTTP port (default 2223; 0 = off)")
+    p.add_argument("--data-dir", "-d", dest="data_dir", help="journal directory (default ./erq-data)")
+    p.add_argument("--compat", choices=("erq", "kestrel"), help="wire compatibility mode")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erq", description="erq: a durable Kestrel-compatible queue server")
+    parser.add_argument("--version", action="version", version=f"erq {__version__} ({IMPLEMENTATION})")
+    sub = parser.add_subparsers(dest="command")
+    _serve_args(sub.add_parser("serve", help="run the server (default)"))
+    stats = sub.add_parser("stats", help="print a running server's stats")
+    stats.add_argument("--host", default="127.0.0.1")
+    stats.add_argument("--port", "-p", type=int, default=22133)
+    journal = sub.add_parser("journal", help="offline journal tools")
+    jsub = journal.add_subparsers(dest="journal_command", required=True)
+    jsub.add_parser("dump", help="print every record of one queue's journal").add_argument("queue_dir")
+    jsub.add_parser("check", help="verify every journal; non-zero exit on damage").add_argument("data_dir")
+    jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument("data_dir")
+    return parser
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .server import run
+
+    logging.basicConfig(
+        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cli = {k: getattr(ns, k) for k in ("host", "port", "admin_port", "data_dir", "compat")}
+    try:
+        config = load_config(ns.config, cli=cli)
+    except ConfigError as exc:
+        print(f"erq: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    return run(config, cli)
+
+
+def _stats(ns: argparse.Namespace) -> int:
+    with socket.create_connection((ns.host, ns.port), timeout=5) as sock:
+        sock.sendall(b"stats\r\n")
+        buf = b""
+        while not buf.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    sys.stdout.write(buf.decode("utf-8", "replace"))
+    return 0
+
+
+def _journal(ns: argparse.Namespace) -> int:
+    from .journal import tool
+
+    out = sys.stdout
+    if ns.journal_command == "dump":
+        return tool.dump(ns.queue_dir, out)
+    if ns.journal_command == "check":
+        return tool.check(ns.data_dir, out)
+    return tool.pack(ns.data_dir, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "serve")
+    ns = parser.parse_args(argv)
+    if ns.command == "stats":
+        return _stats(ns)
+    if ns.command == "journal":
+        return _journal(ns)
+    return _serve(ns)

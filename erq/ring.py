@@ -1,0 +1,10 @@
+"""Selector for the ring-buffer FIFO: the Cython extension or its pure-Python twin."""
+
+from ._compat import USE_EXTENSIONS
+
+if USE_EXTENSIONS:
+    from ._fast._ring import Ring
+else:
+    from ._ring_py import Ring
+
+__all__ = ["Ring"]

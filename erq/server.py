@@ -1,0 +1,206 @@
+"""The erq server: event loop (uvloop when importable), recovery, listener, signals,
+periodic sweep, reload and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from . import __version__
+from ._compat import IMPLEMENTATION
+from .config import Config, ConfigError, load_config
+from .protocol import MemcacheProtocol
+from .queues import QueueCollection
+from .state import ServerState
+
+log = logging.getLogger("erq.server")
+
+try:  # pragma: no cover - depends on the platform
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+
+def event_loop_name() -> str:
+    return "uvloop" if uvloop is not None else "asyncio"
+
+
+class Server:
+    """One erq server process: owns the loop-side objects and their lifecycle."""
+
+    def __init__(self, config: Config, *, cli_overrides: dict | None = None) -> None:
+        self.config = config
+        self._cli = cli_overrides or {}
+        self.state: ServerState | None = None
+        self._listener: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._stopped: asyncio.Event | None = None
+        self._commit = None
+
+    # ---- start -------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config.server
+        data_dir = Path(cfg.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+        def open_journal(directory: Path, qcfg):
+            from .journal import GroupCommit, QueueJournal
+
+            if self._commit is None:
+                self._commit = GroupCommit(loop)
+            return QueueJournal.open(
+                directory,
+                fsync=qcfg.fsync,
+                max_memory_size=qcfg.max_memory_size,
+                max_journal_size=qcfg.max_journal_size,
+                commit=self._commit,
+            )
+
+        queues = QueueCollection(self.config, data_dir, journal_factory=open_journal)
+        self.state = state = ServerState(self.config, queues, loop)
+        state.shutdown_requested = self.request_shutdown
+        state.reload_requested = self.reload
+        started = loop.time()
+        # Recovery happens before the port is opened: nobody can talk to a half-loaded queue.
+        queues.load_existing()
+        state.ready = True
+        self._stopped = asyncio.Event()
+        self._listener = await loop.create_server(
+            lambda: MemcacheProtocol(state),
+            cfg.host,
+            cfg.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        for sig, handler in ((signal.SIGTERM, self.request_shutdown), (signal.SIGINT, self.request_shutdown),
+                             (signal.SIGHUP, self._sighup)):
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
+                pass
+        self._schedule_sweep()
+        port = self._listener.sockets[0].getsockname()[1] if self._listener.sockets else cfg.port
+        self.port = port
+        log.info(
+            "erq %s ready on %s:%d (implementation=%s, loop=%s, status=%s); recovered %d items, %d bytes "
+            "in %d queues in %.3fs",
+            __version__, cfg.host, port, IMPLEMENTATION, event_loop_name(), state.status,
+            queues.recovered_items, queues.recovered_bytes, len(queues), loop.time() - started,
+        )
+        if IMPLEMENTATION == "python":
+            log.warning("running the pure-Python build (ERQ_NO_EXTENSIONS or no compiled extensions): slower")
+
+    def _schedule_sweep(self) -> None:
+        assert self.state is not None
+        period = self.state.config.server.expiry_sweep / 1000.0
+        self._sweeper = self.state.loop.call_later(min(period, 1.0), self._sweep)
+
+    def _sweep(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        try:
+            state.queues.sweep()
+            timeout = state.config.server.client_timeout
+            if timeout:
+                now = state.loop.time()
+                for proto in list(state.sessions):
+                    session = proto.session
+                    if session is not None and session.blocked is None and now - proto.last_active >= timeout / 1000:
+                        proto.close_idle()
+        except Exception:  # pragma: no cover - a bug; keep the server alive
+            log.exception("periodic sweep failed")
+        self._schedule_sweep()
+
+    # ---- reload ------------------------------------------------------------------------
+    def reload(self) -> str:
+        """Re-read the config file; queue settings change live. Returns the reply line."""
+        state = self.state
+        assert state is not None
+        try:
+            new = load_config(self.config.path, cli=self._cli)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return f"ERROR {exc}"
+        restart = self.config.restart_required(new)
+        if restart:
+            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(restart))
+            new = _keep_restart_settings(new, self.config)
+        self.config = new
+        state.config = new
+        state.queues.reconfigure(new)
+        log.info("configuration reloaded from %s", new.path)
+        return "Reloaded config."
+
+    def _sighup(self) -> None:
+        self.reload()
+
+    # ---- stop --------------------------------------------------------------------------
+    def request_shutdown(self) -> None:
+        if self._stopped is not None and not self._stopped.is_set():
+            log.info("shutting down")
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer blocked gets END, flush replies, fsync, close journals."""
+        state = self.state
+        if self._listener is not None:
+            self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if state is None:
+            return
+        for queue in state.queues:
+            queue.wake_all()
+        await asyncio.sleep(0)  # let woken sessions run their pipelines
+        if self._commit is not None:
+            await self._commit.drain()
+        for proto in list(state.sessions):
+            if proto.session is not None:
+                proto.session.flush()
+            if proto.transport is not None:
+                proto.transport.close()
+        state.queues.close()
+        if self._commit is not None:
+            self._commit.close()
+        log.info("stopped")
+
+
+def _keep_restart_settings(new: Config, old: Config) -> Config:
+    from dataclasses import replace
+
+    server = replace(
+        new.server,
+        host=old.server.host,
+        port=old.server.port,
+        admin_port=old.server.admin_port,
+        data_dir=old.server.data_dir,
+    )
+    return replace(new, server=server)
+
+
+async def _serve(config: Config, cli: dict) -> None:
+    server = Server(config, cli_overrides=cli)
+    await server.start()
+    try:
+        await server.wait_stopped()
+    finally:
+        await server.shutdown()
+
+
+def run(config: Config, cli: dict | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT/shutdown; returns the exit status."""
+    coro = _serve(config, cli or {})
+    if uvloop is not None:
+        uvloop.run(coro)
+    else:  # pragma: no cover
+        asyncio.run(coro)
+    return 0
