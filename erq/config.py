@@ -1,0 +1,670 @@
+"""erq's configuration: defaults < TOML file < ``ERQ_*`` environment < command-line flags.
+
+Everything is validated up front into frozen dataclasses, so the server never meets a bad value at
+run time. A :class:`ConfigError` names the setting and, for the file, the line it is on: tomllib
+reports no positions for values, so :class:`_Locator` re-reads the text to find them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+
+__all__ = [
+    "KiB",
+    "MiB",
+    "GiB",
+    "TiB",
+    "Config",
+    "ConfigError",
+    "QueueConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+_SIZE_UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB}
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_NUMBER_WITH_UNIT = re.compile(r"([0-9]+) ?([A-Za-z]*)")
+_SIZE_HINT = 'a size in bytes or a string like "64MiB" (units B, KiB, MiB, GiB, TiB)'
+_DURATION_HINT = 'a duration in milliseconds or a string like "30s" (units ms, s, m, h, d)'
+_NONE = "none"  # the string that means "unset" for every setting whose default is unset
+
+
+class ConfigError(Exception):
+    """A bad setting. ``str(e)`` is one line: where (file and line), which key, what is wrong."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        key: str | None = None,
+        source: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.key = key
+        self.source = source
+        self.line = line
+        parts = []
+        if source is not None:
+            parts.append(source if line is None else f"{source} line {line}")
+        if key is not None:
+            parts.append(key)
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """One queue's effective policy (PROTOCOL section 7). Sizes in bytes, durations in ms."""
+
+    max_items: int | None = None  # None = unlimited; 0 = a limit of zero (refuses every item)
+    max_size: int | None = None
+    max_item_size: int | None = None  # None = the server's max_item_size applies
+    max_age: int | None = None
+    discard_old_when_full: bool = False
+    max_memory_size: int = 128 * MiB
+    expire_to_queue: str | None = None
+    max_queue_age: int | None = None
+    open_timeout: int | None = None
+    fsync: str | int = 100  # "always" | "never" | period in ms (> 0)
+    journal: bool = True
+    max_journal_size: int = 1 * GiB
+
+    def canonical(self) -> list[tuple[str, str]]:
+        """The 12 keys in ``dump_config`` order with their canonical values (PROTOCOL section 10)."""
+        return [
+            ("max_items", _canonical(self.max_items)),
+            ("max_size", _canonical(self.max_size)),
+            ("max_item_size", _canonical(self.max_item_size)),
+            ("max_memory_size", _canonical(self.max_memory_size)),
+            ("max_journal_size", _canonical(self.max_journal_size)),
+            ("max_age", _canonical(self.max_age)),
+            ("max_queue_age", _canonical(self.max_queue_age)),
+            ("open_timeout", _canonical(self.open_timeout)),
+            ("discard_old_when_full", _canonical(self.discard_old_when_full)),
+            ("journal", _canonical(self.journal)),
+            ("expire_to_queue", _canonical(self.expire_to_queue)),
+            ("fsync", _canonical(self.fsync)),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Server-wide settings (PROTOCOL section 7, ``[server]``). Sizes in bytes, durations in ms."""
+
+    host: str = "127.0.0.1"
+    port: int = 22133
+    admin_port: int = 2223  # 0 = no admin listener
+    data_dir: str = "./erq-data"
+    max_line: int = 65536
+    max_item_size: int = 64 * MiB
+    max_open_reads: int = 100
+    max_connections: int = 10000
+    client_timeout: int | None = None  # None = idle connections are never closed
+    expiry_sweep: int = 1000
+    compat: str = "erq"  # "erq" | "kestrel"
+
+
+# Changing these needs a new listener or a new data directory: `reload` cannot apply them.
+_RESTART_KEYS = ("host", "port", "admin_port", "data_dir")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration; ``queue_config`` resolves one queue's policy."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    default_queue: QueueConfig = field(default_factory=QueueConfig)
+    queue_overrides: Mapping[str, Mapping[str, object]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    path: str | None = None
+    _resolved: dict[str, QueueConfig] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def queue_config(self, name: str) -> QueueConfig:
+        """Default, then the fanout parent's overrides (``parent+child``), then the queue's own."""
+        resolved = self._resolved.get(name)
+        if resolved is None:
+            settings: dict[str, object] = {}
+            parent, plus, _ = name.partition("+")
+            if plus:
+                settings.update(self.queue_overrides.get(parent, {}))
+            settings.update(self.queue_overrides.get(name, {}))
+            resolved = replace(self.default_queue, **settings) if settings else self.default_queue
+            self._resolved[name] = resolved
+        return resolved
+
+    def restart_required(self, new: Config) -> list[str]:
+        """Server keys that differ in ``new`` and only take effect after a restart."""
+        return [k for k in _RESTART_KEYS if getattr(self.server, k) != getattr(new.server, k)]
+
+
+def _canonical(value: object) -> str:
+    if value is None:
+        return _NONE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers. Each takes the value as TOML gives it (env and CLI strings are converted first)
+# and the key to name in an error, and returns the typed value or raises ConfigError.
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it, on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:56] + '..."'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return repr(value)
+
+
+def _with_unit(value: object, key: str, units: Mapping[str, int], kind: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"expected {hint}, got {_show(value)}", key=key)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"expected a non-negative {kind}, got {value}", key=key)
+        return value
+    match = _NUMBER_WITH_UNIT.fullmatch(value)
+    if match is None:
+        if value.startswith("-"):
+            raise ConfigError(f"expected a non-negative {kind}, got {_show(value)}", key=key)
+        raise ConfigError(f"expected {hint}, got {_show(value)}", key=key)
+    number, unit = match.groups()
+    if not unit:
+        return int(number)
+    if unit not in units:
+        raise ConfigError(
+            f"unknown {kind} unit {_show(unit)} in {_show(value)} (units: {', '.join(units)})",
+            key=key,
+        )
+    return int(number) * units[unit]
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an int or a string such as ``"64MiB"`` / ``"64 MiB"`` (binary units, case as
+    written)."""
+    return _with_unit(value, key, _SIZE_UNITS, "size", _SIZE_HINT)
+
+
+def parse_duration(value: object, key: str) -> int:
+    """Milliseconds from an int or a string such as ``"100ms"``, ``"30s"``, ``"5m"``, ``"1h"``,
+    ``"2d"``."""
+    return _with_unit(value, key, _DURATION_UNITS, "duration", _DURATION_HINT)
+
+
+def _queue_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid queue name (PROTOCOL section 1), or None."""
+    if not name:
+        return "it is empty"
+    if not name.isascii():
+        return "it is not ASCII"
+    if len(name) > 250:
+        return f"it is {len(name)} bytes long (at most 250)"
+    for char in name:
+        if char in " /.~" or not "!" <= char <= "~":
+            return f"{_show(char)} is not allowed in a queue name"
+    if name.count("+") > 1:
+        return "'+' may appear only once (parent+child)"
+    if name.startswith("+") or name.endswith("+"):
+        return "'+' may not be first or last"
+    return None
+
+
+def _optional(parse: Callable[[object, str], object]) -> Callable[[object, str], object]:
+    def parse_optional(value: object, key: str) -> object:
+        return None if value == _NONE else parse(value, key)
+
+    return parse_optional
+
+
+def _positive(parse: Callable[[object, str], int], kind: str) -> Callable[[object, str], int]:
+    def parse_positive(value: object, key: str) -> int:
+        result = parse(value, key)
+        if result == 0:
+            raise ConfigError(f"expected a positive {kind}, got {_show(value)}", key=key)
+        return result
+
+    return parse_positive
+
+
+def _integer(low: int, high: int | None, expected: str) -> Callable[[object, str], int]:
+    def parse_integer(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected {expected}, got {_show(value)}", key=key)
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"expected {expected}, got {value}", key=key)
+        return value
+
+    return parse_integer
+
+
+def _at_least(
+    low: int, parse: Callable[[object, str], int], unit: str
+) -> Callable[[object, str], int]:
+    def parse_at_least(value: object, key: str) -> int:
+        result = parse(value, key)
+        if result < low:
+            raise ConfigError(f"expected at least {low} {unit}, got {_show(value)}", key=key)
+        return result
+
+    return parse_at_least
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected a non-empty string, got {_show(value)}", key=key)
+    return value
+
+
+def _compat(value: object, key: str) -> str:
+    if value not in ("erq", "kestrel"):
+        raise ConfigError(f'expected "erq" or "kestrel", got {_show(value)}', key=key)
+    return value  # type: ignore[return-value]
+
+
+def _boolean(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {_show(value)}", key=key)
+    return value
+
+
+def _queue_name(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f'expected a queue name or "none", got {_show(value)}', key=key)
+    problem = _queue_name_problem(value)
+    if problem is not None:
+        raise ConfigError(f"invalid queue name {_show(value)}: {problem}", key=key)
+    return value
+
+
+def _fsync(value: object, key: str) -> str | int:
+    if value in ("always", "never"):
+        return value  # type: ignore[return-value]
+    try:
+        period = parse_duration(value, key)
+    except ConfigError:
+        period = 0
+    if period <= 0:
+        raise ConfigError(
+            f'expected "always", "never" or a positive period like "100ms", got {_show(value)}',
+            key=key,
+        )
+    return period
+
+
+_count = _integer(0, None, "a non-negative integer")
+_port = _integer(0, 65535, "a port number from 0 to 65535")
+_positive_count = _integer(1, None, "a positive integer")
+
+# Key -> parser. A key whose default is None also accepts "none". The dict order is the order the
+# example file and the error hints use.
+_SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
+    "host": _text,
+    "port": _port,
+    "admin_port": _port,
+    "data_dir": _text,
+    "max_line": _at_least(1024, parse_size, "bytes"),
+    "max_item_size": parse_size,
+    "max_open_reads": _positive_count,
+    "max_connections": _positive_count,
+    "client_timeout": _optional(_positive(parse_duration, "duration")),
+    "expiry_sweep": _positive(parse_duration, "duration"),
+    "compat": _compat,
+}
+_SERVER_INTEGER_KEYS = frozenset({"port", "admin_port", "max_open_reads", "max_connections"})
+
+_QUEUE_SETTINGS: dict[str, Callable[[object, str], object]] = {
+    "max_items": _optional(_count),
+    "max_size": _optional(parse_size),
+    "max_item_size": _optional(parse_size),
+    "max_age": _optional(parse_duration),
+    "discard_old_when_full": _boolean,
+    "max_memory_size": parse_size,
+    "expire_to_queue": _optional(_queue_name),
+    "max_queue_age": _optional(parse_duration),
+    "open_timeout": _optional(_positive(parse_duration, "duration")),
+    "fsync": _fsync,
+    "journal": _boolean,
+    "max_journal_size": parse_size,
+}
+
+assert list(_SERVER_SETTINGS) == [f.name for f in fields(ServerConfig)]
+assert list(_QUEUE_SETTINGS) == [f.name for f in fields(QueueConfig)]
+
+
+def _unknown_key(key: str, known: Mapping[str, object], elsewhere: Mapping[str, object]) -> str:
+    if key in elsewhere:
+        return (
+            "is a queue setting: put it in [queues.default] or [queues.<name>]"
+            if elsewhere is _QUEUE_SETTINGS
+            else "is a server setting: put it in [server]"
+        )
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f'unknown key (did you mean "{close[0]}"?)'
+    return f"unknown key (known: {', '.join(known)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding line numbers in the TOML text
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_name(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _table_name(path: tuple[str, ...]) -> str:
+    """``("queues", "a+b")`` -> ``[queues."a+b"]``, as it would be written in the file."""
+    return "[" + ".".join(_key_name(part) for part in path) + "]"
+
+
+class _Locator:
+    """Line numbers of the tables and keys of a TOML text that tomllib has already accepted.
+
+    A small scanner of TOML's statements (headers, dotted keys, strings of every kind, arrays and
+    inline tables spanning lines) that records, for every key path, the line that first names it.
+    It is best effort: should it stop early, a key falls back to the nearest enclosing table.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.lines: dict[tuple[str, ...], int] = {}
+        try:
+            self._scan()
+        except (IndexError, ValueError, tomllib.TOMLDecodeError):
+            pass
+
+    def line_of(self, path: tuple[str, ...]) -> int | None:
+        for length in range(len(path), 0, -1):
+            line = self.lines.get(path[:length])
+            if line is not None:
+                return line
+        return None
+
+    def _line(self, pos: int) -> int:
+        return bisect.bisect_right(self._line_starts, pos)
+
+    def _record(self, path: tuple[str, ...], pos: int) -> None:
+        line = self._line(pos)
+        for length in range(1, len(path) + 1):
+            self.lines.setdefault(path[:length], line)
+
+    def _skip(self, pos: int, newlines: bool) -> int:
+        """Past spaces and tabs, and with ``newlines`` also past newlines and comments."""
+        text = self._text
+        while pos < len(text):
+            char = text[pos]
+            if char in " \t" or (newlines and char in "\r\n"):
+                pos += 1
+            elif newlines and char == "#":
+                end = text.find("\n", pos)
+                pos = len(text) if end < 0 else end
+            else:
+                break
+        return pos
+
+    def _scan(self) -> None:
+        text = self._text
+        table: tuple[str, ...] = ()
+        pos = self._skip(0, newlines=True)
+        while pos < len(text):
+            if text[pos] == "[":
+                start = pos
+                brackets = 2 if text.startswith("[[", pos) else 1
+                table, pos = self._key(pos + brackets)
+                pos = self._skip(pos, newlines=False) + brackets
+                self._record(table, start)
+            else:
+                key, end = self._key(pos)
+                self._record(table + key, pos)
+                pos = self._skip(end, newlines=False)
+                if text[pos] != "=":
+                    raise ValueError("expected '='")
+                pos = self._value(pos + 1, table + key)
+            pos = self._skip(pos, newlines=True)
+
+    def _key(self, pos: int) -> tuple[tuple[str, ...], int]:
+        """A dotted key starting at ``pos`` (after optional blanks) and the position after it."""
+        text = self._text
+        parts = []
+        while True:
+            pos = self._skip(pos, newlines=False)
+            if text[pos] == '"':
+                end = self._basic_string_end(pos)
+                parts.append(tomllib.loads("k = " + text[pos:end])["k"])
+            elif text[pos] == "'":
+                end = text.index("'", pos + 1) + 1
+                parts.append(text[pos + 1 : end - 1])
+            else:
+                match = _BARE_KEY.match(text, pos)
+                if match is None:
+                    raise ValueError("expected a key")
+                end = match.end()
+                parts.append(match.group())
+            pos = self._skip(end, newlines=False)
+            if pos < len(text) and text[pos] == ".":
+                pos += 1
+                continue
+            return tuple(parts), pos
+
+    def _basic_string_end(self, pos: int) -> int:
+        text = self._text
+        pos += 1
+        while text[pos] != '"':
+            pos += 2 if text[pos] == "\\" else 1
+        return pos + 1
+
+    def _value(self, pos: int, path: tuple[str, ...]) -> int:
+        """The position just after the value starting at ``pos``; records inline tables' keys."""
+        text = self._text
+        pos = self._skip(pos, newlines=False)
+        if text.startswith('"""', pos) or text.startswith("'''", pos):
+            quote = text[pos]
+            pos += 3
+            while not text.startswith(quote * 3, pos):
+                pos += 2 if quote == '"' and text[pos] == "\\" else 1
+            pos += 3
+            while pos < len(text) and text[pos] == quote:  # up to two quotes end the content
+                pos += 1
+            return pos
+        if text[pos] == '"':
+            return self._basic_string_end(pos)
+        if text[pos] == "'":
+            return text.index("'", pos + 1) + 1
+        if text[pos] == "[":
+            pos = self._skip(pos + 1, newlines=True)
+            while text[pos] != "]":
+                pos = self._skip(self._value(pos, path), newlines=True)
+                if text[pos] == ",":
+                    pos = self._skip(pos + 1, newlines=True)
+            return pos + 1
+        if text[pos] == "{":
+            pos = self._skip(pos + 1, newlines=False)
+            while text[pos] != "}":
+                key, end = self._key(pos)
+                self._record(path + key, pos)
+                pos = self._skip(end, newlines=False) + 1  # past '='
+                pos = self._skip(self._value(pos, path + key), newlines=False)
+                if text[pos] == ",":
+                    pos = self._skip(pos + 1, newlines=False)
+            return pos + 1
+        while pos < len(text) and text[pos] not in ",]}#\r\n":  # number, boolean or date
+            pos += 1
+        return pos
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class _FileSettings:
+    server: dict[str, object] = field(default_factory=dict)
+    queues: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def _read_file(path: str) -> _FileSettings:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file: {e.strerror or e}", source=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError("not valid UTF-8", source=path, line=line) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntax_error(str(e), text, path) from None
+    return _validate_document(document, _Locator(text), path)
+
+
+def _syntax_error(message: str, text: str, path: str) -> ConfigError:
+    found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
+    if found is not None:
+        reason, line, column = found.groups()
+        return ConfigError(
+            f"TOML syntax error at column {column}: {reason}", source=path, line=int(line)
+        )
+    reason = message.removesuffix(" (at end of document)")
+    last_line = text.rstrip().count("\n") + 1
+    return ConfigError(f"TOML syntax error at end of file: {reason}", source=path, line=last_line)
+
+
+def _validate_document(document: dict, locator: _Locator, path: str) -> _FileSettings:
+    def error(problem: str, where: tuple[str, ...], key: str) -> ConfigError:
+        return ConfigError(problem, key=key, source=path, line=locator.line_of(where))
+
+    def settings(
+        table: dict,
+        where: tuple[str, ...],
+        known: dict[str, Callable[[object, str], object]],
+        elsewhere: dict[str, Callable[[object, str], object]],
+    ) -> dict[str, object]:
+        parsed = {}
+        for key, value in table.items():
+            shown = f"{_table_name(where)} {_key_name(key)}"
+            if key not in known:
+                raise error(_unknown_key(key, known, elsewhere), (*where, key), shown)
+            try:
+                parsed[key] = known[key](value, shown)
+            except ConfigError as e:
+                raise error(e.problem, (*where, key), shown) from None
+        return parsed
+
+    result = _FileSettings()
+    for name, table in document.items():
+        if name not in ("server", "queues"):
+            if not isinstance(table, dict):
+                problem = "is not in a table: settings go in [server] or [queues.<name>]"
+                raise error(problem, (name,), _key_name(name))
+            problem = "unknown table (erq reads [server], [queues.default] and [queues.<name>])"
+            raise error(problem, (name,), _table_name((name,)))
+        if not isinstance(table, dict):
+            raise error(f"expected a table, got {_show(table)}", (name,), _table_name((name,)))
+        if name == "server":
+            result.server = settings(table, ("server",), _SERVER_SETTINGS, _QUEUE_SETTINGS)
+        else:  # "queues"
+            for queue, queue_table in table.items():
+                where = ("queues", queue)
+                if not isinstance(queue_table, dict):
+                    raise error(
+                        f"expected a table of queue settings, got {_show(queue_table)}",
+                        where,
+                        _table_name(where),
+                    )
+                problem = None if queue == "default" else _queue_name_problem(queue)
+                if problem is not None:
+                    raise error(f"invalid queue name: {problem}", where, _table_name(where))
+                result.queues[queue] = settings(
+                    queue_table, where, _QUEUE_SETTINGS, _SERVER_SETTINGS
+                )
+    return result
+
+
+def _from_text(key: str, value: object, shown: str) -> object:
+    """An environment or command-line value, parsed the way the file's value would be."""
+    if isinstance(value, str) and key in _SERVER_INTEGER_KEYS:
+        if re.fullmatch(r"[+-]?[0-9]+", value) is None:
+            raise ConfigError(f"expected an integer, got {_show(value)}", key=shown)
+        value = int(value)
+    return _SERVER_SETTINGS[key](value, shown)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    cli: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration: defaults < file < ``ERQ_*`` environment < ``cli``.
+
+    ``path`` falls back to ``$ERQ_CONFIG``; with neither, no file is read. ``env`` defaults to
+    ``os.environ``; only ``ERQ_CONFIG`` and ``ERQ_<SERVER KEY>`` count there, and an empty value
+    counts as unset. ``cli`` maps server keys to typed values or strings; None means not given.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get("ERQ_CONFIG") or None
+    path = None if path is None else os.fspath(path)
+
+    file = _read_file(path) if path is not None else _FileSettings()
+    server = dict(file.server)
+    for key in _SERVER_SETTINGS:
+        name = f"ERQ_{key.upper()}"
+        value = env.get(name)
+        if value:
+            server[key] = _from_text(key, value, f"environment variable {name}")
+    for key, value in (cli or {}).items():
+        flag = "--" + key.replace("_", "-")
+        if key not in _SERVER_SETTINGS:
+            raise ConfigError("unknown server setting", key=f"command-line option {flag}")
+        if value is not None:
+            server[key] = _from_text(key, value, f"command-line option {flag}")
+
+    queues = dict(file.queues)
+    default_queue = QueueConfig(**queues.pop("default", {}))  # type: ignore[arg-type]
+    return Config(
+        server=ServerConfig(**server),  # type: ignore[arg-type]
+        default_queue=default_queue,
+        queue_overrides=MappingProxyType(
+            {name: MappingProxyType(values) for name, values in queues.items()}
+        ),
+        path=path,
+    )
