@@ -1,0 +1,70 @@
+"""One transport.write per data_received, however many requests were pipelined in it."""
+
+import asyncio
+import importlib
+
+import pytest
+
+import erq
+
+from erq.config import Config
+from erq.queues import QueueCollection
+from erq.state import ServerState
+
+
+class RecordingTransport:
+    def __init__(self):
+        self.writes = []
+        self.closed = False
+
+    def write(self, data):
+        self.writes.append(data)
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+@pytest.fixture
+def protocol_factory(impl, monkeypatch):
+    """MemcacheProtocol wired to the parser of the parametrised implementation."""
+    import erq.protocol
+
+    mod = importlib.import_module("erq._fast._parser" if impl == "c" else "erq._parser_py")
+    monkeypatch.setattr(erq.protocol, "Parser", mod.Parser)
+    loop = asyncio.new_event_loop()
+    state = ServerState(Config(), QueueCollection(Config(), None), loop)
+    yield lambda: erq.protocol.MemcacheProtocol(state)
+    loop.close()
+
+
+def test_pipelined_batch_is_answered_with_one_write(protocol_factory):
+    proto = protocol_factory()
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    batch = b"".join(b"set q%d 0 0 5\r\nhello\r\n" % (i % 3) for i in range(100))
+    batch += b"".join(b"get q%d\r\n" % (i % 3) for i in range(100)) + b"version\r\nbogus\r\n"
+    proto.data_received(batch)
+    assert len(transport.writes) == 1
+    reply = transport.writes[0]
+    assert reply.count(b"STORED\r\n") == 100
+    assert reply.count(b"VALUE ") == 100
+    assert reply.endswith(b"VERSION %s\r\nERROR\r\n" % erq.__version__.encode())
+
+
+def test_request_split_across_reads_writes_once_it_completes(protocol_factory):
+    proto = protocol_factory()
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    proto.data_received(b"set q 0 0 5\r\nhel")
+    assert transport.writes == []
+    proto.data_received(b"lo\r\nget q\r\nget q\r\n")
+    assert transport.writes == [b"STORED\r\nVALUE q 0 5\r\nhello\r\nEND\r\nEND\r\n"]

@@ -1,0 +1,125 @@
+"""The ring-buffer FIFO: Cython and pure-Python builds against a deque model."""
+
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import impl_module
+
+
+@pytest.fixture
+def Ring(impl):
+    return impl_module(impl, "_ring", "_ring_py").Ring
+
+
+def test_push_pop_is_fifo(Ring):
+    ring = Ring()
+    for i in range(1000):
+        ring.push(i)
+    assert len(ring) == 1000
+    assert [ring.pop() for _ in range(1000)] == list(range(1000))
+    assert not ring
+
+
+def test_push_front_is_handed_out_next(Ring):
+    ring = Ring()
+    ring.push("a")
+    ring.push("b")
+    ring.push_front("z")
+    assert ring.peek() == "z"
+    assert ring.peek_tail() == "b"
+    assert [ring.pop(), ring.pop(), ring.pop()] == ["z", "a", "b"]
+
+
+def test_capacity_doubles_and_clear_shrinks(Ring):
+    ring = Ring(16)
+    assert ring.capacity == 16
+    for i in range(17):
+        ring.push(i)
+    assert ring.capacity == 32
+    ring.clear()
+    assert len(ring) == 0 and ring.capacity == 16
+    ring.push(1)
+    assert ring.pop() == 1
+
+
+def test_growth_while_wrapped_keeps_order(Ring):
+    ring = Ring(4)
+    for i in range(3):
+        ring.push(i)
+    ring.pop()
+    ring.pop()
+    for i in range(3, 10):
+        ring.push(i)
+    ring.push_front(1)
+    assert ring.to_list() == list(range(1, 10))
+    assert list(ring) == list(range(1, 10))
+
+
+def test_empty_ring_raises(Ring):
+    ring = Ring()
+    with pytest.raises(IndexError):
+        ring.pop()
+    with pytest.raises(IndexError):
+        ring.peek()
+    with pytest.raises(IndexError):
+        ring.peek_tail()
+
+
+def test_items_are_released(Ring):
+    import gc
+    import weakref
+
+    class Token:
+        pass
+
+    ring = Ring()
+    token = Token()
+    ref = weakref.ref(token)
+    ring.push(token)
+    del token
+    assert ref() is not None
+    ring.pop()
+    gc.collect()
+    assert ref() is None
+    token2 = Token()
+    ref2 = weakref.ref(token2)
+    ring.push(token2)
+    del token2
+    del ring
+    gc.collect()
+    assert ref2() is None
+
+
+ops = st.lists(
+    st.one_of(st.tuples(st.just("push"), st.integers()), st.tuples(st.just("front"), st.integers()),
+              st.just(("pop", 0)), st.just(("clear", 0))),
+    max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_matches_deque_model(impl, ops):
+    Ring = impl_module(impl, "_ring", "_ring_py").Ring
+    ring, model = Ring(4), deque()
+    for op, value in ops:
+        if op == "push":
+            ring.push(value)
+            model.append(value)
+        elif op == "front":
+            ring.push_front(value)
+            model.appendleft(value)
+        elif op == "pop":
+            if model:
+                assert ring.pop() == model.popleft()
+            else:
+                with pytest.raises(IndexError):
+                    ring.pop()
+        else:
+            ring.clear()
+            model.clear()
+        assert len(ring) == len(model)
+        assert ring.to_list() == list(model)
