@@ -2,5 +2,5 @@
 
 from ._compat import IMPLEMENTATION
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 __all__ = ["IMPLEMENTATION", "__version__"]

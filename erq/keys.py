@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from .queues import valid_queue_name
 
-_FORBIDDEN = (("peek", "open"), ("peek", "close"), ("peek", "abort"), ("abort", "open"), ("abort", "close"))
+_FORBIDDEN = (
+    ("peek", "open"),
+    ("peek", "close"),
+    ("peek", "abort"),
+    ("abort", "open"),
+    ("abort", "close"),
+)
 
 
 class KeyError_(Exception):
@@ -18,6 +24,8 @@ class KeyError_(Exception):
 
 BAD_NAME = KeyError_(b"CLIENT_ERROR bad queue name\r\n", False)
 BAD_FORMAT = KeyError_(b"CLIENT_ERROR bad command line format\r\n", False)
+# PROTOCOL §4: a forbidden option combination gets Kestrel's bare CLIENT_ERROR, then close.
+FORBIDDEN_COMBINATION = KeyError_(b"CLIENT_ERROR\r\n", True)
 
 
 class KeySpec:
@@ -51,7 +59,7 @@ class KeySpec:
             # unknown options are ignored (Kestrel)
         for a, b in _FORBIDDEN:
             if getattr(self, a) and getattr(self, b):
-                raise KeyError_(f"CLIENT_ERROR cannot combine {a} and {b}\r\n".encode(), True)
+                raise FORBIDDEN_COMBINATION
         # abort never fetches; close without open only confirms.
         self.fetches = not self.abort and not (self.close and not self.open)
 

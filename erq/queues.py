@@ -172,11 +172,12 @@ class QueueCollection:
     def flush_all_expired(self) -> int:
         return sum(queue.discard_expired() for queue in self)
 
-    def sweep(self) -> None:
+    def sweep(self, expire: bool = True) -> None:
         """Periodic work: expiry at the heads, open-read timeouts, idle queues, compaction."""
         now = self._clock()
         for queue in self:
-            queue.discard_expired(now)
+            if expire:
+                queue.discard_expired(now)
             queue.expire_open_reads(now)
             if queue.idle_expired(now):
                 self.delete(queue.name)

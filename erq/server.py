@@ -37,6 +37,7 @@ class Server:
         self.state: ServerState | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._next_expiry = 0.0
         self._stopped: asyncio.Event | None = None
         self._commit = None
 
@@ -96,6 +97,7 @@ class Server:
 
     def _schedule_sweep(self) -> None:
         assert self.state is not None
+        # open_timeout is checked at least once a second; expiry every expiry_sweep.
         period = self.state.config.server.expiry_sweep / 1000.0
         self._sweeper = self.state.loop.call_later(min(period, 1.0), self._sweep)
 
@@ -104,7 +106,11 @@ class Server:
         if state is None:
             return
         try:
-            state.queues.sweep()
+            now = state.loop.time()
+            expire = now >= self._next_expiry
+            if expire:
+                self._next_expiry = now + state.config.server.expiry_sweep / 1000.0 - 0.001
+            state.queues.sweep(expire)
             timeout = state.config.server.client_timeout
             if timeout:
                 now = state.loop.time()

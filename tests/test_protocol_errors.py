@@ -1,0 +1,670 @@
+"""Every error row of PROTOCOL.md sections 2-5 and 10, over real sockets to a real server.
+
+Each check pins the exact reply bytes and the connection state that follows: kept open (a
+following request still works) or closed (EOF, with nothing else sent). A witness connection,
+opened before the errors and idle while they happen, proves that other connections and the
+items stored before are untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from conftest import ErqProcess, RawClient
+
+import erq
+
+VERSION_LINE = b"VERSION %s\r\n" % erq.__version__.encode()
+END = b"END\r\n"
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+DELETED = b"DELETED\r\n"
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
+BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+TOO_LONG = b"CLIENT_ERROR line too long\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
+READ_ONLY = b"SERVER_ERROR read only\r\n"
+QUIESCENT = b"SERVER_ERROR quiescent\r\n"
+
+# A data block that is a valid request line if a server failed to skip it.
+POISON = b"delete witness\r\n"
+
+
+def config(server: str = "", queues: str = "") -> str:
+    """A config file: ``[server]`` settings, then queue tables."""
+    return f"[server]\n{server}\n{queues}"
+
+
+def start(erq_factory, *, server: str = "", queues: str = "", **kw) -> ErqProcess:
+    """A server with embedded defaults, or with a config file when settings are given."""
+    if server or queues:
+        return erq_factory(config=config(server, queues), **kw)
+    return erq_factory(**kw)
+
+
+def assert_open(c: RawClient) -> None:
+    """The connection is still served: the next reply is the answer to a new request."""
+    assert c.call(b"version\r\n") == VERSION_LINE
+
+
+def assert_closed(c: RawClient) -> None:
+    """The server closed the connection and sent nothing beyond what was already read."""
+    assert c.is_closed()
+    assert c.buf == b""
+
+
+def queue_names(c: RawClient) -> set[str]:
+    reply = c.call(b"dump_stats\r\n", END)
+    return {
+        line[len(b"queue '") : -len(b"' {")].decode()
+        for line in reply.split(b"\r\n")
+        if line.startswith(b"queue '")
+    }
+
+
+def wait_for_stat(c: RawClient, name: str, value: object, timeout: float = 10.0) -> dict:
+    """Poll ``stats`` until ``name`` has ``value`` (a state change we know will happen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = c.stats()
+        if stats.get(name) == str(value):
+            return stats
+        assert time.monotonic() < deadline, f"{name} stayed {stats.get(name)!r}, wanted {value!r}"
+        time.sleep(0.005)
+
+
+def set_req(
+    name: bytes, data: bytes, flags: bytes = b"0", exptime: bytes = b"0", extra: bytes = b""
+) -> bytes:
+    return b"set %s %s %s %d%s\r\n%s\r\n" % (name, flags, exptime, len(data), extra, data)
+
+
+class Witness:
+    """A connection opened before the errors, with an item stored before them."""
+
+    def __init__(self, server: ErqProcess, kestrel: bool = False) -> None:
+        self.c = server.client()
+        self.kestrel = kestrel
+        self.restore()
+
+    def restore(self) -> None:
+        assert self.c.set("witness", b"safe", flags=9) == STORED
+
+    def check(self) -> None:
+        if self.kestrel:
+            expected = b"VALUE witness 0 4\r\nsafe\r\nEND\r\n"
+        else:
+            expected = b"VALUE witness/peek 9 4\r\nsafe\r\nEND\r\n"
+        assert self.c.get("witness/peek") == expected
+
+
+# ---- section 2: framing ------------------------------------------------------------------
+def test_line_of_exactly_max_line_bytes_is_served_and_one_byte_more_closes(server):
+    witness = Witness(server)
+    for terminator in (b"\r\n", b"\n"):
+        prefix = b"get q/"
+        line = prefix + b"x" * (65536 - len(prefix) - len(terminator)) + terminator
+        assert len(line) == 65536  # max_line counts the terminator
+        c = server.client()
+        c.send(line)
+        assert c.line() == END
+        assert_open(c)
+
+        c = server.client()
+        c.send(line[: -len(terminator)] + b"x" + terminator)
+        assert c.line() == TOO_LONG
+        assert_closed(c)
+    c = server.client()
+    c.send(b"y" * 65536)  # no terminator within max_line
+    assert c.line() == TOO_LONG
+    assert_closed(c)
+    witness.check()
+
+
+def test_set_without_usable_byte_count_is_bad_format_and_closes(server):
+    witness = Witness(server)
+    for request in (
+        b"set q 0 0\r\n",
+        b"set q 0 0 x\r\n",
+        b"set q 0 0 -1\r\n",
+        b"set q 0 0 3x\r\n",
+        b"set q 0 0 1.5\r\n",
+        b"set q 0 0 x noreply\r\n",
+        b"set q\r\n",
+        b"set\r\n",
+    ):
+        c = server.client()
+        c.send(request)
+        assert c.line() == BAD_FORMAT, request
+        assert_closed(c)
+    witness.check()
+    assert queue_names(witness.c) == {"witness"}
+
+
+def test_item_over_server_max_item_size_is_skipped_with_server_error_and_stays_open(erq_factory):
+    server = start(erq_factory, server="max_item_size = 1024")
+    witness = Witness(server)
+    c = server.client()
+    assert c.call(set_req(b"fits", b"f" * 1024)) == STORED  # exactly max_item_size is allowed
+    big = (POISON * 100)[:1025]
+    c.send(b"set big 0 0 1025\r\n")
+    for i in range(0, 1025, 300):  # the skipped bytes may arrive in pieces
+        c.send(big[i : i + 300])
+    c.send(b"\r\n")
+    assert c.line() == TOO_LARGE
+    assert_open(c)
+    # The two trailer bytes are skipped too, not checked.
+    c.send(b"set big 0 0 1025\r\n" + big + b"XY" + b"version\r\n")
+    assert c.line() == TOO_LARGE
+    assert c.line() == VERSION_LINE
+    # A declared size far over the limit, sent in one go.
+    c.send(b"set big 7 0 4194304\r\n" + POISON * (4194304 // len(POISON)) + b"\r\n")
+    assert c.line() == TOO_LARGE
+    assert_open(c)
+    witness.check()
+    assert queue_names(witness.c) == {"witness", "fits"}  # the refused set created nothing
+    assert c.get("fits") == b"VALUE fits 0 1024\r\n" + b"f" * 1024 + b"\r\nEND\r\n"
+
+
+def test_data_not_followed_by_crlf_is_bad_data_chunk_and_closes(server):
+    witness = Witness(server)
+    for request in (
+        b"set q 0 0 3\r\nabcd\r\n",
+        b"set q 0 0 3\r\nabc\n\r",
+        b"set q 0 0 3\r\nabc\rx",
+        b"set q 0 0 0\r\nxy",
+    ):
+        c = server.client()
+        c.send(request)
+        assert c.line() == BAD_CHUNK, request
+        assert_closed(c)
+    witness.check()
+    assert queue_names(witness.c) == {"witness"}
+
+
+def test_bad_flags_or_exptime_skip_the_data_and_stay_open(server):
+    witness = Witness(server)
+    c = server.client()
+    for flags, exptime in (
+        (b"-1", b"0"),
+        (b"4294967296", b"0"),
+        (b"99999999999999999999999", b"0"),
+        (b"x", b"0"),
+        (b"1.5", b"0"),
+        (b"0x1", b"0"),
+        (b"0", b"x"),
+        (b"0", b"1.5"),
+        (b"0", b"--1"),
+        (b"0", b"1e3"),
+    ):
+        c.send(set_req(b"q", POISON, flags, exptime) + b"version\r\n")
+        assert c.line() == BAD_FORMAT, (flags, exptime)
+        assert c.line() == VERSION_LINE
+    witness.check()
+    assert queue_names(c) == {"witness"}
+    # The largest flags value is fine and echoed.
+    assert c.call(set_req(b"q", b"x", b"4294967295")) == STORED
+    assert c.get("q") == b"VALUE q 4294967295 1\r\nx\r\nEND\r\n"
+
+
+def test_cache_commands_are_not_supported_by_a_queue_and_stay_open(server):
+    witness = Witness(server)
+    c = server.client()
+    for request in (
+        b"add q 0 0 16\r\n" + POISON + b"\r\n",
+        b"replace q 0 0 16\r\n" + POISON + b"\r\n",
+        b"append q 0 0 16\r\n" + POISON + b"\r\n",
+        b"prepend q 0 0 16\r\n" + POISON + b"\r\n",
+        b"cas q 0 0 16 1\r\n" + POISON + b"\r\n",
+        b"incr q 1\r\n",
+        b"decr q 1\r\n",
+        b"touch q 10\r\n",
+        b"incr witness 1\r\n",
+    ):
+        c.send(request + b"version\r\n")
+        assert c.line() == NOT_SUPPORTED, request
+        assert c.line() == VERSION_LINE
+    witness.check()
+    assert queue_names(c) == {"witness"}
+
+
+def test_binary_protocol_magic_byte_closes_without_a_reply(server):
+    witness = Witness(server)
+    noop = struct.pack(">BBHBBHIIQ", 0x80, 0x0A, 0, 0, 0, 0, 0, 0, 0)
+    c = server.client()
+    c.send(noop)
+    assert_closed(c)
+    c = server.client()
+    c.send(b"version\r\n" + noop)  # requests before it are still answered
+    assert c.line() == VERSION_LINE
+    assert_closed(c)
+    witness.check()
+
+
+def test_unknown_command_is_error_and_stays_open(server):
+    witness = Witness(server)
+    c = server.client()
+    for request in (b"foo\r\n", b"FOO bar baz\r\n", b"gett q\r\n", b"\r\n", b"getq q\r\n"):
+        assert c.call(request) == ERROR, request
+        assert_open(c)
+    witness.check()
+    assert queue_names(c) == {"witness"}
+
+
+def test_unknown_command_under_kestrel_compat_is_bare_client_error_and_closes(erq_factory):
+    server = start(erq_factory, args=["--compat", "kestrel"])
+    witness = Witness(server, kestrel=True)
+    for request in (b"foo\r\n", b"gett q\r\n"):
+        c = server.client()
+        assert c.call(request) == b"CLIENT_ERROR\r\n"
+        assert_closed(c)
+    witness.check()
+
+
+# ---- section 1 and 10: queue names ---------------------------------------------------------
+BAD_NAMES = [
+    b"n" * 251,
+    b"a.b",
+    b"a~b",
+    b"+a",
+    b"a+",
+    b"a+b+c",
+    b"a\x7fb",
+    b"a\x01b",
+    b"a\tb",
+    b"a\xc3\xa9b",
+]
+
+
+def test_bad_queue_name_is_rejected_by_every_command_that_takes_one(server):
+    witness = Witness(server)
+    c = server.client()
+    assert c.set("ok", b"keep") == STORED
+    for name in [*BAD_NAMES, b"q/x", b"/x"]:
+        for request in (
+            set_req(name, POISON),
+            set_req(name, POISON, extra=b" noreply"),
+            b"delete %s\r\n" % name,
+            b"delete %s noreply\r\n" % name,
+            b"flush %s\r\n" % name,
+            b"flush %s noreply\r\n" % name,
+            b"flush_expired %s\r\n" % name,
+            b"monitor %s 1\r\n" % name,
+            b"monitor %s 1 1\r\n" % name,
+            b"confirm %s 1\r\n" % name,
+            b"dump_stats %s\r\n" % name,
+            b"dump_stats ok %s\r\n" % name,
+            b"dump_config %s\r\n" % name,
+            b"dump_config ok %s\r\n" % name,
+        ):
+            assert c.call(request + b"version\r\n") == BAD_NAME, request
+            assert c.line() == VERSION_LINE
+    for name in [*BAD_NAMES, b""]:  # in a get, '/' starts the options: "/x" is an empty name
+        for key in (
+            name,
+            name + b"/open",
+            name + b"/t=1",
+            name + b"/peek",
+            name + b"/close",
+            name + b"/abort",
+            name + b"/close/open",
+        ):
+            if not key:
+                continue  # "get" alone is a missing argument, not an empty name
+            for request in (b"get %s\r\n" % key, b"gets %s\r\n" % key, b"get ok/open %s\r\n" % key):
+                assert c.call(request + b"version\r\n") == BAD_NAME, request
+                assert c.line() == VERSION_LINE
+    # A bad key anywhere rejects the whole get before any effect.
+    assert c.call(b"get ok ok/open fresh a.b\r\n") == BAD_NAME
+    stats = c.stats()
+    assert (stats["queue_ok_items"], stats["queue_ok_transactions"]) == ("1", "0")
+    assert queue_names(c) == {"witness", "ok"}
+    # 250 bytes is still a name.
+    longest = b"n" * 250
+    assert c.call(set_req(longest, b"v")) == STORED
+    assert c.call(b"get %s\r\n" % longest, END) == b"VALUE %s 0 1\r\nv\r\nEND\r\n" % longest
+    assert c.call(b"delete %s\r\n" % longest) == DELETED
+    witness.check()
+
+
+# ---- section 4: get options ------------------------------------------------------------------
+def test_forbidden_get_option_combinations_reply_client_error_and_close(server):
+    witness = Witness(server)
+    for combo in (
+        b"peek/open",
+        b"open/peek",
+        b"peek/close",
+        b"close/peek",
+        b"peek/abort",
+        b"abort/peek",
+        b"abort/open",
+        b"open/abort",
+        b"abort/close",
+        b"close/abort",
+        b"t=10/peek/open",
+    ):
+        c = server.client()
+        assert c.call(b"get q/%s\r\n" % combo) == b"CLIENT_ERROR\r\n", combo
+        assert_closed(c)
+    # The whole request is rejected before any effect; the close aborts held reads.
+    holder = server.client()
+    assert holder.set("ok", b"one") == STORED
+    assert holder.set("ok", b"two") == STORED
+    assert holder.get("ok/open") == b"VALUE ok/open 0 3\r\none\r\nEND\r\n"
+    assert holder.call(b"get ok/open fresh q/peek/open\r\n") == b"CLIENT_ERROR\r\n"
+    assert_closed(holder)
+    stats = wait_for_stat(witness.c, "queue_ok_open_transactions", 0)
+    assert stats["queue_ok_items"] == "2"
+    assert stats["queue_ok_transactions"] == "1"  # the rejected request opened nothing
+    assert queue_names(witness.c) == {"witness", "ok"}
+    assert witness.c.get("ok") == b"VALUE ok 0 3\r\none\r\nEND\r\n"
+    witness.check()
+
+
+def test_bad_timeout_is_bad_format_and_stays_open(server):
+    witness = Witness(server)
+    c = server.client()
+    assert c.set("ok", b"keep") == STORED
+    for value in (b"abc", b"", b"1.5", b"1e3", b"0x10", b"5ms"):
+        for key in (b"q/t=%s" % value, b"q/open/t=%s" % value, b"ok/open q/t=%s" % value):
+            assert c.call(b"get %s\r\n" % key) == BAD_FORMAT, key
+            assert_open(c)
+    stats = c.stats()
+    assert (stats["queue_ok_items"], stats["queue_ok_transactions"]) == ("1", "0")
+    assert queue_names(c) == {"witness", "ok"}
+    witness.check()
+
+
+def test_missing_required_argument_is_bad_format_and_stays_open(server):
+    witness = Witness(server)
+    c = server.client()
+    for request in (
+        b"get",
+        b"gets",
+        b"get   ",
+        b"delete",
+        b"flush",
+        b"flush_expired",
+        b"monitor",
+        b"monitor q",
+        b"confirm",
+        b"confirm q",
+        b"verbosity",
+    ):
+        assert c.call(request + b"\r\n") == BAD_FORMAT, request
+        assert_open(c)
+    assert queue_names(c) == {"witness"}
+    witness.check()
+
+
+# ---- section 5: reliable reads -----------------------------------------------------------------
+def test_one_open_read_over_max_open_reads_errors_closes_and_returns_reads_in_order(server):
+    # max_open_reads defaults to 100
+    witness = Witness(server)
+    items = [b"item%03d" % i for i in range(101)]
+    c = server.client()
+    c.send(b"".join(set_req(b"q", item) for item in items))
+    assert [c.line() for _ in items] == [STORED] * 101
+    c.send(b"get q/open\r\n" * 100)
+    for item in items[:100]:
+        assert c.until() == b"VALUE q/open 0 7\r\n%s\r\nEND\r\n" % item
+    assert c.call(b"get q/open\r\n") == ERROR
+    assert_closed(c)
+    stats = wait_for_stat(witness.c, "queue_q_open_transactions", 0)
+    assert stats["queue_q_items"] == "101"
+    assert stats["queue_q_canceled_transactions"] == "100"
+    other = server.client()
+    other.send(b"get q\r\n" * 101)
+    for item in items:  # the oldest read is at the head again
+        assert other.until() == b"VALUE q 0 7\r\n%s\r\nEND\r\n" % item
+    witness.check()
+
+
+def test_plain_get_while_holding_an_open_read_errors_closes_and_returns_the_read(server):
+    witness = Witness(server)
+    setter = server.client()
+    for item in (b"a", b"b"):
+        assert setter.set("q", item) == STORED
+    assert setter.set("r", b"x") == STORED
+    c = server.client()
+    assert c.get("q/open") == b"VALUE q/open 0 1\r\na\r\nEND\r\n"
+    assert c.get("q/peek") == b"VALUE q/peek 0 1\r\nb\r\nEND\r\n"  # a peek is allowed
+    assert c.get("r") == b"VALUE r 0 1\r\nx\r\nEND\r\n"  # so is a plain get on another queue
+    assert c.call(b"get q\r\n") == ERROR
+    assert_closed(c)
+    wait_for_stat(setter, "queue_q_open_transactions", 0)
+    assert setter.get("q/peek") == b"VALUE q/peek 0 1\r\na\r\nEND\r\n"
+
+    # In a multi-key get, what an earlier key did stands and its VALUE is sent first.
+    assert setter.set("s", b"y") == STORED
+    d = server.client()
+    assert d.get("q/open") == b"VALUE q/open 0 1\r\na\r\nEND\r\n"
+    assert d.call(b"get s q\r\n", ERROR) == b"VALUE s 0 1\r\ny\r\nERROR\r\n"
+    assert_closed(d)
+    wait_for_stat(setter, "queue_q_open_transactions", 0)
+    assert setter.get("s") == END
+    assert setter.get("q") == b"VALUE q 0 1\r\na\r\nEND\r\n"
+    witness.check()
+
+
+def test_confirm_of_more_reads_than_are_open_is_error_and_confirms_nothing(server):
+    witness = Witness(server)
+    c = server.client()
+    for item in (b"a", b"b"):
+        assert c.set("q", item) == STORED
+    other = server.client()
+    assert other.get("q/open") == b"VALUE q/open 0 1\r\na\r\nEND\r\n"
+    assert c.call(b"confirm q 1\r\n") == ERROR  # another connection's read is not ours
+    assert c.get("q/open") == b"VALUE q/open 0 1\r\nb\r\nEND\r\n"
+    assert c.call(b"confirm q 2\r\n") == ERROR
+    assert c.stats()["queue_q_open_transactions"] == "2"
+    assert c.call(b"confirm q 1\r\n") == END
+    assert c.stats()["queue_q_open_transactions"] == "1"
+    assert c.call(b"confirm q 1\r\n") == ERROR
+    assert c.call(b"confirm q 0\r\n") == END
+    assert c.call(b"confirm nosuch 1\r\n") == ERROR
+    assert_open(c)
+    assert queue_names(c) == {"witness", "q"}
+    witness.check()
+
+
+# ---- section 3: status -------------------------------------------------------------------------
+def test_unknown_status_word_is_bad_status_and_stays_open(server):
+    witness = Witness(server)
+    c = server.client()
+    for word in (b"DOWN", b"up!", b"read_only"):
+        assert c.call(b"status %s\r\n" % word) == b"CLIENT_ERROR bad status\r\n"
+        assert_open(c)
+    assert c.call(b"status\r\n") == b"UP\r\n"
+    witness.check()
+
+
+WRITES = (
+    set_req(b"q", b"new"),
+    set_req(b"fresh", b"new"),
+    b"flush q\r\n",
+    b"flush_all\r\n",
+    b"flush_all 0\r\n",
+    b"flush_expired q\r\n",
+    b"flush_all_expired\r\n",
+    b"delete q\r\n",
+    b"delete nosuch\r\n",
+)
+
+
+def test_readonly_refuses_every_write_with_read_only_and_serves_reads(server):
+    witness = Witness(server)
+    c = server.client()
+    for item in (b"a", b"b", b"c", b"d"):
+        assert c.set("q", item) == STORED
+    assert c.call(b"status readonly\r\n") == END
+    for request in WRITES:
+        assert c.call(request) == READ_ONLY, request
+        assert_open(c)
+    c.send(set_req(b"q", b"new", extra=b" noreply") + b"delete q noreply\r\nflush q noreply\r\n")
+    c.send(b"flush_all noreply\r\n")
+    assert_open(c)  # noreply refusals are silent
+    stats = c.stats()
+    assert stats["queue_q_items"] == "4"
+    assert "queue_fresh_items" not in stats
+    # Reads, reliable reads and administration still work.
+    assert c.get("q") == b"VALUE q 0 1\r\na\r\nEND\r\n"
+    assert c.get("q/peek") == b"VALUE q/peek 0 1\r\nb\r\nEND\r\n"
+    assert c.get("q/open") == b"VALUE q/open 0 1\r\nb\r\nEND\r\n"
+    assert c.get("q/abort") == END
+    assert c.get("q/close/open") == b"VALUE q/close/open 0 1\r\nb\r\nEND\r\n"
+    assert c.get("q/close") == END
+    assert c.call(b"monitor q 60 1\r\n", END) == b"VALUE q 0 1\r\nc\r\nEND\r\n"
+    assert c.line() == END
+    assert c.call(b"confirm q 1\r\n") == END
+    assert c.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    assert c.call(b"status\r\n") == b"READONLY\r\n"
+    assert c.call(b"status up\r\n") == END
+    assert c.set("q", b"e") == STORED
+    witness.check()
+
+
+def test_quiescent_refuses_writes_and_fetches_but_close_abort_and_confirm_work(server):
+    witness = Witness(server)
+    c = server.client()
+    for item in (b"a", b"b", b"c", b"d", b"e"):
+        assert c.set("q", item) == STORED
+    holder = server.client()
+    holder.send(b"get q/open\r\n" * 4)
+    for item in (b"a", b"b", b"c", b"d"):
+        assert holder.until() == b"VALUE q/open 0 1\r\n%s\r\nEND\r\n" % item
+    waiter = server.client()
+    waiter.send(b"get empty/t=60000\r\n")
+    wait_for_stat(c, "queue_empty_waiters", 1)
+    assert c.set("mon", b"m1") == STORED
+    monitor = server.client()
+    assert monitor.call(b"monitor mon 60\r\n", END) == b"VALUE mon 0 2\r\nm1\r\nEND\r\n"
+
+    assert c.call(b"status quiescent\r\n") == END
+    assert waiter.until() == END  # blocked gets are answered
+    assert monitor.line() == END  # running monitors end
+    assert_open(waiter)
+    for request in WRITES:
+        assert c.call(request) == READ_ONLY, request
+    for request in (
+        b"get q\r\n",
+        b"gets q\r\n",
+        b"get q/peek\r\n",
+        b"get q/t=10\r\n",
+        b"get q/open\r\n",
+        b"get nosuch\r\n",
+        b"get nosuch/peek\r\n",
+        b"monitor q 1\r\n",
+        b"monitor nosuch 1 1\r\n",
+    ):
+        assert c.call(request) == QUIESCENT, request
+        assert_open(c)
+    # close, confirm and abort take effect; a fetch part is refused after its close happened.
+    assert holder.get("q/close") == END  # confirms a
+    assert holder.call(b"confirm q 1\r\n") == END  # confirms b
+    assert holder.call(b"get q/close/open\r\n") == QUIESCENT  # confirms c, fetches nothing
+    assert holder.get("q/abort") == END  # d goes back to the head
+    stats = c.stats()
+    assert (stats["queue_q_items"], stats["queue_q_open_transactions"]) == ("2", "0")
+    assert queue_names(c) == {"witness", "q", "empty", "mon"}
+    assert c.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    assert c.call(b"status\r\n") == b"QUIESCENT\r\n"
+    assert c.call(b"status up\r\n") == END
+    assert c.get("q") == b"VALUE q 0 1\r\nd\r\nEND\r\n"
+    witness.check()
+
+
+# ---- section 10: noreply and the order of checks for set -------------------------------------
+def test_noreply_silences_replies_and_refusals_but_not_request_line_errors(erq_factory):
+    server = start(
+        erq_factory, server="max_item_size = 1024", queues='[queues."one"]\nmax_items = 1\n'
+    )
+    witness = Witness(server)
+    c = server.client()
+    silent = (
+        set_req(b"q", b"a", extra=b" noreply"),
+        set_req(b"q", b"b", extra=b" noreply"),
+        set_req(b"one", b"x", extra=b" noreply"),
+        set_req(b"one", b"y", extra=b" noreply"),  # NOT_STORED: the queue is full
+        set_req(b"q", b"z" * 1025, extra=b" noreply"),  # over max_item_size
+    )
+    c.send(b"".join(silent))
+    assert_open(c)
+    assert c.get("q") == b"VALUE q 0 1\r\na\r\nEND\r\n"
+    assert c.get("one") == b"VALUE one 0 1\r\nx\r\nEND\r\n"
+    assert c.get("q/peek") == b"VALUE q/peek 0 1\r\nb\r\nEND\r\n"
+    c.send(b"flush q noreply\r\n")
+    assert_open(c)
+    assert c.get("q") == END
+    assert c.set("q", b"c") == STORED
+    c.send(b"flush_all noreply\r\n")
+    assert_open(c)
+    assert c.get("q") == END
+    assert c.set("q", b"d") == STORED
+    c.send(b"flush_all 0 noreply\r\ndelete one noreply\r\n")
+    assert_open(c)
+    assert c.get("q") == END
+    assert "one" not in queue_names(c)
+    witness.restore()  # flush_all rightly emptied it
+    assert c.call(b"status readonly\r\n") == END
+    c.send(set_req(b"q", b"e", extra=b" noreply") + b"delete q noreply\r\nflush q noreply\r\n")
+    c.send(b"flush_all noreply\r\n")
+    assert_open(c)
+    assert c.call(b"status up\r\n") == END
+    assert c.get("q") == END
+    # Errors in the request line itself are still answered.
+    assert c.call(set_req(b"q", b"e", flags=b"x", extra=b" noreply")) == BAD_FORMAT
+    assert c.call(set_req(b"q/x", b"e", extra=b" noreply")) == BAD_NAME
+    assert c.call(b"delete a.b noreply\r\n") == BAD_NAME
+    assert c.call(b"flush a~b noreply\r\n") == BAD_NAME
+    assert_open(c)
+    # An error after which the connection closes is sent first.
+    assert c.call(b"set q 0 0 1 noreply\r\nab\r\n") == BAD_CHUNK
+    assert_closed(c)
+    c = server.client()
+    assert c.call(b"set q 0 0 x noreply\r\n") == BAD_FORMAT
+    assert_closed(c)
+    witness.check()
+
+
+def test_set_checks_format_then_flags_then_name_then_size_then_status_then_policy(erq_factory):
+    server = start(
+        erq_factory,
+        server="max_item_size = 1024",
+        queues='[queues."small"]\nmax_item_size = 10\n[queues."one"]\nmax_items = 1\n',
+    )
+    witness = Witness(server)
+    c = server.client()
+    big = b"z" * 2000
+    # Byte count before everything: the connection closes.
+    assert c.call(b"set a.b x 0 abc\r\n") == BAD_FORMAT
+    assert_closed(c)
+    c = server.client()
+    # Token count before flags and name.
+    assert c.call(set_req(b"a.b", b"abc", extra=b" noreply extra")) == BAD_FORMAT
+    # Flags and exptime before the name and the size.
+    assert c.call(set_req(b"a.b", b"abc", flags=b"x")) == BAD_FORMAT
+    assert c.call(set_req(b"a.b", b"abc", exptime=b"x")) == BAD_FORMAT
+    assert c.call(set_req(b"q", big, flags=b"-1")) == BAD_FORMAT
+    # The name before the server's max_item_size.
+    assert c.call(set_req(b"a.b", big)) == BAD_NAME
+    assert c.call(b"status readonly\r\n") == END
+    # The server's max_item_size before the status; the status before the queue policy.
+    assert c.call(set_req(b"a.b", big)) == BAD_NAME
+    assert c.call(set_req(b"q", big)) == TOO_LARGE
+    assert c.call(set_req(b"small", b"x" * 11)) == READ_ONLY
+    assert c.call(b"status up\r\n") == END
+    assert c.call(set_req(b"one", b"x")) == STORED
+    assert c.call(b"status readonly\r\n") == END
+    assert c.call(set_req(b"one", b"y")) == READ_ONLY
+    assert c.call(b"status up\r\n") == END
+    # The queue policy last.
+    assert c.call(set_req(b"one", b"y")) == NOT_STORED
+    assert c.call(set_req(b"small", b"x" * 11)) == NOT_STORED
+    assert c.call(set_req(b"small", b"x" * 10)) == STORED
+    assert_open(c)
+    witness.check()
