@@ -1,0 +1,839 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: erq (Cython and pure-Python builds) against memcached ``-t 1``.
+
+    python benchmarks/run_e2e.py [--qload PATH] [--repeat 3] [--quick] [--restart-full]
+
+qload (the C load generator in ``../shared/tools/qload``) drives every server over loopback,
+server pinned to one core and qload to another; each server is started fresh on a free port for
+each repetition, and each figure is the median of the repetitions, beside memcached's from the
+same sitting. Writes ``benchmarks/RESULTS.md`` and prints it. erq itself never needs qload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scenarios import (  # noqa: E402
+    ERQ_BUILDS,
+    GIB,
+    KIB,
+    MEMCACHED,
+    MIB,
+    SCENARIO_KEYS,
+    SCENARIOS,
+    SEGMENT_BYTES,
+    SPECIAL_KEYS,
+    FsyncResult,
+    Memory,
+    MemoryResult,
+    Plan,
+    RestartResult,
+    Results,
+    Run,
+    Scenario,
+    fmt_mib,
+    render,
+    short,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_QLOAD = REPO.parent / "shared" / "tools" / "qload" / "qload"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A server or tool that could not be run; the message says what to do about it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: every process and directory this run creates is registered here and released on any
+# exit (normal, exception, SIGTERM, Ctrl-C).
+
+_PROCS: list[subprocess.Popen] = []
+_DIRS: list[str] = []
+
+
+def _cleanup() -> None:
+    for proc in _PROCS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _PROCS.clear()
+    for path in _DIRS:
+        shutil.rmtree(path, ignore_errors=True)
+    _DIRS.clear()
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def tempdir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=f"erq-bench-{prefix}-")
+    _DIRS.append(path)
+    return path
+
+
+def drop_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path in _DIRS:
+        _DIRS.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+
+@dataclass(frozen=True)
+class Pinning:
+    server_cpu: int | None
+    client_cpu: int | None
+    how: str
+
+    @staticmethod
+    def choose() -> Pinning:
+        cpus = sorted(os.sched_getaffinity(0))
+        if shutil.which("taskset") is None:
+            return Pinning(None, None, "not pinned (taskset not found)")
+        if len(cpus) < 2:
+            return Pinning(None, None, f"not pinned (only {len(cpus)} CPU available)")
+        return Pinning(cpus[0], cpus[1], f"server on CPU {cpus[0]}, qload on CPU {cpus[1]}")
+
+    def prefix(self, cpu: int | None) -> list[str]:
+        return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE (the servers started later inherit it); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))  # root may raise hard
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line(cmd: list[str]) -> str:
+    """First line of a command's output, or ``unknown``."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_revision() -> str:
+    rev = command_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    diff = subprocess.run(
+        ["git", "-C", str(REPO), "diff-index", "--quiet", "HEAD", "--"], capture_output=True
+    )
+    return rev + (" + uncommitted changes" if diff.returncode else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# qload: the binary, or built from its source into a temporary directory (the shared
+# directory is read-only).
+
+
+def find_qload(option: str | None) -> tuple[Path, str]:
+    given = Path(option) if option else DEFAULT_QLOAD
+    for path in [given / "qload", given] if given.is_dir() else [given]:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path.resolve(), str(path.resolve())
+    source = given if given.is_dir() else given.parent
+    if not (source / "qload.c").is_file():
+        raise BenchError(
+            f"qload not found at {given} and no qload.c beside it: pass --qload PATH "
+            "(the binary, or the directory holding qload.c)"
+        )
+    if shutil.which("make") is None:
+        raise BenchError(f"qload must be built from {source}, but make is not installed")
+    build = Path(tempdir("qload"))
+    for name in ("qload.c", "Makefile"):
+        shutil.copy(source / name, build / name)
+    proc = subprocess.run(["make", "-C", str(build)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or not (build / "qload").is_file():
+        raise BenchError(f"building qload failed:\n{proc.stdout}{proc.stderr}")
+    return build / "qload", f"built from {source} with make (temporary copy)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_memcached() -> str | None:
+    """Path of memcached, installing the Debian package when running as root."""
+    if shutil.which("memcached") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return shutil.which("memcached")
+    print("memcached not found: apt-get install -y memcached", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "memcached"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=900)
+        subprocess.run(install, env=env, capture_output=True, timeout=900)
+    return shutil.which("memcached")
+
+
+def read_stats(sock: socket.socket) -> dict[str, str]:
+    """Send ``stats`` on an open connection and parse the reply."""
+    sock.sendall(b"stats\r\n")
+    buf = b""
+    while not buf.endswith(b"END\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise OSError("connection closed during stats")
+        buf += chunk
+    stats = {}
+    for line in buf.decode("utf-8", "replace").splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "STAT":
+            stats[parts[1]] = parts[2]
+    return stats
+
+
+@dataclass
+class Server:
+    """One running server process: an erq build or memcached."""
+
+    name: str  # "cython" | "python" | "memcached"
+    proc: subprocess.Popen
+    port: int
+    scratch: str  # log and config of this start; removed by close()
+    ready_s: float = 0.0
+
+    def cpu_ticks(self) -> int | None:
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
+
+    def memory(self) -> Memory:
+        values = {}
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    values[key] = int(rest.split()[0]) / 1024
+        except OSError:
+            pass
+        return Memory(values.get("VmRSS"), values.get("RssAnon"), values.get("RssFile"))
+
+    def stats(self) -> dict[str, str]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            return read_stats(sock)
+
+    def log_tail(self, lines: int = 12) -> str:
+        try:
+            text = Path(self.scratch, "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self, *, crash: bool = False, timeout: float = 60.0) -> None:
+        """Stop (SIGTERM, or SIGKILL for a crash) and remove the scratch directory.
+
+        memcached keeps no state and its SIGTERM path takes a second: it is always killed.
+        """
+        if self.proc.poll() is None:
+            crash = crash or self.name == MEMCACHED
+            self.proc.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc in _PROCS:
+            _PROCS.remove(self.proc)
+        drop_dir(self.scratch)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, started: float, timeout: float) -> float:
+    """Seconds from ``started`` until the port accepts and answers ``version``."""
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with status {proc.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(b"version\r\n")
+                if sock.recv(256).startswith(b"VERSION"):
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        if time.monotonic() - started > timeout:
+            raise BenchError(f"no answer to `version` on port {port} within {timeout:.0f} s")
+        time.sleep(0.002)
+
+
+@dataclass
+class Launcher:
+    """Starts every server the same way: pinned, loopback, free port, fresh directories."""
+
+    pinning: Pinning
+    memcached: str | None
+    journal: bool = True
+
+    def erq_config(self, queue: str = "", server: str = "") -> str:
+        if not self.journal:
+            queue += "journal = false\n"
+        return (f"[server]\n{server}" if server else "") + (
+            f"[queues.default]\n{queue}" if queue else ""
+        )
+
+    def start(
+        self,
+        name: str,
+        *,
+        config: str = "",
+        data_dir: str | None = None,
+        cpu: int | None = None,
+        timeout: float = 60.0,
+    ) -> Server:
+        port, scratch = free_port(), tempdir(name)
+        env = dict(os.environ)
+        if name == MEMCACHED:
+            if self.memcached is None:
+                raise BenchError("memcached is not installed")
+            argv = [self.memcached, "-t", "1", "-U", "0", "-l", "127.0.0.1", "-p", str(port)]
+            argv += ["-m", "2048"] + (["-u", "root"] if os.geteuid() == 0 else [])
+        else:
+            argv = [sys.executable, "-m", "erq", "serve", "--port", str(port), "--admin-port", "0"]
+            argv += ["--data-dir", data_dir or os.path.join(scratch, "data")]
+            argv += ["--log-level", "WARNING"]
+            text = config or self.erq_config()
+            if text:
+                Path(scratch, "erq.toml").write_text(text)
+                argv += ["--config", os.path.join(scratch, "erq.toml")]
+            env.pop("ERQ_NO_EXTENSIONS", None)
+            if name == "python":
+                env["ERQ_NO_EXTENSIONS"] = "1"
+        cpu = self.pinning.server_cpu if cpu is None else cpu
+        with open(os.path.join(scratch, "server.log"), "wb") as log:
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                self.pinning.prefix(cpu) + argv,
+                cwd=str(REPO),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _PROCS.append(proc)
+        server = Server(name, proc, port, scratch)
+        try:
+            server.ready_s = wait_ready(proc, port, started, timeout)
+            impl = server.stats().get("implementation") if name != MEMCACHED else None
+            if name != MEMCACHED and impl != name:
+                hint = " (extensions not built? `python setup.py build_ext --inplace`)"
+                raise BenchError(
+                    f"started as the {name} build but reports `STAT implementation {impl}`"
+                    + (hint if name == "cython" else "")
+                )
+        except (BenchError, OSError) as exc:
+            tail = server.log_tail()
+            server.close(crash=True)
+            raise BenchError(f"{name}: {exc}\n{tail}") from None
+        return server
+
+
+# ---------------------------------------------------------------------------------------------
+# qload runs
+
+
+@dataclass
+class QLoad:
+    path: Path
+    pinning: Pinning
+    commands: list[str] = field(default_factory=list)
+
+    def run(
+        self,
+        server: Server,
+        args: tuple[str, ...],
+        *,
+        max_seconds: float,
+        cpu: int | None = None,
+        queue: str = "q",
+    ) -> Run:
+        """One qload run; server CPU% is over qload's wall time, RSS is read right after."""
+        cpu = self.pinning.client_cpu if cpu is None else cpu
+        argv = [str(self.path), "--port", str(server.port), "--queue", queue, *args]
+        argv += ["--max-seconds", f"{max_seconds:g}"]
+        if server.name == MEMCACHED:
+            argv.append("--no-verify")  # not a queue: lost/duplicates would mean nothing
+        cmd = self.pinning.prefix(cpu) + argv
+        self.commands.append(f"{server.name}: {shlex.join(cmd)}")
+        run = Run()
+        ticks, began = server.cpu_ticks(), time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + 60)
+        except subprocess.TimeoutExpired:
+            run.failure = f"qload still running {max_seconds + 60:.0f} s after its start"
+            return run
+        wall = time.monotonic() - began
+        if server.proc.poll() is not None:
+            run.failure = f"server exited ({server.proc.returncode}): {server.log_tail(4)}"
+            return run
+        after = server.cpu_ticks()
+        if ticks is not None and after is not None:
+            run.cpu_pct = 100.0 * (after - ticks) / CLK_TCK / wall
+        run.rss_mib = server.memory().rss
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if not lines:
+            run.failure = f"qload exit {proc.returncode}: {proc.stderr.strip()[:300]}"
+        else:
+            run.data = json.loads(lines[-1])
+        return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements
+
+
+@dataclass
+class Bench:
+    launcher: Launcher
+    qload: QLoad
+    res: Results
+    began: float = field(default_factory=time.monotonic)
+
+    @property
+    def plan(self) -> Plan:
+        return self.res.plan
+
+    def timed(self, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+        return ("--seconds", f"{self.plan.seconds:g}") + extra
+
+    def bound(self) -> float:
+        return max(10.0, 3 * self.plan.seconds + 10)
+
+    def say(self, what: str, server: str, text: str) -> None:
+        print(f"[{time.monotonic() - self.began:6.1f}s] {what:<18} {server:<9} {text}", flush=True)
+
+    def fresh(self, name: str, **kwargs) -> Server | None:
+        """A started and warmed-up server, or None (noted) when it could not start."""
+        server = None
+        try:
+            server = self.launcher.start(name, **kwargs)
+            warm_up(server)
+            return server
+        except (BenchError, OSError) as exc:
+            detail = str(exc)
+            if server is not None:
+                detail += f"; server log: {server.log_tail(6)}"
+                server.close(crash=True)
+            self.res.notes.append(f"{name} failed to start: {' / '.join(detail.splitlines())}")
+            self.say("start", name, f"FAILED: {detail}")
+            return None
+
+    def scenario(self, sc: Scenario) -> None:
+        """Fresh server per repetition; servers interleaved so drift hits them all alike."""
+        per = self.res.runs.setdefault(sc.key, {})
+        for rep in range(self.plan.repeat):
+            for name in self.res.servers:
+                cpu = self.launcher.pinning.server_cpu if sc.same_core else None
+                server = self.fresh(name)
+                if server is None:
+                    per.setdefault(name, []).append(Run(failure="server did not start"))
+                    continue
+                try:
+                    if sc.prefill:
+                        fill = self.timed() if name != MEMCACHED else ("--count", "1000")
+                        pre = self.qload.run(server, sc.prefill + fill, max_seconds=self.bound())
+                        if pre.problems(name != MEMCACHED):
+                            self.res.notes.append(f"{sc.key} prefill, {name}: {short(pre)}")
+                    args = sc.memcached_args if name == MEMCACHED and sc.memcached_args else sc.args
+                    run = self.qload.run(
+                        server, self.timed(args), max_seconds=self.bound(), cpu=cpu
+                    )
+                finally:
+                    server.close()
+                per.setdefault(name, []).append(run)
+                self.say(sc.key, name, f"rep {rep + 1}: {short(run)}")
+
+    def fsync_always(self) -> None:
+        """Group commit: the 50-connection set rate over the 1-connection one, fsync always."""
+        config = self.launcher.erq_config('fsync = "always"\n')
+        for name in self.res.erq_builds:
+            out = self.res.fsync.setdefault(name, FsyncResult())
+            for rep in range(self.plan.repeat):
+                server = self.fresh(name, config=config)
+                if server is None:
+                    continue
+                try:
+                    for runs, conns in ((out.one, "1"), (out.fifty, "50")):
+                        args = ("--mode", "set", "--pipeline", "1", "--conns", conns)
+                        run = self.qload.run(
+                            server, self.timed(args), max_seconds=self.bound(), queue=f"q{conns}"
+                        )
+                        runs.append(run)
+                        self.say(
+                            "fsync_always", name, f"rep {rep + 1}, {conns} conns: {short(run)}"
+                        )
+                finally:
+                    server.close()
+
+    def memory(self) -> None:
+        """RSS after queueing many 1 KiB items (read-behind), and the cost of idle connections."""
+        n_items, n_idle = self.plan.memory_items, self.plan.idle_conns
+        fill_config = self.launcher.erq_config('max_memory_size = "64MiB"\n')
+        idle_config = self.launcher.erq_config(server=f"max_connections = {n_idle + 16}\n")
+        args = ("--mode", "set", "--pipeline", "64", "--size", "1024", "--count", str(n_items))
+        for name in self.res.erq_builds:
+            out = self.res.memory.setdefault(name, MemoryResult())
+            for rep in range(self.plan.repeat):
+                server = self.fresh(name, config=fill_config)
+                if server is None:
+                    continue
+                try:
+                    run = self.qload.run(server, args, max_seconds=40 if self.plan.quick else 90)
+                    time.sleep(0.3)  # past the fsync period, so the reading is the settled one
+                    out.fill.append(run)
+                    out.fill_memory.append(server.memory())
+                finally:
+                    server.close()
+                self.say(
+                    "memory",
+                    name,
+                    f"rep {rep + 1}: fill {short(run)}, RSS {fmt_mib(out.fill_memory[-1].rss)}",
+                )
+                server = self.fresh(name, config=idle_config)
+                if server is None:
+                    continue
+                try:
+                    before = server.memory()
+                    held = hold_idle_connections(server, n_idle, deadline_s=60.0)
+                    out.idle.append((before, held[1], held[0]))
+                finally:
+                    server.close()
+                self.say(
+                    "memory",
+                    name,
+                    f"rep {rep + 1}: {held[0]} idle connections held, RSS "
+                    f"{fmt_mib(before.rss)} -> {fmt_mib(held[1].rss)}",
+                )
+
+    def restart(self) -> None:
+        """Write, drain to the live size, then time restarts after SIGTERM and after SIGKILL."""
+        p = self.plan
+        n_written, n_live = p.restart_written // p.restart_item, p.restart_live // p.restart_item
+        budget = 900.0 if p.restart_full else 120.0
+        shape = ("--size", str(p.restart_item), "--pipeline", "64")
+        for name in self.res.erq_builds:
+            out = self.res.restart.setdefault(name, RestartResult())
+            root = tempdir(f"restart-{name}")
+            free = shutil.disk_usage(root).free
+            if free < p.restart_written + 4 * SEGMENT_BYTES:
+                out.failure = f"only {free / GIB:.1f} GiB free in {root}"
+                continue
+            data_dir = os.path.join(root, "data")
+            server = self.fresh(name, data_dir=data_dir)
+            if server is None:
+                out.failure = "server did not start"
+                continue
+            try:
+                out.write = self.qload.run(
+                    server, ("--mode", "set", "--count", str(n_written)) + shape, max_seconds=budget
+                )
+                out.drain = self.qload.run(
+                    server,
+                    ("--mode", "get", "--count", str(n_written - n_live)) + shape,
+                    max_seconds=budget,
+                )
+                self.say("restart", name, f"write {short(out.write)}; drain {short(out.drain)}")
+                out.live_items = int(server.stats().get("curr_items", "-1"))
+                out.disk_before, out.settle_s = settled_size(data_dir, limit_s=15.0)
+                for how in ("SIGTERM", "SIGKILL"):
+                    for _ in range(p.repeat):
+                        server.close(crash=how == "SIGKILL", timeout=120.0)
+                        server = self.launcher.start(name, data_dir=data_dir, timeout=120.0)
+                        out.ready[how].append(server.ready_s)
+                        out.items_after.append(int(server.stats().get("curr_items", "-1")))
+                        self.say(
+                            "restart",
+                            name,
+                            f"after {how}: ready in {server.ready_s:.3f} s, "
+                            f"{out.items_after[-1]} items",
+                        )
+                out.disk_after = dir_bytes(data_dir)
+            except (BenchError, OSError) as exc:
+                out.failure = str(exc).splitlines()[0]
+            finally:
+                server.close()
+                drop_dir(root)
+
+
+def warm_up(server: Server) -> None:
+    """One set and get on a queue of its own, so that one-time work (erq imports its journal
+    lazily, on the first queue: ~0.1 s) is not billed to the first requests of a timed run."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"set warmup 0 0 1\r\nx\r\nget warmup\r\n")
+        buf = b""
+        while not buf.endswith(b"END\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("connection closed during warm-up")
+            buf += chunk
+    if not buf.startswith(b"STORED\r\n"):
+        raise BenchError(f"warm-up set answered {buf[:80]!r}")
+
+
+def hold_idle_connections(server: Server, count: int, deadline_s: float) -> tuple[int, Memory]:
+    """Open ``count`` connections that send nothing; return how many the server holds, and RSS.
+
+    The first connection is the control one: after each batch it asks ``stats`` until the server
+    has accepted the whole batch, so the reading is taken with every connection accepted. All are
+    closed before returning.
+    """
+    socks: list[socket.socket] = []
+    deadline = time.monotonic() + deadline_s
+    held = 0
+    try:
+        control = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        socks.append(control)
+        while len(socks) < count and time.monotonic() < deadline:
+            for _ in range(min(500, count - len(socks))):
+                socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+            while time.monotonic() < deadline:
+                held = int(read_stats(control).get("curr_connections", "0"))
+                if held >= len(socks):
+                    break
+                time.sleep(0.01)
+        time.sleep(0.3)
+    except OSError:
+        pass
+    finally:
+        memory = server.memory()
+        for sock in socks:
+            sock.close()
+    return held, memory
+
+
+def settled_size(path: str, limit_s: float) -> tuple[int, float]:
+    """Size of ``path`` once background compaction stops shrinking it (at least 1 s, at most
+    ``limit_s``), and the seconds that took."""
+    began = time.monotonic()
+    size = dir_bytes(path)
+    while time.monotonic() - began < limit_s:
+        time.sleep(0.5)
+        now = dir_bytes(path)
+        if now == size and time.monotonic() - began >= 1.0:
+            break
+        size = now
+    return size, time.monotonic() - began
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = ap.add_argument
+    add("--qload", help=f"the qload binary, or its source directory (default {DEFAULT_QLOAD})")
+    add("--repeat", type=int, default=3, help="repetitions per figure, median reported (3)")
+    add("--quick", action="store_true", help="short runs; scaled-down memory and restart figures")
+    add("--seconds", type=float, help="length of each timed qload run (3; --quick: 0.5)")
+    add("--scenarios", help="comma-separated subset of " + ",".join(SCENARIO_KEYS + SPECIAL_KEYS))
+    add("--erq-builds", default=",".join(ERQ_BUILDS), help="erq builds to measure (cython,python)")
+    add("--no-memcached", action="store_true", help="skip the reference (then no ratios)")
+    add("--no-journal", action="store_true", help="erq with journal = false (diagnostic only)")
+    add("--restart-full", action="store_true", help="restart after 10 GiB written, 1 GiB live")
+    add("--restart-item-size", type=int, default=8 * KIB, help="restart data item size (8 KiB)")
+    add("--memory-items", type=int, help="1 KiB items for the memory figure (1,000,000)")
+    add("--idle-conns", type=int, help="idle connections for the memory figure (10,000)")
+    add("--output", default=str(REPO / "benchmarks" / "RESULTS.md"), help="report file")
+    ns = ap.parse_args(argv)
+    if ns.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    return ns
+
+
+def build_plan(ns: argparse.Namespace) -> Plan:
+    quick = ns.quick
+    if ns.restart_full:
+        written, live = 10 * GIB, 1 * GIB
+    else:
+        written, live = (128 * MIB, 16 * MIB) if quick else (1 * GIB, 128 * MIB)
+    return Plan(
+        seconds=ns.seconds or (0.5 if quick else 3.0),
+        repeat=ns.repeat,
+        quick=quick,
+        memory_items=ns.memory_items or (50_000 if quick else 1_000_000),
+        idle_conns=ns.idle_conns or (2_000 if quick else 10_000),
+        restart_written=written,
+        restart_live=live,
+        restart_item=ns.restart_item_size,
+        restart_full=ns.restart_full,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    atexit.register(_cleanup)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    try:
+        return run_all(ns, sys.argv[1:] if argv is None else argv)
+    except BenchError as exc:
+        print(f"run_e2e: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _cleanup()
+
+
+def run_all(ns: argparse.Namespace, argv: list[str]) -> int:
+    plan = build_plan(ns)
+    wanted = ns.scenarios.split(",") if ns.scenarios else list(SCENARIO_KEYS + SPECIAL_KEYS)
+    if set(wanted) - set(SCENARIO_KEYS + SPECIAL_KEYS):
+        raise BenchError(f"unknown scenario in {ns.scenarios!r}")
+    builds = [b for b in ns.erq_builds.split(",") if b]
+    if not builds or not set(builds) <= set(ERQ_BUILDS):
+        raise BenchError(f"--erq-builds takes a subset of {','.join(ERQ_BUILDS)}")
+    qload_path, qload_how = find_qload(ns.qload)
+    pinning = Pinning.choose()
+    notes: list[str] = []
+    nofile = raise_nofile(plan.idle_conns + 1024)
+    if nofile < plan.idle_conns + 256:
+        plan.idle_conns = max(0, nofile - 256)
+        notes.append(f"RLIMIT_NOFILE is {nofile}: idle connections reduced to {plan.idle_conns}.")
+    memcached = None if ns.no_memcached else ensure_memcached()
+    launcher = Launcher(pinning, memcached, journal=not ns.no_journal)
+    if ns.no_journal:
+        notes.append(
+            "**erq ran with `journal = false` (--no-journal): a diagnostic, not comparable with "
+            "the bars; the fsync and restart figures were skipped.**"
+        )
+        wanted = [w for w in wanted if w not in ("fsync_always", "restart")]
+    if plan.repeat < 3:
+        notes.append(f"--repeat {plan.repeat}: fewer than 3 repetitions per figure.")
+    if not ns.no_memcached and memcached is None:
+        notes.append("**memcached is not available (not installed, not root): no ratios.**")
+
+    # Every server must start and identify itself before anything is measured.
+    servers = []
+    for name in builds + ([MEMCACHED] if memcached else []):
+        try:
+            launcher.start(name).close()
+            servers.append(name)
+        except BenchError as exc:
+            notes.append(f"**{name} NOT measured: {str(exc).splitlines()[0]}**")
+            print(f"run_e2e: {name} is not measured: {exc}", file=sys.stderr)
+    if not any(s != MEMCACHED for s in servers):
+        raise BenchError("no erq build could be started: " + " ".join(notes))
+
+    bench = Bench(launcher, QLoad(qload_path, pinning), Results(plan, servers, wanted, notes))
+    print(
+        f"qload: {qload_how}\npinning: {pinning.how}\nservers: {', '.join(servers)}\n"
+        f"timed runs of {plan.seconds:g} s, {plan.repeat} repetitions",
+        flush=True,
+    )
+    for sc in SCENARIOS:
+        if sc.key in wanted:
+            bench.scenario(sc)
+    if "fsync_always" in wanted:
+        bench.fsync_always()
+    if "memory" in wanted:
+        bench.memory()
+    if "restart" in wanted:
+        bench.restart()
+
+    took = time.monotonic() - bench.began
+    text = render(bench.res, report_header(bench, argv, qload_how, memcached, took))
+    Path(ns.output).write_text(text)
+    print("\n" + text + f"\nwritten to {ns.output}")
+    return 0
+
+
+def report_header(
+    bench: Bench, argv: list[str], qload_how: str, memcached: str | None, took: float
+) -> str:
+    p = bench.plan
+    erq = command_line([sys.executable, "-c", "import erq; print(erq.__version__)"])
+    kind = "quick run: short runs, scaled-down memory and restart" if p.quick else "full run"
+    return "\n".join(
+        [
+            "# erq end-to-end benchmark results",
+            "",
+            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"- command: `{shlex.join(['python', 'benchmarks/run_e2e.py', *argv])}` ({kind}; "
+            f"took {took / 60:.1f} min)",
+            f"- machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
+            f"{cpu_model()}, Linux {platform.release()}; {bench.launcher.pinning.how}",
+            f"- versions: erq {erq} (git {git_revision()}), "
+            f"{command_line([memcached, '-V']) if memcached else 'memcached: not available'}, "
+            f"Python {platform.python_version()}, uvloop {package_version('uvloop')}, "
+            f"Cython {package_version('Cython')}",
+            f"- qload: {qload_how}",
+            f"- method: each figure is the median of {p.repeat} runs of {p.seconds:g} s, each against "
+            "a freshly started server (loopback, free port). erq runs its default configuration "
+            "(journal on, fsync every 100 ms) unless a section says otherwise and keeps qload's "
+            "loss/duplicate checks on; memcached runs `-t 1 -m 2048` with `--no-verify` (it is not "
+            "a queue). Server CPU = the server's user+sys time over qload's wall time (100% = one "
+            "core); server RSS = VmRSS right after the run. A ratio is erq's median over "
+            "memcached's from this sitting.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
