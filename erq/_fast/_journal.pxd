@@ -1,0 +1,37 @@
+# cython: language_level=3
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef class SegmentWriter:
+    # A writable buffer export of the segment's mmap, held until release().
+    cdef Py_buffer _view
+    cdef bint _held
+    cdef Py_ssize_t _pos
+    # ADD records and their bytes, the greatest ADD id, then records per opcode 2..6.
+    cdef uint64_t _adds
+    cdef uint64_t _add_bytes
+    cdef uint64_t _max_id
+    cdef uint64_t _ops[7]
+    # trim: the buffer is a shared file mapping whose pages behind _pos may be dropped from
+    # the process (they stay in the page cache); _trimmed: pages below it were dropped.
+    cdef bint _trim
+    cdef Py_ssize_t _trimmed
+
+    cdef void _drop_behind(self) noexcept
+
+    cpdef long long append_add(self, uint64_t id, uint32_t flags, uint64_t add_time,
+                               uint64_t expiry, object data) except -2
+    cpdef long long append_op(self, int opcode, uint64_t id=*) except -2
+    cpdef release(self)
+
+
+cdef class RecordIterator:
+    # A read-only buffer export, released as soon as iteration stops.
+    cdef Py_buffer _view
+    cdef bint _held
+    cdef bint _data
+    cdef Py_ssize_t _pos
+    cdef Py_ssize_t _end
+    cdef readonly int status
+
+    cpdef release(self)

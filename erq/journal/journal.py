@@ -1,0 +1,670 @@
+"""QueueJournal: one queue's durable log (appends, fsync policy, read-behind, compaction).
+
+Writes go into the current segment's shared mapping (one memcpy in the codec), so once an
+append returns the record is in the kernel's page cache: killing the process loses nothing.
+The fsync policy decides when it reaches the disk (see ``commit.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..journal_api import JournalError
+from . import codec
+from .compaction import SnapshotJob
+from .diskitems import DiskItems
+from .format import (
+    ADD_OVERHEAD,
+    HEADER_SIZE,
+    OP_CONFIRM,
+    OP_FLUSH,
+    OP_OPEN,
+    OP_RECORD_SIZE,
+    OP_REMOVE,
+    OP_UNREMOVE,
+)
+from .recovery import RecoveredItem, Recovery, replay
+from .segment import Segment, fsync_directory, round_up
+
+log = logging.getLogger("erq.journal")
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+INITIAL_SEGMENT_SIZE = 1 * MiB
+_ALWAYS, _PERIOD, _NEVER = "always", "period", "never"
+_UNSET = object()
+_RETRY_FIRST, _RETRY_MAX = 1.0, 60.0  # compaction back-off after a failure, seconds
+
+
+class SyncWork:
+    """Segments and directories with changes not yet on disk, taken for one sync."""
+
+    __slots__ = ("segments", "directories")
+
+    def __init__(self, segments: list[Segment], directories: list[Path]) -> None:
+        self.segments = segments
+        self.directories = directories
+
+    @property
+    def empty(self) -> bool:
+        return not self.segments and not self.directories
+
+
+def _parse_fsync(fsync: str | int) -> tuple[str, float]:
+    # The modes are compared by identity on the append path: return the module's constants.
+    if fsync == _ALWAYS:
+        return _ALWAYS, 0.0
+    if fsync == _NEVER:
+        return _NEVER, 0.0
+    if isinstance(fsync, int) and not isinstance(fsync, bool) and fsync > 0:
+        return _PERIOD, fsync / 1000.0
+    raise ValueError(f"fsync must be 'always', 'never' or a period in ms > 0, not {fsync!r}")
+
+
+class _ClassOrInstanceMethod:
+    """A classmethod when looked up on the class, a plain method on an instance."""
+
+    def __init__(self, on_class: classmethod, on_instance) -> None:
+        self._on_class = on_class
+        self._on_instance = on_instance
+        self.__doc__ = on_instance.__doc__
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self._on_class.__get__(None, objtype)
+        return self._on_instance.__get__(obj, objtype)
+
+
+class QueueJournal:
+    """The journal of one queue: a directory of segments. Open it with :meth:`open`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: str | int,
+        segment_size: int,
+        max_memory_size: int,
+        max_journal_size: int,
+        commit,
+    ) -> None:
+        if segment_size < 4 * KiB:
+            raise ValueError("segment_size must be at least 4 KiB")
+        self.directory = directory
+        self._mode, self._period = _parse_fsync(fsync)
+        self._segment_size = round_up(segment_size)
+        self._max_memory_size = max_memory_size
+        self._max_journal_size = max_journal_size
+        self._commit = commit
+        self._segments: list[Segment] = []  # oldest first; the last one takes the appends
+        # The writer of the last segment; with no segment (or once closed) a writer of an
+        # empty buffer, which refuses every record, so appends never test for None.
+        self._null_writer = codec.SegmentWriter(bytearray(0), 0)
+        self._writer = self._null_writer
+        self._next_seq = 1
+        self._next_size = min(INITIAL_SEGMENT_SIZE, self._segment_size)
+        self._id_floor = 1
+        self._disk = DiskItems()
+        self._sealed_used = 0  # record bytes in segments other than the current one
+        # The writers count what they append (SegmentWriter.counters); these are the sums for
+        # sealed segments. Live items (queued + open) and open reads follow from the counts
+        # since the last reset (recovery, flush, compaction), which sets them exactly.
+        self._totals = [0] * 8
+        self._mark = (0,) * 8
+        self._base_live = 0
+        self._base_open = 0
+        self._needs_rewrite = False
+        # Durability: the current segment is synced up to _synced_pos; sealed segments with
+        # unsynced records wait in _unsynced. _quiet: an append needs no fsync bookkeeping
+        # ("never", or a period whose timer is already armed).
+        self._synced_pos = 0
+        self._unsynced: list[Segment] = []
+        self._dirs_unsynced: list[Path] = []  # a new segment's directory, a new directory's parent
+        self._quiet = self._mode is _NEVER
+        self._timer: asyncio.TimerHandle | None = None
+        self._next_sync_at = 0.0
+        self._job: SnapshotJob | None = None
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_FIRST
+        self._closed = False
+        self.rotations = 0  # segments sealed because they were full or for a compaction
+        self.rewrites = 0  # compactions completed
+        self.last_compaction_error: BaseException | None = None
+
+    # ---- opening ---------------------------------------------------------------------------
+    @classmethod
+    def _open_journal(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        fsync: str | int = 100,
+        segment_size: int = 64 * MiB,
+        max_memory_size: int = 128 * MiB,
+        max_journal_size: int = 1 * GiB,
+        commit=None,
+    ) -> tuple[QueueJournal, Recovery]:
+        """Open (creating the directory if missing) and replay a queue's journal.
+
+        Reads that were open at the crash are back at the head of ``Recovery.items``; an
+        UNREMOVE is journaled for each, so the journal states the same order from now on.
+        """
+        directory = Path(directory)
+        created = not directory.is_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        journal = cls(
+            directory,
+            fsync=fsync,
+            segment_size=segment_size,
+            max_memory_size=max_memory_size,
+            max_journal_size=max_journal_size,
+            commit=commit,
+        )
+        result = replay(directory, max_memory_size)
+        journal._adopt(result)
+        if created:
+            journal._dirs_unsynced.append(directory.parent)
+        try:
+            for id in reversed(result.open_ids):
+                journal._append_op(OP_UNREMOVE, id)
+        except JournalError as exc:
+            # Not fatal: the journal still says "open", which the next start also puts back
+            # at the head; only their order relative to later aborts may differ then.
+            result.recovery.warnings.append(
+                f"{directory}: could not journal the return of {len(result.open_ids)} open "
+                f"read(s) to the head: {exc}"
+            )
+        if commit is not None:
+            commit.register(journal)
+        return journal, result.recovery
+
+    def _adopt(self, result) -> None:
+        segments = result.segments
+        self._segments = segments
+        self._next_seq = result.next_seq
+        if segments:
+            current = segments[-1]
+            self._writer = codec.SegmentWriter(current.mm, current.used, True)
+            self._sealed_used = sum(seg.used for seg in segments[:-1])
+            self._next_size = max(self._next_size, min(self._segment_size, current.size * 2))
+        recovery = result.recovery
+        self._disk = result.disk
+        live = len(recovery.items) + recovery.disk_items
+        self._totals[0], self._totals[1] = live, result.live_record_bytes  # for the mean size
+        self._reset_counts(live, 0)
+        self._id_floor = recovery.next_id
+        self._needs_rewrite = result.damaged
+
+    # ---- appends ---------------------------------------------------------------------------
+    # The hot path: one call into the codec, which writes the record into the mapped segment
+    # and counts it; bookkeeping only when the fsync policy needs some.
+
+    def add(
+        self, id: int, flags: int, add_time: int, expiry: int, data: bytes, in_memory: bool = True
+    ):
+        """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
+        to be handed back by :meth:`read_behind`. Returns a ticket (``fsync="always"``) or None;
+        raises JournalError when the record cannot be written (disk full)."""
+        offset = self._writer.append_add(id, flags, add_time, expiry, data)
+        if offset < 0:
+            writer = self._rotate(ADD_OVERHEAD + len(data))
+            offset = writer.append_add(id, flags, add_time, expiry, data)
+        if not in_memory:
+            self._disk.push(self._segments[-1], offset, len(data))
+        if self._quiet:
+            return None
+        return self._written()
+
+    def remove(self, id: int):
+        """The item left the queue for good (plain get, expiry, discard)."""
+        if self._writer.append_op(OP_REMOVE, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_REMOVE, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def _open_read(self, id: int):
+        """The item was handed out as a reliable read."""
+        if self._writer.append_op(OP_OPEN, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_OPEN, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    # ``QueueJournal.open(directory, ...)`` opens a journal; ``journal.open(id)`` journals an
+    # open read. One name, two meanings (the queue's API), told apart by how it is reached.
+    open = _ClassOrInstanceMethod(_open_journal, _open_read)
+
+    def confirm(self, id: int):
+        """An open read was confirmed: the item is gone for good."""
+        if self._writer.append_op(OP_CONFIRM, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_CONFIRM, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def unremove(self, id: int):
+        """An open read was aborted: the item is back at the head of the queue."""
+        if self._writer.append_op(OP_UNREMOVE, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_UNREMOVE, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def flush(self):
+        """Every queued (not open) item is dropped, the not-in-memory ones included."""
+        self._append_op(OP_FLUSH, 0)
+        self._disk.clear()
+        open_reads = self.open_reads
+        self._reset_counts(open_reads, open_reads)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def _append_op(self, opcode: int, id: int) -> None:
+        if self._writer.append_op(opcode, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(opcode, id)
+
+    def _written(self):
+        """After an append, what the fsync policy asks for (a ticket, a timer, a sync)."""
+        mode = self._mode
+        if mode is _ALWAYS:
+            if self._commit is not None:
+                return self._commit.ticket(self)
+            self.sync()
+        elif mode is _PERIOD:
+            if self._commit is not None:
+                self._timer = self._commit.arm(self, self._period)
+                self._quiet = True
+            elif time.monotonic() >= self._next_sync_at:
+                self.sync()
+        return None
+
+    def _rotate(self, record_size: int, size: int | None = None) -> codec.SegmentWriter:
+        """Seal the current segment and start a new one with room for ``record_size`` bytes."""
+        if self._closed:
+            raise JournalError(f"journal {self.directory} is closed")
+        if size is None:
+            size = self._next_size
+        size = max(size, round_up(HEADER_SIZE + record_size))
+        segment = Segment.create(
+            self.directory, self._next_seq, size, id_floor=self._id_floor_now()
+        )
+        self._next_seq += 1
+        self._seal_current()
+        self._segments.append(segment)
+        self._writer = writer = codec.SegmentWriter(segment.mm, HEADER_SIZE, True)
+        self._synced_pos = 0  # the header too
+        self._next_size = min(self._segment_size, max(self._next_size, size) * 2)
+        if self.directory not in self._dirs_unsynced:
+            self._dirs_unsynced.append(self.directory)
+        return writer
+
+    def _seal_current(self) -> None:
+        writer = self._writer
+        if writer is self._null_writer:
+            return
+        current = self._segments[-1]
+        current.used = writer.position
+        totals = self._totals
+        for i, n in enumerate(writer.counters()):
+            totals[i] = max(totals[i], n) if i == 2 else totals[i] + n
+        writer.release()
+        current.drop_pages()  # what the writer had not trimmed yet
+        self._writer = self._null_writer
+        self._sealed_used += current.used
+        if current.used > self._synced_pos:
+            self._unsynced.append(current)
+        self.rotations += 1
+
+    # ---- counts ----------------------------------------------------------------------------
+    def _cumulative(self) -> list[int]:
+        """Counters of everything appended so far (layout of SegmentWriter.counters)."""
+        out = list(self._totals)
+        for i, n in enumerate(self._writer.counters()):
+            out[i] = max(out[i], n) if i == 2 else out[i] + n
+        return out
+
+    def _reset_counts(self, live: int, open_reads: int) -> None:
+        self._mark = tuple(self._cumulative())
+        self._base_live = live
+        self._base_open = open_reads
+
+    @property
+    def live_items(self) -> int:
+        """Items queued or open, as journaled (exact while the queue names only its ids)."""
+        c, m = self._cumulative(), self._mark
+        return max(0, self._base_live + (c[0] - m[0]) - (c[3] - m[3]) - (c[5] - m[5]))
+
+    @property
+    def open_reads(self) -> int:
+        c, m = self._cumulative(), self._mark
+        return max(0, self._base_open + (c[4] - m[4]) - (c[5] - m[5]) - (c[6] - m[6]))
+
+    def _id_floor_now(self) -> int:
+        """Greater than every id journaled so far (for new segment headers)."""
+        c = self._cumulative()
+        return max(self._id_floor, c[2] + 1 if c[0] else 0)
+
+    # ---- read-behind -----------------------------------------------------------------------
+    def read_behind(self, max_bytes: int) -> list[RecoveredItem]:
+        """The next not-in-memory items in FIFO order: as many as fit in ``max_bytes`` of
+        data, and at least one if any remain."""
+        self._poll_compaction()
+        try:
+            return self._disk.take(max_bytes, RecoveredItem)
+        except ValueError as exc:
+            raise JournalError(f"cannot read an item back: {exc}") from exc
+
+    @property
+    def disk_items(self) -> int:
+        return self._disk.count
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk.nbytes
+
+    # ---- policy and sizes ------------------------------------------------------------------
+    def update_policy(
+        self, *, fsync=_UNSET, max_memory_size=_UNSET, max_journal_size=_UNSET
+    ) -> None:
+        """Apply a reloaded configuration (takes effect at the next append)."""
+        if fsync is not _UNSET:
+            mode, period = _parse_fsync(fsync)
+            if (mode, period) != (self._mode, self._period):
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._mode, self._period = mode, period
+                self._quiet = mode is _NEVER
+                if self._unsynced or self._writer.position > self._synced_pos:
+                    self._written()
+        if max_memory_size is not _UNSET:
+            self._max_memory_size = max_memory_size
+        if max_journal_size is not _UNSET:
+            self._max_journal_size = max_journal_size
+
+    @property
+    def logsize(self) -> int:
+        """Bytes of journal files on disk (preallocated space included)."""
+        self._poll_compaction()
+        return sum(segment.size for segment in self._segments)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of records in the journal (what compaction can shrink)."""
+        return self._sealed_used + self._writer.position
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def _live_bytes(self) -> int:
+        """Record bytes of the live items: exact for those on disk, estimated for the rest."""
+        disk = self._disk
+        rest = self.live_items - disk.count
+        c = self._cumulative()
+        mean = c[1] // c[0] if c[0] else ADD_OVERHEAD
+        return disk.nbytes + disk.count * ADD_OVERHEAD + max(rest, 0) * mean
+
+    @property
+    def wants_compaction(self) -> bool:
+        """True when :meth:`compact` would free space: the queue drained and old segments
+        remain, or the journal outgrew twice its live data (or ``max_journal_size``)."""
+        if self._job is not None:
+            self._poll_compaction()
+            if self._job is not None:
+                return False
+        if self._closed or not self._segments or time.monotonic() < self._retry_at:
+            return False
+        if self.live_items == 0:
+            return len(self._segments) > 1 or self._current_needs_rotation(self._needs_rewrite)
+        used = self.used_bytes
+        if self._needs_rewrite:
+            return True
+        live = self._live_bytes()
+        if used > max(2 * live, self._segment_size):
+            return True
+        return used > self._max_journal_size and used - live > self._segment_size
+
+    # ---- compaction ------------------------------------------------------------------------
+    def compact(self, open_items: Sequence, memory_items: Sequence, *, wait: bool = False) -> None:
+        """Rewrite the journal as a snapshot of the live state.
+
+        ``open_items``: the open reads in their original order; ``memory_items``: the items in
+        RAM in queue order (objects with id, flags, add_time, expiry, data, like
+        RecoveredItem). The not-in-memory items are the journal's own. An empty queue is
+        compacted at once by deleting the old segments; otherwise the snapshot is written on
+        a thread (``wait=True`` waits for it) while appends go on in a fresh segment.
+        Failures are logged and retried later with a back-off; compaction never raises.
+        """
+        self._poll_compaction()
+        if self._job is not None or self._closed:
+            return
+        open_items = list(open_items)
+        memory_items = list(memory_items)
+        rewrite, self._needs_rewrite = self._needs_rewrite, False
+        if not open_items and not memory_items and not self._disk.count:
+            self._drop_history(rewrite)
+            return
+        snapshot_seq = self._next_seq
+        self._next_seq += 1
+        try:
+            self._rotate(0, self._segments[-1].size if self._segments else None)
+        except JournalError as exc:
+            self._compaction_failed(exc)
+            return
+        old = self._segments[:-1]
+        self._reset_counts(len(open_items) + len(memory_items) + self._disk.count, len(open_items))
+        job = SnapshotJob(
+            self.directory,
+            snapshot_seq,
+            self._id_floor_now(),
+            open_items,
+            memory_items,
+            self._disk.runs(),
+            old,
+            self._wake_loop,
+        )
+        self._job = job
+        job.start()
+        if wait:
+            self.wait_compaction()
+
+    def wait_compaction(self) -> None:
+        """Block until a running compaction has ended and been swapped in."""
+        job = self._job
+        if job is not None:
+            job.join()
+            self._poll_compaction()
+
+    def _current_needs_rotation(self, rewrite: bool) -> bool:
+        """An empty queue's current segment is worth replacing: half full of history, or
+        holding damaged records."""
+        if self._writer is self._null_writer:
+            return False
+        used = self._writer.position
+        return used > self._segment_size // 2 or (rewrite and used > HEADER_SIZE)
+
+    def _drop_history(self, rewrite: bool) -> None:
+        """The queue is empty: every record before now is history. Deleting any prefix of the
+        segments then leaves a log that replays to the same (empty) state, so the old
+        segments go at once, oldest first."""
+        if not self._segments:
+            return
+        if self._current_needs_rotation(rewrite):
+            try:
+                self._rotate(0, self._segments[-1].size)
+            except JournalError as exc:
+                self._compaction_failed(exc)
+                return
+        old = self._segments[:-1]
+        if not old:
+            return
+        self._forget(old)
+        for segment in old:
+            segment.close()
+            try:
+                os.unlink(segment.path)
+            except FileNotFoundError:
+                pass
+        self._reset_counts(0, 0)
+        self.rewrites += 1
+        self._retry_delay = _RETRY_FIRST
+
+    def _forget(self, old: list[Segment]) -> None:
+        gone = set(old)
+        self._segments = [segment for segment in self._segments if segment not in gone]
+        self._unsynced = [segment for segment in self._unsynced if segment not in gone]
+        self._sealed_used = sum(segment.used for segment in self._segments[:-1])
+
+    def _wake_loop(self) -> None:
+        """Called on the compaction thread when it ends: finish on the loop thread soon."""
+        commit = self._commit
+        if commit is not None:
+            try:
+                commit.loop.call_soon_threadsafe(self._poll_compaction)
+            except RuntimeError:  # loop closed: the next journal call finishes instead
+                pass
+
+    def _poll_compaction(self) -> None:
+        job = self._job
+        if job is None or not job.done.is_set():
+            return
+        self._job = None
+        if job.error is not None or job.segment is None:
+            self._compaction_failed(job.error)
+            return
+        old = job.old_segments
+        self._disk.replace_head(set(old), job.segment, job.offsets)
+        job.segment.used = job.size
+        self._forget(old)
+        self._segments.insert(0, job.segment)
+        self._sealed_used += job.segment.used
+        for segment in old:
+            segment.close()
+        self.rewrites += 1
+        self._retry_delay = _RETRY_FIRST
+
+    def _compaction_failed(self, exc: BaseException | None) -> None:
+        self.last_compaction_error = exc
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
+        if exc is not None and not self._closed:
+            log.warning(
+                "compaction of %s failed (retry in %.0fs): %s",
+                self.directory,
+                self._retry_at - time.monotonic(),
+                exc,
+            )
+
+    def _stop_compaction(self) -> None:
+        job = self._job
+        if job is not None:
+            job.abort()
+            job.join()
+            self._poll_compaction()
+
+    # ---- durability ------------------------------------------------------------------------
+    def take_dirty(self) -> SyncWork:
+        """What must be synced for every append so far; called on the loop thread. The
+        caller syncs it with :meth:`sync_work` (any thread) or gives it back with
+        :meth:`restore_dirty`."""
+        segments, self._unsynced = self._unsynced, []
+        writer = self._writer
+        if writer is not self._null_writer and writer.position > self._synced_pos:
+            segments.append(self._segments[-1])
+            self._synced_pos = writer.position
+        directories, self._dirs_unsynced = self._dirs_unsynced, []
+        return SyncWork(segments, directories)
+
+    def sync_work(self, work: SyncWork) -> None:
+        """fdatasync the segments and fsync the directories of ``work``; thread-safe."""
+        try:
+            for segment in work.segments:
+                segment.sync()
+            for directory in work.directories:
+                fsync_directory(directory)
+        except OSError as exc:
+            raise JournalError(f"fsync of {self.directory} failed: {exc.strerror or exc}") from exc
+
+    def restore_dirty(self, work: SyncWork) -> None:
+        """A sync failed: keep its segments pending for the next one."""
+        current = self._segments[-1] if self._writer is not self._null_writer else None
+        for segment in work.segments:
+            if segment is current:
+                self._synced_pos = 0
+            elif not segment.closed and segment not in self._unsynced:
+                self._unsynced.append(segment)
+        for directory in work.directories:
+            if directory not in self._dirs_unsynced:
+                self._dirs_unsynced.append(directory)
+        if self._mode is _PERIOD and self._commit is not None and self._timer is None:
+            self._written()  # try again after another period
+
+    def timer_fired(self) -> None:
+        self._timer = None
+        self._quiet = self._mode is _NEVER
+
+    def sync(self) -> None:
+        """fsync now, on this thread."""
+        work = self.take_dirty()
+        if work.empty:
+            return
+        try:
+            self.sync_work(work)
+        except JournalError:
+            self.restore_dirty(work)
+            raise
+        self._next_sync_at = time.monotonic() + self._period
+
+    # ---- closing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop any compaction, fsync, unmap and close. Raises JournalError if the final
+        fsync fails (the files are closed anyway)."""
+        if self._closed:
+            return
+        self._stop_compaction()
+        error = None
+        try:
+            self.sync()
+        except JournalError as exc:
+            error = exc
+        self._release()
+        if error is not None:
+            raise error
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._commit is not None:
+            self._commit.unregister(self)
+        if self._writer is not self._null_writer:
+            self._writer.release()
+            self._writer = self._null_writer
+        for segment in self._segments:
+            segment.close()
+        self._disk.clear()
+        self._unsynced = []
+
+    def delete(self) -> None:
+        """Close and remove the queue's directory with every file in it."""
+        if not self._closed:
+            self._stop_compaction()
+            self._release()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"QueueJournal({str(self.directory)!r}, segments={len(self._segments)})"

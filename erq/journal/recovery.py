@@ -1,0 +1,335 @@
+"""Reading a queue's journal back: segment scanning with damage handling, and replay.
+
+Damage rule (what is a torn tail, what is a damaged record). Reading stops at the first
+offset that does not hold a valid record (CRC and shape checked), or at a zero length that is
+followed by anything non-zero. From that offset ``resync`` looks for where valid records
+resume: the first later offset holding a valid record that is followed by another valid
+record or by a clean end (nothing but zeros). One valid-looking record alone is not enough,
+so item data is practically never mistaken for records, while a damaged length field (which
+hides where the next record starts) costs nothing more than a damaged body. If records
+resume, the bytes in between are a damaged record: reported (file and offset), skipped, and
+replay goes on. If nothing valid follows, it is a torn tail: reported and truncated (zeroed
+in the segment that takes new appends).
+
+Replay semantics: ADD appends the id at the tail; REMOVE drops it (queued or open); OPEN
+moves a queued id to the open reads; CONFIRM drops an open id; UNREMOVE moves an open id to
+the head; FLUSH drops every queued (not open) id. Unknown ids are ignored. At the end the
+open ids go back to the head in the order of their OPEN records.
+
+Replay keeps only positions (segment, offset) per live id, never item data; afterwards the
+first ``max_memory_size`` bytes of the queue are read back into memory and the rest stays on
+disk as positions (read-behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from . import codec
+from .diskitems import DiskItems
+from .format import (
+    ADD_FIXED_LENGTH,
+    ADD_OVERHEAD,
+    HEADER_FLAG_SNAPSHOT,
+    HEADER_SIZE,
+    REC_BAD,
+    REC_END,
+    REC_VALID,
+    parse_segment_name,
+)
+from .segment import Segment, SegmentHeaderError
+
+log = logging.getLogger("erq.journal")
+
+_U32 = struct.Struct("<I")
+_POS_SHIFT = 40  # a replay position is segment index << 40 | offset
+_POS_MASK = (1 << _POS_SHIFT) - 1
+LEFTOVER_SUFFIXES = (".seg.new", ".seg.tmp")  # interrupted creation or compaction
+_DROP_EVERY = 4096  # items whose positions are loaded between two drops of mapped pages
+DAMAGED_SUFFIX = ".damaged"
+
+
+class RecoveredItem(NamedTuple):
+    """An item read back from the journal (a NamedTuple: use attributes or unpack)."""
+
+    id: int
+    flags: int
+    add_time: int
+    expiry: int
+    data: bytes
+
+
+@dataclass
+class Recovery:
+    """What a queue gets back when its journal is opened."""
+
+    items: list[RecoveredItem]  # held in memory, queue order; reads open at the crash first
+    disk_items: int  # further items after ``items``, left on disk: QueueJournal.read_behind
+    disk_bytes: int  # their data bytes
+    next_id: int  # greater than every id this queue's journal ever held
+    warnings: list[str] = field(default_factory=list)  # "<file>: <problem> at offset N, ..."
+
+
+@dataclass
+class Problem:
+    """A failure found while scanning a segment. ``resume`` is -1 for a torn tail."""
+
+    offset: int
+    status: int  # REC_* found at ``offset``
+    resume: int
+
+    def describe(self, path: os.PathLike | str) -> str:
+        if self.resume < 0:
+            return f"{path}: torn record at offset {self.offset}, truncated"
+        skipped = self.resume - self.offset
+        if self.status == REC_BAD:
+            return f"{path}: bad CRC at offset {self.offset}, record skipped ({skipped} bytes)"
+        return f"{path}: damaged data at offset {self.offset}, {skipped} bytes skipped"
+
+
+class SegmentScan:
+    """Walk the valid records of a segment buffer across damage (see the module doc).
+
+    :meth:`run` hands each stretch of valid records to a reader; afterwards ``problems``
+    lists what was found and ``end`` is where the valid data ends (where appends go on).
+    Iterating the scan gives the records themselves (for the offline tools).
+    """
+
+    def __init__(self, buffer, *, data: bool = False, start: int = HEADER_SIZE) -> None:
+        self._buffer = buffer
+        self._data = data
+        self._start = start
+        self.problems: list[Problem] = []
+        self.end = start
+
+    def run(self, read: Callable[[int, int], tuple[int, int]]) -> None:
+        """``read(start, end)`` consumes the valid records from ``start`` (up to ``end``) and
+        returns (REC_* status, offset) where it stopped."""
+        buf, pos = self._buffer, self._start
+        size = len(buf)
+        while True:
+            status, stop = read(pos, size)
+            if status == REC_END and codec.first_nonzero(buf, stop, size) < 0:
+                self.end = stop
+                return
+            resume = codec.resync(buf, stop, size)
+            if resume < 0:
+                self.problems.append(Problem(stop, status, resume))
+                self.end = stop
+                return
+            for piece in _split(buf, stop, resume, status):
+                if piece.status == REC_VALID:  # a good record between two damaged ones
+                    read(piece.offset, piece.resume)
+                else:
+                    self.problems.append(piece)
+            pos = resume
+
+    def __iter__(self) -> Iterator[tuple]:
+        records: list[tuple] = []
+
+        def read(start: int, end: int) -> tuple[int, int]:
+            it = codec.iter_records(self._buffer, start, end, self._data)
+            records.extend(it)
+            return it.status, it.position
+
+        self.run(read)
+        return iter(records)
+
+
+def _split(buf, start: int, resume: int, status: int) -> list[Problem]:
+    """One piece per record of a skipped region when their lengths chain exactly to
+    ``resume`` (adjacent damaged records, maybe with good ones between them, which the
+    chain vouches for), else one problem for the whole region."""
+    starts = [start]
+    pos = start
+    while True:
+        length = _U32.unpack_from(buf, pos)[0] if pos + 4 <= resume else 0
+        if length == 0 or pos + 8 + length > resume:
+            return [Problem(start, status, resume)]
+        pos += 8 + length
+        if pos == resume:
+            break
+        starts.append(pos)
+    ends = [*starts[1:], resume]
+    return [
+        Problem(s, codec.check_record(buf, s, e)[0], e) for s, e in zip(starts, ends, strict=True)
+    ]
+
+
+@dataclass
+class ReplayResult:
+    """Everything QueueJournal.open needs besides the Recovery it hands to the queue."""
+
+    segments: list[Segment]  # oldest first; the last one is mapped writable
+    recovery: Recovery
+    disk: DiskItems  # positions of the items in ``recovery`` that stayed on disk
+    open_ids: list[int]  # reads open at the crash, in OPEN order (now back at the head)
+    next_seq: int
+    live_record_bytes: int  # record bytes of every live item (compaction heuristics)
+    damaged: bool
+
+
+def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int]:
+    """The segment files by sequence number, and the highest number in use (set-aside
+    files included, so it is never reused); leftovers of interrupted writes are deleted."""
+    found: list[tuple[int, Path]] = []
+    max_seq = 0
+    for entry in os.scandir(directory):
+        name = entry.name
+        if name.endswith(LEFTOVER_SUFFIXES):
+            os.unlink(entry.path)
+            continue
+        if name.endswith(DAMAGED_SUFFIX):
+            seq = parse_segment_name(name[: -len(DAMAGED_SUFFIX)])
+            if seq is not None:
+                max_seq = max(max_seq, seq)
+            continue
+        seq = parse_segment_name(name)
+        if seq is not None and entry.is_file():
+            found.append((seq, Path(entry.path)))
+            max_seq = max(max_seq, seq)
+    found.sort()
+    return found, max_seq
+
+
+def _open_segments(found: list[tuple[int, Path]], warnings: list[str]) -> list[Segment]:
+    segments: list[Segment] = []
+    for seq, path in found:
+        try:
+            seg = Segment.open(path, writable=False)
+            if seg.seq != seq:
+                seg.close()
+                raise SegmentHeaderError(f"header names segment {seg.seq}")
+        except SegmentHeaderError as exc:
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            os.rename(path, aside)
+            warnings.append(f"{path}: bad segment header ({exc}), file set aside as {aside.name}")
+            continue
+        segments.append(seg)
+    # A snapshot holds the whole state as of its creation: older segments are superseded
+    # (left over when compaction was interrupted after its rename).
+    for i in range(len(segments) - 1, 0, -1):
+        if segments[i].flags & HEADER_FLAG_SNAPSHOT:
+            for old in segments[:i]:
+                old.close()
+                os.unlink(old.path)
+            segments = segments[i:]
+            break
+    if segments:  # the last one takes new appends (and a torn tail is zeroed in it)
+        last = segments[-1]
+        last.close()
+        segments[-1] = Segment.open(last.path, writable=True)
+    return segments
+
+
+def replay(directory: Path, max_memory_size: int) -> ReplayResult:
+    """Open and replay every segment of ``directory`` (see the module doc)."""
+    warnings: list[str] = []
+    found, max_seq = _list_directory(directory)
+    segments = _open_segments(found, warnings)
+    try:
+        return _replay(segments, warnings, max_seq, max_memory_size)
+    except BaseException:
+        for seg in segments:
+            seg.close()
+        raise
+
+
+def _replay(
+    segments: list[Segment], warnings: list[str], max_seq: int, max_memory_size: int
+) -> ReplayResult:
+    tail: dict[int, int] = {}  # queued ids in ADD order -> position
+    head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
+    opened: dict[int, int] = {}  # open reads in OPEN order
+    max_id = 0
+    id_floor = 1
+    damaged = False
+    last = len(segments) - 1
+    for index, seg in enumerate(segments):
+        id_floor = max(id_floor, seg.id_floor)
+        duplicates: list[int] = []
+
+        def read(start: int, end: int, mm=seg.mm, base=index << _POS_SHIFT, dups=duplicates):
+            nonlocal max_id
+            status, stop, max_id = codec.replay_records(
+                mm, start, end, base, tail, head, opened, max_id, dups
+            )
+            return status, stop
+
+        scan = SegmentScan(seg.mm)
+        scan.run(read)
+        for offset in duplicates:
+            warnings.append(f"{seg.path}: ADD of a live id at offset {offset}, ignored")
+        for problem in scan.problems:
+            warnings.append(problem.describe(seg.path))
+        if scan.problems or duplicates:
+            damaged = True
+        if index == last and scan.problems and scan.problems[-1].resume < 0:
+            seg.zero(scan.end)
+        seg.used = scan.end
+        seg.drop_pages()  # the scan read every page: give them back to the page cache
+
+    open_ids = list(opened)
+    order = [*opened.values(), *reversed(head.values()), *tail.values()]
+    for ids in (tail, head, opened):
+        ids.clear()
+    items, mem_bytes, record_bytes, disk = _load(order, segments, max_memory_size)
+    recovery = Recovery(
+        items=items,
+        disk_items=disk.count,
+        disk_bytes=disk.nbytes,
+        next_id=max(max_id + 1, id_floor),
+        warnings=warnings,
+    )
+    return ReplayResult(
+        segments=segments,
+        recovery=recovery,
+        disk=disk,
+        open_ids=open_ids,
+        next_seq=max_seq + 1,
+        live_record_bytes=record_bytes,
+        damaged=damaged,
+    )
+
+
+def _load(order: list[int], segments: list[Segment], max_memory_size: int):
+    """Read the head of the queue into memory up to ``max_memory_size`` bytes of data; keep
+    only the positions of the rest. Returns (items, their bytes, live record bytes, disk)."""
+    items: list[RecoveredItem] = []
+    unpack = _U32.unpack_from
+    read_add = codec.read_add
+    mem_bytes = record_bytes = 0
+    i, n = 0, len(order)
+    while i < n:
+        pos = order[i]
+        mm = segments[pos >> _POS_SHIFT].mm
+        offset = pos & _POS_MASK
+        size = unpack(mm, offset)[0] - ADD_FIXED_LENGTH
+        if mem_bytes + size > max_memory_size:
+            break
+        items.append(read_add(mm, offset, RecoveredItem))
+        mem_bytes += size
+        record_bytes += size + ADD_OVERHEAD
+        i += 1
+    disk = DiskItems()
+    for n, pos in enumerate(order[i:], 1):
+        segment = segments[pos >> _POS_SHIFT]
+        offset = pos & _POS_MASK
+        size = unpack(segment.mm, offset)[0] - ADD_FIXED_LENGTH
+        disk.push(segment, offset, size)
+        record_bytes += size + ADD_OVERHEAD
+        if n % _DROP_EVERY == 0:  # reading the lengths mapped pages: keep that bounded
+            for seg in segments:
+                seg.drop_pages()
+    for seg in segments:
+        seg.drop_pages()
+    return items, mem_bytes, record_bytes, disk
+
+
+__all__ = ["Problem", "RecoveredItem", "Recovery", "ReplayResult", "SegmentScan", "replay"]

@@ -1,0 +1,188 @@
+"""Segment files: creation (preallocated before it is mapped), opening, syncing, closing."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import sys
+import threading
+from pathlib import Path
+
+from ..journal_api import JournalError
+from . import codec
+from .format import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, segment_name
+
+PAGE = mmap.PAGESIZE
+_HEADER_TAIL = struct.Struct("<II")  # crc32c of the first 24 bytes, reserved zero
+_ZERO_CHUNK = bytes(1 << 20)
+# fdatasync on Linux also writes back the file's dirty mmap pages; elsewhere use msync.
+_FDATASYNC_COVERS_MMAP = sys.platform.startswith("linux")
+
+
+class SegmentHeaderError(Exception):
+    """The file does not start with a valid segment header."""
+
+
+def encode_header(seq: int, flags: int, id_floor: int) -> bytes:
+    head = HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION, flags, seq, id_floor)
+    return head + _HEADER_TAIL.pack(codec.crc32c(head), 0)
+
+
+def decode_header(data: bytes) -> tuple[int, int, int]:
+    """(flags, seq, id_floor) of a header; SegmentHeaderError if it is not one."""
+    if len(data) < HEADER_SIZE:
+        raise SegmentHeaderError(f"{len(data)} bytes, shorter than a header")
+    head = data[: HEADER_STRUCT.size]
+    magic, version, flags, seq, id_floor = HEADER_STRUCT.unpack(head)
+    if magic != MAGIC:
+        raise SegmentHeaderError(f"bad magic {magic!r}")
+    if _HEADER_TAIL.unpack_from(data, HEADER_STRUCT.size)[0] != codec.crc32c(head):
+        raise SegmentHeaderError("bad header CRC")
+    if version != FORMAT_VERSION:
+        raise SegmentHeaderError(f"format version {version}, this erq reads {FORMAT_VERSION}")
+    return flags, seq, id_floor
+
+
+def round_up(n: int, unit: int = PAGE) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    # No fallocate (macOS): write the zeros, which allocates the blocks just as surely.
+    written = 0
+    while written < size:
+        written += os.pwrite(fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), size - written)], written)
+
+
+class Segment:
+    """One journal file, mapped whole. ``used`` is the end of its records.
+
+    The lock serialises ``sync`` (run in fsync threads) with ``close`` (on the loop thread),
+    so a file descriptor is never synced after it was closed.
+    """
+
+    __slots__ = ("path", "seq", "flags", "id_floor", "size", "used", "mm", "_fd", "_lock")
+
+    def __init__(
+        self, path: Path, seq: int, flags: int, id_floor: int, fd: int, mm: mmap.mmap
+    ) -> None:
+        self.path = path
+        self.seq = seq
+        self.flags = flags
+        self.id_floor = id_floor
+        self.size = len(mm)
+        self.used = HEADER_SIZE
+        self.mm = mm
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(
+        cls, directory: Path, seq: int, size: int, *, flags: int = 0, id_floor: int = 0
+    ) -> Segment:
+        """A new zero-filled segment of ``size`` bytes, allocated on disk before it is mapped.
+
+        The header is written and the space allocated under a temporary name, then renamed:
+        a file named like a segment always has its header. A full disk (or any I/O error)
+        raises JournalError and leaves nothing behind, so a later attempt can succeed.
+        """
+        path = directory / segment_name(seq)
+        tmp = path.with_name(path.name + ".new")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise JournalError(f"cannot create {tmp}: {exc.strerror}") from exc
+        try:
+            os.pwrite(fd, encode_header(seq, flags, id_floor), 0)
+            _preallocate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.rename(tmp, path)
+        except OSError as exc:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            why = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise JournalError(
+                f"cannot allocate journal segment {path} ({size} bytes): {why}"
+            ) from exc
+        return cls(path, seq, flags, id_floor, fd, mm)
+
+    @classmethod
+    def open(cls, path: Path, *, writable: bool) -> Segment:
+        """Map an existing segment; SegmentHeaderError if its header is not valid."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            flags, seq, id_floor = decode_header(os.pread(fd, HEADER_SIZE, 0))
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, seq, flags, id_floor, fd, mm)
+
+    def zero(self, start: int) -> None:
+        """Zero every non-zero byte from ``start`` to the end (a truncated tail)."""
+        mm, end, pos = self.mm, self.size, start
+        while True:
+            nz = codec.first_nonzero(mm, pos, end)
+            if nz < 0:
+                return
+            stop = min(end, nz + len(_ZERO_CHUNK))
+            mm[nz:stop] = _ZERO_CHUNK[: stop - nz]
+            pos = stop
+
+    def drop_pages(self, start: int = 0, end: int | None = None) -> None:
+        """Unmap the pages of [start, end) from the process: they stay in the page cache (dirty
+        ones too) and are faulted back in if read again. Keeps resident memory small."""
+        if self.closed:
+            return
+        start = round_up(start)
+        end = self.size if end is None else end
+        if end > start:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def sync(self) -> None:
+        """Make the written records durable (raises OSError)."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            if _FDATASYNC_COVERS_MMAP:
+                os.fdatasync(self._fd)
+            else:
+                self.mm.flush()
+                os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Unmap and close. Writers and readers of ``mm`` must have released it."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            self.mm.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def __repr__(self) -> str:
+        return f"Segment({self.path.name}, seq={self.seq}, used={self.used}/{self.size})"

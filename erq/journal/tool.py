@@ -1,0 +1,185 @@
+"""Offline journal tools behind ``erq journal dump|check|pack`` (the server must be stopped).
+
+``dump`` and ``check`` only read; ``pack`` opens each queue's journal exactly as the server
+would (recovery included) and compacts it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TextIO
+
+from ..journal_api import JournalError
+from . import codec
+from .format import (
+    HEADER_FLAG_SNAPSHOT,
+    OP_ADD,
+    OPCODE_NAMES,
+    SEGMENT_SUFFIX,
+    parse_segment_name,
+)
+from .journal import QueueJournal
+from .recovery import DAMAGED_SUFFIX, SegmentScan
+from .segment import Segment, SegmentHeaderError
+
+_REPR_BYTES = 32
+
+
+def _segment_paths(directory: Path) -> list[Path]:
+    found = []
+    for entry in os.scandir(directory):
+        seq = parse_segment_name(entry.name)
+        if seq is not None and entry.is_file():
+            found.append((seq, Path(entry.path)))
+    return [path for _, path in sorted(found)]
+
+
+def _queue_dirs(data_dir: Path) -> list[Path]:
+    """Every directory under ``data_dir`` holding journal files (``data_dir`` itself too)."""
+    dirs = []
+    for directory in [data_dir, *sorted(p for p in data_dir.iterdir() if p.is_dir())]:
+        if any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX)) for name in os.listdir(directory)):
+            dirs.append(directory)
+    return dirs
+
+
+def _live_from(segments: list[Segment]) -> int:
+    """Index of the first segment replay reads (the last snapshot; older ones are superseded)."""
+    for i in range(len(segments) - 1, -1, -1):
+        if segments[i].flags & HEADER_FLAG_SNAPSHOT:
+            return i
+    return 0
+
+
+def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
+    segments, bad = [], 0
+    for path in paths:
+        try:
+            segments.append(Segment.open(path, writable=False))
+        except SegmentHeaderError as exc:
+            out.write(f"{path}: bad segment header ({exc})\n")
+            bad += 1
+    return segments, bad
+
+
+def _skim(mm, start: int, end: int) -> tuple[int, int]:
+    """Read past valid records without decoding them (check only looks for damage)."""
+    records = codec.iter_records(mm, start, end, False)
+    for _ in records:
+        pass
+    return records.status, records.position
+
+
+def _short(data: bytes) -> str:
+    text = repr(data[:_REPR_BYTES])
+    return text + ("..." if len(data) > _REPR_BYTES else "")
+
+
+def dump(queue_dir: str | os.PathLike, out: TextIO) -> int:
+    """Print every record of one queue's journal, one line each; 1 if anything is damaged."""
+    directory = Path(queue_dir)
+    if not directory.is_dir():
+        out.write(f"{directory}: not a directory\n")
+        return 2
+    segments, damaged = _open_all(_segment_paths(directory), out)
+    try:
+        first = _live_from(segments)
+        for index, seg in enumerate(segments):
+            kind = "snapshot" if seg.flags & HEADER_FLAG_SNAPSHOT else "segment"
+            note = " (superseded by a later snapshot)" if index < first else ""
+            out.write(
+                f"# {seg.path.name}: {kind} seq={seg.seq} id_floor={seg.id_floor} "
+                f"size={seg.size}{note}\n"
+            )
+            scan = SegmentScan(seg.mm, data=True)
+            reported = 0
+            for offset, op, id, flags, add_time, expiry, data in scan:
+                problems = scan.problems
+                while reported < len(problems) and problems[reported].offset < offset:
+                    out.write(_describe(problems[reported], seg.path) + "\n")
+                    reported += 1
+                name = OPCODE_NAMES[op]
+                if op == OP_ADD:
+                    out.write(
+                        f"{offset:>10} {name:<8} id={id} flags={flags} add_time={add_time} "
+                        f"expiry={expiry} len={len(data)} data={_short(data)}\n"
+                    )
+                else:
+                    out.write(f"{offset:>10} {name:<8} id={id}\n")
+            for problem in scan.problems[reported:]:
+                out.write(_describe(problem, seg.path) + "\n")
+            damaged += len(scan.problems)
+    finally:
+        for seg in segments:
+            seg.close()
+    return 1 if damaged else 0
+
+
+def _describe(problem, path: Path) -> str:
+    """A problem as seen offline: nothing has been truncated or skipped yet."""
+    if problem.resume < 0:
+        return f"{path}: torn record at offset {problem.offset} (recovery truncates it)"
+    return problem.describe(path)
+
+
+def check(data_dir: str | os.PathLike, out: TextIO) -> int:
+    """Verify every journal under ``data_dir``: 0 clean, 1 damage (a line per problem)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        out.write(f"{root}: not a directory\n")
+        return 2
+    problems = checked = 0
+    queues = _queue_dirs(root)
+    for directory in queues:
+        for path in directory.iterdir():
+            if path.name.endswith(DAMAGED_SUFFIX):
+                out.write(f"{path}: segment set aside by recovery (bad header)\n")
+                problems += 1
+        segments, bad = _open_all(_segment_paths(directory), out)
+        problems += bad
+        try:
+            for seg in segments[_live_from(segments) :]:
+                scan = SegmentScan(seg.mm)
+                scan.run(lambda start, end, mm=seg.mm: _skim(mm, start, end))
+                for problem in scan.problems:
+                    out.write(_describe(problem, seg.path) + "\n")
+                problems += len(scan.problems)
+                checked += 1
+        finally:
+            for seg in segments:
+                seg.close()
+    verdict = "clean" if not problems else f"{problems} problem(s)"
+    out.write(f"checked {checked} segment(s) of {len(queues)} queue(s): {verdict}\n")
+    return 1 if problems else 0
+
+
+def pack(data_dir: str | os.PathLike, out: TextIO) -> int:
+    """Compact every queue's journal under ``data_dir`` (recovering each first)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        out.write(f"{root}: not a directory\n")
+        return 2
+    status = 0
+    for directory in _queue_dirs(root):
+        before = sum(path.stat().st_size for path in _segment_paths(directory))
+        try:
+            journal, recovery = QueueJournal.open(directory, fsync="never")
+        except (JournalError, OSError) as exc:
+            out.write(f"{directory}: cannot open: {exc}\n")
+            status = 1
+            continue
+        for warning in recovery.warnings:
+            out.write(f"{warning}\n")
+        items = len(recovery.items) + recovery.disk_items
+        try:
+            journal.compact([], recovery.items, wait=True)
+            error = journal.last_compaction_error
+        finally:
+            journal.close()
+        if error is not None:
+            out.write(f"{directory}: compaction failed: {error}\n")
+            status = 1
+        after = sum(path.stat().st_size for path in _segment_paths(directory))
+        out.write(f"{directory.name}: {items} item(s), {before} -> {after} bytes\n")
+    return status

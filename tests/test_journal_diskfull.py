@@ -1,0 +1,121 @@
+"""A full disk: segment allocation fails cleanly with JournalError, and works again later."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+from test_journal_support import KiB, all_items, segment_files, use_codec
+
+from erq.journal import JournalError, QueueJournal
+
+
+@pytest.fixture
+def codec(impl, monkeypatch):
+    return use_codec(impl, monkeypatch)
+
+
+def no_space(fd, offset, length):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_first_segment_on_a_full_disk_is_an_error_then_succeeds(codec, tmp_path, monkeypatch):
+    journal, _ = QueueJournal.open(tmp_path / "q", fsync="never")
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_space)
+        with pytest.raises(JournalError, match="disk full"):
+            journal.add(1, 0, 0, 0, b"first")
+        assert list((tmp_path / "q").iterdir()) == []  # nothing half-made left behind
+    journal.add(1, 0, 0, 0, b"first")
+    journal.close()
+    _, rec = QueueJournal.open(tmp_path / "q", fsync="never")
+    assert [it.data for it in rec.items] == [b"first"]
+
+
+def test_full_disk_at_rotation_fails_every_record_kind_until_space_returns(
+    codec, tmp_path, monkeypatch
+):
+    journal, _ = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=8 * KiB)
+    for i in range(1, 8):  # seven 1000-byte items fill the first 8 KiB segment
+        journal.add(i, 0, 0, 0, bytes([i]) * 1000)
+    assert len(segment_files(tmp_path / "q")) == 1
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_space)
+        with pytest.raises(JournalError):
+            journal.add(8, 0, 0, 0, b"\x08" * 1000)
+        journal.remove(1)  # small records still fit in what is left of the segment
+        while True:
+            try:
+                journal.remove(99)
+            except JournalError:
+                break
+        with pytest.raises(JournalError):
+            journal.open(2)
+        assert [p.name for p in (tmp_path / "q").iterdir()] == ["0000000000000001.seg"]
+    journal.add(8, 0, 0, 0, b"\x08" * 1000)  # the same item, retried: now it is stored
+    journal.open(2)
+    journal.close()
+    journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=8 * KiB)
+    assert [it.id for it in all_items(journal, rec)] == [2, 3, 4, 5, 6, 7, 8]
+    journal.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "erq-test", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(
+            f"mounting a 4 MiB tmpfs is not permitted here ({proc.stderr.strip()}); "
+            "test_full_disk_at_rotation_fails_every_record_kind_until_space_returns injects ENOSPC instead"
+        )
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_disk_refuses_the_write_and_recovers_when_space_is_freed(codec, small_tmpfs):
+    ballast = small_tmpfs / "ballast"
+    ballast.write_bytes(b"\xaa" * (2560 * KiB))  # 2.5 of the 4 MiB
+    directory = small_tmpfs / "q"
+    journal, _ = QueueJournal.open(directory, fsync="always", segment_size=1024 * KiB)
+    item = b"\x5a" * (60 * KiB)
+    stored = 0
+    with pytest.raises(JournalError, match="disk full"):
+        while True:  # sixteen fit in the first 1 MiB segment; the next one needs another
+            journal.add(stored + 1, 0, 0, 0, item)
+            stored += 1
+    assert stored == (1024 * KiB - 32) // (len(item) + 37)
+    assert sorted(p.name for p in directory.iterdir()) == ["0000000000000001.seg"]
+    ballast.unlink()
+    journal.add(stored + 1, 0, 0, 0, item)  # space is back: the same write now succeeds
+    journal.close()
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=1024 * KiB)
+    assert [it.id for it in all_items(journal, rec)] == list(range(1, stored + 2))
+    assert rec.warnings == []
+    journal.close()
+
+
+def test_open_reads_come_back_even_when_their_return_cannot_be_journaled(
+    codec, tmp_path, monkeypatch
+):
+    journal, _ = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 * KiB)
+    journal.add(1, 0, 0, 0, b"a")
+    journal.add(2, 0, 0, 0, b"b" * 3960)  # fills the first segment
+    journal.open(1)
+    journal.close()
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_space)
+        journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 * KiB)
+        assert [it.id for it in rec.items] == [1, 2]
+        assert len(rec.warnings) == 1 and "open read" in rec.warnings[0]
+        journal.close()
+    journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 * KiB)
+    assert [it.id for it in rec.items] == [1, 2] and rec.warnings == []
+    journal.close()

@@ -1,0 +1,369 @@
+"""Journal append/replay round trips, open reads at restart, ids, read-behind (both codecs)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_journal_support import (
+    KiB,
+    MiniQueue,
+    Model,
+    all_items,
+    item,
+    segment_files,
+    use_codec,
+    write_ops,
+)
+
+from erq.journal import QueueJournal, RecoveredItem, Recovery
+from erq.journal.format import OP_ADD, OP_CONFIRM, OP_FLUSH, OP_OPEN, OP_REMOVE, OP_UNREMOVE
+
+
+@pytest.fixture
+def codec(impl, monkeypatch):
+    return use_codec(impl, monkeypatch)
+
+
+@pytest.fixture
+def reopen(codec, tmp_path):
+    """Open the queue directory again (closing the previous journal first)."""
+    opened: list[QueueJournal] = []
+
+    def _reopen(**kw) -> tuple[QueueJournal, Recovery]:
+        for j in opened:
+            j.close()
+        opened.clear()
+        kw.setdefault("fsync", "never")
+        journal, recovery = QueueJournal.open(tmp_path / "q", **kw)
+        opened.append(journal)
+        return journal, recovery
+
+    yield _reopen
+    for j in opened:
+        j.close()
+
+
+def test_fresh_journal_is_empty_and_creates_its_directory(reopen, tmp_path):
+    journal, rec = reopen()
+    assert (tmp_path / "q").is_dir()
+    assert rec == Recovery(items=[], disk_items=0, disk_bytes=0, next_id=1, warnings=[])
+    assert journal.logsize == 0  # the first segment is made at the first write
+
+
+def test_every_opcode_round_trips(reopen):
+    journal, _ = reopen()
+    model = Model()
+    items = [item(i) for i in range(1, 9)]
+    ops = [(OP_ADD, it) for it in items] + [
+        (OP_REMOVE, 1),
+        (OP_OPEN, 2),
+        (OP_CONFIRM, 2),
+        (OP_OPEN, 3),
+        (OP_UNREMOVE, 3),
+        (OP_OPEN, 4),
+        (OP_FLUSH, None),
+        (OP_ADD, item(9, size=0)),
+        (OP_ADD, item(10, size=3000, flags=2**32 - 1)),
+    ]
+    write_ops(journal, model, ops)
+    journal, rec = reopen()
+    assert rec.items == model.expected()
+    assert [it.id for it in rec.items] == [4, 9, 10]
+    assert rec.next_id == 11 and rec.warnings == []
+
+
+def test_items_keep_flags_times_and_binary_data(reopen):
+    journal, _ = reopen()
+    data = bytes(range(256)) + b"\r\n\x00"
+    journal.add(7, 0xFFFFFFFF, 2**63, 2**64 - 1, data)
+    journal.add(8, 0, 0, 0, b"")
+    _, rec = reopen()
+    assert rec.items == [
+        RecoveredItem(7, 0xFFFFFFFF, 2**63, 2**64 - 1, data),
+        RecoveredItem(8, 0, 0, 0, b""),
+    ]
+
+
+def test_open_reads_return_to_the_head_in_original_order(reopen):
+    journal, _ = reopen()
+    model = Model()
+    write_ops(journal, model, [(OP_ADD, item(i)) for i in range(1, 7)])
+    # open 1, 2, 3; abort 2 (back at the head); open it again: OPEN order is 1, 3, 2
+    write_ops(
+        journal, model, [(OP_OPEN, 1), (OP_OPEN, 2), (OP_OPEN, 3), (OP_UNREMOVE, 2), (OP_OPEN, 2)]
+    )
+    _, rec = reopen()
+    assert [it.id for it in rec.items] == [1, 3, 2, 4, 5, 6]
+
+
+def test_order_survives_a_second_crash_after_new_opens(reopen):
+    journal, _ = reopen()
+    model = Model()
+    write_ops(journal, model, [(OP_ADD, item(i)) for i in range(1, 7)])
+    write_ops(journal, model, [(OP_OPEN, 1), (OP_OPEN, 2)])
+    journal, rec = reopen()
+    model.restarted()
+    assert rec.items == model.expected()  # [1, 2, 3, 4, 5, 6]
+    # after the restart 1 and 2 are plain queued items at the head; 3 is opened behind them
+    write_ops(journal, model, [(OP_OPEN, 1), (OP_CONFIRM, 1), (OP_REMOVE, 2), (OP_OPEN, 3)])
+    write_ops(journal, model, [(OP_OPEN, 4), (OP_UNREMOVE, 4)])
+    _, rec = reopen()
+    assert [it.id for it in rec.items] == [3, 4, 5, 6]
+    assert rec.items == model.expected()
+
+
+def test_flush_drops_queued_items_but_not_open_reads(reopen):
+    journal, _ = reopen()
+    model = Model()
+    write_ops(journal, model, [(OP_ADD, item(i)) for i in range(1, 5)])
+    write_ops(journal, model, [(OP_OPEN, 1), (OP_FLUSH, None), (OP_ADD, item(5))])
+    _, rec = reopen()
+    assert [it.id for it in rec.items] == [1, 5]
+
+
+def test_flush_drops_the_not_in_memory_items(reopen):
+    journal, _ = reopen(max_memory_size=50)
+    for i in range(1, 11):
+        journal.add(i, 0, 0, 0, b"x" * 20, in_memory=i <= 2)
+    assert journal.disk_items == 8
+    journal.flush()
+    assert journal.disk_items == 0 and journal.disk_bytes == 0 and journal.read_behind(100) == []
+    journal.add(11, 0, 0, 0, b"y")
+    _, rec = reopen()
+    assert [it.id for it in rec.items] == [11] and rec.disk_items == 0
+
+
+def test_unknown_ids_are_ignored(reopen):
+    journal, _ = reopen()
+    journal.add(1, 0, 0, 0, b"a")
+    for op in (journal.remove, journal.open, journal.confirm, journal.unremove):
+        op(99)
+    _, rec = reopen()
+    assert [it.id for it in rec.items] == [1]
+    assert rec.next_id == 100  # every id seen counts
+
+
+def test_ids_stay_monotonic_across_restarts_and_compactions(reopen):
+    journal, rec = reopen(segment_size=16 * KiB)
+    next_id = rec.next_id
+    for _ in range(3):
+        ids = range(next_id, next_id + 100)
+        for i in ids:
+            journal.add(i, 0, 0, 0, b"z" * 200)
+        for i in ids:
+            journal.remove(i)
+        assert journal.wants_compaction
+        journal.compact([], [])
+        journal, rec = reopen(segment_size=16 * KiB)
+        assert rec.items == [] and rec.next_id == ids[-1] + 1
+        next_id = rec.next_id
+
+
+def test_recovery_holds_at_most_max_memory_size_and_leaves_the_rest_on_disk(reopen):
+    journal, _ = reopen()
+    for i in range(1, 201):
+        journal.add(i, 0, 0, 0, bytes([i % 250 + 1]) * 100)
+    journal, rec = reopen(max_memory_size=1000)
+    assert [it.id for it in rec.items] == list(range(1, 11))
+    assert (rec.disk_items, rec.disk_bytes) == (190, 19000)
+    assert (journal.disk_items, journal.disk_bytes) == (190, 19000)
+    back = journal.read_behind(450)
+    assert [it.id for it in back] == [11, 12, 13, 14]  # as many as fit in 450 bytes
+    assert journal.read_behind(1)[0].id == 15  # at least one
+    rest = journal.read_behind(10**9)
+    assert [it.id for it in rest] == list(range(16, 201)) and journal.disk_bytes == 0
+
+
+def test_read_behind_in_a_non_contiguous_disk_order(reopen):
+    journal, _ = reopen(segment_size=8 * KiB)
+    model = Model()
+    write_ops(journal, model, [(OP_ADD, item(i, size=300)) for i in range(1, 61)])
+    # opens and aborts spread over several segments shuffle the queue order
+    for i in (50, 3, 31, 17):
+        write_ops(journal, model, [(OP_OPEN, i)])
+    write_ops(journal, model, [(OP_UNREMOVE, 31), (OP_UNREMOVE, 3)])
+    assert len(segment_files(journal.directory)) > 2
+    journal, rec = reopen(max_memory_size=0, segment_size=8 * KiB)
+    assert rec.items == [] and rec.disk_items == 60
+    assert all_items(journal, rec) == model.expected()
+
+
+def test_read_behind_crossing_the_memory_boundary_keeps_strict_fifo(reopen):
+    rng = random.Random(5)
+    journal, rec = reopen(segment_size=16 * KiB, max_memory_size=2000)
+    q = MiniQueue(journal, 2000, rec)
+    added, taken = [], []
+    next_id = 1
+    compactions = 0
+    for step in range(3000):
+        if rng.random() < 0.52:
+            it = item(next_id, size=rng.randrange(1, 400))
+            next_id += 1
+            q.add(it)
+            added.append(it.id)
+        else:
+            got = q.take()
+            if got is not None:
+                taken.append(got.id)
+        q.maybe_compact()
+        if step % 500 == 499:  # restart now and then, mid-stream
+            compactions += journal.rewrites
+            journal, rec = reopen(segment_size=16 * KiB, max_memory_size=2000)
+            q = MiniQueue(journal, 2000, rec)
+            assert rec.next_id == next_id
+    while (got := q.take()) is not None:
+        taken.append(got.id)
+    assert taken == added
+    assert compactions + journal.rewrites > 0
+
+
+def test_reliable_reads_through_read_behind_survive_restarts(reopen):
+    rng = random.Random(11)
+    journal, rec = reopen(segment_size=16 * KiB, max_memory_size=1500)
+    q = MiniQueue(journal, 1500, rec)
+    model = Model()
+    next_id = 1
+    for step in range(2000):
+        r = rng.random()
+        if r < 0.5:
+            it = item(next_id, size=rng.randrange(1, 300))
+            next_id += 1
+            q.add(it)
+            model.apply(OP_ADD, it)
+        elif r < 0.75:
+            got = q.take(reliable=True)
+            if got is not None:
+                model.apply(OP_OPEN, id=got.id)
+        elif q.open:
+            oldest = next(iter(q.open))
+            if r < 0.9:
+                q.confirm(oldest)
+                model.apply(OP_CONFIRM, id=oldest)
+            else:
+                q.abort(oldest)
+                model.apply(OP_UNREMOVE, id=oldest)
+        q.maybe_compact()
+        if step % 400 == 399:
+            journal, rec = reopen(segment_size=16 * KiB, max_memory_size=1500)
+            q = MiniQueue(journal, 1500, rec)
+            model.restarted()
+            assert [it.id for it in rec.items] == [
+                it.id for it in model.expected()[: len(rec.items)]
+            ]
+    journal, rec = reopen(segment_size=16 * KiB, max_memory_size=1500)
+    model.restarted()
+    assert all_items(journal, rec) == model.expected()
+
+
+def test_a_big_item_gets_a_segment_of_its_own_size(reopen):
+    journal, _ = reopen(segment_size=64 * KiB)
+    big = bytes(range(256)) * 1024  # 256 KiB, larger than a segment
+    journal.add(1, 0, 0, 0, b"small")
+    journal.add(2, 0, 0, 0, big)
+    journal.add(3, 0, 0, 0, b"after")
+    _, rec = reopen(segment_size=64 * KiB)
+    assert [it.data for it in rec.items] == [b"small", big, b"after"]
+
+
+def test_segments_grow_from_small_to_segment_size(reopen):
+    journal, _ = reopen(segment_size=4 << 20)
+    sizes = []
+    i = 0
+    while len(sizes) < 5:
+        i += 1
+        journal.add(i, 0, 0, 0, b"q" * 4000)
+        files = segment_files(journal.directory)
+        sizes = [f.stat().st_size for f in files]
+    assert sizes == [1 << 20, 2 << 20, 4 << 20, 4 << 20, 4 << 20]
+
+
+def test_always_without_group_commit_syncs_inline(reopen, monkeypatch):
+    import os
+
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    journal, _ = reopen(fsync="always")
+    assert journal.add(1, 0, 0, 0, b"a") is None
+    assert journal.remove(1) is None
+    assert len(calls) == 2
+
+
+def test_update_policy_switches_fsync_mode(reopen, monkeypatch):
+    import os
+
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    journal, _ = reopen(fsync="never")
+    journal.add(1, 0, 0, 0, b"a")
+    assert calls == []
+    journal.update_policy(fsync="always", max_memory_size=10, max_journal_size=1 << 20)
+    assert len(calls) == 1  # pending writes synced under the new policy
+    journal.add(2, 0, 0, 0, b"b")
+    assert len(calls) == 2
+    with pytest.raises(ValueError):
+        journal.update_policy(fsync="sometimes")
+
+
+def test_closed_journal_refuses_writes(reopen):
+    from erq.journal import JournalError
+
+    journal, _ = reopen()
+    journal.add(1, 0, 0, 0, b"a")
+    journal.close()
+    with pytest.raises(JournalError):
+        journal.add(2, 0, 0, 0, b"b")
+
+
+def test_delete_removes_the_directory(reopen, tmp_path):
+    journal, _ = reopen()
+    journal.add(1, 0, 0, 0, b"a")
+    journal.delete()
+    assert not (tmp_path / "q").exists()
+
+
+def rss_file() -> int:
+    """Bytes of file-backed pages mapped in this process (where mmap'd segments show up)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_journal_pages_do_not_stay_resident(reopen):
+    limit = 8 << 20
+    journal, _ = reopen(segment_size=64 << 20)
+    before = rss_file()
+    data = b"r" * 1000
+    for i in range(1, 50_001):  # 50 MB through the mapping, mostly read-behind
+        journal.add(i, 0, 0, 0, data, in_memory=i <= 1000)
+    assert rss_file() - before < limit
+    journal, rec = reopen(segment_size=64 << 20, max_memory_size=1_000_000)
+    assert rss_file() - before < limit
+    assert len(rec.items) == 1000 and rec.disk_items == 49_000
+    back = rec.items
+    while journal.disk_items > 25_000:
+        back += journal.read_behind(1 << 20)
+    assert rss_file() - before < limit
+    journal.compact([], back[-100:], wait=True)  # the rest of the disk part is copied
+    assert journal.rewrites == 1 and rss_file() - before < limit
+    assert [it.id for it in back] == list(range(1, len(back) + 1))
+
+
+def test_a_new_queue_directory_and_new_segments_are_made_durable(codec, tmp_path, monkeypatch):
+    from erq.journal import journal as journal_module
+
+    synced = []
+    real = journal_module.fsync_directory
+    monkeypatch.setattr(journal_module, "fsync_directory", lambda d: (synced.append(d), real(d)))
+    journal, _ = QueueJournal.open(tmp_path / "data" / "q", fsync="always", segment_size=4096)
+    journal.add(1, 0, 0, 0, b"x")  # first segment: the queue directory, and its entry in data/
+    assert sorted(synced) == [tmp_path / "data", tmp_path / "data" / "q"]
+    journal.add(2, 0, 0, 0, b"y")
+    assert len(synced) == 2  # nothing new to make durable
+    journal.add(3, 0, 0, 0, b"z" * 4000)  # a new segment
+    assert synced[2:] == [tmp_path / "data" / "q"]
+    journal.close()

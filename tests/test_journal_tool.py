@@ -1,0 +1,109 @@
+"""Offline tools: dump, check and pack (both codecs)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from test_journal_support import KiB, all_items, item, record_spans, segment_files, use_codec
+
+from erq.journal import QueueJournal, tool
+
+
+@pytest.fixture
+def codec(impl, monkeypatch):
+    return use_codec(impl, monkeypatch)
+
+
+@pytest.fixture
+def data_dir(codec, tmp_path):
+    """Two queues: 'jobs' with a history worth packing, 'empty' with nothing in it."""
+    root = tmp_path / "data"
+    jobs, _ = QueueJournal.open(root / "jobs", fsync="never", segment_size=8 * KiB)
+    for i in range(1, 101):
+        it = item(i, 150)
+        jobs.add(it.id, it.flags, it.add_time, it.expiry, it.data)
+    for i in range(1, 91):
+        jobs.remove(i)
+    jobs.open(91)
+    jobs.flush()
+    jobs.add(101, 5, 7, 9, b"last one")
+    jobs.close()
+    empty, _ = QueueJournal.open(root / "empty", fsync="never")
+    empty.close()
+    return root
+
+
+def test_dump_prints_one_line_per_record(data_dir):
+    out = io.StringIO()
+    assert tool.dump(data_dir / "jobs", out) == 0
+    lines = out.getvalue().splitlines()
+    records = [line for line in lines if not line.startswith("#")]
+    assert len(records) == 100 + 90 + 1 + 1 + 1
+    assert records[0].split()[:3] == ["32", "ADD", "id=1"] and "len=150" in records[0]
+    assert records[-1].split()[1:] == [
+        "ADD",
+        "id=101",
+        "flags=5",
+        "add_time=7",
+        "expiry=9",
+        "len=8",
+        "data=b'last",
+        "one'",
+    ]
+    assert any(line.split()[1:] == ["FLUSH", "id=0"] for line in records)
+    assert any(line.split()[1:] == ["OPEN", "id=91"] for line in records)
+    assert lines[0].startswith("# 0000000000000001.seg: segment seq=1")
+
+
+def test_check_is_clean_on_a_healthy_data_dir(data_dir):
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 0
+    assert out.getvalue().strip().endswith("clean")
+
+
+def test_check_reports_each_damaged_record_with_file_and_offset(data_dir):
+    first, *_, last = segment_files(data_dir / "jobs")
+    raw = bytearray(first.read_bytes())
+    (start, _), (second, _) = record_spans(bytes(raw))[3:5]
+    raw[start + 30] ^= 0x01
+    raw[second + 12] ^= 0x40
+    first.write_bytes(raw)
+    raw = bytearray(last.read_bytes())
+    tail = record_spans(bytes(raw))[-1][0]
+    raw[tail + 12 :] = bytes(len(raw) - tail - 12)
+    last.write_bytes(raw)
+    before = {p: p.read_bytes() for p in segment_files(data_dir / "jobs")}
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1
+    report = out.getvalue()
+    assert f"{first}: bad CRC at offset {start}, record skipped" in report
+    assert f"{first}: bad CRC at offset {second}, record skipped" in report
+    assert f"{last}: torn record at offset {tail}" in report
+    assert "3 problem(s)" in report
+    assert {p: p.read_bytes() for p in segment_files(data_dir / "jobs")} == before  # read only
+    assert tool.dump(data_dir / "jobs", io.StringIO()) == 1
+
+
+def test_pack_compacts_every_queue_and_keeps_their_items(data_dir):
+    journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never", segment_size=8 * KiB)
+    before_items = all_items(journal, rec)
+    journal.close()
+    before = sum(p.stat().st_size for p in segment_files(data_dir / "jobs"))
+    out = io.StringIO()
+    assert tool.pack(data_dir, out) == 0
+    after = sum(p.stat().st_size for p in segment_files(data_dir / "jobs"))
+    assert after < before
+    assert "jobs: 2 item(s)" in out.getvalue()
+    journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never", segment_size=8 * KiB)
+    assert all_items(journal, rec) == before_items
+    assert [it.id for it in before_items] == [91, 101]  # the open read is back at the head
+    journal.close()
+    assert tool.check(data_dir, io.StringIO()) == 0
+
+
+def test_tools_refuse_a_missing_directory(tmp_path):
+    out = io.StringIO()
+    assert tool.check(tmp_path / "nope", out) == 2
+    assert tool.dump(tmp_path / "nope", out) == 2
+    assert tool.pack(tmp_path / "nope", out) == 2
