@@ -83,6 +83,7 @@ class Queue:
         self.canceled_transactions = 0
         self.total_flushes = 0
         self._last_removed_add_time: int | None = None
+        self._rotations_seen = 0
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -153,8 +154,9 @@ class Queue:
     def _append(self, item: Item) -> Any:
         in_memory = self._disk_items == 0 and self._mem_bytes + len(item.data) <= self.config.max_memory_size
         ticket = None
-        if self._journal is not None:
-            ticket = self._journal.add(item.id, item.flags, item.add_time, item.expiry, item.data, in_memory)
+        journal = self._journal
+        if journal is not None:
+            ticket = journal.add(item.id, item.flags, item.add_time, item.expiry, item.data, in_memory)
         elif not in_memory:
             in_memory = True  # nowhere else to keep it
         if in_memory:
@@ -163,6 +165,11 @@ class Queue:
         else:
             self._disk_items += 1
             self._disk_bytes += len(item.data)
+        if journal is not None and journal.rotations != self._rotations_seen:
+            # A new segment: the moment to see whether history can be dropped, so disk use
+            # stays near live data between sweeps. Only now is the queue state complete.
+            self._rotations_seen = journal.rotations
+            self.maybe_compact()
         return ticket
 
     def restore(self, items: list, disk_items: int, disk_bytes: int, next_id: int) -> None:

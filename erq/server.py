@@ -47,12 +47,11 @@ class Server:
         cfg = self.config.server
         data_dir = Path(cfg.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        from .journal import GroupCommit, QueueJournal
+
+        self._commit = GroupCommit(loop)
 
         def open_journal(directory: Path, qcfg):
-            from .journal import GroupCommit, QueueJournal
-
-            if self._commit is None:
-                self._commit = GroupCommit(loop)
             return QueueJournal.open(
                 directory,
                 fsync=qcfg.fsync,
