@@ -62,7 +62,9 @@ def cmd_set(session: Session, req: tuple) -> None:
     if flags is None or exptime is None:
         session.out.append(BAD_FORMAT)
         return
-    if not valid_queue_name(name):
+    queues = state.queues
+    queue = queues.by_raw_name.get(name)  # a known queue's name is valid
+    if queue is None and not valid_queue_name(name):
         session.out.append(BAD_NAME)
         return
     if data is None:
@@ -74,8 +76,12 @@ def cmd_set(session: Session, req: tuple) -> None:
             session.out.append(READ_ONLY)
         return
     try:
-        result, tickets = state.queues.add(
-            name.decode("ascii"), data, flags, expiry_ms(exptime, now_ms(), state.kestrel)
+        result, tickets = queues.add(
+            queue.name if queue is not None else name.decode("ascii"),
+            data,
+            flags,
+            expiry_ms(exptime, now_ms(), state.kestrel) if exptime else 0,
+            queue,
         )
     except JournalError as exc:
         log.error("set %s: %s", name.decode("ascii"), exc)

@@ -133,7 +133,7 @@ class Queue:
             now = self._clock()
         if cfg.max_item_size is not None and len(data) > cfg.max_item_size:
             return AddResult.NOT_STORED, None
-        if self.is_full():
+        if (cfg.max_items is not None or cfg.max_size is not None) and self.is_full():
             if not cfg.discard_old_when_full:
                 return AddResult.NOT_STORED, None
             while self.is_full() and self.items:
@@ -249,7 +249,8 @@ class Queue:
             now = self._clock()
         if self._open and self.config.open_timeout is not None:
             self.expire_open_reads(now)
-        if self.head(now) is None:
+        ring = self._ring
+        if (not ring or ring.peek().expired(now)) and self.head(now) is None:
             return None
         item = self._pop_head()
         if reliable:
@@ -318,10 +319,7 @@ class Queue:
             if not waiter.active:
                 waiters.popleft()
                 continue
-            if waiter.peek:
-                item = self.head()
-            else:
-                item = self.take(waiter.reliable)
+            item = self.head() if waiter.peek else self.take(waiter.reliable)
             if item is None:
                 return
             waiters.popleft()

@@ -52,6 +52,7 @@ class QueueCollection:
         self._journal_factory = journal_factory
         self._clock = clock
         self._queues: dict[str, Queue] = {}
+        self.by_raw_name: dict[bytes, Queue] = {}  # the wire's bytes -> queue: no decode per request
         self._children: dict[str, list[str]] = {}  # fanout parent -> child names
         self.total_items = 0
         self.queue_creates = 0
@@ -102,6 +103,7 @@ class QueueCollection:
             self.recovered_items += queue.items
             self.recovered_bytes += queue.bytes
         self._queues[name] = queue
+        self.by_raw_name[name.encode("ascii")] = queue
         parent, plus, _child = name.partition("+")
         if plus:
             kids = self._children.setdefault(parent, [])
@@ -118,17 +120,21 @@ class QueueCollection:
                 self._create(entry.name)
 
     # ---- item flow ---------------------------------------------------------------------
-    def add(self, name: str, data: bytes, flags: int, expiry: int) -> tuple[AddResult, list]:
+    def add(self, name: str, data: bytes, flags: int, expiry: int, queue: Queue | None = None) -> tuple[AddResult, list]:
         """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
         now = self._clock()
-        queue = self.get_or_create(name)
+        if queue is None:
+            queue = self.get_or_create(name)
         tickets = []
         result, ticket = queue.add(data, flags, expiry, now)
         if result is AddResult.STORED:
             self.total_items += 1
             if ticket is not None:
                 tickets.append(ticket)
-        for child_name in self._children.get(name, ()):
+        children = self._children
+        if not children or name not in children:
+            return result, tickets
+        for child_name in children[name]:
             child = self._queues.get(child_name)
             if child is None:
                 continue
@@ -150,6 +156,7 @@ class QueueCollection:
         queue = self._queues.pop(name, None)
         if queue is None:
             return False
+        self.by_raw_name.pop(name.encode("ascii"), None)
         queue.delete()
         parent, plus, _ = name.partition("+")
         if plus and parent in self._children:

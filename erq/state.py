@@ -40,7 +40,8 @@ class ServerState:
     """Shared state of one erq server."""
 
     def __init__(self, config: Config, queues: QueueCollection, loop: asyncio.AbstractEventLoop) -> None:
-        self.config = config
+        self._config = config
+        self.kestrel = config.server.compat == "kestrel"
         self.queues = queues
         self.loop = loop
         self.counters = Counters()
@@ -55,8 +56,13 @@ class ServerState:
         self.status = self._load_status()
 
     @property
-    def kestrel(self) -> bool:
-        return self.config.server.compat == "kestrel"
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self.kestrel = config.server.compat == "kestrel"  # read on every VALUE: kept flat
 
     def _load_status(self) -> str:
         if self._status_file is not None:

@@ -69,8 +69,14 @@ def free_port() -> int:
 class ErqProcess:
     """An erq server in a subprocess, on 127.0.0.1 and a free port, with its own data dir."""
 
-    def __init__(self, impl: str, data_dir: Path, config: str | None = None, args: list[str] | None = None,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self,
+        impl: str,
+        data_dir: Path,
+        config: str | None = None,
+        args: list[str] | None = None,
+        env: dict | None = None,
+    ) -> None:
         self.impl = impl
         self.data_dir = data_dir
         self.config_path: Path | None = None
@@ -94,13 +100,25 @@ class ErqProcess:
             env["ERQ_NO_EXTENSIONS"] = "1"
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.extra_env)
-        cmd = [sys.executable, "-m", "erq", "serve", "--port", str(self.port), "--admin-port", "0",
-               "--data-dir", str(self.data_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "erq",
+            "serve",
+            "--port",
+            str(self.port),
+            "--admin-port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+        ]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         cmd += self.args
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent)
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent
+        )
         if wait:
             self.wait_ready()
         return self
@@ -201,7 +219,9 @@ class RawClient:
         return self.call(f"get {key}\r\n".encode(), b"END\r\n")
 
     def set(self, queue: str, data: bytes, flags: int = 0, exptime: int = 0) -> bytes:
-        return self.call(b"set %s %d %d %d\r\n%s\r\n" % (queue.encode(), flags, exptime, len(data), data))
+        return self.call(
+            b"set %s %d %d %d\r\n%s\r\n" % (queue.encode(), flags, exptime, len(data), data)
+        )
 
     def is_closed(self, timeout: float = 2.0) -> bool:
         """True when the server has closed the connection (EOF) within ``timeout``."""

@@ -17,10 +17,11 @@ import threading
 import time
 
 import pytest
-from conftest import ErqProcess, RawClient
 from pymemcache.client.base import Client
 
 import erq
+
+from conftest import ErqProcess, RawClient
 
 
 def wait_for_stat(c: RawClient, name: str, expected: object, timeout: float = 10.0) -> dict:

@@ -6,7 +6,6 @@ import importlib
 import pytest
 
 import erq
-
 from erq.config import Config
 from erq.queues import QueueCollection
 from erq.state import ServerState

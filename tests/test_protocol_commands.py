@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from conftest import ErqProcess, RawClient
-
 import erq
+
+from conftest import ErqProcess, RawClient
 
 VERSION_LINE = b"VERSION %s\r\n" % erq.__version__.encode()
 END = b"END\r\n"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import struct
 import time
 
-from conftest import ErqProcess, RawClient
-
 import erq
+
+from conftest import ErqProcess, RawClient
 
 VERSION_LINE = b"VERSION %s\r\n" % erq.__version__.encode()
 END = b"END\r\n"

@@ -94,8 +94,12 @@ def test_items_are_released(Ring):
 
 
 ops = st.lists(
-    st.one_of(st.tuples(st.just("push"), st.integers()), st.tuples(st.just("front"), st.integers()),
-              st.just(("pop", 0)), st.just(("clear", 0))),
+    st.one_of(
+        st.tuples(st.just("push"), st.integers()),
+        st.tuples(st.just("front"), st.integers()),
+        st.just(("pop", 0)),
+        st.just(("clear", 0)),
+    ),
     max_size=300,
 )
 
