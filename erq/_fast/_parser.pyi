@@ -1,0 +1,16 @@
+from typing import Any, Final
+
+REQ_SET: Final[int]
+REQ_GET: Final[int]
+REQ_CMD: Final[int]
+REQ_UNSUPPORTED: Final[int]
+REQ_ERROR: Final[int]
+REQ_BINARY: Final[int]
+
+class Parser:
+    def __init__(self, max_line: int = 65536, max_item_size: int = 67108864) -> None: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]: ...

@@ -1,0 +1,301 @@
+"""memcache text-protocol request parser, pure Python (twin of erq/_fast/_parser.pyx).
+
+This is the behavioural reference; the Cython module is an optimisation of it and must give
+identical results for every byte stream cut at any point.
+
+Buffering invariant: ``_buf`` is non-empty only between feeds and only while the state is
+_LINE (one unfinished line: no newline, shorter than ``max_line``) or _TRAILER (fewer than the
+two trailer bytes). A new chunk tops it up with just enough bytes to finish that line or
+trailer, and the rest of the chunk is parsed in place.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = [
+    "REQ_BINARY",
+    "REQ_CMD",
+    "REQ_ERROR",
+    "REQ_GET",
+    "REQ_SET",
+    "REQ_UNSUPPORTED",
+    "Parser",
+]
+
+REQ_SET = 1
+REQ_GET = 2
+REQ_CMD = 3
+REQ_UNSUPPORTED = 4
+REQ_ERROR = 5
+REQ_BINARY = 6
+
+_ERR_FORMAT = (REQ_ERROR, b"CLIENT_ERROR bad command line format\r\n", True)
+_ERR_CHUNK = (REQ_ERROR, b"CLIENT_ERROR bad data chunk\r\n", True)
+_ERR_TOO_LONG = (REQ_ERROR, b"CLIENT_ERROR line too long\r\n", True)
+_BINARY = (REQ_BINARY,)
+
+# Parser states.
+_LINE = 0  # expecting a request line
+_DATA = 1  # collecting a data block that did not arrive in one piece
+_TRAILER = 2  # data block complete, waiting for its b"\r\n"
+_SKIP = 3  # discarding an oversized data block and its trailer
+
+# Results of _line().
+_DONE = 0  # request emitted
+_PENDING = 1  # storage command: a data block follows (_p_* fields set)
+_CLOSED = 2  # closing error emitted
+
+# Storage words other than set -> index (in the token list, word included) of noreply.
+_UNSUPPORTED_NOREPLY = {b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}
+_MAX_COUNT_DIGITS = 19
+_U32_MAX = 2**32 - 1
+_I64_MAX = 2**63 - 1
+_I64_MIN = -(2**63)
+
+
+def _flags(tok: bytes) -> int | None:
+    # isdigit() on bytes is ASCII-only and rejects '', '+', '-', '_' and spaces (int() would not).
+    if not tok.isdigit():
+        return None
+    tok = tok.lstrip(b"0")
+    if len(tok) > 10:  # also keeps int() clear of its digit-count limit
+        return None
+    value = int(tok) if tok else 0
+    return value if value <= _U32_MAX else None
+
+
+def _exptime(tok: bytes) -> int | None:
+    negative = tok[:1] == b"-"
+    digits = tok[1:] if negative else tok
+    if not digits.isdigit():
+        return None
+    digits = digits.lstrip(b"0")
+    if len(digits) > 19:
+        return None
+    value = int(digits) if digits else 0
+    if negative:
+        value = -value
+        return value if value >= _I64_MIN else None
+    return value if value <= _I64_MAX else None
+
+
+class Parser:
+    """Stateful memcache text-protocol parser: bytes in, request tuples out."""
+
+    __slots__ = (
+        "_max_line",
+        "_max_item",
+        "_buf",
+        "_state",
+        "_closed",
+        "_p_set",
+        "_p_word",
+        "_p_name",
+        "_p_flags",
+        "_p_exptime",
+        "_p_noreply",
+        "_p_count",
+        "_p_block",
+        "_p_chunks",
+        "_p_filled",
+        "_skip_left",
+    )
+
+    def __init__(self, max_line: int = 65536, max_item_size: int = 64 * 1024 * 1024) -> None:
+        max_line = max_line.__index__()
+        max_item_size = max_item_size.__index__()
+        if not 1 <= max_line <= sys.maxsize:
+            raise ValueError(f"max_line must be between 1 and {sys.maxsize}")
+        if not 0 <= max_item_size <= sys.maxsize:
+            raise ValueError(f"max_item_size must be between 0 and {sys.maxsize}")
+        self._max_line = max_line
+        self._max_item = max_item_size
+        self._buf = bytearray()
+        self._state = _LINE
+        self._closed = False
+        self._skip_left = 0
+        self._release()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held waiting for more input (skipped bytes are never held)."""
+        held = len(self._buf)
+        if self._state == _DATA:
+            held += self._p_filled
+        elif self._state == _TRAILER:
+            held += len(self._p_block)
+        return held
+
+    @property
+    def closed(self) -> bool:
+        """True once a closing error (or REQ_BINARY) was returned; input is then ignored."""
+        return self._closed
+
+    def feed(self, data: bytes) -> list[tuple]:
+        """Consume one received chunk; return every request it completed, in order."""
+        out: list[tuple] = []
+        if self._closed:
+            return out
+        if type(data) is not bytes:
+            data = bytes(data)
+        n = len(data)
+        pos = 0
+        buf = self._buf
+        while buf and pos < n:
+            # Finish the buffered line / trailer with just enough of the new chunk.
+            if self._state == _TRAILER:
+                take = min(2 - len(buf), n - pos)
+                buf += data[pos : pos + take]
+                pos += take
+            else:
+                take = min(self._max_line - len(buf), n - pos)
+                nl = data.find(b"\n", pos, pos + take)
+                if nl >= 0:
+                    take = nl + 1 - pos
+                buf += data[pos : pos + take]
+                pos += take
+                if nl < 0 and len(buf) < self._max_line:
+                    return out  # still one unfinished line, and all of data is in it
+            used = self._run(bytes(buf), 0, out)
+            if self._closed:
+                return out
+            del buf[:used]
+        if pos < n:
+            pos = self._run(data, pos, out)
+            if not self._closed and pos < n:
+                buf += data[pos:]
+        return out
+
+    def _close(self, out: list[tuple], reply: tuple) -> None:
+        # The closing reply is always the last element of out: callers return right after.
+        out.append(reply)
+        self._closed = True
+        self._state = _LINE
+        self._release()
+        self._buf = bytearray()
+
+    def _release(self) -> None:
+        self._p_set = False
+        self._p_word = None
+        self._p_name = None
+        self._p_flags = None
+        self._p_exptime = None
+        self._p_noreply = False
+        self._p_count = 0
+        self._p_block = None
+        self._p_chunks = None
+        self._p_filled = 0
+
+    def _emit(self, out: list[tuple], data: bytes | None) -> None:
+        if self._p_set:
+            out.append(
+                (REQ_SET, self._p_name, self._p_flags, self._p_exptime, data, self._p_noreply)
+            )
+        else:
+            out.append((REQ_UNSUPPORTED, self._p_word, self._p_noreply))
+        self._release()
+        self._state = _LINE
+
+    def _run(self, buf: bytes, pos: int, out: list[tuple]) -> int:
+        """Parse buf[pos:]; return the position of the first byte not consumed."""
+        n = len(buf)
+        max_line = self._max_line
+        while pos < n:
+            state = self._state
+            if state == _LINE:
+                if buf[pos] == 0x80:
+                    self._close(out, _BINARY)
+                    return n
+                nl = buf.find(b"\n", pos, pos + max_line)
+                if nl < 0:
+                    if n - pos >= max_line:
+                        self._close(out, _ERR_TOO_LONG)
+                        return n
+                    return pos
+                end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+                result = self._line(buf[pos:end], out)
+                pos = nl + 1
+                if result == _CLOSED:
+                    return n
+                if result == _PENDING:
+                    count = self._p_count
+                    if count > self._max_item:
+                        self._skip_left = count + 2
+                        self._state = _SKIP
+                    elif n - pos >= count:
+                        self._p_block = buf[pos : pos + count]
+                        pos += count
+                        self._state = _TRAILER
+                    else:
+                        self._p_chunks = [buf[pos:]]
+                        self._p_filled = n - pos
+                        pos = n
+                        self._state = _DATA
+            elif state == _TRAILER:
+                if n - pos < 2:
+                    return pos
+                if buf[pos] != 13 or buf[pos + 1] != 10:
+                    self._close(out, _ERR_CHUNK)
+                    return n
+                pos += 2
+                self._emit(out, self._p_block)
+            elif state == _DATA:
+                take = min(self._p_count - self._p_filled, n - pos)
+                # Chunks are collected and joined once: no growing buffer re-copied per chunk.
+                self._p_chunks.append(buf if take == n else buf[pos : pos + take])
+                self._p_filled += take
+                pos += take
+                if self._p_filled == self._p_count:
+                    self._p_block = b"".join(self._p_chunks)
+                    self._p_chunks = None
+                    self._state = _TRAILER
+            else:  # _SKIP
+                if n - pos < self._skip_left:
+                    self._skip_left -= n - pos
+                    return n
+                pos += self._skip_left
+                self._skip_left = 0
+                self._emit(out, None)
+        return pos
+
+    def _line(self, line: bytes, out: list[tuple]) -> int:
+        """Handle one request line (terminator already removed)."""
+        tokens = line.split(b" ")
+        if b"" in tokens:  # runs of spaces, or leading/trailing ones
+            tokens = [t for t in tokens if t]
+            if not tokens:
+                out.append((REQ_CMD, b"", []))
+                return _DONE
+        word = tokens[0].lower()
+        if word == b"get" or word == b"gets":
+            out.append((REQ_GET, tokens[1:], word == b"gets"))
+            return _DONE
+        is_set = word == b"set"
+        if not is_set and word not in _UNSUPPORTED_NOREPLY:
+            out.append((REQ_CMD, word, tokens[1:]))
+            return _DONE
+        ntok = len(tokens)
+        if ntok < 5:
+            self._close(out, _ERR_FORMAT)
+            return _CLOSED
+        count = tokens[4]
+        if len(count) > _MAX_COUNT_DIGITS or not count.isdigit():
+            self._close(out, _ERR_FORMAT)
+            return _CLOSED
+        self._p_count = int(count)
+        self._p_set = is_set
+        if is_set:
+            self._p_name = tokens[1]
+            if ntok > 6:  # more than 5 arguments: a format error, the data is still read
+                self._p_flags = None
+                self._p_exptime = None
+            else:
+                self._p_flags = _flags(tokens[2])
+                self._p_exptime = _exptime(tokens[3])
+            self._p_noreply = ntok > 5 and tokens[5] == b"noreply"
+        else:
+            self._p_word = word
+            k = _UNSUPPORTED_NOREPLY[word]
+            self._p_noreply = ntok > k and tokens[k] == b"noreply"
+        return _PENDING

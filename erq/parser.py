@@ -1,0 +1,45 @@
+"""Selector for the request parser: the Cython extension or its pure-Python twin.
+
+Request tuples (see ``Parser.feed``):
+
+- ``(REQ_SET, name, flags, exptime, data, noreply)``: flags/exptime are None when malformed,
+  data is None when the item was over ``max_item_size`` (its bytes were skipped);
+- ``(REQ_GET, keys, is_gets)``;
+- ``(REQ_CMD, word, args)``: any other line, word lowercased (b"" for an empty line);
+- ``(REQ_UNSUPPORTED, word, noreply)``: add/replace/append/prepend/cas, data block consumed;
+- ``(REQ_ERROR, reply, True)``: a closing error, the reply to send before closing;
+- ``(REQ_BINARY,)``: the binary protocol's magic byte, close without a reply.
+"""
+
+from ._compat import USE_EXTENSIONS
+
+if USE_EXTENSIONS:
+    from ._fast._parser import (
+        REQ_BINARY,
+        REQ_CMD,
+        REQ_ERROR,
+        REQ_GET,
+        REQ_SET,
+        REQ_UNSUPPORTED,
+        Parser,
+    )
+else:
+    from ._parser_py import (
+        REQ_BINARY,
+        REQ_CMD,
+        REQ_ERROR,
+        REQ_GET,
+        REQ_SET,
+        REQ_UNSUPPORTED,
+        Parser,
+    )
+
+__all__ = [
+    "REQ_BINARY",
+    "REQ_CMD",
+    "REQ_ERROR",
+    "REQ_GET",
+    "REQ_SET",
+    "REQ_UNSUPPORTED",
+    "Parser",
+]
