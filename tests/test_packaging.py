@@ -1,0 +1,93 @@
+"""Packaging: the wheel carries the compiled extensions; without a compiler the build says how
+to get the pure-Python build instead; with ERQ_NO_EXTENSIONS=1 it builds a pure wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def source_tree(tmp_path_factory) -> Path:
+    """A fresh copy of the sources per test: builds never touch the working tree or share objects."""
+    dest = tmp_path_factory.mktemp("src")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if (
+            not src.is_file()
+            or name.endswith((".so", ".c"))
+            or name.startswith("benchmarks/RESULTS")
+        ):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+    return dest
+
+
+def build_wheel(tree: Path, out: Path, **env_overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("ERQ_NO_EXTENSIONS", None)
+    env.update(env_overrides)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def wheel_names(out: Path) -> list[str]:
+    (wheel,) = out.glob("erq-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.namelist()
+
+
+def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
+    result = build_wheel(source_tree, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = wheel_names(tmp_path)
+    for module in ("_parser", "_ring", "_journal"):
+        assert any(
+            n.startswith(f"erq/_fast/{module}.") and n.endswith((".so", ".pyd")) for n in names
+        ), names
+    assert "erq/_parser_py.py" in names and "erq/journal/_codec_py.py" in names
+
+
+def test_no_compiler_stops_with_the_pure_python_switch(source_tree, tmp_path):
+    result = build_wheel(source_tree, tmp_path, CC="/bin/false", LDSHARED="/bin/false")
+    assert result.returncode != 0
+    assert "ERQ_NO_EXTENSIONS=1" in result.stdout + result.stderr
+
+
+def test_pure_python_build_has_no_extensions(source_tree, tmp_path):
+    result = build_wheel(source_tree, tmp_path, ERQ_NO_EXTENSIONS="1", CC="/bin/false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = wheel_names(tmp_path)
+    assert not [n for n in names if n.endswith((".so", ".pyd"))]
+    assert "erq/_fast/_parser.pyx" in names  # sources travel for reference; nothing compiled
