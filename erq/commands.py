@@ -232,7 +232,7 @@ def cmd_get(session: Session, req: tuple) -> None:
         session.out.append(BAD_FORMAT)
         return
     try:
-        specs = [parse_key(key) for key in keys]
+        specs = [parse_key(key) for key in keys] if len(keys) > 1 else [parse_key(keys[0])]
     except KeyError_ as exc:
         if exc.close:
             session.close_after(exc.reply)
@@ -629,3 +629,6 @@ def dispatch(session: Session, req: tuple) -> None:
     elif kind == REQ_BINARY:
         log.warning("binary-protocol request received; closing the connection")
         session.close_after(None)
+
+
+Session.dispatch = staticmethod(dispatch)

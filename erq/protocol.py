@@ -9,6 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from . import commands  # noqa: F401  (binds Session.dispatch)
 from .parser import Parser
 from .session import Session
 

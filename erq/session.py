@@ -44,6 +44,9 @@ class DurableReply:
 class Session:
     """Per-connection state and the in-order request pipeline."""
 
+    # commands.dispatch, bound when erq.commands is imported (commands imports this module).
+    dispatch: Callable[[Session, tuple], None]
+
     def __init__(
         self,
         state: ServerState,
@@ -75,8 +78,7 @@ class Session:
                 self._paused = True
                 self._pause(True)
             return
-        from .commands import dispatch
-
+        dispatch = self.dispatch
         for i, request in enumerate(requests):
             dispatch(self, request)
             if self.blocked is not None or self.closing:
@@ -87,8 +89,7 @@ class Session:
 
     def run(self) -> None:
         """Continue the pipeline after a blocked request finished."""
-        from .commands import dispatch
-
+        dispatch = self.dispatch
         pending = self.pending
         while pending and self.blocked is None and not self.closing:
             dispatch(self, pending.popleft())
