@@ -12,18 +12,28 @@ from ._compat import IMPLEMENTATION
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML configuration file (default: none, embedded defaults)")
+    p.add_argument(
+        "--config", "-c", help="TOML configuration file (default: none, embedded defaults)"
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", "-p", type=int, help="memcache-protocol port (default 22133)")
-    p.add_argument("--admin-port", type=int, dest="admin_port", help="admin HTTP port (default 2223; 0 = off)")
-    p.add_argument("--data-dir", "-d", dest="data_dir", help="journal directory (default ./erq-data)")
+    p.add_argument(
+        "--admin-port", type=int, dest="admin_port", help="admin HTTP port (default 2223; 0 = off)"
+    )
+    p.add_argument(
+        "--data-dir", "-d", dest="data_dir", help="journal directory (default ./erq-data)"
+    )
     p.add_argument("--compat", choices=("erq", "kestrel"), help="wire compatibility mode")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="erq", description="erq: a durable Kestrel-compatible queue server")
-    parser.add_argument("--version", action="version", version=f"erq {__version__} ({IMPLEMENTATION})")
+    parser = argparse.ArgumentParser(
+        prog="erq", description="erq: a durable Kestrel-compatible queue server"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"erq {__version__} ({IMPLEMENTATION})"
+    )
     sub = parser.add_subparsers(dest="command")
     _serve_args(sub.add_parser("serve", help="run the server (default)"))
     stats = sub.add_parser("stats", help="print a running server's stats")
@@ -31,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--port", "-p", type=int, default=22133)
     journal = sub.add_parser("journal", help="offline journal tools")
     jsub = journal.add_subparsers(dest="journal_command", required=True)
-    jsub.add_parser("dump", help="print every record of one queue's journal").add_argument("queue_dir")
-    jsub.add_parser("check", help="verify every journal; non-zero exit on damage").add_argument("data_dir")
-    jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument("data_dir")
+    jsub.add_parser("dump", help="print every record of one queue's journal").add_argument(
+        "queue_dir"
+    )
+    jsub.add_parser("check", help="verify every journal; non-zero exit on damage").add_argument(
+        "data_dir"
+    )
+    jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument(
+        "data_dir"
+    )
     return parser
 
 

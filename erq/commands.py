@@ -86,7 +86,9 @@ def cmd_set(session: Session, req: tuple) -> None:
     except JournalError as exc:
         log.error("set %s: %s", name.decode("ascii"), exc)
         if not noreply:
-            session.out.append(b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n")
+            session.out.append(
+                b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+            )
         return
     if result is AddResult.STORED:
         if tickets:
@@ -143,7 +145,14 @@ class GetOperation:
                     session.close_after(ERROR)
                     return True
             queue = state.queues.get_or_create(name)
-            item = queue.head() if spec.peek else queue.take(spec.open)
+            try:
+                item = queue.head() if spec.peek else queue.take(spec.open)
+            except JournalError as exc:  # disk full: the item stays at the head
+                log.error("get %s: %s", name, exc)
+                session.out.append(
+                    b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+                )
+                return True
             if item is None and spec.timeout:
                 self._wait(queue, spec)
                 return False
@@ -264,7 +273,11 @@ class MonitorOperation:
         while self.remaining > 0 and session.state.status != "QUIESCENT":
             if session.live_open_count(self.name) >= limit:
                 break
-            item = self.queue.take(True)
+            try:
+                item = self.queue.take(True)
+            except JournalError as exc:  # disk full: the item stays at the head
+                log.error("monitor %s: %s", self.name, exc)
+                break
             if item is None:
                 delay = self.deadline - time.monotonic()
                 if delay <= 0 or self.queue.deleted:
@@ -424,7 +437,9 @@ def cmd_flush(session: Session, args: list[bytes]) -> None:
 
 def cmd_flush_all(session: Session, args: list[bytes]) -> None:
     args, noreply = _noreply(args)
-    if len(args) > 1 or (args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())):
+    if len(args) > 1 or (
+        args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())
+    ):
         session.out.append(BAD_FORMAT)
         return
     state = session.state
@@ -502,12 +517,16 @@ def cmd_stats(session: Session, args: list[bytes]) -> None:
     queues = session.state.queues
     for name in queues.names():
         for field, value in queues.queue_stats(name).items():
-            lines.append(b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode()))
+            lines.append(
+                b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
+            )
     lines.append(END)
     session.out.append(b"".join(lines))
 
 
-def _dump(session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]) -> None:
+def _dump(
+    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]
+) -> None:
     for arg in args:
         if not valid_queue_name(arg):
             session.out.append(BAD_NAME)

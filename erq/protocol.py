@@ -39,7 +39,10 @@ class MemcacheProtocol(asyncio.Protocol):
         counters = state.counters
         counters.total_connections += 1
         if counters.curr_connections >= state.config.server.max_connections:
-            log.warning("max_connections (%d) reached; refusing a client", state.config.server.max_connections)
+            log.warning(
+                "max_connections (%d) reached; refusing a client",
+                state.config.server.max_connections,
+            )
             transport.write(b"SERVER_ERROR too many open connections\r\n")  # type: ignore[attr-defined]
             transport.close()
             return

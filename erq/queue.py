@@ -9,15 +9,19 @@ caller hears about it, so the wire layer may answer STORED as soon as ``add`` re
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .item import Item
+from .journal_api import JournalError
 from .ring import Ring
 
 if TYPE_CHECKING:
     from .config import QueueConfig
+
+log = logging.getLogger("erq.queue")
 
 
 class AddResult(enum.IntEnum):
@@ -126,7 +130,9 @@ class Queue:
         )
 
     # ---- adding ------------------------------------------------------------------------
-    def add(self, data: bytes, flags: int, expiry: int, now: int | None = None) -> tuple[AddResult, Any]:
+    def add(
+        self, data: bytes, flags: int, expiry: int, now: int | None = None
+    ) -> tuple[AddResult, Any]:
         """Append an item. Returns (result, commit ticket or None); raises JournalError."""
         cfg = self.config
         if now is None:
@@ -152,11 +158,16 @@ class Queue:
         return AddResult.STORED, ticket
 
     def _append(self, item: Item) -> Any:
-        in_memory = self._disk_items == 0 and self._mem_bytes + len(item.data) <= self.config.max_memory_size
+        in_memory = (
+            self._disk_items == 0
+            and self._mem_bytes + len(item.data) <= self.config.max_memory_size
+        )
         ticket = None
         journal = self._journal
         if journal is not None:
-            ticket = journal.add(item.id, item.flags, item.add_time, item.expiry, item.data, in_memory)
+            ticket = journal.add(
+                item.id, item.flags, item.add_time, item.expiry, item.data, in_memory
+            )
         elif not in_memory:
             in_memory = True  # nowhere else to keep it
         if in_memory:
@@ -175,7 +186,11 @@ class Queue:
     def restore(self, items: list, disk_items: int, disk_bytes: int, next_id: int) -> None:
         """Load what the journal recovered (queue order; reads open at the crash are at the head)."""
         for rec in items:
-            item = rec if isinstance(rec, Item) else Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+            item = (
+                rec
+                if isinstance(rec, Item)
+                else Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+            )
             self._ring.push(item)
             self._mem_bytes += len(item.data)
         self._disk_items = disk_items
@@ -208,9 +223,9 @@ class Queue:
     def _drop_head(self, *, discard: bool) -> None:
         if not self._ring:
             self._refill()
-        item = self._pop_head()
         if self._journal is not None:
-            self._journal.remove(item.id)
+            self._journal.remove(self._ring.peek().id)  # journal first: JournalError leaves it
+        self._pop_head()
         if discard:
             self.discarded += 1
 
@@ -227,9 +242,9 @@ class Queue:
             head = self._ring.peek()
             if not head.expired(now):
                 break
-            item = self._pop_head()
             if self._journal is not None:
-                self._journal.remove(item.id)
+                self._journal.remove(head.id)  # journal first: JournalError leaves it
+            item = self._pop_head()
             self.expired_items += 1
             n += 1
             if self._on_expired is not None:
@@ -252,15 +267,20 @@ class Queue:
         ring = self._ring
         if (not ring or ring.peek().expired(now)) and self.head(now) is None:
             return None
+        journal = self._journal
+        if journal is not None:
+            # Journal first: a record that cannot be written (disk full) raises JournalError
+            # with the item still at the head and nothing handed out.
+            head_id = ring.peek().id
+            if reliable:
+                journal.open(head_id)
+            else:
+                journal.remove(head_id)
         item = self._pop_head()
         if reliable:
             self._open[item.id] = OpenRead(item, now)
             self._open_bytes += len(item.data)
             self.transactions += 1
-            if self._journal is not None:
-                self._journal.open(item.id)
-        elif self._journal is not None:
-            self._journal.remove(item.id)
         return item
 
     # ---- reliable reads ----------------------------------------------------------------
@@ -273,7 +293,12 @@ class Queue:
             return False
         self._open_bytes -= len(read.item.data)
         if self._journal is not None:
-            self._journal.confirm(item_id)
+            try:
+                self._journal.confirm(item_id)
+            except JournalError as exc:
+                # The journal still says "open": after a restart the item is handed out
+                # again (at-least-once), never lost.
+                log.warning("queue %s: confirm not journaled: %s", self.name, exc)
         return True
 
     def unremove(self, item_id: int) -> bool:
@@ -284,7 +309,11 @@ class Queue:
         item = read.item
         self._open_bytes -= len(item.data)
         if self._journal is not None:
-            self._journal.unremove(item_id)
+            try:
+                self._journal.unremove(item_id)
+            except JournalError as exc:
+                # Harmless: recovery puts a read the journal still calls open at the head too.
+                log.warning("queue %s: abort not journaled: %s", self.name, exc)
         self._ring.push_front(item)
         self._mem_bytes += len(item.data)
         self.canceled_transactions += 1
@@ -319,7 +348,10 @@ class Queue:
             if not waiter.active:
                 waiters.popleft()
                 continue
-            item = self.head() if waiter.peek else self.take(waiter.reliable)
+            try:
+                item = self.head() if waiter.peek else self.take(waiter.reliable)
+            except JournalError:
+                return  # the hand-out cannot be journaled (disk full): waiters wait on
             if item is None:
                 return
             waiters.popleft()

@@ -52,7 +52,9 @@ class QueueCollection:
         self._journal_factory = journal_factory
         self._clock = clock
         self._queues: dict[str, Queue] = {}
-        self.by_raw_name: dict[bytes, Queue] = {}  # the wire's bytes -> queue: no decode per request
+        self.by_raw_name: dict[
+            bytes, Queue
+        ] = {}  # the wire's bytes -> queue: no decode per request
         self._children: dict[str, list[str]] = {}  # fanout parent -> child names
         self.total_items = 0
         self.queue_creates = 0
@@ -96,7 +98,9 @@ class QueueCollection:
             journal, recovery = self._journal_factory(self.data_dir / name, qcfg)
         queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
         if recovery is not None:
-            queue.restore(recovery.items, recovery.disk_items, recovery.disk_bytes, recovery.next_id)
+            queue.restore(
+                recovery.items, recovery.disk_items, recovery.disk_bytes, recovery.next_id
+            )
             for warning in recovery.warnings:
                 log.warning("queue %s: %s", name, warning)
                 self.warnings.append(f"{name}: {warning}")
@@ -116,11 +120,17 @@ class QueueCollection:
         if self.data_dir is None or not self.data_dir.is_dir():
             return
         for entry in sorted(self.data_dir.iterdir()):
-            if entry.is_dir() and valid_queue_name(entry.name.encode()) and entry.name not in self._queues:
+            if (
+                entry.is_dir()
+                and valid_queue_name(entry.name.encode())
+                and entry.name not in self._queues
+            ):
                 self._create(entry.name)
 
     # ---- item flow ---------------------------------------------------------------------
-    def add(self, name: str, data: bytes, flags: int, expiry: int, queue: Queue | None = None) -> tuple[AddResult, list]:
+    def add(
+        self, name: str, data: bytes, flags: int, expiry: int, queue: Queue | None = None
+    ) -> tuple[AddResult, list]:
         """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
         now = self._clock()
         if queue is None:

@@ -76,8 +76,11 @@ class Server:
             reuse_address=True,
             backlog=1024,
         )
-        for sig, handler in ((signal.SIGTERM, self.request_shutdown), (signal.SIGINT, self.request_shutdown),
-                             (signal.SIGHUP, self._sighup)):
+        for sig, handler in (
+            (signal.SIGTERM, self.request_shutdown),
+            (signal.SIGINT, self.request_shutdown),
+            (signal.SIGHUP, self._sighup),
+        ):
             try:
                 loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
@@ -88,11 +91,21 @@ class Server:
         log.info(
             "erq %s ready on %s:%d (implementation=%s, loop=%s, status=%s); recovered %d items, %d bytes "
             "in %d queues in %.3fs",
-            __version__, cfg.host, port, IMPLEMENTATION, event_loop_name(), state.status,
-            queues.recovered_items, queues.recovered_bytes, len(queues), loop.time() - started,
+            __version__,
+            cfg.host,
+            port,
+            IMPLEMENTATION,
+            event_loop_name(),
+            state.status,
+            queues.recovered_items,
+            queues.recovered_bytes,
+            len(queues),
+            loop.time() - started,
         )
         if IMPLEMENTATION == "python":
-            log.warning("running the pure-Python build (ERQ_NO_EXTENSIONS or no compiled extensions): slower")
+            log.warning(
+                "running the pure-Python build (ERQ_NO_EXTENSIONS or no compiled extensions): slower"
+            )
 
     def _schedule_sweep(self) -> None:
         assert self.state is not None
@@ -115,7 +128,11 @@ class Server:
                 now = state.loop.time()
                 for proto in list(state.sessions):
                     session = proto.session
-                    if session is not None and session.blocked is None and now - proto.last_active >= timeout / 1000:
+                    if (
+                        session is not None
+                        and session.blocked is None
+                        and now - proto.last_active >= timeout / 1000
+                    ):
                         proto.close_idle()
         except Exception:  # pragma: no cover - a bug; keep the server alive
             log.exception("periodic sweep failed")
@@ -133,7 +150,9 @@ class Server:
             return f"ERROR {exc}"
         restart = self.config.restart_required(new)
         if restart:
-            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(restart))
+            log.warning(
+                "reload: changes to %s need a restart and were not applied", ", ".join(restart)
+            )
             new = _keep_restart_settings(new, self.config)
         self.config = new
         state.config = new

@@ -27,8 +27,15 @@ class Counters:
     """memcached-style global request counters (stats)."""
 
     __slots__ = (
-        "cmd_get", "cmd_set", "cmd_peek", "get_hits", "get_misses", "bytes_read",
-        "bytes_written", "curr_connections", "total_connections",
+        "cmd_get",
+        "cmd_set",
+        "cmd_peek",
+        "get_hits",
+        "get_misses",
+        "bytes_read",
+        "bytes_written",
+        "curr_connections",
+        "total_connections",
     )
 
     def __init__(self) -> None:
@@ -39,7 +46,9 @@ class Counters:
 class ServerState:
     """Shared state of one erq server."""
 
-    def __init__(self, config: Config, queues: QueueCollection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, config: Config, queues: QueueCollection, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._config = config
         self.kestrel = config.server.compat == "kestrel"
         self.queues = queues

@@ -1,0 +1,731 @@
+"""Server-level durability: the real server process is killed, damaged and restarted.
+
+Everything here goes through a socket and a subprocess (both implementations, via
+``erq_factory``): SIGKILL under load, torn and damaged journal files, reads open at a crash,
+a full disk, read-behind, compaction, what survives a restart, and the offline tools
+(PROTOCOL.md §5-§6, DESIGN.md §4). The journal's own unit tests are tests/test_journal_*.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from erq.journal.format import HEADER_SIZE, OP_ADD, RECORD_HEADER_SIZE
+
+from conftest import ROOT, ErqProcess, RawClient
+from durability_load import CONFIRMED, DRAINED, UNCERTAIN, Ledger, make_value, read_values
+
+KiB = 1 << 10
+MiB = 1 << 20
+SEGMENT_MAX = 64 * MiB  # QueueJournal's default segment size, which the server uses
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def queue_stats(client: RawClient, queue: str) -> dict[str, int]:
+    prefix = f"queue_{queue}_"
+    out = {}
+    for key, value in client.stats().items():
+        if key.startswith(prefix) and value.lstrip("-").isdigit():
+            out[key[len(prefix) :]] = int(value)
+    return out
+
+
+def drain(client: RawClient, queue: str, batch: int = 64) -> list[bytes]:
+    """Every item of ``queue`` by plain gets (pipelined), in the order they came."""
+    out: list[bytes] = []
+    while True:
+        client.send(f"get {queue}\r\n".encode() * batch)
+        replies = [read_values(client) for _ in range(batch)]
+        for values in replies:
+            out.extend(values)
+        if any(not values for values in replies):
+            return out
+
+
+def set_many(client: RawClient, queue: str, values: list[bytes], batch: int = 64) -> None:
+    """``set`` every value (pipelined); each must be STORED."""
+    for start in range(0, len(values), batch):
+        chunk = values[start : start + batch]
+        client.send(
+            b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (queue.encode(), len(v), v) for v in chunk)
+        )
+        for value in chunk:
+            reply = client.line()
+            assert reply == b"STORED\r\n", (value[:20], reply)
+
+
+def get_many(client: RawClient, queue: str, n: int) -> list[bytes]:
+    """``n`` plain gets (pipelined); each must return an item."""
+    client.send(f"get {queue}\r\n".encode() * n)
+    out = []
+    for _ in range(n):
+        values = read_values(client)
+        assert len(values) == 1, f"queue {queue} ran dry after {len(out)} of {n} gets"
+        out.append(values[0])
+    return out
+
+
+def read_reply(client: RawClient) -> bytes:
+    """One whole reply: a get's VALUE blocks up to END, or any other single line."""
+    line = client.line()
+    out = line
+    while line.startswith(b"VALUE "):
+        out += client.read_exact(int(line.split()[3]) + 2)
+        line = client.line()
+        out += line
+    return out
+
+
+def segment_files(queue_dir: Path) -> list[Path]:
+    return sorted(p for p in queue_dir.iterdir() if p.name.endswith(".seg"))
+
+
+def record_spans(data: bytes) -> list[tuple[int, int, int]]:
+    """(offset, size, opcode) of each record of a segment's bytes (format.py), up to the end
+    of the data (a zero length or the end of the file)."""
+    spans = []
+    pos = HEADER_SIZE
+    while pos + RECORD_HEADER_SIZE <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "little")
+        if length == 0:
+            break
+        size = RECORD_HEADER_SIZE + length
+        assert pos + size <= len(data), f"record at {pos} runs past the end"
+        spans.append((pos, size, data[pos + RECORD_HEADER_SIZE]))
+        pos += size
+    return spans
+
+
+def erq_tool(impl: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m erq journal ...`` with the implementation under test."""
+    env = dict(os.environ)
+    env.pop("ERQ_NO_EXTENSIONS", None)
+    if impl == "py":
+        env["ERQ_NO_EXTENSIONS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "erq", "journal", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def start_logged(server: ErqProcess) -> str:
+    """Start ``server`` and return what it logged up to and including its ready line (the
+    port accepts connections a moment before that line is written)."""
+    mark = len(server.read_log())
+    server.start()
+
+    def ready() -> str | None:
+        log = server.read_log()[mark:]
+        return log if " ready on " in log else None
+
+    return wait_for(ready, "the ready line in the server log")
+
+
+def ready_counts(log: str) -> list[tuple[int, int]]:
+    """(items, bytes) of every ready line in ``log``."""
+    return [
+        (int(m[1]), int(m[2]))
+        for m in re.finditer(r"ready on .*; recovered (\d+) items, (\d+) bytes", log)
+    ]
+
+
+def warnings_naming(log: str, name: str) -> list[str]:
+    return [line for line in log.splitlines() if " WARNING " in line and name in line]
+
+
+def offsets_in(lines: list[str]) -> list[int]:
+    """The ``offset N`` each line names (the journal's problem reports)."""
+    return [int(m[1]) if (m := re.search(r"\boffset (\d+)\b", line)) else -1 for line in lines]
+
+
+# ---- 1. crash cycles under load ----------------------------------------------------------------
+CRASH_CYCLES = 50
+PRODUCERS = 20
+CONSUMERS = 20
+
+
+def test_sigkill_under_load_loses_no_acknowledged_item_and_redelivers_only_open_reads(
+    erq_factory,
+):
+    server = erq_factory()
+    ledger = Ledger()
+    rng = random.Random(20240611)
+    for cycle in range(CRASH_CYCLES):
+        if cycle:
+            server.start()
+        ledger.run_cycle(
+            server.client,
+            server.kill,
+            queue="q",
+            producers=PRODUCERS,
+            consumers=CONSUMERS,
+            load_seconds=rng.uniform(0.05, 0.2),
+        )
+    server.start()
+    client = server.client()
+    assert queue_stats(client, "q")["open_transactions"] == 0
+    ledger.drained(drain(client, "q"))
+    after = queue_stats(client, "q")
+    verdict = ledger.verdict()
+    assert after["items"] == 0 and after["open_transactions"] == 0, (after, verdict)
+    assert (
+        verdict["lost"],
+        verdict["corrupt"],
+        verdict["unknown"],
+        verdict["bad_duplicates"],
+        verdict["protocol_errors"],
+        verdict["overruns"],
+    ) == (0, 0, 0, 0, 0, 0), (verdict, ledger.protocol_errors[:5])
+    # The run really exercised what it claims to.
+    assert verdict["cycles"] == CRASH_CYCLES
+    assert verdict["acked"] >= 10 * CRASH_CYCLES and verdict["confirmed"] >= 5 * CRASH_CYCLES, (
+        verdict
+    )
+    assert verdict["uncertain"] > 0 and verdict["maybe"] > 0, verdict
+
+
+def test_crash_ledger_counts_losses_corruption_and_duplicates_it_must_not_allow():
+    """The crash-cycle judge itself (no server): each kind of failure is counted."""
+    ledger = Ledger()
+    redelivered, confirmed_twice, corrupted, lost, same_cycle = (make_value(1, i) for i in range(5))
+    ledger.acked.update({redelivered, confirmed_twice, corrupted, lost, same_cycle})
+    ledger.deliveries = {
+        redelivered: [(0, UNCERTAIN), (1, DRAINED)],  # open at a crash, handed out again: fine
+        confirmed_twice: [(0, CONFIRMED), (1, DRAINED)],  # back after a certain confirm
+        corrupted[:-1] + b"!": [(0, CONFIRMED)],  # not the bytes that were sent
+        same_cycle: [(2, UNCERTAIN), (2, CONFIRMED)],  # twice without a crash in between
+        make_value(7, 7): [(1, CONFIRMED)],  # never sent
+    }
+    verdict = ledger.verdict()
+    assert (
+        verdict["lost"],
+        verdict["corrupt"],
+        verdict["unknown"],
+        verdict["bad_duplicates"],
+        verdict["redelivered"],
+    ) == (2, 1, 1, 2, 1), verdict
+
+
+# ---- 2. torn tail ---------------------------------------------------------------------------------
+def torn_tail_values() -> list[bytes]:
+    # Sizes chosen so the last records have multi-byte length fields and odd sizes.
+    return [make_value(90, i) + b"\x00\r\n" * (i * 50) for i in range(12)]
+
+
+CUT_INSIDE = {  # where in a record a cut falls, as an offset from its start given its size
+    "length": lambda size: 1,
+    "crc": lambda size: 5,
+    "body": lambda size: size // 2,
+    "last byte": lambda size: size - 1,
+}
+
+
+def cut_offsets(spans: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(index of the record cut, offset of the cut): two cuts inside each of the last three
+    records, in each part of a record."""
+    last = len(spans) - 1
+    picks = [
+        (last - 2, "length"),
+        (last - 2, "last byte"),
+        (last - 1, "crc"),
+        (last - 1, "body"),
+        (last, "length"),
+        (last, "last byte"),
+    ]
+    return [(index, spans[index][0] + CUT_INSIDE[part](spans[index][1])) for index, part in picks]
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated"])
+def test_torn_tail_recovers_exactly_the_complete_records_and_logs_file_and_offset(erq_factory, how):
+    server = erq_factory()
+    values = torn_tail_values()
+    client = server.client()
+    set_many(client, "q", values)
+    client.close()
+    server.kill()
+    queue_dir = server.data_dir / "q"
+    [segment] = segment_files(queue_dir)
+    original = segment.read_bytes()
+    spans = record_spans(original)
+    assert [op for _, _, op in spans] == [OP_ADD] * len(values)
+    data_end = spans[-1][0] + spans[-1][1]
+    cases = cut_offsets(spans)
+    for case, (index, offset) in enumerate(cases):
+        shutil.rmtree(queue_dir)  # every case starts from the journal as the crash left it
+        queue_dir.mkdir()
+        if how == "zeroed":  # the preallocated file keeps its size; the data stops early
+            segment.write_bytes(original[:offset] + bytes(data_end - offset) + original[data_end:])
+        else:
+            segment.write_bytes(original[:offset])
+        log = start_logged(server)
+        client = server.client()
+        stats = queue_stats(client, "q")
+        where = f"cut at {offset} inside record {index} ({how})"
+        assert stats["items"] == index, (where, stats)
+        warned = warnings_naming(log, segment.name)
+        assert len(warned) == 1 and str(segment) in warned[0], (where, log)
+        assert offsets_in(warned) == [spans[index][0]], (where, warned)
+        assert ready_counts(log) == [(index, sum(map(len, values[:index])))], (where, log)
+        if case == len(cases) - 1:
+            # Appends go on after the good records: a new item survives another crash.
+            assert client.set("q", b"after the tear") == b"STORED\r\n"
+            client.close()
+            server.kill()
+            log = start_logged(server)
+            client = server.client()
+            assert drain(client, "q") == [*values[:index], b"after the tear"], where
+            assert warnings_naming(log, segment.name) == [], log
+        else:
+            assert drain(client, "q") == values[:index], where
+        client.close()
+        server.kill()
+
+
+# ---- 3. damage in the middle --------------------------------------------------------------------
+def damage(data: bytearray, start: int, size: int, field: str) -> None:
+    """Flip bits in one part of the record at ``start``."""
+    if field == "body":
+        data[start + size // 2] ^= 0x5A
+    elif field == "crc":
+        data[start + 4] ^= 0x01
+    else:  # length: the record now claims to run megabytes past the next ones
+        data[start + 2] ^= 0x40
+
+
+def test_damaged_middle_records_are_reported_skipped_and_every_later_record_recovered(
+    erq_factory, impl
+):
+    server = erq_factory()
+    values = [make_value(91, i) * 3 for i in range(16)]
+    client = server.client()
+    set_many(client, "q", values)
+    client.close()
+    server.kill()
+    clean = erq_tool(impl, "check", str(server.data_dir))
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean
+    [segment] = segment_files(server.data_dir / "q")
+    data = bytearray(segment.read_bytes())
+    spans = record_spans(bytes(data))
+    damaged = {4: "body", 8: "crc", 12: "length"}  # record index -> damaged part
+    for index, field in damaged.items():
+        damage(data, spans[index][0], spans[index][1], field)
+    segment.write_bytes(data)
+    offsets = [spans[index][0] for index in damaged]
+
+    check = erq_tool(impl, "check", str(server.data_dir))
+    assert check.returncode != 0, check
+    reported = [line for line in check.stdout.splitlines() if str(segment) in line]
+    assert offsets_in(reported) == offsets, check.stdout
+
+    log = start_logged(server)
+    assert offsets_in(warnings_naming(log, str(segment))) == offsets, log
+    expected = [value for i, value in enumerate(values) if i not in damaged]
+    assert ready_counts(log) == [(len(expected), sum(map(len, expected)))], log
+    client = server.client()
+    assert get_many(client, "q", 3) == expected[:3]
+    # The damaged journal is rewritten in the background: the damage is not met again.
+    wait_for(lambda: queue_stats(client, "q")["journal_rewrites"] >= 1, "a journal rewrite")
+    client.close()
+    server.kill()
+    log = start_logged(server)
+    assert warnings_naming(log, ".seg") == [], log
+    client = server.client()
+    assert drain(client, "q") == expected[3:]
+    client.close()
+    server.kill()
+    check = erq_tool(impl, "check", str(server.data_dir))
+    assert check.returncode == 0 and "clean" in check.stdout, check
+
+
+# ---- 4. reads open at a crash -------------------------------------------------------------------
+def test_reads_open_at_a_crash_return_to_the_head_in_their_original_order(erq_factory):
+    server = erq_factory()
+    values = [b"item-%d" % i for i in range(8)]
+    client = server.client()
+    set_many(client, "q", values[:5])
+    for i in range(3):  # three open reads on one connection
+        assert client.get("q/open") == b"VALUE q/open 0 6\r\n%s\r\nEND\r\n" % values[i]
+    set_many(client, "q", values[5:])  # later items, set while the reads are open
+    other = server.client()
+    assert other.get("q/open") == b"VALUE q/open 0 6\r\n%s\r\nEND\r\n" % values[3]
+    stats = queue_stats(client, "q")
+    assert (stats["items"], stats["open_transactions"]) == (4, 4)
+    server.kill()  # the connections are still open: nothing was aborted by a disconnect
+
+    log = start_logged(server)
+    assert ready_counts(log) == [(8, sum(map(len, values)))], log
+    client = server.client()
+    stats = queue_stats(client, "q")
+    assert (stats["items"], stats["open_transactions"]) == (8, 0)
+    # Open the head again and crash again: the order holds across a second restart too.
+    assert client.get("q/open") == b"VALUE q/open 0 6\r\n%s\r\nEND\r\n" % values[0]
+    server.kill()
+    server.start()
+    client = server.client()
+    assert drain(client, "q") == values
+
+
+# ---- 5. full disk -----------------------------------------------------------------------------------
+TMPFS_SIZE = "8m"
+FILL_ITEM = 16 * KiB
+
+
+@pytest.fixture
+def full_disk_server(erq_factory, tmp_path):
+    """A server whose data dir is an 8 MiB tmpfs, with a 'ballast' queue holding 3 MiB of
+    it (segments of 1 and 2 MiB), so queue 'q' can take 1 and 2 MiB but not its 4 MiB
+    third segment until the ballast is deleted. The log stays outside the tmpfs."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "erq-durability", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a {TMPFS_SIZE} tmpfs here (needs root or CAP_SYS_ADMIN; mount said "
+            f"{done.stderr.strip()!r}); a server subprocess cannot be fault-injected otherwise. "
+            "tests/test_journal_diskfull.py covers ENOSPC in-process."
+        )
+    server = erq_factory(start=False)
+    server.data_dir = mount / "data"
+    server.data_dir.mkdir()
+    try:
+        server.start()
+        client = server.client()
+        set_many(client, "ballast", [b"%05d" % i + bytes(FILL_ITEM) for i in range(150)])
+        client.close()
+        yield server
+    finally:
+        server.kill()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_until_refused(client: RawClient) -> tuple[list[bytes], bytes, bytes]:
+    """``set q`` 16 KiB items until one is refused: (stored values, refused value, reply)."""
+    stored = []
+    for i in range(1000):
+        value = b"q%05d:" % i + random.Random(i).randbytes(FILL_ITEM)
+        reply = client.set("q", value)
+        if reply != b"STORED\r\n":
+            return stored, value, reply
+        stored.append(value)
+    raise AssertionError("1000 sets of 16 KiB fit in an 8 MiB tmpfs")
+
+
+def test_full_disk_refuses_sets_with_server_error_and_stores_again_once_space_returns(
+    full_disk_server,
+):
+    server = full_disk_server
+    client = server.client()
+    stored, refused, reply = fill_until_refused(client)
+    assert reply.startswith(b"SERVER_ERROR "), reply
+    assert len(stored) > 100
+    assert server.proc.poll() is None  # alive: no SIGBUS, no crash
+    assert client.set("q", refused).startswith(b"SERVER_ERROR ")  # still full: refused again
+    stats = queue_stats(client, "q")
+    assert stats["items"] == len(stored), stats  # a refused item is not queued
+    assert get_many(client, "q", 1) == stored[:1]  # reads go on (their records are small)
+
+    assert client.call(b"delete ballast\r\n") == b"DELETED\r\n"  # frees 3 MiB
+    assert client.set("q", refused) == b"STORED\r\n"
+    client.close()
+    server.kill()
+
+    log = start_logged(server)
+    assert ready_counts(log) == [(len(stored), sum(map(len, stored[1:])) + len(refused))], log
+    client = server.client()
+    assert drain(client, "q") == [*stored[1:], refused]  # every STORED item, nothing else
+    assert "queue_ballast_items" not in client.stats()
+    client.close()
+    assert server.stop() == 0
+
+
+def test_full_disk_reliable_read_that_cannot_be_journaled_leaves_the_item_at_the_head(
+    full_disk_server,
+):
+    server = full_disk_server
+    client = server.client()
+    stored, _, reply = fill_until_refused(client)
+    assert reply.startswith(b"SERVER_ERROR "), reply
+    # Open and abort the head until not even an OPEN record (17 bytes) fits in the segment.
+    opened = b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (len(stored[0]), stored[0])
+    pairs = 0
+    while True:
+        client.send(b"get q/open\r\nget q/abort\r\n" * 50)
+        try:
+            replies = [read_reply(client) for _ in range(100)]
+        except (ConnectionError, OSError) as exc:
+            raise AssertionError(
+                f"the server dropped the connection after {pairs} open/abort pairs on a full "
+                f"disk ({exc}) instead of answering SERVER_ERROR"
+            ) from exc
+        good = 0
+        while good < 100 and replies[good] == (opened, b"END\r\n")[good % 2]:
+            good += 1
+        pairs += good // 2
+        if good < 100:
+            break
+        assert pairs < 5000, "16 KiB of open/abort records never filled the segment"
+    # The first get that could not be journaled is refused; nothing was handed out.
+    assert replies[good].startswith(b"SERVER_ERROR "), replies[good : good + 2]
+    stats = queue_stats(client, "q")
+    assert (stats["items"], stats["open_transactions"]) == (len(stored), 0), stats
+    assert server.proc.poll() is None
+
+    assert client.call(b"delete ballast\r\n") == b"DELETED\r\n"
+    assert client.get("q/open") == b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (
+        len(stored[0]),
+        stored[0],
+    )
+    assert client.get("q/close") == b"END\r\n"
+    client.close()
+    server.kill()
+    server.start()
+    client = server.client()
+    assert drain(client, "q") == stored[1:]
+
+
+# ---- 6. read-behind ------------------------------------------------------------------------------
+READ_BEHIND_CONFIG = '[queues.default]\nmax_memory_size = "64KiB"\n'
+MEMORY_CAP = 64 * KiB
+
+
+def kib_value(n: int) -> bytes:
+    return (b"%07d|" % n).ljust(KiB, b"%c" % (65 + n % 26))
+
+
+def test_read_behind_keeps_memory_bounded_and_order_strict_across_a_restart(erq_factory):
+    server = erq_factory(READ_BEHIND_CONFIG)
+    client = server.client()
+    model: deque[bytes] = deque()
+    produced = 0
+
+    def produce(n: int) -> None:
+        nonlocal produced
+        values = [kib_value(produced + i) for i in range(n)]
+        set_many(client, "q", values)
+        model.extend(values)
+        produced += n
+
+    def check_bounded() -> None:
+        stats = queue_stats(client, "q")
+        assert stats["items"] == len(model), stats
+        assert stats["mem_bytes"] <= MEMORY_CAP, stats
+        assert stats["bytes"] == sum(map(len, model)), stats
+
+    produce(2000)
+    check_bounded()
+    assert queue_stats(client, "q")["mem_items"] < 100
+    # Take in FIFO order while more arrives, crossing the memory/disk boundary again and again.
+    rounds = 0
+    while model:
+        take = min(len(model), 150 + 37 * rounds % 200)
+        assert get_many(client, "q", take) == [model.popleft() for _ in range(take)], rounds
+        if rounds < 12:
+            produce(90)
+        check_bounded()
+        rounds += 1
+        if rounds == 6:  # a crash in the middle: the journal holds the disk part
+            client.close()
+            server.kill()
+            log = start_logged(server)
+            assert ready_counts(log) == [(len(model), sum(map(len, model)))], log
+            client = server.client()
+            check_bounded()
+    assert drain(client, "q") == []
+    assert produced == 2000 + 12 * 90
+
+
+# ---- 7. compaction -------------------------------------------------------------------------------
+def big_value(n: int) -> bytes:
+    return (b"%06d:" % n) * (32 * KiB // 7)
+
+
+def test_compaction_bounds_the_journal_by_live_data_and_a_crash_after_draining_loses_nothing(
+    erq_factory,
+):
+    # Segments grow from 1 MiB to 64 MiB (preallocated), and DESIGN §4 bounds the journal by
+    # 2 x live bytes + 2 segments: write about 130 MiB of 32 KiB items (eight files, 191 MiB
+    # on disk, over that bound), then drain all but the last few.
+    server = erq_factory()
+    client = server.client(timeout=30)
+    total, keep = 4200, 8
+    values = [big_value(n) for n in range(total)]
+    set_many(client, "q", values)
+    grown = queue_stats(client, "q")["logsize"]
+    live = values[-keep:]
+    live_bytes = sum(map(len, live))
+    bound = 2 * live_bytes + 2 * SEGMENT_MAX
+    assert grown > bound
+    for start in range(0, total - keep, 100):
+        n = min(100, total - keep - start)
+        assert get_many(client, "q", n) == values[start : start + n], start
+    client.close()
+    server.kill()  # right after the heavy draining, before or while compaction runs
+
+    log = start_logged(server)
+    assert ready_counts(log) == [(keep, live_bytes)], log
+    client = server.client()
+    shrunk = wait_for(
+        lambda: (stats := queue_stats(client, "q"))["logsize"] <= bound and stats,
+        "the journal to be compacted",
+    )
+    assert shrunk["items"] == keep, shrunk
+    assert len(segment_files(server.data_dir / "q")) <= 2  # a snapshot and the current one
+    client.close()
+    server.kill()  # right after the compaction: the items now live in the snapshot
+
+    server.start()
+    client = server.client()
+    assert get_many(client, "q", keep) == live
+    # A queue that drains empty releases its old segments at once.
+    wait_for(lambda: len(segment_files(server.data_dir / "q")) == 1, "the old segments to go")
+    assert queue_stats(client, "q")["logsize"] <= SEGMENT_MAX
+    client.close()
+    server.kill()
+    server.start()
+    assert drain(server.client(), "q") == []
+    server.kill()
+    shutil.rmtree(server.data_dir)  # over 64 MiB of preallocated segments
+
+
+# ---- 8. what a restart brings back ---------------------------------------------------------------
+def test_ready_line_reports_the_recovered_items_and_bytes_of_every_queue(erq_factory):
+    server = erq_factory()
+    client = server.client()
+    a = [b"alpha-%d" % i * (i + 1) for i in range(7)]
+    b = [b"beta-%d" % i for i in range(4)]
+    set_many(client, "a", a)
+    set_many(client, "b", b)
+    assert get_many(client, "b", 1) == b[:1]  # gone for good
+    assert client.get("a/open").startswith(b"VALUE a/open ")  # open at the crash: comes back
+    client.call(b"set empty 0 0 1\r\nx\r\n")
+    assert get_many(client, "empty", 1) == [b"x"]
+    server.kill()
+    log = start_logged(server)
+    recovered = a + b[1:]
+    assert ready_counts(log) == [(len(recovered), sum(map(len, recovered)))], log
+    assert re.search(r"recovered \d+ items, \d+ bytes in 3 queues", log), log
+
+
+def test_status_survives_a_crash(erq_factory):
+    server = erq_factory()
+    client = server.client()
+    assert client.set("q", b"kept") == b"STORED\r\n"
+    assert client.call(b"status READONLY\r\n") == b"END\r\n"
+    server.kill()
+    log = start_logged(server)
+    assert "status=READONLY" in log, log
+    client = server.client()
+    assert client.call(b"status\r\n") == b"READONLY\r\n"
+    assert client.set("q", b"refused") == b"SERVER_ERROR read only\r\n"
+    assert client.get("q") == b"VALUE q 0 4\r\nkept\r\nEND\r\n"
+    assert client.call(b"status UP\r\n") == b"END\r\n"
+    server.kill()
+    server.start()
+    client = server.client()
+    assert client.call(b"status\r\n") == b"UP\r\n"
+    assert client.set("q", b"accepted") == b"STORED\r\n"
+
+
+def test_fanout_child_survives_a_crash_and_still_receives_copies(erq_factory):
+    server = erq_factory()
+    client = server.client()
+    assert client.get("q+c") == b"END\r\n"  # the child exists from here on
+    assert client.set("q", b"one") == b"STORED\r\n"
+    server.kill()
+    server.start()
+    client = server.client()
+    assert client.stats()["queue_q_children"] == "q+c"
+    assert client.set("q", b"two") == b"STORED\r\n"
+    assert drain(client, "q+c") == [b"one", b"two"]
+    assert drain(client, "q") == [b"one", b"two"]
+    server.kill()
+    server.start()  # a child that is empty at the crash is still registered
+    client = server.client()
+    assert client.set("q", b"three") == b"STORED\r\n"
+    assert drain(client, "q+c") == [b"three"]
+
+
+# ---- 9. offline tools on a real data dir ----------------------------------------------------------
+def test_journal_dump_prints_every_record_the_server_wrote(erq_factory, impl):
+    server = erq_factory()
+    client = server.client()
+    set_many(client, "q", [b"first", b"second\r\nline", b"third"])
+    assert client.get("q/open") == b"VALUE q/open 0 5\r\nfirst\r\nEND\r\n"
+    assert client.get("q/close") == b"END\r\n"
+    assert client.get("q") == b"VALUE q 0 12\r\nsecond\r\nline\r\nEND\r\n"
+    server.kill()
+    done = erq_tool(impl, "dump", str(server.data_dir / "q"))
+    assert done.returncode == 0, done
+    records = [line.split() for line in done.stdout.splitlines() if not line.startswith("#")]
+    assert [r[1:3] for r in records] == [
+        ["ADD", "id=1"],
+        ["ADD", "id=2"],
+        ["ADD", "id=3"],
+        ["OPEN", "id=1"],
+        ["CONFIRM", "id=1"],
+        ["REMOVE", "id=2"],
+    ], done.stdout
+    assert int(records[0][0]) == HEADER_SIZE
+    assert "data=b'first'" in done.stdout and "data=b'second\\r\\nline'" in done.stdout
+    assert done.stdout.startswith("# 0000000000000001.seg")
+
+
+def test_journal_pack_shrinks_a_stopped_servers_data_dir_and_the_server_recovers_everything(
+    erq_factory, impl
+):
+    server = erq_factory()
+    client = server.client()
+    values = [kib_value(n) for n in range(3000)]  # 3 MiB: segments of 1, 2 and 4 MiB
+    set_many(client, "q", values)
+    set_many(client, "other", values[:10])
+    assert get_many(client, "q", 2950) == values[:2950]
+    assert client.get("q/open") == b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (KiB, values[2950])
+    client.close()
+    assert server.stop() == 0
+
+    queue_dir = server.data_dir / "q"
+    sizes = [p.stat().st_size for p in segment_files(queue_dir)]
+    done = erq_tool(impl, "pack", str(server.data_dir))
+    assert done.returncode == 0, done
+    after = sum(p.stat().st_size for p in segment_files(queue_dir))
+    # History is gone: what is left is the live data and one (preallocated) segment.
+    assert after < sum(sizes) and after <= max(sizes) + 2 * 51 * KiB + 64 * KiB, (sizes, after)
+    assert f"q: 50 item(s), {sum(sizes)} -> {after} bytes" in done.stdout, done.stdout
+    checked = erq_tool(impl, "check", str(server.data_dir))
+    assert checked.returncode == 0, checked
+
+    log = start_logged(server)
+    assert ready_counts(log) == [(60, 60 * KiB)], log
+    client = server.client()
+    assert drain(client, "q") == values[2950:]
+    assert drain(client, "other") == values[:10]
