@@ -169,7 +169,7 @@ class GetOperation:
             return
         counters.get_hits += 1
         if spec.open:
-            session.open_deque(spec.name).append((queue, item.id))
+            session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
         session.out.append(value_block(session, spec.key, spec.name, item, self.gets))
 
     def _wait(self, queue: Queue, spec: KeySpec) -> None:
@@ -297,7 +297,7 @@ class MonitorOperation:
         counters = session.state.counters
         counters.cmd_get += 1
         counters.get_hits += 1
-        session.open_deque(self.name).append((self.queue, item.id))
+        session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
         session.out.append(value_block(session, self.name.encode(), self.name, item, False) + END)
         self.remaining -= 1
 
@@ -403,36 +403,29 @@ def _one_name(session: Session, args: list[bytes]) -> str | None:
     return args[0].decode("ascii")
 
 
-def cmd_delete(session: Session, args: list[bytes]) -> None:
+def _named_write(
+    session: Session, args: list[bytes], apply: Callable[[str], None], reply: bytes
+) -> None:
+    """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
     args, noreply = _noreply(args)
     name = _one_name(session, args)
     if name is None:
         return
-    state = session.state
-    if state.status != "UP":
+    if session.state.status != "UP":
         if not noreply:
             session.out.append(READ_ONLY)
         return
-    state.queues.delete(name)
+    apply(name)
     if not noreply:
-        session.out.append(DELETED)
+        session.out.append(reply)
+
+
+def cmd_delete(session: Session, args: list[bytes]) -> None:
+    _named_write(session, args, session.state.queues.delete, DELETED)
 
 
 def cmd_flush(session: Session, args: list[bytes]) -> None:
-    args, noreply = _noreply(args)
-    name = _one_name(session, args)
-    if name is None:
-        return
-    state = session.state
-    if state.status != "UP":
-        if not noreply:
-            session.out.append(READ_ONLY)
-        return
-    queue = state.queues.get(name)
-    if queue is not None:
-        queue.flush()
-    if not noreply:
-        session.out.append(END)
+    _named_write(session, args, session.state.queues.flush, END)
 
 
 def cmd_flush_all(session: Session, args: list[bytes]) -> None:

@@ -284,13 +284,19 @@ class Queue:
         return item
 
     # ---- reliable reads ----------------------------------------------------------------
-    def is_open(self, item_id: int) -> bool:
-        return item_id in self._open
+    # An OpenRead is one reservation. After open_timeout returns an item, another connection
+    # may reserve it again under the same id: owners hold the OpenRead, never the bare id.
+    def open_read(self, item_id: int) -> OpenRead | None:
+        return self._open.get(item_id)
 
-    def confirm(self, item_id: int) -> bool:
-        read = self._open.pop(item_id, None)
-        if read is None:
+    def is_open(self, read: OpenRead) -> bool:
+        return self._open.get(read.item.id) is read
+
+    def confirm(self, read: OpenRead) -> bool:
+        if not self.is_open(read):
             return False
+        item_id = read.item.id
+        del self._open[item_id]
         self._open_bytes -= len(read.item.data)
         if self._journal is not None:
             try:
@@ -301,12 +307,13 @@ class Queue:
                 log.warning("queue %s: confirm not journaled: %s", self.name, exc)
         return True
 
-    def unremove(self, item_id: int) -> bool:
+    def unremove(self, read: OpenRead) -> bool:
         """Abort an open read: the item goes back to the head, to be handed out next."""
-        read = self._open.pop(item_id, None)
-        if read is None:
+        if not self.is_open(read):
             return False
         item = read.item
+        item_id = item.id
+        del self._open[item_id]
         self._open_bytes -= len(item.data)
         if self._journal is not None:
             try:
@@ -326,9 +333,9 @@ class Queue:
         timeout = self.config.open_timeout
         if timeout is None or not self._open:
             return 0
-        stale = [rid for rid, read in self._open.items() if now - read.opened_at >= timeout]
-        for rid in reversed(stale):
-            self.unremove(rid)
+        stale = [read for read in self._open.values() if now - read.opened_at >= timeout]
+        for read in reversed(stale):
+            self.unremove(read)
         return len(stale)
 
     # ---- waiters -----------------------------------------------------------------------

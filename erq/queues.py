@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,10 @@ class QueueCollection:
         recovery = None
         if qcfg.journal and self._journal_factory is not None and self.data_dir is not None:
             journal, recovery = self._journal_factory(self.data_dir / name, qcfg)
+        elif self._journal_factory is not None and self.data_dir is not None:
+            # A memory-only queue keeps an empty directory so that the queue itself (and its
+            # fanout registration) survives a restart; its items do not.
+            (self.data_dir / name).mkdir(parents=True, exist_ok=True)
         queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
         if recovery is not None:
             queue.restore(
@@ -133,14 +138,22 @@ class QueueCollection:
     ) -> tuple[AddResult, list]:
         """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
         now = self._clock()
+        created = False
         if queue is None:
-            queue = self.get_or_create(name)
+            queue = self._queues.get(name)
+            if queue is None:
+                queue, created = self.get_or_create(name), True
         tickets = []
         result, ticket = queue.add(data, flags, expiry, now)
         if result is AddResult.STORED:
             self.total_items += 1
             if ticket is not None:
                 tickets.append(ticket)
+        elif created:
+            # PROTOCOL §10: a refused request creates no queue.
+            self.delete(name)
+            self.queue_creates -= 1
+            self.queue_deletes -= 1
         children = self._children
         if not children or name not in children:
             return result, tickets
@@ -158,8 +171,9 @@ class QueueCollection:
     def _expired(self, queue: Queue, item: Item) -> None:
         target = queue.config.expire_to_queue
         if target and target != queue.name and valid_queue_name(target.encode()):
-            self.get_or_create(target).add(item.data, item.flags, 0)
-            self.total_items += 1
+            result, _ = self.get_or_create(target).add(item.data, item.flags, 0)
+            if result is AddResult.STORED:
+                self.total_items += 1
 
     # ---- whole queues ------------------------------------------------------------------
     def delete(self, name: str) -> bool:
@@ -167,7 +181,10 @@ class QueueCollection:
         if queue is None:
             return False
         self.by_raw_name.pop(name.encode("ascii"), None)
+        memory_only = queue.journal is None
         queue.delete()
+        if memory_only and self._journal_factory is not None and self.data_dir is not None:
+            shutil.rmtree(self.data_dir / name, ignore_errors=True)
         parent, plus, _ = name.partition("+")
         if plus and parent in self._children:
             kids = self._children[parent]
@@ -177,6 +194,11 @@ class QueueCollection:
                 del self._children[parent]
         self.queue_deletes += 1
         return True
+
+    def flush(self, name: str) -> None:
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.flush()
 
     def flush_all(self) -> None:
         for queue in self:

@@ -147,7 +147,7 @@ class Server:
             new = load_config(self.config.path, cli=self._cli)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            return f"ERROR {exc}"
+            return f"SERVER_ERROR reload refused: {exc}"
         restart = self.config.restart_required(new)
         if restart:
             log.warning(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .journal_api import JournalError
 
 if TYPE_CHECKING:
-    from .queue import Queue
+    from .queue import OpenRead, Queue
     from .state import ServerState
 
 log = logging.getLogger("erq.session")
@@ -60,7 +60,7 @@ class Session:
         self.blocked: Any = None  # the operation waiting for an item
         self.closing = False
         self.closed = False
-        self.open_reads: dict[str, deque[tuple[Queue, int]]] = {}
+        self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
         self._hold: Any = None  # latest commit ticket; replies wait for it
         self._durable = False  # out holds DurableReply objects
         self._write = write
@@ -150,7 +150,7 @@ class Session:
         self.abort_all()
 
     # ---- open reads --------------------------------------------------------------------
-    def open_deque(self, name: str) -> deque[tuple[Queue, int]]:
+    def open_deque(self, name: str) -> deque[tuple[Queue, OpenRead]]:
         reads = self.open_reads.get(name)
         if reads is None:
             reads = self.open_reads[name] = deque()
@@ -160,7 +160,7 @@ class Session:
         reads = self.open_reads.get(name)
         if not reads:
             return 0
-        live = deque((q, i) for q, i in reads if q.is_open(i))
+        live = deque((q, r) for q, r in reads if q.is_open(r))
         self.open_reads[name] = live
         return len(live)
 
@@ -169,8 +169,8 @@ class Session:
         if not reads:
             return False
         while reads:
-            queue, item_id = reads[0]
-            if queue.is_open(item_id):
+            queue, read = reads[0]
+            if queue.is_open(read):
                 return True
             reads.popleft()
         return False
@@ -179,16 +179,16 @@ class Session:
         """Confirm this connection's oldest open read on ``name`` (False if none)."""
         reads = self.open_reads.get(name)
         while reads:
-            queue, item_id = reads.popleft()
-            if queue.confirm(item_id):
+            queue, read = reads.popleft()
+            if queue.confirm(read):
                 return True
         return False
 
     def abort_oldest(self, name: str) -> bool:
         reads = self.open_reads.get(name)
         while reads:
-            queue, item_id = reads.popleft()
-            if queue.unremove(item_id):
+            queue, read = reads.popleft()
+            if queue.unremove(read):
                 return True
         return False
 
@@ -196,8 +196,8 @@ class Session:
         """Return every open read to the head of its queue, oldest at the head."""
         reads_by_queue, self.open_reads = self.open_reads, {}
         for reads in reads_by_queue.values():
-            for queue, item_id in reversed(reads):
-                queue.unremove(item_id)
+            for queue, read in reversed(reads):
+                queue.unremove(read)
 
     # ---- teardown ----------------------------------------------------------------------
     def _cancel_blocked(self) -> None:
