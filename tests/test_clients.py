@@ -14,27 +14,14 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 
 import pytest
 from pymemcache.client.base import Client
 
 import erq
 
-from conftest import ErqProcess, RawClient
-
-
-def wait_for_stat(c: RawClient, name: str, expected: object, timeout: float = 10.0) -> dict:
-    """Poll ``stats`` until ``name`` has ``expected`` (a state change we know will happen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = c.stats()
-        if stats.get(name) == str(expected):
-            return stats
-        assert time.monotonic() < deadline, (
-            f"{name} stayed {stats.get(name)!r}, wanted {expected!r}"
-        )
-        time.sleep(0.005)
+from conftest import ErqProcess
+from support import END, STORED, wait_for_stat
 
 
 def pymemcache_client(server: ErqProcess) -> Client:
@@ -94,7 +81,7 @@ def test_pymemcache_blocking_get_is_woken_by_a_set(server):
     reader.start()
     try:
         wait_for_stat(raw, "queue_work_waiters", 1)
-        assert raw.set("work", b"job-1") == b"STORED\r\n"
+        assert raw.set("work", b"job-1") == STORED
     finally:
         reader.join(30)
     assert results == [b"job-1"]
@@ -157,7 +144,7 @@ def test_memcstat_prints_the_server_stats(server):
     # memcstat asks for the version first and gives up on a major version of 0 (libmemcached
     # treats strtol() == 0 as unparsable), so this also pins a VERSION it accepts.
     raw = server.client()
-    assert raw.set("jobs", b"x") == b"STORED\r\n"
+    assert raw.set("jobs", b"x") == STORED
     result = run_tool("memcstat", server)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     lines = result.stdout.decode().splitlines()
@@ -176,7 +163,7 @@ def test_sigterm_answers_a_blocked_get_with_end_and_the_server_exits_zero(server
     blocked.send(b"get q/t=10000\r\n")
     wait_for_stat(watcher, "queue_q_waiters", 1)
     server.proc.send_signal(signal.SIGTERM)
-    assert blocked.until() == b"END\r\n"
+    assert blocked.until() == END
     assert blocked.is_closed()
     assert server.proc.wait(20) == 0
     assert watcher.is_closed()

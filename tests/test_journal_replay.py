@@ -11,6 +11,7 @@ from test_journal_support import (
     Model,
     all_items,
     item,
+    random_step,
     segment_files,
     use_codec,
     write_ops,
@@ -225,24 +226,10 @@ def test_reliable_reads_through_read_behind_survive_restarts(reopen):
     model = Model()
     next_id = 1
     for step in range(2000):
-        r = rng.random()
-        if r < 0.5:
-            it = item(next_id, size=rng.randrange(1, 300))
-            next_id += 1
-            q.add(it)
-            model.apply(OP_ADD, it)
-        elif r < 0.75:
-            got = q.take(reliable=True)
-            if got is not None:
-                model.apply(OP_OPEN, id=got.id)
-        elif q.open:
-            oldest = next(iter(q.open))
-            if r < 0.9:
-                q.confirm(oldest)
-                model.apply(OP_CONFIRM, id=oldest)
-            else:
-                q.abort(oldest)
-                model.apply(OP_UNREMOVE, id=oldest)
+        # no plain takes (take == add): adds, reliable reads, confirms and aborts only
+        next_id = random_step(
+            q, model, rng, next_id, add=0.5, take=0.5, reliable=0.75, confirm=0.9, max_size=300
+        )
         q.maybe_compact()
         if step % 400 == 399:
             journal, rec = reopen(segment_size=16 * KiB, max_memory_size=1500)

@@ -204,6 +204,48 @@ def env_for(impl: str) -> dict:
     return env
 
 
+def random_step(
+    q: MiniQueue,
+    model: Model,
+    rng,
+    next_id: int,
+    *,
+    add: float,
+    take: float,
+    reliable: float,
+    confirm: float,
+    max_size: int,
+    force_add: bool = False,
+) -> int:
+    """One random operation on ``q``, applied to ``model`` too, chosen by one ``rng.random()``
+    draw ``r``: an add of 1 to ``max_size - 1`` bytes when ``r < add`` (or ``force_add``), a
+    plain take when ``r < take``, a reliable take when ``r < reliable``, else the oldest open
+    read is confirmed (``r < confirm``) or aborted. Returns the next unused item id."""
+    r = rng.random()
+    if r < add or force_add:
+        it = item(next_id, size=rng.randrange(1, max_size))
+        q.add(it)
+        model.apply(OP_ADD, it)
+        return next_id + 1
+    if r < take:
+        got = q.take()
+        if got is not None:
+            model.apply(OP_REMOVE, id=got.id)
+    elif r < reliable:
+        got = q.take(reliable=True)
+        if got is not None:
+            model.apply(OP_OPEN, id=got.id)
+    elif q.open:
+        oldest = next(iter(q.open))
+        if r < confirm:
+            q.confirm(oldest)
+            model.apply(OP_CONFIRM, id=oldest)
+        else:
+            q.abort(oldest)
+            model.apply(OP_UNREMOVE, id=oldest)
+    return next_id
+
+
 def run_scenario(
     journal: QueueJournal, max_memory: int, seed: int, steps: int
 ) -> tuple[MiniQueue, Model]:
@@ -217,28 +259,18 @@ def run_scenario(
     model = Model()
     next_id = 1
     for step in range(steps):
-        r = rng.random()
-        if r < 0.55 or step > steps - 40:
-            it = item(next_id, size=rng.randrange(1, 500))
-            next_id += 1
-            q.add(it)
-            model.apply(OP_ADD, it)
-        elif r < 0.7:
-            got = q.take()
-            if got is not None:
-                model.apply(OP_REMOVE, id=got.id)
-        elif r < 0.85:
-            got = q.take(reliable=True)
-            if got is not None:
-                model.apply(OP_OPEN, id=got.id)
-        elif q.open:
-            oldest = next(iter(q.open))
-            if r < 0.95:
-                q.confirm(oldest)
-                model.apply(OP_CONFIRM, id=oldest)
-            else:
-                q.abort(oldest)
-                model.apply(OP_UNREMOVE, id=oldest)
+        next_id = random_step(
+            q,
+            model,
+            rng,
+            next_id,
+            add=0.55,
+            take=0.7,
+            reliable=0.85,
+            confirm=0.95,
+            max_size=500,
+            force_add=step > steps - 40,
+        )
     while len(q.open) < 3:
         got = q.take(reliable=True)
         model.apply(OP_OPEN, id=got.id)

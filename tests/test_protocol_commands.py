@@ -13,14 +13,27 @@ from collections import deque
 import erq
 
 from conftest import ErqProcess, RawClient
-
-VERSION_LINE = b"VERSION %s\r\n" % erq.__version__.encode()
-END = b"END\r\n"
-STORED = b"STORED\r\n"
-NOT_STORED = b"NOT_STORED\r\n"
-DELETED = b"DELETED\r\n"
-ERROR = b"ERROR\r\n"
-OK = b"OK\r\n"
+from support import (
+    DEFAULT_CONFIG,
+    DELETED,
+    END,
+    ERROR,
+    NOT_STORED,
+    OK,
+    RELOADED,
+    STORED,
+    VERSION_LINE,
+    assert_closed,
+    assert_open,
+    config,
+    one,
+    parse_blocks,
+    queue_names,
+    set_req,
+    start,
+    value,
+    wait_for_stat,
+)
 
 PER_QUEUE_FIELDS = {
     "items",
@@ -61,77 +74,6 @@ GENERAL_FIELDS = {
     "queue_deletes",
     "queue_expires",
 }
-
-
-def config(server: str = "", queues: str = "") -> str:
-    """A config file: ``[server]`` settings, then queue tables."""
-    return f"[server]\n{server}\n{queues}"
-
-
-def start(erq_factory, *, server: str = "", queues: str = "", **kw) -> ErqProcess:
-    """A server with embedded defaults, or with a config file when settings are given."""
-    if server or queues:
-        return erq_factory(config=config(server, queues), **kw)
-    return erq_factory(**kw)
-
-
-def set_req(name: bytes, data: bytes, flags: int = 0, exptime: int = 0) -> bytes:
-    return b"set %s %d %d %d\r\n%s\r\n" % (name, flags, exptime, len(data), data)
-
-
-def value(key: str, data: bytes, flags: int = 0) -> bytes:
-    return b"VALUE %s %d %d\r\n%s\r\n" % (key.encode(), flags, len(data), data)
-
-
-def one(key: str, data: bytes, flags: int = 0) -> bytes:
-    """The whole reply to a one-key get that found ``data``."""
-    return value(key, data, flags) + END
-
-
-def assert_open(c: RawClient) -> None:
-    assert c.call(b"version\r\n") == VERSION_LINE
-
-
-def assert_closed(c: RawClient) -> None:
-    assert c.is_closed()
-    assert c.buf == b""
-
-
-def wait_for_stat(c: RawClient, name: str, expected: object, timeout: float = 10.0) -> dict:
-    """Poll ``stats`` until ``name`` has ``expected`` (a state change we know will happen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = c.stats()
-        if stats.get(name) == str(expected):
-            return stats
-        assert time.monotonic() < deadline, (
-            f"{name} stayed {stats.get(name)!r}, wanted {expected!r}"
-        )
-        time.sleep(0.005)
-
-
-def parse_blocks(reply: bytes) -> dict[str, dict[str, str]]:
-    """``dump_stats`` / ``dump_config`` blocks -> {queue: {field: value}}, checking the framing."""
-    lines = reply.split(b"\r\n")
-    assert lines[-2:] == [b"END", b""]
-    blocks: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    for line in lines[:-2]:
-        if current is None:
-            assert line.startswith(b"queue '") and line.endswith(b"' {"), line
-            current = blocks[line[7:-3].decode()] = {}
-        elif line == b"}":
-            current = None
-        else:
-            assert line.startswith(b"  ") and b"=" in line, line
-            field, _, text = line[2:].partition(b"=")
-            current[field.decode()] = text.decode()
-    assert current is None
-    return blocks
-
-
-def queue_names(c: RawClient) -> set[str]:
-    return set(parse_blocks(c.call(b"dump_stats\r\n", END)))
 
 
 def queue_stats(stats: dict[str, str], name: str) -> dict[str, str]:
@@ -711,7 +653,7 @@ def test_reload_rereads_the_config_file_and_queue_settings_change_live(erq_facto
     assert c.set("q", b"a") == STORED
     assert c.set("q", b"b") == NOT_STORED
     server.write_config(config(queues='[queues."q"]\nmax_items = 2\n'))
-    assert c.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    assert c.call(b"reload\r\n") == RELOADED
     assert c.set("q", b"b") == STORED
     assert c.set("q", b"c") == NOT_STORED
     assert parse_blocks(c.call(b"dump_config q\r\n", END))["q"]["max_items"] == "2"
@@ -732,20 +674,6 @@ def test_dump_config_shows_each_existing_queue_with_canonical_values(erq_factory
     c = server.client()
     c.send(b"get cfg\r\nget plain\r\nget nv\r\nget per\r\n")
     assert [c.line() for _ in range(4)] == [END] * 4
-    defaults = {
-        "max_items": "none",
-        "max_size": "none",
-        "max_item_size": "none",
-        "max_memory_size": "134217728",
-        "max_journal_size": "1073741824",
-        "max_age": "none",
-        "max_queue_age": "none",
-        "open_timeout": "none",
-        "discard_old_when_full": "false",
-        "journal": "true",
-        "expire_to_queue": "none",
-        "fsync": "100",
-    }
     configured = {
         "max_items": "10",
         "max_size": "1024",
@@ -762,13 +690,13 @@ def test_dump_config_shows_each_existing_queue_with_canonical_values(erq_factory
     }
     expected = {
         "cfg": configured,
-        "plain": defaults,
-        "nv": dict(defaults, fsync="never"),
-        "per": dict(defaults, fsync="250"),
+        "plain": DEFAULT_CONFIG,
+        "nv": dict(DEFAULT_CONFIG, fsync="never"),
+        "per": dict(DEFAULT_CONFIG, fsync="250"),
     }
     assert parse_blocks(c.call(b"dump_config\r\n", END)) == expected
     reply = c.call(b"dump_config cfg nosuch plain\r\n", END)
-    assert parse_blocks(reply) == {"cfg": configured, "plain": defaults}
+    assert parse_blocks(reply) == {"cfg": configured, "plain": DEFAULT_CONFIG}
     assert c.call(b"dump_config nosuch\r\n", END) == END
     assert queue_names(c) == set(expected)
 

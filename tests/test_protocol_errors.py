@@ -9,78 +9,34 @@ items stored before are untouched.
 from __future__ import annotations
 
 import struct
-import time
-
-import erq
 
 from conftest import ErqProcess, RawClient
-
-VERSION_LINE = b"VERSION %s\r\n" % erq.__version__.encode()
-END = b"END\r\n"
-STORED = b"STORED\r\n"
-NOT_STORED = b"NOT_STORED\r\n"
-DELETED = b"DELETED\r\n"
-ERROR = b"ERROR\r\n"
-BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
-BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
-BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
-TOO_LONG = b"CLIENT_ERROR line too long\r\n"
-TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
-NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
-READ_ONLY = b"SERVER_ERROR read only\r\n"
-QUIESCENT = b"SERVER_ERROR quiescent\r\n"
+from support import (
+    BAD_CHUNK,
+    BAD_FORMAT,
+    BAD_NAME,
+    DELETED,
+    END,
+    ERROR,
+    NOT_STORED,
+    NOT_SUPPORTED,
+    QUIESCENT,
+    READ_ONLY,
+    RELOADED,
+    STORED,
+    TOO_LARGE,
+    TOO_LONG,
+    VERSION_LINE,
+    assert_closed,
+    assert_open,
+    queue_names,
+    set_req,
+    start,
+    wait_for_stat,
+)
 
 # A data block that is a valid request line if a server failed to skip it.
 POISON = b"delete witness\r\n"
-
-
-def config(server: str = "", queues: str = "") -> str:
-    """A config file: ``[server]`` settings, then queue tables."""
-    return f"[server]\n{server}\n{queues}"
-
-
-def start(erq_factory, *, server: str = "", queues: str = "", **kw) -> ErqProcess:
-    """A server with embedded defaults, or with a config file when settings are given."""
-    if server or queues:
-        return erq_factory(config=config(server, queues), **kw)
-    return erq_factory(**kw)
-
-
-def assert_open(c: RawClient) -> None:
-    """The connection is still served: the next reply is the answer to a new request."""
-    assert c.call(b"version\r\n") == VERSION_LINE
-
-
-def assert_closed(c: RawClient) -> None:
-    """The server closed the connection and sent nothing beyond what was already read."""
-    assert c.is_closed()
-    assert c.buf == b""
-
-
-def queue_names(c: RawClient) -> set[str]:
-    reply = c.call(b"dump_stats\r\n", END)
-    return {
-        line[len(b"queue '") : -len(b"' {")].decode()
-        for line in reply.split(b"\r\n")
-        if line.startswith(b"queue '")
-    }
-
-
-def wait_for_stat(c: RawClient, name: str, value: object, timeout: float = 10.0) -> dict:
-    """Poll ``stats`` until ``name`` has ``value`` (a state change we know will happen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = c.stats()
-        if stats.get(name) == str(value):
-            return stats
-        assert time.monotonic() < deadline, f"{name} stayed {stats.get(name)!r}, wanted {value!r}"
-        time.sleep(0.005)
-
-
-def set_req(
-    name: bytes, data: bytes, flags: bytes = b"0", exptime: bytes = b"0", extra: bytes = b""
-) -> bytes:
-    return b"set %s %s %s %d%s\r\n%s\r\n" % (name, flags, exptime, len(data), extra, data)
 
 
 class Witness:
@@ -100,6 +56,29 @@ class Witness:
         else:
             expected = b"VALUE witness/peek 9 4\r\nsafe\r\nEND\r\n"
         assert self.c.get("witness/peek") == expected
+
+
+def assert_each_closes(server: ErqProcess, requests, reply: bytes) -> None:
+    """Each request, on a connection of its own, is answered ``reply`` and the server closes
+    the connection."""
+    for request in requests:
+        c = server.client()
+        assert c.call(request) == reply, request
+        assert_closed(c)
+
+
+def assert_each_stays_open(c: RawClient, requests, reply: bytes) -> None:
+    """Each request is answered ``reply`` and the connection is still served after it."""
+    for request in requests:
+        assert c.call(request) == reply, request
+        assert_open(c)
+
+
+def assert_skipped(c: RawClient, request: bytes, reply: bytes) -> None:
+    """``request``, with a ``version`` behind it in the same send, is answered ``reply`` and
+    then the version: whatever data it carried was skipped, not read as a request."""
+    assert c.call(request + b"version\r\n") == reply, request
+    assert c.line() == VERSION_LINE
 
 
 # ---- section 2: framing ------------------------------------------------------------------
@@ -127,7 +106,7 @@ def test_line_of_exactly_max_line_bytes_is_served_and_one_byte_more_closes(serve
 
 def test_set_without_usable_byte_count_is_bad_format_and_closes(server):
     witness = Witness(server)
-    for request in (
+    requests = (
         b"set q 0 0\r\n",
         b"set q 0 0 x\r\n",
         b"set q 0 0 -1\r\n",
@@ -136,11 +115,8 @@ def test_set_without_usable_byte_count_is_bad_format_and_closes(server):
         b"set q 0 0 x noreply\r\n",
         b"set q\r\n",
         b"set\r\n",
-    ):
-        c = server.client()
-        c.send(request)
-        assert c.line() == BAD_FORMAT, request
-        assert_closed(c)
+    )
+    assert_each_closes(server, requests, BAD_FORMAT)
     witness.check()
     assert queue_names(witness.c) == {"witness"}
 
@@ -172,16 +148,13 @@ def test_item_over_server_max_item_size_is_skipped_with_server_error_and_stays_o
 
 def test_data_not_followed_by_crlf_is_bad_data_chunk_and_closes(server):
     witness = Witness(server)
-    for request in (
+    requests = (
         b"set q 0 0 3\r\nabcd\r\n",
         b"set q 0 0 3\r\nabc\n\r",
         b"set q 0 0 3\r\nabc\rx",
         b"set q 0 0 0\r\nxy",
-    ):
-        c = server.client()
-        c.send(request)
-        assert c.line() == BAD_CHUNK, request
-        assert_closed(c)
+    )
+    assert_each_closes(server, requests, BAD_CHUNK)
     witness.check()
     assert queue_names(witness.c) == {"witness"}
 
@@ -201,9 +174,7 @@ def test_bad_flags_or_exptime_skip_the_data_and_stay_open(server):
         (b"0", b"--1"),
         (b"0", b"1e3"),
     ):
-        c.send(set_req(b"q", POISON, flags, exptime) + b"version\r\n")
-        assert c.line() == BAD_FORMAT, (flags, exptime)
-        assert c.line() == VERSION_LINE
+        assert_skipped(c, set_req(b"q", POISON, flags, exptime), BAD_FORMAT)
     witness.check()
     assert queue_names(c) == {"witness"}
     # The largest flags value is fine and echoed.
@@ -225,9 +196,7 @@ def test_cache_commands_are_not_supported_by_a_queue_and_stay_open(server):
         b"touch q 10\r\n",
         b"incr witness 1\r\n",
     ):
-        c.send(request + b"version\r\n")
-        assert c.line() == NOT_SUPPORTED, request
-        assert c.line() == VERSION_LINE
+        assert_skipped(c, request, NOT_SUPPORTED)
     witness.check()
     assert queue_names(c) == {"witness"}
 
@@ -248,9 +217,8 @@ def test_binary_protocol_magic_byte_closes_without_a_reply(server):
 def test_unknown_command_is_error_and_stays_open(server):
     witness = Witness(server)
     c = server.client()
-    for request in (b"foo\r\n", b"FOO bar baz\r\n", b"gett q\r\n", b"\r\n", b"getq q\r\n"):
-        assert c.call(request) == ERROR, request
-        assert_open(c)
+    requests = (b"foo\r\n", b"FOO bar baz\r\n", b"gett q\r\n", b"\r\n", b"getq q\r\n")
+    assert_each_stays_open(c, requests, ERROR)
     witness.check()
     assert queue_names(c) == {"witness"}
 
@@ -258,10 +226,7 @@ def test_unknown_command_is_error_and_stays_open(server):
 def test_unknown_command_under_kestrel_compat_is_bare_client_error_and_closes(erq_factory):
     server = start(erq_factory, args=["--compat", "kestrel"])
     witness = Witness(server, kestrel=True)
-    for request in (b"foo\r\n", b"gett q\r\n"):
-        c = server.client()
-        assert c.call(request) == b"CLIENT_ERROR\r\n"
-        assert_closed(c)
+    assert_each_closes(server, (b"foo\r\n", b"gett q\r\n"), b"CLIENT_ERROR\r\n")
     witness.check()
 
 
@@ -301,8 +266,7 @@ def test_bad_queue_name_is_rejected_by_every_command_that_takes_one(server):
             b"dump_config %s\r\n" % name,
             b"dump_config ok %s\r\n" % name,
         ):
-            assert c.call(request + b"version\r\n") == BAD_NAME, request
-            assert c.line() == VERSION_LINE
+            assert_skipped(c, request, BAD_NAME)
     for name in [*BAD_NAMES, b""]:  # in a get, '/' starts the options: "/x" is an empty name
         for key in (
             name,
@@ -316,8 +280,7 @@ def test_bad_queue_name_is_rejected_by_every_command_that_takes_one(server):
             if not key:
                 continue  # "get" alone is a missing argument, not an empty name
             for request in (b"get %s\r\n" % key, b"gets %s\r\n" % key, b"get ok/open %s\r\n" % key):
-                assert c.call(request + b"version\r\n") == BAD_NAME, request
-                assert c.line() == VERSION_LINE
+                assert_skipped(c, request, BAD_NAME)
     # A bad key anywhere rejects the whole get before any effect.
     assert c.call(b"get ok ok/open fresh a.b\r\n") == BAD_NAME
     stats = c.stats()
@@ -334,7 +297,7 @@ def test_bad_queue_name_is_rejected_by_every_command_that_takes_one(server):
 # ---- section 4: get options ------------------------------------------------------------------
 def test_forbidden_get_option_combinations_reply_client_error_and_close(server):
     witness = Witness(server)
-    for combo in (
+    combos = (
         b"peek/open",
         b"open/peek",
         b"peek/close",
@@ -346,10 +309,8 @@ def test_forbidden_get_option_combinations_reply_client_error_and_close(server):
         b"abort/close",
         b"close/abort",
         b"t=10/peek/open",
-    ):
-        c = server.client()
-        assert c.call(b"get q/%s\r\n" % combo) == b"CLIENT_ERROR\r\n", combo
-        assert_closed(c)
+    )
+    assert_each_closes(server, [b"get q/%s\r\n" % combo for combo in combos], b"CLIENT_ERROR\r\n")
     # The whole request is rejected before any effect; the close aborts held reads.
     holder = server.client()
     assert holder.set("ok", b"one") == STORED
@@ -370,9 +331,8 @@ def test_bad_timeout_is_bad_format_and_stays_open(server):
     c = server.client()
     assert c.set("ok", b"keep") == STORED
     for value in (b"abc", b"", b"1.5", b"1e3", b"0x10", b"5ms"):
-        for key in (b"q/t=%s" % value, b"q/open/t=%s" % value, b"ok/open q/t=%s" % value):
-            assert c.call(b"get %s\r\n" % key) == BAD_FORMAT, key
-            assert_open(c)
+        keys = (b"q/t=%s" % value, b"q/open/t=%s" % value, b"ok/open q/t=%s" % value)
+        assert_each_stays_open(c, [b"get %s\r\n" % key for key in keys], BAD_FORMAT)
     stats = c.stats()
     assert (stats["queue_ok_items"], stats["queue_ok_transactions"]) == ("1", "0")
     assert queue_names(c) == {"witness", "ok"}
@@ -382,7 +342,7 @@ def test_bad_timeout_is_bad_format_and_stays_open(server):
 def test_missing_required_argument_is_bad_format_and_stays_open(server):
     witness = Witness(server)
     c = server.client()
-    for request in (
+    words = (
         b"get",
         b"gets",
         b"get   ",
@@ -394,9 +354,8 @@ def test_missing_required_argument_is_bad_format_and_stays_open(server):
         b"confirm",
         b"confirm q",
         b"verbosity",
-    ):
-        assert c.call(request + b"\r\n") == BAD_FORMAT, request
-        assert_open(c)
+    )
+    assert_each_stays_open(c, [w + b"\r\n" for w in words], BAD_FORMAT)
     assert queue_names(c) == {"witness"}
     witness.check()
 
@@ -476,9 +435,8 @@ def test_confirm_of_more_reads_than_are_open_is_error_and_confirms_nothing(serve
 def test_unknown_status_word_is_bad_status_and_stays_open(server):
     witness = Witness(server)
     c = server.client()
-    for word in (b"DOWN", b"up!", b"read_only"):
-        assert c.call(b"status %s\r\n" % word) == b"CLIENT_ERROR bad status\r\n"
-        assert_open(c)
+    words = (b"DOWN", b"up!", b"read_only")
+    assert_each_stays_open(c, [b"status %s\r\n" % w for w in words], b"CLIENT_ERROR bad status\r\n")
     assert c.call(b"status\r\n") == b"UP\r\n"
     witness.check()
 
@@ -502,9 +460,7 @@ def test_readonly_refuses_every_write_with_read_only_and_serves_reads(server):
     for item in (b"a", b"b", b"c", b"d"):
         assert c.set("q", item) == STORED
     assert c.call(b"status readonly\r\n") == END
-    for request in WRITES:
-        assert c.call(request) == READ_ONLY, request
-        assert_open(c)
+    assert_each_stays_open(c, WRITES, READ_ONLY)
     c.send(set_req(b"q", b"new", extra=b" noreply") + b"delete q noreply\r\nflush q noreply\r\n")
     c.send(b"flush_all noreply\r\n")
     assert_open(c)  # noreply refusals are silent
@@ -521,7 +477,7 @@ def test_readonly_refuses_every_write_with_read_only_and_serves_reads(server):
     assert c.call(b"monitor q 60 1\r\n", END) == b"VALUE q 0 1\r\nc\r\nEND\r\n"
     assert c.line() == END
     assert c.call(b"confirm q 1\r\n") == END
-    assert c.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    assert c.call(b"reload\r\n") == RELOADED
     assert c.call(b"status\r\n") == b"READONLY\r\n"
     assert c.call(b"status up\r\n") == END
     assert c.set("q", b"e") == STORED
@@ -550,7 +506,7 @@ def test_quiescent_refuses_writes_and_fetches_but_close_abort_and_confirm_work(s
     assert_open(waiter)
     for request in WRITES:
         assert c.call(request) == READ_ONLY, request
-    for request in (
+    fetches = (
         b"get q\r\n",
         b"gets q\r\n",
         b"get q/peek\r\n",
@@ -560,9 +516,8 @@ def test_quiescent_refuses_writes_and_fetches_but_close_abort_and_confirm_work(s
         b"get nosuch/peek\r\n",
         b"monitor q 1\r\n",
         b"monitor nosuch 1 1\r\n",
-    ):
-        assert c.call(request) == QUIESCENT, request
-        assert_open(c)
+    )
+    assert_each_stays_open(c, fetches, QUIESCENT)
     # close, confirm and abort take effect; a fetch part is refused after its close happened.
     assert holder.get("q/close") == END  # confirms a
     assert holder.call(b"confirm q 1\r\n") == END  # confirms b
@@ -571,7 +526,7 @@ def test_quiescent_refuses_writes_and_fetches_but_close_abort_and_confirm_work(s
     stats = c.stats()
     assert (stats["queue_q_items"], stats["queue_q_open_transactions"]) == ("2", "0")
     assert queue_names(c) == {"witness", "q", "empty", "mon"}
-    assert c.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    assert c.call(b"reload\r\n") == RELOADED
     assert c.call(b"status\r\n") == b"QUIESCENT\r\n"
     assert c.call(b"status up\r\n") == END
     assert c.get("q") == b"VALUE q 0 1\r\nd\r\nEND\r\n"

@@ -1,0 +1,294 @@
+"""The server with a configuration file (PROTOCOL.md section 7): the file's [server] and
+[queues.*] tables, ``ERQ_*`` variables and command-line flags over it, start-up refusal of a bad
+file, ``reload`` and SIGHUP, and the shipped ``erq.example.toml``, for both implementations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, ErqProcess, RawClient, free_port
+from support import (
+    DEFAULT_CONFIG,
+    END,
+    ERROR,
+    NOT_STORED,
+    OK,
+    RELOADED,
+    STORED,
+    TOO_LARGE,
+    poll,
+    queue_config,
+)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def toml_str(path: Path) -> str:
+    return json.dumps(str(path))
+
+
+def answers(port: int) -> bool:
+    """True when an erq server answers ``version`` on ``port``."""
+    try:
+        c = RawClient(port, timeout=5.0)
+    except OSError:
+        return False
+    try:
+        return c.call(b"version\r\n").startswith(b"VERSION ")
+    finally:
+        c.close()
+
+
+def distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+class BareErq(ErqProcess):
+    """``erq serve`` with exactly ``args``: no --port/--data-dir/--admin-port of the fixture's,
+    so the file and the environment decide. ``port`` is where the test expects it to answer.
+    With ``config_flag`` False the file is named by ``ERQ_CONFIG`` only (set it in ``env``)."""
+
+    config_flag = True
+
+    def start(self, wait: bool = True) -> BareErq:
+        env = dict(os.environ)
+        for name in [k for k in env if k.startswith("ERQ_")]:
+            del env[name]
+        if self.impl == "py":
+            env["ERQ_NO_EXTENSIONS"] = "1"
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.extra_env)
+        cmd = [sys.executable, "-m", "erq", "serve"]
+        if self.config_path is not None and self.config_flag:
+            cmd += ["--config", str(self.config_path)]
+        cmd += self.args
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - stop() closes it
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+
+@pytest.fixture
+def bare(impl: str, tmp_path: Path):
+    """Start :class:`BareErq` servers; all are killed at teardown."""
+    started: list[BareErq] = []
+
+    def make(name: str, config: str, port: int, config_flag: bool = True, **kw) -> BareErq:
+        (tmp_path / name).mkdir(exist_ok=True)
+        proc = BareErq(impl, tmp_path / name, config, **kw)
+        proc.port = port
+        proc.config_flag = config_flag
+        started.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in started:
+        proc.stop(signal.SIGKILL)
+
+
+def server_file(port: int, data_dir: Path, extra: str = "") -> str:
+    return f"[server]\nport = {port}\nadmin_port = 0\ndata_dir = {toml_str(data_dir)}\n{extra}\n"
+
+
+# ---- the file ----------------------------------------------------------------------------------
+def test_config_file_server_and_queue_tables_both_apply(erq_factory):
+    config = """
+[server]
+max_item_size = "2KiB"
+max_open_reads = 2
+compat = "kestrel"
+
+[queues.default]
+max_size = 8
+
+[queues."jobs"]
+max_items = 2
+max_size = "none"
+"""
+    proc = erq_factory(config=config)
+    c = proc.client()
+    assert c.set("jobs", b"j" * 2048) == STORED  # within the server's 2 KiB; jobs: no max_size
+    assert c.set("jobs", b"j" * 2049) == TOO_LARGE
+    assert c.set("jobs", b"second") == STORED
+    assert c.set("jobs", b"third") == NOT_STORED  # max_items = 2
+    assert c.set("other", b"12345678") == STORED  # the default table: max_size 8
+    assert c.set("other", b"9") == NOT_STORED
+    assert queue_config(c, "other") == dict(DEFAULT_CONFIG, max_size="8")
+    assert queue_config(c, "jobs") == dict(DEFAULT_CONFIG, max_items="2")
+    assert c.call(b"flush_all\r\n") == b"Flushed all queues.\r\n"  # compat = "kestrel"
+    for data in (b"a", b"b", b"c"):
+        assert c.set("w", data) == STORED
+    assert c.get("w/open") == b"VALUE w 0 1\r\na\r\nEND\r\n"
+    assert c.get("w/open") == b"VALUE w 0 1\r\nb\r\nEND\r\n"
+    assert c.call(b"get w/open\r\n") == ERROR  # max_open_reads = 2
+    assert c.is_closed()
+
+
+def test_env_overrides_the_file_and_flags_override_both(bare, tmp_path):
+    file_port, env_port, flag_port = distinct_ports(3)
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    text = server_file(file_port, dirs[0], 'compat = "kestrel"')
+
+    def check(proc: BareErq, data_dir: Path, kestrel: bool, silent: list[int]) -> None:
+        c = proc.client()
+        assert c.set("q", b"x") == STORED
+        assert (data_dir / "q").is_dir()
+        reply = b"Flushed all queues.\r\n" if kestrel else OK
+        assert c.call(b"flush_all\r\n") == reply
+        assert not any(answers(port) for port in silent)
+        assert proc.stop() == 0
+
+    # The file alone.
+    check(bare("f", text, file_port), dirs[0], kestrel=True, silent=[env_port, flag_port])
+    # ERQ_* over the file (the file itself named by ERQ_CONFIG).
+    env = {
+        "ERQ_PORT": str(env_port),
+        "ERQ_DATA_DIR": str(dirs[1]),
+        "ERQ_COMPAT": "erq",
+        "ERQ_CONFIG": str(tmp_path / "e.toml"),
+    }
+    proc = bare("e", text, env_port, config_flag=False, env=env)
+    check(proc, dirs[1], kestrel=False, silent=[file_port, flag_port])
+    # Flags over both.
+    args = ["--port", str(flag_port), "--data-dir", str(dirs[2]), "--compat", "kestrel"]
+    proc = bare("a", text, flag_port, env=env, args=args)
+    check(proc, dirs[2], kestrel=True, silent=[file_port, env_port])
+
+
+BAD_FILES = {
+    "unknown server key": ("[server]\nadmin_port = 0\nmax_lines = 70000\n", "max_lines", 3),
+    "wrong type": ('[queues."jobs"]\nmax_items = "lots"\n', "max_items", 2),
+    "negative size": ("[queues.default]\nmax_items = 5\n\nmax_size = -1\n", "max_size", 4),
+    "unknown queue option": (
+        '# jobs\n[queues."jobs"]\nmax_items = 5\nretries = 3\n',
+        "retries",
+        4,
+    ),
+    "boolean as a duration": ("[server]\nexpiry_sweep = true\n", "expiry_sweep", 2),
+    "bad fsync": ('[queues."jobs"]\n\n\nfsync = "sometimes"\n', "fsync", 4),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_config_file_stops_the_server_at_start_with_one_line_naming_key_and_line(
+    erq_factory, case
+):
+    text, key, line = BAD_FILES[case]
+    proc = erq_factory(config=text, start=False)
+    proc.start(wait=False)
+    code = proc.proc.wait(30)
+    proc.stop()
+    assert code != 0
+    out = proc.read_log().strip()
+    assert len(out.splitlines()) == 1, out  # one message, no traceback
+    assert key in out and f"line {line}" in out and str(proc.config_path) in out, out
+    assert not answers(proc.port)
+
+
+def test_bad_environment_value_stops_the_server_naming_the_variable(erq_factory):
+    proc = erq_factory(env={"ERQ_MAX_OPEN_READS": "many"}, start=False)
+    proc.start(wait=False)
+    code = proc.proc.wait(30)
+    proc.stop()
+    assert code != 0
+    out = proc.read_log().strip()
+    assert len(out.splitlines()) == 1 and "ERQ_MAX_OPEN_READS" in out, out
+
+
+# ---- reload ------------------------------------------------------------------------------------
+def test_reload_and_sighup_apply_new_queue_settings_live_and_refuse_a_bad_file(erq_factory):
+    proc = erq_factory(config='[queues."q"]\nmax_items = 5\n')
+    c = proc.client()
+    assert c.get("q+c") == END  # a fanout child: it follows its parent's table
+    for _ in range(3):
+        assert c.set("q", b"x") == STORED
+        assert c.set("other", b"y") == STORED
+    assert queue_config(c, "q")["max_items"] == "5"
+    assert queue_config(c, "q+c")["max_items"] == "5"
+    # The reload command: existing queues ("q" own table, "other" the default) and new ones.
+    proc.write_config('[queues.default]\nmax_items = 3\n[queues."q"]\nmax_items = 3\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("q", b"x") == NOT_STORED
+    assert c.set("other", b"y") == NOT_STORED
+    assert [c.set("new", b"n") for _ in range(4)] == [STORED] * 3 + [NOT_STORED]
+    assert [queue_config(c, q)["max_items"] for q in ("q", "other", "new")] == ["3", "3", "3"]
+    assert c.set("q+c", b"direct") == NOT_STORED  # 3 copies, and it inherits q's new limit
+    # SIGHUP does the same.
+    proc.write_config('[queues.default]\nmax_items = 3\n[queues."q"]\nmax_items = 4\n')
+    proc.proc.send_signal(signal.SIGHUP)
+    poll(lambda: queue_config(c, "q")["max_items"] == "4", "SIGHUP to reload")
+    assert c.set("q", b"x") == STORED
+    assert c.set("q", b"x") == NOT_STORED
+    assert queue_config(c, "q+c")["max_items"] == "4"
+    # A bad file is refused with a message naming the key and its line; nothing changes.
+    proc.write_config('[queues."q"]\nmax_items = 10\nmax_itemz = 2\n')
+    reply = c.call(b"reload\r\n")
+    assert re.fullmatch(rb"(ERROR|CLIENT_ERROR|SERVER_ERROR) .*\r\n", reply), reply
+    assert b"max_itemz" in reply and b"line 3" in reply, reply
+    assert c.call(b"version\r\n").startswith(b"VERSION ")  # the connection stays open
+    assert queue_config(c, "q")["max_items"] == "4"
+    assert c.set("q", b"x") == NOT_STORED  # still 4, not 10
+    assert c.set("other", b"y") == NOT_STORED  # the default is still 3, not unlimited
+    log_mentions = proc.read_log().count("max_itemz")
+    assert log_mentions >= 1
+    # A bad file at SIGHUP: logged, the server keeps running with the same settings.
+    proc.proc.send_signal(signal.SIGHUP)
+    poll(lambda: proc.read_log().count("max_itemz") > log_mentions, "SIGHUP's refusal in the log")
+    assert proc.proc.poll() is None
+    assert queue_config(c, "q")["max_items"] == "4" and queue_config(c, "new")["max_items"] == "3"
+    # A good file again applies again.
+    proc.write_config('[queues."q"]\nmax_items = 10\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("q", b"x") == STORED and c.set("other", b"y") == STORED
+
+
+def test_reload_reports_host_port_and_data_dir_changes_as_needing_a_restart(bare, tmp_path):
+    port, other_port = distinct_ports(2)
+    data_dir, other_dir = tmp_path / "d", tmp_path / "d2"
+    proc = bare("r", server_file(port, data_dir), port)
+    c = proc.client()
+    assert c.set("q", b"x") == STORED
+    changed = server_file(other_port, other_dir, 'host = "127.0.0.2"')
+    proc.write_config(changed + '[queues."q"]\nmax_items = 1\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    log = proc.read_log()
+    warning = [line for line in log.splitlines() if "restart" in line]
+    assert warning, log
+    assert all(key in " ".join(warning) for key in ("host", "port", "data_dir")), warning
+    # The rest of the file applied; the listener and the data directory did not move.
+    assert c.set("q", b"y") == NOT_STORED
+    assert answers(port) and not answers(other_port)
+    assert c.set("r", b"z") == STORED
+    assert (data_dir / "r").is_dir() and not other_dir.exists()
+
+
+def test_example_config_starts_a_server_with_the_default_settings(erq_factory):
+    text = (ROOT / "erq.example.toml").read_text()
+    proc = erq_factory(config=text)  # the fixture's --port/--data-dir/--admin-port win
+    c = proc.client()
+    assert c.set("jobs", b"x") == STORED
+    assert queue_config(c, "jobs") == DEFAULT_CONFIG
+    assert c.get("jobs") == b"VALUE jobs 0 1\r\nx\r\nEND\r\n"
+    assert c.call(b"flush_all\r\n") == OK  # compat = "erq"
+    assert c.call(b"reload\r\n") == RELOADED
+    assert proc.stop() == 0
+    noise = [
+        line
+        for line in proc.read_log().splitlines()
+        if (" WARNING " in line or " ERROR " in line) and "pure-Python build" not in line
+    ]
+    assert noise == []

@@ -1,0 +1,744 @@
+"""Queue policies end to end (PROTOCOL.md sections 7 and 10): every queue key's default, its
+effect exactly at the boundary, and how it meets reliable reads and the journal, through a real
+server process and socket, for both implementations.
+
+Nothing here sleeps to hope: a change that only time brings (an expiry, a timeout, a sweep) is
+polled for with a deadline, and a check that must not race a sweep first waits for the server's
+first expiry sweep with ``expiry_sweep = "1d"``, after which no sweep comes for a day.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from conftest import ErqProcess, RawClient
+from support import (
+    DEFAULT_CONFIG,
+    DELETED,
+    END,
+    ERROR,
+    NOT_STORED,
+    READ_ONLY,
+    RELOADED,
+    STORED,
+    TOO_LARGE,
+    MiB,
+    dump_config,
+    one,
+    parse_blocks,
+    poll,
+    set_req,
+)
+
+QUIET_SWEEP = '[server]\nexpiry_sweep = "1d"\n'
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def qstats(c: RawClient, name: str) -> dict[str, str] | None:
+    """One queue's ``dump_stats`` fields, or None when the queue does not exist."""
+    return parse_blocks(c.call(b"dump_stats %s\r\n" % name.encode(), END)).get(name)
+
+
+def qint(c: RawClient, name: str, field: str) -> int:
+    stats = qstats(c, name)
+    assert stats is not None, f"queue {name} does not exist"
+    return int(stats[field])
+
+
+def item_or_none(c: RawClient, key: str) -> bytes | None:
+    """The reply to ``get key`` when it found an item, else None (for polling)."""
+    reply = c.get(key)
+    return None if reply == END else reply
+
+
+def flush_expired(c: RawClient, name: str) -> int:
+    return int(c.call(b"flush_expired %s\r\n" % name.encode()))
+
+
+def drain(c: RawClient, name: str) -> list[bytes]:
+    """Every item of ``name`` by plain gets, in the order the queue hands them out."""
+    out = []
+    while True:
+        reply = c.get(name)
+        if reply == END:
+            return out
+        head, _, rest = reply.partition(b"\r\n")
+        size = int(head.split()[3])
+        out.append(rest[:size])
+
+
+def pipeline_sets(c: RawClient, queue: str, payloads: list[bytes], **kw) -> list[bytes]:
+    """All sets in one send; the replies, in order."""
+    c.send(b"".join(set_req(queue.encode(), p, **kw) for p in payloads))
+    return [c.line() for _ in payloads]
+
+
+def quiet_sweep(c: RawClient) -> None:
+    """With ``expiry_sweep = "1d"``: wait until the server's first expiry sweep has run (it
+    removes an already-expired sentinel without any request on its queue); the next sweep is a
+    day away, so expired items stay until a get or ``flush_expired`` removes them."""
+    assert c.set("sentinel", b"s", exptime=-1) == STORED
+    poll(lambda: qint(c, "sentinel", "items") == 0, "the first expiry sweep")
+
+
+def start(erq_factory, config: str | None = None, **kw) -> tuple[ErqProcess, RawClient]:
+    proc = erq_factory(config=config, **kw)
+    return proc, proc.client()
+
+
+def restart(proc: ErqProcess, crash: bool) -> RawClient:
+    """SIGKILL (``crash``) or graceful stop, start again, and a fresh client."""
+    code = proc.stop(signal.SIGKILL if crash else signal.SIGTERM)
+    assert code == (-signal.SIGKILL if crash else 0)
+    proc.start()
+    return proc.client()
+
+
+# ---- defaults and dump_config ------------------------------------------------------------------
+def test_defaults_impose_no_limits_and_dump_config_shows_them_canonically(erq_factory):
+    proc, c = start(erq_factory)
+    assert c.set("q", b"x") == STORED
+    assert dump_config(c, "q") == {"q": DEFAULT_CONFIG}
+    assert list(dump_config(c, "q")["q"]) == list(DEFAULT_CONFIG)  # the spec's key order
+    # max_items / max_size none: nothing is ever full.
+    assert pipeline_sets(c, "q", [b"%03d" % i * 25 for i in range(400)]) == [STORED] * 400
+    # max_item_size none: the server's 64 MiB applies, a 1 MiB item is fine.
+    assert c.set("big", b"b" * MiB) == STORED
+    # expiry none, open_timeout none: an item and an open read stay as they are.
+    assert c.get("q/open") == one("q/open", b"x")
+    stats = qstats(c, "q")
+    assert (stats["items"], stats["open_transactions"], stats["discarded"]) == ("400", "1", "0")
+    assert stats["expired_items"] == "0" and stats["canceled_transactions"] == "0"
+    # dump_config of a queue that does not exist shows nothing and creates nothing.
+    assert c.call(b"dump_config nosuch\r\n", END) == END
+    assert qstats(c, "nosuch") is None
+    # journal true: everything (the open read back at the head) survives a crash.
+    c = restart(proc, crash=True)
+    assert qint(c, "q", "items") == 401 and qint(c, "big", "bytes") == MiB
+    assert c.get("q") == one("q", b"x")
+
+
+def test_dump_config_shows_overrides_defaults_and_fanout_inheritance_canonically(erq_factory):
+    config = """
+[queues.default]
+max_age = "1m"
+max_memory_size = "64MiB"
+
+[queues."o"]
+max_items = 5
+max_size = "4KiB"
+max_item_size = "1KiB"
+max_memory_size = 2048
+max_journal_size = "64MiB"
+max_age = "2s"
+max_queue_age = "1h"
+open_timeout = "30s"
+discard_old_when_full = true
+journal = false
+expire_to_queue = "dead"
+fsync = "always"
+
+[queues."o+k"]
+fsync = "50ms"
+max_items = "none"
+
+[queues."n"]
+fsync = "never"
+max_journal_size = 65536
+max_age = "none"
+"""
+    proc, c = start(erq_factory, config)
+    for name in ("plain", "plain+k", "o", "o+k", "n"):
+        assert c.get(name) == END  # creates the queue
+    got = dump_config(c, "plain", "o", "o+k", "n", "plain+k", "absent")
+    assert list(got) == ["plain", "o", "o+k", "n", "plain+k"]  # the order asked; absent left out
+    defaults = dict(DEFAULT_CONFIG, max_age="60000", max_memory_size=str(64 * MiB))
+    assert got["plain"] == defaults
+    assert got["plain+k"] == defaults  # a child of an unconfigured parent: the defaults
+    override = {
+        "max_items": "5",
+        "max_size": "4096",
+        "max_item_size": "1024",
+        "max_memory_size": "2048",
+        "max_journal_size": str(64 * MiB),
+        "max_age": "2000",
+        "max_queue_age": "3600000",
+        "open_timeout": "30000",
+        "discard_old_when_full": "true",
+        "journal": "false",
+        "expire_to_queue": "dead",
+        "fsync": "always",
+    }
+    assert got["o"] == override
+    assert got["o+k"] == dict(override, fsync="50", max_items="none")  # inherits, then its own
+    assert got["n"] == dict(defaults, fsync="never", max_journal_size="65536", max_age="none")
+    # Without names: every existing queue.
+    assert sorted(dump_config(c)) == ["n", "o", "o+k", "plain", "plain+k"]
+
+
+# ---- max_items, max_size, max_item_size --------------------------------------------------------
+def test_queue_is_full_when_items_or_bytes_reach_the_limit_before_the_add_not_counting_open_reads(
+    erq_factory,
+):
+    config = """
+[queues."q"]
+max_items = 2
+[queues."s"]
+max_size = 10
+[queues."zero"]
+max_items = 0
+[queues."zerob"]
+max_size = 0
+"""
+    proc, c = start(erq_factory, config)
+    # max_items = 2: two fit, the third is refused; a refusal counts nowhere.
+    assert c.set("q", b"a") == STORED
+    assert c.set("q", b"b") == STORED
+    assert c.set("q", b"c") == NOT_STORED
+    stats = qstats(c, "q")
+    assert (stats["items"], stats["total_items"], stats["discarded"]) == ("2", "2", "0")
+    # An open read leaves items: the queue takes one more; its return may overfill the queue.
+    assert c.get("q/open") == one("q/open", b"a")
+    assert c.set("q", b"c") == STORED
+    assert c.set("q", b"d") == NOT_STORED
+    assert c.get("q/abort") == END
+    assert qint(c, "q", "items") == 3
+    assert c.set("q", b"d") == NOT_STORED
+    assert drain(c, "q") == [b"a", b"b", b"c"]
+    # max_size = 10: full once bytes >= 10 before the add (an add may overshoot the limit).
+    assert c.set("s", b"123456789") == STORED  # 0 < 10
+    assert c.set("s", b"X") == STORED  # 9 < 10, now exactly 10
+    assert c.set("s", b"Y") == NOT_STORED  # 10 >= 10
+    assert c.get("s/open") == one("s/open", b"123456789")  # bytes 1: room again
+    assert c.set("s", b"a much longer item than ten bytes") == STORED  # 1 < 10
+    assert qint(c, "s", "bytes") == 34
+    assert c.set("s", b"Z") == NOT_STORED
+    assert c.get("s/close") == END
+    assert drain(c, "s") == [b"X", b"a much longer item than ten bytes"]
+    # A limit of zero refuses every item, empty ones included.
+    assert c.set("zero", b"x") == NOT_STORED
+    assert c.set("zerob", b"") == NOT_STORED
+    # Refused items are not in the journal either.
+    c = restart(proc, crash=True)
+    assert qint(c, "s", "items") == 0 and qint(c, "q", "items") == 0
+    assert c.get("zero") == END and c.get("zerob") == END
+
+
+def test_queue_max_item_size_refuses_with_not_stored_server_limit_with_too_large(erq_factory):
+    config = """
+[server]
+max_item_size = 1024
+[queues."small"]
+max_item_size = 100
+[queues."big"]
+max_item_size = "1MiB"
+"""
+    proc, c = start(erq_factory, config)
+    assert c.set("small", b"s" * 100) == STORED
+    assert c.set("small", b"s" * 101) == NOT_STORED
+    assert c.set("small", b"s" * 1025) == TOO_LARGE  # the server's limit is checked first
+    assert c.set("big", b"b" * 1024) == STORED
+    assert c.set("big", b"b" * 1025) == TOO_LARGE  # a larger queue limit does not lift it
+    assert c.set("other", b"o" * 1024) == STORED
+    assert c.set("other", b"o" * 1025) == TOO_LARGE
+    assert c.call(b"version\r\n").startswith(b"VERSION ")  # the connection stays open
+    assert [qint(c, q, "total_items") for q in ("small", "big", "other")] == [1, 1, 1]
+    assert c.stats()["total_items"] == "3"
+
+
+def test_discard_old_when_full_drops_from_the_head_counts_discarded_and_stays_dropped(
+    erq_factory,
+):
+    config = """
+[queues."d"]
+max_items = 3
+discard_old_when_full = true
+[queues."ds"]
+max_size = 10
+discard_old_when_full = true
+"""
+    proc, c = start(erq_factory, config)
+    assert pipeline_sets(c, "d", [b"1", b"2", b"3", b"4", b"5"]) == [STORED] * 5
+    stats = qstats(c, "d")
+    assert (stats["items"], stats["discarded"], stats["total_items"]) == ("3", "2", "5")
+    assert c.get("d/peek") == one("d/peek", b"3")
+    # By bytes: 4 + 4 = 8 < 10 takes a third (12); the fourth first drops the head (8).
+    assert pipeline_sets(c, "ds", [b"aaaa", b"bbbb", b"cccc", b"dddd"]) == [STORED] * 4
+    assert (qint(c, "ds", "discarded"), qint(c, "ds", "bytes")) == (1, 12)
+    # Open reads are not discarded and not counted: with "3" open, "4" "5" fill 2 of 3.
+    assert c.get("d/open") == one("d/open", b"3")
+    assert c.set("d", b"6") == STORED
+    assert qint(c, "d", "discarded") == 2
+    assert c.set("d", b"7") == STORED  # full (4 5 6): drops "4"
+    assert qint(c, "d", "discarded") == 3
+    # A crash: discarded items stay gone, the open read comes back at the head.
+    c = restart(proc, crash=True)
+    assert qint(c, "d", "items") == 4
+    assert c.get("d/peek") == one("d/peek", b"3")
+    assert qint(c, "ds", "items") == 3
+    assert c.set("d", b"8") == STORED  # drops "3" and "5"
+    assert qint(c, "d", "discarded") == 2
+    # A graceful restart: the same.
+    c = restart(proc, crash=False)
+    assert drain(c, "d") == [b"6", b"7", b"8"]
+    assert drain(c, "ds") == [b"bbbb", b"cccc", b"dddd"]
+
+
+# ---- expiry -------------------------------------------------------------------------------------
+def _expiry_case(c: RawClient, name: str, exptime: int, alive: bool, key: str | None = None):
+    assert c.set(name, b"v", flags=3, exptime=exptime) == STORED
+    reply = c.get(name)
+    if alive:
+        assert reply == (one(name, b"v", 3) if key is None else one(key, b"v")), (name, exptime)
+        assert qint(c, name, "expired_items") == 0
+    else:
+        assert reply == END, (name, exptime)
+        assert qint(c, name, "expired_items") == 1, (name, exptime)
+
+
+def test_exptime_zero_never_relative_up_to_thirty_days_absolute_beyond_negative_expired(
+    erq_factory,
+):
+    proc, c = start(erq_factory)
+    now = int(time.time())
+    _expiry_case(c, "zero", 0, alive=True)
+    _expiry_case(c, "rel", 2_592_000, alive=True)  # 30 days from now
+    _expiry_case(c, "abs1970", 2_592_001, alive=False)  # 31 Jan 1970
+    _expiry_case(c, "kthresh", 1_500_000, alive=True)  # relative: only Kestrel calls it absolute
+    _expiry_case(c, "future", now + 3600, alive=True)
+    _expiry_case(c, "past", now - 3600, alive=False)
+    _expiry_case(c, "neg", -1, alive=False)
+    _expiry_case(c, "negbig", -2_592_001, alive=False)
+
+
+def test_kestrel_compat_makes_one_million_seconds_the_absolute_threshold(erq_factory):
+    proc, c = start(erq_factory, args=["--compat", "kestrel"])
+    now = int(time.time())
+    _expiry_case(c, "zero", 0, alive=True, key="zero")
+    _expiry_case(c, "rel", 1_000_000, alive=True, key="rel")
+    _expiry_case(c, "abs", 1_000_001, alive=False)
+    _expiry_case(c, "k15", 1_500_000, alive=False)  # 1970 under Kestrel's rule
+    _expiry_case(c, "future", now + 3600, alive=True, key="future")
+    _expiry_case(c, "neg", -1, alive=False)
+
+
+def test_expired_heads_go_lazily_at_get_and_by_flush_expired_and_stay_gone(erq_factory):
+    proc, c = start(erq_factory, QUIET_SWEEP)
+    quiet_sweep(c)
+    # Lazy removal: the get skips (and counts) expired heads, then returns the live item.
+    for exptime in (-1, -1, 0, -1):
+        assert c.set("lazy", b"e%d" % exptime, exptime=exptime) == STORED
+    assert qint(c, "lazy", "items") == 4  # nothing removed them yet
+    assert c.get("lazy") == one("lazy", b"e0")
+    stats = qstats(c, "lazy")
+    assert (stats["items"], stats["expired_items"]) == ("1", "2")
+    assert c.get("lazy") == END
+    assert qint(c, "lazy", "expired_items") == 3
+    # flush_expired answers how many it removed; a 1-second item is polled until it expires.
+    assert pipeline_sets(c, "f", [b"a", b"b", b"c"], exptime=-1) == [STORED] * 3
+    assert c.set("f", b"live") == STORED
+    assert flush_expired(c, "f") == 3
+    assert flush_expired(c, "f") == 0
+    assert c.set("one", b"soon", exptime=1) == STORED
+    assert c.set("one", b"later", exptime=0) == STORED
+    assert poll(lambda: flush_expired(c, "one"), "a 1 s item to expire") == 1
+    assert (qint(c, "one", "items"), qint(c, "one", "expired_items")) == (1, 1)
+    assert c.call(b"flush_expired nosuch\r\n") == b"0\r\n"
+    assert qstats(c, "nosuch") is None
+    # Expired items removed before a crash or a restart do not come back.
+    for crash in (True, False):
+        c = restart(proc, crash)
+        assert qint(c, "f", "items") == 1 and qint(c, "one", "items") == 1
+        assert qint(c, "lazy", "items") == 0
+    assert c.get("f") == one("f", b"live") and c.get("one") == one("one", b"later")
+
+
+def test_expiry_sweep_removes_expired_heads_without_any_request(erq_factory):
+    config = """
+[server]
+expiry_sweep = "100ms"
+[queues."sw"]
+expire_to_queue = "swdead"
+"""
+    proc, c = start(erq_factory, config)
+    assert c.set("q", b"one second", exptime=1) == STORED
+    assert c.set("q2", b"expired", exptime=-1) == STORED
+    assert c.set("sw", b"moved", flags=5, exptime=1) == STORED
+    assert c.set("keep", b"forever") == STORED
+    poll(lambda: qint(c, "q", "items") == 0, "the sweep to remove q's head")
+    poll(lambda: qint(c, "q2", "items") == 0, "the sweep to remove q2's head")
+    poll(lambda: qint(c, "sw", "items") == 0, "the sweep to remove sw's head")
+    assert [qint(c, q, "expired_items") for q in ("q", "q2", "sw", "keep")] == [1, 1, 1, 0]
+    assert qint(c, "keep", "items") == 1
+    assert c.get("swdead") == one("swdead", b"moved", 5)
+
+
+def test_max_age_caps_expiry_of_items_with_none_or_a_later_one(erq_factory):
+    config = """
+[queues."m"]
+max_age = "300ms"
+[queues."long"]
+max_age = "1d"
+"""
+    proc, c = start(erq_factory, config)
+    assert c.set("m", b"no expiry", exptime=0) == STORED
+    assert c.set("m", b"one hour", exptime=3600) == STORED
+    assert c.set("m", b"expired", exptime=-1) == STORED  # an earlier expiry is kept
+
+    def all_expired():
+        flush_expired(c, "m")
+        return qint(c, "m", "expired_items") == 3
+
+    poll(all_expired, "max_age to expire both capped items")
+    assert qint(c, "m", "items") == 0 and c.get("m") == END
+    # A cap that is later than the item's own expiry changes nothing.
+    assert c.set("long", b"gone", exptime=-1) == STORED
+    assert c.set("long", b"stays", exptime=0) == STORED
+    assert c.get("long") == one("long", b"stays")
+    assert qint(c, "long", "expired_items") == 1
+    c = restart(proc, crash=True)
+    assert qint(c, "m", "items") == 0
+
+
+def test_expire_to_queue_moves_expired_items_with_flags_and_without_expiry(erq_factory):
+    config = (
+        QUIET_SWEEP
+        + """
+[queues."e"]
+expire_to_queue = "dead"
+[queues."em"]
+expire_to_queue = "dead"
+max_age = "200ms"
+"""
+    )
+    proc, c = start(erq_factory, config)
+    quiet_sweep(c)
+    before = int(c.stats()["total_items"])
+    assert c.set("e", b"first", flags=7, exptime=-1) == STORED
+    assert c.set("e", b"second", flags=9, exptime=-1) == STORED
+    assert c.set("e", b"live", flags=3) == STORED
+    assert flush_expired(c, "e") == 2
+    stats = qstats(c, "e")
+    assert (stats["items"], stats["expired_items"]) == ("1", "2")
+    assert qint(c, "dead", "items") == 2
+    assert int(c.stats()["total_items"]) == before + 5  # 3 sets + 2 moves into "dead"
+    # Lazily at a get, too.
+    assert c.set("e", b"third", flags=11, exptime=-1) == STORED
+    assert c.get("e") == one("e", b"live", 3)
+    assert c.get("e") == END
+    assert qint(c, "e", "expired_items") == 3
+    # max_age expiry moves as well; the moved copy has no expiry (its own would have passed).
+    assert c.set("em", b"aged", flags=13) == STORED
+
+    def moved():
+        flush_expired(c, "em")
+        return qint(c, "em", "expired_items") == 1
+
+    poll(moved, "max_age to expire the item in em")
+    # The moved items neither come back to their queues nor vanish from "dead" after a restart.
+    for crash in (True, False):
+        c = restart(proc, crash)
+        assert qint(c, "e", "items") == 0 and qint(c, "em", "items") == 0
+        assert qint(c, "dead", "items") == 4
+    assert c.get("dead") == one("dead", b"first", 7)
+    assert c.get("dead") == one("dead", b"second", 9)
+    assert c.get("dead") == one("dead", b"third", 11)
+    assert c.get("dead") == one("dead", b"aged", 13)
+    assert qint(c, "dead", "expired_items") == 0
+
+
+def test_expired_item_refused_by_a_full_expire_to_queue_is_not_counted_as_stored(erq_factory):
+    config = (
+        QUIET_SWEEP
+        + """
+[queues."src"]
+expire_to_queue = "full"
+[queues."full"]
+max_items = 0
+"""
+    )
+    proc, c = start(erq_factory, config)
+    quiet_sweep(c)
+    assert c.set("src", b"x", exptime=-1) == STORED
+    before = int(c.stats()["total_items"])
+    assert flush_expired(c, "src") == 1
+    assert qint(c, "src", "expired_items") == 1
+    assert qint(c, "full", "items") == 0 and qint(c, "full", "total_items") == 0
+    # "Counts are exact": an item the target refused was stored nowhere.
+    assert int(c.stats()["total_items"]) == before
+
+
+# ---- max_queue_age -----------------------------------------------------------------------------
+def test_max_queue_age_deletes_an_empty_idle_queue_only(erq_factory):
+    config = """
+[queues.default]
+max_queue_age = "300ms"
+"""
+    proc, c = start(erq_factory, config)
+    holder = proc.client()
+    assert c.set("busy", b"x") == STORED
+    assert c.set("held", b"y") == STORED
+    assert holder.get("held/open") == one("held/open", b"y")  # empty, but a read is open
+    assert c.get("idle") == END  # created empty
+    poll(lambda: qstats(c, "idle") is None, "the idle queue to be deleted")
+    stats = c.stats()
+    assert (stats["queue_expires"], stats["queue_deletes"]) == ("1", "0")
+    # The same sweep saw "busy" and "held", idle for longer: neither is deleted.
+    assert qint(c, "busy", "items") == 1
+    assert qint(c, "held", "open_transactions") == 1
+    assert holder.get("held/close") == END
+    # A deleted queue does not come back after a restart.
+    c = restart(proc, crash=False)
+    assert qstats(c, "idle") is None and qint(c, "busy", "items") == 1
+
+
+# ---- open_timeout ------------------------------------------------------------------------------
+OPEN_TIMEOUT = """
+[queues."t"]
+open_timeout = "300ms"
+"""
+
+
+def test_open_timeout_returns_a_read_to_the_head_by_the_timer_and_at_a_fetch(erq_factory):
+    proc, a = start(erq_factory, OPEN_TIMEOUT)
+    b = proc.client()
+    assert pipeline_sets(a, "t", [b"x", b"y"]) == [STORED] * 2
+    # The timer: with no request on the queue the read goes back to the head.
+    assert a.get("t/open") == one("t/open", b"x")
+    poll(lambda: qint(a, "t", "open_transactions") == 0, "the open read to time out")
+    stats = qstats(a, "t")
+    assert (stats["items"], stats["canceled_transactions"]) == ("2", "1")
+    assert b.get("t") == one("t", b"x")  # handed out next
+    # At a fetch (or by the timer, whichever comes first): a polling reader gets the item back.
+    assert a.get("t/open") == one("t/open", b"y")
+    assert poll(lambda: item_or_none(b, "t"), "y to come back at a fetch") == one("t", b"y")
+    assert qint(a, "t", "canceled_transactions") == 2  # counted once, whoever returned it
+    stats = qstats(a, "t")
+    assert (stats["items"], stats["open_transactions"]) == ("0", "0")
+
+
+def _time_out_and_reopen(proc: ErqProcess) -> tuple[RawClient, RawClient]:
+    """``a`` opened "x", the read timed out and ``b`` holds "x" open now, with an open_timeout
+    (reloaded) long enough that ``b``'s read stays open whatever the test's pace."""
+    a, b = proc.client(), proc.client()
+    assert a.set("t", b"x") == STORED
+    assert a.get("t/open") == one("t/open", b"x")
+    poll(lambda: qint(a, "t", "items") == 1, "the open read to time out")
+    proc.write_config('[queues."t"]\nopen_timeout = "1h"\n')
+    assert a.call(b"reload\r\n") == RELOADED
+    assert b.get("t/open") == one("t/open", b"x")
+    return a, b
+
+
+def test_timed_out_read_reopened_by_another_connection_is_not_closed_by_the_first(erq_factory):
+    proc, _ = start(erq_factory, OPEN_TIMEOUT)
+    a, b = _time_out_and_reopen(proc)
+    assert a.get("t/close") == END  # a holds nothing any more: nothing to confirm
+    assert a.call(b"confirm t 1\r\n") == ERROR
+    assert qint(a, "t", "open_transactions") == 1  # b's read is untouched
+    b.close()  # ...so b's disconnect returns it
+    poll(lambda: qint(a, "t", "items") == 1, "b's read to return at its disconnect")
+    assert a.get("t") == one("t", b"x")
+
+
+def test_timed_out_read_reopened_by_another_connection_does_not_fail_a_plain_get(erq_factory):
+    proc, _ = start(erq_factory, OPEN_TIMEOUT)
+    a, b = _time_out_and_reopen(proc)
+    assert a.call(b"get t\r\n") == END  # a holds no open read: a plain get is fine
+    assert not a.is_closed(0.2)
+    stats = qstats(a, "t")
+    assert (stats["open_transactions"], stats["items"]) == ("1", "0")
+    assert b.get("t/close") == END
+    assert qint(a, "t", "open_transactions") == 0
+
+
+# ---- fanout ------------------------------------------------------------------------------------
+def test_fanout_child_gets_copies_from_when_it_exists_and_counts_them(erq_factory):
+    proc, c = start(erq_factory)
+    assert c.set("f", b"before") == STORED
+    assert c.get("f+c") == END  # the child exists from now on
+    before = c.stats()
+    assert c.set("f", b"after", flags=4) == STORED
+    after = c.stats()
+    assert int(after["cmd_set"]) == int(before["cmd_set"]) + 1
+    assert int(after["total_items"]) == int(before["total_items"]) + 2
+    assert (after["queue_f_total_items"], after["queue_f+c_total_items"]) == ("2", "1")
+    assert after["queue_f_children"] == "f+c"
+    # A child is an ordinary queue: open, abort, set directly.
+    assert c.get("f+c/open") == one("f+c/open", b"after", 4)
+    assert c.get("f+c/abort") == END
+    assert c.set("f+c", b"direct") == STORED
+    assert drain(c, "f+c") == [b"after", b"direct"]
+    assert drain(c, "f") == [b"before", b"after"]
+    # A second child, and a status refusal refuses the copies too.
+    assert c.get("f+d") == END
+    assert sorted(c.stats()["queue_f_children"].split(",")) == ["f+c", "f+d"]
+    assert c.call(b"status READONLY\r\n") == END
+    assert c.set("f", b"refused") == READ_ONLY
+    assert c.call(b"status UP\r\n") == END
+    assert [qint(c, q, "items") for q in ("f", "f+c", "f+d")] == [0, 0, 0]
+
+
+def test_fanout_child_gets_a_copy_when_the_parent_refuses_and_the_reply_is_the_parents(
+    erq_factory,
+):
+    config = """
+[queues."r"]
+max_items = 1
+max_item_size = 4
+[queues."r+c"]
+max_items = "none"
+max_item_size = "none"
+[queues."s+c"]
+max_items = 0
+"""
+    proc, c = start(erq_factory, config)
+    assert c.get("r+c") == END
+    assert c.set("r", b"one") == STORED
+    assert c.set("r", b"two") == NOT_STORED  # parent full
+    assert c.set("r+c", b"x") == STORED
+    assert c.call(b"flush r\r\n") == END
+    assert c.set("r", b"toolong") == NOT_STORED  # over the parent's max_item_size
+    assert drain(c, "r+c") == [b"one", b"two", b"x", b"toolong"]
+    assert qint(c, "r", "total_items") == 1
+    # The other way round: a child's refusal does not change the parent's STORED.
+    assert c.get("s+c") == END
+    assert c.set("s", b"y") == STORED
+    assert (qint(c, "s", "items"), qint(c, "s+c", "items")) == (1, 0)
+
+
+def test_fanout_children_inherit_the_parents_config(erq_factory):
+    config = """
+[queues."p"]
+max_items = 1
+fsync = "always"
+"""
+    proc, c = start(erq_factory, config)
+    assert c.get("p+c") == END
+    assert dump_config(c, "p+c")["p+c"] == dict(DEFAULT_CONFIG, max_items="1", fsync="always")
+    assert c.set("p+c", b"direct") == STORED
+    assert c.set("p+c", b"again") == NOT_STORED
+    assert c.set("p", b"a") == STORED  # the copy is refused by the full child
+    assert (qint(c, "p", "items"), qint(c, "p+c", "items")) == (1, 1)
+    assert drain(c, "p+c") == [b"direct"]
+
+
+def test_deleting_a_child_unregisters_it_deleting_the_parent_does_not(erq_factory):
+    proc, c = start(erq_factory)
+    assert c.get("f+c") == END and c.get("g+c") == END
+    assert c.call(b"delete f+c\r\n") == DELETED
+    assert c.set("f", b"x") == STORED
+    assert qstats(c, "f+c") is None  # not re-created by the copy
+    assert "queue_f_children" not in c.stats()
+    assert c.call(b"delete g\r\n") == DELETED  # "g" never existed: the child stays registered
+    assert c.set("g", b"y") == STORED
+    assert c.call(b"delete g\r\n") == DELETED
+    assert c.set("g", b"z") == STORED
+    assert drain(c, "g+c") == [b"y", b"z"]
+    assert c.stats()["queue_g_children"] == "g+c"
+
+
+def test_fanout_children_survive_a_crash_and_a_restart(erq_factory):
+    proc, c = start(erq_factory)
+    assert c.get("h+c") == END  # an empty child
+    assert c.set("h", b"1") == STORED
+    c = restart(proc, crash=True)
+    assert c.set("h", b"2") == STORED
+    c = restart(proc, crash=False)
+    assert c.set("h", b"3") == STORED
+    assert drain(c, "h+c") == [b"1", b"2", b"3"]
+    assert c.stats()["queue_h_children"] == "h+c"
+
+
+def test_memory_only_fanout_child_survives_a_restart(erq_factory):
+    config = """
+[queues."j+a"]
+journal = false
+"""
+    proc, c = start(erq_factory, config)
+    assert c.get("j+a") == END
+    assert c.set("j", b"before") == STORED
+    c = restart(proc, crash=False)
+    assert c.get("j+a") == END  # its items are gone (memory only)...
+    c = restart(proc, crash=False)
+    assert c.set("j", b"after") == STORED  # ...but the child itself is still registered
+    assert c.get("j+a") == one("j+a", b"after")
+
+
+# ---- journal, fsync, max_memory_size -----------------------------------------------------------
+def test_journal_false_keeps_a_queue_in_memory_only_and_others_durable(erq_factory):
+    config = """
+[queues."mem"]
+journal = false
+"""
+    proc, c = start(erq_factory, config)
+    for crash in (True, False):
+        assert pipeline_sets(c, "mem", [b"m1", b"m2"]) == [STORED] * 2
+        assert c.set("disk", b"d") == STORED
+        assert c.get("mem/open") == one("mem/open", b"m1")
+        stats = qstats(c, "mem")
+        assert (stats["items"], stats["logsize"]) == ("1", "0")
+        c = restart(proc, crash)
+        assert c.get("mem") == END
+        assert qint(c, "mem", "items") == 0
+    assert drain(c, "disk") == [b"d", b"d"]
+
+
+def test_fsync_always_never_and_a_period_all_store_durably(erq_factory):
+    config = """
+[queues."fa"]
+fsync = "always"
+[queues."fn"]
+fsync = "never"
+[queues."fp"]
+fsync = "50ms"
+"""
+    proc, c = start(erq_factory, config)
+    payloads = [b"item %02d" % i for i in range(30)]
+    for name in ("fa", "fn", "fp"):
+        assert pipeline_sets(c, name, payloads) == [STORED] * 30
+    # Concurrent writers under "always" share fsyncs and all hear STORED.
+    writers = [proc.client() for _ in range(4)]
+    for i, w in enumerate(writers):
+        w.send(b"".join(set_req(b"fa", b"w%d-%d" % (i, j)) for j in range(10)))
+    for w in writers:
+        assert [w.line() for _ in range(10)] == [STORED] * 10
+    assert [dump_config(c, q)[q]["fsync"] for q in ("fa", "fn", "fp")] == ["always", "never", "50"]
+    c = restart(proc, crash=True)
+    assert qint(c, "fa", "items") == 70
+    for name in ("fn", "fp"):
+        assert drain(c, name) == payloads
+    assert drain(c, "fa")[:30] == payloads
+
+
+def test_max_memory_size_bounds_memory_while_the_queue_grows_and_keeps_fifo(erq_factory):
+    config = """
+[queues."rb"]
+max_memory_size = "1KiB"
+"""
+    proc, c = start(erq_factory, config)
+    payloads = [b"%04d" % i + b"." * 96 for i in range(200)]  # 20,000 bytes in 100-byte items
+    assert pipeline_sets(c, "rb", payloads[:100]) == [STORED] * 100
+    stats = qstats(c, "rb")
+    assert (stats["items"], stats["bytes"]) == ("100", "10000")
+    assert 0 < int(stats["mem_bytes"]) <= 1024
+    got = []
+    for i in range(50):
+        reply = c.get("rb")
+        got.append(reply)
+        if i % 10 == 0:
+            assert int(qstats(c, "rb")["mem_bytes"]) <= 1024
+    assert got == [one("rb", p) for p in payloads[:50]]
+    assert pipeline_sets(c, "rb", payloads[100:]) == [STORED] * 100
+    assert int(qstats(c, "rb")["mem_bytes"]) <= 1024
+    # A reliable read and its abort keep the order; a crash loses nothing and keeps it too.
+    assert c.get("rb/open") == one("rb/open", payloads[50])
+    assert c.get("rb/abort") == END
+    c = restart(proc, crash=True)
+    stats = qstats(c, "rb")
+    assert (stats["items"], stats["bytes"]) == ("150", "15000")
+    assert int(stats["mem_bytes"]) <= 1024
+    rest = drain(c, "rb")
+    assert rest == payloads[50:]
+    assert qint(c, "rb", "mem_bytes") == 0
