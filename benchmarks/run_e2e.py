@@ -603,7 +603,7 @@ class Bench:
                             f"after {how}: ready in {server.ready_s:.3f} s, "
                             f"{out.items_after[-1]} items",
                         )
-                out.disk_after = dir_bytes(data_dir)
+                out.disk_after, _ = settled_size(data_dir, limit_s=15.0)
             except (BenchError, OSError) as exc:
                 out.failure = str(exc).splitlines()[0]
             finally:
@@ -658,16 +658,19 @@ def hold_idle_connections(server: Server, count: int, deadline_s: float) -> tupl
 
 
 def settled_size(path: str, limit_s: float) -> tuple[int, float]:
-    """Size of ``path`` once background compaction stops shrinking it (at least 1 s, at most
-    ``limit_s``), and the seconds that took."""
+    """Size of ``path`` once background compaction stops changing it: unchanged for 3 s, which
+    spans the server's 1 s sweep that starts a compaction (at most ``limit_s``), and the
+    seconds that took."""
     began = time.monotonic()
     size = dir_bytes(path)
+    stable_since = began
     while time.monotonic() - began < limit_s:
         time.sleep(0.5)
         now = dir_bytes(path)
-        if now == size and time.monotonic() - began >= 1.0:
+        if now != size:
+            size, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= 3.0:
             break
-        size = now
     return size, time.monotonic() - began
 
 

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.queue")
 
 
+# RAM per queued item beyond its bytes: the Item object, the bytes object's header and the
+# ring slot. Counted against max_memory_size so that the limit bounds real memory.
+ITEM_OVERHEAD = 112
+
+
 class AddResult(enum.IntEnum):
     STORED = 0
     NOT_STORED = 1
@@ -160,7 +165,7 @@ class Queue:
     def _append(self, item: Item) -> Any:
         in_memory = (
             self._disk_items == 0
-            and self._mem_bytes + len(item.data) <= self.config.max_memory_size
+            and self._mem_cost() + len(item.data) + ITEM_OVERHEAD <= self.config.max_memory_size
         )
         ticket = None
         journal = self._journal
@@ -201,16 +206,29 @@ class Queue:
     def _refill(self) -> None:
         if not self._disk_items or self._journal is None:
             return
-        budget = self.config.max_memory_size - self._mem_bytes
-        if self._ring and budget < self.config.max_memory_size // 2:
+        limit = self.config.max_memory_size
+        if self._ring and limit - self._mem_cost() < limit // 2:
             return
-        for rec in self._journal.read_behind(max(budget, 1)):
-            item = Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
-            self._ring.push(item)
-            n = len(item.data)
-            self._mem_bytes += n
-            self._disk_items -= 1
-            self._disk_bytes -= n
+        # Read back in bounded batches until the memory budget (data + per-item overhead) is
+        # used; always at least one item, so the head can be served whatever the limit.
+        while self._disk_items:
+            budget = limit - self._mem_cost()
+            if budget <= 0 and self._ring:
+                break
+            batch = self._journal.read_behind(max(1, min(budget, 1 << 20)))
+            if not batch:
+                break  # the journal has nothing more to give back
+            for rec in batch:
+                item = Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+                self._ring.push(item)
+                n = len(item.data)
+                self._mem_bytes += n
+                self._disk_items -= 1
+                self._disk_bytes -= n
+
+    def _mem_cost(self) -> int:
+        """What the in-memory items really cost: their bytes plus a fixed overhead each."""
+        return self._mem_bytes + ITEM_OVERHEAD * len(self._ring)
 
     def _pop_head(self) -> Item:
         item = self._ring.pop()
