@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 from pymemcache.client.base import Client
@@ -157,13 +158,26 @@ def test_memcstat_prints_the_server_stats(server):
 
 
 # ---- graceful shutdown ----------------------------------------------------------------------------------
-def test_sigterm_answers_a_blocked_get_with_end_and_the_server_exits_zero(server):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_answers_a_blocked_get_with_end_and_the_server_exits_zero(server, sig):
     watcher = server.client()
     blocked = server.client()
     blocked.send(b"get q/t=10000\r\n")
     wait_for_stat(watcher, "queue_q_waiters", 1)
-    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(sig)
     assert blocked.until() == END
     assert blocked.is_closed()
     assert server.proc.wait(20) == 0
     assert watcher.is_closed()
+
+
+def test_start_up_log_names_version_implementation_loop_and_address(server):
+    implementation = "cython" if server.impl == "c" else "python"
+    wanted = (
+        f"erq {erq.__version__} ready on 127.0.0.1:{server.port} "
+        f"(implementation={implementation}, loop=uvloop"
+    )
+    deadline = time.monotonic() + 10
+    while wanted not in server.read_log():
+        assert time.monotonic() < deadline, server.read_log()
+        time.sleep(0.02)
