@@ -11,6 +11,25 @@ from collections.abc import Iterator
 from typing import Any
 
 
+class Item:
+    """One queued value. Times are wall-clock milliseconds; expiry 0 means never."""
+
+    __slots__ = ("id", "data", "flags", "add_time", "expiry")
+
+    def __init__(self, id: int, data: bytes, flags: int, add_time: int, expiry: int) -> None:
+        self.id = id
+        self.data = data
+        self.flags = flags
+        self.add_time = add_time
+        self.expiry = expiry
+
+    def expired(self, now: int) -> bool:
+        return self.expiry != 0 and self.expiry <= now
+
+    def __repr__(self) -> str:
+        return f"Item(id={self.id}, flags={self.flags}, len={len(self.data)})"
+
+
 class Ring:
     """FIFO with O(1) push (tail), push_front (head), pop (head) and peek."""
 

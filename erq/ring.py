@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._ring import Ring
+    from ._fast._ring import Item, Ring
 else:
-    from ._ring_py import Ring
+    from ._ring_py import Item, Ring
 
-__all__ = ["Ring"]
+__all__ = ["Item", "Ring"]

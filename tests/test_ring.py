@@ -127,3 +127,19 @@ def test_matches_deque_model(impl, ops):
             model.clear()
         assert len(ring) == len(model)
         assert ring.to_list() == list(model)
+
+
+def test_item_keeps_its_fields_and_knows_when_it_expired(impl):
+    Item = impl_module(impl, "_ring", "_ring_py").Item
+    item = Item(2**64 - 1, b"\r\n\x00data", 2**32 - 1, 1_700_000_000_000, 0)
+    assert (item.id, item.data, item.flags, item.add_time, item.expiry) == (
+        2**64 - 1,
+        b"\r\n\x00data",
+        2**32 - 1,
+        1_700_000_000_000,
+        0,
+    )
+    assert not item.expired(2**62)  # expiry 0: never
+    timed = Item(1, b"x", 0, 0, 1000)
+    assert not timed.expired(999)
+    assert timed.expired(1000) and timed.expired(1001)

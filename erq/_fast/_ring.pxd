@@ -1,6 +1,16 @@
 from cpython.ref cimport PyObject
 
 
+cdef class Item:
+    cdef public unsigned long long id
+    cdef public object data
+    cdef public unsigned int flags
+    cdef public long long add_time
+    cdef public long long expiry
+
+    cpdef bint expired(self, long long now)
+
+
 cdef class Ring:
     cdef PyObject** _buf
     cdef Py_ssize_t _cap

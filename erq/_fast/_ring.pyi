@@ -1,6 +1,15 @@
 from collections.abc import Iterator
 from typing import Any
 
+class Item:
+    id: int
+    data: bytes
+    flags: int
+    add_time: int
+    expiry: int
+    def __init__(self, id: int, data: bytes, flags: int, add_time: int, expiry: int) -> None: ...
+    def expired(self, now: int) -> bool: ...
+
 class Ring:
     def __init__(self, capacity: int = 16) -> None: ...
     def __len__(self) -> int: ...

@@ -10,6 +10,30 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 
 
+@cython.no_gc
+@cython.freelist(256)
+cdef class Item:
+    """One queued value (twin: erq._ring_py.Item). Times are wall-clock ms; expiry 0 = never.
+
+    Not tracked by the cyclic GC: an item holds only ints and its bytes, so it can never be
+    part of a cycle, and a deep queue of tracked items makes every full collection scan them.
+    """
+
+    def __init__(self, unsigned long long id, object data, unsigned int flags,
+                 long long add_time, long long expiry):
+        self.id = id
+        self.data = data
+        self.flags = flags
+        self.add_time = add_time
+        self.expiry = expiry
+
+    cpdef bint expired(self, long long now):
+        return self.expiry != 0 and self.expiry <= now
+
+    def __repr__(self):
+        return f"Item(id={self.id}, flags={self.flags}, len={len(self.data)})"
+
+
 cdef class Ring:
     def __cinit__(self, Py_ssize_t capacity=16):
         cdef Py_ssize_t cap = 4
