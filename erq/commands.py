@@ -103,7 +103,7 @@ def cmd_set(session: Session, req: tuple) -> None:
 class GetOperation:
     """A get of one or more keys, each run as its own get, possibly waiting (``/t=``)."""
 
-    __slots__ = ("session", "specs", "index", "gets", "waiter", "timer", "started")
+    __slots__ = ("session", "specs", "index", "gets", "waiter", "timer")
 
     def __init__(self, session: Session, specs: list[KeySpec], gets: bool) -> None:
         self.session = session
@@ -138,7 +138,7 @@ class GetOperation:
                 return True
             if not spec.peek:
                 if spec.open:
-                    if session.live_open_count(name) >= state.config.server.max_open_reads:
+                    if session.at_open_limit(name, state.config.server.max_open_reads):
                         session.close_after(ERROR)
                         return True
                 elif session.has_open(name):
@@ -271,7 +271,7 @@ class MonitorOperation:
         session = self.session
         limit = session.state.config.server.max_open_reads
         while self.remaining > 0 and session.state.status != "QUIESCENT":
-            if session.live_open_count(self.name) >= limit:
+            if session.at_open_limit(self.name, limit):
                 break
             try:
                 item = self.queue.take(True)

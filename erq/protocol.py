@@ -48,7 +48,7 @@ class MemcacheProtocol(asyncio.Protocol):
             return
         counters.curr_connections += 1
         self.session = Session(state, transport.write, transport.close, self._pause_pipeline)  # type: ignore[attr-defined]
-        state.sessions.add(self)
+        state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -66,7 +66,7 @@ class MemcacheProtocol(asyncio.Protocol):
             return
         self.session = None
         self.state.counters.curr_connections -= 1
-        self.state.sessions.discard(self)
+        self.state.connections.discard(self)
         session.connection_lost()
 
     # Flow control: stop reading from a client that does not read its replies, or whose

@@ -457,6 +457,6 @@ class Queue:
             "transactions": self.transactions,
             "canceled_transactions": self.canceled_transactions,
             "total_flushes": self.total_flushes,
-            "journal_rewrites": getattr(journal, "rewrites", 0) if journal is not None else 0,
-            "journal_rotations": getattr(journal, "rotations", 0) if journal is not None else 0,
+            "journal_rewrites": journal.rewrites if journal is not None else 0,
+            "journal_rotations": journal.rotations if journal is not None else 0,
         }

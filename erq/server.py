@@ -126,7 +126,7 @@ class Server:
             timeout = state.config.server.client_timeout
             if timeout:
                 now = state.loop.time()
-                for proto in list(state.sessions):
+                for proto in list(state.connections):
                     session = proto.session
                     if (
                         session is not None
@@ -187,7 +187,7 @@ class Server:
         await asyncio.sleep(0)  # let woken sessions run their pipelines
         if self._commit is not None:
             await self._commit.drain()
-        for proto in list(state.sessions):
+        for proto in list(state.connections):
             if proto.session is not None:
                 proto.session.flush()
             if proto.transport is not None:

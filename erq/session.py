@@ -13,8 +13,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .journal_api import JournalError
-
 if TYPE_CHECKING:
     from .queue import OpenRead, Queue
     from .state import ServerState
@@ -156,6 +154,15 @@ class Session:
             reads = self.open_reads[name] = deque()
         return reads
 
+    def at_open_limit(self, name: str, limit: int) -> bool:
+        """True when this connection holds ``limit`` live open reads on ``name``.
+
+        The deque may still hold reads that open_timeout or a delete ended; it is only
+        purged when its raw length reaches the limit, so a worker loop pays nothing.
+        """
+        reads = self.open_reads.get(name)
+        return reads is not None and len(reads) >= limit and self.live_open_count(name) >= limit
+
     def live_open_count(self, name: str) -> int:
         reads = self.open_reads.get(name)
         if not reads:
@@ -213,4 +220,4 @@ class Session:
         self.abort_all()
 
 
-__all__ = ["DurableReply", "JournalError", "Session"]
+__all__ = ["DurableReply", "Session"]

@@ -1,6 +1,6 @@
 """ServerState: what every connection shares — queues, status, config and counters.
 
-It knows no sockets; the network layer (protocol.py, server.py) feeds it sessions.
+It knows no sockets; the network layer (protocol.py, server.py) feeds it connections.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ServerState:
         self.loop = loop
         self.counters = Counters()
         self.started = time.time()
-        self.sessions: set = set()
+        self.connections: set = set()  # MemcacheProtocol objects
         self.ready = False
         self.shutdown_requested = None  # set by the server: a callable that stops it
         self.reload_requested = None  # set by the server: returns the reply line
