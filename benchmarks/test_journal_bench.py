@@ -1,6 +1,11 @@
-"""Journal codec: record encode, and the append of one ADD record into a mapped segment."""
+"""Journal codec: record encode, the append of one ADD record into a mapped segment, and the
+per-request journal path (QueueJournal.add + remove) as the server runs it."""
 
+import asyncio
 import mmap
+
+import erq.journal.codec as selector
+from erq.journal import GroupCommit, QueueJournal
 
 from conftest import load
 
@@ -35,3 +40,42 @@ def test_append_add_into_mmap(benchmark, impl):
     benchmark(append_1000)
     state["writer"].release()
     assert state["id"] >= 1000
+
+
+def journal_on(impl: str, monkeypatch) -> type[QueueJournal]:
+    """QueueJournal with ``impl``'s codec and AppendCore (QueueJournal's own base is the
+    selector's pick at import, so the other build gets the same class body over its core)."""
+    codec = load(impl, "_journal", "journal._codec_py")
+    for name in selector.__all__:
+        monkeypatch.setattr(selector, name, getattr(codec, name))
+    if QueueJournal.__base__ is codec.AppendCore:
+        return QueueJournal
+    body = {k: v for k, v in vars(QueueJournal).items() if k not in ("__dict__", "__weakref__")}
+    return type(QueueJournal)(QueueJournal.__name__, (codec.AppendCore,), body)
+
+
+def test_queue_journal_add_remove(benchmark, impl, tmp_path, monkeypatch):
+    """One set + one get of a 10-byte item, journal side, with the default fsync period: the
+    timer is armed after the first append, so the rest take the quiet path."""
+    loop = asyncio.new_event_loop()  # never run: the fsync timer stays armed, never fires
+    commit = GroupCommit(loop)
+    journal, _ = journal_on(impl, monkeypatch).open(tmp_path / "q", fsync=100, commit=commit)
+    state = {"id": 1, "rotations": 0}
+
+    def add_remove_1000():
+        add, remove = journal.add, journal.remove
+        base = state["id"]
+        for i in range(base, base + 1000):
+            add(i, 0, 1_700_000_000_000, 0, DATA)
+            remove(i)
+        state["id"] = base + 1000
+        if journal.rotations != state["rotations"]:  # drained: drop the full segments
+            state["rotations"] = journal.rotations
+            journal.compact([], [])
+
+    benchmark.group = "journal: 1000 x (QueueJournal.add + remove), 10 B, fsync period"
+    benchmark(add_remove_1000)
+    assert journal._quiet and journal.live_items == 0
+    journal.close()
+    commit.close()
+    loop.close()

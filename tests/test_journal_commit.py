@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import threading
 
@@ -232,5 +233,136 @@ def test_rotation_inside_a_batch_syncs_both_segments_and_the_directory(
         assert len(set(spy.calls)) == 2 and len(dir_syncs) == 1
         journal.close()
         commit.close()
+
+    run(main())
+
+
+def test_batches_run_on_one_reused_thread_that_close_stops(codec, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = FsyncSpy(monkeypatch)
+        for i in range(5):  # one batch each: the next append waits for the previous sync
+            await journal.add(i + 1, 0, 0, 0, b"x")
+        assert commit.batches == 5 and len(spy.calls) == 5
+        threads = [t for t in threading.enumerate() if t.name == "erq-group-commit"]
+        assert len(threads) == 1
+        journal.close()
+        commit.close()
+        assert not threads[0].is_alive()
+
+    run(main())
+
+
+def test_each_finished_batch_costs_the_loop_one_threadsafe_callback(codec, tmp_path, monkeypatch):
+    loop = asyncio.new_event_loop()  # a pure-Python loop, whose method can be wrapped
+    posted = []
+    real = loop.call_soon_threadsafe
+
+    def call_soon_threadsafe(callback, *args, **kw):
+        posted.append(threading.current_thread().name)
+        return real(callback, *args, **kw)
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journals = open_journals(tmp_path, commit, 3)
+        for j in journals:
+            await j.add(1, 0, 0, 0, b"x")
+        posted.clear()
+        batches = commit.batches
+        for _ in range(4):
+            tickets = [j.add(2, 0, 0, 0, b"y") for j in journals for _ in range(10)]
+            await asyncio.gather(*tickets)
+        assert commit.batches - batches == 4
+        assert posted == ["erq-group-commit"] * 4
+        for j in journals:
+            j.close()
+        commit.close()
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", call_soon_threadsafe)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_close_answers_the_batch_that_is_still_syncing(codec, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        await journal.add(1, 0, 0, 0, b"a")
+        spy = FsyncSpy(monkeypatch, hold=True)
+        ticket = journal.add(2, 0, 0, 0, b"b")
+        await spy.wait_entered()
+        spy.hold = False
+        spy.release()  # the fsync ends while the loop is inside close(), not yet told
+        commit.close()
+        assert ticket.done() and ticket.exception() is None
+        journal.close()
+
+    run(main())
+
+
+def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(
+    codec, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = FsyncSpy(monkeypatch, hold=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_entered()
+        second = journal.add(2, 0, 0, 0, b"b")  # waits behind the running batch
+        drain = asyncio.ensure_future(commit.drain())
+        await asyncio.sleep(0)
+        assert not drain.done()
+        spy.release()
+        await spy.wait_entered()  # the second batch started after the first ended
+        assert commit.batches == 2 and first.done() and not second.done()
+        spy.release()
+        spy.hold = False
+        await drain
+        assert first.done() and second.done() and second.exception() is None
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_failed_batch_does_not_stop_the_next_one(codec, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = FsyncSpy(monkeypatch, hold=True, fail=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_entered()
+        second = journal.add(2, 0, 0, 0, b"b")
+        spy.release()
+        with pytest.raises(JournalError):
+            await first
+        await spy.wait_entered()  # the second batch started at once, with the failed work
+        spy.fail = False
+        spy.hold = False
+        spy.release()
+        await second
+        assert len(spy.calls) == 2
+        assert journal.take_dirty().empty  # nothing left to retry
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_group_commit_dropped_without_close_stops_its_thread(codec, tmp_path, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        await journal.add(1, 0, 0, 0, b"a")
+        (thread,) = [t for t in threading.enumerate() if t.name == "erq-group-commit"]
+        journal.close()
+        del journal, commit
+        gc.collect()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
     run(main())

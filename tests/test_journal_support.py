@@ -32,11 +32,33 @@ def codec_module(impl: str):
     return importlib.import_module("erq._fast._journal" if impl == "c" else "erq.journal._codec_py")
 
 
+# QueueJournal's class body, to rebuild it over the other AppendCore (the base it got at import
+# is the selector's choice then; its __dict__/__weakref__ slots come with the new class).
+_JOURNAL_BODY = {
+    k: v for k, v in vars(QueueJournal).items() if k not in ("__dict__", "__weakref__")
+}
+_JOURNAL_CLASSES: dict[type, type] = {QueueJournal.__base__: QueueJournal}
+
+
+def journal_class(core: type) -> type[QueueJournal]:
+    """QueueJournal over ``core`` (an AppendCore implementation): same body, other base."""
+    cls = _JOURNAL_CLASSES.get(core)
+    if cls is None:
+        cls = type(QueueJournal)(QueueJournal.__name__, (core,), dict(_JOURNAL_BODY))
+        cls.__qualname__ = QueueJournal.__qualname__
+        _JOURNAL_CLASSES[core] = cls
+    return cls
+
+
 def use_codec(impl: str, monkeypatch) -> object:
-    """Point the codec selector (which every journal module reads at call time) at ``impl``."""
+    """Point the codec selector (which every journal module reads at call time) at ``impl``,
+    and make ``QueueJournal.open`` return journals whose append path is ``impl``'s AppendCore."""
     module = codec_module(impl)
     for name in codec_selector.__all__:
         monkeypatch.setattr(codec_selector, name, getattr(module, name))
+    cls = journal_class(module.AppendCore)
+    if cls is not QueueJournal:
+        monkeypatch.setattr(QueueJournal, "_open_journal", cls._open_journal)
     return module
 
 

@@ -35,3 +35,13 @@ cdef class RecordIterator:
     cdef readonly int status
 
     cpdef release(self)
+
+
+cdef class AppendCore:
+    # The current segment's writer: any object with SegmentWriter's API (a SegmentWriter of
+    # this module is called in C, another through Python). Assigned by the subclass.
+    cdef public object _writer
+    # An append needs no fsync bookkeeping (no call to the subclass's _written()).
+    cdef public bint _quiet
+
+    cdef object _op(self, int opcode, object id)

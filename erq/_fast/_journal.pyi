@@ -2,6 +2,7 @@
 
 from array import array
 from collections.abc import Iterator
+from typing import Any
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -63,3 +64,23 @@ class SegmentWriter:
     @property
     def remaining(self) -> int: ...
     def release(self) -> None: ...
+
+class AppendCore:
+    """QueueJournal's base: the per-append path (the subclass supplies the slow paths)."""
+
+    _writer: Any  # a SegmentWriter of either implementation (None until assigned)
+    _quiet: bool
+    def add(
+        self,
+        id: int,
+        flags: int,
+        add_time: int,
+        expiry: int,
+        data: ReadableBuffer,
+        in_memory: bool = True,
+    ) -> Any: ...
+    def remove(self, id: int) -> Any: ...
+    def open(self, id: int) -> Any: ...
+    def confirm(self, id: int) -> Any: ...
+    def unremove(self, id: int) -> Any: ...
+    def _append_op(self, opcode: int, id: int) -> None: ...

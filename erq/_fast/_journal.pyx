@@ -623,3 +623,73 @@ cdef class SegmentWriter:
         if self._held:
             self._held = False
             PyBuffer_Release(&self._view)
+
+
+# ---- the journal's append path -------------------------------------------------------------
+
+cdef inline long long _writer_add(object writer, object id, object flags, object add_time,
+                                  object expiry, object data) except -2:
+    """``writer.append_add(...)``: a direct C call when it is this module's SegmentWriter."""
+    if isinstance(writer, SegmentWriter):
+        return (<SegmentWriter>writer).append_add(id, flags, add_time, expiry, data)
+    return writer.append_add(id, flags, add_time, expiry, data)
+
+
+cdef inline long long _writer_op(object writer, int opcode, object id) except -2:
+    if isinstance(writer, SegmentWriter):
+        return (<SegmentWriter>writer).append_op(opcode, id)
+    return writer.append_op(opcode, id)
+
+
+cdef class AppendCore:
+    """The per-append path of QueueJournal, which subclasses it: write the record into the
+    current segment and return None, all in C while the record fits and ``_quiet`` holds.
+
+    The subclass provides the slow paths, called only when needed: ``_rotate(record_size)``
+    (seal the full segment, return the new writer), ``_written()`` (the fsync policy's
+    bookkeeping; returns a ticket or None), and ``_disk`` / ``_segments`` for items kept only
+    on disk. ``_writer`` may be any object with SegmentWriter's API (the pure twin's too).
+    """
+
+    def add(self, id, flags, add_time, expiry, data, in_memory=True):
+        """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
+        to be handed back by ``read_behind``. Returns a ticket (``fsync="always"``) or None;
+        raises JournalError when the record cannot be written (disk full)."""
+        cdef long long offset = _writer_add(self._writer, id, flags, add_time, expiry, data)
+        if offset < 0:
+            writer = (<object>self)._rotate(ADD_OVERHEAD + len(data))
+            offset = _writer_add(writer, id, flags, add_time, expiry, data)
+        if not in_memory:
+            (<object>self)._disk.push((<object>self)._segments[-1], offset, len(data))
+        if self._quiet:
+            return None
+        return (<object>self)._written()
+
+    def remove(self, id):
+        """The item left the queue for good (plain get, expiry, discard)."""
+        return self._op(OP_REMOVE, id)
+
+    def open(self, id):
+        """The item was handed out as a reliable read."""
+        return self._op(OP_OPEN, id)
+
+    def confirm(self, id):
+        """An open read was confirmed: the item is gone for good."""
+        return self._op(OP_CONFIRM, id)
+
+    def unremove(self, id):
+        """An open read was aborted: the item is back at the head of the queue."""
+        return self._op(OP_UNREMOVE, id)
+
+    def _append_op(self, opcode, id):
+        """Write a record of ``opcode`` (FLUSH too), rotating if it does not fit; no fsync
+        bookkeeping. Not on the per-request path: plain Python calls."""
+        if self._writer.append_op(opcode, id) < 0:
+            (<object>self)._rotate(OP_RECORD_SIZE).append_op(opcode, id)
+
+    cdef object _op(self, int opcode, object id):
+        if _writer_op(self._writer, opcode, id) < 0:
+            _writer_op((<object>self)._rotate(OP_RECORD_SIZE), opcode, id)
+        if self._quiet:
+            return None
+        return (<object>self)._written()

@@ -23,6 +23,7 @@ from .format import (
     OP_CONFIRM,
     OP_FLUSH,
     OP_OPEN,
+    OP_RECORD_SIZE,
     OP_REMOVE,
     OP_UNREMOVE,
     REC_BAD,
@@ -33,6 +34,7 @@ from .format import (
 
 __all__ = [
     "CRC32C_IMPLEMENTATION",
+    "AppendCore",
     "RecordIterator",
     "SegmentWriter",
     "check_record",
@@ -444,3 +446,73 @@ class SegmentWriter:
             self._mv.release()
             self._mv = None
             self._mapping = None
+
+
+class AppendCore:
+    """The per-append path of QueueJournal, which subclasses it: write the record into the
+    current segment and return None while the record fits and ``_quiet`` holds.
+
+    The subclass provides the slow paths, called only when needed: ``_rotate(record_size)``
+    (seal the full segment, return the new writer), ``_written()`` (the fsync policy's
+    bookkeeping; returns a ticket or None), and ``_disk`` / ``_segments`` for items kept only
+    on disk. ``_writer`` may be any object with SegmentWriter's API (the C one's too).
+    """
+
+    __slots__ = ("_writer", "_quiet")
+
+    def __init__(self) -> None:
+        # The C class starts out the same (its fields are None and False until assigned).
+        self._writer = None
+        self._quiet = False
+
+    def add(self, id: int, flags: int, add_time: int, expiry: int, data, in_memory=True):
+        """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
+        to be handed back by ``read_behind``. Returns a ticket (``fsync="always"``) or None;
+        raises JournalError when the record cannot be written (disk full)."""
+        offset = self._writer.append_add(id, flags, add_time, expiry, data)
+        if offset < 0:
+            writer = self._rotate(ADD_OVERHEAD + len(data))
+            offset = writer.append_add(id, flags, add_time, expiry, data)
+        if not in_memory:
+            self._disk.push(self._segments[-1], offset, len(data))
+        if self._quiet:
+            return None
+        return self._written()
+
+    def remove(self, id: int):
+        """The item left the queue for good (plain get, expiry, discard)."""
+        if self._writer.append_op(OP_REMOVE, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_REMOVE, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def open(self, id: int):
+        """The item was handed out as a reliable read."""
+        if self._writer.append_op(OP_OPEN, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_OPEN, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def confirm(self, id: int):
+        """An open read was confirmed: the item is gone for good."""
+        if self._writer.append_op(OP_CONFIRM, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_CONFIRM, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def unremove(self, id: int):
+        """An open read was aborted: the item is back at the head of the queue."""
+        if self._writer.append_op(OP_UNREMOVE, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(OP_UNREMOVE, id)
+        if self._quiet:
+            return None
+        return self._written()
+
+    def _append_op(self, opcode: int, id: int) -> None:
+        """Write a record of ``opcode`` (FLUSH too), rotating if it does not fit; no fsync
+        bookkeeping."""
+        if self._writer.append_op(opcode, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(opcode, id)

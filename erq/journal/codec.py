@@ -5,6 +5,7 @@ from .._compat import USE_EXTENSIONS
 if USE_EXTENSIONS:
     from .._fast._journal import (
         CRC32C_IMPLEMENTATION,
+        AppendCore,
         RecordIterator,
         SegmentWriter,
         check_record,
@@ -21,6 +22,7 @@ if USE_EXTENSIONS:
 else:
     from ._codec_py import (
         CRC32C_IMPLEMENTATION,
+        AppendCore,
         RecordIterator,
         SegmentWriter,
         check_record,
@@ -37,6 +39,7 @@ else:
 
 __all__ = [
     "CRC32C_IMPLEMENTATION",
+    "AppendCore",
     "RecordIterator",
     "SegmentWriter",
     "check_record",

@@ -1,12 +1,16 @@
-"""Group commit: one fsync job, in a thread, for every journal written in a loop iteration.
+"""Group commit: one fsync job, on a dedicated thread, for every journal written in a loop
+iteration.
 
 A journal with ``fsync = "always"`` asks for a ticket after each append. The first ticket of
 an iteration schedules a batch with ``call_soon``; it runs after every callback of the
 iteration (so every append made meanwhile joins it), takes the dirty segments of all
-journals in the batch and fdatasyncs them in the executor: the loop never waits for a disk.
-Appends that arrive while a batch is syncing wait for the next batch, which starts as soon
-as the running one ends. A ticket is an asyncio Future shared by the appends of one journal
-in one batch; it resolves after the sync, or fails with JournalError.
+journals in the batch and hands them to the fsync thread through a queue: the loop never
+waits for a disk. Appends that arrive while a batch is syncing wait for the next batch. When
+the thread has synced a batch it posts one callback to the loop, which first hands the next
+batch to the thread (so its fsync runs while this one's replies are released), then resolves
+this batch's tickets. A ticket is an asyncio Future shared by the appends of one journal in
+one batch; it resolves after the sync, or fails with JournalError (the data stays pending and
+the next sync retries it). Batches finish in the order they started.
 
 A journal with a period arms a timer at its first unsynced append; the timer syncs it in the
 executor. Appends never wait for that.
@@ -16,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -38,6 +45,39 @@ def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, J
     return errors
 
 
+class _Batch:
+    """The tickets of one group fsync and what it syncs; ``errors`` once it ran."""
+
+    __slots__ = ("tickets", "work", "errors", "done")
+
+    def __init__(self, tickets: dict[QueueJournal, asyncio.Future], done) -> None:
+        self.tickets = tickets
+        self.work = [(journal, journal.take_dirty()) for journal in tickets]
+        self.errors: dict[QueueJournal, JournalError] | None = None  # None: not synced
+        self.done = done  # GroupCommit._batch_done, bound
+
+
+def _fsync_thread(jobs: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
+    """Run batches in order until told to stop (None); post each one back to the loop.
+
+    Holds no reference to the GroupCommit between batches, so one that is dropped without
+    close() is collected, and its finalizer stops this thread."""
+    while True:
+        batch = jobs.get()
+        if batch is None:
+            return
+        try:
+            batch.errors = _sync_all(batch.work)
+        except Exception as exc:  # not a JournalError: a bug, but the tickets must not hang
+            error = JournalError(f"fsync failed: {exc}")
+            batch.errors = {journal: error for journal, _ in batch.work}
+        try:
+            loop.call_soon_threadsafe(batch.done, batch)
+        except RuntimeError:  # the loop is closed: nobody waits for these tickets any more
+            pass
+        batch = None
+
+
 class GroupCommit:
     """One per server: batches fsyncs of ``always`` journals and runs periodic ones."""
 
@@ -45,9 +85,14 @@ class GroupCommit:
         self, loop: asyncio.AbstractEventLoop | None = None, *, max_workers: int = 4
     ) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
+        # Periodic syncs and the final drain; group commits have their own thread.
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="erq-fsync")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop_thread: weakref.finalize | None = None  # the thread ends after its batch
         self._pending: dict[QueueJournal, asyncio.Future] = {}
-        self._running: asyncio.Future | None = None
+        self._running: _Batch | None = None  # the batch on the fsync thread
+        self._idle_waiters: list[asyncio.Future] = []  # drain() waiting for _running to end
         self._scheduled = False
         self._journals: set[QueueJournal] = set()
         self._closed = False
@@ -84,32 +129,52 @@ class GroupCommit:
 
     def _start_batch(self) -> None:
         self._scheduled = False
-        if self._running is not None or not self._pending:
+        if self._running is not None or not self._pending or self._closed:
             return
-        batch, self._pending = self._pending, {}
-        work = [(journal, journal.take_dirty()) for journal in batch]
+        batch = _Batch(self._pending, self._batch_done)
+        self._pending = {}
+        self._running = batch
         self.batches += 1
-        running = self.loop.run_in_executor(self._executor, _sync_all, work)
-        self._running = running
-        running.add_done_callback(lambda done: self._batch_done(done, batch, work))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_fsync_thread,
+                args=(self._jobs, self.loop),
+                name="erq-group-commit",
+                daemon=True,
+            )
+            self._thread.start()
+            self._stop_thread = weakref.finalize(self, self._jobs.put, None)
+        self._jobs.put(batch)
 
-    def _batch_done(self, done: asyncio.Future, batch: dict, work: list) -> None:
+    def _batch_done(self, batch: _Batch) -> None:
+        """On the loop, once per synced batch: hand what failed back to its journals (the
+        next sync retries it), start the next batch, then answer this one's tickets."""
+        if batch is not self._running:
+            return  # close() answered it already
         self._running = None
-        try:
-            errors = done.result()
-        except Exception as exc:  # the executor itself failed
-            errors = {journal: JournalError(f"fsync failed: {exc}") for journal in batch}
-        for journal, targets in work:
-            fut = batch[journal]
-            err = errors.get(journal)
-            if err is not None:
-                journal.restore_dirty(targets)
-                if not fut.done():
-                    fut.set_exception(err)
-            elif not fut.done():
-                fut.set_result(None)
+        errors = batch.errors
+        if errors is None:  # the thread did not run it (it cannot have failed to, but never OK)
+            error = JournalError("fsync did not run")
+            errors = {journal: error for journal in batch.tickets}
+        if errors:
+            for journal, targets in batch.work:
+                if journal in errors:
+                    journal.restore_dirty(targets)
         if self._pending:
             self._start_batch()
+        tickets = batch.tickets
+        for journal, fut in tickets.items():
+            if not fut.done():
+                err = errors.get(journal) if errors else None
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+        if self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     # ---- periodic ------------------------------------------------------------------------
     def arm(self, journal: QueueJournal, period: float) -> asyncio.TimerHandle:
@@ -138,10 +203,11 @@ class GroupCommit:
         while self._running is not None or self._pending:
             if self._running is None:
                 self._start_batch()
-            running = self._running
-            if running is not None:
-                await asyncio.wait({running})
-                await asyncio.sleep(0)  # let _batch_done run
+                if self._running is None:  # closed meanwhile: close() answered the tickets
+                    break
+            waiter = self.loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
         work = [(journal, journal.take_dirty()) for journal in list(self._journals)]
         if self._closed or not work:
             return
@@ -150,10 +216,16 @@ class GroupCommit:
             log.error("final fsync of %s failed: %s", journal.directory, exc)
 
     def close(self) -> None:
-        """Final sync of every registered journal (in this thread), then stop the executor."""
+        """Answer the batch in flight (once its fsync ends), sync every registered journal
+        in this thread, and stop the fsync thread and the executor."""
         if self._closed:
             return
         self._closed = True
+        if self._thread is not None:
+            self._stop_thread()
+            self._thread.join()  # after the batch in flight, if any: answer it now
+            if self._running is not None:
+                self._batch_done(self._running)
         for journal in list(self._journals):
             try:
                 journal.sync()

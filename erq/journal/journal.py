@@ -22,11 +22,7 @@ from .diskitems import DiskItems
 from .format import (
     ADD_OVERHEAD,
     HEADER_SIZE,
-    OP_CONFIRM,
     OP_FLUSH,
-    OP_OPEN,
-    OP_RECORD_SIZE,
-    OP_REMOVE,
     OP_UNREMOVE,
 )
 from .recovery import RecoveredItem, Recovery, replay
@@ -68,22 +64,26 @@ def _parse_fsync(fsync: str | int) -> tuple[str, float]:
     raise ValueError(f"fsync must be 'always', 'never' or a period in ms > 0, not {fsync!r}")
 
 
-class _ClassOrInstanceMethod:
-    """A classmethod when looked up on the class, a plain method on an instance."""
+class _JournalType(type):
+    """QueueJournal's metaclass. ``QueueJournal.open(directory, ...)`` opens a journal, while
+    ``journal.open(id)`` journals an open read (AppendCore.open, the queue's API): one name,
+    two meanings. A class attribute lookup sees this data descriptor before the class's own
+    MRO, an instance lookup never sees it, so the instance call stays a plain C method."""
 
-    def __init__(self, on_class: classmethod, on_instance) -> None:
-        self._on_class = on_class
-        self._on_instance = on_instance
-        self.__doc__ = on_instance.__doc__
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self._on_class.__get__(None, objtype)
-        return self._on_instance.__get__(obj, objtype)
+    @property
+    def open(cls):
+        return cls._open_journal
 
 
-class QueueJournal:
-    """The journal of one queue: a directory of segments. Open it with :meth:`open`."""
+class QueueJournal(codec.AppendCore, metaclass=_JournalType):
+    """The journal of one queue: a directory of segments. Open it with :meth:`open`.
+
+    The appends (``add``, ``remove``, ``open(id)``, ``confirm``, ``unremove``) are inherited
+    from the codec's AppendCore (C in the fast build), which calls back into ``_rotate``,
+    ``_written`` and ``_disk`` here only when a segment is full, the fsync policy has work, or
+    an item stays on disk. (No zero-argument ``super()`` in this class: tests rebuild it over
+    the other AppendCore implementation, see tests/test_journal_support.py.)
+    """
 
     def __init__(
         self,
@@ -202,60 +202,8 @@ class QueueJournal:
         self._needs_rewrite = result.damaged
 
     # ---- appends ---------------------------------------------------------------------------
-    # The hot path: one call into the codec, which writes the record into the mapped segment
-    # and counts it; bookkeeping only when the fsync policy needs some.
-
-    def add(
-        self, id: int, flags: int, add_time: int, expiry: int, data: bytes, in_memory: bool = True
-    ):
-        """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
-        to be handed back by :meth:`read_behind`. Returns a ticket (``fsync="always"``) or None;
-        raises JournalError when the record cannot be written (disk full)."""
-        offset = self._writer.append_add(id, flags, add_time, expiry, data)
-        if offset < 0:
-            writer = self._rotate(ADD_OVERHEAD + len(data))
-            offset = writer.append_add(id, flags, add_time, expiry, data)
-        if not in_memory:
-            self._disk.push(self._segments[-1], offset, len(data))
-        if self._quiet:
-            return None
-        return self._written()
-
-    def remove(self, id: int):
-        """The item left the queue for good (plain get, expiry, discard)."""
-        if self._writer.append_op(OP_REMOVE, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_REMOVE, id)
-        if self._quiet:
-            return None
-        return self._written()
-
-    def _open_read(self, id: int):
-        """The item was handed out as a reliable read."""
-        if self._writer.append_op(OP_OPEN, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_OPEN, id)
-        if self._quiet:
-            return None
-        return self._written()
-
-    # ``QueueJournal.open(directory, ...)`` opens a journal; ``journal.open(id)`` journals an
-    # open read. One name, two meanings (the queue's API), told apart by how it is reached.
-    open = _ClassOrInstanceMethod(_open_journal, _open_read)
-
-    def confirm(self, id: int):
-        """An open read was confirmed: the item is gone for good."""
-        if self._writer.append_op(OP_CONFIRM, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_CONFIRM, id)
-        if self._quiet:
-            return None
-        return self._written()
-
-    def unremove(self, id: int):
-        """An open read was aborted: the item is back at the head of the queue."""
-        if self._writer.append_op(OP_UNREMOVE, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_UNREMOVE, id)
-        if self._quiet:
-            return None
-        return self._written()
+    # The hot path is AppendCore's: one call into the codec, which writes the record into the
+    # mapped segment and counts it; bookkeeping only when the fsync policy needs some.
 
     def flush(self):
         """Every queued (not open) item is dropped, the not-in-memory ones included."""
@@ -266,10 +214,6 @@ class QueueJournal:
         if self._quiet:
             return None
         return self._written()
-
-    def _append_op(self, opcode: int, id: int) -> None:
-        if self._writer.append_op(opcode, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(opcode, id)
 
     def _written(self):
         """After an append, what the fsync policy asks for (a ticket, a timer, a sync)."""
