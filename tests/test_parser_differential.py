@@ -283,3 +283,52 @@ def test_valid_streams_parse_into_their_requests(both, reqs, cuts):
         assert repr(out) == repr(expected)
         assert parser.buffered == 0
         assert not parser.closed
+
+
+# -- large blocks ------------------------------------------------------------------------------
+
+_PATTERN = bytes(range(251)) * 300  # 75,300 bytes; a prime period shows misplaced bytes
+
+
+@st.composite
+def large_set_streams(draw):
+    """(max_item_size, stream, chunks, expected): sets with blocks of up to ~70 KiB, so that a
+    block spans many chunks, between gets; cut into chunks of random, cycled lengths.
+    ``expected`` is None when a trailer was damaged (then only the two parsers are compared)."""
+    max_item = draw(st.sampled_from([64 * 1024 * 1024, 65536]))
+    parts, expected, damaged = [], [], False
+    for _ in range(draw(st.integers(1, 4))):
+        size = draw(st.one_of(st.integers(0, 70_000), st.sampled_from([65535, 65536, 65537])))
+        start = draw(st.integers(0, 250))
+        data = _PATTERN[start : start + size]
+        trailer = draw(st.sampled_from([b"\r\n"] * 12 + [b"\r!", b"\n\n"]))
+        damaged = damaged or trailer != b"\r\n"
+        parts.append(b"set big%d 0 0 %d\r\n" % (start, size) + data + trailer + b"get big\r\n")
+        stored = data if size <= max_item else None
+        expected += [(SET, b"big%d" % start, 0, 0, stored, False), (GET, [b"big"], False)]
+    stream = b"".join(parts)
+    lengths = draw(st.lists(st.integers(1, 9000), min_size=1, max_size=12))
+    # At most ~2,000 feeds per parser, however small the drawn lengths.
+    scale = -(-len(stream) // (2000 * (sum(lengths) // len(lengths))))
+    chunks, pos, i = [], 0, 0
+    while pos < len(stream):
+        step = lengths[i % len(lengths)] * scale
+        chunks.append(stream[pos : pos + step])
+        pos += step
+        i += 1
+    return max_item, stream, chunks, None if damaged else expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sc=large_set_streams())
+def test_both_parsers_agree_on_large_blocks_split_over_many_chunks(both, sc):
+    max_item, stream, chunks, expected = sc
+    py, fast = both
+    lim = {"max_line": 65536, "max_item_size": max_item}
+    py_trace = run(py, chunks, **lim)
+    assert repr(run(fast, chunks, **lim)) == repr(py_trace)
+    flat = [req for out, _, _ in py_trace for req in out]
+    assert repr(flat) == repr(run(py, [stream], **lim)[0][0])
+    if expected is not None:
+        assert flat == expected
+        assert py_trace[-1][1:] == (0, False)
