@@ -6,6 +6,7 @@ names the switch to the pure-Python twins instead of a silently slower server.
 
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -13,6 +14,12 @@ from setuptools.command.build_ext import build_ext
 NO_EXTENSIONS = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
 DEBUG = os.environ.get("ERQ_CYTHON_DEBUG", "") not in ("", "0")
 FAST_MODULES = ["_parser", "_ring", "_journal"]
+# "One source compiled twice": erq/_fast/<name>.py is a link to a pure-Python module of erq,
+# compiled with the C types of erq/_fast/<name>.pxd; the module's selector imports one build
+# or the other.
+COMPILED_TWINS = sorted(
+    p.stem for p in Path("erq/_fast").glob("_*.py") if p.with_suffix(".pxd").exists()
+)
 
 NO_COMPILER_HELP = """
 erq: building the Cython extensions failed ({error}).
@@ -56,6 +63,15 @@ def extensions():
             define_macros=macros,
         )
         for name in FAST_MODULES
+    ]
+    exts += [
+        Extension(
+            f"erq._fast.{name}",
+            [f"erq/_fast/{name}.py"],
+            extra_compile_args=compile_args,
+            define_macros=macros,
+        )
+        for name in COMPILED_TWINS
     ]
     print("erq: building the Cython extensions (accelerated build)", file=sys.stderr)
     return cythonize(

@@ -7,8 +7,26 @@ import; a build without them still runs (portability) but says so loudly at star
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 
 NO_EXTENSIONS: bool = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
+
+
+# Modules of erq compiled from their pure-Python source (erq/_fast/<name>.py links to it).
+COMPILED_TWINS = ("_queue", "_queues", "_keys", "_session", "_commands")
+
+
+def compiled_twins_built() -> bool:
+    """True when every compiled twin is an extension module.
+
+    A twin imports as plain Python where it was not compiled, and importing it here would be
+    circular (it imports this module): where it would load from tells.
+    """
+    for name in COMPILED_TWINS:
+        spec = find_spec(f"{__package__}._fast.{name}")
+        if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+            return False
+    return True
 
 
 def _extensions_importable() -> bool:
@@ -16,7 +34,7 @@ def _extensions_importable() -> bool:
         from ._fast import _journal, _parser, _ring  # noqa: F401
     except ImportError:
         return False
-    return True
+    return compiled_twins_built()
 
 
 USE_EXTENSIONS: bool = not NO_EXTENSIONS and _extensions_importable()

@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from . import commands  # noqa: F401  (binds Session.dispatch)
+from .commands import dispatch
 from .parser import Parser
 from .session import Session
 
@@ -47,7 +47,9 @@ class MemcacheProtocol(asyncio.Protocol):
             transport.close()
             return
         counters.curr_connections += 1
-        self.session = Session(state, transport.write, transport.close, self._pause_pipeline)  # type: ignore[attr-defined]
+        self.session = Session(
+            state, dispatch, transport.write, transport.close, self._pause_pipeline
+        )  # type: ignore[attr-defined]
         state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -52,6 +52,9 @@ def impl(request: pytest.FixtureRequest) -> str:
     if request.param == "c":
         for name in FAST_MODULES:
             importlib.import_module(f"erq._fast.{name}")  # ImportError -> the test errors
+        from erq._compat import COMPILED_TWINS, compiled_twins_built
+
+        assert compiled_twins_built(), f"compiled twins {COMPILED_TWINS} not built"
     return request.param
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from erq._compat import COMPILED_TWINS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,11 +74,13 @@ def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
     result = build_wheel(source_tree, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     names = wheel_names(tmp_path)
-    for module in ("_parser", "_ring", "_journal"):
+    for module in ("_parser", "_ring", "_journal", *COMPILED_TWINS):
         assert any(
             n.startswith(f"erq/_fast/{module}.") and n.endswith((".so", ".pyd")) for n in names
         ), names
     assert "erq/_parser_py.py" in names and "erq/journal/_codec_py.py" in names
+    for module in COMPILED_TWINS:  # the pure source of each compiled twin ships too
+        assert f"erq/{module}_py.py" in names, names
 
 
 def test_no_compiler_stops_with_the_pure_python_switch(source_tree, tmp_path):

@@ -1,0 +1,653 @@
+# cython: annotation_typing=False
+"""One function per command (PROTOCOL.md §3-§5): requests in, reply bytes out.
+
+Commands know queues and sessions, never sockets. Replies are appended to ``session.out``;
+a command that must close the connection calls ``session.close_after``.
+
+One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
+``erq/_fast/_commands.py`` with the C types of ``erq/_fast/_commands.pxd``; selector
+``erq.commands``. Imports are absolute so that both builds find the same modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from erq import __version__
+from erq._compat import IMPLEMENTATION
+from erq.journal_api import JournalError
+from erq.keys import KeyError_, KeySpec, parse_key
+from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
+from erq.queue import STORED as ITEM_STORED
+from erq.queue import Queue
+from erq.queues import now_ms, valid_queue_name
+from erq.session import Session
+
+log = logging.getLogger("erq.commands")
+
+END = b"END\r\n"
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+DELETED = b"DELETED\r\n"
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
+READ_ONLY = b"SERVER_ERROR read only\r\n"
+QUIESCENT = b"SERVER_ERROR quiescent\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
+STARTING = b"SERVER_ERROR starting\r\n"
+
+THIRTY_DAYS = 2_592_000
+KESTREL_THRESHOLD = 1_000_000
+# The latest expiry a queue and its journal can hold (ms, signed 64-bit); a later absolute
+# exptime (the protocol allows up to 2**63 - 1 seconds) means the same thing: never, in practice.
+MAX_EXPIRY_MS = (1 << 63) - 1
+
+
+def expiry_ms(exptime: int, now: int, kestrel: bool) -> int:
+    """memcached's rule (Kestrel's threshold under compat): 0 never, small relative, big absolute."""
+    if exptime == 0:
+        return 0
+    if exptime < 0:
+        return 1  # already expired
+    if exptime <= (KESTREL_THRESHOLD if kestrel else THIRTY_DAYS):
+        return now + exptime * 1000
+    return min(exptime * 1000, MAX_EXPIRY_MS)
+
+
+def _is_decimal(token: bytes) -> bool:
+    return 0 < len(token) <= 18 and token.isdigit()
+
+
+# ---- set -------------------------------------------------------------------------------
+def cmd_set(session: Session, req: tuple) -> None:
+    _, name, flags, exptime, data, noreply = req
+    state = session.state
+    state.counters.cmd_set += 1
+    if flags is None or exptime is None:
+        session.out.append(BAD_FORMAT)
+        return
+    queues = state.queues
+    queue = queues.by_raw_name.get(name)  # a known queue's name is valid
+    if queue is None and not valid_queue_name(name):
+        session.out.append(BAD_NAME)
+        return
+    if data is None:
+        if not noreply:
+            session.out.append(TOO_LARGE)
+        return
+    if state.status != "UP":
+        if not noreply:
+            session.out.append(READ_ONLY)
+        return
+    try:
+        result, tickets = queues.add(
+            queue.name if queue is not None else name.decode("ascii"),
+            data,
+            flags,
+            expiry_ms(exptime, now_ms(), state.kestrel) if exptime else 0,
+            queue,
+        )
+    except JournalError as exc:
+        log.error("set %s: %s", name.decode("ascii"), exc)
+        if not noreply:
+            session.out.append(
+                b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+            )
+        return
+    if result is ITEM_STORED:
+        if tickets:
+            session.hold_for(tickets, None if noreply else STORED)
+        elif not noreply:
+            session.out.append(STORED)
+    elif not noreply:
+        session.out.append(NOT_STORED)
+
+
+# ---- get -------------------------------------------------------------------------------
+class GetOperation:
+    """A get of one or more keys, each run as its own get, possibly waiting (``/t=``)."""
+
+    __slots__ = ("session", "specs", "index", "gets", "waiter", "timer")
+
+    def __init__(self, session: Session, specs: list[KeySpec], gets: bool) -> None:
+        self.session = session
+        self.specs = specs
+        self.index = 0
+        self.gets = gets
+        self.waiter: KeyWaiter | None = None
+        self.timer = None
+
+    def run(self) -> bool:
+        """Run keys from ``index``; False when it blocked waiting for an item."""
+        session = self.session
+        state = session.state
+        specs = self.specs
+        while self.index < len(specs):
+            spec = specs[self.index]
+            name = spec.name
+            if spec.abort:
+                session.abort_oldest(name)
+            if spec.close:
+                session.close_oldest(name)
+            if not spec.fetches:
+                self.index += 1
+                continue
+            counters = state.counters
+            if spec.peek:
+                counters.cmd_peek += 1
+            else:
+                counters.cmd_get += 1
+            if state.status == "QUIESCENT":
+                session.out.append(QUIESCENT)
+                return True
+            if not spec.peek:
+                if spec.open:
+                    if session.at_open_limit(name, state.config.server.max_open_reads):
+                        session.close_after(ERROR)
+                        return True
+                elif session.has_open(name):
+                    session.close_after(ERROR)
+                    return True
+            queue = state.queues.get_or_create(name)
+            try:
+                item = queue.head() if spec.peek else queue.take(spec.open)
+            except JournalError as exc:  # disk full: the item stays at the head
+                log.error("get %s: %s", name, exc)
+                session.out.append(
+                    b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+                )
+                return True
+            if item is None and spec.timeout:
+                self._wait(queue, spec)
+                return False
+            self._found(spec, queue, item)
+            self.index += 1
+        session.out.append(END)
+        return True
+
+    def _found(self, spec: KeySpec, queue: Queue, item) -> None:
+        session = self.session
+        counters = session.state.counters
+        if item is None:
+            counters.get_misses += 1
+            return
+        counters.get_hits += 1
+        if spec.open:
+            session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
+        session.out.append(value_block(session, spec.key, spec.name, item, self.gets))
+
+    def _wait(self, queue: Queue, spec: KeySpec) -> None:
+        waiter = KeyWaiter(self, queue, spec)
+        self.waiter = waiter
+        queue.add_waiter(waiter)
+        self.timer = self.session.state.loop.call_later(spec.timeout / 1000.0, waiter.expire)
+        self.session.blocked = self
+
+    def resumed(self, spec: KeySpec, queue: Queue, item) -> None:
+        """The blocked key got an item (or None on timeout / delete / QUIESCENT)."""
+        self.waiter = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._found(spec, queue, item)
+        self.index += 1
+        if self.run():
+            self.session.unblock()
+
+    def cancel(self) -> None:
+        if self.waiter is not None:
+            self.waiter.active = False
+            self.waiter.queue.remove_waiter(self.waiter)
+            self.waiter = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class KeyWaiter:
+    """A blocked get's place in a queue's waiter line."""
+
+    __slots__ = ("op", "queue", "spec", "active", "peek", "reliable")
+
+    def __init__(self, op: GetOperation, queue: Queue, spec: KeySpec) -> None:
+        self.op = op
+        self.queue = queue
+        self.spec = spec
+        self.active = True
+        self.peek = spec.peek
+        self.reliable = spec.open
+
+    def wake(self, item) -> None:
+        self.active = False
+        self.op.resumed(self.spec, self.queue, item)
+
+    def expire(self) -> None:
+        if self.active:
+            self.active = False
+            self.queue.remove_waiter(self)
+            self.op.resumed(self.spec, self.queue, None)
+
+
+def value_block(session: Session, key: bytes, name: str, item, gets: bool) -> bytes:
+    data = item.data
+    if session.state.kestrel:  # Kestrel names the queue and sends no flags
+        key, flags = name.encode("ascii"), 0
+    else:
+        flags = item.flags
+    size = len(data)
+    # The numbers through an f-string: compiled, it formats C integers without a bytes % pass.
+    numbers = f" {flags} {size} {item.id}\r\n" if gets else f" {flags} {size}\r\n"
+    return b"".join((b"VALUE ", key, numbers.encode("ascii"), data, b"\r\n"))
+
+
+def cmd_get(session: Session, req: tuple) -> None:
+    keys = req[1]
+    if not keys:
+        session.out.append(BAD_FORMAT)
+        return
+    try:
+        specs = [parse_key(key) for key in keys] if len(keys) > 1 else [parse_key(keys[0])]
+    except KeyError_ as exc:
+        if exc.close:
+            session.close_after(exc.reply)
+        else:
+            session.out.append(exc.reply)
+        return
+    op = GetOperation(session, specs, req[2])
+    op.run()
+
+
+# ---- monitor / confirm ------------------------------------------------------------------
+class MonitorOperation:
+    """``monitor q <seconds> [max]``: stream open reads until max items or the deadline."""
+
+    __slots__ = ("session", "queue", "name", "remaining", "deadline", "timer", "waiter")
+
+    def __init__(self, session: Session, queue: Queue, seconds: int, max_items: int) -> None:
+        self.session = session
+        self.queue = queue
+        self.name = queue.name
+        self.remaining = max_items
+        self.deadline = time.monotonic() + seconds
+        self.timer = None
+        self.waiter: MonitorWaiter | None = None
+
+    def run(self) -> bool:
+        session = self.session
+        limit = session.state.config.server.max_open_reads
+        while self.remaining > 0 and session.state.status != "QUIESCENT":
+            if session.at_open_limit(self.name, limit):
+                break
+            try:
+                item = self.queue.take(True)
+            except JournalError as exc:  # disk full: the item stays at the head
+                log.error("monitor %s: %s", self.name, exc)
+                break
+            if item is None:
+                delay = self.deadline - time.monotonic()
+                if delay <= 0 or self.queue.deleted:
+                    break
+                self.waiter = MonitorWaiter(self)
+                self.queue.add_waiter(self.waiter)
+                if self.timer is None:
+                    self.timer = session.state.loop.call_later(delay, self.expire)
+                session.blocked = self
+                return False
+            self._deliver(item)
+        self._finish()
+        return True
+
+    def _deliver(self, item) -> None:
+        session = self.session
+        counters = session.state.counters
+        counters.cmd_get += 1
+        counters.get_hits += 1
+        session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
+        session.out.append(value_block(session, self.name.encode(), self.name, item, False) + END)
+        self.remaining -= 1
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.session.out.append(END)
+
+    def woken(self, item) -> None:
+        self.waiter = None
+        if item is None:
+            self._finish()
+            self.session.unblock()
+            return
+        self._deliver(item)
+        if self.run():
+            self.session.unblock()
+        else:
+            self.session.flush()  # stream what we have while waiting for more
+
+    def expire(self) -> None:
+        self.timer = None
+        if self.waiter is not None:
+            self.waiter.active = False
+            self.queue.remove_waiter(self.waiter)
+            self.waiter = None
+            self._finish()
+            self.session.unblock()
+
+    def cancel(self) -> None:
+        if self.waiter is not None:
+            self.waiter.active = False
+            self.queue.remove_waiter(self.waiter)
+            self.waiter = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class MonitorWaiter:
+    __slots__ = ("op", "active")
+    peek = False
+    reliable = True
+    monitor = True
+
+    def __init__(self, op: MonitorOperation) -> None:
+        self.op = op
+        self.active = True
+
+    def wake(self, item) -> None:
+        self.active = False
+        self.op.woken(item)
+
+
+def cmd_monitor(session: Session, args: list[bytes]) -> None:
+    if len(args) not in (2, 3) or not all(_is_decimal(a) for a in args[1:]):
+        session.out.append(BAD_FORMAT)
+        return
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return
+    state = session.state
+    if state.status == "QUIESCENT":
+        session.out.append(QUIESCENT)
+        return
+    max_items = int(args[2]) if len(args) == 3 else state.config.server.max_open_reads
+    queue = state.queues.get_or_create(args[0].decode("ascii"))
+    MonitorOperation(session, queue, int(args[1]), max_items).run()
+
+
+def cmd_confirm(session: Session, args: list[bytes]) -> None:
+    if len(args) != 2 or not _is_decimal(args[1]):
+        session.out.append(BAD_FORMAT)
+        return
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return
+    name = args[0].decode("ascii")
+    count = int(args[1])
+    if session.live_open_count(name) < count:
+        session.out.append(ERROR)
+        return
+    for _ in range(count):
+        session.close_oldest(name)
+    session.out.append(END)
+
+
+# ---- queue administration ---------------------------------------------------------------
+def _noreply(args: list[bytes]) -> tuple[list[bytes], bool]:
+    if args and args[-1] == b"noreply":
+        return args[:-1], True
+    return args, False
+
+
+def _one_name(session: Session, args: list[bytes]) -> str | None:
+    if len(args) != 1:
+        session.out.append(BAD_FORMAT)
+        return None
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return None
+    return args[0].decode("ascii")
+
+
+def _named_write(
+    session: Session, args: list[bytes], apply: Callable[[str], None], reply: bytes
+) -> None:
+    """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
+    args, noreply = _noreply(args)
+    name = _one_name(session, args)
+    if name is None:
+        return
+    if session.state.status != "UP":
+        if not noreply:
+            session.out.append(READ_ONLY)
+        return
+    apply(name)
+    if not noreply:
+        session.out.append(reply)
+
+
+def cmd_delete(session: Session, args: list[bytes]) -> None:
+    _named_write(session, args, session.state.queues.delete, DELETED)
+
+
+def cmd_flush(session: Session, args: list[bytes]) -> None:
+    _named_write(session, args, session.state.queues.flush, END)
+
+
+def cmd_flush_all(session: Session, args: list[bytes]) -> None:
+    args, noreply = _noreply(args)
+    if len(args) > 1 or (
+        args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())
+    ):
+        session.out.append(BAD_FORMAT)
+        return
+    state = session.state
+    if state.status != "UP":
+        if not noreply:
+            session.out.append(READ_ONLY)
+        return
+    state.queues.flush_all()
+    if not noreply:
+        session.out.append(b"Flushed all queues.\r\n" if state.kestrel else b"OK\r\n")
+
+
+def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
+    name = _one_name(session, args)
+    if name is None:
+        return
+    state = session.state
+    if state.status != "UP":
+        session.out.append(READ_ONLY)
+        return
+    session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
+
+
+def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
+    state = session.state
+    if args:
+        session.out.append(BAD_FORMAT)
+        return
+    if state.status != "UP":
+        session.out.append(READ_ONLY)
+        return
+    session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
+
+
+# ---- server commands ---------------------------------------------------------------------
+def cmd_version(session: Session, args: list[bytes]) -> None:
+    session.out.append(b"VERSION %s\r\n" % __version__.encode())
+
+
+def general_stats(session: Session) -> list[tuple[str, object]]:
+    state = session.state
+    c = state.counters
+    queues = state.queues
+    now = time.time()
+    return [
+        ("pid", os.getpid()),
+        ("uptime", int(now - state.started)),
+        ("time", int(now)),
+        ("version", __version__),
+        ("implementation", IMPLEMENTATION),
+        ("curr_connections", c.curr_connections),
+        ("total_connections", c.total_connections),
+        ("cmd_get", c.cmd_get),
+        ("cmd_set", c.cmd_set),
+        ("cmd_peek", c.cmd_peek),
+        ("get_hits", c.get_hits),
+        ("get_misses", c.get_misses),
+        ("bytes_read", c.bytes_read),
+        ("bytes_written", c.bytes_written),
+        ("curr_items", queues.curr_items()),
+        ("total_items", queues.total_items),
+        ("bytes", queues.curr_bytes()),
+        ("queue_creates", queues.queue_creates),
+        ("queue_deletes", queues.queue_deletes),
+        ("queue_expires", queues.queue_expires),
+        ("status", state.status),
+    ]
+
+
+def cmd_stats(session: Session, args: list[bytes]) -> None:
+    if args:
+        session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
+        return
+    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(session)]
+    queues = session.state.queues
+    for name in queues.names():
+        for field, value in queues.queue_stats(name).items():
+            lines.append(
+                b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
+            )
+    lines.append(END)
+    session.out.append(b"".join(lines))
+
+
+def _dump(
+    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]
+) -> None:
+    for arg in args:
+        if not valid_queue_name(arg):
+            session.out.append(BAD_NAME)
+            return
+    queues = session.state.queues
+    names = [a.decode("ascii") for a in args] if args else queues.names()
+    lines = []
+    for name in names:
+        if name not in queues:
+            continue
+        lines.append(b"queue '%s' {\r\n" % name.encode())
+        for field, value in fields(name):
+            lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
+        lines.append(b"}\r\n")
+    lines.append(END)
+    session.out.append(b"".join(lines))
+
+
+def cmd_dump_stats(session: Session, args: list[bytes]) -> None:
+    queues = session.state.queues
+    _dump(session, args, lambda name: list(queues.queue_stats(name).items()))
+
+
+def cmd_dump_config(session: Session, args: list[bytes]) -> None:
+    queues = session.state.queues
+    _dump(session, args, lambda name: queues.get(name).config.canonical())
+
+
+def cmd_status(session: Session, args: list[bytes]) -> None:
+    state = session.state
+    if not args:
+        session.out.append(state.status.encode() + b"\r\n")
+        return
+    if len(args) != 1:
+        session.out.append(BAD_FORMAT)
+        return
+    word = args[0].decode("ascii", "replace").upper()
+    if word not in ("UP", "READONLY", "QUIESCENT"):
+        session.out.append(b"CLIENT_ERROR bad status\r\n")
+        return
+    state.set_status(word)
+    session.out.append(END)
+
+
+def cmd_reload(session: Session, args: list[bytes]) -> None:
+    reload = session.state.reload_requested
+    reply = reload() if reload is not None else "Reloaded config."
+    session.out.append(reply.encode() + b"\r\n")
+
+
+def cmd_verbosity(session: Session, args: list[bytes]) -> None:
+    args, noreply = _noreply(args)
+    if len(args) != 1 or not args[0].isdigit():
+        session.out.append(BAD_FORMAT)
+        return
+    if not noreply:
+        session.out.append(b"OK\r\n")
+
+
+def cmd_shutdown(session: Session, args: list[bytes]) -> None:
+    session.close_after(None)
+    stop = session.state.shutdown_requested
+    if stop is not None:
+        session.state.loop.call_soon(stop)
+
+
+def cmd_quit(session: Session, args: list[bytes]) -> None:
+    session.close_after(None)
+
+
+def cmd_not_supported(session: Session, args: list[bytes]) -> None:
+    session.out.append(NOT_SUPPORTED)
+
+
+COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
+    b"delete": cmd_delete,
+    b"flush": cmd_flush,
+    b"flush_all": cmd_flush_all,
+    b"flush_expired": cmd_flush_expired,
+    b"flush_all_expired": cmd_flush_all_expired,
+    b"version": cmd_version,
+    b"stats": cmd_stats,
+    b"dump_stats": cmd_dump_stats,
+    b"dump_config": cmd_dump_config,
+    b"monitor": cmd_monitor,
+    b"confirm": cmd_confirm,
+    b"status": cmd_status,
+    b"reload": cmd_reload,
+    b"verbosity": cmd_verbosity,
+    b"shutdown": cmd_shutdown,
+    b"quit": cmd_quit,
+    b"incr": cmd_not_supported,
+    b"decr": cmd_not_supported,
+    b"touch": cmd_not_supported,
+}
+
+
+def dispatch(session: Session, req: tuple) -> None:
+    kind = req[0]
+    if kind == REQ_SET:
+        cmd_set(session, req)
+    elif kind == REQ_GET:
+        cmd_get(session, req)
+    elif kind == REQ_CMD:
+        handler = COMMANDS.get(req[1])
+        if handler is not None:
+            handler(session, req[2])
+        elif session.state.kestrel:
+            session.close_after(b"CLIENT_ERROR\r\n")
+        else:
+            session.out.append(ERROR)
+    elif kind == REQ_UNSUPPORTED:
+        session.out.append(NOT_SUPPORTED)
+    elif kind == REQ_ERROR:
+        if req[2]:
+            session.close_after(req[1])
+        else:
+            session.out.append(req[1])
+    elif kind == REQ_BINARY:
+        log.warning("binary-protocol request received; closing the connection")
+        session.close_after(None)

@@ -1,0 +1,46 @@
+# C types for the compiled build of erq/_commands_py.py (linked here as _commands.py; see its
+# docstring). The Python source is the behaviour; this file turns the per-request functions
+# into C calls and the session into a struct (cimported as a module: the source imports the
+# name Session from the selector).
+cimport cython
+
+cimport erq._fast._keys as c_keys
+cimport erq._fast._queue as c_queue
+cimport erq._fast._queues as c_queues
+cimport erq._fast._ring as c_ring
+cimport erq._fast._session as c_session
+
+
+@cython.locals(queues=c_queues.QueueCollection, queue=c_queue.Queue)
+cpdef cmd_set(c_session.Session session, tuple req)
+
+
+cdef class GetOperation:
+    cdef public c_session.Session session
+    cdef public list specs
+    cdef public Py_ssize_t index
+    cdef public bint gets
+    cdef public object waiter
+    cdef public object timer
+
+    @cython.locals(queue=c_queue.Queue, spec=c_keys.KeySpec)
+    cpdef bint run(self) except -1
+    cdef _found(self, c_keys.KeySpec spec, object queue, c_ring.Item item)
+    cdef _wait(self, object queue, object spec)
+
+
+cdef class KeyWaiter:
+    cdef public GetOperation op
+    cdef public object queue
+    cdef public object spec
+    cdef public bint active
+    cdef public bint peek
+    cdef public bint reliable
+
+
+@cython.locals(flags=cython.uint, size=cython.Py_ssize_t)
+cpdef bytes value_block(
+    c_session.Session session, bytes key, object name, c_ring.Item item, bint gets
+)
+cpdef cmd_get(c_session.Session session, tuple req)
+cpdef dispatch(c_session.Session session, tuple req)

@@ -1,0 +1,1 @@
+../_commands_py.py

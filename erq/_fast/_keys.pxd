@@ -1,0 +1,16 @@
+# C types for the compiled build of erq/_keys_py.py (linked here as _keys.py; see its
+# docstring): a KeySpec is a struct whose flags the compiled commands read as C fields.
+
+
+cdef class KeySpec:
+    cdef public bytes key
+    cdef public object name
+    cdef public object timeout
+    cdef public bint open
+    cdef public bint close
+    cdef public bint abort
+    cdef public bint peek
+    cdef public bint fetches
+
+
+cpdef KeySpec parse_key(bytes key)

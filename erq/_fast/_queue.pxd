@@ -1,0 +1,57 @@
+# C types for the compiled build of erq/_queue_py.py (linked here as _queue.py; see its
+# docstring). The Python source is the behaviour; this file only makes its attributes struct
+# fields and its hot methods C calls. (_ring is cimported as a module, c_ring: the source imports the
+# names Item and Ring from the selectors.)
+cimport erq._fast._ring as c_ring
+
+
+cdef class OpenRead:
+    cdef public c_ring.Item item
+    cdef public long long opened_at
+
+
+cdef class Queue:
+    cdef public object name
+    cdef object _config
+    cdef object _max_item_size  # the hot fields of _config (see the config setter)
+    cdef object _max_age
+    cdef long long _max_memory_size
+    cdef bint _limited
+    cdef object _journal
+    cdef object _clock
+    cdef object _on_expired
+    cdef c_ring.Ring _ring
+    cdef public long long _mem_bytes
+    cdef public long long _disk_items
+    cdef public long long _disk_bytes
+    cdef dict _open
+    cdef long long _open_bytes
+    cdef object _waiters
+    cdef public long long next_id
+    cdef public bint deleted
+    cdef public long long created_at
+    cdef public long long last_activity
+    cdef public long long total_items
+    cdef public long long expired_items
+    cdef public long long discarded
+    cdef public long long transactions
+    cdef public long long canceled_transactions
+    cdef public long long total_flushes
+    cdef object _last_removed_add_time
+    cdef long long _rotations_seen
+    cdef long long _item_overhead  # ITEM_OVERHEAD as a C integer
+
+    cpdef bint is_full(self)
+    cpdef tuple add(self, object data, object flags, long long expiry, object now=*)
+    cdef object _append(self, c_ring.Item item)
+    cdef void _refill(self) except *
+    cdef long long _mem_cost(self)
+    cdef c_ring.Item _pop_head(self)
+    cpdef long long discard_expired(self, object now=*, object limit=*) except -1
+    cpdef object head(self, object now=*)
+    cpdef object take(self, bint reliable, object now=*)
+    cpdef OpenRead open_read(self, long long item_id)
+    cpdef bint is_open(self, OpenRead read)
+    cpdef bint confirm(self, OpenRead read)
+    cpdef bint unremove(self, OpenRead read)
+    cdef void _serve_waiters(self) except *

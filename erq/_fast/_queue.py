@@ -1,0 +1,1 @@
+../_queue_py.py

@@ -1,0 +1,40 @@
+# C types for the compiled build of erq/_session_py.py (linked here as _session.py; see its
+# docstring). The Python source is the behaviour; this file makes its attributes struct fields
+# and its methods C calls for the compiled commands module, which cimports it.
+
+
+cdef class DurableReply:
+    cdef public list tickets
+    cdef public bytes ok
+
+    cpdef bytes resolve(self)
+
+
+cdef class Session:
+    cdef public object state
+    cdef public object dispatch
+    cdef public list out
+    cdef public object pending
+    cdef public object blocked
+    cdef public bint closing
+    cdef public bint closed
+    cdef public dict open_reads
+    cdef object _hold
+    cdef bint _durable
+    cdef object _write
+    cdef object _close
+    cdef object _pause
+    cdef bint _paused
+
+    cpdef feed(self, list requests)
+    cpdef run(self)
+    cpdef unblock(self)
+    cpdef hold_for(self, list tickets, object reply)
+    cpdef flush(self)
+    cpdef close_after(self, object reply)
+    cpdef object open_deque(self, object name)
+    cpdef bint at_open_limit(self, object name, long long limit) except -1
+    cpdef bint has_open(self, object name) except -1
+    cpdef bint close_oldest(self, object name) except -1
+    cpdef bint abort_oldest(self, object name) except -1
+    cpdef abort_all(self)

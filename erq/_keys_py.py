@@ -1,0 +1,84 @@
+# cython: annotation_typing=False
+"""Parsing of `get` keys: ``queue[/option...]`` into a validated, cached KeySpec.
+
+One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
+``erq/_fast/_keys.py`` with the C types of ``erq/_fast/_keys.pxd``; selector ``erq.keys``.
+"""
+
+from __future__ import annotations
+
+from erq.queues import valid_queue_name
+
+_FORBIDDEN = (
+    ("peek", "open"),
+    ("peek", "close"),
+    ("peek", "abort"),
+    ("abort", "open"),
+    ("abort", "close"),
+)
+
+
+class KeyError_(Exception):
+    """A key that rejects the whole request: the reply line and whether to close."""
+
+    def __init__(self, reply: bytes, close: bool) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.close = close
+
+
+BAD_NAME = KeyError_(b"CLIENT_ERROR bad queue name\r\n", False)
+BAD_FORMAT = KeyError_(b"CLIENT_ERROR bad command line format\r\n", False)
+# PROTOCOL §4: a forbidden option combination gets Kestrel's bare CLIENT_ERROR, then close.
+FORBIDDEN_COMBINATION = KeyError_(b"CLIENT_ERROR\r\n", True)
+
+
+class KeySpec:
+    """One key of a get: the queue name and its options (PROTOCOL §4)."""
+
+    __slots__ = ("key", "name", "timeout", "open", "close", "abort", "peek", "fetches")
+
+    def __init__(self, key: bytes) -> None:
+        parts = key.split(b"/")
+        raw_name = parts[0]
+        if not valid_queue_name(raw_name):
+            raise BAD_NAME
+        self.key = key
+        self.name = raw_name.decode("ascii")
+        self.timeout: int | None = None
+        self.open = self.close = self.abort = self.peek = False
+        for opt in parts[1:]:
+            if opt == b"open":
+                self.open = True
+            elif opt == b"close":
+                self.close = True
+            elif opt == b"abort":
+                self.abort = True
+            elif opt == b"peek":
+                self.peek = True
+            elif opt.startswith(b"t="):
+                value = opt[2:]
+                if not value or not value.isdigit() or len(value) > 12:
+                    raise BAD_FORMAT
+                self.timeout = int(value)
+            # unknown options are ignored (Kestrel)
+        for a, b in _FORBIDDEN:
+            if getattr(self, a) and getattr(self, b):
+                raise FORBIDDEN_COMBINATION
+        # abort never fetches; close without open only confirms.
+        self.fetches = not self.abort and not (self.close and not self.open)
+
+
+_cache: dict[bytes, KeySpec] = {}
+_CACHE_MAX = 4096
+
+
+def parse_key(key: bytes) -> KeySpec:
+    """Return the KeySpec of ``key``; raises KeyError_. Hot keys are parsed once."""
+    spec = _cache.get(key)
+    if spec is None:
+        spec = KeySpec(key)
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[key] = spec
+    return spec

@@ -1,0 +1,490 @@
+# cython: annotation_typing=False
+"""One named queue: a strict FIFO with reliable reads, waiters, expiry and limits.
+
+One source compiled twice: this module is the pure-Python build, and setup.py compiles it,
+through the link ``erq/_fast/_queue.py`` and with the C types of
+``erq/_fast/_queue.pxd``, into ``erq._fast._queue`` (selector: ``erq.queue``).
+Imports are absolute so that both builds find the same modules.
+
+The queue knows nothing of sockets or reply formats (Kestrel's PersistentQueue). Items live
+in a ring buffer in RAM up to ``max_memory_size``; beyond it they stay only in the journal
+and are read back as the head drains (read-behind). Every change is journaled before the
+caller hears about it, so the wire layer may answer STORED as soon as ``add`` returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from erq.item import Item
+from erq.journal_api import JournalError
+from erq.ring import Ring
+
+if TYPE_CHECKING:
+    from erq.config import QueueConfig
+
+log = logging.getLogger("erq.queue")
+
+
+# RAM per queued item beyond its bytes: the Item object, the bytes object's header and the
+# ring slot. Counted against max_memory_size so that the limit bounds real memory.
+ITEM_OVERHEAD = 112
+
+
+class AddResult(enum.IntEnum):
+    STORED = 0
+    NOT_STORED = 1
+
+
+# The members as plain module constants: an enum class attribute lookup goes through the
+# metaclass and costs several times a global's, once per request on the set path.
+STORED = AddResult.STORED
+NOT_STORED = AddResult.NOT_STORED
+
+
+class Waiter(Protocol):
+    """A blocked get, peek or monitor; the queue hands it an item or leaves it waiting."""
+
+    active: bool  # False once it timed out, was answered, or its connection died
+    peek: bool
+    reliable: bool  # an /open read: the item becomes an open read owned by the waiter
+
+    def wake(self, item: Item | None) -> None: ...
+
+
+class OpenRead:
+    """An item handed out with /open, reserved until confirmed, aborted or timed out."""
+
+    __slots__ = ("item", "opened_at")
+
+    def __init__(self, item: Item, opened_at: int) -> None:
+        self.item = item
+        self.opened_at = opened_at
+
+
+class Queue:
+    """FIFO of :class:`Item` over an optional journal (``None`` = memory only)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: QueueConfig,
+        journal: Any = None,
+        *,
+        clock: Callable[[], int],
+        next_id: int = 1,
+        on_expired: Callable[[Queue, Item], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._journal = journal
+        self._clock = clock
+        self._on_expired = on_expired
+        self._ring = Ring()
+        self._mem_bytes = 0
+        self._disk_items = 0  # read-behind: items that are only in the journal
+        self._disk_bytes = 0
+        self._open: dict[int, OpenRead] = {}
+        self._open_bytes = 0
+        self._waiters: deque[Waiter] = deque()
+        self.next_id = next_id
+        self.deleted = False
+        now = clock()
+        self.created_at = now
+        self.last_activity = now
+        # stats
+        self.total_items = 0
+        self.expired_items = 0
+        self.discarded = 0
+        self.transactions = 0
+        self.canceled_transactions = 0
+        self.total_flushes = 0
+        self._last_removed_add_time: int | None = None
+        self._rotations_seen = 0
+        self._item_overhead = ITEM_OVERHEAD  # read per add: an attribute, a C field when compiled
+
+    # ---- configuration -----------------------------------------------------------------
+    @property
+    def config(self) -> QueueConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: QueueConfig) -> None:
+        # The limits read on every add are kept flat beside it (C fields when compiled).
+        self._config = config
+        self._max_item_size = config.max_item_size
+        self._max_age = config.max_age
+        self._max_memory_size = config.max_memory_size
+        self._limited = config.max_items is not None or config.max_size is not None
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def items(self) -> int:
+        return len(self._ring) + self._disk_items
+
+    @property
+    def bytes(self) -> int:
+        return self._mem_bytes + self._disk_bytes
+
+    @property
+    def mem_items(self) -> int:
+        return len(self._ring)
+
+    @property
+    def mem_bytes(self) -> int:
+        return self._mem_bytes
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    @property
+    def waiter_count(self) -> int:
+        return sum(1 for w in self._waiters if w.active and not getattr(w, "monitor", False))
+
+    @property
+    def journal(self) -> Any:
+        return self._journal
+
+    def age(self, now: int) -> int:
+        if self._last_removed_add_time is None or self.items == 0:
+            return 0
+        return max(0, now - self._last_removed_add_time)
+
+    def is_full(self) -> bool:
+        cfg = self.config
+        return (cfg.max_items is not None and self.items >= cfg.max_items) or (
+            cfg.max_size is not None and self.bytes >= cfg.max_size
+        )
+
+    # ---- adding ------------------------------------------------------------------------
+    def add(
+        self, data: bytes, flags: int, expiry: int, now: int | None = None
+    ) -> tuple[AddResult, Any]:
+        """Append an item. Returns (result, commit ticket or None); raises JournalError."""
+        if now is None:
+            now = self._clock()
+        max_item_size = self._max_item_size
+        if max_item_size is not None and len(data) > max_item_size:
+            return NOT_STORED, None
+        if self._limited and self.is_full():
+            if not self._config.discard_old_when_full:
+                return NOT_STORED, None
+            while self.is_full() and self.items:
+                self._drop_head(discard=True)
+        max_age = self._max_age
+        if max_age is not None:
+            cap = now + max_age
+            if expiry == 0 or expiry > cap:
+                expiry = cap
+        item = Item(self.next_id, data, flags, now, expiry)
+        ticket = self._append(item)
+        self.next_id += 1
+        self.total_items += 1
+        self.last_activity = now
+        if self._waiters:
+            self._serve_waiters()
+        return STORED, ticket
+
+    def _append(self, item: Item) -> Any:
+        in_memory = (
+            self._disk_items == 0
+            and self._mem_cost() + len(item.data) + self._item_overhead <= self._max_memory_size
+        )
+        ticket = None
+        journal = self._journal
+        if journal is not None:
+            ticket = journal.add(
+                item.id, item.flags, item.add_time, item.expiry, item.data, in_memory
+            )
+        elif not in_memory:
+            in_memory = True  # nowhere else to keep it
+        if in_memory:
+            self._ring.push(item)
+            self._mem_bytes += len(item.data)
+        else:
+            self._disk_items += 1
+            self._disk_bytes += len(item.data)
+        if journal is not None and journal.rotations != self._rotations_seen:
+            # A new segment: the moment to see whether history can be dropped, so disk use
+            # stays near live data between sweeps. Only now is the queue state complete.
+            self._rotations_seen = journal.rotations
+            self.maybe_compact()
+        return ticket
+
+    def restore(self, items: list, disk_items: int, disk_bytes: int, next_id: int) -> None:
+        """Load what the journal recovered (queue order; reads open at the crash are at the head)."""
+        for rec in items:
+            item = (
+                rec
+                if isinstance(rec, Item)
+                else Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+            )
+            self._ring.push(item)
+            self._mem_bytes += len(item.data)
+        self._disk_items = disk_items
+        self._disk_bytes = disk_bytes
+        self.next_id = max(self.next_id, next_id)
+
+    # ---- taking ------------------------------------------------------------------------
+    def _refill(self) -> None:
+        if not self._disk_items or self._journal is None:
+            return
+        limit = self._max_memory_size
+        if self._ring and limit - self._mem_cost() < limit // 2:
+            return
+        # Read back in bounded batches until the memory budget (data + per-item overhead) is
+        # used; always at least one item, so the head can be served whatever the limit.
+        while self._disk_items:
+            budget = limit - self._mem_cost()
+            if budget <= 0 and self._ring:
+                break
+            batch = self._journal.read_behind(max(1, min(budget, 1 << 20)))
+            if not batch:
+                break  # the journal has nothing more to give back
+            for rec in batch:
+                item = Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+                self._ring.push(item)
+                n = len(item.data)
+                self._mem_bytes += n
+                self._disk_items -= 1
+                self._disk_bytes -= n
+
+    def _mem_cost(self) -> int:
+        """What the in-memory items really cost: their bytes plus a fixed overhead each."""
+        return self._mem_bytes + self._item_overhead * len(self._ring)
+
+    def _pop_head(self) -> Item:
+        item = self._ring.pop()
+        self._mem_bytes -= len(item.data)
+        self._last_removed_add_time = item.add_time
+        if self._disk_items:
+            self._refill()
+        return item
+
+    def _drop_head(self, *, discard: bool) -> None:
+        if not self._ring:
+            self._refill()
+        if self._journal is not None:
+            self._journal.remove(self._ring.peek().id)  # journal first: JournalError leaves it
+        self._pop_head()
+        if discard:
+            self.discarded += 1
+
+    def discard_expired(self, now: int | None = None, limit: int | None = None) -> int:
+        """Remove expired items from the head (Kestrel's rule); returns how many."""
+        if now is None:
+            now = self._clock()
+        n = 0
+        while limit is None or n < limit:
+            if not self._ring:
+                if not self._disk_items:
+                    break
+                self._refill()
+            head = self._ring.peek()
+            if not head.expired(now):
+                break
+            if self._journal is not None:
+                self._journal.remove(head.id)  # journal first: JournalError leaves it
+            item = self._pop_head()
+            self.expired_items += 1
+            n += 1
+            if self._on_expired is not None:
+                self._on_expired(self, item)
+        return n
+
+    def head(self, now: int | None = None) -> Item | None:
+        """The item a fetch would return (expired heads are removed first), or None."""
+        self.discard_expired(now)
+        if not self._ring:
+            return None
+        return self._ring.peek()
+
+    def take(self, reliable: bool, now: int | None = None) -> Item | None:
+        """Remove and return the head; with ``reliable`` it becomes an open read."""
+        if now is None:
+            now = self._clock()
+        if self._open and self.config.open_timeout is not None:
+            self.expire_open_reads(now)
+        ring = self._ring
+        if (not ring or ring.peek().expired(now)) and self.head(now) is None:
+            return None
+        journal = self._journal
+        if journal is not None:
+            # Journal first: a record that cannot be written (disk full) raises JournalError
+            # with the item still at the head and nothing handed out.
+            head_id = ring.peek().id
+            if reliable:
+                journal.open(head_id)
+            else:
+                journal.remove(head_id)
+        item = self._pop_head()
+        if reliable:
+            self._open[item.id] = OpenRead(item, now)
+            self._open_bytes += len(item.data)
+            self.transactions += 1
+        return item
+
+    # ---- reliable reads ----------------------------------------------------------------
+    # An OpenRead is one reservation. After open_timeout returns an item, another connection
+    # may reserve it again under the same id: owners hold the OpenRead, never the bare id.
+    def open_read(self, item_id: int) -> OpenRead | None:
+        return self._open.get(item_id)
+
+    def is_open(self, read: OpenRead) -> bool:
+        return self._open.get(read.item.id) is read
+
+    def confirm(self, read: OpenRead) -> bool:
+        if not self.is_open(read):
+            return False
+        item_id = read.item.id
+        del self._open[item_id]
+        self._open_bytes -= len(read.item.data)
+        if self._journal is not None:
+            try:
+                self._journal.confirm(item_id)
+            except JournalError as exc:
+                # The journal still says "open": after a restart the item is handed out
+                # again (at-least-once), never lost.
+                log.warning("queue %s: confirm not journaled: %s", self.name, exc)
+        return True
+
+    def unremove(self, read: OpenRead) -> bool:
+        """Abort an open read: the item goes back to the head, to be handed out next."""
+        if not self.is_open(read):
+            return False
+        item = read.item
+        item_id = item.id
+        del self._open[item_id]
+        self._open_bytes -= len(item.data)
+        if self._journal is not None:
+            try:
+                self._journal.unremove(item_id)
+            except JournalError as exc:
+                # Harmless: recovery puts a read the journal still calls open at the head too.
+                log.warning("queue %s: abort not journaled: %s", self.name, exc)
+        self._ring.push_front(item)
+        self._mem_bytes += len(item.data)
+        self.canceled_transactions += 1
+        if self._waiters:
+            self._serve_waiters()
+        return True
+
+    def expire_open_reads(self, now: int) -> int:
+        """Return open reads older than ``open_timeout`` to the head, oldest at the head."""
+        timeout = self.config.open_timeout
+        if timeout is None or not self._open:
+            return 0
+        stale = [read for read in self._open.values() if now - read.opened_at >= timeout]
+        for read in reversed(stale):
+            self.unremove(read)
+        return len(stale)
+
+    # ---- waiters -----------------------------------------------------------------------
+    def add_waiter(self, waiter: Waiter) -> None:
+        self._waiters.append(waiter)
+
+    def remove_waiter(self, waiter: Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _serve_waiters(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters[0]
+            if not waiter.active:
+                waiters.popleft()
+                continue
+            try:
+                item = self.head() if waiter.peek else self.take(waiter.reliable)
+            except JournalError:
+                return  # the hand-out cannot be journaled (disk full): waiters wait on
+            if item is None:
+                return
+            waiters.popleft()
+            waiter.wake(item)
+
+    def wake_all(self) -> None:
+        """Answer every blocked get with no item (delete, QUIESCENT, shutdown)."""
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if waiter.active:
+                waiter.wake(None)
+
+    # ---- whole-queue operations --------------------------------------------------------
+    def flush(self) -> None:
+        """Drop every queued item; open reads are untouched."""
+        self._ring.clear()
+        self._mem_bytes = 0
+        self._disk_items = 0
+        self._disk_bytes = 0
+        if self._journal is not None:
+            self._journal.flush()
+        self.total_flushes += 1
+
+    def delete(self) -> None:
+        """Drop items, open reads and journal files; blocked gets are answered END."""
+        self.deleted = True
+        self._ring.clear()
+        self._open.clear()
+        self._mem_bytes = self._disk_items = self._disk_bytes = self._open_bytes = 0
+        if self._journal is not None:
+            self._journal.delete()
+            self._journal = None
+        self.wake_all()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+
+    def idle_expired(self, now: int) -> bool:
+        limit = self.config.max_queue_age
+        return (
+            limit is not None
+            and not self.items
+            and not self._open
+            and not any(w.active for w in self._waiters)
+            and now - self.last_activity >= limit
+        )
+
+    def maybe_compact(self) -> None:
+        journal = self._journal
+        if journal is not None and journal.wants_compaction:
+            opens = [read.item for read in self._open.values()]
+            journal.compact(opens, self._ring.to_list())
+
+    def configure(self, config: QueueConfig) -> None:
+        self.config = config
+        if self._journal is not None:
+            self._journal.update_policy(
+                fsync=config.fsync,
+                max_memory_size=config.max_memory_size,
+                max_journal_size=config.max_journal_size,
+            )
+
+    def stats(self, now: int) -> dict[str, int | str]:
+        journal = self._journal
+        return {
+            "items": self.items,
+            "bytes": self.bytes,
+            "total_items": self.total_items,
+            "logsize": journal.logsize if journal is not None else 0,
+            "expired_items": self.expired_items,
+            "mem_items": self.mem_items,
+            "mem_bytes": self.mem_bytes,
+            "age": self.age(now),
+            "discarded": self.discarded,
+            "waiters": self.waiter_count,
+            "open_transactions": len(self._open),
+            "transactions": self.transactions,
+            "canceled_transactions": self.canceled_transactions,
+            "total_flushes": self.total_flushes,
+            "journal_rewrites": journal.rewrites if journal is not None else 0,
+            "journal_rotations": journal.rotations if journal is not None else 0,
+        }

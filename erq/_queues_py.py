@@ -1,0 +1,261 @@
+# cython: annotation_typing=False
+"""QueueCollection: queue names, creation, fanout children and the global counters.
+
+It owns the data directory layout (one journal directory per queue, named after the
+queue) but not the journal format, which lives in erq.journal.
+
+One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
+``erq/_fast/_queues.py`` with the C types of ``erq/_fast/_queues.pxd``; selector
+``erq.queues``. Imports are absolute so that both builds find the same modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from erq.item import Item
+from erq.queue import STORED, AddResult, Queue
+
+if TYPE_CHECKING:
+    from erq.config import Config
+
+log = logging.getLogger("erq.queues")
+
+_NAME_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in b"/.~")
+
+
+def valid_queue_name(name: bytes) -> bool:
+    """PROTOCOL §1: 1-250 printable ASCII bytes, no space '/', '.', '~'; '+' once, inside."""
+    if not 0 < len(name) <= 250 or name.translate(None, _NAME_BYTES):
+        return False
+    plus = name.count(b"+")
+    return plus == 0 or (plus == 1 and name[0] != 0x2B and name[-1] != 0x2B)
+
+
+def now_ms() -> int:
+    return _time_ns() // 1_000_000
+
+
+_time_ns = time.time_ns
+
+
+class QueueCollection:
+    """All queues of one server plus the server-wide item counters."""
+
+    def __init__(
+        self,
+        config: Config,
+        data_dir: str | os.PathLike | None,
+        *,
+        journal_factory: Callable[..., tuple[Any, Any]] | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._journal_factory = journal_factory
+        self._clock = clock
+        self._queues: dict[str, Queue] = {}
+        self.by_raw_name: dict[
+            bytes, Queue
+        ] = {}  # the wire's bytes -> queue: no decode per request
+        self._children: dict[str, list[str]] = {}  # fanout parent -> child names
+        self.total_items = 0
+        self.queue_creates = 0
+        self.queue_deletes = 0
+        self.queue_expires = 0
+        self.recovered_items = 0
+        self.recovered_bytes = 0
+        self.warnings: list[str] = []
+
+    # ---- lookup and creation -----------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._queues
+
+    def __iter__(self):
+        return iter(list(self._queues.values()))
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def names(self) -> list[str]:
+        return sorted(self._queues)
+
+    def get(self, name: str) -> Queue | None:
+        return self._queues.get(name)
+
+    def children(self, parent: str) -> list[str]:
+        return self._children.get(parent, [])
+
+    def get_or_create(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._create(name)
+            self.queue_creates += 1
+        return queue
+
+    def _create(self, name: str) -> Queue:
+        qcfg = self.config.queue_config(name)
+        journal = None
+        recovery = None
+        if qcfg.journal and self._journal_factory is not None and self.data_dir is not None:
+            journal, recovery = self._journal_factory(self.data_dir / name, qcfg)
+        elif self._journal_factory is not None and self.data_dir is not None:
+            # A memory-only queue keeps an empty directory so that the queue itself (and its
+            # fanout registration) survives a restart; its items do not.
+            (self.data_dir / name).mkdir(parents=True, exist_ok=True)
+        queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
+        if recovery is not None:
+            queue.restore(
+                recovery.items, recovery.disk_items, recovery.disk_bytes, recovery.next_id
+            )
+            for warning in recovery.warnings:
+                log.warning("queue %s: %s", name, warning)
+                self.warnings.append(f"{name}: {warning}")
+            self.recovered_items += queue.items
+            self.recovered_bytes += queue.bytes
+        self._queues[name] = queue
+        self.by_raw_name[name.encode("ascii")] = queue
+        parent, plus, _child = name.partition("+")
+        if plus:
+            kids = self._children.setdefault(parent, [])
+            if name not in kids:
+                kids.append(name)
+        return queue
+
+    def load_existing(self) -> None:
+        """Open every queue that has a journal directory (start-up recovery)."""
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return
+        for entry in sorted(self.data_dir.iterdir()):
+            if (
+                entry.is_dir()
+                and valid_queue_name(entry.name.encode())
+                and entry.name not in self._queues
+            ):
+                self._create(entry.name)
+
+    # ---- item flow ---------------------------------------------------------------------
+    def add(
+        self, name: str, data: bytes, flags: int, expiry: int, queue: Queue | None = None
+    ) -> tuple[AddResult, list]:
+        """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
+        # The default clock called directly: a C call when compiled, no callable lookup.
+        now = now_ms() if self._clock is now_ms else self._clock()
+        created = False
+        if queue is None:
+            queue = self._queues.get(name)
+            if queue is None:
+                queue, created = self.get_or_create(name), True
+        tickets = []
+        result, ticket = queue.add(data, flags, expiry, now)
+        if result is STORED:
+            self.total_items += 1
+            if ticket is not None:
+                tickets.append(ticket)
+        elif created:
+            # PROTOCOL §10: a refused request creates no queue.
+            self.delete(name)
+            self.queue_creates -= 1
+            self.queue_deletes -= 1
+        children = self._children
+        if not children or name not in children:
+            return result, tickets
+        for child_name in children[name]:
+            child = self._queues.get(child_name)
+            if child is None:
+                continue
+            child_result, child_ticket = child.add(data, flags, expiry, now)
+            if child_result is STORED:
+                self.total_items += 1
+                if child_ticket is not None:
+                    tickets.append(child_ticket)
+        return result, tickets
+
+    def _expired(self, queue: Queue, item: Item) -> None:
+        target = queue.config.expire_to_queue
+        if target and target != queue.name and valid_queue_name(target.encode()):
+            result, _ = self.get_or_create(target).add(item.data, item.flags, 0)
+            if result is STORED:
+                self.total_items += 1
+
+    # ---- whole queues ------------------------------------------------------------------
+    def delete(self, name: str) -> bool:
+        queue = self._queues.pop(name, None)
+        if queue is None:
+            return False
+        self.by_raw_name.pop(name.encode("ascii"), None)
+        memory_only = queue.journal is None
+        queue.delete()
+        if memory_only and self._journal_factory is not None and self.data_dir is not None:
+            shutil.rmtree(self.data_dir / name, ignore_errors=True)
+        parent, plus, _ = name.partition("+")
+        if plus and parent in self._children:
+            kids = self._children[parent]
+            if name in kids:
+                kids.remove(name)
+            if not kids:
+                del self._children[parent]
+        self.queue_deletes += 1
+        return True
+
+    def flush(self, name: str) -> None:
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.flush()
+
+    def flush_all(self) -> None:
+        for queue in self:
+            queue.flush()
+
+    def flush_expired(self, name: str) -> int:
+        queue = self._queues.get(name)
+        return queue.discard_expired() if queue is not None else 0
+
+    def flush_all_expired(self) -> int:
+        return sum(queue.discard_expired() for queue in self)
+
+    def sweep(self, expire: bool = True) -> None:
+        """Periodic work: expiry at the heads, open-read timeouts, idle queues, compaction."""
+        now = self._clock()
+        for queue in self:
+            if expire:
+                queue.discard_expired(now)
+            queue.expire_open_reads(now)
+            if queue.idle_expired(now):
+                self.delete(queue.name)
+                self.queue_deletes -= 1
+                self.queue_expires += 1
+                continue
+            queue.maybe_compact()
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        for queue in self:
+            queue.configure(config.queue_config(queue.name))
+
+    def close(self) -> None:
+        for queue in self:
+            queue.close()
+
+    # ---- stats -------------------------------------------------------------------------
+    def curr_items(self) -> int:
+        return sum(q.items for q in self._queues.values())
+
+    def curr_bytes(self) -> int:
+        return sum(q.bytes for q in self._queues.values())
+
+    def queue_stats(self, name: str) -> dict[str, int | str] | None:
+        queue = self._queues.get(name)
+        if queue is None:
+            return None
+        stats = queue.stats(self._clock())
+        kids = self._children.get(name)
+        if kids:
+            stats["children"] = ",".join(kids)
+        return stats

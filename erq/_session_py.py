@@ -1,0 +1,227 @@
+# cython: annotation_typing=False
+"""Session: one client connection's protocol state, independent of the socket.
+
+It holds what Kestrel's KestrelHandler holds — the connection's open reads and the request
+that is blocked waiting for an item — and drives the pipeline: requests are executed in
+order, a blocking get holds back everything after it, and replies collect in one output
+list that the transport writes once per read (or once per wake-up).
+
+One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
+``erq/_fast/_session.py`` with the C types of ``erq/_fast/_session.pxd``; selector
+``erq.session``. Imports are absolute so that both builds find the same modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from erq.queue import OpenRead, Queue
+    from erq.state import ServerState
+
+log = logging.getLogger("erq.session")
+
+# Pause reading from a client whose pipeline runs this far ahead of a blocked request.
+MAX_PENDING = 4096
+
+
+class DurableReply:
+    """A reply that may go out only once its journal writes are fsync'd (fsync = always)."""
+
+    __slots__ = ("tickets", "ok")
+
+    def __init__(self, tickets: list, ok: bytes) -> None:
+        self.tickets = tickets
+        self.ok = ok
+
+    def resolve(self) -> bytes:
+        for ticket in self.tickets:
+            if ticket.cancelled() or ticket.exception() is not None:
+                return b"SERVER_ERROR journal sync failed\r\n"
+        return self.ok
+
+
+class Session:
+    """Per-connection state and the in-order request pipeline."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        dispatch: Callable[[Session, tuple], None],
+        write: Callable[[bytes], None],
+        close: Callable[[], None],
+        pause: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.state = state
+        self.dispatch = dispatch  # commands.dispatch: runs one request
+        self.out: list[Any] = []
+        self.pending: deque = deque()
+        self.blocked: Any = None  # the operation waiting for an item
+        self.closing = False
+        self.closed = False
+        self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
+        self._hold: Any = None  # latest commit ticket; replies wait for it
+        self._durable = False  # out holds DurableReply objects
+        self._write = write
+        self._close = close
+        self._pause = pause
+        self._paused = False
+
+    # ---- pipeline ----------------------------------------------------------------------
+    def feed(self, requests: list) -> None:
+        if self.closing:
+            return
+        if self.pending or self.blocked is not None:
+            self.pending.extend(requests)
+            if self._pause is not None and not self._paused and len(self.pending) > MAX_PENDING:
+                self._paused = True
+                self._pause(True)
+            return
+        dispatch = self.dispatch
+        for i, request in enumerate(requests):
+            dispatch(self, request)
+            if self.blocked is not None or self.closing:
+                if not self.closing:
+                    self.pending.extend(requests[i + 1 :])
+                break
+        self.flush()
+
+    def run(self) -> None:
+        """Continue the pipeline after a blocked request finished."""
+        dispatch = self.dispatch
+        pending = self.pending
+        while pending and self.blocked is None and not self.closing:
+            dispatch(self, pending.popleft())
+        if self._paused and len(pending) < MAX_PENDING // 2:
+            self._paused = False
+            if self._pause is not None:
+                self._pause(False)
+        self.flush()
+
+    def unblock(self) -> None:
+        """Called by a finished blocking operation (from a timer or another connection)."""
+        self.blocked = None
+        if not self.closed:
+            self.state.loop.call_soon(self.run)
+
+    # ---- output ------------------------------------------------------------------------
+    def hold_for(self, tickets: list, reply: bytes | None) -> None:
+        """Queue a reply that must wait for these commit tickets."""
+        ticket = tickets[-1]
+        self._hold = ticket
+        ticket.add_done_callback(self._held_done)
+        if reply is not None:
+            self.out.append(DurableReply(tickets, reply))
+            self._durable = True
+
+    def _held_done(self, ticket: Any) -> None:
+        if ticket is self._hold:
+            self._hold = None
+            if not self.closed:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        if self._hold is not None and not self._hold.done():
+            return
+        self._hold = None
+        if self.out:
+            out = self.out
+            self.out = []
+            if self._durable:
+                self._durable = False
+                out = [r.resolve() if isinstance(r, DurableReply) else r for r in out]
+            data = b"".join(out)
+            self.state.counters.bytes_written += len(data)
+            self._write(data)
+        if self.closing:
+            self.closed = True
+            self._close()
+
+    def close_after(self, reply: bytes | None) -> None:
+        """Send ``reply`` (if any), then close; open reads go back at once."""
+        if reply:
+            self.out.append(reply)
+        self.closing = True
+        self.pending.clear()
+        self._cancel_blocked()
+        self.abort_all()
+
+    # ---- open reads --------------------------------------------------------------------
+    def open_deque(self, name: str) -> deque[tuple[Queue, OpenRead]]:
+        reads = self.open_reads.get(name)
+        if reads is None:
+            reads = self.open_reads[name] = deque()
+        return reads
+
+    def at_open_limit(self, name: str, limit: int) -> bool:
+        """True when this connection holds ``limit`` live open reads on ``name``.
+
+        The deque may still hold reads that open_timeout or a delete ended; it is only
+        purged when its raw length reaches the limit, so a worker loop pays nothing.
+        """
+        reads = self.open_reads.get(name)
+        return reads is not None and len(reads) >= limit and self.live_open_count(name) >= limit
+
+    def live_open_count(self, name: str) -> int:
+        reads = self.open_reads.get(name)
+        if not reads:
+            return 0
+        live = deque((q, r) for q, r in reads if q.is_open(r))
+        self.open_reads[name] = live
+        return len(live)
+
+    def has_open(self, name: str) -> bool:
+        reads = self.open_reads.get(name)
+        if not reads:
+            return False
+        while reads:
+            queue, read = reads[0]
+            if queue.is_open(read):
+                return True
+            reads.popleft()
+        return False
+
+    def close_oldest(self, name: str) -> bool:
+        """Confirm this connection's oldest open read on ``name`` (False if none)."""
+        reads = self.open_reads.get(name)
+        while reads:
+            queue, read = reads.popleft()
+            if queue.confirm(read):
+                return True
+        return False
+
+    def abort_oldest(self, name: str) -> bool:
+        reads = self.open_reads.get(name)
+        while reads:
+            queue, read = reads.popleft()
+            if queue.unremove(read):
+                return True
+        return False
+
+    def abort_all(self) -> None:
+        """Return every open read to the head of its queue, oldest at the head."""
+        reads_by_queue, self.open_reads = self.open_reads, {}
+        for reads in reads_by_queue.values():
+            for queue, read in reversed(reads):
+                queue.unremove(read)
+
+    # ---- teardown ----------------------------------------------------------------------
+    def _cancel_blocked(self) -> None:
+        op, self.blocked = self.blocked, None
+        if op is not None:
+            op.cancel()
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        self.closing = True
+        self.pending.clear()
+        self._cancel_blocked()
+        self.abort_all()
+
+
+__all__ = ["DurableReply", "Session"]
