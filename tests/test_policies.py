@@ -310,6 +310,7 @@ def test_exptime_zero_never_relative_up_to_thirty_days_absolute_beyond_negative_
     _expiry_case(c, "past", now - 3600, alive=False)
     _expiry_case(c, "neg", -1, alive=False)
     _expiry_case(c, "negbig", -2_592_001, alive=False)
+    _expiry_case(c, "far", 2**63 - 1, alive=True)  # the largest exptime the protocol takes
 
 
 def test_kestrel_compat_makes_one_million_seconds_the_absolute_threshold(erq_factory):
