@@ -1,12 +1,15 @@
 """Where the not-in-memory (read-behind) items are: a FIFO of record positions.
 
-Only 8 bytes per item: offsets in an ``array('Q')`` per run of consecutive items in the same
-segment. Items enter at the tail (``push``) and are read back from the head (``take``), in
-FIFO order, as the queue's head drains; nothing else ever removes one (``clear`` is FLUSH).
+Four bytes per item: the offsets of a run of consecutive items in the same segment sit in an
+``array`` of 32-bit unsigned ints (8-byte ones only for a segment larger than 4 GiB), widened
+to the 64-bit offsets ``codec.read_adds`` takes a window at a time, as they are read back.
+Items enter at the tail (``push``) and are read back from the head (``take``), in FIFO
+order, as the queue's head drains; nothing else ever removes one (``clear`` is FLUSH).
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections import deque
 from typing import TYPE_CHECKING
@@ -18,6 +21,37 @@ if TYPE_CHECKING:
 
 _TRIM_AT = 4096  # drop consumed offsets once this many and half the run are consumed
 _DROP_STEP = 1 << 20  # unmap the pages read back every this many bytes
+_WINDOW = (64, 4096)  # fewest and most offsets widened for one read_adds call
+
+_NARROW = "I" if array("I").itemsize == 4 else "L"  # the C type of 32 bits
+_WIDE = "Q"  # what read_adds takes
+_NARROW_LIMIT = 1 << 32  # a segment up to this size has every offset below it
+# In a 64-bit offset seen as two 32-bit halves, the half that holds the value below 2**32.
+_LOW_HALF = 0 if sys.byteorder == "little" else 1
+
+
+def _typecode(segment: Segment) -> str:
+    return _NARROW if segment.size <= _NARROW_LIMIT else _WIDE
+
+
+def _narrow(wide: array) -> array:
+    """A 64-bit offset array, every value below 2**32, as a 32-bit one (copied in C, with
+    no Python int made per offset)."""
+    out = array(_NARROW)
+    with memoryview(wide) as view, view.cast("B") as raw, raw.cast(_NARROW) as halves:
+        out.frombytes(halves[_LOW_HALF::2].tobytes())
+    return out
+
+
+def _window(offsets: array, start: int, stop: int) -> memoryview:
+    """offsets[start:stop] as 64-bit unsigned ints (read_adds' input): a view of a 64-bit
+    array, else a widened copy. Release it before the array grows again."""
+    if offsets.typecode == _WIDE:
+        return memoryview(offsets)[start:stop]
+    wide = bytearray(8 * (stop - start))  # the high halves stay zero
+    with memoryview(wide) as raw, raw.cast(_NARROW) as halves:
+        halves[_LOW_HALF::2] = memoryview(offsets)[start:stop]
+    return memoryview(wide).cast(_WIDE)
 
 
 class DiskItems:
@@ -37,7 +71,8 @@ class DiskItems:
         if runs and runs[-1][0] is segment:
             runs[-1][1].append(offset)
         else:
-            runs.append([segment, array("Q", (offset,)), 0])
+            offsets = array(_typecode(segment), (offset,))
+            runs.append([segment, offsets, 0])
         self.count += 1
         self.nbytes += nbytes
 
@@ -50,18 +85,30 @@ class DiskItems:
         while runs:
             run = runs[0]
             segment, offsets, start = run
-            end, got, ok = codec.read_adds(segment.mm, offsets, start, max_bytes, cls, out)
-            self.count -= end - start
+            # Widen about what the budget takes at the mean item size, plus one so that
+            # read_adds sees where the budget ends; a window that ends first means one more
+            # turn, and the cap bounds the work wasted when the head items are larger.
+            want = max(max_bytes, 0) // max(self.nbytes // self.count, 1) + 1
+            stop = min(len(offsets), start + min(max(want, _WINDOW[0]), _WINDOW[1]))
+            window = _window(offsets, start, stop)
+            try:
+                n, got, ok = codec.read_adds(segment.mm, window, 0, max_bytes, cls, out)
+                last = window[n - 1] if n else 0
+                bad = 0 if ok else window[n]
+            finally:
+                window.release()
+            end = start + n
+            self.count -= n
             self.nbytes -= got
             max_bytes -= got
             self._read_since_drop += got
-            if self._read_since_drop >= _DROP_STEP and end > start:
+            if self._read_since_drop >= _DROP_STEP and n:
                 # FIFO: the pages before the last item read are done with for now.
                 self._read_since_drop = 0
-                segment.drop_pages(0, offsets[end - 1])
+                segment.drop_pages(0, last)
             if not ok:
                 run[2] = end
-                raise ValueError(f"{segment.path}: no valid ADD record at offset {offsets[end]}")
+                raise ValueError(f"{segment.path}: no valid ADD record at offset {bad}")
             if end == len(offsets):
                 runs.popleft()
                 continue
@@ -69,7 +116,8 @@ class DiskItems:
                 del offsets[:end]
                 end = 0
             run[2] = end
-            break  # the budget is spent
+            if n < stop - start or max_bytes < 0:
+                break  # the budget is spent
         return out
 
     def clear(self) -> None:
@@ -91,4 +139,9 @@ class DiskItems:
             _, offs, i = runs.popleft()
             unread += len(offs) - i
         if unread:
-            runs.appendleft([segment, offsets[len(offsets) - unread :], 0])
+            moved = offsets[len(offsets) - unread :]
+            typecode = _typecode(segment)
+            if moved.typecode != typecode:
+                # Narrowing for a segment of 4 GiB at most: every offset fits.
+                moved = _narrow(moved) if moved.typecode == _WIDE else array(typecode, moved)
+            runs.appendleft([segment, moved, 0])
