@@ -1,11 +1,15 @@
-"""Journal codec: record encode, the append of one ADD record into a mapped segment, and the
-per-request journal path (QueueJournal.add + remove) as the server runs it."""
+"""Journal codec: record encode, the append of one ADD record into a mapped segment (copied
+in, or for a large one written with pwritev() on the segment's file), and the per-request
+journal path (QueueJournal.add + remove) as the server runs it."""
 
 import asyncio
 import mmap
 
+import pytest
+
 import erq.journal.codec as selector
 from erq.journal import GroupCommit, QueueJournal
+from erq.journal.segment import Segment
 
 from conftest import load
 
@@ -40,6 +44,42 @@ def test_append_add_into_mmap(benchmark, impl):
     benchmark(append_1000)
     state["writer"].release()
     assert state["id"] >= 1000
+
+
+@pytest.mark.parametrize("path", ["pwrite", "copy"])
+def test_append_64k_adds_into_a_new_segment(benchmark, impl, path, tmp_path):
+    """What a 64 KiB set costs the journal: every page it fills is one it never touched (a
+    preallocated segment), as in the server. "copy": stores into the mapping (a page fault
+    per page); "pwrite": the writer has the segment's fd, so the record goes by pwritev()."""
+    codec = load(impl, "_journal", "journal._codec_py")
+    data = bytes(range(256)) * 256
+    size = 32 << 20
+    state = {"segment": None, "writer": None, "seq": 0, "id": 0}
+
+    def new_segment():
+        if state["writer"] is not None:
+            state["writer"].release()
+            state["segment"].close()
+            state["segment"].path.unlink()
+        state["seq"] += 1
+        segment = state["segment"] = Segment.create(tmp_path, state["seq"], size)
+        fd = segment.fileno() if path == "pwrite" else -1
+        state["writer"] = codec.SegmentWriter(segment.mm, 32, True, fd)
+
+    def append_100():
+        if state["writer"] is None or state["writer"].remaining < 100 * (len(data) + 64):
+            new_segment()
+        append = state["writer"].append_add
+        base = state["id"]
+        for i in range(base, base + 100):
+            append(i, 0, 1_700_000_000_000, 0, data)
+        state["id"] = base + 100
+
+    benchmark.group = "journal: append 100 64 KiB ADD records into a new segment"
+    benchmark(append_100)
+    state["writer"].release()
+    state["segment"].close()
+    assert state["id"] >= 100 and len(data) >= codec.PWRITE_THRESHOLD
 
 
 def journal_on(impl: str, monkeypatch) -> type[QueueJournal]:

@@ -7,6 +7,8 @@ cdef class SegmentWriter:
     cdef Py_buffer _view
     cdef bint _held
     cdef Py_ssize_t _pos
+    # The file the buffer maps, where large ADD records are pwritev()'d (never closed here); -1.
+    cdef int _fd
     # ADD records and their bytes, the greatest ADD id, then records per opcode 2..6.
     cdef uint64_t _adds
     cdef uint64_t _add_bytes

@@ -7,6 +7,7 @@ from typing import Any
 from _typeshed import ReadableBuffer, WriteableBuffer
 
 CRC32C_IMPLEMENTATION: str
+PWRITE_THRESHOLD: int  # an ADD with this much data or more is pwritev()'d (a writer with an fd)
 
 Record = tuple[int, int, int, int, int, int, bytes | None]
 
@@ -53,7 +54,9 @@ def iter_records(
 ) -> RecordIterator: ...
 
 class SegmentWriter:
-    def __init__(self, buffer: WriteableBuffer, position: int = 32, trim: bool = False) -> None: ...
+    def __init__(
+        self, buffer: WriteableBuffer, position: int = 32, trim: bool = False, fd: int = -1
+    ) -> None: ...
     def append_add(
         self, id: int, flags: int, add_time: int, expiry: int, data: ReadableBuffer
     ) -> int: ...

@@ -1,7 +1,9 @@
 """QueueJournal: one queue's durable log (appends, fsync policy, read-behind, compaction).
 
-Writes go into the current segment's shared mapping (one memcpy in the codec), so once an
-append returns the record is in the kernel's page cache: killing the process loses nothing.
+Writes go into the current segment's shared mapping (one memcpy in the codec; a large record
+goes in with one pwritev on the segment's file instead, which spares the kernel zero-filling
+pages that are about to be overwritten), so once an append returns the record is in the
+kernel's page cache: killing the process loses nothing.
 The fsync policy decides when it reaches the disk (see ``commit.py``).
 """
 
@@ -190,7 +192,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._next_seq = result.next_seq
         if segments:
             current = segments[-1]
-            self._writer = codec.SegmentWriter(current.mm, current.used, True)
+            self._writer = codec.SegmentWriter(current.mm, current.used, True, current.fileno())
             self._sealed_used = sum(seg.used for seg in segments[:-1])
             self._next_size = max(self._next_size, min(self._segment_size, current.size * 2))
         recovery = result.recovery
@@ -243,7 +245,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._next_seq += 1
         self._seal_current()
         self._segments.append(segment)
-        self._writer = writer = codec.SegmentWriter(segment.mm, HEADER_SIZE, True)
+        self._writer = writer = codec.SegmentWriter(segment.mm, HEADER_SIZE, True, segment.fileno())
         self._synced_pos = 0  # the header too
         self._next_size = min(self._segment_size, max(self._next_size, size) * 2)
         if self.directory not in self._dirs_unsynced:
