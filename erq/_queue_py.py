@@ -22,17 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from erq.item import Item
 from erq.journal_api import JournalError
-from erq.ring import Ring
+from erq.ring import ITEM_OVERHEAD, Ring
 
 if TYPE_CHECKING:
     from erq.config import QueueConfig
 
 log = logging.getLogger("erq.queue")
-
-
-# RAM per queued item beyond its bytes: the Item object, the bytes object's header and the
-# ring slot. Counted against max_memory_size so that the limit bounds real memory.
-ITEM_OVERHEAD = 112
 
 
 class AddResult(enum.IntEnum):

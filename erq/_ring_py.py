@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+# RAM a queued item costs beyond its data (see the Cython twin): a slots object tracked by the
+# cyclic GC is larger than the C Item, so the same max_memory_size holds fewer items here.
+ITEM_OVERHEAD = 216
+
 
 class Item:
     """One queued value. Times are wall-clock milliseconds; expiry 0 means never."""

@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._ring import Item, Ring
+    from ._fast._ring import ITEM_OVERHEAD, Item, Ring
 else:
-    from ._ring_py import Item, Ring
+    from ._ring_py import ITEM_OVERHEAD, Item, Ring
 
-__all__ = ["Item", "Ring"]
+__all__ = ["ITEM_OVERHEAD", "Item", "Ring"]

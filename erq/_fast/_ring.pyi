@@ -1,6 +1,8 @@
 from collections.abc import Iterator
 from typing import Any
 
+ITEM_OVERHEAD: int
+
 class Item:
     id: int
     data: bytes

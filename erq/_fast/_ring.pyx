@@ -10,6 +10,12 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 
 
+# RAM a queued item costs beyond its data: this Item (64 bytes, not GC-tracked), the bytes
+# object's header and allocator rounding, the ring slot, and the ring's growth slack. The
+# queue counts it against max_memory_size so that the limit bounds real memory.
+ITEM_OVERHEAD = 128
+
+
 @cython.no_gc
 @cython.freelist(256)
 cdef class Item:

@@ -158,9 +158,12 @@ class SnapshotJob:
                 out.write(encode_add(item.id, item.flags, item.add_time, item.expiry, item.data))
             for item in self._open_items:
                 out.write(codec.encode_op(OP_OPEN, item.id))
-            for n, item in enumerate(self._memory_items, 1):
+            items = self._memory_items  # the job's own list (QueueJournal.compact copies it)
+            for n in range(len(items)):
+                item = items[n]
+                items[n] = None  # written: the queue may drain it and free its memory now
                 out.write(encode_add(item.id, item.flags, item.add_time, item.expiry, item.data))
-                self._check_abort(n)
+                self._check_abort(n + 1)
             offsets = self.offsets
             n = 0
             for segment, offs in self._disk_runs:
