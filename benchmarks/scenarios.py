@@ -8,6 +8,7 @@ dataclasses below. :func:`render` turns a :class:`Results` into the Markdown of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -15,6 +16,7 @@ GIB = 1024 * MIB
 # Default journal segment size (DESIGN.md section 4): the "+ 2 segments" of the disk bar.
 SEGMENT_BYTES = 64 * MIB
 
+PROFILE = Path(__file__).with_name("PROFILE.md")
 MEMCACHED = "memcached"
 ERQ_BUILDS = ("cython", "python")
 
@@ -440,6 +442,12 @@ def render(res: Results, header: str) -> str:
     if res.notes:
         out.append("\n### Notes\n")
         out += [f"- {n}" for n in res.notes]
+    if PROFILE.exists():
+        # Where a bar is missed, the profile behind it and what would close it (kept by hand
+        # in PROFILE.md, since it comes from py-spy/perf sessions rather than from this run).
+        body = PROFILE.read_text().split("\n", 1)[1].strip()
+        out.append("\n## Where the time goes (from benchmarks/PROFILE.md)\n")
+        out.append(body.replace("\n## ", "\n### "))
     return "\n".join(out) + "\n"
 
 
