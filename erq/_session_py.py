@@ -102,10 +102,17 @@ class Session:
         self.flush()
 
     def unblock(self) -> None:
-        """Called by a finished blocking operation (from a timer or another connection)."""
+        """Called by a finished blocking operation (from a timer or another connection).
+
+        Its reply goes out at once; the rest of the pipeline, if any, runs from the loop (not
+        inside the set or timer that woke it)."""
         self.blocked = None
-        if not self.closed:
+        if self.closed:
+            return
+        if self.pending:
             self.state.loop.call_soon(self.run)
+        else:
+            self.flush()
 
     # ---- output ------------------------------------------------------------------------
     def hold_for(self, tickets: list, reply: bytes | None) -> None:
