@@ -16,6 +16,7 @@ from ._compat import IMPLEMENTATION
 from .config import Config, ConfigError, load_config
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection
+from .ring import ITEM_OVERHEAD
 from .state import ServerState
 
 log = logging.getLogger("erq.server")
@@ -92,6 +93,7 @@ class Server:
                 max_memory_size=qcfg.max_memory_size,
                 max_journal_size=qcfg.max_journal_size,
                 commit=self._commit,
+                item_overhead=ITEM_OVERHEAD,
             )
 
         queues = QueueCollection(self.config, data_dir, journal_factory=open_journal)

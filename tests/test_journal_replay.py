@@ -176,6 +176,17 @@ def test_recovery_holds_at_most_max_memory_size_and_leaves_the_rest_on_disk(reop
     assert [it.id for it in rest] == list(range(16, 201)) and journal.disk_bytes == 0
 
 
+def test_recovery_charges_the_per_item_overhead_against_max_memory_size(reopen):
+    journal, _ = reopen()
+    for i in range(1, 201):
+        journal.add(i, 0, 0, 0, bytes([i % 250 + 1]) * 100)
+    # 100 bytes of data + 150 of overhead per item: 4 items fit in 1000 bytes, not 10.
+    journal, rec = reopen(max_memory_size=1000, item_overhead=150)
+    assert [it.id for it in rec.items] == [1, 2, 3, 4]
+    assert (rec.disk_items, rec.disk_bytes) == (196, 19600)
+    assert [it.id for it in journal.read_behind(10**9)] == list(range(5, 201))
+
+
 def test_read_behind_in_a_non_contiguous_disk_order(reopen):
     journal, _ = reopen(segment_size=8 * KiB)
     model = Model()

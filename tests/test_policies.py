@@ -9,6 +9,7 @@ first expiry sweep with ``expiry_sweep = "1d"``, after which no sweep comes for 
 
 from __future__ import annotations
 
+import importlib
 import signal
 import time
 
@@ -713,7 +714,10 @@ fsync = "50ms"
     assert drain(c, "fa")[:30] == payloads
 
 
-def test_max_memory_size_bounds_memory_while_the_queue_grows_and_keeps_fifo(erq_factory):
+def test_max_memory_size_bounds_memory_while_the_queue_grows_and_keeps_fifo(erq_factory, impl):
+    # What an item in RAM costs the server: its data plus the build's per-item overhead.
+    ring = importlib.import_module("erq._fast._ring" if impl == "c" else "erq._ring_py")
+    item_cost = 100 + ring.ITEM_OVERHEAD
     config = """
 [queues."rb"]
 max_memory_size = "1KiB"
@@ -724,6 +728,7 @@ max_memory_size = "1KiB"
     stats = qstats(c, "rb")
     assert (stats["items"], stats["bytes"]) == ("100", "10000")
     assert 0 < int(stats["mem_bytes"]) <= 1024
+    assert 0 < int(stats["mem_items"]) * item_cost <= 1024
     got = []
     for i in range(50):
         reply = c.get("rb")
@@ -740,6 +745,7 @@ max_memory_size = "1KiB"
     stats = qstats(c, "rb")
     assert (stats["items"], stats["bytes"]) == ("150", "15000")
     assert int(stats["mem_bytes"]) <= 1024
+    assert 0 < int(stats["mem_items"]) * item_cost <= 1024  # recovery keeps the same budget
     rest = drain(c, "rb")
     assert rest == payloads[50:]
     assert qint(c, "rb", "mem_bytes") == 0

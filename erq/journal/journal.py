@@ -151,8 +151,12 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         max_memory_size: int = 128 * MiB,
         max_journal_size: int = 1 * GiB,
         commit=None,
+        item_overhead: int = 0,
     ) -> tuple[QueueJournal, Recovery]:
         """Open (creating the directory if missing) and replay a queue's journal.
+
+        Recovery reads items into memory up to ``max_memory_size``, counting their data plus
+        ``item_overhead`` bytes each (what the queue spends per item in RAM).
 
         Reads that were open at the crash are back at the head of ``Recovery.items``; an
         UNREMOVE is journaled for each, so the journal states the same order from now on.
@@ -168,7 +172,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             max_journal_size=max_journal_size,
             commit=commit,
         )
-        result = replay(directory, max_memory_size)
+        result = replay(directory, max_memory_size, item_overhead)
         journal._adopt(result)
         if created:
             journal._dirs_unsynced.append(directory.parent)

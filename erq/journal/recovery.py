@@ -228,13 +228,15 @@ def _open_segments(found: list[tuple[int, Path]], warnings: list[str]) -> list[S
     return segments
 
 
-def replay(directory: Path, max_memory_size: int) -> ReplayResult:
-    """Open and replay every segment of ``directory`` (see the module doc)."""
+def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> ReplayResult:
+    """Open and replay every segment of ``directory`` (see the module doc). Each item read
+    into memory is charged its data plus ``item_overhead`` bytes against ``max_memory_size``
+    (what the queue holding it spends on it: the same budget as while it runs)."""
     warnings: list[str] = []
     found, max_seq = _list_directory(directory)
     segments = _open_segments(found, warnings)
     try:
-        return _replay(segments, warnings, max_seq, max_memory_size)
+        return _replay(segments, warnings, max_seq, max_memory_size, item_overhead)
     except BaseException:
         for seg in segments:
             seg.close()
@@ -242,7 +244,11 @@ def replay(directory: Path, max_memory_size: int) -> ReplayResult:
 
 
 def _replay(
-    segments: list[Segment], warnings: list[str], max_seq: int, max_memory_size: int
+    segments: list[Segment],
+    warnings: list[str],
+    max_seq: int,
+    max_memory_size: int,
+    item_overhead: int,
 ) -> ReplayResult:
     tail: dict[int, int] = {}  # queued ids in ADD order -> position
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
@@ -279,7 +285,7 @@ def _replay(
     order = [*opened.values(), *reversed(head.values()), *tail.values()]
     for ids in (tail, head, opened):
         ids.clear()
-    items, mem_bytes, record_bytes, disk = _load(order, segments, max_memory_size)
+    items, mem_bytes, record_bytes, disk = _load(order, segments, max_memory_size, item_overhead)
     recovery = Recovery(
         items=items,
         disk_items=disk.count,
@@ -298,9 +304,10 @@ def _replay(
     )
 
 
-def _load(order: list[int], segments: list[Segment], max_memory_size: int):
-    """Read the head of the queue into memory up to ``max_memory_size`` bytes of data; keep
-    only the positions of the rest. Returns (items, their bytes, live record bytes, disk)."""
+def _load(order: list[int], segments: list[Segment], max_memory_size: int, item_overhead: int):
+    """Read the head of the queue into memory up to ``max_memory_size`` bytes (data plus
+    ``item_overhead`` per item); keep only the positions of the rest. Returns (items, their
+    data bytes, live record bytes, disk)."""
     items: list[RecoveredItem] = []
     unpack = _U32.unpack_from
     read_add = codec.read_add
@@ -311,7 +318,7 @@ def _load(order: list[int], segments: list[Segment], max_memory_size: int):
         mm = segments[pos >> _POS_SHIFT].mm
         offset = pos & _POS_MASK
         size = unpack(mm, offset)[0] - ADD_FIXED_LENGTH
-        if mem_bytes + size > max_memory_size:
+        if mem_bytes + size + item_overhead * (i + 1) > max_memory_size:
             break
         items.append(read_add(mm, offset, RecoveredItem))
         mem_bytes += size
