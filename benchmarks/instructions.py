@@ -1,0 +1,134 @@
+"""Instructions per request through erq's own code, counted by callgrind (deterministic).
+
+Feeds ``MemcacheProtocol.data_received`` in process, with a fake transport and a real journal
+(fsync period), so the count covers parser -> session -> commands -> queue -> journal and
+the reply, but not the kernel or the event loop. Unlike a timing, it does not depend on what
+else the machine is doing, which makes it the measure to compare two builds or two commits.
+
+    python benchmarks/instructions.py                 # every shape, needs valgrind
+    ERQ_NO_EXTENSIONS=1 python benchmarks/instructions.py set64
+    python benchmarks/instructions.py --run set64 6400   # one plain run (what callgrind runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SET = b"set q 0 0 10\r\n0123456789\r\n"
+# name -> (requests per read, request)
+SHAPES = {
+    "set64": (64, SET),
+    "set1": (1, SET),
+    "get64": (64, b"get q\r\n"),
+    "get1": (1, b"get q\r\n"),
+    "open1": (1, b"get q/close/open\r\n"),
+}
+PREFILL_READS = 2000  # 128,000 items before a get shape, so that no get finds the queue empty
+
+
+class _Transport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _drive(shape: str, requests: int) -> None:
+    from erq.config import load_config
+    from erq.journal import GroupCommit, QueueJournal
+    from erq.protocol import MemcacheProtocol
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    loop = asyncio.get_running_loop()
+    data_dir = tempfile.mkdtemp(prefix="erq-instructions-")
+    try:
+        config = load_config(None, cli={"data_dir": data_dir}, env={})
+        commit = GroupCommit(loop)
+
+        def open_journal(directory, qcfg):
+            return QueueJournal.open(
+                directory,
+                fsync=qcfg.fsync,
+                max_memory_size=qcfg.max_memory_size,
+                max_journal_size=qcfg.max_journal_size,
+                commit=commit,
+            )
+
+        queues = QueueCollection(config, data_dir, journal_factory=open_journal)
+        state = ServerState(config, queues, loop)
+        state.ready = True
+        protocol = MemcacheProtocol(state)
+        protocol.connection_made(_Transport())
+        per_read, request = SHAPES[shape]
+        prefill = PREFILL_READS if shape.startswith(("get", "open")) else 20
+        for _ in range(prefill):
+            protocol.data_received(SET * 64)
+        chunk = request * per_read
+        for _ in range(requests // per_read):
+            protocol.data_received(chunk)
+        queues.close()
+        commit.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _instructions(shape: str, requests: int) -> int:
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--run",
+        shape,
+        str(requests),
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
+    match = re.search(r"Collected : (\d+)", out)
+    if match is None:
+        raise SystemExit(f"callgrind printed no count:\n{out}")
+    return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shapes", nargs="*", default=list(SHAPES), help=", ".join(SHAPES))
+    parser.add_argument("--requests", type=int, default=3200, help="requests measured (3200)")
+    parser.add_argument("--run", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.run:
+        asyncio.run(_drive(ns.run[0], int(ns.run[1])))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is needed (Debian: apt-get install valgrind)")
+    import erq
+
+    print(f"erq {erq.__version__} ({erq.IMPLEMENTATION} build); instructions per request:")
+    for shape in ns.shapes:
+        # The difference of two runs leaves out start-up, imports and the prefill.
+        base = _instructions(shape, 0)
+        full = _instructions(shape, ns.requests)
+        print(f"  {shape:6s} {(full - base) / ns.requests:10,.0f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")  # the same dict layouts in both runs
+    main()
