@@ -55,23 +55,16 @@ def extensions():
 
     compile_args = ["-O3"] if not DEBUG else ["-O0", "-g"]
     macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
+    sources = {name: f"erq/_fast/{name}.pyx" for name in FAST_MODULES}
+    sources.update({name: f"erq/_fast/{name}.py" for name in COMPILED_TWINS})
     exts = [
         Extension(
             f"erq._fast.{name}",
-            [f"erq/_fast/{name}.pyx"],
+            [source],
             extra_compile_args=compile_args,
             define_macros=macros,
         )
-        for name in FAST_MODULES
-    ]
-    exts += [
-        Extension(
-            f"erq._fast.{name}",
-            [f"erq/_fast/{name}.py"],
-            extra_compile_args=compile_args,
-            define_macros=macros,
-        )
-        for name in COMPILED_TWINS
+        for name, source in sources.items()
     ]
     print("erq: building the Cython extensions (accelerated build)", file=sys.stderr)
     return cythonize(
