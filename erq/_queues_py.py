@@ -39,7 +39,8 @@ def valid_queue_name(name: bytes) -> bool:
 
 
 def now_ms() -> int:
-    return _time_ns() // 1_000_000
+    ns = _time_ns()  # a C integer when compiled: the division is one instruction, not two ints
+    return ns // 1_000_000
 
 
 _time_ns = time.time_ns

@@ -1,96 +1,10 @@
-"""ServerState: what every connection shares — queues, status, config and counters.
+"""Selector for the server state: ``_state_py.py`` compiled by Cython (``erq._fast._state``) or as is."""
 
-It knows no sockets; the network layer (protocol.py, server.py) feeds it connections.
-"""
+from ._compat import USE_EXTENSIONS
 
-from __future__ import annotations
+if USE_EXTENSIONS:
+    from ._fast._state import STATUSES, Counters, ServerState
+else:
+    from ._state_py import STATUSES, Counters, ServerState
 
-import logging
-import os
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from .queues import QueueCollection
-
-if TYPE_CHECKING:
-    import asyncio
-
-    from .config import Config
-
-log = logging.getLogger("erq.state")
-
-STATUSES = ("UP", "READONLY", "QUIESCENT")
-
-
-class Counters:
-    """memcached-style global request counters (stats)."""
-
-    __slots__ = (
-        "cmd_get",
-        "cmd_set",
-        "cmd_peek",
-        "get_hits",
-        "get_misses",
-        "bytes_read",
-        "bytes_written",
-        "curr_connections",
-        "total_connections",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-
-class ServerState:
-    """Shared state of one erq server."""
-
-    def __init__(
-        self, config: Config, queues: QueueCollection, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._config = config
-        self.kestrel = config.server.compat == "kestrel"
-        self.queues = queues
-        self.loop = loop
-        self.counters = Counters()
-        self.started = time.time()
-        self.connections: set = set()  # MemcacheProtocol objects
-        self.ready = False
-        self.shutdown_requested = None  # set by the server: a callable that stops it
-        self.reload_requested = None  # set by the server: returns the reply line
-        self._status_file = (
-            Path(config.server.data_dir) / "STATUS" if config.server.data_dir else None
-        )
-        self.status = self._load_status()
-
-    @property
-    def config(self) -> Config:
-        return self._config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        self._config = config
-        self.kestrel = config.server.compat == "kestrel"  # read on every VALUE: kept flat
-
-    def _load_status(self) -> str:
-        if self._status_file is not None:
-            try:
-                word = self._status_file.read_text().strip().upper()
-            except OSError:
-                return "UP"
-            if word in STATUSES:
-                return word
-        return "UP"
-
-    def set_status(self, word: str) -> None:
-        """Change the status and persist it (it survives a restart)."""
-        self.status = word
-        if self._status_file is not None:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._status_file.with_suffix(".tmp")
-            tmp.write_text(word + "\n")
-            os.replace(tmp, self._status_file)
-        if word == "QUIESCENT":
-            for queue in self.queues:
-                queue.wake_all()  # blocked gets answer END, monitors finish
+__all__ = ["STATUSES", "Counters", "ServerState"]

@@ -9,9 +9,10 @@ cimport erq._fast._queue as c_queue
 cimport erq._fast._queues as c_queues
 cimport erq._fast._ring as c_ring
 cimport erq._fast._session as c_session
+cimport erq._fast._state as c_state
 
 
-@cython.locals(queues=c_queues.QueueCollection, queue=c_queue.Queue)
+@cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)
 cpdef cmd_set(c_session.Session session, tuple req)
 
 
@@ -23,8 +24,14 @@ cdef class GetOperation:
     cdef public object waiter
     cdef public object timer
 
-    @cython.locals(queue=c_queue.Queue, spec=c_keys.KeySpec)
+    @cython.locals(
+        state=c_state.ServerState,
+        counters=c_state.Counters,
+        queue=c_queue.Queue,
+        spec=c_keys.KeySpec,
+    )
     cpdef bint run(self) except -1
+    @cython.locals(counters=c_state.Counters)
     cdef _found(self, c_keys.KeySpec spec, object queue, c_ring.Item item)
     cdef _wait(self, object queue, object spec)
 

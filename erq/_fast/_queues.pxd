@@ -7,6 +7,7 @@ cimport erq._fast._queue as c_queue
 
 
 
+@cython.locals(ns=cython.longlong)
 cpdef long long now_ms() except? -1
 
 

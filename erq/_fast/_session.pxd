@@ -2,6 +2,8 @@
 # docstring). The Python source is the behaviour; this file makes its attributes struct fields
 # and its methods C calls for the compiled commands module, which cimports it.
 
+cimport erq._fast._state as c_state
+
 
 cdef class DurableReply:
     cdef public list tickets
@@ -11,7 +13,7 @@ cdef class DurableReply:
 
 
 cdef class Session:
-    cdef public object state
+    cdef public c_state.ServerState state
     cdef public object dispatch
     cdef public list out
     cdef public object pending

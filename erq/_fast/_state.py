@@ -1,0 +1,1 @@
+../_state_py.py
