@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..journal_api import JournalError
 from . import codec
-from .format import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, segment_name
+from .format import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, SEGMENT_SUFFIX, segment_name
 
 PAGE = mmap.PAGESIZE
 _HEADER_TAIL = struct.Struct("<II")  # crc32c of the first 24 bytes, reserved zero
@@ -67,6 +67,48 @@ def _preallocate(fd: int, size: int) -> None:
         written += os.pwrite(fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), size - written)], written)
 
 
+class Spare:
+    """A segment file allocated ahead of need, on a worker thread.
+
+    Allocating a large file can block for tens of milliseconds while the file system reads
+    its block bitmaps; a rotation on the event loop would stall every connection for that
+    long. A journal allocates its next segment's file as a spare once it starts a segment;
+    the rotation then only writes the header and renames it. Its name ends like an
+    interrupted creation (``.seg.new``), so recovery deletes one left by a crash.
+    """
+
+    __slots__ = ("path", "fd", "size")
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = size
+
+    @classmethod
+    def allocate(cls, directory: Path, number: int, size: int) -> Spare:
+        """Create and allocate ``size`` zero bytes (any thread; raises OSError)."""
+        path = directory / f"spare-{number}{SEGMENT_SUFFIX}.new"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _preallocate(fd, size)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return cls(path, fd, size)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Segment:
     """One journal file, mapped whole. ``used`` is the end of its records.
 
@@ -91,31 +133,40 @@ class Segment:
 
     @classmethod
     def create(
-        cls, directory: Path, seq: int, size: int, *, flags: int = 0, id_floor: int = 0
+        cls,
+        directory: Path,
+        seq: int,
+        size: int,
+        *,
+        flags: int = 0,
+        id_floor: int = 0,
+        spare: Spare | None = None,
     ) -> Segment:
         """A new zero-filled segment of ``size`` bytes, allocated on disk before it is mapped.
 
         The header is written and the space allocated under a temporary name, then renamed:
         a file named like a segment always has its header. A full disk (or any I/O error)
         raises JournalError and leaves nothing behind, so a later attempt can succeed.
+        With a ``spare`` (of at least ``size`` bytes) its file, already allocated, is used.
         """
         path = directory / segment_name(seq)
-        tmp = path.with_name(path.name + ".new")
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise JournalError(f"cannot create {tmp}: {exc.strerror}") from exc
+        if spare is not None:
+            tmp, fd, size = spare.path, spare.fd, spare.size
+        else:
+            tmp = path.with_name(path.name + ".new")
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise JournalError(f"cannot create {tmp}: {exc.strerror}") from exc
         try:
             os.pwrite(fd, encode_header(seq, flags, id_floor), 0)
-            _preallocate(fd, size)
+            if spare is None:
+                _preallocate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             os.rename(tmp, path)
         except OSError as exc:
             os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             why = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise JournalError(
                 f"cannot allocate journal segment {path} ({size} bytes): {why}"
