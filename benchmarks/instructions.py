@@ -1,8 +1,9 @@
 """Instructions per request through erq's own code, counted by callgrind (deterministic).
 
 Feeds ``MemcacheProtocol.data_received`` in process, with a fake transport and a real journal
-(fsync period), so the count covers parser -> session -> commands -> queue -> journal and
-the reply, but not the kernel or the event loop. Unlike a timing, it does not depend on what
+(fsync period), on the server's event loop (uvloop when installed), so the count covers
+parser -> session -> commands -> queue -> journal and the reply, but not the kernel or the
+event loop's polling. Unlike a timing, it does not depend on what
 else the machine is doing, which makes it the measure to compare two builds or two commits.
 
     python benchmarks/instructions.py                 # every shape, needs valgrind
@@ -29,7 +30,11 @@ SHAPES = {
     "get64": (64, b"get q\r\n"),
     "get1": (1, b"get q\r\n"),
     "open1": (1, b"get q/close/open\r\n"),
+    # A consumer blocked in get q/t=1000 on an empty queue, woken by a producer's set: per
+    # item, the set, the wake-up with its VALUE, and the consumer's next (blocking) get.
+    "wake1": (1, SET),
 }
+WAKE_GET = b"get q/t=1000\r\n"
 PREFILL_READS = 2000  # 128,000 items before a get shape, so that no get finds the queue empty
 
 
@@ -77,13 +82,23 @@ async def _drive(shape: str, requests: int) -> None:
         state.ready = True
         protocol = MemcacheProtocol(state)
         protocol.connection_made(_Transport())
+        consumer = MemcacheProtocol(state)
+        consumer.connection_made(_Transport())
         per_read, request = SHAPES[shape]
         prefill = PREFILL_READS if shape.startswith(("get", "open")) else 20
+        if shape == "wake1":
+            prefill = 0  # the consumer must find the queue empty
         for _ in range(prefill):
             protocol.data_received(SET * 64)
         chunk = request * per_read
-        for _ in range(requests // per_read):
-            protocol.data_received(chunk)
+        if shape == "wake1":
+            consumer.data_received(WAKE_GET)
+            for _ in range(requests):
+                protocol.data_received(chunk)  # wakes the consumer: VALUE, then END
+                consumer.data_received(WAKE_GET)  # blocks again (the queue is empty)
+        else:
+            for _ in range(requests // per_read):
+                protocol.data_received(chunk)
         queues.close()
         commit.close()
     finally:
@@ -115,7 +130,12 @@ def main() -> None:
     parser.add_argument("--run", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.run:
-        asyncio.run(_drive(ns.run[0], int(ns.run[1])))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(_drive(ns.run[0], int(ns.run[1])))
+        else:
+            uvloop.run(_drive(ns.run[0], int(ns.run[1])))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is needed (Debian: apt-get install valgrind)")

@@ -112,7 +112,7 @@ def cmd_set(session: Session, req: tuple) -> None:
 class GetOperation:
     """A get of one or more keys, each run as its own get, possibly waiting (``/t=``)."""
 
-    __slots__ = ("session", "specs", "index", "gets", "waiter", "timer")
+    __slots__ = ("session", "specs", "index", "gets", "waiter", "deadline")
 
     def __init__(self, session: Session, specs: list[KeySpec], gets: bool) -> None:
         self.session = session
@@ -120,7 +120,7 @@ class GetOperation:
         self.index = 0
         self.gets = gets
         self.waiter: KeyWaiter | None = None
-        self.timer = None
+        self.deadline = 0  # of the waiter, in the server's Deadlines
 
     def run(self) -> bool:
         """Run keys from ``index``; False when it blocked waiting for an item."""
@@ -185,28 +185,29 @@ class GetOperation:
         waiter = KeyWaiter(self, queue, spec)
         self.waiter = waiter
         queue.add_waiter(waiter)
-        self.timer = self.session.state.loop.call_later(spec.timeout / 1000.0, waiter.expire)
+        self.deadline = self.session.state.deadlines.add(waiter, spec.timeout / 1000.0)
         self.session.blocked = self
 
     def resumed(self, spec: KeySpec, queue: Queue, item) -> None:
         """The blocked key got an item (or None on timeout / delete / QUIESCENT)."""
+        self._forget_deadline()
         self.waiter = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self._found(spec, queue, item)
         self.index += 1
         if self.run():
             self.session.unblock()
 
+    def _forget_deadline(self) -> None:
+        if self.deadline:
+            self.session.state.deadlines.discard(self.waiter, self.deadline)
+            self.deadline = 0
+
     def cancel(self) -> None:
+        self._forget_deadline()
         if self.waiter is not None:
             self.waiter.active = False
             self.waiter.queue.remove_waiter(self.waiter)
             self.waiter = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 class KeyWaiter:

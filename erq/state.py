@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._state import STATUSES, Counters, ServerState
+    from ._fast._state import STATUSES, Counters, Deadlines, ServerState
 else:
-    from ._state_py import STATUSES, Counters, ServerState
+    from ._state_py import STATUSES, Counters, Deadlines, ServerState
 
-__all__ = ["STATUSES", "Counters", "ServerState"]
+__all__ = ["STATUSES", "Counters", "Deadlines", "ServerState"]

@@ -22,7 +22,7 @@ cdef class GetOperation:
     cdef public Py_ssize_t index
     cdef public bint gets
     cdef public object waiter
-    cdef public object timer
+    cdef public long long deadline
 
     @cython.locals(
         state=c_state.ServerState,
@@ -34,6 +34,7 @@ cdef class GetOperation:
     @cython.locals(counters=c_state.Counters)
     cdef _found(self, c_keys.KeySpec spec, object queue, c_ring.Item item)
     cdef _wait(self, object queue, object spec)
+    cdef _forget_deadline(self)
 
 
 cdef class KeyWaiter:

@@ -1,6 +1,8 @@
 # C types for the compiled build of erq/_state_py.py (linked here as _state.py; see its
 # docstring). Counters become C integers and the fields read on every request struct fields,
 # for the compiled session and commands, which cimport this module.
+cimport cython
+
 cimport erq._fast._queues as c_queues
 
 
@@ -16,12 +18,27 @@ cdef class Counters:
     cdef public unsigned long long total_connections
 
 
+cdef class Deadlines:
+    cdef public object loop
+    cdef dict _buckets
+    cdef list _heap
+    cdef long long _armed
+    cdef object _timer
+
+    @cython.locals(now=cython.double, deadline=cython.longlong, bucket=dict)
+    cpdef long long add(self, object entry, double delay) except -1
+    @cython.locals(bucket=dict)
+    cpdef discard(self, object entry, long long deadline)
+    cdef _arm(self, long long deadline)
+
+
 cdef class ServerState:
     cdef object _config
     cdef public bint kestrel
     cdef public c_queues.QueueCollection queues
     cdef public object loop
     cdef public Counters counters
+    cdef public Deadlines deadlines
     cdef public double started
     cdef public set connections
     cdef public bint ready
