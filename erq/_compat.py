@@ -13,7 +13,7 @@ NO_EXTENSIONS: bool = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
 
 
 # Modules of erq compiled from their pure-Python source (erq/_fast/<name>.py links to it).
-COMPILED_TWINS = ("_queue", "_queues", "_keys", "_session", "_commands", "_state")
+COMPILED_TWINS = ("_queue", "_queues", "_keys", "_session", "_commands", "_state", "_protocol")
 
 
 def compiled_twins_built() -> bool:

@@ -1,7 +1,6 @@
 """One transport.write per data_received, however many requests were pipelined in it."""
 
 import asyncio
-import importlib
 
 import pytest
 
@@ -9,6 +8,8 @@ import erq
 from erq.config import Config
 from erq.queues import QueueCollection
 from erq.state import ServerState
+
+from conftest import impl_module
 
 
 class RecordingTransport:
@@ -34,14 +35,13 @@ class RecordingTransport:
 
 @pytest.fixture
 def protocol_factory(impl, monkeypatch):
-    """MemcacheProtocol wired to the parser of the parametrised implementation."""
-    import erq.protocol
-
-    mod = importlib.import_module("erq._fast._parser" if impl == "c" else "erq._parser_py")
-    monkeypatch.setattr(erq.protocol, "Parser", mod.Parser)
+    """MemcacheProtocol and parser of the parametrised implementation."""
+    protocol = impl_module(impl, "_protocol", "_protocol_py")
+    parser = impl_module(impl, "_parser", "_parser_py")
+    monkeypatch.setattr(protocol, "Parser", parser.Parser)
     loop = asyncio.new_event_loop()
     state = ServerState(Config(), QueueCollection(Config(), None), loop)
-    yield lambda: erq.protocol.MemcacheProtocol(state)
+    yield lambda: protocol.MemcacheProtocol(state)
     loop.close()
 
 

@@ -1,0 +1,146 @@
+# cython: annotation_typing=False
+"""The asyncio protocol: bytes in -> parser -> session -> one transport.write per read.
+
+This is the only layer that touches a socket. It knows nothing of queues or disks.
+
+One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
+``erq/_fast/_protocol.py`` with the C types of ``erq/_fast/_protocol.pxd``; selector
+``erq.protocol``. Imports are absolute so that both builds find the same modules.
+
+The class does not subclass ``asyncio.Protocol``: a compiled (extension) class cannot, and
+neither asyncio nor uvloop needs it to (they call the methods by name; only a
+``BufferedProtocol`` is told apart, by ``isinstance``). So it defines every method of the
+protocol interface itself, ``eof_received`` included.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from erq.commands import dispatch
+from erq.parser import Parser
+from erq.session import Session
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from erq.state import ServerState
+
+log = logging.getLogger("erq.protocol")
+
+
+class MemcacheProtocol:
+    """One client connection speaking the memcache text protocol."""
+
+    __slots__ = (
+        "state",
+        "transport",
+        "parser",
+        "_parse",
+        "session",
+        "_counters",
+        "_active",
+        "_last_active",
+        "_reading_paused",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        server = state.config.server
+        self.parser = Parser(server.max_line, server.max_item_size)
+        self._parse = self.parser.feed  # bound once: no method lookup per read
+        self._counters = state.counters  # bytes_read is counted on every read
+        # A read only sets _active; last_active turns it into a time when the sweep asks.
+        self._active = False
+        self._last_active = state.loop.time()
+        self._reading_paused = 0  # bit 1: client pipeline too far ahead, bit 2: write buffer full
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        state = self.state
+        counters = state.counters
+        counters.total_connections += 1
+        if counters.curr_connections >= state.config.server.max_connections:
+            log.warning(
+                "max_connections (%d) reached; refusing a client",
+                state.config.server.max_connections,
+            )
+            transport.write(b"SERVER_ERROR too many open connections\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        counters.curr_connections += 1
+        self.session = Session(
+            state, dispatch, transport.write, transport.close, self._pause_pipeline
+        )  # type: ignore[attr-defined]
+        state.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._counters.bytes_read += len(data)
+        self._active = True
+        requests = self._parse(data)
+        if requests:
+            session.feed(requests)
+
+    def eof_received(self) -> None:
+        """The client shut its side: return nothing, so the transport closes the connection."""
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        self.state.counters.curr_connections -= 1
+        self.state.connections.discard(self)
+        session.connection_lost()
+
+    # Idle close (client_timeout): the server's sweep closes a connection whose last_active is
+    # client_timeout old. Reading the loop's clock on every read costs a Python call and a
+    # float, a sizeable part of a one-request read, so a read only marks the connection
+    # active, and the time is taken here, when the sweep (at least once a second) asks.
+    # last_active is therefore never earlier than the last read: a connection is never closed
+    # before it has been idle for client_timeout, and at most one sweep period later than if
+    # every read took the time. (The sweep does not ask while a get blocks the connection: a
+    # read made just before the block counts from the first sweep after it ends.)
+    @property
+    def last_active(self) -> float:
+        """The loop time of the last read, as first seen by a caller (the idle sweep)."""
+        if self._active:
+            self._active = False
+            self._last_active = self.state.loop.time()
+        return self._last_active
+
+    # Flow control: stop reading from a client that does not read its replies, or whose
+    # pipeline runs far ahead of a blocked request, so memory stays bounded.
+    def _set_paused(self, bit: int, on: bool) -> None:
+        before = self._reading_paused
+        self._reading_paused = before | bit if on else before & ~bit
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if before and not self._reading_paused:
+            transport.resume_reading()
+        elif not before and self._reading_paused:
+            transport.pause_reading()
+
+    def _pause_pipeline(self, on: bool) -> None:
+        self._set_paused(1, on)
+
+    def pause_writing(self) -> None:
+        self._set_paused(2, True)
+
+    def resume_writing(self) -> None:
+        self._set_paused(2, False)
+
+    def close_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+__all__ = ["MemcacheProtocol"]

@@ -1,0 +1,311 @@
+"""The connection layer (MemcacheProtocol): both builds, on both event loops.
+
+The compiled build is an extension class, which cannot subclass ``asyncio.Protocol``; asyncio
+and uvloop call a protocol's methods by name, so the class must serve a real socket on each
+loop by itself: replies, end of file, the max_connections refusal and flow control. The
+flow-control bits, the refusal and the idle clock are also pinned with a recording
+transport, and the idle close end to end through a server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+import uvloop
+
+from erq.config import Config
+from erq.queues import QueueCollection
+from erq.state import ServerState
+
+from conftest import impl_module
+from support import END, STORED, VERSION_LINE, assert_open, one, start, wait_for_stat
+
+REFUSAL = b"SERVER_ERROR too many open connections\r\n"
+
+
+@pytest.fixture
+def protocol_class(impl):
+    return impl_module(impl, "_protocol", "_protocol_py").MemcacheProtocol
+
+
+def make_state(loop, **server) -> ServerState:
+    config = Config()
+    config = replace(config, server=replace(config.server, **server))
+    state = ServerState(config, QueueCollection(config, None), loop)
+    state.ready = True
+    return state
+
+
+# ---- on a real socket, asyncio and uvloop ------------------------------------------------------
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request):
+    loop = asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
+    assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
+    yield loop
+    loop.close()
+
+
+def serve(loop, protocol_class, body, **server):
+    """Run ``body(state, port)`` against a listener of ``protocol_class`` on ``loop``; a
+    protocol method the loop fails to call (it reports those to its exception handler, then
+    closes the connection) fails the test."""
+    errors = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+
+    async def main():
+        state = make_state(loop, **server)
+        listener = await loop.create_server(lambda: protocol_class(state), "127.0.0.1", 0)
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            await asyncio.wait_for(body(state, port), 30)
+        finally:
+            listener.close()
+            for proto in list(state.connections):
+                proto.transport.close()
+            await listener.wait_closed()
+
+    loop.run_until_complete(main())
+    assert errors == []
+
+
+async def until(check, what: str) -> None:
+    """Let the loop run until ``check()`` holds (the caller's wait_for bounds it)."""
+    while not check():
+        await asyncio.sleep(0.001)
+
+
+def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, protocol_class):
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"set q 0 0 5\r\nhello\r\nget q\r\nversion\r\n")
+        expected = STORED + one("q", b"hello") + VERSION_LINE
+        assert await reader.readexactly(len(expected)) == expected
+        (proto,) = state.connections
+        assert isinstance(proto, protocol_class)
+        assert state.counters.curr_connections == 1
+        writer.write_eof()  # eof_received answers "do not keep open": the server closes
+        assert await reader.read() == b""
+        await until(lambda: not state.connections, "connection_lost")
+        assert state.counters.curr_connections == 0
+        assert state.counters.total_connections == 1
+        writer.close()
+
+    serve(loop, protocol_class, body)
+
+
+def test_a_client_beyond_max_connections_is_refused_and_closed(loop, protocol_class):
+    async def body(state, port):
+        reader1, writer1 = await asyncio.open_connection("127.0.0.1", port)
+        writer1.write(b"version\r\n")
+        assert await reader1.readexactly(len(VERSION_LINE)) == VERSION_LINE
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        writer2.write(b"set q 0 0 1\r\nx\r\n")
+        assert await reader2.read() == REFUSAL  # the refusal, then end of file
+        await until(lambda: state.counters.total_connections == 2, "the refusal")
+        assert state.counters.curr_connections == 1
+        assert len(state.connections) == 1
+        assert state.queues.get_or_create("q").items == 0  # the refused set never ran
+        writer1.write(b"get q\r\n")
+        assert await reader1.readexactly(len(END)) == END
+        writer1.close()
+        writer2.close()
+
+    serve(loop, protocol_class, body, max_connections=1)
+
+
+def test_reading_stops_while_the_client_does_not_read_its_replies(loop, protocol_class):
+    item = b"x" * (256 << 10)
+    peeks = 64  # 16 MiB of replies: more than the socket buffers take
+
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"set q 0 0 %d\r\n%s\r\n" % (len(item), item))
+        assert await reader.readexactly(len(STORED)) == STORED
+        (proto,) = state.connections
+        writer.write(b"get q/peek\r\n" * peeks)
+        await until(lambda: not proto.transport.is_reading(), "pause_writing")
+        reply = one("q/peek", item)
+        for _ in range(peeks):
+            assert await reader.readexactly(len(reply)) == reply
+        await until(proto.transport.is_reading, "resume_writing")
+        writer.write(b"version\r\n")
+        assert await reader.readexactly(len(VERSION_LINE)) == VERSION_LINE
+        writer.close()
+
+    serve(loop, protocol_class, body)
+
+
+def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, protocol_class):
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"version\r\n")
+        assert await reader.readexactly(len(VERSION_LINE)) == VERSION_LINE
+        (proto,) = state.connections
+        behind = 5000  # more than the session's MAX_PENDING
+        writer.write(b"get q/t=60000\r\n")
+        await until(lambda: proto.session.blocked is not None, "the blocking get")
+        writer.write(b"get empty\r\n" * behind)
+        await until(lambda: not proto.transport.is_reading(), "the pipeline pause")
+        _, producer = await asyncio.open_connection("127.0.0.1", port)
+        producer.write(b"set q 0 0 2\r\nhi\r\n")
+        expected = one("q/t=60000", b"hi") + END * behind
+        assert await reader.readexactly(len(expected)) == expected
+        await until(proto.transport.is_reading, "the pipeline resume")
+        writer.close()
+        producer.close()
+
+    serve(loop, protocol_class, body)
+
+
+# ---- with a recording transport ----------------------------------------------------------------
+class RecordingTransport:
+    def __init__(self):
+        self.calls: list[str] = []
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data):
+        self.writes.append(data)
+
+    def close(self):
+        self.calls.append("close")
+        self.closing = True
+
+    def is_closing(self):
+        return self.closing
+
+    def pause_reading(self):
+        self.calls.append("pause")
+
+    def resume_reading(self):
+        self.calls.append("resume")
+
+
+class Clock:
+    """A loop stand-in whose time() the test sets."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.fixture
+def connect(protocol_class):
+    clock = Clock()
+
+    def make(**server):
+        state = make_state(clock, **server)
+        proto = protocol_class(state)
+        transport = RecordingTransport()
+        proto.connection_made(transport)
+        return state, proto, transport
+
+    make.clock = clock
+    return make
+
+
+def test_reading_resumes_only_when_both_the_pipeline_and_the_write_buffer_allow(connect):
+    _, proto, transport = connect()
+    proto.pause_writing()
+    assert transport.calls == ["pause"]
+    proto._pause_pipeline(True)  # the session's hook: its pipeline runs too far ahead
+    proto.resume_writing()
+    assert transport.calls == ["pause"]
+    proto._pause_pipeline(False)
+    assert transport.calls == ["pause", "resume"]
+    proto._pause_pipeline(True)
+    proto.pause_writing()
+    proto._pause_pipeline(False)
+    assert transport.calls == ["pause", "resume", "pause"]
+    proto.resume_writing()
+    assert transport.calls == ["pause", "resume", "pause", "resume"]
+
+
+def test_flow_control_leaves_a_closing_transport_alone(connect):
+    _, proto, transport = connect()
+    proto.close_idle()
+    proto.pause_writing()
+    proto.resume_writing()
+    assert transport.calls == ["close"]
+
+
+def test_a_refused_connection_ignores_its_data_and_its_loss(connect):
+    state, first, _ = connect(max_connections=1)
+    second = type(first)(state)
+    transport = RecordingTransport()
+    second.connection_made(transport)
+    assert transport.writes == [REFUSAL]
+    assert transport.calls == ["close"]
+    assert second.session is None
+    second.data_received(b"set q 0 0 1\r\nx\r\n")
+    second.connection_lost(None)
+    assert transport.writes == [REFUSAL]
+    assert (state.counters.curr_connections, state.counters.total_connections) == (1, 2)
+    assert state.counters.bytes_read == 0
+    assert state.connections == {first}
+
+
+def test_connection_lost_counts_the_connection_out_once(connect):
+    state, proto, transport = connect()
+    proto.data_received(b"version\r\n")
+    proto.connection_lost(None)
+    proto.connection_lost(None)
+    proto.data_received(b"version\r\n")  # a read after the loss is dropped
+    assert transport.writes == [VERSION_LINE]
+    assert state.counters.curr_connections == 0
+    assert state.connections == set()
+    assert proto.session is None
+
+
+def test_bytes_read_counts_every_byte_received(connect):
+    state, proto, transport = connect()
+    reads = (b"set q 0 0 5\r\nhel", b"lo\r\n", b"bogus\r\n")
+    for data in reads:
+        proto.data_received(data)
+    assert state.counters.bytes_read == sum(map(len, reads))
+    assert transport.writes == [STORED, b"ERROR\r\n"]
+
+
+def test_last_active_is_never_earlier_than_the_last_read(connect):
+    """Idle close (client_timeout) measures from last_active: the idle time it sees must never
+    exceed the real one, however the reads and the sweep's looks interleave."""
+    _, proto, _ = connect()
+    clock = connect.clock
+    assert proto.last_active == 100.0  # connected, nothing read yet
+    clock.now = 101.0
+    proto.data_received(b"version\r\n")
+    clock.now = 101.5
+    assert 101.0 <= proto.last_active <= 101.5
+    clock.now = 105.0
+    assert proto.last_active <= 101.5  # no read since: the idle time grows
+    last_read = None
+    for t in (106.0, 106.25, 107.0):
+        clock.now = t
+        proto.data_received(b"version\r\n")
+        last_read = t
+    clock.now = 108.0
+    seen = proto.last_active
+    assert last_read <= seen <= 108.0
+    clock.now = 130.0
+    assert proto.last_active == seen
+
+
+# ---- through a server process ------------------------------------------------------------------
+def test_an_idle_connection_is_closed_after_client_timeout_but_a_blocked_one_is_not(
+    erq_factory,
+):
+    server = start(erq_factory, server='client_timeout = "200ms"\nexpiry_sweep = "50ms"')
+    blocked = server.client(timeout=20)
+    blocked.send(b"get q/t=60000\r\n")
+    wait_for_stat(server.client(), "queue_q_waiters", 1)
+    idle = server.client(timeout=20)
+    assert_open(idle)
+    # The blocked client's last read came before the idle one's: were it not exempt from the
+    # idle close, it would be closed first.
+    assert idle.is_closed(timeout=20)
+    assert server.client().set("q", b"late") == STORED
+    assert blocked.until() == one("q/t=60000", b"late")
