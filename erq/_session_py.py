@@ -29,7 +29,10 @@ MAX_PENDING = 4096
 
 
 class DurableReply:
-    """A reply that may go out only once its journal writes are fsync'd (fsync = always)."""
+    """A reply that may go out only once its journal writes are fsync'd (fsync = always).
+
+    ``tickets`` are commit tickets (erq.journal.commit.Ticket): ``done`` once their sync
+    ended, ``error`` None unless it failed."""
 
     __slots__ = ("tickets", "ok")
 
@@ -39,7 +42,7 @@ class DurableReply:
 
     def resolve(self) -> bytes:
         for ticket in self.tickets:
-            if ticket.cancelled() or ticket.exception() is not None:
+            if ticket.error is not None:
                 return b"SERVER_ERROR journal sync failed\r\n"
         return self.ok
 
@@ -116,10 +119,16 @@ class Session:
 
     # ---- output ------------------------------------------------------------------------
     def hold_for(self, tickets: list, reply: bytes | None) -> None:
-        """Queue a reply that must wait for these commit tickets."""
+        """Queue a reply that must wait for these commit tickets.
+
+        Only the last one is waited for: tickets resolve in the order they were taken. The
+        session joins its waiters once (a pipeline of appends shares one ticket per batch),
+        and the batch's end calls it directly, without a loop callback per session."""
         ticket = tickets[-1]
-        self._hold = ticket
-        ticket.add_done_callback(self._held_done)
+        if ticket is not self._hold:
+            self._hold = ticket
+            if not ticket.done:
+                ticket.waiters.append(self._held_done)
         if reply is not None:
             self.out.append(DurableReply(tickets, reply))
             self._durable = True
@@ -133,7 +142,7 @@ class Session:
     def flush(self) -> None:
         if self.closed:
             return
-        if self._hold is not None and not self._hold.done():
+        if self._hold is not None and not self._hold.done:
             return
         self._hold = None
         if self.out:

@@ -1,4 +1,6 @@
-"""Group commit: one fsync job per loop iteration, tickets, periodic sync, drain and close."""
+"""Group commit: one fsync job per loop iteration on the FsyncWorker, tickets that call their
+waiters directly, periodic sync, drain and close; and the executor path of systems where
+fdatasync does not cover the mapped segments."""
 
 from __future__ import annotations
 
@@ -7,16 +9,25 @@ import errno
 import gc
 import os
 import threading
+import weakref
 
 import pytest
 import uvloop
+from test_fsync_worker import started_thread, thread_ended, worker_class, worker_threads
 from test_journal_support import use_codec
 
+import erq.journal.fsync_worker as fsync_worker
+from erq.config import Config
 from erq.journal import GroupCommit, JournalError, QueueJournal
+from erq.journal.commit import Ticket
+
+from conftest import impl_module
 
 
 @pytest.fixture
 def codec(impl, monkeypatch):
+    """The journal codec and the FsyncWorker of ``impl``."""
+    monkeypatch.setattr(fsync_worker, "FsyncWorker", worker_class(impl))
     return use_codec(impl, monkeypatch)
 
 
@@ -34,9 +45,544 @@ def run(request):
     return _run
 
 
-class FsyncSpy:
-    """Records os.fdatasync calls (then makes them). With ``hold``, each call waits for
-    ``release()``; ``entered`` counts calls that started."""
+async def settled(*tickets: Ticket) -> None:
+    """Wait until every ticket resolved, through its waiters (no polling)."""
+    loop = asyncio.get_running_loop()
+    for ticket in tickets:
+        if not ticket.done:
+            fut = loop.create_future()
+            ticket.add_waiter(lambda _, fut=fut: fut.done() or fut.set_result(None))
+            await fut
+
+
+def identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+class WorkerSpy:
+    """Stands in for FsyncWorker in GroupCommit, around the real worker of ``impl``, which
+    does the syncing. ``calls`` lists the file (device, inode) of every data descriptor
+    synced, ``dir_calls`` every directory; ``jobs`` counts jobs handed over. With
+    ``hold`` a job waits for ``release()``. With ``fail`` (True, or a set of file
+    identities) its descriptors are swapped for pipe ends when it is released, on which the
+    real worker's fdatasync fails with EINVAL."""
+
+    def __init__(self, monkeypatch, impl: str, hold: bool = False, fail=False) -> None:
+        self.real_cls = worker_class(impl)
+        self.hold = hold
+        self.fail = fail
+        self.calls: list[tuple[int, int]] = []
+        self.dir_calls: list[tuple[int, int]] = []
+        self.jobs = 0
+        self.workers: list[SpiedWorker] = []
+        self._held: list[tuple[SpiedWorker, list[int], list[int]]] = []
+        self._entered: list[asyncio.Future] = []
+        monkeypatch.setattr(fsync_worker, "FsyncWorker", self._make)
+
+    def _make(self) -> SpiedWorker:
+        worker = SpiedWorker(self, self.real_cls())
+        self.workers.append(worker)
+        return worker
+
+    def _submitted(self, worker: SpiedWorker, fds: list[int], dirs: list[int]) -> None:
+        self.calls += [identity(fd) for fd in fds]
+        self.dir_calls += [identity(fd) for fd in dirs]
+        self.jobs += 1
+        for fut in self._entered:
+            if not fut.done():
+                fut.set_result(None)
+        if self.hold:
+            self._held.append((worker, fds, dirs))
+        else:
+            self._forward(worker, fds, dirs)
+
+    def _failing(self, fd: int) -> bool:
+        return self.fail is True or (bool(self.fail) and identity(fd) in self.fail)
+
+    def _forward(self, worker: SpiedWorker, fds: list[int], dirs: list[int]) -> None:
+        def swap(fd: int) -> int:
+            if not self._failing(fd):
+                return fd
+            r, w = os.pipe()
+            os.close(w)
+            os.close(fd)
+            return r
+
+        worker.real.submit([swap(fd) for fd in fds], [swap(fd) for fd in dirs])
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._forward(*self._held.pop(0))
+
+    async def wait_jobs(self, total: int) -> None:
+        """Until ``total`` jobs in all were handed over."""
+        while self.jobs < total:
+            fut = asyncio.get_running_loop().create_future()
+            self._entered.append(fut)
+            await fut
+            self._entered.remove(fut)
+
+
+class SpiedWorker:
+    def __init__(self, spy: WorkerSpy, real) -> None:
+        self.spy = spy
+        self.real = real
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def submit(self, fds: list[int], dirs: list[int]) -> None:
+        self.spy._submitted(self, fds, dirs)
+
+    def collect(self, wait: bool = False):
+        return self.real.collect(wait)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def open_journals(tmp_path, commit, n, fsync="always"):
+    return [QueueJournal.open(tmp_path / f"q{k}", fsync=fsync, commit=commit)[0] for k in range(n)]
+
+
+def segment_identity(journal) -> tuple[int, int]:
+    return identity(journal._segments[-1].fileno())
+
+
+def test_appends_in_one_iteration_share_one_fsync_job(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journals = open_journals(tmp_path, commit, 3)
+        spy = WorkerSpy(monkeypatch, impl)
+        synced_before_resolve = []
+        tickets = []
+        for i in range(300):
+            ticket = journals[i % 3].add(i + 1, 0, 0, 0, b"item %d" % i)
+            tickets.append(ticket)
+        for j in journals:
+            tickets.append(j.remove(1))
+        assert len({id(t) for t in tickets}) == 3  # one ticket per journal and batch
+        assert all(isinstance(t, Ticket) and not t.done for t in tickets)
+        for t in set(tickets):
+            t.add_waiter(lambda _: synced_before_resolve.append(spy.jobs))
+        await settled(*tickets)
+        assert commit.batches == 1 and spy.jobs == 1
+        assert sorted(spy.calls) == sorted(segment_identity(j) for j in journals)
+        assert synced_before_resolve == [1, 1, 1]  # tickets resolve after the job
+        assert all(t.error is None for t in tickets)
+        for j in journals:
+            j.close()
+        commit.close()
+
+    run(main())
+
+
+def test_writes_during_a_running_fsync_wait_for_the_next_one(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl, hold=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_jobs(1)  # batch 1 is with the worker
+        second = journal.add(2, 0, 0, 0, b"b")
+        third = journal.add(3, 0, 0, 0, b"c")
+        assert second is third and second is not first
+        assert commit.batches == 1
+        at_first = []
+        first.add_waiter(lambda _: at_first.append((commit.batches, spy.jobs, second.done)))
+        spy.release()
+        await settled(first)
+        # the next batch was handed to the worker before the first one's waiters ran
+        assert at_first == [(2, 2, False)]
+        await spy.wait_jobs(2)
+        spy.release()
+        await settled(second)
+        assert len(spy.calls) == 2 and second.error is None
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_failed_fsync_fails_its_tickets_and_is_retried(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl, fail=True)
+        ticket = journal.add(1, 0, 0, 0, b"a")
+        await settled(ticket)
+        assert isinstance(ticket.error, JournalError)
+        assert "fsync" in str(ticket.error) and os.strerror(errno.EINVAL) in str(ticket.error)
+        spy.fail = False
+        retry = journal.add(2, 0, 0, 0, b"b")
+        await settled(retry)
+        assert retry.error is None
+        assert len(spy.calls) == 2 and spy.calls[0] == spy.calls[1]  # the same segment again
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_failure_fails_only_the_journals_it_hit(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        good, bad = open_journals(tmp_path, commit, 2)
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(good.add(1, 0, 0, 0, b"a"), bad.add(1, 0, 0, 0, b"a"))
+        spy.fail = {segment_identity(bad)}
+        good_ticket = good.add(2, 0, 0, 0, b"b")
+        bad_ticket = bad.add(2, 0, 0, 0, b"b")
+        seen = []
+        # The first waiter of the batch sees every ticket of the batch settled already: a
+        # session waits only for its latest ticket and may then answer for earlier ones.
+        good_ticket.add_waiter(lambda _: seen.append((bad_ticket.done, bad_ticket.error)))
+        await settled(good_ticket, bad_ticket)
+        assert spy.jobs == 2
+        assert good_ticket.error is None
+        assert isinstance(bad_ticket.error, JournalError) and str(bad.directory) in str(
+            bad_ticket.error
+        )
+        assert seen == [(True, bad_ticket.error)]
+        assert good.take_dirty().empty and not bad.take_dirty().empty  # kept for the retry
+        for j in (good, bad):
+            j.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_session_holds_its_replies_until_the_batch_and_fails_those_it_hit(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state_mod = impl_module(impl, "_state", "_state_py")
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        commit = GroupCommit(loop)
+        j1, j2 = open_journals(tmp_path, commit, 2)
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(j1.add(1, 0, 0, 0, b"a"), j2.add(1, 0, 0, 0, b"a"))
+        spy.hold, spy.fail = True, {segment_identity(j2)}
+        state = state_mod.ServerState(Config(), queues_mod.QueueCollection(Config(), None), loop)
+        written = []
+        session = session_mod.Session(state, None, written.append, lambda: None)
+        # j1 first in the batch, then j2; the last reply waits for j1's ticket again
+        t1, t2 = j1.add(2, 0, 0, 0, b"x"), j2.add(2, 0, 0, 0, b"x")
+        session.hold_for([t1], b"ONE\r\n")
+        session.hold_for([t2], b"TWO\r\n")
+        session.hold_for([j1.add(3, 0, 0, 0, b"x")], b"THREE\r\n")
+        session.out.append(b"PLAIN\r\n")
+        session.flush()
+        assert written == []
+        await spy.wait_jobs(2)
+        assert written == []  # the job has not finished
+        spy.release()
+        await settled(t1, t2)  # the session's waiter came first
+        assert written == [b"ONE\r\nSERVER_ERROR journal sync failed\r\nTHREE\r\nPLAIN\r\n"]
+        for j in (j1, j2):
+            j.close()
+        commit.close()
+
+    run(main())
+
+
+def test_periodic_fsync_runs_on_a_timer_and_appends_get_no_ticket(
+    codec, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1, fsync=1)
+        spy = FdatasyncSpy(monkeypatch)
+        assert journal.add(1, 0, 0, 0, b"a") is None
+        assert journal.add(2, 0, 0, 0, b"b") is None
+        await spy.wait_entered()  # the timer fired and synced in a thread
+        assert len(spy.calls) == 1
+        assert journal.remove(1) is None
+        await spy.wait_entered()
+        assert len(spy.calls) == 2
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_never_does_not_fsync_until_close(codec, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1, fsync="never")
+        spy = FdatasyncSpy(monkeypatch)
+        for i in range(50):
+            assert journal.add(i + 1, 0, 0, 0, b"n") is None
+        await asyncio.sleep(0)
+        assert spy.calls == []
+        journal.close()
+        assert len(spy.calls) == 1
+        commit.close()
+
+    run(main())
+
+
+def test_drain_finishes_batches_and_syncs_every_journal(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        always, never = open_journals(tmp_path, commit, 2)
+        never.update_policy(fsync="never")
+        periodic = QueueJournal.open(tmp_path / "p", fsync=60_000, commit=commit)[0]
+        spy = WorkerSpy(monkeypatch, impl)
+        direct = FdatasyncSpy(monkeypatch)  # the final sync runs in the executor
+        ticket = always.add(1, 0, 0, 0, b"a")
+        never.add(1, 0, 0, 0, b"b")
+        periodic.add(1, 0, 0, 0, b"c")
+        await commit.drain()
+        assert ticket.done and ticket.error is None
+        assert spy.calls == [segment_identity(always)] and len(direct.calls) == 2
+        for j in (always, never, periodic):
+            j.close()  # nothing left to sync
+        assert len(direct.calls) == 2
+        commit.close()
+
+    run(main())
+
+
+def test_close_syncs_registered_journals_and_later_tickets_sync_inline(
+    codec, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1, fsync="never")
+        spy = FdatasyncSpy(monkeypatch)
+        journal.add(1, 0, 0, 0, b"a")
+        commit.close()
+        assert len(spy.calls) == 1
+        journal.update_policy(fsync="always")
+        ticket = journal.add(2, 0, 0, 0, b"b")
+        assert ticket.done and ticket.error is None and len(spy.calls) == 2
+        journal.close()
+
+    run(main())
+
+
+def test_rotation_inside_a_batch_syncs_both_segments_and_the_directory(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journal = QueueJournal.open(
+            tmp_path / "q", fsync="always", segment_size=4096, commit=commit
+        )[0]
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(journal.add(1, 0, 0, 0, b"x"))
+        del spy.calls[:], spy.dir_calls[:]
+        tickets = [journal.add(i, 0, 0, 0, b"y" * 1000) for i in range(2, 6)]  # crosses a segment
+        await settled(*tickets)
+        assert journal.segment_count == 2 and spy.jobs == 2
+        assert len(set(spy.calls)) == 2
+        directory = os.open(journal.directory, os.O_RDONLY)
+        assert spy.dir_calls == [identity(directory)]
+        os.close(directory)
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_closed_segment_is_skipped_and_a_reused_number_is_never_synced(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl, hold=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_jobs(1)
+        segment_file = segment_identity(journal)
+        number = journal._segments[-1].fileno()
+        journal.close()  # closes the segment while its batch is with the worker
+        other = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR)
+        assert other == number  # the number now names another file
+        spy.release()
+        await settled(first)
+        assert first.error is None and spy.calls == [segment_file]  # the duplicate synced
+        os.close(other)
+        commit.close()
+
+    run(main())
+
+
+def test_batches_run_on_one_reused_worker_that_close_stops(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        before = worker_threads(impl)
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl)
+        for i in range(5):  # one batch each: the next append waits for the previous sync
+            await settled(journal.add(i + 1, 0, 0, 0, b"x"))
+        assert commit.batches == 5 and spy.jobs == 5 and len(spy.workers) == 1
+        thread = started_thread(impl, before)
+        journal.close()
+        commit.close()
+        assert thread_ended(impl, thread)
+
+    run(main())
+
+
+def test_finished_batches_reach_the_loop_through_the_worker_descriptor_only(
+    codec, tmp_path, monkeypatch
+):
+    loop = asyncio.new_event_loop()  # a pure-Python loop, whose methods can be wrapped
+    threadsafe = []
+    real = loop.call_soon_threadsafe
+    monkeypatch.setattr(
+        loop,
+        "call_soon_threadsafe",
+        lambda *a, **kw: threadsafe.append(threading.current_thread().name) or real(*a, **kw),
+    )
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journals = open_journals(tmp_path, commit, 3)
+        for j in journals:
+            await settled(j.add(1, 0, 0, 0, b"x"))
+        batches = commit.batches
+        for _ in range(4):
+            tickets = [j.add(2, 0, 0, 0, b"y") for j in journals for _ in range(10)]
+            await settled(*tickets)
+        assert commit.batches - batches == 4
+        assert threadsafe == []
+        for j in journals:
+            j.close()
+        commit.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_the_end_of_a_batch_calls_every_waiter_before_any_other_callback(
+    codec, tmp_path, monkeypatch, run
+):
+    async def main():
+        loop = asyncio.get_running_loop()
+        commit = GroupCommit(loop)
+        journals = open_journals(tmp_path, commit, 3)
+        called = []
+        at_next_callback = []
+        tickets = [j.add(1, 0, 0, 0, b"x") for j in journals]
+        tickets[0].add_waiter(
+            lambda _: loop.call_soon(lambda: at_next_callback.append(len(called)))
+        )
+        for k in range(30):
+            tickets[k % 3].add_waiter(lambda _, k=k: called.append(k))
+        await settled(*tickets)
+        assert at_next_callback == [30]
+        assert called == list(range(0, 30, 3)) + list(range(1, 30, 3)) + list(range(2, 30, 3))
+        for j in journals:
+            j.close()
+        commit.close()
+
+    run(main())
+
+
+def test_close_answers_the_batch_that_is_still_syncing(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(journal.add(1, 0, 0, 0, b"a"))
+        spy.hold = True
+        ticket = journal.add(2, 0, 0, 0, b"b")
+        await spy.wait_jobs(2)
+        spy.hold = False
+        spy.release()  # the sync may end while the loop is inside close(), not yet told
+        commit.close()
+        assert ticket.done and ticket.error is None
+        journal.close()
+
+    run(main())
+
+
+def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl, hold=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_jobs(1)
+        second = journal.add(2, 0, 0, 0, b"b")  # waits behind the running batch
+        drain = asyncio.ensure_future(commit.drain())
+        await asyncio.sleep(0)
+        assert not drain.done()
+        spy.release()
+        await spy.wait_jobs(2)  # the second batch started after the first ended
+        assert commit.batches == 2 and first.done and not second.done
+        spy.release()
+        spy.hold = False
+        await drain
+        assert first.done and second.done and second.error is None
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_failed_batch_does_not_stop_the_next_one(codec, impl, tmp_path, monkeypatch, run):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl, hold=True, fail=True)
+        first = journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_jobs(1)
+        second = journal.add(2, 0, 0, 0, b"b")
+        spy.release()
+        await settled(first)
+        assert isinstance(first.error, JournalError)
+        await spy.wait_jobs(2)  # the second batch started at once, with the failed work
+        spy.fail = False
+        spy.hold = False
+        spy.release()
+        await settled(second)
+        assert second.error is None
+        assert len(spy.calls) == 2 and spy.calls[0] == spy.calls[1]
+        assert journal.take_dirty().empty  # nothing left to retry
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_group_commit_dropped_without_close_stops_its_worker(codec, impl, tmp_path, run):
+    async def main():
+        before = worker_threads(impl)
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        await settled(journal.add(1, 0, 0, 0, b"a"))
+        thread = started_thread(impl, before)
+        journal.close()
+        ref = weakref.ref(commit)
+        del journal, commit
+        gc.collect()
+        assert ref() is None  # the loop's reader does not keep it alive
+        assert thread_ended(impl, thread)
+        await asyncio.sleep(0)  # the loop goes on without the reader
+
+    run(main())
+
+
+# ---- the executor path (where fdatasync does not cover the mapped segments) ----------------
+
+
+class FdatasyncSpy:
+    """Records os.fdatasync calls made from Python (then makes them). With ``hold``, each
+    call waits for ``release()``; ``entered`` counts calls that started."""
 
     def __init__(self, monkeypatch, hold: bool = False, fail: bool = False) -> None:
         self.calls: list[int] = []
@@ -67,30 +613,29 @@ class FsyncSpy:
             assert await loop.run_in_executor(None, self.entered.acquire, True, 30)
 
 
-def open_journals(tmp_path, commit, n, fsync="always"):
-    return [QueueJournal.open(tmp_path / f"q{k}", fsync=fsync, commit=commit)[0] for k in range(n)]
-
-
-def test_appends_in_one_iteration_share_one_fsync_job(codec, tmp_path, monkeypatch, run):
+def test_executor_path_batches_fail_retry_and_finish_in_order(codec, tmp_path, monkeypatch, run):
     async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        journals = open_journals(tmp_path, commit, 3)
-        spy = FsyncSpy(monkeypatch)
-        synced_before_resolve = []
-        tickets = []
-        for i in range(300):
-            ticket = journals[i % 3].add(i + 1, 0, 0, 0, b"item %d" % i)
-            tickets.append(ticket)
-        for j in journals:
-            tickets.append(j.remove(1))
-        assert len({id(t) for t in tickets}) == 3  # one ticket per journal and batch
-        assert not any(t.done() for t in tickets)
-        for t in set(tickets):
-            t.add_done_callback(lambda _: synced_before_resolve.append(len(spy.calls)))
-        await asyncio.gather(*tickets)
-        assert commit.batches == 1
-        assert len(spy.calls) == 3  # one fdatasync per journal, not per append
-        assert synced_before_resolve == [3, 3, 3]  # tickets resolve after the fsync
+        commit = GroupCommit(asyncio.get_running_loop(), use_worker=False)
+        journals = open_journals(tmp_path, commit, 2)
+        spy = FdatasyncSpy(monkeypatch, hold=True, fail=True)
+        first = [j.add(1, 0, 0, 0, b"a") for j in journals]
+        await spy.wait_entered()
+        second = journals[0].add(2, 0, 0, 0, b"b")
+        at_first = []
+        first[0].add_waiter(lambda _: at_first.append((commit.batches, second.done)))
+        spy.release()
+        await spy.wait_entered()  # the other journal of the first batch
+        spy.release()
+        await settled(*first)
+        assert all(isinstance(t.error, JournalError) for t in first)
+        assert at_first == [(2, False)]  # the next batch started before the waiters ran
+        await spy.wait_entered()
+        spy.fail = False
+        spy.hold = False
+        spy.release()
+        await settled(second)
+        assert second.error is None and len(spy.calls) == 3  # two failed, one retried
+        assert journals[0].take_dirty().empty
         for j in journals:
             j.close()
         commit.close()
@@ -98,271 +643,41 @@ def test_appends_in_one_iteration_share_one_fsync_job(codec, tmp_path, monkeypat
     run(main())
 
 
-def test_writes_during_a_running_fsync_wait_for_the_next_one(codec, tmp_path, monkeypatch, run):
+def test_executor_path_close_answers_the_batch_in_flight(codec, tmp_path, monkeypatch, run):
     async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
+        commit = GroupCommit(asyncio.get_running_loop(), use_worker=False)
         (journal,) = open_journals(tmp_path, commit, 1)
-        spy = FsyncSpy(monkeypatch, hold=True)
-        first = journal.add(1, 0, 0, 0, b"a")
-        await spy.wait_entered()  # batch 1 is inside fdatasync
-        second = journal.add(2, 0, 0, 0, b"b")
-        third = journal.add(3, 0, 0, 0, b"c")
-        assert second is third and second is not first
-        assert commit.batches == 1
-        spy.release()
-        await first
-        assert commit.batches == 2 and not second.done()  # batch 2 started, still syncing
-        await spy.wait_entered()
-        spy.release()
-        await second
-        assert len(spy.calls) == 2
-        journal.close()
-        commit.close()
-
-    run(main())
-
-
-def test_a_failed_fsync_fails_its_tickets_and_is_retried(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        spy = FsyncSpy(monkeypatch, fail=True)
+        spy = FdatasyncSpy(monkeypatch, hold=True)
         ticket = journal.add(1, 0, 0, 0, b"a")
-        with pytest.raises(JournalError, match="fsync"):
-            await ticket
-        spy.fail = False
-        await journal.add(2, 0, 0, 0, b"b")
-        assert len(spy.calls) == 2 and spy.calls[0] == spy.calls[1]
-        journal.close()
-        commit.close()
-
-    run(main())
-
-
-def test_periodic_fsync_runs_on_a_timer_and_appends_get_no_ticket(
-    codec, tmp_path, monkeypatch, run
-):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1, fsync=1)
-        spy = FsyncSpy(monkeypatch)
-        assert journal.add(1, 0, 0, 0, b"a") is None
-        assert journal.add(2, 0, 0, 0, b"b") is None
-        await spy.wait_entered()  # the timer fired and synced in a thread
-        assert len(spy.calls) == 1
-        assert journal.remove(1) is None
-        await spy.wait_entered()
-        assert len(spy.calls) == 2
-        journal.close()
-        commit.close()
-
-    run(main())
-
-
-def test_never_does_not_fsync_until_close(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1, fsync="never")
-        spy = FsyncSpy(monkeypatch)
-        for i in range(50):
-            assert journal.add(i + 1, 0, 0, 0, b"n") is None
-        await asyncio.sleep(0)
-        assert spy.calls == []
-        journal.close()
-        assert len(spy.calls) == 1
-        commit.close()
-
-    run(main())
-
-
-def test_drain_finishes_batches_and_syncs_every_journal(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        always, never = open_journals(tmp_path, commit, 2)
-        never.update_policy(fsync="never")
-        periodic = QueueJournal.open(tmp_path / "p", fsync=60_000, commit=commit)[0]
-        spy = FsyncSpy(monkeypatch)
-        ticket = always.add(1, 0, 0, 0, b"a")
-        never.add(1, 0, 0, 0, b"b")
-        periodic.add(1, 0, 0, 0, b"c")
-        await commit.drain()
-        assert ticket.done() and ticket.exception() is None
-        assert len(spy.calls) == 3
-        for j in (always, never, periodic):
-            j.close()  # nothing left to sync
-        assert len(spy.calls) == 3
-        commit.close()
-
-    run(main())
-
-
-def test_close_syncs_registered_journals_and_later_tickets_sync_inline(
-    codec, tmp_path, monkeypatch, run
-):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1, fsync="never")
-        spy = FsyncSpy(monkeypatch)
-        journal.add(1, 0, 0, 0, b"a")
-        commit.close()
-        assert len(spy.calls) == 1
-        journal.update_policy(fsync="always")
-        ticket = journal.add(2, 0, 0, 0, b"b")
-        assert ticket.done() and len(spy.calls) == 2
-        journal.close()
-
-    run(main())
-
-
-def test_rotation_inside_a_batch_syncs_both_segments_and_the_directory(
-    codec, tmp_path, monkeypatch, run
-):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        journal = QueueJournal.open(
-            tmp_path / "q", fsync="always", segment_size=4096, commit=commit
-        )[0]
-        await journal.add(1, 0, 0, 0, b"x")
-        spy = FsyncSpy(monkeypatch)
-        dir_syncs = []
-        real_fsync = os.fsync
-        monkeypatch.setattr(os, "fsync", lambda fd: (dir_syncs.append(fd), real_fsync(fd)))
-        tickets = [journal.add(i, 0, 0, 0, b"y" * 1000) for i in range(2, 6)]  # crosses a segment
-        await asyncio.gather(*tickets)
-        assert journal.segment_count == 2
-        assert len(set(spy.calls)) == 2 and len(dir_syncs) == 1
-        journal.close()
-        commit.close()
-
-    run(main())
-
-
-def test_batches_run_on_one_reused_thread_that_close_stops(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        spy = FsyncSpy(monkeypatch)
-        for i in range(5):  # one batch each: the next append waits for the previous sync
-            await journal.add(i + 1, 0, 0, 0, b"x")
-        assert commit.batches == 5 and len(spy.calls) == 5
-        threads = [t for t in threading.enumerate() if t.name == "erq-group-commit"]
-        assert len(threads) == 1
-        journal.close()
-        commit.close()
-        assert not threads[0].is_alive()
-
-    run(main())
-
-
-def test_each_finished_batch_costs_the_loop_one_threadsafe_callback(codec, tmp_path, monkeypatch):
-    loop = asyncio.new_event_loop()  # a pure-Python loop, whose method can be wrapped
-    posted = []
-    real = loop.call_soon_threadsafe
-
-    def call_soon_threadsafe(callback, *args, **kw):
-        posted.append(threading.current_thread().name)
-        return real(callback, *args, **kw)
-
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        journals = open_journals(tmp_path, commit, 3)
-        for j in journals:
-            await j.add(1, 0, 0, 0, b"x")
-        posted.clear()
-        batches = commit.batches
-        for _ in range(4):
-            tickets = [j.add(2, 0, 0, 0, b"y") for j in journals for _ in range(10)]
-            await asyncio.gather(*tickets)
-        assert commit.batches - batches == 4
-        assert posted == ["erq-group-commit"] * 4
-        for j in journals:
-            j.close()
-        commit.close()
-
-    monkeypatch.setattr(loop, "call_soon_threadsafe", call_soon_threadsafe)
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-def test_close_answers_the_batch_that_is_still_syncing(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        await journal.add(1, 0, 0, 0, b"a")
-        spy = FsyncSpy(monkeypatch, hold=True)
-        ticket = journal.add(2, 0, 0, 0, b"b")
         await spy.wait_entered()
         spy.hold = False
-        spy.release()  # the fsync ends while the loop is inside close(), not yet told
+        spy.release()
         commit.close()
-        assert ticket.done() and ticket.exception() is None
+        assert ticket.done and ticket.error is None
         journal.close()
 
     run(main())
 
 
-def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(
-    codec, tmp_path, monkeypatch, run
+def test_a_worker_that_cannot_start_leaves_the_batches_to_the_executor(
+    codec, tmp_path, monkeypatch, run, caplog
 ):
+    def no_worker():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(fsync_worker, "FsyncWorker", no_worker)
+
     async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
+        commit = GroupCommit(asyncio.get_running_loop(), use_worker=True)
         (journal,) = open_journals(tmp_path, commit, 1)
-        spy = FsyncSpy(monkeypatch, hold=True)
-        first = journal.add(1, 0, 0, 0, b"a")
-        await spy.wait_entered()
-        second = journal.add(2, 0, 0, 0, b"b")  # waits behind the running batch
-        drain = asyncio.ensure_future(commit.drain())
-        await asyncio.sleep(0)
-        assert not drain.done()
-        spy.release()
-        await spy.wait_entered()  # the second batch started after the first ended
-        assert commit.batches == 2 and first.done() and not second.done()
-        spy.release()
-        spy.hold = False
-        await drain
-        assert first.done() and second.done() and second.exception() is None
+        spy = FdatasyncSpy(monkeypatch)
+        for i in range(3):
+            ticket = journal.add(i + 1, 0, 0, 0, b"x")
+            await settled(ticket)
+            assert ticket.error is None
+        assert commit.batches == 3 and len(spy.calls) == 3
         journal.close()
         commit.close()
 
     run(main())
-
-
-def test_a_failed_batch_does_not_stop_the_next_one(codec, tmp_path, monkeypatch, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        spy = FsyncSpy(monkeypatch, hold=True, fail=True)
-        first = journal.add(1, 0, 0, 0, b"a")
-        await spy.wait_entered()
-        second = journal.add(2, 0, 0, 0, b"b")
-        spy.release()
-        with pytest.raises(JournalError):
-            await first
-        await spy.wait_entered()  # the second batch started at once, with the failed work
-        spy.fail = False
-        spy.hold = False
-        spy.release()
-        await second
-        assert len(spy.calls) == 2
-        assert journal.take_dirty().empty  # nothing left to retry
-        journal.close()
-        commit.close()
-
-    run(main())
-
-
-def test_a_group_commit_dropped_without_close_stops_its_thread(codec, tmp_path, run):
-    async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        await journal.add(1, 0, 0, 0, b"a")
-        (thread,) = [t for t in threading.enumerate() if t.name == "erq-group-commit"]
-        journal.close()
-        del journal, commit
-        gc.collect()
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-
-    run(main())
+    assert "cannot start the fsync worker" in caplog.text

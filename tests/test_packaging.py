@@ -74,11 +74,12 @@ def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
     result = build_wheel(source_tree, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     names = wheel_names(tmp_path)
-    for module in ("_parser", "_ring", "_journal", *COMPILED_TWINS):
+    for module in ("_parser", "_ring", "_journal", "_fsync", *COMPILED_TWINS):
         assert any(
             n.startswith(f"erq/_fast/{module}.") and n.endswith((".so", ".pyd")) for n in names
         ), names
     assert "erq/_parser_py.py" in names and "erq/journal/_codec_py.py" in names
+    assert "erq/journal/_fsync_py.py" in names
     for module in COMPILED_TWINS:  # the pure source of each compiled twin ships too
         assert f"erq/{module}_py.py" in names, names
 

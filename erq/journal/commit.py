@@ -3,14 +3,27 @@ iteration.
 
 A journal with ``fsync = "always"`` asks for a ticket after each append. The first ticket of
 an iteration schedules a batch with ``call_soon``; it runs after every callback of the
-iteration (so every append made meanwhile joins it), takes the dirty segments of all
-journals in the batch and hands them to the fsync thread through a queue: the loop never
-waits for a disk. Appends that arrive while a batch is syncing wait for the next batch. When
-the thread has synced a batch it posts one callback to the loop, which first hands the next
-batch to the thread (so its fsync runs while this one's replies are released), then resolves
-this batch's tickets. A ticket is an asyncio Future shared by the appends of one journal in
-one batch; it resolves after the sync, or fails with JournalError (the data stays pending and
-the next sync retries it). Batches finish in the order they started.
+iteration (so every append made meanwhile joins it) and takes the dirty segments of all
+journals in the batch. On the loop thread it duplicates each segment's descriptor (a segment
+closed meanwhile cannot turn the number into another file) and opens each new directory, and
+it hands those descriptors to an :class:`~erq.journal.fsync_worker.FsyncWorker`: a thread that
+never takes the GIL in the C build, and that signals a finished job through a descriptor the
+loop watches with ``add_reader``. The loop never waits for a disk. Appends that arrive while a
+batch is syncing wait for the next batch. When the worker's descriptor turns readable, the
+loop first hands the next batch to the worker (so its fsync runs while this one's replies are
+released), then resolves this batch's tickets.
+
+A :class:`Ticket` is shared by the appends of one journal in one batch. It resolves after the
+sync, or fails with JournalError (the data stays pending and the next sync retries it). The
+end of a batch settles all of its tickets first, then calls the callbacks waiting on them
+(the sessions holding replies) right there, in the order they registered: no task, future or
+``call_soon`` per waiter. Batches finish in the order they started, so when a ticket is done,
+every ticket taken before it is too.
+
+Where fdatasync does not cover the mapped pages (not Linux), a segment needs ``msync`` before
+its ``fsync``, which takes the mapping, not a descriptor: there each batch runs
+``QueueJournal.sync_work`` in the executor instead, and posts its end back to the loop. So
+does every batch after the worker failed to start (no descriptor or thread left).
 
 A journal with a period arms a timer at its first unsynced append; the timer syncs it in the
 executor. Appends never wait for that.
@@ -19,23 +32,69 @@ executor. Appends never wait for that.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import queue
-import threading
+import os
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..journal_api import JournalError
+from . import fsync_worker
+from .segment import _FDATASYNC_COVERS_MMAP
 
 if TYPE_CHECKING:
     from .journal import QueueJournal, SyncWork
 
 log = logging.getLogger("erq.journal")
 
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+
+
+class Ticket:
+    """The durability of one journal's appends in one batch (fsync = always).
+
+    ``done`` turns True once the batch's sync ended; ``error`` is then None or the
+    JournalError of a failed sync. Until then, ``waiters`` holds callables taken with the
+    ticket: they run, in order, when it resolves (check ``done`` before adding one)."""
+
+    __slots__ = ("done", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: JournalError | None = None
+        self.waiters: list[Callable[[Ticket], object]] = []
+
+    def add_waiter(self, callback: Callable[[Ticket], object]) -> None:
+        """Call ``callback(ticket)`` once the ticket resolves (now if it has)."""
+        if self.done:
+            callback(self)
+        else:
+            self.waiters.append(callback)
+
+    def resolve(self, error: JournalError | None) -> None:
+        """Settle the ticket and call its waiters."""
+        self.done = True
+        self.error = error
+        self.notify()
+
+    def notify(self) -> None:
+        """Call the waiters of a settled ticket (once)."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            try:
+                waiter(self)
+            except Exception:  # one broken waiter must not keep the others' replies back
+                log.exception("a commit ticket's waiter failed")
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done else "failed" if self.error else "synced"
+        return f"<Ticket {state}, {len(self.waiters)} waiting>"
+
 
 def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, JournalError]:
-    """Thread side of a batch: sync every journal's segments, collect the failures."""
+    """Executor side of a batch: sync every journal's segments, collect the failures."""
     errors = {}
     for journal, targets in work:
         try:
@@ -46,52 +105,57 @@ def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, J
 
 
 class _Batch:
-    """The tickets of one group fsync and what it syncs; ``errors`` once it ran."""
+    """The tickets of one group fsync and what it syncs."""
 
-    __slots__ = ("tickets", "work", "errors", "done")
+    __slots__ = ("tickets", "work", "failed", "spans", "ndata", "future")
 
-    def __init__(self, tickets: dict[QueueJournal, asyncio.Future], done) -> None:
+    def __init__(self, tickets: dict[QueueJournal, Ticket]) -> None:
         self.tickets = tickets
         self.work = [(journal, journal.take_dirty()) for journal in tickets]
-        self.errors: dict[QueueJournal, JournalError] | None = None  # None: not synced
-        self.done = done  # GroupCommit._batch_done, bound
+        self.failed: dict[QueueJournal, JournalError] = {}  # before the sync: no descriptor
+        self.spans: list[tuple[int, int, int, int]] = []  # per work item: its fds, its dirs
+        self.ndata = 0  # data descriptors in the job (the directories follow them)
+        self.future: concurrent.futures.Future | None = None  # the executor path's job
 
 
-def _fsync_thread(jobs: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
-    """Run batches in order until told to stop (None); post each one back to the loop.
+def _worker_ready(ref: weakref.ref) -> None:
+    """add_reader callback; holds the GroupCommit weakly so a dropped one is collected."""
+    commit = ref()
+    if commit is not None:
+        commit._worker_ready()
 
-    Holds no reference to the GroupCommit between batches, so one that is dropped without
-    close() is collected, and its finalizer stops this thread."""
-    while True:
-        batch = jobs.get()
-        if batch is None:
-            return
-        try:
-            batch.errors = _sync_all(batch.work)
-        except Exception as exc:  # not a JournalError: a bug, but the tickets must not hang
-            error = JournalError(f"fsync failed: {exc}")
-            batch.errors = {journal: error for journal, _ in batch.work}
-        try:
-            loop.call_soon_threadsafe(batch.done, batch)
-        except RuntimeError:  # the loop is closed: nobody waits for these tickets any more
-            pass
-        batch = None
+
+def _stop_worker(loop: asyncio.AbstractEventLoop, worker) -> None:
+    """Stop watching the worker, then stop it (it finishes the job in flight first)."""
+    try:
+        if not loop.is_closed():
+            loop.remove_reader(worker.fileno())
+    except (RuntimeError, ValueError, OSError):
+        pass
+    worker.close()
 
 
 class GroupCommit:
-    """One per server: batches fsyncs of ``always`` journals and runs periodic ones."""
+    """One per server: batches fsyncs of ``always`` journals and runs periodic ones.
+
+    ``use_worker``: sync batches on an FsyncWorker (default where fdatasync covers the mapped
+    segments, i.e. Linux) rather than in the executor."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop | None = None, *, max_workers: int = 4
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        max_workers: int = 4,
+        use_worker: bool | None = None,
     ) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
-        # Periodic syncs and the final drain; group commits have their own thread.
+        # Periodic syncs and the final drain (and the batches where there is no worker).
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="erq-fsync")
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stop_thread: weakref.finalize | None = None  # the thread ends after its batch
-        self._pending: dict[QueueJournal, asyncio.Future] = {}
-        self._running: _Batch | None = None  # the batch on the fsync thread
+        self._use_worker = _FDATASYNC_COVERS_MMAP if use_worker is None else use_worker
+        self._worker = None  # FsyncWorker, started with the first batch
+        self._stop_worker: weakref.finalize | None = None
+        self._pending: dict[QueueJournal, Ticket] = {}
+        self._running: _Batch | None = None  # the batch being synced
         self._idle_waiters: list[asyncio.Future] = []  # drain() waiting for _running to end
         self._scheduled = False
         self._journals: set[QueueJournal] = set()
@@ -105,71 +169,164 @@ class GroupCommit:
     def unregister(self, journal: QueueJournal) -> None:
         self._journals.discard(journal)
 
-    def ticket(self, journal: QueueJournal) -> asyncio.Future:
-        """A future that resolves once ``journal``'s appends so far are on disk."""
-        fut = self._pending.get(journal)
-        if fut is None:
-            fut = self.loop.create_future()
+    def ticket(self, journal: QueueJournal) -> Ticket:
+        """A ticket that resolves once ``journal``'s appends so far are on disk."""
+        ticket = self._pending.get(journal)
+        if ticket is None:
+            ticket = Ticket()
             if self._closed:
-                self._sync_now(journal, fut)
-                return fut
-            self._pending[journal] = fut
+                self._sync_now(journal, ticket)
+                return ticket
+            self._pending[journal] = ticket
             if not self._scheduled and self._running is None:
                 self._scheduled = True
                 self.loop.call_soon(self._start_batch)
-        return fut
+        return ticket
 
-    def _sync_now(self, journal: QueueJournal, fut: asyncio.Future) -> None:
+    def _sync_now(self, journal: QueueJournal, ticket: Ticket) -> None:
         try:
             journal.sync()
         except JournalError as exc:
-            fut.set_exception(exc)
+            ticket.resolve(exc)
         else:
-            fut.set_result(None)
+            ticket.resolve(None)
 
     def _start_batch(self) -> None:
         self._scheduled = False
         if self._running is not None or not self._pending or self._closed:
             return
-        batch = _Batch(self._pending, self._batch_done)
+        batch = _Batch(self._pending)
         self._pending = {}
         self._running = batch
         self.batches += 1
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=_fsync_thread,
-                args=(self._jobs, self.loop),
-                name="erq-group-commit",
-                daemon=True,
-            )
-            self._thread.start()
-            self._stop_thread = weakref.finalize(self, self._jobs.put, None)
-        self._jobs.put(batch)
+        if self._use_worker and (self._worker is not None or self._start_worker()):
+            self._submit(batch)
+        else:
+            self._submit_to_executor(batch)
 
-    def _batch_done(self, batch: _Batch) -> None:
+    # ---- the worker path -----------------------------------------------------------------
+    def _submit(self, batch: _Batch) -> None:
+        """Turn the batch's work into descriptors, on the loop thread, and start the job."""
+        worker = self._worker
+        fds: list[int] = []
+        dirs: list[int] = []
+        spans = batch.spans
+        for journal, targets in batch.work:
+            first_fd, first_dir = len(fds), len(dirs)
+            try:
+                for segment in targets.segments:
+                    if not segment.closed:  # closed segments are gone: nothing to sync
+                        fds.append(os.dup(segment.fileno()))
+                for directory in targets.directories:
+                    dirs.append(os.open(directory, _DIR_FLAGS))
+            except OSError as exc:
+                batch.failed[journal] = JournalError(
+                    f"fsync of {journal.directory} failed: {exc.strerror or exc}"
+                )
+            spans.append((first_fd, len(fds), first_dir, len(dirs)))
+        batch.ndata = len(fds)
+        try:
+            worker.submit(fds, dirs)
+        except Exception as exc:  # a bug (the worker is idle here), but never answer OK
+            for fd in fds + dirs:
+                os.close(fd)
+            error = JournalError(f"fsync failed: {exc}")
+            batch.failed = {journal: error for journal, _ in batch.work}
+            batch.spans = []
+            self.loop.call_soon(self._batch_done, batch, batch.failed)
+
+    def _start_worker(self) -> bool:
+        """Start the worker and watch it; where that fails (no descriptor or thread left),
+        say so and sync in the executor from now on."""
+        try:
+            worker = fsync_worker.FsyncWorker()
+        except (OSError, MemoryError) as exc:
+            log.error("cannot start the fsync worker (%s): group commits use the executor", exc)
+            self._use_worker = False
+            return False
+        try:
+            self.loop.add_reader(worker.fileno(), _worker_ready, weakref.ref(self))
+        except BaseException:
+            worker.close()
+            raise
+        self._worker = worker
+        self._stop_worker = weakref.finalize(self, _stop_worker, self.loop, worker)
+        return True
+
+    def _worker_ready(self) -> None:
+        batch = self._running
+        if batch is None or self._worker is None:
+            return
+        errnos = self._worker.collect()
+        if errnos is not None:
+            self._batch_done(batch, self._worker_errors(batch, errnos))
+
+    @staticmethod
+    def _worker_errors(batch: _Batch, errnos: list[int]) -> dict[QueueJournal, JournalError]:
+        errors = batch.failed
+        if not any(errnos):
+            return errors
+        errors = dict(errors)
+        ndata = batch.ndata
+        for (journal, _), (f0, f1, d0, d1) in zip(batch.work, batch.spans, strict=True):
+            if journal in errors:
+                continue
+            for err in errnos[f0:f1] + errnos[ndata + d0 : ndata + d1]:
+                if err:
+                    errors[journal] = JournalError(
+                        f"fsync of {journal.directory} failed: {os.strerror(err)}"
+                    )
+                    break
+        return errors
+
+    # ---- the executor path ---------------------------------------------------------------
+    def _submit_to_executor(self, batch: _Batch) -> None:
+        batch.future = future = self._executor.submit(_sync_all, batch.work)
+        loop = self.loop
+
+        def post(_: concurrent.futures.Future) -> None:  # on the executor thread
+            try:
+                loop.call_soon_threadsafe(self._executor_done, batch)
+            except RuntimeError:  # the loop is closed: nobody waits for these tickets any more
+                pass
+
+        future.add_done_callback(post)
+
+    def _executor_done(self, batch: _Batch) -> None:
+        if batch is self._running:
+            self._batch_done(batch, self._executor_errors(batch))
+
+    @staticmethod
+    def _executor_errors(batch: _Batch) -> dict[QueueJournal, JournalError]:
+        try:
+            return batch.future.result()
+        except Exception as exc:  # not a JournalError: a bug, but the tickets must not hang
+            error = JournalError(f"fsync failed: {exc}")
+            return {journal: error for journal, _ in batch.work}
+
+    # ---- the end of a batch --------------------------------------------------------------
+    def _batch_done(self, batch: _Batch, errors: dict[QueueJournal, JournalError]) -> None:
         """On the loop, once per synced batch: hand what failed back to its journals (the
         next sync retries it), start the next batch, then answer this one's tickets."""
         if batch is not self._running:
             return  # close() answered it already
         self._running = None
-        errors = batch.errors
-        if errors is None:  # the thread did not run it (it cannot have failed to, but never OK)
-            error = JournalError("fsync did not run")
-            errors = {journal: error for journal in batch.tickets}
         if errors:
             for journal, targets in batch.work:
                 if journal in errors:
                     journal.restore_dirty(targets)
         if self._pending:
             self._start_batch()
+        # Settle every ticket of the batch before calling any waiter: a session waits only
+        # for its latest ticket, and the replies it then sends may depend on earlier tickets
+        # of the same batch (other journals).
         tickets = batch.tickets
-        for journal, fut in tickets.items():
-            if not fut.done():
-                err = errors.get(journal) if errors else None
-                if err is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(err)
+        for journal, ticket in tickets.items():
+            ticket.done = True
+            if errors:
+                ticket.error = errors.get(journal)
+        for ticket in tickets.values():
+            ticket.notify()
         if self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -217,15 +374,26 @@ class GroupCommit:
 
     def close(self) -> None:
         """Answer the batch in flight (once its fsync ends), sync every registered journal
-        in this thread, and stop the fsync thread and the executor."""
+        in this thread, and stop the worker and the executor."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._stop_thread()
-            self._thread.join()  # after the batch in flight, if any: answer it now
-            if self._running is not None:
-                self._batch_done(self._running)
+        batch = self._running
+        if batch is not None:
+            if batch.future is not None:
+                concurrent.futures.wait([batch.future])
+                errors = self._executor_errors(batch)
+            else:
+                errnos = self._worker.collect(wait=True)
+                if errnos is None:  # cannot happen: the job was submitted
+                    error = JournalError("fsync did not run")
+                    errors = {journal: error for journal, _ in batch.work}
+                else:
+                    errors = self._worker_errors(batch, errnos)
+            self._batch_done(batch, errors)
+        if self._stop_worker is not None:
+            self._stop_worker()
+            self._worker = None
         for journal in list(self._journals):
             try:
                 journal.sync()
@@ -233,6 +401,5 @@ class GroupCommit:
                 log.error("final fsync of %s failed: %s", journal.directory, exc)
         self._executor.shutdown(wait=True)
         pending, self._pending = self._pending, {}
-        for journal, fut in pending.items():
-            if not fut.done():
-                self._sync_now(journal, fut)
+        for journal, ticket in pending.items():
+            self._sync_now(journal, ticket)
