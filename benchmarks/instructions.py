@@ -151,4 +151,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")  # the same dict layouts in both runs
+    try:
+        import erq  # noqa: F401  (installed, or on PYTHONPATH)
+    except ImportError:  # run from a checkout: measure the checkout (and its in-place build)
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path.insert(0, checkout)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (checkout, os.environ.get("PYTHONPATH")) if p
+        )
     main()
