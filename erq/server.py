@@ -235,6 +235,7 @@ class Server:
             if proto.transport is not None:
                 proto.transport.close()
         state.queues.close()
+        state.deadlines.close()  # blocked gets were answered above: only empty buckets left
         if self._commit is not None:
             self._commit.close()
         log.info("stopped")
