@@ -79,9 +79,7 @@ class Session:
             return
         if self.pending or self.blocked is not None:
             self.pending.extend(requests)
-            if self._pause is not None and not self._paused and len(self.pending) > MAX_PENDING:
-                self._paused = True
-                self._pause(True)
+            self._limit_pending()
             return
         dispatch = self.dispatch
         for i, request in enumerate(requests):
@@ -89,8 +87,16 @@ class Session:
             if self.blocked is not None or self.closing:
                 if not self.closing:
                     self.pending.extend(requests[i + 1 :])
+                    self._limit_pending()
                 break
         self.flush()
+
+    def _limit_pending(self) -> None:
+        """Stop reading from a client whose pipeline runs MAX_PENDING requests ahead of a
+        blocked one (the read that blocks counts too)."""
+        if self._pause is not None and not self._paused and len(self.pending) > MAX_PENDING:
+            self._paused = True
+            self._pause(True)
 
     def run(self) -> None:
         """Continue the pipeline after a blocked request finished."""

@@ -159,6 +159,19 @@ def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, protocol_
     serve(loop, protocol_class, body)
 
 
+def test_a_blocking_get_and_a_long_pipeline_in_one_read_pause_reading_at_once(loop, protocol_class):
+    """The pipeline limit holds within the read that blocks, not from the next read on."""
+    from erq.session import MAX_PENDING
+
+    proto = protocol_class(make_state(loop))
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    proto.data_received(b"get q/t=60000\r\n" + b"version\r\n" * (MAX_PENDING + 1))
+    assert transport.calls == ["pause"]
+    assert transport.writes == []  # everything waits behind the blocked get
+    proto.connection_lost(None)
+
+
 # ---- with a recording transport ----------------------------------------------------------------
 class RecordingTransport:
     def __init__(self):
