@@ -6,7 +6,7 @@ The journal knows nothing of sockets or the protocol; a queue drives it through
 
 from ..journal_api import JournalError
 from .codec import CRC32C_IMPLEMENTATION
-from .commit import GroupCommit
+from .commit import GroupCommit, Ticket
 from .journal import GiB, MiB, QueueJournal
 from .recovery import RecoveredItem, Recovery
 
@@ -19,4 +19,5 @@ __all__ = [
     "QueueJournal",
     "RecoveredItem",
     "Recovery",
+    "Ticket",
 ]
