@@ -73,7 +73,11 @@ def readable(fd: int, timeout: float | None) -> bool:
         return bool(sel.select(timeout))
 
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+# The worker serves Linux only (elsewhere a segment needs msync, and group commit runs its
+# batches in the executor), and these tests follow its thread through /proc.
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the fsync worker is used on Linux only"
+)
 
 
 @pytest.fixture
