@@ -114,7 +114,9 @@ class Deadlines:
                 entry.expire()
         while heap and not buckets[heap[0]]:  # emptied by answers: no timer for those
             del buckets[heapq.heappop(heap)]
-        if heap and self._armed == 0:  # (an expire() may have armed it already)
+        # An expire() may have armed the timer for a deadline it added (a multi-key get
+        # blocking on its next key), which can be later than the earliest one left.
+        if heap and (self._armed == 0 or heap[0] < self._armed):
             self._arm(heap[0])
 
     def close(self) -> None:

@@ -100,3 +100,71 @@ def test_an_expire_that_adds_a_deadline_keeps_the_timer_armed(deadlines_class):
         return await asyncio.wait_for(done, 2.0)
 
     assert run(body) == 3
+
+
+class ManualLoop:
+    """A loop stand-in whose clock the test moves and whose timers the test fires."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.timers: list[ManualTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback) -> ManualTimer:
+        timer = ManualTimer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    def armed(self) -> list[float]:
+        return [t.when for t in self.timers if not t.cancelled and not t.fired]
+
+    def fire_due(self) -> None:
+        for timer in list(self.timers):
+            if not timer.cancelled and not timer.fired and timer.when <= self.now:
+                timer.fired = True
+                timer.callback()
+
+
+class ManualTimer:
+    def __init__(self, when: float, callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+        self.fired = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_later_deadline_added_by_an_expire_does_not_delay_an_earlier_one(deadlines_class):
+    loop = ManualLoop()
+    deadlines = deadlines_class(loop)
+    log: list = []
+
+    class Chain:  # like a multi-key get whose first key times out and whose next one blocks
+        def expire(self):
+            log.append("first")
+            deadlines.add(Named("third"), 0.5)
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+        def expire(self):
+            log.append(self.name)
+
+    deadlines.add(Chain(), 0.01)
+    second = deadlines.add(Named("second"), 0.06)
+    loop.now += 0.02
+    loop.fire_due()
+    assert log == ["first"]
+    assert loop.armed() == [second / 1000.0]  # the timer waits for "second", not "third"
+    loop.now += 0.05
+    loop.fire_due()
+    assert log == ["first", "second"]
+    loop.now += 1.0
+    loop.fire_due()
+    assert log == ["first", "second", "third"]
+    assert loop.armed() == []
