@@ -267,7 +267,7 @@ def cmd_get(session: Session, req: tuple) -> None:
 class MonitorOperation:
     """``monitor q <seconds> [max]``: stream open reads until max items or the deadline."""
 
-    __slots__ = ("session", "queue", "name", "remaining", "deadline", "timer", "waiter")
+    __slots__ = ("session", "queue", "name", "remaining", "deadline", "expires", "waiter")
 
     def __init__(self, session: Session, queue: Queue, seconds: int, max_items: int) -> None:
         self.session = session
@@ -275,7 +275,7 @@ class MonitorOperation:
         self.name = queue.name
         self.remaining = max_items
         self.deadline = time.monotonic() + seconds
-        self.timer = None
+        self.expires = 0  # its key in the server's Deadlines, while one is set
         self.waiter: MonitorWaiter | None = None
 
     def run(self) -> bool:
@@ -295,8 +295,8 @@ class MonitorOperation:
                     break
                 self.waiter = MonitorWaiter(self)
                 self.queue.add_waiter(self.waiter)
-                if self.timer is None:
-                    self.timer = session.state.loop.call_later(delay, self.expire)
+                if not self.expires:
+                    self.expires = session.state.deadlines.add(self, delay)
                 session.blocked = self
                 return False
             self._deliver(item)
@@ -312,10 +312,13 @@ class MonitorOperation:
         session.out.append(value_block(session, self.name.encode(), self.name, item, False) + END)
         self.remaining -= 1
 
+    def _forget_deadline(self) -> None:
+        if self.expires:
+            self.session.state.deadlines.discard(self, self.expires)
+            self.expires = 0
+
     def _finish(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._forget_deadline()
         self.session.out.append(END)
 
     def woken(self, item) -> None:
@@ -331,7 +334,7 @@ class MonitorOperation:
             self.session.flush()  # stream what we have while waiting for more
 
     def expire(self) -> None:
-        self.timer = None
+        self.expires = 0
         if self.waiter is not None:
             self.waiter.active = False
             self.queue.remove_waiter(self.waiter)
@@ -344,9 +347,7 @@ class MonitorOperation:
             self.waiter.active = False
             self.queue.remove_waiter(self.waiter)
             self.waiter = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._forget_deadline()
 
 
 class MonitorWaiter:

@@ -57,7 +57,7 @@ class Counters:
 
 
 class Deadlines:
-    """The timeouts of blocked requests (``get q/t=<ms>``) on one loop timer.
+    """The timeouts of blocked requests (``get q/t=<ms>``, ``monitor``) on one loop timer.
 
     A timer handle per blocked get cost ~6,500 instructions (uvloop's TimerHandle, then its
     cancel and close), on the path a waiting consumer takes for every item. Here a deadline
