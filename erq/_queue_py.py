@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from erq import clock as _clock
+from erq.clock import now_ms
 from erq.item import Item
 from erq.journal_api import JournalError
 from erq.ring import ITEM_OVERHEAD, Ring
@@ -162,7 +164,7 @@ class Queue:
     ) -> tuple[AddResult, Any]:
         """Append an item. Returns (result, commit ticket or None); raises JournalError."""
         if now is None:
-            now = self._clock()
+            now = self._now()
         max_item_size = self._max_item_size
         if max_item_size is not None and len(data) > max_item_size:
             return NOT_STORED, None
@@ -184,6 +186,11 @@ class Queue:
         if self._waiters:
             self._serve_waiters()
         return STORED, ticket
+
+    def _now(self) -> int:
+        """The queue's clock: the default one called directly (a C call when compiled)."""
+        clock = self._clock
+        return _clock.now_ms() if clock is now_ms else clock()
 
     def _append(self, item: Item) -> Any:
         in_memory = (
@@ -273,7 +280,7 @@ class Queue:
     def discard_expired(self, now: int | None = None, limit: int | None = None) -> int:
         """Remove expired items from the head (Kestrel's rule); returns how many."""
         if now is None:
-            now = self._clock()
+            now = self._now()
         n = 0
         while limit is None or n < limit:
             if not self._ring:
@@ -302,21 +309,23 @@ class Queue:
     def take(self, reliable: bool, now: int | None = None) -> Item | None:
         """Remove and return the head; with ``reliable`` it becomes an open read."""
         if now is None:
-            now = self._clock()
+            now = self._now()
         if self._open and self.config.open_timeout is not None:
             self.expire_open_reads(now)
         ring = self._ring
-        if (not ring or ring.peek().expired(now)) and self.head(now) is None:
-            return None
+        head = ring.peek() if ring else None
+        if head is None or head.expired(now):
+            head = self.head(now)  # drops expired heads, reads back from disk
+            if head is None:
+                return None
         journal = self._journal
         if journal is not None:
             # Journal first: a record that cannot be written (disk full) raises JournalError
             # with the item still at the head and nothing handed out.
-            head_id = ring.peek().id
             if reliable:
-                journal.open(head_id)
+                journal.open(head.id)
             else:
-                journal.remove(head_id)
+                journal.remove(head.id)
         item = self._pop_head()
         if reliable:
             self._open[item.id] = OpenRead(item, now)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erq import clock as _clock
+from erq.clock import now_ms
 from erq.item import Item
 from erq.queue import STORED, AddResult, Queue
 
@@ -36,14 +37,6 @@ def valid_queue_name(name: bytes) -> bool:
         return False
     plus = name.count(b"+")
     return plus == 0 or (plus == 1 and name[0] != 0x2B and name[-1] != 0x2B)
-
-
-def now_ms() -> int:
-    ns = _time_ns()  # a C integer when compiled: the division is one instruction, not two ints
-    return ns // 1_000_000
-
-
-_time_ns = time.time_ns
 
 
 class QueueCollection:
@@ -147,7 +140,7 @@ class QueueCollection:
     ) -> tuple[AddResult, list]:
         """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
         # The default clock called directly: a C call when compiled, no callable lookup.
-        now = now_ms() if self._clock is now_ms else self._clock()
+        now = _clock.now_ms() if self._clock is now_ms else self._clock()
         created = False
         if queue is None:
             queue = self._queues.get(name)

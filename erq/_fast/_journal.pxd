@@ -46,4 +46,15 @@ cdef class AppendCore:
     # An append needs no fsync bookkeeping (no call to the subclass's _written()).
     cdef public bint _quiet
 
-    cdef object _op(self, int opcode, object id)
+    # Segments sealed because they were full or for a compaction (the queue compares it after
+    # each add: a struct field, not an instance-dict lookup). Counted by the subclass.
+    cdef public long long rotations
+
+    # The queue's per-request appends: C calls from the compiled queue (never overridden).
+    cpdef object add(self, uint64_t id, uint32_t flags, uint64_t add_time, uint64_t expiry,
+                     object data, bint in_memory=*)
+    cpdef object remove(self, uint64_t id)
+    cpdef object open(self, uint64_t id)
+    cpdef object confirm(self, uint64_t id)
+    cpdef object unremove(self, uint64_t id)
+    cdef object _op(self, int opcode, uint64_t id)

@@ -713,15 +713,15 @@ cdef class SegmentWriter:
 
 # ---- the journal's append path -------------------------------------------------------------
 
-cdef inline long long _writer_add(object writer, object id, object flags, object add_time,
-                                  object expiry, object data) except -2:
+cdef inline long long _writer_add(object writer, uint64_t id, uint32_t flags, uint64_t add_time,
+                                  uint64_t expiry, object data) except -2:
     """``writer.append_add(...)``: a direct C call when it is this module's SegmentWriter."""
     if isinstance(writer, SegmentWriter):
         return (<SegmentWriter>writer).append_add(id, flags, add_time, expiry, data)
     return writer.append_add(id, flags, add_time, expiry, data)
 
 
-cdef inline long long _writer_op(object writer, int opcode, object id) except -2:
+cdef inline long long _writer_op(object writer, int opcode, uint64_t id) except -2:
     if isinstance(writer, SegmentWriter):
         return (<SegmentWriter>writer).append_op(opcode, id)
     return writer.append_op(opcode, id)
@@ -737,7 +737,8 @@ cdef class AppendCore:
     on disk. ``_writer`` may be any object with SegmentWriter's API (the pure twin's too).
     """
 
-    def add(self, id, flags, add_time, expiry, data, in_memory=True):
+    cpdef object add(self, uint64_t id, uint32_t flags, uint64_t add_time, uint64_t expiry,
+                     object data, bint in_memory=True):
         """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
         to be handed back by ``read_behind``. Returns a ticket (``fsync="always"``) or None;
         raises JournalError when the record cannot be written (disk full)."""
@@ -751,19 +752,19 @@ cdef class AppendCore:
             return None
         return (<object>self)._written()
 
-    def remove(self, id):
+    cpdef object remove(self, uint64_t id):
         """The item left the queue for good (plain get, expiry, discard)."""
         return self._op(OP_REMOVE, id)
 
-    def open(self, id):
+    cpdef object open(self, uint64_t id):
         """The item was handed out as a reliable read."""
         return self._op(OP_OPEN, id)
 
-    def confirm(self, id):
+    cpdef object confirm(self, uint64_t id):
         """An open read was confirmed: the item is gone for good."""
         return self._op(OP_CONFIRM, id)
 
-    def unremove(self, id):
+    cpdef object unremove(self, uint64_t id):
         """An open read was aborted: the item is back at the head of the queue."""
         return self._op(OP_UNREMOVE, id)
 
@@ -773,7 +774,7 @@ cdef class AppendCore:
         if self._writer.append_op(opcode, id) < 0:
             (<object>self)._rotate(OP_RECORD_SIZE).append_op(opcode, id)
 
-    cdef object _op(self, int opcode, object id):
+    cdef object _op(self, int opcode, uint64_t id):
         if _writer_op(self._writer, opcode, id) < 0:
             _writer_op((<object>self)._rotate(OP_RECORD_SIZE), opcode, id)
         if self._quiet:

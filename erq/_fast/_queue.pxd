@@ -1,7 +1,11 @@
 # C types for the compiled build of erq/_queue_py.py (linked here as _queue.py; see its
 # docstring). The Python source is the behaviour; this file only makes its attributes struct
 # fields and its hot methods C calls. (_ring is cimported as a module, c_ring: the source imports the
-# names Item and Ring from the selectors.)
+# names Item and Ring from the selectors; _clock and _journal likewise.)
+cimport cython
+
+cimport erq._fast._clock as _clock
+cimport erq._fast._journal as c_journal
 cimport erq._fast._ring as c_ring
 
 
@@ -17,7 +21,9 @@ cdef class Queue:
     cdef object _max_age
     cdef long long _max_memory_size
     cdef bint _limited
-    cdef object _journal
+    # The compiled queue runs on the compiled journal (the selectors choose both): its
+    # per-request appends are C calls.
+    cdef c_journal.AppendCore _journal
     cdef object _clock
     cdef object _on_expired
     cdef c_ring.Ring _ring
@@ -42,13 +48,20 @@ cdef class Queue:
     cdef long long _item_overhead  # ITEM_OVERHEAD as a C integer
 
     cpdef bint is_full(self)
+    cdef long long _now(self) except? -1
+    @cython.locals(item=c_ring.Item)
     cpdef tuple add(self, object data, object flags, long long expiry, object now=*)
+    @cython.locals(journal=c_journal.AppendCore)
     cdef object _append(self, c_ring.Item item)
     cdef void _refill(self) except *
     cdef long long _mem_cost(self)
+    @cython.locals(item=c_ring.Item)
     cdef c_ring.Item _pop_head(self)
+    @cython.locals(head=c_ring.Item, item=c_ring.Item)
     cpdef long long discard_expired(self, object now=*, object limit=*) except -1
     cpdef object head(self, object now=*)
+    @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
+                   journal=c_journal.AppendCore)
     cpdef object take(self, bint reliable, object now=*)
     cpdef OpenRead open_read(self, long long item_id)
     cpdef bint is_open(self, OpenRead read)

@@ -3,12 +3,8 @@
 # its per-request method a C function.
 cimport cython
 
+cimport erq._fast._clock as _clock
 cimport erq._fast._queue as c_queue
-
-
-
-@cython.locals(ns=cython.longlong)
-cpdef long long now_ms() except? -1
 
 
 cdef class QueueCollection:
