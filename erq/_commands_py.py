@@ -179,7 +179,7 @@ class GetOperation:
         counters.get_hits += 1
         if spec.open:
             session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
-        session.out.append(value_block(session, spec.key, spec.name, item, self.gets))
+        value_block(session, spec.prefix, spec.kestrel_prefix, item, self.gets)
 
     def _wait(self, queue: Queue, spec: KeySpec) -> None:
         waiter = KeyWaiter(self, queue, spec)
@@ -234,16 +234,23 @@ class KeyWaiter:
             self.op.resumed(self.spec, self.queue, None)
 
 
-def value_block(session: Session, key: bytes, name: str, item, gets: bool) -> bytes:
+def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, gets: bool) -> None:
+    """Queue one VALUE block on ``session.out``. ``prefix`` is ``b"VALUE <key> "``; the pieces
+    are joined once, with the rest of the reply, when the session flushes."""
+    out = session.out
     data = item.data
     if session.state.kestrel:  # Kestrel names the queue and sends no flags
-        key, flags = name.encode("ascii"), 0
+        out.append(kestrel_prefix)
+        flags = 0
     else:
+        out.append(prefix)
         flags = item.flags
     size = len(data)
     # The numbers through an f-string: compiled, it formats C integers without a bytes % pass.
-    numbers = f" {flags} {size} {item.id}\r\n" if gets else f" {flags} {size}\r\n"
-    return b"".join((b"VALUE ", key, numbers.encode("ascii"), data, b"\r\n"))
+    numbers = f"{flags} {size} {item.id}\r\n" if gets else f"{flags} {size}\r\n"
+    out.append(numbers.encode("ascii"))
+    out.append(data)
+    out.append(b"\r\n")
 
 
 def cmd_get(session: Session, req: tuple) -> None:
@@ -309,7 +316,9 @@ class MonitorOperation:
         counters.cmd_get += 1
         counters.get_hits += 1
         session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
-        session.out.append(value_block(session, self.name.encode(), self.name, item, False) + END)
+        prefix = b"VALUE " + self.name.encode("ascii") + b" "
+        value_block(session, prefix, prefix, item, False)
+        session.out.append(END)
         self.remaining -= 1
 
     def _forget_deadline(self) -> None:

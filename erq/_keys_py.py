@@ -36,7 +36,18 @@ FORBIDDEN_COMBINATION = KeyError_(b"CLIENT_ERROR\r\n", True)
 class KeySpec:
     """One key of a get: the queue name and its options (PROTOCOL §4)."""
 
-    __slots__ = ("key", "name", "timeout", "open", "close", "abort", "peek", "fetches")
+    __slots__ = (
+        "key",
+        "name",
+        "prefix",
+        "kestrel_prefix",
+        "timeout",
+        "open",
+        "close",
+        "abort",
+        "peek",
+        "fetches",
+    )
 
     def __init__(self, key: bytes) -> None:
         parts = key.split(b"/")
@@ -45,6 +56,10 @@ class KeySpec:
             raise BAD_NAME
         self.key = key
         self.name = raw_name.decode("ascii")
+        # The start of a VALUE line for this key, made once per distinct key (the cache):
+        # memcache names the key as asked, Kestrel (compat mode) the bare queue name.
+        self.prefix = b"VALUE " + key + b" "
+        self.kestrel_prefix = b"VALUE " + raw_name + b" "
         self.timeout: int | None = None
         self.open = self.close = self.abort = self.peek = False
         for opt in parts[1:]:

@@ -46,9 +46,9 @@ cdef class KeyWaiter:
     cdef public bint reliable
 
 
-@cython.locals(flags=cython.uint, size=cython.Py_ssize_t)
-cpdef bytes value_block(
-    c_session.Session session, bytes key, object name, c_ring.Item item, bint gets
+@cython.locals(out=list, flags=cython.uint, size=cython.Py_ssize_t)
+cpdef value_block(
+    c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )
 cpdef cmd_get(c_session.Session session, tuple req)
 cpdef dispatch(c_session.Session session, tuple req)

@@ -5,6 +5,8 @@
 cdef class KeySpec:
     cdef public bytes key
     cdef public object name
+    cdef public bytes prefix
+    cdef public bytes kestrel_prefix
     cdef public object timeout
     cdef public bint open
     cdef public bint close
@@ -14,3 +16,6 @@ cdef class KeySpec:
 
 
 cpdef KeySpec parse_key(bytes key)
+
+# Hot keys' specs: a dict, so the per-request lookup is a C dict call.
+cdef dict _cache
