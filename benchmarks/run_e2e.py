@@ -7,6 +7,13 @@ qload (the C load generator in ``../shared/tools/qload``) drives every server ov
 server pinned to one core and qload to another; each server is started fresh on a free port for
 each repetition, and each figure is the median of the repetitions, beside memcached's from the
 same sitting. Writes ``benchmarks/RESULTS.md`` and prints it. erq itself never needs qload.
+
+When the 64 KiB scenario or ``fsync_always`` runs, the machine's ceilings behind their bars are
+measured last (``ceilings.py``, a file in the scratch directory, on the file system of the
+servers' data directories) and reported under those sections: the disk's sustained write
+bandwidth with an fdatasync every 100 ms, as the most 64 KiB sets/s it allows any such journal
+and as a ratio to memcached's; and one writer's fdatasync rate, with the 50-connection rate the
+20x bar needs beside erq's own at the default fsync period (scenario ``set_c50``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ceilings import disk_write_bandwidth, fdatasync_rate  # noqa: E402
 from scenarios import (  # noqa: E402
     ERQ_BUILDS,
     GIB,
@@ -42,6 +50,7 @@ from scenarios import (  # noqa: E402
     SCENARIOS,
     SEGMENT_BYTES,
     SPECIAL_KEYS,
+    Ceilings,
     FsyncResult,
     Memory,
     MemoryResult,
@@ -521,6 +530,37 @@ class Bench:
                 finally:
                     server.close()
 
+    def ceilings(self, disk: bool, syncs: bool) -> None:
+        """The machine's ceilings behind the 64 KiB and fsync = "always" bars (``ceilings.py``),
+        in a directory on the file system of the servers' data directories."""
+        quick = self.plan.quick
+        out = self.res.ceilings = Ceilings(1.0 if quick else 3.0, 1.0 if quick else 2.0)
+        root = tempdir("ceilings")
+        try:
+            # The fdatasync rate first, so that the writeback and the freeing of the bandwidth
+            # runs' files (up to 2 GiB each) cannot slow its small syncs.
+            for rep in range(self.plan.repeat if syncs else 0):
+                try:
+                    out.syncs.append(fdatasync_rate(root, out.sync_seconds))
+                    got = f"{out.syncs[-1]:,.0f} fdatasync/s, one writer"
+                except OSError as exc:
+                    out.sync_failure = got = str(exc)
+                self.say("ceilings", "disk", f"rep {rep + 1}: {got}")
+                if out.sync_failure:
+                    break
+            for rep in range(self.plan.repeat if disk else 0):
+                try:
+                    cap = GIB if quick else 2 * GIB
+                    out.disk.append(disk_write_bandwidth(root, out.disk_seconds, cap))
+                    got = f"{out.disk[-1] / 1e6:,.0f} MB/s with fdatasync every 100 ms"
+                except OSError as exc:
+                    out.disk_failure = got = str(exc)
+                self.say("ceilings", "disk", f"rep {rep + 1}: {got}")
+                if out.disk_failure:
+                    break
+        finally:
+            drop_dir(root)
+
     def memory(self) -> None:
         """RSS after queueing many 1 KiB items (read-behind), and the cost of idle connections."""
         n_items, n_idle = self.plan.memory_items, self.plan.idle_conns
@@ -799,6 +839,9 @@ def run_all(ns: argparse.Namespace, argv: list[str]) -> int:
         bench.memory()
     if "restart" in wanted:
         bench.restart()
+    if "set_64k" in wanted or "fsync_always" in wanted:
+        # Last, so that its writes (up to 2 GiB, then deleted) are behind every server run.
+        bench.ceilings(disk="set_64k" in wanted, syncs="fsync_always" in wanted)
 
     took = time.monotonic() - bench.began
     text = render(bench.res, report_header(bench, argv, qload_how, memcached, took))

@@ -2,13 +2,16 @@
 
 A :class:`Scenario` is one qload shape run against every server; the erq-only measurements
 (group commit, memory, restart) are procedures in ``run_e2e.py`` whose results land in the
-dataclasses below. :func:`render` turns a :class:`Results` into the Markdown of ``RESULTS.md``.
+dataclasses below, as do the machine's ceilings (``ceilings.py``). :func:`render` turns a
+:class:`Results` into the Markdown of ``RESULTS.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ceilings import ADD_OVERHEAD
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -260,6 +263,18 @@ class RestartResult:
 
 
 @dataclass
+class Ceilings:
+    """The machine's limits behind two bars (``ceilings.py``), one figure per repetition."""
+
+    disk_seconds: float  # length of each disk bandwidth run
+    sync_seconds: float  # length of each fdatasync rate run
+    disk: list[float] = field(default_factory=list)  # bytes/s, fdatasync every 100 ms
+    syncs: list[float] = field(default_factory=list)  # fdatasync/s of one writer
+    disk_failure: str = ""
+    sync_failure: str = ""
+
+
+@dataclass
 class Plan:
     """Sizes and durations of this invocation (full, or scaled down by --quick)."""
 
@@ -284,6 +299,7 @@ class Results:
     fsync: dict[str, FsyncResult] = field(default_factory=dict)  # erq build -> result
     memory: dict[str, MemoryResult] = field(default_factory=dict)
     restart: dict[str, RestartResult] = field(default_factory=dict)
+    ceilings: Ceilings | None = None
 
     @property
     def erq_builds(self) -> list[str]:
@@ -413,6 +429,8 @@ def render(res: Results, header: str) -> str:
         vs = "p99 vs memcached" if sc.metric == "latency" else "ops/s vs memcached"
         cols = ["server", "ops/s", "p50 µs", "p99 µs", "server CPU", "server RSS", vs]
         out.append(table(cols + ["ops/s of each run", "check"], rows))
+        if sc.key == "set_64k":
+            out += _render_disk_ceiling(res)
     out += _render_fsync(res) + _render_memory(res) + _render_restart(res)
     out.append("\n### Bars (DESIGN.md section 6)\n")
     out.append(
@@ -470,7 +488,90 @@ def _render_fsync(res: Results) -> list[str]:
     return [
         '\n### 8. fsync = "always", set, pipeline 1: 1 connection vs 50 (erq only)\n',
         table(cols + ["50 / 1", "check"], rows),
+    ] + _render_sync_ceiling(res)
+
+
+def _ceiling_head(figures: list[float], seconds: float, failure: str) -> list[str]:
+    out = []
+    if figures:
+        runs = f"median of {len(figures)} runs" if len(figures) > 1 else "one run"
+        out.append(
+            f"\n**Machine ceiling** (this sitting, `benchmarks/ceilings.py`, {runs} of "
+            f"{seconds:g} s):\n"
+        )
+    if failure:
+        out.append(f"\n**Machine ceiling: a run failed: {failure}**\n")
+    return out
+
+
+def _render_disk_ceiling(res: Results) -> list[str]:
+    """Under the 64 KiB scenario: the most sets/s a journal synced every 100 ms can sustain."""
+    c = res.ceilings
+    if c is None or not (c.disk or c.disk_failure):
+        return []
+    out = _ceiling_head(c.disk, c.disk_seconds, c.disk_failure)
+    bandwidth = median(c.disk)
+    if bandwidth is None:
+        return out
+    record = 64 * KIB + ADD_OVERHEAD
+    sets = bandwidth / record
+    runs = " / ".join(f"{b / 1e6:,.0f}" for b in c.disk)
+    out += [
+        f"- This disk made {bandwidth / 1e6:,.0f} MB/s durable (runs: {runs} MB/s): 64 KiB "
+        "blocks written into a preallocated, mapped file, fdatasync every 100 ms.",
+        f"- At {record:,} journal bytes per set (the 64 KiB value + the {ADD_OVERHEAD}-byte "
+        f"ADD record header), that is at most {fmt_ops(sets)} sets/s.",
     ]
+    per = res.runs.get("set_64k", {})
+    ref = med(per.get(MEMCACHED, []), "ops_per_s")
+    if ref:
+        bar = next(b for b in BARS if b.key == "set_64k")
+        out.append(
+            f"- Ceiling for any journal that syncs every 100 ms on this disk: {_x(sets / ref)} "
+            f"memcached ({fmt_ops(ref)} sets/s); the bar asks {bar.threshold:.2f}×."
+        )
+    above = [b for b in res.erq_builds if (med(per.get(b, []), "ops_per_s") or 0) > sets]
+    if above:
+        out.append(
+            f"\nerq ({', '.join(above)}) measured above that: within a run of "
+            f"{res.plan.seconds:g} s, data the periodic fdatasync has not yet written can wait "
+            "in the page cache; a sustained load is bounded by the disk."
+        )
+    return out
+
+
+def _render_sync_ceiling(res: Results) -> list[str]:
+    """Under the fsync = "always" section: one writer's fdatasync rate, and what 20× needs."""
+    c = res.ceilings
+    if c is None or not (c.syncs or c.sync_failure):
+        return []
+    out = _ceiling_head(c.syncs, c.sync_seconds, c.sync_failure)
+    rate = median(c.syncs)
+    if rate is not None:
+        runs = " / ".join(fmt_ops(r) for r in c.syncs)
+        out.append(
+            f"- One writer appending a {ADD_OVERHEAD + 10}-byte record (the ADD record of a "
+            "10 B item) to a preallocated, mapped file, fdatasync after each: "
+            f"{fmt_ops(rate)} fdatasync/s (runs: {runs}), the bound on one connection's rate "
+            'with fsync = "always".'
+        )
+    bar = next(b for b in BARS if b.key == "fsync_always")
+    for build, r in res.fsync.items():
+        one = med(r.one, "ops_per_s")
+        if one is None:
+            continue
+        line = (
+            f"- {label(build)}: the {bar.threshold:g}× bar needs {fmt_ops(bar.threshold * one)} "
+            f"ops/s at 50 connections ({bar.threshold:g} × {fmt_ops(one)})"
+        )
+        periodic = med(res.runs.get("set_c50", {}).get(build, []), "ops_per_s")
+        if periodic is not None:
+            line += (
+                "; the same load with fsync every 100 ms (scenario 3, this sitting) reaches "
+                f"{fmt_ops(periodic)} ops/s"
+            )
+        out.append(line + ".")
+    return out
 
 
 def _render_memory(res: Results) -> list[str]:
