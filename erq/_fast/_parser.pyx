@@ -219,27 +219,7 @@ cdef inline bytes _reuse(bytes last, const char* s, Py_ssize_t n):
 cdef class Parser:
     """Stateful memcache text-protocol parser: bytes in, request tuples out."""
 
-    cdef Py_ssize_t _max_line
-    cdef unsigned long long _max_item
-    cdef char* _buf
-    cdef Py_ssize_t _buflen
-    cdef Py_ssize_t _bufcap
-    cdef int _state
-    cdef bint _closed
-    # The storage request whose data block is being read (ST_DATA, ST_TRAILER, ST_SKIP).
-    cdef int _p_kind                 # K_SET or K_UNSUPPORTED
-    cdef object _p_word
-    cdef object _p_name
-    cdef object _p_flags
-    cdef object _p_exptime
-    cdef bint _p_noreply
-    cdef unsigned long long _p_count  # declared byte count (may exceed max_item_size)
-    cdef bytes _p_block               # the data block, filled in place in ST_DATA
-    cdef Py_ssize_t _p_filled
-    cdef unsigned long long _skip_left
-    # The last set name and the last argument token made, handed out again while they repeat.
-    cdef bytes _last_name
-    cdef bytes _last_token
+    # Fields and C methods: declared in _parser.pxd (the compiled protocol cimports it).
 
     def __cinit__(self):
         self._buf = NULL
@@ -277,7 +257,7 @@ cdef class Parser:
         """True once a closing error (or REQ_BINARY) was returned; input is then ignored."""
         return self._closed
 
-    def feed(self, data):
+    cpdef list feed(self, object data):
         """Consume one received chunk; return every request it completed, in order."""
         cdef list out = []
         cdef const char* p
@@ -353,7 +333,7 @@ cdef class Parser:
         self._bufcap = 0
         return 0
 
-    cdef inline void _release(self):
+    cdef void _release(self):
         self._p_word = None
         self._p_name = None
         self._p_flags = None

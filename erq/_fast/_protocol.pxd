@@ -1,9 +1,9 @@
 # C types for the compiled build of erq/_protocol_py.py (linked here as _protocol.py; see its
 # docstring). The Python source is the behaviour; this file makes the per-read path C: the
 # connection's fields are struct fields and the session's feed is a C call (_session is
-# cimported as a module, c_session: the source imports the name Session from the selector).
-# The parser's feed stays a Python call (of the bound method, _parse): _parser.pyx has no
-# .pxd to cimport.
+# cimported as a module, c_session: the source imports the name Session from the selector),
+# and so is the parser's feed (c_parser).
+cimport erq._fast._parser as c_parser
 cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state
 
@@ -11,8 +11,7 @@ cimport erq._fast._state as c_state
 cdef class MemcacheProtocol:
     cdef public c_state.ServerState state
     cdef public object transport
-    cdef public object parser
-    cdef object _parse
+    cdef public c_parser.Parser parser
     cdef public c_session.Session session
     cdef c_state.Counters _counters
     cdef bint _active
