@@ -368,6 +368,26 @@ def test_close_syncs_registered_journals_and_later_tickets_sync_inline(
     run(main())
 
 
+def test_an_append_after_close_never_joins_the_ticket_close_answered(
+    codec, tmp_path, monkeypatch, run
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = FdatasyncSpy(monkeypatch)
+        pending = journal.add(1, 0, 0, 0, b"a")  # its batch has not started
+        assert journal.add(2, 0, 0, 0, b"b") is pending  # appends join it meanwhile
+        commit.close()  # answers it with a sync on this thread
+        assert pending.done and pending.error is None and len(spy.calls) == 1
+        later = journal.add(3, 0, 0, 0, b"c")
+        # a new ticket, answered by a sync that covers the new record
+        assert later is not pending
+        assert later.done and later.error is None and len(spy.calls) == 2
+        journal.close()
+
+    run(main())
+
+
 def test_rotation_inside_a_batch_syncs_both_segments_and_the_directory(
     codec, impl, tmp_path, monkeypatch, run
 ):

@@ -45,6 +45,9 @@ cdef class AppendCore:
     cdef public object _writer
     # An append needs no fsync bookkeeping (no call to the subclass's _written()).
     cdef public bint _quiet
+    # fsync = always: the commit ticket of the batch that has not started yet, which every
+    # append joins until it starts (GroupCommit sets and clears it); None otherwise.
+    cdef public object _ticket
 
     # Segments sealed because they were full or for a compaction (the queue compares it after
     # each add: a struct field, not an instance-dict lookup). Counted by the subclass.

@@ -73,6 +73,8 @@ class AppendCore:
 
     _writer: Any  # a SegmentWriter of either implementation (None until assigned)
     _quiet: bool
+    rotations: int
+    _ticket: Any  # fsync = always: the ticket of the batch to come (set by GroupCommit)
     def add(
         self,
         id: int,

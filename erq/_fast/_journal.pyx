@@ -750,6 +750,8 @@ cdef class AppendCore:
             (<object>self)._disk.push((<object>self)._segments[-1], offset, len(data))
         if self._quiet:
             return None
+        if self._ticket is not None:  # the batch to come covers this append too
+            return self._ticket
         return (<object>self)._written()
 
     cpdef object remove(self, uint64_t id):
@@ -779,4 +781,6 @@ cdef class AppendCore:
             _writer_op((<object>self)._rotate(OP_RECORD_SIZE), opcode, id)
         if self._quiet:
             return None
+        if self._ticket is not None:  # the batch to come covers this append too
+            return self._ticket
         return (<object>self)._written()

@@ -548,12 +548,15 @@ class AppendCore:
     on disk. ``_writer`` may be any object with SegmentWriter's API (the C one's too).
     """
 
-    __slots__ = ("_writer", "_quiet")
+    __slots__ = ("_writer", "_quiet", "_ticket")
 
     def __init__(self) -> None:
         # The C class starts out the same (its fields are None and False until assigned).
         self._writer = None
         self._quiet = False
+        # fsync = always: the ticket of the batch that has not started yet, which every append
+        # joins until it starts (GroupCommit sets and clears it); None otherwise.
+        self._ticket = None
 
     def add(self, id: int, flags: int, add_time: int, expiry: int, data, in_memory=True):
         """Journal a new item at the tail. ``in_memory=False``: the queue keeps it only here,
@@ -567,7 +570,8 @@ class AppendCore:
             self._disk.push(self._segments[-1], offset, len(data))
         if self._quiet:
             return None
-        return self._written()
+        ticket = self._ticket  # the batch to come covers this append too
+        return ticket if ticket is not None else self._written()
 
     def remove(self, id: int):
         """The item left the queue for good (plain get, expiry, discard)."""
@@ -575,7 +579,8 @@ class AppendCore:
             self._rotate(OP_RECORD_SIZE).append_op(OP_REMOVE, id)
         if self._quiet:
             return None
-        return self._written()
+        ticket = self._ticket  # the batch to come covers this append too
+        return ticket if ticket is not None else self._written()
 
     def open(self, id: int):
         """The item was handed out as a reliable read."""
@@ -583,7 +588,8 @@ class AppendCore:
             self._rotate(OP_RECORD_SIZE).append_op(OP_OPEN, id)
         if self._quiet:
             return None
-        return self._written()
+        ticket = self._ticket  # the batch to come covers this append too
+        return ticket if ticket is not None else self._written()
 
     def confirm(self, id: int):
         """An open read was confirmed: the item is gone for good."""
@@ -591,7 +597,8 @@ class AppendCore:
             self._rotate(OP_RECORD_SIZE).append_op(OP_CONFIRM, id)
         if self._quiet:
             return None
-        return self._written()
+        ticket = self._ticket  # the batch to come covers this append too
+        return ticket if ticket is not None else self._written()
 
     def unremove(self, id: int):
         """An open read was aborted: the item is back at the head of the queue."""
@@ -599,7 +606,8 @@ class AppendCore:
             self._rotate(OP_RECORD_SIZE).append_op(OP_UNREMOVE, id)
         if self._quiet:
             return None
-        return self._written()
+        ticket = self._ticket  # the batch to come covers this append too
+        return ticket if ticket is not None else self._written()
 
     def _append_op(self, opcode: int, id: int) -> None:
         """Write a record of ``opcode`` (FLUSH too), rotating if it does not fit; no fsync

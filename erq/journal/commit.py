@@ -178,6 +178,7 @@ class GroupCommit:
                 self._sync_now(journal, ticket)
                 return ticket
             self._pending[journal] = ticket
+            journal._ticket = ticket  # the journal's next appends join it without this call
             if not self._scheduled and self._running is None:
                 self._scheduled = True
                 self.loop.call_soon(self._start_batch)
@@ -195,6 +196,8 @@ class GroupCommit:
         self._scheduled = False
         if self._running is not None or not self._pending or self._closed:
             return
+        for journal in self._pending:
+            journal._ticket = None  # appends from now on wait for the next batch
         batch = _Batch(self._pending)
         self._pending = {}
         self._running = batch
@@ -402,4 +405,5 @@ class GroupCommit:
         self._executor.shutdown(wait=True)
         pending, self._pending = self._pending, {}
         for journal, ticket in pending.items():
+            journal._ticket = None
             self._sync_now(journal, ticket)

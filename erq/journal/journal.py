@@ -154,6 +154,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._unsynced: list[Segment] = []
         self._dirs_unsynced: list[Path] = []  # a new segment's directory, a new directory's parent
         self._quiet = self._mode is _NEVER
+        self._ticket = None  # "always": the pending batch's ticket (set by GroupCommit.ticket)
         self._timer: asyncio.TimerHandle | None = None
         self._next_sync_at = 0.0
         self._job: SnapshotJob | None = None
