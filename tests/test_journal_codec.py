@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import random
 import struct
+from array import array
 
 import google_crc32c
 import pytest
@@ -499,14 +500,41 @@ def test_replay_records_applies_the_queue_semantics(codec):
     ops += [(OP_UNREMOVE, 2), (OP_REMOVE, 3), (OP_CONFIRM, 9), (OP_ADD, 4), (OP_OPEN, 4)]
     ops += [(OP_ADD, 5), (OP_UNREMOVE, 4), (OP_FLUSH, 0), (OP_ADD, 6)]
     buf = replay_buffer(codec, ops)
-    tail, head, opened, dups = {}, {}, {}, []
+    tail, head, opened, dups = codec.ReplayTail(), {}, {}, []
     status, stop, max_id = codec.replay_records(
         buf, HEADER_SIZE, -1, 1 << 40, tail, head, opened, 0, dups
     )
     assert status == REC_END and stop == len(buf) - 16 and max_id == 9
     assert list(tail) == [6] and head == {} and list(opened) == [1]
-    assert all(v >> 40 == 1 for v in [*tail.values(), *opened.values()])
+    assert all(v >> 40 == 1 for v in [*(p for _, p in tail.items()), *opened.values()])
     assert len(dups) == 1  # the second ADD of 4, while 4 was live
+
+
+def test_add_data_bytes_sums_the_data_of_the_add_records_at_offsets(codec):
+    records = [
+        codec.encode_add(1, 0, 0, 0, b"x" * 10),
+        codec.encode_op(OP_REMOVE, 1),
+        codec.encode_add(2, 0, 0, 0, b""),
+        codec.encode_add(3, 0, 0, 0, b"y" * 1000),
+    ]
+    buf = segment_image(codec, records)
+    starts = [HEADER_SIZE]
+    for rec in records:
+        starts.append(starts[-1] + len(rec))
+    adds = array("Q", [starts[0], starts[2], starts[3]])
+    assert codec.add_data_bytes(buf, adds) == 1010
+    assert codec.add_data_bytes(buf, adds, 1) == 1000
+    assert codec.add_data_bytes(buf, adds, 0, 2) == 10
+    assert codec.add_data_bytes(buf, adds, 2, 2) == 0
+    assert codec.add_data_bytes(buf, array("Q")) == 0
+    for bad in (starts[1], starts[4], len(buf) - 4, 2**63, starts[0] + 1):
+        with pytest.raises(ValueError):  # a REMOVE, zeros, past the end, inside a record
+            codec.add_data_bytes(buf, array("Q", [starts[0], bad]))
+    with pytest.raises(ValueError):  # the record runs past the end of the buffer
+        codec.add_data_bytes(bytes(buf[: starts[3] + 500]), adds)
+    for start, end in ((2, 1), (-1, 2), (0, 4)):
+        with pytest.raises(ValueError):
+            codec.add_data_bytes(buf, adds, start, end)
 
 
 @settings(max_examples=300)
@@ -528,9 +556,10 @@ def test_twins_replay_identically(both, ops, cut):
     buf = buf[: HEADER_SIZE + cut]
     results = []
     for codec in (py, c):
-        tail, head, opened, dups = {}, {}, {}, []
+        tail, head, opened, dups = codec.ReplayTail(), {}, {}, []
         ret = codec.replay_records(buf, HEADER_SIZE, -1, 5 << 40, tail, head, opened, 3, dups)
-        results.append((ret, list(tail.items()), list(head.items()), list(opened.items()), dups))
+        state = (list(tail.items()), tail.slots, tail.indexed)
+        results.append((ret, state, list(head.items()), list(opened.items()), dups))
     assert results[0] == results[1]
 
 

@@ -183,6 +183,41 @@ def test_pages_read_back_are_dropped_behind_the_head(codec):
     assert all(start == 0 and end in offsets for start, end in segment.dropped)
 
 
+def test_extend_pushes_runs_with_their_data_bytes_and_reads_back_in_order(codec):
+    a, b = BufferSegment("a"), BufferSegment("b")
+    disk = DiskItems()
+    offsets_a = [a.add(codec, id, 10 * id) for id in range(1, 6)]
+    disk.push(a, offsets_a[0], 10)
+    assert disk.extend(a, array("Q", offsets_a[1:])) == 20 + 30 + 40 + 50
+    offsets_b = [b.add(codec, id, id) for id in range(6, 6000)]
+    assert disk.extend(b, array("I", offsets_b)) == sum(range(6, 6000))
+    assert disk.extend(b, array("I")) == 0
+    assert (disk.count, disk.nbytes) == (5999, 150 + sum(range(6, 6000)))
+    runs = disk.runs()
+    assert [(seg, offs.itemsize, len(offs)) for seg, offs in runs] == [(a, 4, 5), (b, 4, 5994)]
+    assert a.dropped and len(b.dropped) >= 2  # every few thousand lengths read
+    assert take_ids(disk, 10**9) == list(range(1, 6000))
+
+
+def test_extend_keeps_8_byte_offsets_for_a_segment_over_4_gib(codec):
+    big = BufferSegment("big", size=5 * GiB)
+    disk = DiskItems()
+    offsets = array("I", [big.add(codec, id, 100) for id in range(1, 11)])
+    assert disk.extend(big, offsets) == 1000
+    assert [offs.itemsize for _, offs in disk.runs()] == [8]
+    assert take_ids(disk, 10**9) == list(range(1, 11))
+
+
+def test_extend_at_an_offset_without_an_add_record_pushes_nothing(codec):
+    segment = BufferSegment("a")
+    disk = DiskItems()
+    offset = segment.add(codec, 1, 100)
+    for bad in (offset + 3, len(segment.mm) - 2, len(segment.mm) + 100):
+        with pytest.raises(ValueError):
+            disk.extend(segment, array("Q", [offset, bad]))
+    assert (disk.count, disk.nbytes, disk.runs()) == (0, 0, [])
+
+
 @pytest.mark.skipif(not server.release_free_memory(), reason="not glibc: no malloc_trim")
 def test_release_free_memory_hands_freed_heap_pages_back():
     def rss_anon_kib() -> int:

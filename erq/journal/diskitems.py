@@ -3,8 +3,9 @@
 Four bytes per item: the offsets of a run of consecutive items in the same segment sit in an
 ``array`` of 32-bit unsigned ints (8-byte ones only for a segment larger than 4 GiB), widened
 to the 64-bit offsets ``codec.read_adds`` takes a window at a time, as they are read back.
-Items enter at the tail (``push``) and are read back from the head (``take``), in FIFO
-order, as the queue's head drains; nothing else ever removes one (``clear`` is FLUSH).
+Items enter at the tail (``push``, or ``extend`` for a run of them: recovery's) and are read
+back from the head (``take``), in FIFO order, as the queue's head drains; nothing else ever
+removes one (``clear`` is FLUSH).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 _TRIM_AT = 4096  # drop consumed offsets once this many and half the run are consumed
 _DROP_STEP = 1 << 20  # unmap the pages read back every this many bytes
 _WINDOW = (64, 4096)  # fewest and most offsets widened for one read_adds call
+_EXTEND_STEP = 4096  # offsets whose lengths extend reads between two drops of mapped pages
 
 _NARROW = "I" if array("I").itemsize == 4 else "L"  # the C type of 32 bits
 _WIDE = "Q"  # what read_adds takes
@@ -34,13 +36,24 @@ def _typecode(segment: Segment) -> str:
     return _NARROW if segment.size <= _NARROW_LIMIT else _WIDE
 
 
-def _narrow(wide: array) -> array:
-    """A 64-bit offset array, every value below 2**32, as a 32-bit one (copied in C, with
-    no Python int made per offset)."""
+def low_halves(wide: array, start: int = 0, stop: int | None = None) -> array:
+    """The low 32 bits of the 64-bit unsigned ints ``wide[start:stop]`` as a 32-bit array,
+    copied in C with no Python int made per value: the narrowing of offsets below 2**32, or
+    the offsets of recovery's positions (segment << 40 | offset) in a segment of 4 GiB at
+    most."""
     out = array(_NARROW)
-    with memoryview(wide) as view, view.cast("B") as raw, raw.cast(_NARROW) as halves:
+    with (
+        memoryview(wide)[start:stop] as view,
+        view.cast("B") as raw,
+        raw.cast(_NARROW) as halves,
+    ):
         out.frombytes(halves[_LOW_HALF::2].tobytes())
     return out
+
+
+def _narrow(wide: array) -> array:
+    """A 64-bit offset array, every value below 2**32, as a 32-bit one."""
+    return low_halves(wide)
 
 
 def _window(offsets: array, start: int, stop: int) -> memoryview:
@@ -75,6 +88,34 @@ class DiskItems:
             runs.append([segment, offsets, 0])
         self.count += 1
         self.nbytes += nbytes
+
+    def extend(self, segment: Segment, offsets: array) -> int:
+        """Push the items whose ADD records are at ``offsets`` (an array of 32- or 64-bit
+        unsigned ints, in order) in ``segment``; returns their data bytes, read from the
+        records' lengths (the pages that maps are dropped as it goes). ``offsets`` is kept,
+        not copied, when its type is the one ``segment`` takes. Raises ValueError (pushing
+        nothing) at an offset holding no ADD record."""
+        typecode = _typecode(segment)
+        if offsets.typecode != typecode:
+            # Narrowing for a segment of 4 GiB at most: every offset fits.
+            offsets = _narrow(offsets) if offsets.typecode == _WIDE else array(typecode, offsets)
+        n = len(offsets)
+        nbytes = 0
+        for start in range(0, n, _EXTEND_STEP):
+            window = _window(offsets, start, min(n, start + _EXTEND_STEP))
+            try:
+                nbytes += codec.add_data_bytes(segment.mm, window)
+            finally:
+                window.release()
+            segment.drop_pages()
+        runs = self._runs
+        if runs and runs[-1][0] is segment:
+            runs[-1][1].extend(offsets)
+        elif n:
+            runs.append([segment, offsets, 0])
+        self.count += n
+        self.nbytes += nbytes
+        return nbytes
 
     def take(self, max_bytes: int, cls: type) -> list:
         """Read the head items back, in order, as ``cls`` tuples (see codec.read_adds): as

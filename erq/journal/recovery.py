@@ -16,9 +16,10 @@ moves a queued id to the open reads; CONFIRM drops an open id; UNREMOVE moves an
 the head; FLUSH drops every queued (not open) id. Unknown ids are ignored. At the end the
 open ids go back to the head in the order of their OPEN records.
 
-Replay keeps only positions (segment, offset) per live id, never item data; afterwards the
-first ``max_memory_size`` bytes of the queue are read back into memory and the rest stays on
-disk as positions (read-behind).
+Replay keeps only positions (segment, offset) per live id, never item data: the queued ids
+in a ``codec.ReplayTail`` (16 bytes per item), the few unremoved and open ones in dicts.
+Afterwards the first ``max_memory_size`` bytes of the queue are read back into memory and the
+rest stays on disk as positions (read-behind), handed to DiskItems a segment's run at a time.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
 from . import codec
-from .diskitems import DiskItems
+from .diskitems import DiskItems, low_halves
 from .format import (
     ADD_FIXED_LENGTH,
     ADD_OVERHEAD,
@@ -50,8 +54,8 @@ log = logging.getLogger("erq.journal")
 _U32 = struct.Struct("<I")
 _POS_SHIFT = 40  # a replay position is segment index << 40 | offset
 _POS_MASK = (1 << _POS_SHIFT) - 1
+_DROP_BYTES = 4 << 20  # bytes read through a mapping between two drops of its pages
 LEFTOVER_SUFFIXES = (".seg.new", ".seg.tmp")  # interrupted creation or compaction
-_DROP_EVERY = 4096  # items whose positions are loaded between two drops of mapped pages
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -98,13 +102,23 @@ class SegmentScan:
 
     :meth:`run` hands each stretch of valid records to a reader; afterwards ``problems``
     lists what was found and ``end`` is where the valid data ends (where appends go on).
-    Iterating the scan gives the records themselves (for the offline tools).
+    Iterating the scan gives the records themselves (for the offline tools). ``drop`` (a
+    segment's ``drop_pages``) is called between windows of the zeros that end the data, so
+    checking a preallocated segment's empty rest does not map all of it at once.
     """
 
-    def __init__(self, buffer, *, data: bool = False, start: int = HEADER_SIZE) -> None:
+    def __init__(
+        self,
+        buffer,
+        *,
+        data: bool = False,
+        start: int = HEADER_SIZE,
+        drop: Callable[[], None] | None = None,
+    ) -> None:
         self._buffer = buffer
         self._data = data
         self._start = start
+        self._drop = drop
         self.problems: list[Problem] = []
         self.end = start
 
@@ -115,7 +129,7 @@ class SegmentScan:
         size = len(buf)
         while True:
             status, stop = read(pos, size)
-            if status == REC_END and codec.first_nonzero(buf, stop, size) < 0:
+            if status == REC_END and self._zeros(stop, size):
                 self.end = stop
                 return
             resume = codec.resync(buf, stop, size)
@@ -129,6 +143,18 @@ class SegmentScan:
                 else:
                     self.problems.append(piece)
             pos = resume
+
+    def _zeros(self, start: int, end: int) -> bool:
+        """Nothing but zeros in [start, end)."""
+        step = end - start if self._drop is None else _DROP_BYTES
+        while start < end:
+            stop = min(end, start + step)
+            if codec.first_nonzero(self._buffer, start, stop) >= 0:
+                return False
+            if self._drop is not None:
+                self._drop()
+            start = stop
+        return True
 
     def __iter__(self) -> Iterator[tuple]:
         records: list[tuple] = []
@@ -250,7 +276,7 @@ def _replay(
     max_memory_size: int,
     item_overhead: int,
 ) -> ReplayResult:
-    tail: dict[int, int] = {}  # queued ids in ADD order -> position
+    tail = codec.ReplayTail()  # queued ids in ADD order, with their positions
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
     opened: dict[int, int] = {}  # open reads in OPEN order
     max_id = 0
@@ -261,14 +287,27 @@ def _replay(
         id_floor = max(id_floor, seg.id_floor)
         duplicates: list[int] = []
 
-        def read(start: int, end: int, mm=seg.mm, base=index << _POS_SHIFT, dups=duplicates):
+        def read(start: int, end: int, seg=seg, base=index << _POS_SHIFT, dups=duplicates):
+            # A window of _DROP_BYTES at a time, dropping the pages read between two: a
+            # snapshot segment holds the whole queue, which must not all be mapped at once.
             nonlocal max_id
-            status, stop, max_id = codec.replay_records(
-                mm, start, end, base, tail, head, opened, max_id, dups
-            )
-            return status, stop
+            mm = seg.mm
+            limit = min(end, start + _DROP_BYTES)
+            while True:
+                status, stop, max_id = codec.replay_records(
+                    mm, start, limit, base, tail, head, opened, max_id, dups
+                )
+                if limit == end:
+                    return status, stop
+                # Where the window ends the record at ``stop`` may not: judge it on the range.
+                status, after = codec.check_record(mm, stop, end)
+                if status != REC_VALID:
+                    return status, stop
+                seg.drop_pages()
+                start = stop
+                limit = min(end, max(start + _DROP_BYTES, after))
 
-        scan = SegmentScan(seg.mm)
+        scan = SegmentScan(seg.mm, drop=seg.drop_pages)
         scan.run(read)
         for offset in duplicates:
             warnings.append(f"{seg.path}: ADD of a live id at offset {offset}, ignored")
@@ -282,10 +321,13 @@ def _replay(
         seg.drop_pages()  # the scan read every page: give them back to the page cache
 
     open_ids = list(opened)
-    order = [*opened.values(), *reversed(head.values()), *tail.values()]
-    for ids in (tail, head, opened):
-        ids.clear()
-    items, mem_bytes, record_bytes, disk = _load(order, segments, max_memory_size, item_overhead)
+    front = [*opened.values(), *reversed(head.values())]  # a few: open and unremoved reads
+    opened.clear()
+    head.clear()
+    queued = tail.take_positions()  # the bulk, in ADD order: the tail is left empty
+    items, mem_bytes, record_bytes, disk = _load(
+        front, queued, segments, max_memory_size, item_overhead
+    )
     recovery = Recovery(
         items=items,
         disk_items=disk.count,
@@ -304,17 +346,28 @@ def _replay(
     )
 
 
-def _load(order: list[int], segments: list[Segment], max_memory_size: int, item_overhead: int):
-    """Read the head of the queue into memory up to ``max_memory_size`` bytes (data plus
-    ``item_overhead`` per item); keep only the positions of the rest. Returns (items, their
-    data bytes, live record bytes, disk)."""
+def _load(
+    front: list[int],
+    queued: array,
+    segments: list[Segment],
+    max_memory_size: int,
+    item_overhead: int,
+):
+    """Read the head of the queue (the positions in ``front``, then those in ``queued``)
+    into memory up to ``max_memory_size`` bytes (data plus ``item_overhead`` per item); keep
+    only the positions of the rest. Returns (items, their data bytes, live record bytes,
+    disk).
+
+    ``queued`` is strictly increasing (ADD records are met in journal order), so the items
+    left on disk split into one run per segment by bisection, each handed to DiskItems at
+    once: no Python int is made per item there.
+    """
     items: list[RecoveredItem] = []
     unpack = _U32.unpack_from
     read_add = codec.read_add
-    mem_bytes = record_bytes = 0
-    i, n = 0, len(order)
-    while i < n:
-        pos = order[i]
+    mem_bytes = record_bytes = dropped = 0
+    i = 0
+    for pos in chain(front, queued):
         mm = segments[pos >> _POS_SHIFT].mm
         offset = pos & _POS_MASK
         size = unpack(mm, offset)[0] - ADD_FIXED_LENGTH
@@ -324,19 +377,38 @@ def _load(order: list[int], segments: list[Segment], max_memory_size: int, item_
         mem_bytes += size
         record_bytes += size + ADD_OVERHEAD
         i += 1
+        if mem_bytes - dropped >= _DROP_BYTES:
+            # The items are copied out: their pages need not stay mapped beside the copies.
+            dropped = mem_bytes
+            for seg in segments:
+                seg.drop_pages()
     disk = DiskItems()
-    for n, pos in enumerate(order[i:], 1):
+    for pos in front[i:]:
         segment = segments[pos >> _POS_SHIFT]
         offset = pos & _POS_MASK
         size = unpack(segment.mm, offset)[0] - ADD_FIXED_LENGTH
         disk.push(segment, offset, size)
         record_bytes += size + ADD_OVERHEAD
-        if n % _DROP_EVERY == 0:  # reading the lengths mapped pages: keep that bounded
-            for seg in segments:
-                seg.drop_pages()
+    start, n = max(i - len(front), 0), len(queued)
+    while start < n:
+        index = queued[start] >> _POS_SHIFT
+        stop = bisect_left(queued, (index + 1) << _POS_SHIFT, start)
+        segment = segments[index]
+        nbytes = disk.extend(segment, _offsets(queued, start, stop, index, segment))
+        record_bytes += nbytes + (stop - start) * ADD_OVERHEAD
+        start = stop
     for seg in segments:
         seg.drop_pages()
     return items, mem_bytes, record_bytes, disk
+
+
+def _offsets(queued: array, start: int, stop: int, index: int, segment: Segment) -> array:
+    """The offsets of the positions ``queued[start:stop]`` in ``segment`` (number ``index``):
+    in a segment of 4 GiB at most, their low 32 bits (copied in C, no Python int each)."""
+    if segment.size <= 1 << 32:
+        return low_halves(queued, start, stop)
+    base = index << _POS_SHIFT
+    return array("Q", [pos - base for pos in queued[start:stop]])
 
 
 __all__ = ["Problem", "RecoveredItem", "Recovery", "ReplayResult", "SegmentScan", "replay"]
