@@ -94,6 +94,37 @@ def test_an_empty_queue_with_one_long_segment_starts_a_fresh_one(codec, tmp_path
     journal.close()
 
 
+def test_a_snapshot_of_a_long_disk_run_drops_the_pages_it_reads_as_it_goes(
+    codec, tmp_path, monkeypatch
+):
+    # The items kept only on disk are copied run by run; reading their lengths maps the run's
+    # pages, which must be given back every so often, not only at the end of a run that may
+    # span a whole (large) segment.
+    monkeypatch.setattr(compaction, "_DROP_EVERY", 100)
+    journal, _ = open_journal(tmp_path / "q", segment_size=1 << 20, max_memory_size=0)
+    for i in range(1, 1001):
+        it = item(i, 20)
+        journal.add(it.id, it.flags, it.add_time, it.expiry, it.data, False)  # on disk only
+    assert [it.id for it in journal.read_behind(10 * 20)] == list(range(1, 11))
+    for i in range(1, 11):
+        journal.remove(i)
+    drops = []
+    real_drop = compaction.Segment.drop_pages
+    monkeypatch.setattr(
+        compaction.Segment,
+        "drop_pages",
+        lambda self: (drops.append(threading.current_thread().name), real_drop(self))[1],
+    )
+    journal.compact([], [], wait=True)
+    assert journal.rewrites == 1
+    from_job = [name for name in drops if name.startswith("erq-compact")]
+    assert len(from_job) >= 990 // 100
+    journal.close()
+    journal, rec = open_journal(tmp_path / "q", segment_size=1 << 20, max_memory_size=10**9)
+    assert [it.id for it in all_items(journal, rec)] == list(range(11, 1001))
+    journal.close()
+
+
 def test_long_queue_rewrite_keeps_only_live_records(codec, tmp_path):
     journal, _ = open_journal(tmp_path / "q", max_memory_size=10**9)
     live = [item(i, 200) for i in range(251, 301)]

@@ -31,6 +31,7 @@ log = logging.getLogger("erq.journal")
 _U32 = struct.Struct("<I")
 _BUFFER = 1 << 20
 _ABORT_CHECK = 1024  # items between checks of the abort flag
+_DROP_EVERY = 4096  # disk items whose lengths are read between two drops of mapped pages
 
 
 class CompactionAborted(Exception):
@@ -179,6 +180,10 @@ class SnapshotJob:
                     out.pos += size
                     n += 1
                     self._check_abort(n)
+                    if n % _DROP_EVERY == 0:
+                        # The length reads map the run's pages: give them back as it goes,
+                        # a run may span a whole (snapshot-sized) segment.
+                        segment.drop_pages()
                 out.copy(segment, start, end)
                 segment.drop_pages()  # the length reads above mapped some of its pages
             out.flush()
