@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from erq import clock as _clock
 from erq.clock import now_ms
 from erq.item import Item
+from erq.journal_api import JournalError
 from erq.queue import STORED, AddResult, Queue
 
 if TYPE_CHECKING:
@@ -174,9 +175,23 @@ class QueueCollection:
     def _expired(self, queue: Queue, item: Item) -> None:
         target = queue.config.expire_to_queue
         if target and target != queue.name and valid_queue_name(target.encode()):
-            result, _ = self.get_or_create(target).add(item.data, item.flags, 0)
+            try:
+                result, _ = self.get_or_create(target).add(item.data, item.flags, 0)
+            except JournalError as exc:  # the expiry is journaled already: say what is lost
+                result, why = None, str(exc)
+            else:
+                why = "it is full"
             if result is STORED:
                 self.total_items += 1
+            else:
+                # Kestrel drops it too; a log line makes the loss visible.
+                log.warning(
+                    "queue %s: expired item %d dropped, %s refused it: %s",
+                    queue.name,
+                    item.id,
+                    target,
+                    why,
+                )
 
     # ---- whole queues ------------------------------------------------------------------
     def delete(self, name: str) -> bool:

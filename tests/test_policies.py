@@ -469,6 +469,8 @@ max_items = 0
     assert qint(c, "full", "items") == 0 and qint(c, "full", "total_items") == 0
     # "Counts are exact": an item the target refused was stored nowhere.
     assert int(c.stats()["total_items"]) == before
+    # ... and the loss is logged (Kestrel drops it silently).
+    assert "queue src: expired item 1 dropped, full refused it: it is full" in proc.read_log()
 
 
 # ---- max_queue_age -----------------------------------------------------------------------------
