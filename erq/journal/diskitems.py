@@ -51,11 +51,6 @@ def low_halves(wide: array, start: int = 0, stop: int | None = None) -> array:
     return out
 
 
-def _narrow(wide: array) -> array:
-    """A 64-bit offset array, every value below 2**32, as a 32-bit one."""
-    return low_halves(wide)
-
-
 def _window(offsets: array, start: int, stop: int) -> memoryview:
     """offsets[start:stop] as 64-bit unsigned ints (read_adds' input): a view of a 64-bit
     array, else a widened copy. Release it before the array grows again."""
@@ -98,7 +93,7 @@ class DiskItems:
         typecode = _typecode(segment)
         if offsets.typecode != typecode:
             # Narrowing for a segment of 4 GiB at most: every offset fits.
-            offsets = _narrow(offsets) if offsets.typecode == _WIDE else array(typecode, offsets)
+            offsets = low_halves(offsets) if offsets.typecode == _WIDE else array(typecode, offsets)
         n = len(offsets)
         nbytes = 0
         for start in range(0, n, _EXTEND_STEP):
@@ -184,5 +179,5 @@ class DiskItems:
             typecode = _typecode(segment)
             if moved.typecode != typecode:
                 # Narrowing for a segment of 4 GiB at most: every offset fits.
-                moved = _narrow(moved) if moved.typecode == _WIDE else array(typecode, moved)
+                moved = low_halves(moved) if moved.typecode == _WIDE else array(typecode, moved)
             runs.appendleft([segment, moved, 0])
