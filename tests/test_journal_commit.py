@@ -195,13 +195,52 @@ def test_writes_during_a_running_fsync_wait_for_the_next_one(
         first.add_waiter(lambda _: at_first.append((commit.batches, spy.jobs, second.done)))
         spy.release()
         await settled(first)
-        # the next batch was handed to the worker before the first one's waiters ran
-        assert at_first == [(2, 2, False)]
+        # the first batch's waiters ran before the next batch started (it starts after the
+        # loop's next pass, so that the writers just answered can join it)
+        assert at_first == [(1, 1, False)]
         await spy.wait_jobs(2)
         spy.release()
         await settled(second)
         assert len(spy.calls) == 2 and second.error is None
         journal.close()
+        commit.close()
+
+    run(main())
+
+
+def test_a_writer_answered_by_a_batch_joins_the_writes_that_waited_during_it(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    """Fifty writers must not split into two cohorts that take turns, each waiting for two
+    fsyncs: the write that an answered client sends at once joins the next batch together
+    with the writes that waited during the sync."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        commit = GroupCommit(loop)
+        answered, waited = open_journals(tmp_path, commit, 2)
+        spy = WorkerSpy(monkeypatch, impl, hold=True)
+        first = answered.add(1, 0, 0, 0, b"a")
+        await spy.wait_jobs(1)
+        waiting = waited.add(1, 0, 0, 0, b"b")  # arrives while batch 1 syncs
+        again: list[Ticket] = []
+
+        def client_writes_again(_: Ticket) -> None:  # its next write, an iteration later
+            loop.call_soon(lambda: again.append(answered.add(2, 0, 0, 0, b"c")))
+
+        first.add_waiter(client_writes_again)
+        spy.release()
+        await spy.wait_jobs(2)
+        assert len(again) == 1 and not waiting.done
+        assert sorted(spy.calls[1:]) == sorted(
+            [segment_identity(answered), segment_identity(waited)]
+        )
+        spy.release()
+        await settled(waiting, again[0])
+        assert commit.batches == 2 and spy.jobs == 2
+        assert waiting.error is None and again[0].error is None
+        answered.close()
+        waited.close()
         commit.close()
 
     run(main())
@@ -648,7 +687,7 @@ def test_executor_path_batches_fail_retry_and_finish_in_order(codec, tmp_path, m
         spy.release()
         await settled(*first)
         assert all(isinstance(t.error, JournalError) for t in first)
-        assert at_first == [(2, False)]  # the next batch started before the waiters ran
+        assert at_first == [(1, False)]  # the waiters ran before the next batch started
         await spy.wait_entered()
         spy.fail = False
         spy.hold = False

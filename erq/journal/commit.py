@@ -10,8 +10,8 @@ it hands those descriptors to an :class:`~erq.journal.fsync_worker.FsyncWorker`:
 never takes the GIL in the C build, and that signals a finished job through a descriptor the
 loop watches with ``add_reader``. The loop never waits for a disk. Appends that arrive while a
 batch is syncing wait for the next batch. When the worker's descriptor turns readable, the
-loop first hands the next batch to the worker (so its fsync runs while this one's replies are
-released), then resolves this batch's tickets.
+loop resolves this batch's tickets and starts the next batch once it has read its sockets
+again, so that the clients just answered can join it (see ``_start_after_next_pass``).
 
 A :class:`Ticket` is shared by the appends of one journal in one batch. It resolves after the
 sync, or fails with JournalError (the data stays pending and the next sync retries it). The
@@ -125,6 +125,13 @@ def _worker_ready(ref: weakref.ref) -> None:
         commit._worker_ready()
 
 
+def _start_batch(ref: weakref.ref) -> None:
+    """A deferred batch start; holds the GroupCommit weakly, as ``_worker_ready`` does."""
+    commit = ref()
+    if commit is not None:
+        commit._start_batch()
+
+
 def _stop_worker(loop: asyncio.AbstractEventLoop, worker) -> None:
     """Stop watching the worker, then stop it (it finishes the job in flight first)."""
     try:
@@ -161,6 +168,7 @@ class GroupCommit:
         self._journals: set[QueueJournal] = set()
         self._closed = False
         self.batches = 0  # group fsync jobs started
+        self._ref = weakref.ref(self)
 
     # ---- journals ------------------------------------------------------------------------
     def register(self, journal: QueueJournal) -> None:
@@ -248,7 +256,7 @@ class GroupCommit:
             self._use_worker = False
             return False
         try:
-            self.loop.add_reader(worker.fileno(), _worker_ready, weakref.ref(self))
+            self.loop.add_reader(worker.fileno(), _worker_ready, self._ref)
         except BaseException:
             worker.close()
             raise
@@ -310,7 +318,8 @@ class GroupCommit:
     # ---- the end of a batch --------------------------------------------------------------
     def _batch_done(self, batch: _Batch, errors: dict[QueueJournal, JournalError]) -> None:
         """On the loop, once per synced batch: hand what failed back to its journals (the
-        next sync retries it), start the next batch, then answer this one's tickets."""
+        next sync retries it), answer this batch's tickets, and start the next batch after
+        the loop's next pass over its sockets (see _start_after_next_pass)."""
         if batch is not self._running:
             return  # close() answered it already
         self._running = None
@@ -318,8 +327,8 @@ class GroupCommit:
             for journal, targets in batch.work:
                 if journal in errors:
                     journal.restore_dirty(targets)
-        if self._pending:
-            self._start_batch()
+        if not self._closed:
+            self._start_after_next_pass()
         # Settle every ticket of the batch before calling any waiter: a session waits only
         # for its latest ticket, and the replies it then sends may depend on earlier tickets
         # of the same batch (other journals).
@@ -335,6 +344,22 @@ class GroupCommit:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _start_after_next_pass(self) -> None:
+        """Start the next batch two ``call_soon`` hops from now, which on either loop is
+        after it has read its sockets once more.
+
+        The clients this batch answers write again within a round trip. Started at once, the
+        next batch would hold only the writes that waited during this sync, and the answered
+        clients would wait for the whole of it before their writes could join the one after:
+        the clients split into two cohorts that take turns, each waiting for two fsyncs per
+        write. Waiting for one more pass merges them into one batch, for one fsync per write
+        and fewer, larger batches (with 50 writers on the benchmark machine: batches of ~40
+        instead of ~23, and ~25% more writes per second). The cost is one loop iteration
+        for the writes that waited during the sync."""
+        self._scheduled = True
+        loop = self.loop
+        loop.call_soon(loop.call_soon, _start_batch, self._ref)
 
     # ---- periodic ------------------------------------------------------------------------
     def arm(self, journal: QueueJournal, period: float) -> asyncio.TimerHandle:
