@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 
 import pytest
 from test_journal_support import KiB, all_items, segment_files, use_codec
 
+from erq.config import load_config
 from erq.journal import JournalError, QueueJournal
+
+from conftest import impl_module
 
 
 @pytest.fixture
@@ -119,3 +123,42 @@ def test_open_reads_come_back_even_when_their_return_cannot_be_journaled(
     journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 * KiB)
     assert [it.id for it in rec.items] == [1, 2] and rec.warnings == []
     journal.close()
+
+
+def test_an_expired_item_the_full_disk_keeps_from_its_expire_to_queue_is_logged_and_dropped(
+    impl, tmp_path, monkeypatch, caplog
+):
+    """The target's journal cannot take the item: the source's expiry stands (it is journaled
+    already), the loss is logged with the reason, nothing escapes the sweep, and once space
+    returns the next expired item moves. (Both builds of QueueCollection; its queues and
+    journals are the selected ones.)"""
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+    config_file = tmp_path / "erq.toml"
+    config_file.write_text('[queues.src]\nexpire_to_queue = "dead"\n')
+    config = load_config(config_file)
+    now = [1_000_000]
+
+    def open_journal(directory, qcfg):
+        return QueueJournal.open(directory, fsync="never", segment_size=8 * KiB)
+
+    queues = queues_mod.QueueCollection(
+        config, tmp_path / "data", journal_factory=open_journal, clock=lambda: now[0]
+    )
+    src = queues.get_or_create("src")
+    src.add(b"first", 3, now[0] + 10)
+    src.add(b"second", 4, now[0] + 20)
+    now[0] += 15
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, "erq.queues"):
+        m.setattr(os, "posix_fallocate", no_space)
+        queues.sweep(True)  # "dead" gets no first segment: its add raises JournalError
+    assert src.items == 1 and queues.get("dead").items == 0
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("queue src: expired item 1 dropped, dead refused it: ")
+    assert "disk full" in message
+    now[0] += 10
+    queues.sweep(True)  # space is back
+    dead = queues.get("dead")
+    assert src.items == 0 and dead.items == 1
+    item = dead.take(False)
+    assert (item.data, item.flags) == (b"second", 4)
+    queues.close()
