@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from erq import __version__
 from erq._compat import IMPLEMENTATION
@@ -25,6 +26,9 @@ from erq.queue import STORED as ITEM_STORED
 from erq.queue import Queue
 from erq.queues import now_ms, valid_queue_name
 from erq.session import Session
+
+if TYPE_CHECKING:
+    from erq.state import ServerState
 
 log = logging.getLogger("erq.commands")
 
@@ -493,8 +497,9 @@ def cmd_version(session: Session, args: list[bytes]) -> None:
     session.out.append(b"VERSION %s\r\n" % __version__.encode())
 
 
-def general_stats(session: Session) -> list[tuple[str, object]]:
-    state = session.state
+def general_stats(state: ServerState) -> list[tuple[str, object]]:
+    """The server-wide fields of ``stats`` (PROTOCOL.md §8), in order: the one list that the
+    memcache ``stats`` command and the admin port's /stats.json and /metrics all read."""
     c = state.counters
     queues = state.queues
     now = time.time()
@@ -527,8 +532,9 @@ def cmd_stats(session: Session, args: list[bytes]) -> None:
     if args:
         session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
         return
-    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(session)]
-    queues = session.state.queues
+    state = session.state
+    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(state)]
+    queues = state.queues
     for name in queues.names():
         for field, value in queues.queue_stats(name).items():
             lines.append(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from ._compat import IMPLEMENTATION
+from .admin import AdminServer
 from .config import Config, ConfigError, load_config
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection
@@ -25,6 +26,10 @@ try:  # pragma: no cover - depends on the platform
     import uvloop
 except ImportError:  # pragma: no cover
     uvloop = None
+
+
+class StartError(Exception):
+    """The server cannot start (a port is taken): the message is the one log line that says why."""
 
 
 def event_loop_name() -> str:
@@ -71,6 +76,7 @@ class Server:
         self._cli = cli_overrides or {}
         self.state: ServerState | None = None
         self._listener: asyncio.base_events.Server | None = None
+        self._admin: AdminServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._next_expiry = 0.0
         self._stopped: asyncio.Event | None = None
@@ -101,7 +107,17 @@ class Server:
         state.shutdown_requested = self.request_shutdown
         state.reload_requested = self.reload
         started = loop.time()
-        # Recovery happens before the port is opened: nobody can talk to a half-loaded queue.
+        if cfg.admin_port:  # before recovery: a probe finds the port while the server starts
+            self._admin = AdminServer(state)
+            try:
+                await self._admin.start(cfg.host, cfg.admin_port)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot open the admin HTTP port {cfg.host}:{cfg.admin_port}: {exc}"
+                ) from None
+            log.info("admin HTTP port on %s:%d", cfg.host, self._admin.port)
+        # Recovery happens before the memcache port is opened: nobody can talk to a half-loaded
+        # queue. It runs on the loop, so an admin request made meanwhile is answered after it.
         queues.load_existing()
         # Recovery's replay tables are garbage now, in pages below the recovered items.
         trim_started = time.perf_counter()
@@ -111,13 +127,18 @@ class Server:
             )
         state.ready = True
         self._stopped = asyncio.Event()
-        self._listener = await loop.create_server(
-            lambda: MemcacheProtocol(state),
-            cfg.host,
-            cfg.port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._listener = await loop.create_server(
+                lambda: MemcacheProtocol(state),
+                cfg.host,
+                cfg.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise StartError(
+                f"cannot open the memcache port {cfg.host}:{cfg.port}: {exc}"
+            ) from None
         for sig, handler in (
             (signal.SIGTERM, self.request_shutdown),
             (signal.SIGINT, self.request_shutdown),
@@ -220,6 +241,8 @@ class Server:
         state = self.state
         if self._listener is not None:
             self._listener.close()
+        if self._admin is not None:
+            self._admin.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if state is None:
@@ -254,20 +277,25 @@ def _keep_restart_settings(new: Config, old: Config) -> Config:
     return replace(new, server=server)
 
 
-async def _serve(config: Config, cli: dict) -> None:
+async def _serve(config: Config, cli: dict) -> int:
     server = Server(config, cli_overrides=cli)
-    await server.start()
+    try:
+        await server.start()
+    except StartError as exc:
+        log.error("%s", exc)
+        await server.shutdown()  # close what opened before the failure (journals, admin port)
+        return 1
     try:
         await server.wait_stopped()
     finally:
         await server.shutdown()
+    return 0
 
 
 def run(config: Config, cli: dict | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT/shutdown; returns the exit status."""
+    """Run the server until SIGTERM/SIGINT/shutdown; returns the exit status (1: it could not
+    start, see the log)."""
     coro = _serve(config, cli or {})
     if uvloop is not None:
-        uvloop.run(coro)
-    else:  # pragma: no cover
-        asyncio.run(coro)
-    return 0
+        return uvloop.run(coro)
+    return asyncio.run(coro)  # pragma: no cover

@@ -1,0 +1,355 @@
+"""The admin HTTP port (Kestrel's 2223): liveness, readiness, stats as JSON, Prometheus metrics.
+
+Orchestrators and scrapers speak HTTP, not memcache. This is a deliberately small HTTP/1.1
+server on asyncio streams -- GET and HEAD, one request per connection -- so that it needs no
+dependency, and a client that misbehaves holds at most one bounded buffer for a bounded time.
+It reads the server's state and never changes it. Every number comes from the functions behind
+the memcache ``stats`` command (``general_stats``, ``QueueCollection.queue_stats``), so the two
+views cannot disagree and a new stats field appears here without a change to this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .commands import general_stats
+from .state import STATUSES
+
+log = logging.getLogger("erq.admin")
+
+MAX_HEAD = 8192  # bytes of request line and headers; a longer head gets 431 and a close
+TIMEOUT = 10.0  # seconds to send a whole request head, and again to take the whole reply
+LINGER = 2.0  # seconds to drain a client still sending when it was answered 408 or 431
+MAX_CONNECTIONS = 64  # open at once; one more is closed unanswered (probes and scrapers need few)
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+_METHODS = ("GET", "HEAD")
+# RFC 9112 request-line: a method token, an origin-form (or any visible) target, a version.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/(\d)\.\d")
+
+# (status, content type, body) of one answer, before HEAD drops the body.
+Reply = tuple[int, str, bytes]
+
+
+# ---- endpoints -----------------------------------------------------------------------------
+def healthz(state: Any) -> Reply:
+    """Liveness: the process runs its loop and answers."""
+    return 200, TEXT, b"ok"
+
+
+def readyz(state: Any) -> Reply:
+    """Readiness: recovery is over and the status lets clients read (UP or READONLY)."""
+    if not state.ready:
+        return 503, TEXT, b"starting"
+    if state.status == "QUIESCENT":
+        return 503, TEXT, b"QUIESCENT"
+    return 200, TEXT, state.status.encode("ascii")
+
+
+def stats_document(state: Any) -> dict[str, Any]:
+    """The memcache ``stats`` reply as one object: the general fields, then ``queues``."""
+    document: dict[str, Any] = dict(general_stats(state))
+    queues = state.queues
+    document["queues"] = {name: queues.queue_stats(name) for name in queues.names()}
+    return document
+
+
+def stats_json(state: Any) -> Reply:
+    return 200, JSON, json.dumps(stats_document(state)).encode("utf-8")
+
+
+# How the numeric stats fields are exported. The fields themselves come from ``general_stats``
+# and ``queue_stats``; these tables only add what Prometheus needs: which fields are counters
+# (exported as ``<field>_total``, a leading ``total_`` dropped), unit suffixes, and help text.
+# A numeric field missing from them is still exported, as a gauge with a generic help line.
+_COUNTERS = frozenset(
+    {
+        "total_connections",
+        "cmd_get",
+        "cmd_set",
+        "cmd_peek",
+        "get_hits",
+        "get_misses",
+        "bytes_read",
+        "bytes_written",
+        "total_items",
+        "queue_creates",
+        "queue_deletes",
+        "queue_expires",
+    }
+)
+_QUEUE_COUNTERS = frozenset(
+    {
+        "total_items",
+        "expired_items",
+        "discarded",
+        "transactions",
+        "canceled_transactions",
+        "total_flushes",
+        "journal_rewrites",
+        "journal_rotations",
+    }
+)
+_UNITS = {"uptime": "uptime_seconds", "age": "age_milliseconds"}
+_NOT_EXPORTED = frozenset({"pid", "time"})  # identity and wall clock, not series to store
+_HELP = {
+    "uptime": "Seconds since the server started.",
+    "curr_connections": "Open memcache connections.",
+    "total_connections": "Memcache connections accepted.",
+    "cmd_get": "Keys of get requests that reached a fetch (misses included, peeks not).",
+    "cmd_set": "set requests.",
+    "cmd_peek": "Keys of get requests that peeked.",
+    "get_hits": "Fetches and peeks that found an item.",
+    "get_misses": "Fetches and peeks that found no item.",
+    "bytes_read": "Bytes received from memcache clients.",
+    "bytes_written": "Bytes sent to memcache clients.",
+    "curr_items": "Items in all queues.",
+    "total_items": "Items added to all queues.",
+    "bytes": "Bytes of the items in all queues.",
+    "queue_creates": "Queues created.",
+    "queue_deletes": "Queues deleted.",
+    "queue_expires": "Queues deleted because they stayed empty past max_queue_age.",
+}
+_QUEUE_HELP = {
+    "items": "Items in the queue.",
+    "bytes": "Bytes of the items in the queue.",
+    "total_items": "Items added to the queue.",
+    "logsize": "Bytes of the queue's journal on disk.",
+    "expired_items": "Items that expired in the queue.",
+    "mem_items": "Items of the queue held in memory.",
+    "mem_bytes": "Bytes of the queue's items held in memory.",
+    "age": "Milliseconds from the add time of the most recently removed item to now.",
+    "discarded": "Items dropped from the head by discard_old_when_full.",
+    "waiters": "Blocked gets and monitors waiting on the queue.",
+    "open_transactions": "Open reads not yet closed or aborted.",
+    "transactions": "Open reads that returned an item.",
+    "canceled_transactions": "Open reads aborted: their item went back to the head.",
+    "total_flushes": "Flushes of the queue.",
+    "journal_rewrites": "Compactions of the queue's journal.",
+    "journal_rotations": "Times the queue's journal moved on to a new segment.",
+}
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _metric_name(prefix: str, field: str, counter: bool) -> str:
+    name = _UNITS.get(field, field)
+    if counter:
+        name = name.removeprefix("total_") + "_total"
+    return prefix + name
+
+
+def _label(value: str) -> str:
+    """A label value as the text format quotes it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
+    help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+
+
+def metrics_text(state: Any) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the stats."""
+    out: list[str] = []
+    general = general_stats(state)
+    fields = dict(general)
+    _family(out, "erq_info", "gauge", "The running erq: version and implementation, always 1.")
+    out.append(
+        f'erq_info{{version="{_label(str(fields["version"]))}",'
+        f'implementation="{_label(str(fields["implementation"]))}"}} 1\n'
+    )
+    _family(out, "erq_status", "gauge", "The server's status (status command): 1 for the current.")
+    for word in STATUSES:
+        out.append(f'erq_status{{status="{word}"}} {int(state.status == word)}\n')
+    _family(out, "erq_ready", "gauge", "1 once recovery has finished.")
+    out.append(f"erq_ready {int(bool(state.ready))}\n")
+    for field, value in general:
+        if field in _NOT_EXPORTED or not _numeric(value):
+            continue
+        counter = field in _COUNTERS
+        name = _metric_name("erq_", field, counter)
+        _family(out, name, "counter" if counter else "gauge", _HELP.get(field, f"stats {field}."))
+        out.append(f"{name} {value}\n")
+    queues = state.queues
+    per_queue = {name: queues.queue_stats(name) for name in queues.names()}
+    queue_fields: dict[str, None] = {}  # every queue's fields, in order of first appearance
+    for stats in per_queue.values():
+        queue_fields.update(dict.fromkeys(stats))
+    for field in queue_fields:
+        samples = [
+            (name, stats[field])
+            for name, stats in per_queue.items()
+            if _numeric(stats.get(field))  # fanout ``children`` is a name list: not a number
+        ]
+        if not samples:
+            continue
+        counter = field in _QUEUE_COUNTERS
+        name = _metric_name("erq_queue_", field, counter)
+        help_text = _QUEUE_HELP.get(field, f"Queue stats {field}.")
+        _family(out, name, "counter" if counter else "gauge", help_text)
+        out.extend(f'{name}{{queue="{_label(queue)}"}} {value}\n' for queue, value in samples)
+    return "".join(out)
+
+
+def metrics(state: Any) -> Reply:
+    return 200, PROMETHEUS, metrics_text(state).encode("utf-8")
+
+
+ROUTES: dict[str, Callable[[Any], Reply]] = {
+    "/healthz": healthz,
+    "/readyz": readyz,
+    "/stats.json": stats_json,
+    "/metrics": metrics,
+}
+
+
+# ---- HTTP ----------------------------------------------------------------------------------
+def response(status: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection; ``head`` leaves out the body
+    (HEAD: the headers, Content-Length included, are those of the GET)."""
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if status == 405:
+        lines.append("Allow: " + ", ".join(_METHODS))
+    header = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return header if head else header + body
+
+
+def answer(state: Any, head: bytes) -> bytes:
+    """The response to one request head (request line and headers, without the blank line)."""
+    match = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
+    if match is None:
+        return response(400, TEXT, b"bad request")
+    method = match[1].decode("ascii")
+    if match[3] != b"1":
+        return response(505, TEXT, b"HTTP/1.x only")
+    is_head = method == "HEAD"
+    path = match[2].split(b"?", 1)[0].decode("ascii")
+    endpoint = ROUTES.get(path)
+    if endpoint is None:
+        return response(404, TEXT, b"not found", head=is_head)
+    if method not in _METHODS:
+        return response(405, TEXT, b"method not allowed")
+    try:
+        status, content_type, body = endpoint(state)
+    except Exception:  # a bug in a stats source: answer 500, keep the listener
+        log.exception("admin %s %s failed", method, path)
+        return response(500, TEXT, b"internal error", head=is_head)
+    return response(status, content_type, body, head=is_head)
+
+
+class AdminServer:
+    """The admin listener of one erq server: :meth:`start` it, :meth:`close` it at shutdown."""
+
+    def __init__(
+        self,
+        state: Any,
+        *,
+        timeout: float = TIMEOUT,
+        max_head: int = MAX_HEAD,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.state = state
+        self.timeout = timeout
+        self.max_head = max_head
+        self.max_connections = max_connections
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port. OSError if taken."""
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=self.max_head, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def close(self) -> None:
+        """Stop listening and drop the connections still open."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._open)
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Close gently after answering a client that is still sending its head (408, 431).
+
+        Closed at once with its bytes unread, the socket would send a reset, and a client
+        that reads after it writes can lose the answer to it. So: end our side, then read
+        and drop what still comes, for at most LINGER seconds, before the close."""
+        if not writer.can_write_eof():
+            return
+        writer.write_eof()
+        try:
+            async with asyncio.timeout(LINGER):
+                while await reader.read(self.max_head):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.max_connections:
+            writer.transport.abort()
+            return
+        self._open.add(writer)
+        try:
+            whole = False
+            try:
+                async with asyncio.timeout(self.timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                reply = response(431, TEXT, b"request head too large")
+            except TimeoutError:
+                reply = response(408, TEXT, b"request timeout")
+            except asyncio.IncompleteReadError:
+                return  # closed before a whole head: nobody to answer
+            else:
+                reply = answer(self.state, head[:-4])
+                whole = True
+            writer.write(reply)
+            async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
+                await writer.drain()
+                if not whole:
+                    await self._linger(reader, writer)
+                writer.close()
+                await writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass  # the client went away or stalled: nothing left to tell it
+        finally:
+            self._open.discard(writer)
+            writer.transport.abort()  # a no-op once closed; else frees what a stall holds

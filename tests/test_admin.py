@@ -1,0 +1,480 @@
+"""The admin HTTP port (erq/admin.py): /healthz, /readyz, /stats.json, /metrics over real sockets.
+
+Servers are real subprocesses of both builds (``impl``) with an admin port of their own; the
+HTTP client is a raw socket, so that the exact status line, headers and body are what is checked.
+The last tests drive :class:`erq.admin.AdminServer` in-process (it has one implementation) for
+what a subprocess cannot show: the not-yet-recovered answer and the read deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ErqProcess, RawClient, free_port
+from support import END, STORED
+
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# ---- an HTTP client of one request -------------------------------------------------------------
+class Reply:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        head, sep, self.body = raw.partition(b"\r\n\r\n")
+        assert sep, f"no end of head in {raw!r}"
+        lines = head.decode("ascii").split("\r\n")
+        version, status, _ = lines[0].split(" ", 2)
+        assert version == "HTTP/1.1", lines[0]
+        self.status = int(status)
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+
+def send(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` and read until the server closes (every answer closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def http(port: int, path: str, method: str = "GET") -> Reply:
+    reply = Reply(send(port, f"{method} {path} HTTP/1.1\r\nHost: erq\r\n\r\n".encode()))
+    assert reply.headers["connection"] == "close"
+    if method != "HEAD":
+        assert int(reply.headers["content-length"]) == len(reply.body)
+    return reply
+
+
+def admin_server(erq_factory) -> tuple[ErqProcess, int]:
+    port = free_port()
+    return erq_factory(args=["--admin-port", str(port)]), port
+
+
+# ---- /metrics parsing --------------------------------------------------------------------------
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
+
+
+def parse_metrics(text: str) -> dict[str, dict]:
+    """Prometheus text format 0.0.4 -> {family: {"type", "help", "samples": {labels: value}}}.
+    Fails on any line that is not HELP, TYPE or a sample, on a sample before its family's HELP
+    and TYPE, on a family given twice, and on a sample name outside its family."""
+    assert text.endswith("\n")
+    families: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert name not in families, f"family {name} twice"
+            current = families[name] = {"help": help_text, "type": None, "samples": {}}
+            continue
+        if line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert current is families.get(name) and current["type"] is None, line
+            assert kind in ("counter", "gauge"), line
+            current["type"] = kind
+            continue
+        match = _SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        assert current is not None and current["type"] is not None, f"{name} before HELP/TYPE"
+        assert name == next(n for n, f in families.items() if f is current), line
+        pairs = []
+        if labels:
+            pos = 0
+            while pos < len(labels):
+                m = _LABEL.match(labels, pos)
+                assert m, f"bad labels in {line!r}"
+                pairs.append((m[1], _unescape(m[2])))
+                pos = m.end()
+        key = tuple(sorted(pairs))
+        assert key not in current["samples"], f"sample twice: {line!r}"
+        current["samples"][key] = float(value)
+    for name, family in families.items():
+        assert name.startswith("erq_"), name
+        assert family["help"] and family["type"], name
+        assert family["samples"], f"{name} has no samples"
+        assert (family["type"] == "counter") == name.endswith("_total"), name
+    return families
+
+
+def value(families: dict, name: str, **labels: str) -> float:
+    return families[name]["samples"][tuple(sorted(labels.items()))]
+
+
+# ---- the endpoints -----------------------------------------------------------------------------
+def test_healthz_says_ok_and_readyz_names_the_status(erq_factory):
+    proc, port = admin_server(erq_factory)
+    reply = http(port, "/healthz")
+    assert (reply.status, reply.body) == (200, b"ok")
+    assert reply.headers["content-type"] == "text/plain; charset=utf-8"
+    reply = http(port, "/readyz")
+    assert (reply.status, reply.body) == (200, b"UP")
+    # A graceful stop with an admin connection still open (idle) closes it and exits 0.
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as idle:
+        assert proc.stop() == 0
+        try:
+            assert idle.recv(1) == b""
+        except ConnectionResetError:
+            pass  # still in the listen backlog when the listener closed: reset, not answered
+    assert "Traceback" not in proc.read_log() and " ERROR " not in proc.read_log()
+
+
+def test_readyz_is_503_while_quiescent_and_200_with_the_status_otherwise(erq_factory):
+    proc, port = admin_server(erq_factory)
+    c = proc.client()
+    assert c.call(b"status QUIESCENT\r\n") == END
+    reply = http(port, "/readyz")
+    assert (reply.status, reply.body) == (503, b"QUIESCENT")
+    assert http(port, "/healthz").status == 200  # alive, just not taking traffic
+    families = parse_metrics(http(port, "/metrics").text)
+    assert value(families, "erq_status", status="QUIESCENT") == 1
+    assert value(families, "erq_status", status="UP") == 0
+    assert c.call(b"status READONLY\r\n") == END
+    reply = http(port, "/readyz")
+    assert (reply.status, reply.body) == (200, b"READONLY")
+    assert c.call(b"status UP\r\n") == END
+    reply = http(port, "/readyz")
+    assert (reply.status, reply.body) == (200, b"UP")
+
+
+def _between(before: dict, after: dict, key: str, seen: object) -> None:
+    """``seen`` (from /stats.json, read between two memcache ``stats``) fits them: equal when
+    the field did not move, else within their range (the stats requests themselves count)."""
+    a, b = before[key], after[key]
+    if a == b:
+        assert str(seen) == a, (key, seen, a)
+    else:
+        assert int(a) <= int(seen) <= int(b), (key, seen, a, b)
+
+
+def test_stats_json_moves_with_memcache_traffic_and_matches_the_stats_command(erq_factory):
+    proc, port = admin_server(erq_factory)
+    start = http(port, "/stats.json")
+    assert start.headers["content-type"] == "application/json"
+    first = json.loads(start.body)
+    c = proc.client()
+    assert c.get("jobs+audit") == END  # a fanout child: its parent gets a "children" field
+    for data in (b"one", b"two", b"three"):
+        assert c.set("jobs", data) == STORED
+    assert c.get("jobs") == b"VALUE jobs 0 3\r\none\r\nEND\r\n"
+    assert c.get("empty") == END
+    before = c.stats()
+    doc = json.loads(http(port, "/stats.json").body)
+    after = c.stats()
+    # It moved, by exactly the traffic above.
+    assert doc["cmd_set"] - first["cmd_set"] == 3
+    assert doc["cmd_get"] - first["cmd_get"] == 3
+    assert (doc["get_hits"], doc["get_misses"]) == (1, 2)
+    assert (doc["curr_items"], doc["total_items"]) == (5, 6)  # 2 left in jobs, 3 in the child
+    assert doc["queues"]["jobs"]["items"] == 2
+    assert doc["queues"]["jobs+audit"]["total_items"] == 3
+    assert doc["queues"]["jobs"]["children"] == "jobs+audit"
+    assert isinstance(doc["cmd_set"], int) and doc["status"] == "UP"
+    # The same fields as the memcache stats, with the same values.
+    queues = doc.pop("queues")
+    general = {k for k in before if not k.startswith("queue_") or k in doc}
+    assert set(doc) == general
+    for key, seen in doc.items():
+        _between(before, after, key, seen)
+    assert set(queues) == {"jobs", "jobs+audit", "empty"}
+    for name, fields in queues.items():
+        prefix = f"queue_{name}_"
+        assert set(fields) == {k[len(prefix) :] for k in before if k.startswith(prefix)}
+        for field, seen in fields.items():
+            _between(before, after, prefix + field, seen)
+
+
+def test_metrics_parse_and_agree_with_stats_json(erq_factory):
+    proc, port = admin_server(erq_factory)
+    c = proc.client()
+    weird = 'we"ird\\q'  # a valid queue name whose label value must be escaped
+    assert c.get("jobs+audit") == END
+    assert c.set("jobs", b"abc") == STORED
+    assert c.set(weird, b"x") == STORED
+    assert c.get("jobs/open") == b"VALUE jobs/open 0 3\r\nabc\r\nEND\r\n"
+    reply = http(port, "/metrics")
+    assert reply.headers["content-type"] == PROMETHEUS
+    families = parse_metrics(reply.text)
+    doc = json.loads(http(port, "/stats.json").body)
+    counters = {
+        "erq_cmd_get_total": "cmd_get",
+        "erq_cmd_set_total": "cmd_set",
+        "erq_cmd_peek_total": "cmd_peek",
+        "erq_get_hits_total": "get_hits",
+        "erq_get_misses_total": "get_misses",
+        "erq_bytes_read_total": "bytes_read",
+        "erq_bytes_written_total": "bytes_written",
+        "erq_connections_total": "total_connections",
+        "erq_items_total": "total_items",
+        "erq_queue_creates_total": "queue_creates",
+        "erq_queue_deletes_total": "queue_deletes",
+        "erq_queue_expires_total": "queue_expires",
+    }
+    gauges = {
+        "erq_curr_connections": "curr_connections",
+        "erq_curr_items": "curr_items",
+        "erq_bytes": "bytes",
+        "erq_uptime_seconds": "uptime",
+    }
+    for name, field in {**counters, **gauges}.items():
+        assert families[name]["type"] == ("counter" if name in counters else "gauge"), name
+        if field not in ("bytes_read", "bytes_written", "uptime"):  # no memcache traffic between
+            assert value(families, name) == doc[field], name
+    assert (value(families, "erq_cmd_set_total"), value(families, "erq_get_hits_total")) == (2, 1)
+    assert value(families, "erq_status", status="UP") == 1
+    assert value(families, "erq_ready") == 1
+    assert value(families, "erq_info", version=doc["version"], implementation=doc["implementation"])
+    # Per queue: one family per numeric field, a sample per queue, labels escaped and read back.
+    assert value(families, "erq_queue_items", queue="jobs+audit") == 1
+    assert value(families, "erq_queue_items", queue=weird) == 1
+    assert value(families, "erq_queue_open_transactions", queue="jobs") == 1
+    assert families["erq_queue_items_total"]["type"] == "counter"
+    queue_families = {n for n in families if n.startswith("erq_queue_")} - set(counters)
+    numeric = {f for f, v in doc["queues"]["jobs"].items() if isinstance(v, int)}
+    assert len(queue_families) == len(numeric) == len(doc["queues"]["jobs"]) - 1  # no children
+    assert not any("children" in n for n in families)
+    all_queues = {"jobs", "jobs+audit", weird}
+    for name in queue_families:
+        assert {dict(k)["queue"] for k in families[name]["samples"]} == all_queues, name
+    # The general families are exactly the numeric stats fields (pid and time aside) and 3 more.
+    general = {f for f, v in doc.items() if isinstance(v, int)} - {"pid", "time"}
+    assert len(set(families) - queue_families) == len(general) + 3  # erq_info, _status, _ready
+
+
+def test_head_gets_the_headers_of_get_and_no_body(erq_factory):
+    _, port = admin_server(erq_factory)
+    for path in ("/stats.json", "/metrics", "/healthz", "/nope"):
+        get, head = http(port, path), http(port, path, "HEAD")
+        assert head.body == b"", path
+        assert head.status == get.status, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        if path in ("/healthz", "/nope"):  # the same body both times: the same length
+            assert head.headers["content-length"] == get.headers["content-length"], path
+        assert int(head.headers["content-length"]) > 0, path
+
+
+def test_unknown_paths_get_404_other_methods_405_and_broken_requests_400(erq_factory):
+    proc, port = admin_server(erq_factory)
+    assert http(port, "/").status == 404
+    assert http(port, "/stats").status == 404
+    assert http(port, "/healthz?verbose=1").status == 200  # a query string is ignored
+    for method in ("POST", "PUT", "DELETE", "get"):
+        reply = http(port, "/healthz", method)
+        assert reply.status == 405, method
+        assert reply.headers["allow"] == "GET, HEAD"
+    for request in (
+        b"garbage\r\n\r\n",
+        b"GET /healthz\r\n\r\n",  # HTTP/0.9 style: no version
+        b"GET  /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1 extra\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\r\n\r\n",  # a TLS hello's first bytes
+    ):
+        assert Reply(send(port, request)).status == 400, request
+    assert Reply(send(port, b"GET /healthz HTTP/2.0\r\n\r\n")).status == 505
+    assert http(port, "/healthz").status == 200
+    assert proc.client().call(b"version\r\n").startswith(b"VERSION ")
+
+
+def test_an_oversized_request_head_is_refused_and_the_port_stays_usable(erq_factory):
+    proc, port = admin_server(erq_factory)
+    request = b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 64_000 + b"\r\n\r\n"
+    try:
+        raw = send(port, request)
+    except (ConnectionResetError, BrokenPipeError):
+        raw = b""  # closed on us before or while we sent: also a refusal
+    if raw:
+        assert 400 <= Reply(raw).status < 500, raw[:200]
+    assert http(port, "/healthz").status == 200
+    assert proc.client().call(b"version\r\n").startswith(b"VERSION ")
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (Linux /proc: its socket inodes in LISTEN)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_admin_port_zero_opens_no_listener(erq_factory):
+    off = erq_factory(name="off")  # the fixture passes --admin-port 0
+    assert _listening_ports(off.proc.pid) == {off.port}
+    on, port = admin_server(erq_factory)
+    assert _listening_ports(on.proc.pid) == {on.port, port}
+
+
+@pytest.mark.parametrize("which", ["admin", "memcache"])
+def test_a_taken_port_stops_the_start_with_one_log_line(erq_factory, which):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        admin_port = port if which == "admin" else free_port()
+        proc = erq_factory(args=["--admin-port", str(admin_port)], start=False)
+        if which == "memcache":
+            proc.port = port
+        proc.start(wait=False)
+        code = proc.proc.wait(30)
+        log = proc.read_log()
+        assert code == 1, log
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "Traceback" not in log, log
+        assert f"{which} " in errors[0] and f":{port}:" in errors[0], errors
+    if which == "admin":
+        with pytest.raises(OSError):
+            RawClient(proc.port, timeout=1.0)  # the memcache port never opened
+    else:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", admin_port), timeout=1.0).close()
+
+
+# ---- in-process: what a subprocess cannot show -------------------------------------------------
+def _run(scenario) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    raw = await reader.read()
+    writer.close()
+    return raw
+
+
+def test_readyz_says_starting_until_recovery_has_finished():
+    from erq.admin import AdminServer
+
+    state = SimpleNamespace(ready=False, status="UP")
+
+    async def scenario() -> None:
+        admin = AdminServer(state)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            request = b"GET /readyz HTTP/1.1\r\n\r\n"
+            reply = Reply(await _exchange(port, request))
+            assert (reply.status, reply.body) == (503, b"starting")
+            assert Reply(await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")).status == 200
+            state.ready = True
+            reply = Reply(await _exchange(port, request))
+            assert (reply.status, reply.body) == (200, b"UP")
+        finally:
+            admin.close()
+
+    _run(scenario)
+
+
+def test_an_idle_or_dribbling_client_gets_408_and_is_closed():
+    from erq.admin import AdminServer
+
+    async def scenario() -> None:
+        admin = AdminServer(SimpleNamespace(ready=True, status="UP"), timeout=0.3)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            # Idle: connects and sends nothing.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert Reply(await reader.read()).status == 408
+            writer.close()
+            # Dribbling: a byte at a time, never a whole head; the deadline is for the head.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            read = asyncio.ensure_future(reader.read())
+            for byte in b"GET /healthz HTTP/1.1\r\nX: " + b"y" * 10_000:
+                if read.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.02)  # paces the client; the server's deadline ends it
+            assert Reply(await read).status == 408
+            writer.close()
+            # The listener still answers.
+            raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert Reply(raw).status == 200
+        finally:
+            admin.close()
+
+    _run(scenario)
+
+
+def test_connections_past_the_limit_are_closed_unanswered_until_one_ends():
+    from erq.admin import AdminServer
+
+    async def scenario() -> None:
+        admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=2)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            while admin.connections < 2:  # both accepted: a state the server is known to reach
+                await asyncio.sleep(0.001)
+            try:
+                raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            except ConnectionResetError:
+                raw = b""
+            assert raw == b""
+            reader, writer = held[0]
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert Reply(await reader.read()).status == 200
+            while admin.connections > 1:
+                await asyncio.sleep(0.001)
+            raw = await _exchange(port, b"GET /readyz HTTP/1.1\r\n\r\n")
+            assert Reply(raw).status == 200
+            for _, w in held:
+                w.close()
+        finally:
+            admin.close()
+
+    _run(scenario)
+
+
+def test_a_failing_stats_source_answers_500_and_the_listener_stays():
+    from erq.admin import AdminServer
+
+    class Broken:
+        ready = True
+        status = "UP"
+
+        @property
+        def counters(self):
+            raise RuntimeError("broken on purpose")
+
+    async def scenario() -> None:
+        admin = AdminServer(Broken())
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            raw = await _exchange(port, b"GET /stats.json HTTP/1.1\r\n\r\n")
+            assert Reply(raw).status == 500
+            raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert Reply(raw).status == 200
+        finally:
+            admin.close()
+
+    _run(scenario)
