@@ -22,22 +22,13 @@ from erq import clock as _clock
 from erq.clock import now_ms
 from erq.item import Item
 from erq.journal_api import JournalError
+from erq.names import valid_queue_name
 from erq.queue import STORED, AddResult, Queue
 
 if TYPE_CHECKING:
     from erq.config import Config
 
 log = logging.getLogger("erq.queues")
-
-_NAME_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in b"/.~")
-
-
-def valid_queue_name(name: bytes) -> bool:
-    """PROTOCOL §1: 1-250 printable ASCII bytes, no space '/', '.', '~'; '+' once, inside."""
-    if not 0 < len(name) <= 250 or name.translate(None, _NAME_BYTES):
-        return False
-    plus = name.count(b"+")
-    return plus == 0 or (plus == 1 and name[0] != 0x2B and name[-1] != 0x2B)
 
 
 class QueueCollection:

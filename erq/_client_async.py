@@ -1,0 +1,302 @@
+"""``AsyncClient``: the asyncio twin of ``erq.client.Client``, same API as coroutines.
+
+It speaks the few memcache text commands it needs itself, on asyncio streams (no new
+dependency): ``set`` and single-key ``get`` with exact byte counts. Unlike pymemcache it keeps a
+connection open after a ``SERVER_ERROR`` (the server does too), so a QUIESCENT server's refusal
+does not abort the reads this client still holds there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from erq.client import (
+    _EMPTY,
+    _FAILED,
+    _REFUSED,
+    ABORTED,
+    CONFIRMED,
+    LOST,
+    Address,
+    ErqError,
+    ServerSpec,
+    WritePolicy,
+    _ItemBase,
+    _Node,
+    _Pool,
+    check_queue_name,
+    oldest_check,
+    parse_server,
+    status_refusal,
+)
+
+__all__ = ["AsyncClient", "AsyncItem"]
+
+
+class _Refused(Exception):
+    """``SERVER_ERROR``: the server refuses this request now; the connection stays usable."""
+
+
+class AsyncItem(_ItemBase):
+    """A reliable read of ``AsyncClient``: ``await confirm()`` / ``await abort()``."""
+
+    __slots__ = ()
+
+    async def confirm(self) -> bool:
+        """Confirm on the server that handed it out; False when that connection broke."""
+        return await self._client.confirm(self)
+
+    async def abort(self) -> bool:
+        """Put the item back at the head of its server's queue; False when already lost."""
+        return await self._client.abort(self)
+
+
+class _Connection:
+    """One connection to one server: a request and its reply at a time."""
+
+    def __init__(self, node: _AsyncNode, reliable: bool) -> None:
+        self.node = node
+        self.reliable = reliable
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+            if self.reliable:
+                self.node.lose_open()
+
+    async def _request(self, data: bytes, wait_s: float) -> bytes:
+        """Send ``data``, return the first reply line (without CRLF). Anything but a finished
+        exchange or a ``SERVER_ERROR`` closes the connection (its state is unknown)."""
+        node = self.node
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.wait_for(
+                    asyncio.open_connection(*node.address), node.connect_timeout
+                )
+            return await asyncio.wait_for(self._exchange(data), node.timeout + wait_s)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _exchange(self, data: bytes) -> bytes:
+        assert self.writer is not None
+        self.writer.write(data)
+        await self.writer.drain()
+        return await self._line()
+
+    async def _line(self) -> bytes:
+        assert self.reader is not None
+        line = await self.reader.readuntil(b"\r\n")
+        return line[:-2]
+
+    def _fail(self, request: str, line: bytes) -> ErqError:
+        self.close()
+        return ErqError(f"{request} on {self.node.address} answered {line[:200]!r}")
+
+    async def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
+        """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
+        head = b"set %s %d %d %d\r\n" % (queue.encode("ascii"), flags, expiry, len(data))
+        line = await self._request(head + data + b"\r\n", 0.0)
+        if line == b"STORED":
+            return True
+        if line == b"NOT_STORED":
+            return False
+        if line.startswith(b"SERVER_ERROR"):
+            raise _Refused(line)
+        raise self._fail(f"set {queue}", line)
+
+    async def get(self, key: str, wait_s: float) -> tuple[bytes, int] | None:
+        """A single-key get: ``(data, flags)`` or None; raises ``_Refused`` on ``SERVER_ERROR``."""
+        line = await self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
+        if line == b"END":
+            return None
+        if line.startswith(b"SERVER_ERROR"):
+            raise _Refused(line)
+        parts = line.split(b" ")
+        if (
+            len(parts) != 4
+            or parts[0] != b"VALUE"
+            or parts[1] != key.encode("ascii")
+            or not (parts[2].isdigit() and parts[3].isdigit())
+        ):
+            raise self._fail(f"get {key}", line)
+        flags, size = int(parts[2]), int(parts[3])
+        try:
+            assert self.reader is not None
+            block = await asyncio.wait_for(self.reader.readexactly(size + 2), self.node.timeout)
+            end = await asyncio.wait_for(self._line(), self.node.timeout)
+        except BaseException:
+            self.close()
+            raise
+        if not block.endswith(b"\r\n") or end != b"END":
+            raise self._fail(f"get {key}", line)
+        return block[:-2], flags
+
+
+class _AsyncNode(_Node):
+    def __init__(self, address: Address, connect_timeout: float, timeout: float) -> None:
+        super().__init__(address)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.plain = _Connection(self, reliable=False)
+        self.reliable = _Connection(self, reliable=True)
+
+    def close(self) -> None:
+        self.plain.close()
+        self.reliable.close()
+        self.lose_open()
+
+
+# A connection that failed or broke (asyncio.TimeoutError is TimeoutError, an OSError).
+_CONNECTION_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+
+
+class AsyncClient:
+    """The asyncio twin of ``erq.client.Client``: same arguments, same methods as coroutines."""
+
+    def __init__(
+        self,
+        servers: Sequence[ServerSpec],
+        *,
+        write_policy: WritePolicy = "random",
+        connect_timeout: float = 1.0,
+        timeout: float = 5.0,
+        retry_after: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(servers, str):
+            servers = [servers]
+        nodes = [_AsyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
+        self._pool = _Pool(nodes, write_policy, retry_after, seed)
+
+    @property
+    def servers(self) -> list[Address]:
+        return [node.address for node in self._pool.nodes]
+
+    async def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
+        """See ``Client.put``."""
+        check_queue_name(queue)
+        pool = self._pool
+        for node in pool.write_order():
+            try:
+                stored = await node.plain.set(queue, bytes(data), int(expiry), int(flags))
+            except _CONNECTION_ERRORS:
+                pool.mark_down(node)
+                continue
+            except _Refused as exc:
+                if status_refusal(exc):
+                    pool.mark_no_writes(node)
+                continue
+            if stored:
+                return True
+        return False
+
+    async def get(self, queue: str, *, timeout_ms: int | None = None) -> bytes | None:
+        """See ``Client.get``."""
+        found = await self._fetch(queue, "", timeout_ms, reliable=False)
+        return None if found is None else found[1][0]
+
+    async def get_reliable(
+        self, queue: str, *, timeout_ms: int | None = None, confirm: AsyncItem | None = None
+    ) -> AsyncItem | None:
+        """See ``Client.get_reliable``."""
+        check_queue_name(queue)
+        if confirm is not None:
+            if confirm.queue != queue:
+                raise ValueError("confirm= must be an item of the same queue")
+            items = oldest_check(confirm, AsyncItem)
+            if items is not None:
+                node = confirm._node
+                items.popleft()
+                confirm.state = LOST  # until the server answered
+                found = await self._fetch_one(node, queue + "/close/open", 0, reliable=True)
+                confirm.state = LOST if found == _FAILED else CONFIRMED
+                if isinstance(found, tuple):
+                    self._pool.stick(queue, self._pool.nodes.index(node))
+                    return self._opened(queue, node, found)
+        found = await self._fetch(queue, "/open", timeout_ms, reliable=True)
+        return None if found is None else self._opened(queue, found[0], found[1])
+
+    def _opened(self, queue: str, node: _AsyncNode, found: tuple[bytes, int]) -> AsyncItem:
+        item = AsyncItem(queue, found[0], found[1], node, self)
+        node.open.setdefault(queue, deque()).append(item)
+        return item
+
+    async def confirm(self, item: AsyncItem) -> bool:
+        """See ``Client.confirm``."""
+        return await self._finish(item, "/close", CONFIRMED)
+
+    async def abort(self, item: AsyncItem) -> bool:
+        """See ``Client.abort``."""
+        return await self._finish(item, "/abort", ABORTED)
+
+    async def _finish(self, item: AsyncItem, option: str, state: str) -> bool:
+        items = oldest_check(item, AsyncItem)
+        if items is None:
+            return False
+        found = await self._fetch_one(item._node, item.queue + option, 0, reliable=True)
+        if found in (_FAILED, _REFUSED):
+            # _REFUSED cannot happen (close and abort always work); if it did, the item is
+            # still open on a live connection, so say it did not work and keep it open.
+            return False
+        if found != _EMPTY:
+            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
+        items.popleft()
+        item.state = state
+        return True
+
+    async def _fetch(
+        self, queue: str, options: str, timeout_ms: int | None, reliable: bool
+    ) -> tuple[_AsyncNode, tuple[bytes, int]] | None:
+        check_queue_name(queue)
+        pool = self._pool
+        for index in pool.read_order(queue):
+            node = pool.nodes[index]
+            found = await self._fetch_one(node, queue + options, 0, reliable)
+            if isinstance(found, tuple):
+                pool.stick(queue, index)
+                return node, found
+            pool.move_on(queue, index)
+        if timeout_ms:
+            order = pool.read_order(queue)
+            if order:
+                index = order[0]
+                node = pool.nodes[index]
+                key = f"{queue}/t={int(timeout_ms)}{options}"
+                found = await self._fetch_one(node, key, timeout_ms, reliable)
+                if isinstance(found, tuple):
+                    pool.stick(queue, index)
+                    return node, found
+                pool.move_on(queue, index)
+        return None
+
+    async def _fetch_one(
+        self, node: _AsyncNode, key: str, wait_ms: int | None, reliable: bool
+    ) -> tuple[bytes, int] | str:
+        conn = node.reliable if reliable else node.plain
+        try:
+            found = await conn.get(key, (wait_ms or 0) / 1000.0)
+        except _CONNECTION_ERRORS:
+            self._pool.mark_down(node)
+            return _FAILED
+        except _Refused as exc:
+            if status_refusal(exc):
+                self._pool.mark_no_reads(node)
+            return _REFUSED
+        return _EMPTY if found is None else found
+
+    async def close(self) -> None:
+        """Close every connection; the servers put this client's open reads back."""
+        for node in self._pool.nodes:
+            node.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,498 @@
+"""A client for several erq servers (PROTOCOL.md §9): spread writes, fan reads in.
+
+Servers never talk to each other, so the client makes them one loosely ordered queue: writes go
+to one server chosen at random or round robin, reads stick to one server until it is empty, and a
+reliable read is confirmed or aborted on the connection that handed it out. Hash-based memcache
+clients cannot do that last part: they hash the whole key, and ``q/open`` and ``q/close`` may land
+on different servers.
+
+``Client`` is synchronous, on pymemcache (one connection per server for ``put``/``get``, and one
+for reliable reads so that a plain ``get`` of the same queue can never abort them, PROTOCOL §5).
+``AsyncClient`` (``erq._client_async``) is its asyncio twin with the same API as coroutines.
+
+Failures: a server that cannot be reached is skipped for ``retry_after`` seconds; a server that
+refuses writes (``READONLY``, ``QUIESCENT``) or reads (``QUIESCENT``) is skipped for that long for
+those. Only replies that mean a bug or a misuse (``CLIENT_ERROR``, ``ERROR``, garbage) raise, as
+``ErqError``. Delivery is at least once: a reliable read that was open on a connection that broke
+goes back to its server's queue, and its ``confirm()``/``abort()`` return False.
+
+pymemcache drops its connection on any ``SERVER_ERROR``: when ``Client.get_reliable`` is refused
+by a QUIESCENT server, the other reads this client held open there go back to that server's
+queue (their ``confirm()`` returns False). The item given as ``get_reliable(confirm=...)`` is still
+confirmed (the close happens before the refusal); ``AsyncClient`` keeps its connection open.
+
+Neither client is safe to share between threads (or, for ``AsyncClient``, between tasks that call
+it at the same time): give each worker its own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from pymemcache.client.base import Client as _MemcacheClient
+from pymemcache.exceptions import MemcacheError, MemcacheServerError, MemcacheUnexpectedCloseError
+
+from erq.names import valid_queue_name
+
+if TYPE_CHECKING:
+    from erq._client_async import AsyncClient
+
+__all__ = ["AsyncClient", "Client", "ErqError", "Item", "ServerSpec", "WritePolicy"]
+
+DEFAULT_PORT = 22133
+ServerSpec = str | tuple[str, int]
+WritePolicy = Literal["random", "round_robin"]
+Address = tuple[str, int]
+
+# Item states. An item is OPEN until it is confirmed or aborted, or LOST when the connection that
+# held it broke (the server has put it back at the head of its queue: PROTOCOL §5).
+OPEN = "open"
+CONFIRMED = "confirmed"
+ABORTED = "aborted"
+LOST = "lost"
+
+
+class ErqError(Exception):
+    """A server answered what a correct request never gets (``CLIENT_ERROR``, ``ERROR``, garbage).
+
+    Outages and refusals never raise: the client moves to another server instead.
+    """
+
+
+def status_refusal(error: Exception) -> bool:
+    """A ``SERVER_ERROR`` that refuses everything of its kind for a while (READONLY, QUIESCENT,
+    a server still starting): skip that server for ``retry_after``. Others (item too large,
+    journal error) concern one request only."""
+    text = str(error)
+    return any(word in text for word in ("read only", "quiescent", "starting"))
+
+
+def parse_server(spec: ServerSpec) -> Address:
+    """``"host:port"``, ``"host"`` (port 22133) or ``(host, port)`` -> ``(host, port)``."""
+    if isinstance(spec, tuple):
+        host, port = spec
+        return str(host), int(port)
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, DEFAULT_PORT
+    return host.strip("[]"), int(port)
+
+
+def check_queue_name(queue: str) -> bytes:
+    """The protocol's name rule (PROTOCOL §1), checked here so a bad name fails before any I/O."""
+    try:
+        raw = queue.encode("ascii")
+    except UnicodeEncodeError:
+        raw = b""  # not ASCII: never a name
+    if not valid_queue_name(raw):
+        raise ValueError(f"bad queue name {queue!r}")
+    return raw
+
+
+class _Node:
+    """What the client knows of one server, whatever its transport."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.down_until = 0.0  # monotonic: unreachable, skip everything until then
+        self.no_writes_until = 0.0  # refused a write (READONLY, QUIESCENT)
+        self.no_reads_until = 0.0  # refused a read (QUIESCENT)
+        # queue -> this client's open reads on the reliable connection, oldest first: the
+        # protocol confirms and aborts the oldest, so the client keeps the same order.
+        self.open: dict[str, deque[_ItemBase]] = {}
+
+    def lose_open(self) -> None:
+        """The reliable connection broke: the server put its open reads back; forget them."""
+        for items in self.open.values():
+            for item in items:
+                item.state = LOST
+        self.open.clear()
+
+
+class _Pool:
+    """Server choice, shared by both clients: write policy, sticky read cursors, back-off."""
+
+    def __init__(
+        self,
+        nodes: list[Any],
+        write_policy: WritePolicy,
+        retry_after: float,
+        seed: int | None,
+    ) -> None:
+        if not nodes:
+            raise ValueError("at least one server is needed")
+        if write_policy not in ("random", "round_robin"):
+            raise ValueError(
+                f"write_policy must be 'random' or 'round_robin', not {write_policy!r}"
+            )
+        self.nodes = nodes
+        self.write_policy = write_policy
+        self.retry_after = retry_after
+        self.rng = random.Random(seed)
+        self.next_write = 0
+        self.cursor: dict[str, int] = {}  # queue -> index of the server reads stick to
+
+    def write_order(self) -> list[Any]:
+        """Servers to try for one write: the policy's pick first, then the others in turn; those
+        in back-off go last (tried only when every other one refused)."""
+        n = len(self.nodes)
+        if self.write_policy == "round_robin":
+            start = self.next_write % n
+            self.next_write += 1
+        else:
+            start = self.rng.randrange(n)
+        ring = [self.nodes[(start + i) % n] for i in range(n)]
+        now = time.monotonic()
+        ready = [x for x in ring if x.down_until <= now and x.no_writes_until <= now]
+        return ready + [x for x in ring if x not in ready]
+
+    def read_order(self, queue: str) -> list[int]:
+        """Indexes of the servers to read from, the sticky one first; back-off ones left out."""
+        n = len(self.nodes)
+        start = self.cursor.get(queue, 0) % n
+        now = time.monotonic()
+        order = []
+        for i in range(n):
+            node = self.nodes[(start + i) % n]
+            if node.down_until <= now and node.no_reads_until <= now:
+                order.append((start + i) % n)
+        return order
+
+    def stick(self, queue: str, index: int) -> None:
+        self.cursor[queue] = index
+
+    def move_on(self, queue: str, index: int) -> None:
+        """``index`` was empty: the next read of ``queue`` starts at the server after it."""
+        self.cursor[queue] = (index + 1) % len(self.nodes)
+
+    def mark_down(self, node: _Node) -> None:
+        node.down_until = time.monotonic() + self.retry_after
+
+    def mark_no_writes(self, node: _Node) -> None:
+        node.no_writes_until = time.monotonic() + self.retry_after
+
+    def mark_no_reads(self, node: _Node) -> None:
+        node.no_reads_until = time.monotonic() + self.retry_after
+
+
+def oldest_check(item: _ItemBase, expected: type) -> deque[_ItemBase] | None:
+    """The open-read list ``item`` belongs to, after checking it may be confirmed or aborted now;
+    None when the item was lost. Raises ValueError on misuse."""
+    if not isinstance(item, expected):
+        raise TypeError(f"not an item of this client: {item!r}")
+    if item.state == LOST:
+        return None
+    if item.state != OPEN:
+        raise ValueError(f"item already {item.state}")
+    items = item._node.open.get(item.queue)
+    assert items, "an open item is in its node's open list"
+    if items[0] is not item:
+        raise ValueError(
+            "confirm or abort the oldest open item of a queue on a server first "
+            "(the protocol closes the oldest open read)"
+        )
+    return items
+
+
+class _ItemBase:
+    """A reliable read: data plus the server (and connection) that handed it out."""
+
+    __slots__ = ("queue", "data", "flags", "state", "_node", "_client")
+
+    def __init__(self, queue: str, data: bytes, flags: int, node: _Node, client: Any) -> None:
+        self.queue = queue
+        self.data = data
+        self.flags = flags
+        self.state = OPEN  # "open", "confirmed", "aborted" or "lost"
+        self._node = node
+        self._client = client
+
+    @property
+    def server(self) -> Address:
+        """The server that handed the item out; only it can confirm or abort it."""
+        return self._node.address
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.queue} from {self.server[0]}:{self.server[1]} "
+            f"{self.state} {len(self.data)} bytes>"
+        )
+
+
+class Item(_ItemBase):
+    """A reliable read of ``Client``: ``confirm()`` removes it, ``abort()`` puts it back."""
+
+    __slots__ = ()
+
+    def confirm(self) -> bool:
+        """Confirm on the server that handed it out; False when that connection broke (the
+        server has put the item back, so it will be delivered again)."""
+        return self._client.confirm(self)
+
+    def abort(self) -> bool:
+        """Put the item back at the head of its server's queue; False when already lost."""
+        return self._client.abort(self)
+
+
+class _RawSerde:
+    """Bytes in, ``(bytes, flags)`` out: pymemcache's default serde drops the flags."""
+
+    def serialize(self, key: Any, value: bytes) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> tuple[bytes, int]:
+        return value, flags
+
+
+class _Connection(_MemcacheClient):
+    """A pymemcache client whose key check allows erq's keys: the name is checked by
+    ``check_queue_name`` and the 250-byte limit is on the name, not on ``name/options``."""
+
+    def check_key(self, key: Any, key_prefix: bytes) -> bytes:
+        return key.encode("ascii") if isinstance(key, str) else bytes(key)
+
+
+# A connection that failed or broke; pymemcache has closed its socket.
+_CONNECTION_ERRORS = (OSError, MemcacheUnexpectedCloseError)
+
+# _fetch outcomes besides a found (data, flags)
+_EMPTY = "empty"
+_FAILED = "failed"  # connection failure: the node is in back-off
+_REFUSED = "refused"  # SERVER_ERROR: the node refuses reads for a while
+
+
+class _SyncNode(_Node):
+    def __init__(self, address: Address, connect_timeout: float, timeout: float) -> None:
+        super().__init__(address)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._plain: _Connection | None = None
+        self._reliable: _Connection | None = None
+
+    def _connection(self) -> _Connection:
+        return _Connection(
+            self.address,
+            serde=_RawSerde(),
+            connect_timeout=self.connect_timeout,
+            timeout=self.timeout,
+            default_noreply=False,
+            no_delay=True,
+        )
+
+    def conn(self, reliable: bool) -> _Connection:
+        """The connection for plain requests or the one for reliable reads, made lazily (no
+        socket until the first request)."""
+        if reliable:
+            if self._reliable is None:
+                self._reliable = self._connection()
+            return self._reliable
+        if self._plain is None:
+            self._plain = self._connection()
+        return self._plain
+
+    def close(self) -> None:
+        for conn in (self._plain, self._reliable):
+            if conn is not None:
+                conn.close()
+        self.lose_open()
+
+
+class Client:
+    """A synchronous client for several erq servers (see the module docstring)."""
+
+    def __init__(
+        self,
+        servers: Sequence[ServerSpec],
+        *,
+        write_policy: WritePolicy = "random",
+        connect_timeout: float = 1.0,
+        timeout: float = 5.0,
+        retry_after: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        """``timeout`` bounds each reply (a blocking read adds its own wait to it);
+        ``retry_after`` is how long a server that failed or refused is skipped; ``seed`` makes
+        the random write policy repeatable."""
+        if isinstance(servers, str):
+            servers = [servers]
+        nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
+        self._pool = _Pool(nodes, write_policy, retry_after, seed)
+        self._timeout = timeout
+
+    @property
+    def servers(self) -> list[Address]:
+        return [node.address for node in self._pool.nodes]
+
+    # ---- writes ---------------------------------------------------------------------------
+    def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
+        """Enqueue on one server (per the write policy), moving on to the next while servers
+        fail or refuse (READONLY, full queue). True only after a ``STORED``; False when every
+        server failed or refused. A write whose reply was lost may have been stored there and
+        is tried elsewhere too: delivery is at least once."""
+        check_queue_name(queue)
+        pool = self._pool
+        for node in pool.write_order():
+            try:
+                stored = node.conn(False).set(
+                    queue, data, expire=expiry, noreply=False, flags=flags
+                )
+            except _CONNECTION_ERRORS:
+                pool.mark_down(node)
+                continue
+            except MemcacheServerError as exc:  # read only, too large, journal error
+                if status_refusal(exc):
+                    pool.mark_no_writes(node)
+                continue
+            except MemcacheError as exc:
+                raise ErqError(f"set {queue} on {node.address}: {exc!r}") from exc
+            if stored:
+                return True
+            # NOT_STORED: this server's queue is full or its item limit is lower; try another.
+        return False
+
+    # ---- reads ----------------------------------------------------------------------------
+    def get(self, queue: str, *, timeout_ms: int | None = None) -> bytes | None:
+        """Dequeue, sticking to one server until it is empty, then moving to the next.
+
+        Without ``timeout_ms``: None once every reachable server was found empty. With it: when
+        every server is empty, one blocking read (``/t=``) on the next server in turn, so the
+        call returns within about ``timeout_ms`` plus one round trip per server.
+        """
+        found = self._fetch(queue, "", timeout_ms, reliable=False)
+        return None if found is None else found[1][0]
+
+    def get_reliable(
+        self, queue: str, *, timeout_ms: int | None = None, confirm: Item | None = None
+    ) -> Item | None:
+        """A reliable read (``/open``), chosen like ``get``; the item must be confirmed or
+        aborted, on this client, oldest first per queue and server.
+
+        ``confirm``: an open item of the same queue to confirm in the same round trip
+        (``get q/close/open`` on its server, the worker loop); afterwards its ``state`` says
+        whether that worked ("confirmed") or its connection had broken ("lost").
+        """
+        check_queue_name(queue)
+        if confirm is not None:
+            if confirm.queue != queue:
+                raise ValueError("confirm= must be an item of the same queue")
+            items = oldest_check(confirm, Item)
+            if items is not None:
+                node = confirm._node
+                items.popleft()  # whatever happens now, it is no longer open on this client
+                confirm.state = LOST  # until the server answered
+                found = self._fetch_one(node, queue + "/close/open", 0, reliable=True)
+                # Under QUIESCENT the close still happens before the fetch is refused (§10).
+                confirm.state = LOST if found == _FAILED else CONFIRMED
+                if isinstance(found, tuple):
+                    self._pool.stick(queue, self._pool.nodes.index(node))
+                    return self._opened(queue, node, found)
+        found = self._fetch(queue, "/open", timeout_ms, reliable=True)
+        return None if found is None else self._opened(queue, found[0], found[1])
+
+    def _opened(self, queue: str, node: _SyncNode, found: tuple[bytes, int]) -> Item:
+        item = Item(queue, found[0], found[1], node, self)
+        node.open.setdefault(queue, deque()).append(item)
+        return item
+
+    def confirm(self, item: Item) -> bool:
+        """``get q/close`` on the item's server; False when the item was lost (see ``Item``)."""
+        return self._finish(item, "/close", CONFIRMED)
+
+    def abort(self, item: Item) -> bool:
+        """``get q/abort`` on the item's server: the item goes back to the head of its queue."""
+        return self._finish(item, "/abort", ABORTED)
+
+    def _finish(self, item: Item, option: str, state: str) -> bool:
+        items = oldest_check(item, Item)
+        if items is None:
+            return False
+        found = self._fetch_one(item._node, item.queue + option, 0, reliable=True)
+        if found in (_FAILED, _REFUSED):  # the connection broke: the node forgot the item (LOST)
+            return False
+        if found != _EMPTY:
+            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
+        items.popleft()
+        item.state = state
+        return True
+
+    def _fetch(
+        self, queue: str, options: str, timeout_ms: int | None, reliable: bool
+    ) -> tuple[_SyncNode, tuple[bytes, int]] | None:
+        """Sticky read: every readable server once from the sticky one, then (``timeout_ms``)
+        one blocking read on the server the cursor moved to."""
+        check_queue_name(queue)
+        pool = self._pool
+        for index in pool.read_order(queue):
+            node = pool.nodes[index]
+            found = self._fetch_one(node, queue + options, 0, reliable)
+            if isinstance(found, tuple):
+                pool.stick(queue, index)
+                return node, found
+            pool.move_on(queue, index)
+        if timeout_ms:
+            order = pool.read_order(queue)
+            if order:
+                index = order[0]
+                node = pool.nodes[index]
+                found = self._fetch_one(
+                    node, f"{queue}/t={int(timeout_ms)}{options}", timeout_ms, reliable
+                )
+                if isinstance(found, tuple):
+                    pool.stick(queue, index)
+                    return node, found
+                pool.move_on(queue, index)
+        return None
+
+    def _fetch_one(
+        self, node: _SyncNode, key: str, wait_ms: int | None, reliable: bool
+    ) -> tuple[bytes, int] | str:
+        """One single-key get: ``(data, flags)``, ``_EMPTY``, ``_FAILED`` or ``_REFUSED``."""
+        conn = node.conn(reliable)
+        if wait_ms:  # the reply may take the whole wait: widen the socket timeout for it
+            conn.timeout = self._timeout + wait_ms / 1000.0
+            if conn.sock is not None:
+                conn.sock.settimeout(conn.timeout)
+        try:
+            found = conn.get(key)
+        except _CONNECTION_ERRORS:
+            self._pool.mark_down(node)
+            return _FAILED
+        except MemcacheServerError as exc:  # quiescent, starting, journal error
+            if status_refusal(exc):
+                self._pool.mark_no_reads(node)
+            return _REFUSED
+        except MemcacheError as exc:
+            raise ErqError(f"get {key} on {node.address}: {exc!r}") from exc
+        finally:
+            if wait_ms:
+                conn.timeout = self._timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(self._timeout)
+            if reliable and conn.sock is None:  # pymemcache closes on any error
+                node.lose_open()
+        return _EMPTY if found is None else found
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every connection; the servers put this client's open reads back."""
+        for node in self._pool.nodes:
+            node.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncClient lives in its own module, imported on first use (it needs this one).
+    if name == "AsyncClient":
+        from erq._client_async import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
