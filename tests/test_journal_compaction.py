@@ -146,6 +146,26 @@ def test_long_queue_rewrite_keeps_only_live_records(codec, tmp_path):
     journal.close()
 
 
+def test_max_journal_size_rewrites_only_a_queue_whose_live_data_fits_in_it(codec, tmp_path):
+    """Kestrel's rule: past max_journal_size the journal is rewritten once its live data is
+    smaller than that size. A longer (or draining) queue is not: the rewrite would copy it."""
+    journal, _ = open_journal(tmp_path / "q", max_memory_size=10**9)
+    for i in range(1, 301):
+        it = item(i, 200)
+        journal.add(it.id, it.flags, it.add_time, it.expiry, it.data)
+    for i in range(1, 101):
+        journal.remove(i)
+    used, live = journal.used_bytes, journal._live_bytes()
+    assert used - live > SEGMENT and used <= 2 * live  # only the size limit can ask for it
+    journal.update_policy(max_journal_size=live)
+    assert not journal.wants_compaction
+    journal.update_policy(max_journal_size=live + 1)
+    assert journal.wants_compaction
+    journal.compact([], [item(i, 200) for i in range(101, 301)], wait=True)
+    assert journal.rewrites == 1 and not journal.wants_compaction
+    journal.close()
+
+
 def test_snapshot_keeps_open_reads_then_memory_then_disk_items(codec, tmp_path):
     journal, _ = open_journal(tmp_path / "q")
     q, model = run_scenario(journal, MEMORY, seed=3, steps=600)

@@ -421,7 +421,10 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
     @property
     def wants_compaction(self) -> bool:
         """True when :meth:`compact` would free space: the queue drained and old segments
-        remain, or the journal outgrew twice its live data (or ``max_journal_size``)."""
+        remain, or the journal outgrew twice its live data, or it outgrew
+        ``max_journal_size`` while its live data fits in that size (Kestrel's rule: a rewrite
+        copies the live data, so a queue longer than the limit is not rewritten for it; a
+        draining one would copy what its consumers are about to remove)."""
         if self._job is not None:
             self._poll_compaction()
             if self._job is not None:
@@ -436,7 +439,8 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         live = self._live_bytes()
         if used > max(2 * live, self._segment_size):
             return True
-        return used > self._max_journal_size and used - live > self._segment_size
+        limit = self._max_journal_size
+        return used > limit and live < limit and used - live > self._segment_size
 
     # ---- compaction ------------------------------------------------------------------------
     def compact(self, open_items: Sequence, memory_items: Sequence, *, wait: bool = False) -> None:
