@@ -630,7 +630,7 @@ class Bench:
                 )
                 self.say("restart", name, f"write {short(out.write)}; drain {short(out.drain)}")
                 out.live_items = int(server.stats().get("curr_items", "-1"))
-                out.disk_before, out.settle_s = settled_size(data_dir, limit_s=15.0)
+                out.disk_before, out.settle_s = settled_size(data_dir, limit_s=p.settle_limit_s)
                 for how in ("SIGTERM", "SIGKILL"):
                     for _ in range(p.repeat):
                         server.close(crash=how == "SIGKILL", timeout=120.0)
@@ -643,7 +643,7 @@ class Bench:
                             f"after {how}: ready in {server.ready_s:.3f} s, "
                             f"{out.items_after[-1]} items",
                         )
-                out.disk_after, _ = settled_size(data_dir, limit_s=15.0)
+                out.disk_after, _ = settled_size(data_dir, limit_s=p.settle_limit_s)
             except (BenchError, OSError) as exc:
                 out.failure = str(exc).splitlines()[0]
             finally:
@@ -699,19 +699,24 @@ def hold_idle_connections(server: Server, count: int, deadline_s: float) -> tupl
 
 def settled_size(path: str, limit_s: float) -> tuple[int, float]:
     """Size of ``path`` once background compaction stops changing it: unchanged for 3 s, which
-    spans the server's 1 s sweep that starts a compaction (at most ``limit_s``), and the
-    seconds that took."""
+    spans the server's 1 s sweep that starts a compaction, with no snapshot being written (a
+    ``.tmp`` file, whose size also stands still while it is fsync'd), at most ``limit_s``; and
+    the seconds that took."""
     began = time.monotonic()
     size = dir_bytes(path)
     stable_since = began
     while time.monotonic() - began < limit_s:
         time.sleep(0.5)
         now = dir_bytes(path)
-        if now != size:
+        if now != size or snapshot_in_progress(path):
             size, stable_since = now, time.monotonic()
         elif time.monotonic() - stable_since >= 3.0:
             break
     return size, time.monotonic() - began
+
+
+def snapshot_in_progress(path: str) -> bool:
+    return any(name.endswith(".tmp") for _root, _dirs, files in os.walk(path) for name in files)
 
 
 def dir_bytes(path: str) -> int:

@@ -288,6 +288,13 @@ class Plan:
     restart_item: int
     restart_full: bool
 
+    @property
+    def settle_limit_s(self) -> float:
+        """How long the restart figure waits for compaction to stop shrinking the journal
+        after the drain: 15 s, or longer when the drain leaves gigabytes to rewrite (a snapshot
+        copies live data at ~100-200 MB/s on these disks)."""
+        return max(15.0, self.restart_written / 100e6)
+
 
 @dataclass
 class Results:
@@ -646,7 +653,8 @@ def _render_restart(res: Results) -> list[str]:
         f"drained to {p.restart_live / MIB:,.0f} MiB live, then restarted {p.repeat}× after "
         f"SIGTERM and {p.repeat}× after SIGKILL; ready = from spawn until the port answers "
         "`version`. Journal on disk = apparent size of the data directory (preallocated "
-        "segments count in full), read once compaction stopped shrinking it (≤ 15 s) and "
+        f"segments count in full), read once compaction stopped shrinking it "
+        f"(≤ {p.settle_limit_s:,.0f} s) and "
         "again after the restarts._\n",
         table(
             [
