@@ -9,7 +9,6 @@ does not abort the reads this client still holds there.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Sequence
 
 from erq.client import (
@@ -18,14 +17,13 @@ from erq.client import (
     _REFUSED,
     ABORTED,
     CONFIRMED,
-    LOST,
     Address,
     ErqError,
     ServerSpec,
     WritePolicy,
+    _ClientCore,
     _ItemBase,
     _Node,
-    _Pool,
     check_queue_name,
     oldest_check,
     parse_server,
@@ -156,8 +154,10 @@ class _AsyncNode(_Node):
 _CONNECTION_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
 
 
-class AsyncClient:
+class AsyncClient(_ClientCore):
     """The asyncio twin of ``erq.client.Client``: same arguments, same methods as coroutines."""
+
+    _item_class = AsyncItem
 
     def __init__(
         self,
@@ -172,11 +172,7 @@ class AsyncClient:
         if isinstance(servers, str):
             servers = [servers]
         nodes = [_AsyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
-        self._pool = _Pool(nodes, write_policy, retry_after, seed)
-
-    @property
-    def servers(self) -> list[Address]:
-        return [node.address for node in self._pool.nodes]
+        super().__init__(nodes, write_policy, retry_after, seed)
 
     async def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
         """See ``Client.put``."""
@@ -207,25 +203,14 @@ class AsyncClient:
         """See ``Client.get_reliable``."""
         check_queue_name(queue)
         if confirm is not None:
-            if confirm.queue != queue:
-                raise ValueError("confirm= must be an item of the same queue")
-            items = oldest_check(confirm, AsyncItem)
-            if items is not None:
-                node = confirm._node
-                items.popleft()
-                confirm.state = LOST  # until the server answered
+            node = self._chain_close(queue, confirm)
+            if node is not None:
                 found = await self._fetch_one(node, queue + "/close/open", 0, reliable=True)
-                confirm.state = LOST if found == _FAILED else CONFIRMED
-                if isinstance(found, tuple):
-                    self._pool.stick(queue, self._pool.nodes.index(node))
-                    return self._opened(queue, node, found)
+                item = self._chained(queue, confirm, node, found)
+                if item is not None:
+                    return item
         found = await self._fetch(queue, "/open", timeout_ms, reliable=True)
         return None if found is None else self._opened(queue, found[0], found[1])
-
-    def _opened(self, queue: str, node: _AsyncNode, found: tuple[bytes, int]) -> AsyncItem:
-        item = AsyncItem(queue, found[0], found[1], node, self)
-        node.open.setdefault(queue, deque()).append(item)
-        return item
 
     async def confirm(self, item: AsyncItem) -> bool:
         """See ``Client.confirm``."""
@@ -240,39 +225,16 @@ class AsyncClient:
         if items is None:
             return False
         found = await self._fetch_one(item._node, item.queue + option, 0, reliable=True)
-        if found in (_FAILED, _REFUSED):
-            # _REFUSED cannot happen (close and abort always work); if it did, the item is
-            # still open on a live connection, so say it did not work and keep it open.
-            return False
-        if found != _EMPTY:
-            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
-        items.popleft()
-        item.state = state
-        return True
+        return self._finished(item, items, option, state, found)
 
     async def _fetch(
         self, queue: str, options: str, timeout_ms: int | None, reliable: bool
     ) -> tuple[_AsyncNode, tuple[bytes, int]] | None:
         check_queue_name(queue)
-        pool = self._pool
-        for index in pool.read_order(queue):
-            node = pool.nodes[index]
-            found = await self._fetch_one(node, queue + options, 0, reliable)
-            if isinstance(found, tuple):
-                pool.stick(queue, index)
+        for index, node, key, wait_ms in self._read_plan(queue, options, timeout_ms):
+            found = await self._fetch_one(node, key, wait_ms, reliable)
+            if self._landed(queue, index, found):
                 return node, found
-            pool.move_on(queue, index)
-        if timeout_ms:
-            order = pool.read_order(queue)
-            if order:
-                index = order[0]
-                node = pool.nodes[index]
-                key = f"{queue}/t={int(timeout_ms)}{options}"
-                found = await self._fetch_one(node, key, timeout_ms, reliable)
-                if isinstance(found, tuple):
-                    pool.stick(queue, index)
-                    return node, found
-                pool.move_on(queue, index)
         return None
 
     async def _fetch_one(

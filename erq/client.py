@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pymemcache.client.base import Client as _MemcacheClient
@@ -301,8 +301,91 @@ class _SyncNode(_Node):
         self.lose_open()
 
 
-class Client:
+class _ClientCore:
+    """What ``Client`` and ``AsyncClient`` do between their requests, written once: server
+    choice for reads, the bookkeeping of reliable reads, and what each reply means. Each
+    client only does the I/O (blocking or awaited) in between."""
+
+    _item_class: type[_ItemBase]
+
+    def __init__(
+        self, nodes: list[Any], write_policy: WritePolicy, retry_after: float, seed: int | None
+    ) -> None:
+        self._pool = _Pool(nodes, write_policy, retry_after, seed)
+
+    @property
+    def servers(self) -> list[Address]:
+        return [node.address for node in self._pool.nodes]
+
+    def _read_plan(
+        self, queue: str, options: str, timeout_ms: int | None
+    ) -> Iterator[tuple[int, Any, str, int]]:
+        """The reads of one sticky fetch, as (server index, node, key, wait in ms): every
+        readable server once from the sticky one, then (``timeout_ms``) one blocking read on
+        the server the cursor moved to. Lazy: each step sees where the previous ones left
+        the cursor (``_landed``)."""
+        pool = self._pool
+        for index in pool.read_order(queue):
+            yield index, pool.nodes[index], queue + options, 0
+        if timeout_ms:
+            order = pool.read_order(queue)
+            if order:
+                index = order[0]
+                yield index, pool.nodes[index], f"{queue}/t={int(timeout_ms)}{options}", timeout_ms
+
+    def _landed(self, queue: str, index: int, found: object) -> bool:
+        """After one read of the plan: stick to the server that had an item, else move on."""
+        if isinstance(found, tuple):
+            self._pool.stick(queue, index)
+            return True
+        self._pool.move_on(queue, index)
+        return False
+
+    def _opened(self, queue: str, node: Any, found: tuple[bytes, int]) -> Any:
+        item = self._item_class(queue, found[0], found[1], node, self)
+        node.open.setdefault(queue, deque()).append(item)
+        return item
+
+    def _chain_close(self, queue: str, confirm: Any) -> Any:
+        """``get_reliable(confirm=...)``: check the item and take it off this client's open
+        reads (whatever happens now, it is no longer open here); the node to send
+        ``q/close/open`` to, or None when the item was lost already."""
+        if confirm.queue != queue:
+            raise ValueError("confirm= must be an item of the same queue")
+        items = oldest_check(confirm, self._item_class)
+        if items is None:
+            return None
+        items.popleft()
+        confirm.state = LOST  # until the server answered
+        return confirm._node
+
+    def _chained(self, queue: str, confirm: Any, node: Any, found: object) -> Any:
+        """The reply to ``q/close/open``: the confirmed item's state, and the next item of that
+        server (or None: then the caller reads as a plain ``get_reliable``). Under QUIESCENT
+        the close still happens before the fetch is refused (PROTOCOL §10)."""
+        confirm.state = LOST if found == _FAILED else CONFIRMED
+        if isinstance(found, tuple):
+            self._pool.stick(queue, self._pool.nodes.index(node))
+            return self._opened(queue, node, found)
+        return None
+
+    def _finished(self, item: Any, items: deque, option: str, state: str, found: object) -> bool:
+        """The reply to ``q/close`` or ``q/abort``. A broken connection (the node forgot the
+        item: LOST) or a refusal (cannot happen: close and abort always work; if it did, the
+        item is still open on a live connection) is False."""
+        if found in (_FAILED, _REFUSED):
+            return False
+        if found != _EMPTY:
+            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
+        items.popleft()
+        item.state = state
+        return True
+
+
+class Client(_ClientCore):
     """A synchronous client for several erq servers (see the module docstring)."""
+
+    _item_class = Item
 
     def __init__(
         self,
@@ -320,12 +403,8 @@ class Client:
         if isinstance(servers, str):
             servers = [servers]
         nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
-        self._pool = _Pool(nodes, write_policy, retry_after, seed)
+        super().__init__(nodes, write_policy, retry_after, seed)
         self._timeout = timeout
-
-    @property
-    def servers(self) -> list[Address]:
-        return [node.address for node in self._pool.nodes]
 
     # ---- writes ---------------------------------------------------------------------------
     def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
@@ -377,26 +456,14 @@ class Client:
         """
         check_queue_name(queue)
         if confirm is not None:
-            if confirm.queue != queue:
-                raise ValueError("confirm= must be an item of the same queue")
-            items = oldest_check(confirm, Item)
-            if items is not None:
-                node = confirm._node
-                items.popleft()  # whatever happens now, it is no longer open on this client
-                confirm.state = LOST  # until the server answered
+            node = self._chain_close(queue, confirm)
+            if node is not None:
                 found = self._fetch_one(node, queue + "/close/open", 0, reliable=True)
-                # Under QUIESCENT the close still happens before the fetch is refused (§10).
-                confirm.state = LOST if found == _FAILED else CONFIRMED
-                if isinstance(found, tuple):
-                    self._pool.stick(queue, self._pool.nodes.index(node))
-                    return self._opened(queue, node, found)
+                item = self._chained(queue, confirm, node, found)
+                if item is not None:
+                    return item
         found = self._fetch(queue, "/open", timeout_ms, reliable=True)
         return None if found is None else self._opened(queue, found[0], found[1])
-
-    def _opened(self, queue: str, node: _SyncNode, found: tuple[bytes, int]) -> Item:
-        item = Item(queue, found[0], found[1], node, self)
-        node.open.setdefault(queue, deque()).append(item)
-        return item
 
     def confirm(self, item: Item) -> bool:
         """``get q/close`` on the item's server; False when the item was lost (see ``Item``)."""
@@ -411,40 +478,17 @@ class Client:
         if items is None:
             return False
         found = self._fetch_one(item._node, item.queue + option, 0, reliable=True)
-        if found in (_FAILED, _REFUSED):  # the connection broke: the node forgot the item (LOST)
-            return False
-        if found != _EMPTY:
-            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
-        items.popleft()
-        item.state = state
-        return True
+        return self._finished(item, items, option, state, found)
 
     def _fetch(
         self, queue: str, options: str, timeout_ms: int | None, reliable: bool
     ) -> tuple[_SyncNode, tuple[bytes, int]] | None:
-        """Sticky read: every readable server once from the sticky one, then (``timeout_ms``)
-        one blocking read on the server the cursor moved to."""
+        """Sticky read (``_read_plan``): the node that had an item and the item, or None."""
         check_queue_name(queue)
-        pool = self._pool
-        for index in pool.read_order(queue):
-            node = pool.nodes[index]
-            found = self._fetch_one(node, queue + options, 0, reliable)
-            if isinstance(found, tuple):
-                pool.stick(queue, index)
+        for index, node, key, wait_ms in self._read_plan(queue, options, timeout_ms):
+            found = self._fetch_one(node, key, wait_ms, reliable)
+            if self._landed(queue, index, found):
                 return node, found
-            pool.move_on(queue, index)
-        if timeout_ms:
-            order = pool.read_order(queue)
-            if order:
-                index = order[0]
-                node = pool.nodes[index]
-                found = self._fetch_one(
-                    node, f"{queue}/t={int(timeout_ms)}{options}", timeout_ms, reliable
-                )
-                if isinstance(found, tuple):
-                    pool.stick(queue, index)
-                    return node, found
-                pool.move_on(queue, index)
         return None
 
     def _fetch_one(
