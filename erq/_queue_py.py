@@ -103,6 +103,17 @@ class Queue:
         self._last_removed_add_time: int | None = None
         self._rotations_seen = 0
         self._item_overhead = ITEM_OVERHEAD  # read per add: an attribute, a C field when compiled
+        # A lower bound of the ids in the ring, cheap to keep, for the journal's release_head.
+        # New items get ever larger ids, so the ring is ascending by id until an aborted read
+        # goes back to the head or an item read back from disk is older than the newest one
+        # (after a restart from a snapshot). Such a push opens a "zone": until _pops (items
+        # taken from the head so far) reaches _zone_end, every item that was in the ring then
+        # is still ahead, and no id in the ring is below _zone_min. Once they have all gone,
+        # the ring is ascending again and its head has the lowest id.
+        self._pops = 0
+        self._zone_end = 0
+        self._zone_min = 0
+        self._last_id = 0  # the greatest id ever pushed at the tail
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -207,6 +218,7 @@ class Queue:
             in_memory = True  # nowhere else to keep it
         if in_memory:
             self._ring.push(item)
+            self._last_id = item.id  # a new id: greater than any the queue has had
             self._mem_bytes += len(item.data)
         else:
             self._disk_items += 1
@@ -226,7 +238,7 @@ class Queue:
                 if isinstance(rec, Item)
                 else Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
             )
-            self._ring.push(item)
+            self._push_tail(item)
             self._mem_bytes += len(item.data)
         self._disk_items = disk_items
         self._disk_bytes = disk_bytes
@@ -250,7 +262,7 @@ class Queue:
                 break  # the journal has nothing more to give back
             for rec in batch:
                 item = Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
-                self._ring.push(item)
+                self._push_tail(item)
                 n = len(item.data)
                 self._mem_bytes += n
                 self._disk_items -= 1
@@ -260,8 +272,43 @@ class Queue:
         """What the in-memory items really cost: their bytes plus a fixed overhead each."""
         return self._mem_bytes + self._item_overhead * len(self._ring)
 
+    def _push_tail(self, item: Item) -> None:
+        """Push an item that is not new (restored or read back) at the tail."""
+        ring = self._ring
+        if item.id <= self._last_id:  # out of id order: every item now in the ring is ahead
+            self._zone_min = min(self._lowest_in_ring(), item.id) if ring else item.id
+            self._zone_end = self._pops + len(ring) + 1
+        else:
+            self._last_id = item.id
+        ring.push(item)
+
+    def _push_head(self, item: Item) -> None:
+        ring = self._ring
+        if self._pops < self._zone_end:
+            self._zone_min = min(self._zone_min, item.id)
+            self._zone_end += 1  # the items that opened the zone are one further back
+        elif ring and item.id > ring.peek().id:
+            self._zone_min = ring.peek().id
+            self._zone_end = self._pops + 1  # ascending again once this one is taken
+        ring.push_front(item)
+
+    def _lowest_in_ring(self) -> int:
+        """No item in the (non-empty) ring has a lower id."""
+        if self._pops < self._zone_end:
+            return self._zone_min
+        return self._ring.peek().id
+
+    def lowest_live_id(self) -> int:
+        """No item queued in RAM or open has a lower id; -1 when there is none."""
+        lowest = self._lowest_in_ring() if self._ring else -1
+        for item_id in self._open:
+            if lowest < 0 or item_id < lowest:
+                lowest = item_id
+        return lowest
+
     def _pop_head(self) -> Item:
         item = self._ring.pop()
+        self._pops += 1
         self._mem_bytes -= len(item.data)
         self._last_removed_add_time = item.add_time
         if self._disk_items:
@@ -371,7 +418,7 @@ class Queue:
             except JournalError as exc:
                 # Harmless: recovery puts a read the journal still calls open at the head too.
                 log.warning("queue %s: abort not journaled: %s", self.name, exc)
-        self._ring.push_front(item)
+        self._push_head(item)
         self._mem_bytes += len(item.data)
         self.canceled_transactions += 1
         if self._waiters:
@@ -425,6 +472,7 @@ class Queue:
     def flush(self) -> None:
         """Drop every queued item; open reads are untouched."""
         self._ring.clear()
+        self._zone_end = self._pops
         self._mem_bytes = 0
         self._disk_items = 0
         self._disk_bytes = 0
@@ -436,6 +484,7 @@ class Queue:
         """Drop items, open reads and journal files; blocked gets are answered END."""
         self.deleted = True
         self._ring.clear()
+        self._zone_end = self._pops
         self._open.clear()
         self._mem_bytes = self._disk_items = self._disk_bytes = self._open_bytes = 0
         if self._journal is not None:
@@ -458,8 +507,14 @@ class Queue:
         )
 
     def maybe_compact(self) -> None:
+        """Give back journal space: old segments the head has passed, else a compaction."""
         journal = self._journal
-        if journal is not None and journal.wants_compaction:
+        if journal is None:
+            return
+        if journal.segment_count > 1:
+            lowest = self.lowest_live_id()
+            journal.release_head(lowest if lowest >= 0 else None)
+        if journal.wants_compaction:
             opens = [read.item for read in self._open.values()]
             journal.compact(opens, self._ring.to_list())
 
@@ -491,4 +546,5 @@ class Queue:
             "total_flushes": self.total_flushes,
             "journal_rewrites": journal.rewrites if journal is not None else 0,
             "journal_rotations": journal.rotations if journal is not None else 0,
+            "journal_released": journal.released if journal is not None else 0,
         }

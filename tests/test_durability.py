@@ -617,6 +617,36 @@ def test_compaction_bounds_the_journal_by_live_data_and_a_crash_after_draining_l
     shutil.rmtree(server.data_dir)  # over 64 MiB of preallocated segments
 
 
+def test_a_long_queue_gives_back_the_segments_its_head_passed_without_a_rewrite(erq_factory):
+    # Segments grow 1, 2, 4, 8, 16 MiB: 512 items of 32 KiB fill the first four and start the
+    # fifth. Taking 250 moves the head into the fourth: the first three hold only history and
+    # are deleted (no snapshot: the live data, ~8 MiB, is over half of the rest).
+    server = erq_factory()
+    client = server.client(timeout=30)
+    values = [big_value(n) for n in range(512)]
+    set_many(client, "q", values)
+    files = segment_files(server.data_dir / "q")
+    assert len(files) == 5
+    assert get_many(client, "q", 250) == values[:250]
+    stats = wait_for(
+        lambda: (s := queue_stats(client, "q"))["journal_released"] >= 3 and s,
+        "the passed segments to be deleted",
+    )
+    assert stats["journal_released"] == 3 and stats["journal_rewrites"] == 0, stats
+    assert segment_files(server.data_dir / "q") == files[3:]
+    client.close()
+    server.kill()
+
+    log = start_logged(server)
+    live = values[250:]
+    assert ready_counts(log) == [(len(live), sum(map(len, live)))], log
+    client = server.client(timeout=30)
+    assert get_many(client, "q", len(live)) == live
+    client.close()
+    server.kill()
+    shutil.rmtree(server.data_dir)
+
+
 # ---- 8. what a restart brings back ---------------------------------------------------------------
 def test_ready_line_reports_the_recovered_items_and_bytes_of_every_queue(erq_factory):
     server = erq_factory()

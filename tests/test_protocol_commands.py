@@ -52,6 +52,7 @@ PER_QUEUE_FIELDS = {
     "total_flushes",
     "journal_rewrites",
     "journal_rotations",
+    "journal_released",
 }
 GENERAL_FIELDS = {
     "pid",

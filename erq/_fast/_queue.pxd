@@ -46,6 +46,10 @@ cdef class Queue:
     cdef object _last_removed_add_time
     cdef long long _rotations_seen
     cdef long long _item_overhead  # ITEM_OVERHEAD as a C integer
+    cdef long long _pops  # the ring's lower id bound (see __init__)
+    cdef long long _zone_end
+    cdef unsigned long long _zone_min
+    cdef unsigned long long _last_id
 
     cpdef bint is_full(self)
     cdef long long _now(self) except? -1
@@ -54,6 +58,11 @@ cdef class Queue:
     @cython.locals(journal=c_journal.AppendCore)
     cdef object _append(self, c_ring.Item item)
     cdef void _refill(self) except *
+    @cython.locals(ring=c_ring.Ring)
+    cdef void _push_tail(self, c_ring.Item item) except *
+    @cython.locals(ring=c_ring.Ring)
+    cdef void _push_head(self, c_ring.Item item) except *
+    cdef unsigned long long _lowest_in_ring(self)
     cdef long long _mem_cost(self)
     @cython.locals(item=c_ring.Item)
     cdef c_ring.Item _pop_head(self)

@@ -161,6 +161,10 @@ class DiskItems:
         self.count = 0
         self.nbytes = 0
 
+    def segments(self) -> set[Segment]:
+        """The segments that hold an unread item."""
+        return {run[0] for run in self._runs}
+
     def runs(self) -> list[tuple[Segment, array]]:
         """A copy of the unread positions, run by run (for a compaction snapshot)."""
         return [(segment, offsets[i:]) for segment, offsets, i in self._runs]

@@ -5,6 +5,10 @@ goes in with one pwritev on the segment's file instead, which spares the kernel 
 pages that are about to be overwritten), so once an append returns the record is in the
 kernel's page cache: killing the process loses nothing.
 The fsync policy decides when it reaches the disk (see ``commit.py``).
+
+Disk space comes back two ways: ``release_head`` deletes the oldest segments once the queue's
+head has passed them (a long queue that drains gives back its files as it goes), and
+compaction rewrites the live records into a snapshot when what is left is mostly history.
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._closed = False
         self.rotations = 0  # segments sealed because they were full or for a compaction
         self.rewrites = 0  # compactions completed
+        self.released = 0  # old segments deleted by release_head
         self.last_compaction_error: BaseException | None = None
 
     # ---- opening ---------------------------------------------------------------------------
@@ -526,6 +531,43 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._reset_counts(0, 0)
         self.rewrites += 1
         self._retry_delay = _RETRY_FIRST
+
+    def release_head(self, lowest_live_id: int | None) -> int:
+        """Delete the oldest sealed segments that no live item needs; returns how many.
+
+        ``lowest_live_id``: no item queued in RAM or open has a lower id (None: there is no
+        such item). A segment header's ``id_floor`` is greater than every id added in the
+        segments before it, so those hold no live item's ADD once the floor is at most
+        ``lowest_live_id`` and none of the not-in-memory items is in them. What they still
+        hold is history: replay ignores the records that name ids it never saw, so deleting
+        that prefix of the log (oldest first) leaves a log that replays to the same state,
+        at every step. A long queue whose head is draining gives its disk back as it goes,
+        without a snapshot (Kestrel's journal likewise drops the files its reader passed).
+        """
+        self._poll_compaction()
+        segments = self._segments
+        if self._job is not None or self._closed or len(segments) < 2:
+            return 0
+        pinned = self._disk.segments()
+        n = 0
+        while n < len(segments) - 1 and segments[n] not in pinned:
+            if lowest_live_id is not None and segments[n + 1].id_floor > lowest_live_id:
+                break
+            n += 1
+        if not n:
+            return 0
+        old = segments[:n]
+        self._forget(old)
+        for segment in old:
+            segment.close()
+            try:
+                os.unlink(segment.path)
+            except FileNotFoundError:
+                pass
+        if self.directory not in self._dirs_unsynced:
+            self._dirs_unsynced.append(self.directory)  # the unlinks, with the next sync
+        self.released += n
+        return n
 
     def _forget(self, old: list[Segment]) -> None:
         gone = set(old)
