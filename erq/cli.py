@@ -1,4 +1,5 @@
-"""Command line: ``erq serve`` (the default), ``erq stats``, ``erq journal dump|check|pack``."""
+"""Command line: ``erq serve`` (the default), ``erq stats``, ``erq journal dump|check|pack``,
+``erq bench``."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument(
         "data_dir"
+    )
+    from . import bench
+
+    bench.add_arguments(
+        sub.add_parser(
+            "bench",
+            help="measure a server and check its replies (starts its own unless --host/--port)",
+            description=bench.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     )
     return parser
 
@@ -104,4 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stats(ns)
     if ns.command == "journal":
         return _journal(ns)
+    if ns.command == "bench":
+        from . import bench
+
+        return bench.main(ns)
     return _serve(ns)
