@@ -546,5 +546,4 @@ class Queue:
             "total_flushes": self.total_flushes,
             "journal_rewrites": journal.rewrites if journal is not None else 0,
             "journal_rotations": journal.rotations if journal is not None else 0,
-            "journal_released": journal.released if journal is not None else 0,
         }

@@ -107,7 +107,6 @@ _QUEUE_COUNTERS = frozenset(
         "total_flushes",
         "journal_rewrites",
         "journal_rotations",
-        "journal_released",
     }
 )
 _UNITS = {"uptime": "uptime_seconds", "age": "age_milliseconds"}
@@ -147,7 +146,6 @@ _QUEUE_HELP = {
     "total_flushes": "Flushes of the queue.",
     "journal_rewrites": "Compactions of the queue's journal.",
     "journal_rotations": "Times the queue's journal moved on to a new segment.",
-    "journal_released": "Old segments of the queue's journal deleted once its head passed them.",
 }
 
 

@@ -386,6 +386,17 @@ def format_table(results: list[ScenarioResult], self_started: bool) -> str:
     return "\n".join(lines)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``erq bench`` command line (erq.cli hands it the arguments after ``bench``)."""
+    p = argparse.ArgumentParser(
+        prog="erq bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``erq bench`` options (cli.py stays a dispatcher)."""
     p.add_argument("--host", help="drive this running server (default: start our own)")

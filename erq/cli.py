@@ -51,15 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument(
         "data_dir"
     )
-    from . import bench
-
-    bench.add_arguments(
-        sub.add_parser(
-            "bench",
-            help="measure a server and check its replies (starts its own unless --host/--port)",
-            description=bench.DESCRIPTION,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    # Listed here for ``erq --help``; its options are parsed by erq.bench, which main() imports
+    # only for it (the server does not carry the load generator's modules).
+    sub.add_parser(
+        "bench",
+        help="measure a server and check its replies (starts its own unless --host/--port)",
+        add_help=False,
     )
     return parser
 
@@ -107,6 +104,10 @@ def _journal(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(bench.build_parser().parse_args(argv[1:]))
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "serve")
@@ -115,8 +116,4 @@ def main(argv: list[str] | None = None) -> int:
         return _stats(ns)
     if ns.command == "journal":
         return _journal(ns)
-    if ns.command == "bench":
-        from . import bench
-
-        return bench.main(ns)
     return _serve(ns)

@@ -52,7 +52,6 @@ PER_QUEUE_FIELDS = {
     "total_flushes",
     "journal_rewrites",
     "journal_rotations",
-    "journal_released",
 }
 GENERAL_FIELDS = {
     "pid",
