@@ -416,3 +416,17 @@ def test_values_name_their_counter() -> None:
     with pytest.raises(BenchError, match="wrong value"):
         v.counter(b"42:......x")
     assert Values(2).capacity == 10
+
+
+def test_the_server_command_line_does_not_load_the_bench():
+    # The server process must not carry the load generator's modules (its RSS is a bar).
+    code = (
+        "import sys; from erq import cli; cli.build_parser().parse_args(['serve']); "
+        "print(sorted(m for m in sys.modules if m in ('erq.bench', 'erq.loadgen')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    listed = subprocess.run(
+        [sys.executable, "-m", "erq", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "bench" in listed.stdout
