@@ -2,8 +2,9 @@
 
 Feeds ``MemcacheProtocol.data_received`` in process, with a fake transport and a real journal
 (fsync period), on the server's event loop (uvloop when installed), so the count covers
-parser -> session -> commands -> queue -> journal and the reply, but not the kernel or the
-event loop's polling. Unlike a timing, it does not depend on what
+parser -> session -> commands -> queue -> journal and the reply (the Cython build writes it to
+/dev/null with the write() a socket gets; the pure-Python build hands it to the fake
+transport), but not the kernel or the event loop's polling. Unlike a timing, it does not depend on what
 else the machine is doing, which makes it the measure to compare two builds or two commits.
 
     python benchmarks/instructions.py                 # every shape, needs valgrind
@@ -38,9 +39,28 @@ WAKE_GET = b"get q/t=1000\r\n"
 PREFILL_READS = 2000  # 128,000 items before a get shape, so that no get finds the queue empty
 
 
+class _Sink:
+    """Where the replies go: /dev/null, through the same write() a socket gets."""
+
+    def __init__(self) -> None:
+        self._fd = os.open(os.devnull, os.O_WRONLY)
+
+    def fileno(self) -> int:
+        return self._fd
+
+
 class _Transport:
+    def __init__(self) -> None:
+        self._sink = _Sink()
+
+    def get_extra_info(self, name: str, default=None):
+        return self._sink if name == "socket" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def write(self, data: bytes) -> None:
-        pass
+        pass  # the pure-Python build's writer hands every reply here
 
     def close(self) -> None:
         pass

@@ -31,7 +31,7 @@ def compiled_twins_built() -> bool:
 
 def _extensions_importable() -> bool:
     try:
-        from ._fast import _clock, _fsync, _journal, _parser, _ring  # noqa: F401
+        from ._fast import _clock, _fsync, _journal, _parser, _ring, _wire  # noqa: F401
     except ImportError:
         return False
     return compiled_twins_built()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from erq.commands import dispatch
 from erq.parser import Parser
 from erq.session import Session
+from erq.wire import SocketWriter
 
 if TYPE_CHECKING:
     import asyncio
@@ -71,8 +72,12 @@ class MemcacheProtocol:
             return
         counters.curr_connections += 1
         self.session = Session(
-            state, dispatch, transport.write, transport.close, self._pause_pipeline
-        )  # type: ignore[attr-defined]
+            state,
+            dispatch,
+            SocketWriter(transport).write,
+            transport.close,  # type: ignore[attr-defined]
+            self._pause_pipeline,
+        )
         state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

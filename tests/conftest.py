@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_MODULES = ("_parser", "_ring", "_journal", "_fsync", "_clock")
+FAST_MODULES = ("_parser", "_ring", "_journal", "_fsync", "_clock", "_wire")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -189,6 +189,9 @@ class RecordingTransport:
     def is_closing(self):
         return self.closing
 
+    def get_extra_info(self, name, default=None):
+        return default  # no socket: the reply writer hands every reply to write()
+
     def pause_reading(self):
         self.calls.append("pause")
 

@@ -1,0 +1,156 @@
+"""The reply writer (SocketWriter), both builds: the bytes reach the socket in order whoever
+sends them, the transport keeps what the socket does not take and everything written after it,
+and a closing transport or a broken connection is left to the transport.
+
+The transport here does what asyncio's and uvloop's do with ``write``: send what the socket
+takes now, keep the rest, and send it when the socket drains (``drain``, the loop's part).
+The compiled writer sends on the socket itself while that buffer is empty; the pure-Python
+twin hands every reply to the transport. Through a real server, the protocol tests cover both
+on both loops (tests/test_protocol_connection.py).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from conftest import impl_module
+
+
+class BufferingTransport:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.closing = False
+        self.writes: list[bytes] = []
+        self.error: OSError | None = None
+
+    def get_extra_info(self, name, default=None):
+        return self.sock if name == "socket" and self.sock is not None else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.buffer)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        if self.closing or self.error is not None:
+            return
+        if not self.buffer:
+            try:
+                data = data[self.sock.send(data) :]
+            except BlockingIOError:
+                pass
+            except OSError as exc:  # a real transport closes the connection and reports it
+                self.error = exc
+                return
+        self.buffer += data
+
+    def drain(self) -> None:
+        while self.buffer:
+            try:
+                sent = self.sock.send(self.buffer)
+            except BlockingIOError:
+                return
+            del self.buffer[:sent]
+
+
+@pytest.fixture
+def writer_class(impl):
+    return impl_module(impl, "_wire", "_wire_py").SocketWriter
+
+
+@pytest.fixture
+def pair():
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def read_all(client: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    client.settimeout(5)
+    while len(out) < n:
+        chunk = client.recv(n - len(out))
+        assert chunk, "the peer closed"
+        out += chunk
+    return bytes(out)
+
+
+def test_replies_reach_the_socket_in_order(impl, writer_class, pair):
+    server, client = pair
+    transport = BufferingTransport(server)
+    write = writer_class(transport).write
+    for reply in (b"STORED\r\n", b"END\r\n", b"VALUE q 0 2\r\nhi\r\nEND\r\n"):
+        write(reply)
+    assert read_all(client, 35) == b"STORED\r\nEND\r\nVALUE q 0 2\r\nhi\r\nEND\r\n"
+    # The compiled writer used the socket itself; the twin, the transport.
+    assert (transport.writes == []) == (impl == "c")
+
+
+def test_what_the_socket_does_not_take_waits_and_later_replies_go_after_it(
+    impl, writer_class, pair
+):
+    server, client = pair
+    transport = BufferingTransport(server)
+    write = writer_class(transport).write
+    big = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers hold
+    write(big)
+    assert transport.get_write_buffer_size() > 0  # the rest waits in the transport
+    client.settimeout(5)
+    head = client.recv(65536)  # the socket has room again, but the transport has not sent
+    write(b"after\r\n")  # ... so this must wait behind the rest of big
+    transport.drain()
+    rest = bytearray()
+    while transport.buffer or len(head) + len(rest) < len(big) + 7:
+        transport.drain()
+        try:
+            rest += client.recv(1 << 20)
+        except TimeoutError:
+            pytest.fail("the peer stopped receiving")
+    assert head + bytes(rest) == big + b"after\r\n"
+    # The transport is empty again: the next reply may go straight to the socket.
+    writes_before = len(transport.writes)
+    write(b"next\r\n")
+    assert read_all(client, 6) == b"next\r\n"
+    assert len(transport.writes) == writes_before + (0 if impl == "c" else 1)
+
+
+def test_a_closing_transport_gets_every_write(writer_class, pair):
+    # Once closing, the descriptor may be closed and its number taken by another connection:
+    # nothing may be written to it directly.
+    server, client = pair
+    transport = BufferingTransport(server)
+    write = writer_class(transport).write
+    transport.closing = True
+    write(b"STORED\r\n")
+    assert transport.writes == [b"STORED\r\n"]
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(100)
+
+
+def test_a_broken_connection_is_left_to_the_transport(writer_class, pair):
+    server, client = pair
+    transport = BufferingTransport(server)
+    write = writer_class(transport).write
+    client.close()
+    write(b"STORED\r\n")  # EPIPE: no exception here; the transport meets the error itself
+    assert transport.writes == [b"STORED\r\n"]
+    assert isinstance(transport.error, BrokenPipeError | ConnectionResetError)
+
+
+def test_without_a_socket_every_reply_goes_to_the_transport(writer_class):
+    transport = BufferingTransport(None)
+    transport.write = transport.writes.append  # nothing to send on
+    write = writer_class(transport).write
+    write(b"END\r\n")
+    write(b"STORED\r\n")
+    assert transport.writes == [b"END\r\n", b"STORED\r\n"]
