@@ -521,13 +521,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         old = self._segments[:-1]
         if not old:
             return
-        self._forget(old)
-        for segment in old:
-            segment.close()
-            try:
-                os.unlink(segment.path)
-            except FileNotFoundError:
-                pass
+        self._delete_oldest(old)
         self._reset_counts(0, 0)
         self.rewrites += 1
         self._retry_delay = _RETRY_FIRST
@@ -556,7 +550,13 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             n += 1
         if not n:
             return 0
-        old = segments[:n]
+        self._delete_oldest(segments[:n])
+        self.released += n
+        return n
+
+    def _delete_oldest(self, old: list[Segment]) -> None:
+        """Delete ``old``, the oldest segments, oldest first: a crash between two unlinks
+        leaves a shorter prefix deleted, which replays to the same state."""
         self._forget(old)
         for segment in old:
             segment.close()
@@ -566,8 +566,6 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
                 pass
         if self.directory not in self._dirs_unsynced:
             self._dirs_unsynced.append(self.directory)  # the unlinks, with the next sync
-        self.released += n
-        return n
 
     def _forget(self, old: list[Segment]) -> None:
         gone = set(old)
