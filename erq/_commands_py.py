@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from erq import __version__
+from erq import wire as _wire
 from erq._compat import IMPLEMENTATION
 from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec, parse_key
@@ -113,8 +114,73 @@ def cmd_set(session: Session, req: tuple) -> None:
 
 
 # ---- get -------------------------------------------------------------------------------
+def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op) -> bool:
+    """Run a get's keys from ``index``, each as its own get; False when one blocked.
+
+    ``op`` is the get's GetOperation, or None: most gets never wait, so the operation object
+    is made only when a key has to (``/t=`` on an empty queue), and it then runs the rest."""
+    state = session.state
+    while index < len(specs):
+        spec = specs[index]
+        name = spec.name
+        if spec.abort:
+            session.abort_oldest(name)
+        if spec.close:
+            session.close_oldest(name)
+        if not spec.fetches:
+            index += 1
+            continue
+        counters = state.counters
+        if spec.peek:
+            counters.cmd_peek += 1
+        else:
+            counters.cmd_get += 1
+        if state.status == "QUIESCENT":
+            session.out.append(QUIESCENT)
+            return True
+        if not spec.peek:
+            if spec.open:
+                if session.at_open_limit(name, state.config.server.max_open_reads):
+                    session.close_after(ERROR)
+                    return True
+            elif session.has_open(name):
+                session.close_after(ERROR)
+                return True
+        queue = state.queues.get_or_create(name)
+        try:
+            item = queue.head() if spec.peek else queue.take(spec.open)
+        except JournalError as exc:  # disk full: the item stays at the head
+            log.error("get %s: %s", name, exc)
+            session.out.append(
+                b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+            )
+            return True
+        if item is None and spec.timeout:
+            if op is None:
+                op = GetOperation(session, specs, gets)
+            op.index = index
+            op._wait(queue, spec)
+            return False
+        answer_key(session, spec, queue, item, gets)
+        index += 1
+    session.out.append(END)
+    return True
+
+
+def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) -> None:
+    """Answer one key of a get: its VALUE block, or nothing for a miss."""
+    counters = session.state.counters
+    if item is None:
+        counters.get_misses += 1
+        return
+    counters.get_hits += 1
+    if spec.open:
+        session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
+    value_block(session, spec.prefix, spec.kestrel_prefix, item, gets)
+
+
 class GetOperation:
-    """A get of one or more keys, each run as its own get, possibly waiting (``/t=``)."""
+    """A get that waits for an item (``/t=``): it holds the keys still to run."""
 
     __slots__ = ("session", "specs", "index", "gets", "waiter", "deadline")
 
@@ -128,62 +194,7 @@ class GetOperation:
 
     def run(self) -> bool:
         """Run keys from ``index``; False when it blocked waiting for an item."""
-        session = self.session
-        state = session.state
-        specs = self.specs
-        while self.index < len(specs):
-            spec = specs[self.index]
-            name = spec.name
-            if spec.abort:
-                session.abort_oldest(name)
-            if spec.close:
-                session.close_oldest(name)
-            if not spec.fetches:
-                self.index += 1
-                continue
-            counters = state.counters
-            if spec.peek:
-                counters.cmd_peek += 1
-            else:
-                counters.cmd_get += 1
-            if state.status == "QUIESCENT":
-                session.out.append(QUIESCENT)
-                return True
-            if not spec.peek:
-                if spec.open:
-                    if session.at_open_limit(name, state.config.server.max_open_reads):
-                        session.close_after(ERROR)
-                        return True
-                elif session.has_open(name):
-                    session.close_after(ERROR)
-                    return True
-            queue = state.queues.get_or_create(name)
-            try:
-                item = queue.head() if spec.peek else queue.take(spec.open)
-            except JournalError as exc:  # disk full: the item stays at the head
-                log.error("get %s: %s", name, exc)
-                session.out.append(
-                    b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
-                )
-                return True
-            if item is None and spec.timeout:
-                self._wait(queue, spec)
-                return False
-            self._found(spec, queue, item)
-            self.index += 1
-        session.out.append(END)
-        return True
-
-    def _found(self, spec: KeySpec, queue: Queue, item) -> None:
-        session = self.session
-        counters = session.state.counters
-        if item is None:
-            counters.get_misses += 1
-            return
-        counters.get_hits += 1
-        if spec.open:
-            session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
-        value_block(session, spec.prefix, spec.kestrel_prefix, item, self.gets)
+        return run_keys(self.session, self.specs, self.gets, self.index, self)
 
     def _wait(self, queue: Queue, spec: KeySpec) -> None:
         waiter = KeyWaiter(self, queue, spec)
@@ -196,7 +207,7 @@ class GetOperation:
         """The blocked key got an item (or None on timeout / delete / QUIESCENT)."""
         self._forget_deadline()
         self.waiter = None
-        self._found(spec, queue, item)
+        answer_key(self.session, spec, queue, item, self.gets)
         self.index += 1
         if self.run():
             self.session.unblock()
@@ -243,16 +254,11 @@ def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, ge
     are joined once, with the rest of the reply, when the session flushes."""
     out = session.out
     data = item.data
+    cas = item.id if gets else -1
     if session.state.kestrel:  # Kestrel names the queue and sends no flags
-        out.append(kestrel_prefix)
-        flags = 0
+        out.append(_wire.value_header(kestrel_prefix, 0, len(data), cas))
     else:
-        out.append(prefix)
-        flags = item.flags
-    size = len(data)
-    # The numbers through an f-string: compiled, it formats C integers without a bytes % pass.
-    numbers = f"{flags} {size} {item.id}\r\n" if gets else f"{flags} {size}\r\n"
-    out.append(numbers.encode("ascii"))
+        out.append(_wire.value_header(prefix, item.flags, len(data), cas))
     out.append(data)
     out.append(b"\r\n")
 
@@ -270,8 +276,7 @@ def cmd_get(session: Session, req: tuple) -> None:
         else:
             session.out.append(exc.reply)
         return
-    op = GetOperation(session, specs, req[2])
-    op.run()
+    run_keys(session, specs, req[2], 0, None)
 
 
 # ---- monitor / confirm ------------------------------------------------------------------

@@ -41,6 +41,10 @@ class AddResult(enum.IntEnum):
 # metaclass and costs several times a global's, once per request on the set path.
 STORED = AddResult.STORED
 NOT_STORED = AddResult.NOT_STORED
+# What add returns when there is no commit ticket (every fsync policy but "always"): made
+# once, so that a set allocates no tuple for it.
+_STORED_UNTICKETED = (STORED, None)
+_NOT_STORED_UNTICKETED = (NOT_STORED, None)
 
 
 class Waiter(Protocol):
@@ -217,10 +221,10 @@ class Queue:
             now = self._now()
         max_item_size = self._max_item_size
         if max_item_size is not None and len(data) > max_item_size:
-            return NOT_STORED, None
+            return _NOT_STORED_UNTICKETED
         if self._limited and self.is_full():
             if not self._config.discard_old_when_full:
-                return NOT_STORED, None
+                return _NOT_STORED_UNTICKETED
             while self.is_full() and self.items:
                 self._drop_head(discard=True)
         max_age = self._max_age
@@ -235,7 +239,7 @@ class Queue:
         self.last_activity = now
         if self._waiters:
             self._serve_waiters()
-        return STORED, ticket
+        return _STORED_UNTICKETED if ticket is None else (STORED, ticket)
 
     def _now(self) -> int:
         """The queue's clock: the default one called directly (a C call when compiled)."""

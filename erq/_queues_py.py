@@ -23,12 +23,17 @@ from erq.clock import now_ms
 from erq.item import Item
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
-from erq.queue import STORED, AddResult, Queue
+from erq.queue import NOT_STORED, STORED, AddResult, Queue
 
 if TYPE_CHECKING:
     from erq.config import Config
 
 log = logging.getLogger("erq.queues")
+
+# add's answer when there is no commit ticket (no fanout, fsync other than "always"): made
+# once, so that a set allocates neither a tuple nor a list for it.
+_STORED_NO_TICKETS = (STORED, ())
+_NOT_STORED_NO_TICKETS = (NOT_STORED, ())
 
 
 class QueueCollection:
@@ -129,8 +134,9 @@ class QueueCollection:
     # ---- item flow ---------------------------------------------------------------------
     def add(
         self, name: str, data: bytes, flags: int, expiry: int, queue: Queue | None = None
-    ) -> tuple[AddResult, list]:
-        """Add to ``name`` and a copy to each fanout child; the result is the parent's."""
+    ) -> tuple[AddResult, list | tuple]:
+        """Add to ``name`` and a copy to each fanout child; the result is the parent's, with the
+        commit tickets to wait for (empty when there are none)."""
         # The default clock called directly: a C call when compiled, no callable lookup.
         now = _clock.now_ms() if self._clock is now_ms else self._clock()
         created = False
@@ -138,12 +144,9 @@ class QueueCollection:
             queue = self._queues.get(name)
             if queue is None:
                 queue, created = self.get_or_create(name), True
-        tickets = []
         result, ticket = queue.add(data, flags, expiry, now)
         if result is STORED:
             self.total_items += 1
-            if ticket is not None:
-                tickets.append(ticket)
         elif created:
             # PROTOCOL §10: a refused request creates no queue.
             self.delete(name)
@@ -151,7 +154,10 @@ class QueueCollection:
             self.queue_deletes -= 1
         children = self._children
         if not children or name not in children:
-            return result, tickets
+            if ticket is None:  # the usual case: no fanout, no fsync = "always"
+                return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
+            return result, [ticket]
+        tickets = [] if ticket is None else [ticket]
         for child_name in children[name]:
             child = self._queues.get(child_name)
             if child is None:

@@ -1,4 +1,4 @@
-"""Pure-Python twin of erq._fast._wire: a connection's reply writer.
+"""Pure-Python twin of erq._fast._wire: a connection's reply writer and a VALUE line's numbers.
 
 The compiled writer sends a reply with one ``write()`` on the socket while the transport has
 nothing queued, which spares uvloop's ~1,000 instructions of write bookkeeping per reply. In
@@ -19,3 +19,10 @@ class SocketWriter:
 
     def __init__(self, transport: Any) -> None:
         self.write = transport.write
+
+
+def value_header(prefix: bytes, flags: int, size: int, cas: int = -1) -> bytes:
+    """``prefix`` (``b"VALUE <key> "``) then ``<flags> <size>[ <cas>]\\r\\n``, as one bytes."""
+    if cas >= 0:
+        return prefix + f"{flags} {size} {cas}\r\n".encode("ascii")
+    return prefix + f"{flags} {size}\r\n".encode("ascii")

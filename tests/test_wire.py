@@ -154,3 +154,31 @@ def test_without_a_socket_every_reply_goes_to_the_transport(writer_class):
     write(b"END\r\n")
     write(b"STORED\r\n")
     assert transport.writes == [b"END\r\n", b"STORED\r\n"]
+
+
+# ---- the VALUE line ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "size", "cas", "numbers"),
+    [
+        (0, 0, -1, b"0 0\r\n"),
+        (0, 10, -1, b"0 10\r\n"),
+        (7, 123, 0, b"7 123 0\r\n"),
+        (2**32 - 1, 2**40, -1, b"4294967295 1099511627776\r\n"),
+        (1, 2, 2**63 - 1, b"1 2 9223372036854775807\r\n"),
+        (10, 100, 1000, b"10 100 1000\r\n"),
+    ],
+)
+def test_value_header_is_the_prefix_and_the_numbers(impl, flags, size, cas, numbers):
+    value_header = impl_module(impl, "_wire", "_wire_py").value_header
+    assert value_header(b"VALUE jobs ", flags, size, cas) == b"VALUE jobs " + numbers
+    assert value_header(b"", flags, size, cas) == numbers
+
+
+def test_value_header_matches_decimal_formatting_everywhere(impl):
+    """Every digit count of each number, against Python's own formatting."""
+    value_header = impl_module(impl, "_wire", "_wire_py").value_header
+    numbers = sorted({0, 1, 9} | {10**k + d for k in range(1, 19) for d in (-1, 0, 1)})
+    for n in numbers:
+        flags = n % 2**32
+        assert value_header(b"V ", flags, n, -1) == f"V {flags} {n}\r\n".encode()
+        assert value_header(b"V ", flags, n, n) == f"V {flags} {n} {n}\r\n".encode()

@@ -10,10 +10,29 @@ cimport erq._fast._queues as c_queues
 cimport erq._fast._ring as c_ring
 cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state
+cimport erq._fast._wire as _wire
 
 
 @cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)
 cpdef cmd_set(c_session.Session session, tuple req)
+
+
+cdef class GetOperation
+
+
+@cython.locals(
+    state=c_state.ServerState,
+    counters=c_state.Counters,
+    queue=c_queue.Queue,
+    spec=c_keys.KeySpec,
+)
+cpdef bint run_keys(
+    c_session.Session session, list specs, bint gets, Py_ssize_t index, GetOperation op
+) except -1
+@cython.locals(counters=c_state.Counters)
+cpdef answer_key(
+    c_session.Session session, c_keys.KeySpec spec, object queue, c_ring.Item item, bint gets
+)
 
 
 cdef class GetOperation:
@@ -24,15 +43,7 @@ cdef class GetOperation:
     cdef public object waiter
     cdef public long long deadline
 
-    @cython.locals(
-        state=c_state.ServerState,
-        counters=c_state.Counters,
-        queue=c_queue.Queue,
-        spec=c_keys.KeySpec,
-    )
     cpdef bint run(self) except -1
-    @cython.locals(counters=c_state.Counters)
-    cdef _found(self, c_keys.KeySpec spec, object queue, c_ring.Item item)
     cdef _wait(self, object queue, object spec)
     cdef _forget_deadline(self)
 
@@ -46,7 +57,7 @@ cdef class KeyWaiter:
     cdef public bint reliable
 
 
-@cython.locals(out=list, flags=cython.uint, size=cython.Py_ssize_t)
+@cython.locals(out=list, cas=cython.longlong)
 cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )

@@ -1,0 +1,15 @@
+# cython: language_level=3
+# The compiled reply side of the wire (erq/_fast/_wire.pyx): the commands module cimports it so
+# that a VALUE line is formatted by a C call.
+
+cdef class SocketWriter:
+    cdef int _fd
+    cdef object _transport
+    cdef object _transport_write
+    cdef object _is_closing
+    cdef bint _backlog  # the transport holds bytes not yet sent: the next writes go after them
+
+    cpdef write(self, bytes data)
+
+
+cpdef bytes value_header(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas=*)
