@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from erq import clock as _clock
+from erq import item as _item
 from erq.clock import now_ms
 from erq.item import Item
 from erq.journal_api import JournalError
@@ -232,7 +233,7 @@ class Queue:
             cap = now + max_age
             if expiry == 0 or expiry > cap:
                 expiry = cap
-        item = Item(self.next_id, data, flags, now, expiry)
+        item = _item.new_item(self.next_id, data, flags, now, expiry)
         ticket = self._append(item)
         self.next_id += 1
         self.total_items += 1
@@ -279,7 +280,7 @@ class Queue:
             item = (
                 rec
                 if isinstance(rec, Item)
-                else Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+                else _item.new_item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
             )
             self._push_tail(item)
             self._mem_bytes += len(item.data)
@@ -304,7 +305,7 @@ class Queue:
             if not batch:
                 break  # the journal has nothing more to give back
             for rec in batch:
-                item = Item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
+                item = _item.new_item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
                 self._push_tail(item)
                 n = len(item.data)
                 self._mem_bytes += n

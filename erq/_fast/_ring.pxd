@@ -11,6 +11,10 @@ cdef class Item:
     cpdef bint expired(self, long long now)
 
 
+cpdef Item new_item(unsigned long long id, object data, unsigned int flags,
+                    long long add_time, long long expiry)
+
+
 cdef class Ring:
     cdef PyObject** _buf
     cdef Py_ssize_t _cap

@@ -40,6 +40,19 @@ cdef class Item:
         return f"Item(id={self.id}, flags={self.flags}, len={len(self.data)})"
 
 
+cpdef Item new_item(unsigned long long id, object data, unsigned int flags,
+                    long long add_time, long long expiry):
+    """``Item(id, data, flags, add_time, expiry)`` as a C call, for the compiled queue: a set
+    through the class call boxes its times into Python ints and builds an argument tuple."""
+    cdef Item item = Item.__new__(Item)
+    item.id = id
+    item.data = data
+    item.flags = flags
+    item.add_time = add_time
+    item.expiry = expiry
+    return item
+
+
 cdef class Ring:
     def __cinit__(self, Py_ssize_t capacity=16):
         cdef Py_ssize_t cap = 4
