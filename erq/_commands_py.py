@@ -252,15 +252,11 @@ class KeyWaiter:
 def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, gets: bool) -> None:
     """Queue one VALUE block on ``session.out``. ``prefix`` is ``b"VALUE <key> "``; the pieces
     are joined once, with the rest of the reply, when the session flushes."""
-    out = session.out
-    data = item.data
     cas = item.id if gets else -1
     if session.state.kestrel:  # Kestrel names the queue and sends no flags
-        out.append(_wire.value_header(kestrel_prefix, 0, len(data), cas))
+        _wire.append_value(session.out, kestrel_prefix, 0, item.data, cas)
     else:
-        out.append(_wire.value_header(prefix, item.flags, len(data), cas))
-    out.append(data)
-    out.append(b"\r\n")
+        _wire.append_value(session.out, prefix, item.flags, item.data, cas)
 
 
 def cmd_get(session: Session, req: tuple) -> None:

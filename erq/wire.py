@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._wire import SocketWriter, value_header
+    from ._fast._wire import VALUE_COPY_LIMIT, SocketWriter, append_value, value_header
 else:
-    from ._wire_py import SocketWriter, value_header
+    from ._wire_py import VALUE_COPY_LIMIT, SocketWriter, append_value, value_header
 
-__all__ = ["SocketWriter", "value_header"]
+__all__ = ["VALUE_COPY_LIMIT", "SocketWriter", "append_value", "value_header"]

@@ -57,7 +57,7 @@ cdef class KeyWaiter:
     cdef public bint reliable
 
 
-@cython.locals(out=list, cas=cython.longlong)
+@cython.locals(cas=cython.longlong)
 cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )
