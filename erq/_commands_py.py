@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from erq import __version__
+from erq import keys as _keys
 from erq import wire as _wire
 from erq._compat import IMPLEMENTATION
 from erq.journal_api import JournalError
-from erq.keys import KeyError_, KeySpec, parse_key
+from erq.keys import KeyError_, KeySpec
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import Queue
@@ -265,7 +266,10 @@ def cmd_get(session: Session, req: tuple) -> None:
         session.out.append(BAD_FORMAT)
         return
     try:
-        specs = [parse_key(key) for key in keys] if len(keys) > 1 else [parse_key(keys[0])]
+        # _keys.parse_key: a C call when compiled (the module is cimported under that name).
+        specs = (
+            [_keys.parse_key(key) for key in keys] if len(keys) > 1 else [_keys.parse_key(keys[0])]
+        )
     except KeyError_ as exc:
         if exc.close:
             session.close_after(exc.reply)

@@ -144,7 +144,7 @@ class Queue:
         self.transactions = 0
         self.canceled_transactions = 0
         self.total_flushes = 0
-        self._last_removed_add_time: int | None = None
+        self._last_removed_add_time = -1  # none yet (a C integer when compiled: no int per get)
         self._rotations_seen = 0
         self._item_overhead = ITEM_OVERHEAD  # read per add: an attribute, a C field when compiled
         # A lower bound of the ids in the ring, cheap to keep, for the journal's release_head.
@@ -203,7 +203,7 @@ class Queue:
         return self._journal
 
     def age(self, now: int) -> int:
-        if self._last_removed_add_time is None or self.items == 0:
+        if self._last_removed_add_time < 0 or self.items == 0:
             return 0
         return max(0, now - self._last_removed_add_time)
 

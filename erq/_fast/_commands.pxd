@@ -4,6 +4,7 @@
 # name Session from the selector).
 cimport cython
 
+cimport erq._fast._keys as _keys
 cimport erq._fast._keys as c_keys
 cimport erq._fast._queue as c_queue
 cimport erq._fast._queues as c_queues

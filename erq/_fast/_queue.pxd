@@ -44,7 +44,7 @@ cdef class Queue:
     cdef public long long transactions
     cdef public long long canceled_transactions
     cdef public long long total_flushes
-    cdef object _last_removed_add_time
+    cdef long long _last_removed_add_time
     cdef long long _rotations_seen
     cdef long long _item_overhead  # ITEM_OVERHEAD as a C integer
     cdef long long _pops  # the ring's lower id bound (see __init__)
