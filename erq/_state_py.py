@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.state")
 
 STATUSES = ("UP", "READONLY", "QUIESCENT")
+# Deadlines rebuilds its heap once it holds more than twice its buckets plus this many.
+_HEAP_SLACK = 64
 
 
 class Counters:
@@ -64,6 +66,12 @@ class Deadlines:
     is an entry in a bucket per millisecond, removed when the request is answered, and one
     loop timer is armed for the earliest bucket. Deadlines have the loop timers' resolution
     (1 ms) and are rounded up: a request never times out early.
+
+    What is held is bounded by the deadlines still pending, however long they are: a bucket
+    emptied by answers goes at once, and the heap, which keeps the deadlines of buckets gone
+    before their time, is rebuilt from the buckets left once it holds twice as many. (A
+    consumer looping on ``get q/t=3600000`` would otherwise leave a bucket for every
+    millisecond of the last hour.)
     """
 
     __slots__ = ("loop", "_buckets", "_heap", "_armed", "_timer")
@@ -92,9 +100,16 @@ class Deadlines:
 
     def discard(self, entry: Any, deadline: int) -> None:
         """The request was answered: its timeout will not fire."""
-        bucket = self._buckets.get(deadline)
+        buckets = self._buckets
+        bucket = buckets.get(deadline)
         if bucket is not None:
-            bucket.pop(entry, None)  # an emptied bucket stays until its time: no heap search
+            bucket.pop(entry, None)
+            if not bucket:
+                del buckets[deadline]  # its heap entry stays until its time or a rebuild
+                heap = self._heap
+                if len(heap) > 2 * len(buckets) + _HEAP_SLACK:
+                    heap[:] = buckets  # in place: _tick may be iterating it
+                    heapq.heapify(heap)
 
     def _arm(self, deadline: int) -> None:
         if self._timer is not None:
@@ -109,11 +124,12 @@ class Deadlines:
         heap = self._heap
         buckets = self._buckets
         while heap and heap[0] <= now:
-            bucket = buckets.pop(heapq.heappop(heap))
-            for entry in list(bucket):
-                entry.expire()
-        while heap and not buckets[heap[0]]:  # emptied by answers: no timer for those
-            del buckets[heapq.heappop(heap)]
+            bucket = buckets.pop(heapq.heappop(heap), None)
+            if bucket is not None:  # None: emptied by answers, or a deadline pushed twice
+                for entry in list(bucket):
+                    entry.expire()
+        while heap and heap[0] not in buckets:  # gone: no timer for those
+            heapq.heappop(heap)
         # An expire() may have armed the timer for a deadline it added (a multi-key get
         # blocking on its next key), which can be later than the earliest one left.
         if heap and (self._armed == 0 or heap[0] < self._armed):
