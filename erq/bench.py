@@ -80,6 +80,33 @@ STOP_TIMEOUT = 30.0  # seconds for it to exit after SIGTERM
 
 
 # ---- a server of our own -----------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the server SIGTERM when the bench dies.
+
+    The bench stops its server itself, but a bench that is SIGKILLed cannot: without this its
+    server would serve on, orphaned. (Its temporary directory is still left behind: only the
+    bench knew it was temporary.) None where there is no prctl: there the server outlives a
+    killed bench, as any child would."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the bench died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class LocalServer:
     """An erq server for one bench run: a subprocess on a free loopback port with a temporary
     data directory and embedded defaults; ``close`` stops it with SIGTERM and removes it all."""
@@ -115,6 +142,7 @@ class LocalServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the bench, which stops it
+                preexec_fn=_stop_with_parent(os.getpid()),
             )
         self._wait_ready()
         return self

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -206,6 +207,43 @@ def test_sigterm_to_the_bench_still_stops_its_server(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "interrupted" in err
     assert list(scratch.iterdir()) == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_a_killed_bench_does_not_leave_its_server_running(tmp_path: Path) -> None:
+    """SIGKILL gives the bench no chance to stop its server: the kernel sends it SIGTERM."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "erq", "bench", "--seconds", "60", "--scenario", "pingpong"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        heading = proc.stdout.readline()  # printed once its server answers
+        assert "started by the bench on 127.0.0.1:" in heading, heading
+        port = int(heading.split("127.0.0.1:")[1].split(",")[0])
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        server = int(children[0])
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+        status = Path(f"/proc/{server}/status").read_text(errors="replace")
+        if "State:\tZ" in status:  # exited, waiting for its new parent to reap it
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{server}").exists(), "the server outlived the killed bench"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
