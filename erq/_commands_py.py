@@ -649,6 +649,29 @@ COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
 }
 
 
+def feed(session: Session, requests: list) -> None:
+    """Run one read's requests in order, then send their replies.
+
+    A blocked request (``get q/t=``) holds back everything after it: the rest waits in
+    ``session.pending`` for ``Session.run``. This loop lives here rather than in Session so that
+    each request's dispatch is a C call when compiled (Session cannot cimport this module,
+    which cimports it)."""
+    if session.closing:
+        return
+    if session.pending or session.blocked is not None:
+        session.pending.extend(requests)
+        session.limit_pending()
+        return
+    for i, request in enumerate(requests):
+        dispatch(session, request)
+        if session.blocked is not None or session.closing:
+            if not session.closing:
+                session.pending.extend(requests[i + 1 :])
+                session.limit_pending()
+            break
+    session.flush()
+
+
 def dispatch(session: Session, req: tuple) -> None:
     kind = req[0]
     if kind == REQ_SET:

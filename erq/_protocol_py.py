@@ -1,5 +1,5 @@
 # cython: annotation_typing=False
-"""The asyncio protocol: bytes in -> parser -> session -> one transport.write per read.
+"""The asyncio protocol: bytes in -> parser -> commands -> one write per read.
 
 This is the only layer that touches a socket. It knows nothing of queues or disks.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from erq import commands as _commands
 from erq.commands import dispatch
 from erq.parser import Parser
 from erq.session import Session
@@ -88,7 +89,7 @@ class MemcacheProtocol:
         self._active = True
         requests = self.parser.feed(data)
         if requests:
-            session.feed(requests)
+            _commands.feed(session, requests)  # a C call when compiled (cimported as _commands)
 
     def eof_received(self) -> None:
         """The client shut its side: return nothing, so the transport closes the connection."""

@@ -2,9 +2,10 @@
 """Session: one client connection's protocol state, independent of the socket.
 
 It holds what Kestrel's KestrelHandler holds — the connection's open reads and the request
-that is blocked waiting for an item — and drives the pipeline: requests are executed in
-order, a blocking get holds back everything after it, and replies collect in one output
-list that the transport writes once per read (or once per wake-up).
+that is blocked waiting for an item — and the pipeline's state: requests are executed in
+order (a read's by ``commands.feed``, the rest of a blocked pipeline by ``run``), a blocking
+get holds back everything after it, and replies collect in one output list that the
+transport writes once per read (or once per wake-up).
 
 One source compiled twice (like ``_queue_py.py``): setup.py compiles it through the link
 ``erq/_fast/_session.py`` with the C types of ``erq/_fast/_session.pxd``; selector
@@ -74,24 +75,9 @@ class Session:
         self._paused = False
 
     # ---- pipeline ----------------------------------------------------------------------
-    def feed(self, requests: list) -> None:
-        if self.closing:
-            return
-        if self.pending or self.blocked is not None:
-            self.pending.extend(requests)
-            self._limit_pending()
-            return
-        dispatch = self.dispatch
-        for i, request in enumerate(requests):
-            dispatch(self, request)
-            if self.blocked is not None or self.closing:
-                if not self.closing:
-                    self.pending.extend(requests[i + 1 :])
-                    self._limit_pending()
-                break
-        self.flush()
-
-    def _limit_pending(self) -> None:
+    # A read's requests are run by commands.feed (a C call within the compiled commands
+    # module, where every request's dispatch is); after a blocked request, by run.
+    def limit_pending(self) -> None:
         """Stop reading from a client whose pipeline runs MAX_PENDING requests ahead of a
         blocked one (the read that blocks counts too)."""
         if self._pause is not None and not self._paused and len(self.pending) > MAX_PENDING:

@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._commands import COMMANDS, dispatch, expiry_ms, general_stats
+    from ._fast._commands import COMMANDS, dispatch, expiry_ms, feed, general_stats
 else:
-    from ._commands_py import COMMANDS, dispatch, expiry_ms, general_stats
+    from ._commands_py import COMMANDS, dispatch, expiry_ms, feed, general_stats
 
-__all__ = ["COMMANDS", "dispatch", "expiry_ms", "general_stats"]
+__all__ = ["COMMANDS", "dispatch", "expiry_ms", "feed", "general_stats"]

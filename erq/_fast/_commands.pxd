@@ -63,4 +63,6 @@ cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )
 cpdef cmd_get(c_session.Session session, tuple req)
+@cython.locals(i=cython.Py_ssize_t)
+cpdef feed(c_session.Session session, list requests)
 cpdef dispatch(c_session.Session session, tuple req)

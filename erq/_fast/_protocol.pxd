@@ -1,8 +1,8 @@
 # C types for the compiled build of erq/_protocol_py.py (linked here as _protocol.py; see its
 # docstring). The Python source is the behaviour; this file makes the per-read path C: the
-# connection's fields are struct fields and the session's feed is a C call (_session is
-# cimported as a module, c_session: the source imports the name Session from the selector),
-# and so is the parser's feed (c_parser).
+# connection's fields are struct fields, the commands' feed is a C call (_commands is cimported
+# under the name the source imports the selector as), and so is the parser's feed (c_parser).
+cimport erq._fast._commands as _commands
 cimport erq._fast._parser as c_parser
 cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state

@@ -28,8 +28,7 @@ cdef class Session:
     cdef object _pause
     cdef bint _paused
 
-    cpdef feed(self, list requests)
-    cdef _limit_pending(self)
+    cpdef limit_pending(self)
     cpdef run(self)
     cpdef unblock(self)
     cpdef hold_for(self, list tickets, object reply)
