@@ -9,6 +9,7 @@ Runs are short (``--seconds 0.3``); nothing here asserts a speed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -181,29 +182,38 @@ def test_without_target_starts_and_stops_its_own_server(impl: str, tmp_path: Pat
     assert list(scratch.iterdir()) == [], "the bench left its temporary directory"
 
 
-def test_sigterm_to_the_bench_still_stops_its_server(tmp_path: Path) -> None:
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+@contextlib.contextmanager
+def long_bench(scratch: Path, stderr=subprocess.PIPE):
+    """A bench of its own server, 60 s of round trips, started in ``scratch`` as TMPDIR:
+    yields (process, the server's port) once the server answers; killed on the way out."""
     env = dict(os.environ, TMPDIR=str(scratch))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
         [sys.executable, "-m", "erq", "bench", "--seconds", "60", "--scenario", "pingpong"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         env=env,
     )
     try:
         heading = proc.stdout.readline()  # printed once its server answers
-        assert "started by the bench on 127.0.0.1:" in heading, heading + proc.stderr.read()
-        port = int(heading.split("127.0.0.1:")[1].split(",")[0])
-        assert list(scratch.iterdir()) != []
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        assert "started by the bench on 127.0.0.1:" in heading, heading + (
+            proc.stderr.read() if proc.stderr else ""  # evaluated only on failure
+        )
+        yield proc, int(heading.split("127.0.0.1:")[1].split(",")[0])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_to_the_bench_still_stops_its_server(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with long_bench(scratch) as (proc, port):
+        assert list(scratch.iterdir()) != []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "interrupted" in err
     assert list(scratch.iterdir()) == []
@@ -211,39 +221,27 @@ def test_sigterm_to_the_bench_still_stops_its_server(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its (new) parent to reap it."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text(errors="replace")
+    except FileNotFoundError:
+        return True
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_a_killed_bench_does_not_leave_its_server_running(tmp_path: Path) -> None:
     """SIGKILL gives the bench no chance to stop its server: the kernel sends it SIGTERM."""
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "erq", "bench", "--seconds", "60", "--scenario", "pingpong"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        heading = proc.stdout.readline()  # printed once its server answers
-        assert "started by the bench on 127.0.0.1:" in heading, heading
-        port = int(heading.split("127.0.0.1:")[1].split(",")[0])
+    with long_bench(tmp_path, stderr=subprocess.DEVNULL) as (proc, port):
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert len(children) == 1, children
         server = int(children[0])
         proc.kill()
         proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     deadline = time.monotonic() + 20
-    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
-        status = Path(f"/proc/{server}/status").read_text(errors="replace")
-        if "State:\tZ" in status:  # exited, waiting for its new parent to reap it
-            break
+    while not _exited(server) and time.monotonic() < deadline:
         time.sleep(0.05)
-    else:
-        assert not Path(f"/proc/{server}").exists(), "the server outlived the killed bench"
+    assert _exited(server), "the server outlived the killed bench"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
