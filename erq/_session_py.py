@@ -29,23 +29,8 @@ log = logging.getLogger("erq.session")
 MAX_PENDING = 4096
 
 
-class DurableReply:
-    """A reply that may go out only once its journal writes are fsync'd (fsync = always).
-
-    ``tickets`` are commit tickets (erq.journal.commit.Ticket): ``done`` once their sync
-    ended, ``error`` None unless it failed."""
-
-    __slots__ = ("tickets", "ok")
-
-    def __init__(self, tickets: list, ok: bytes) -> None:
-        self.tickets = tickets
-        self.ok = ok
-
-    def resolve(self) -> bytes:
-        for ticket in self.tickets:
-            if ticket.error is not None:
-                return b"SERVER_ERROR journal sync failed\r\n"
-        return self.ok
+# The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
+SYNC_FAILED = b"SERVER_ERROR journal sync failed\r\n"
 
 
 class Session:
@@ -68,7 +53,8 @@ class Session:
         self.closed = False
         self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
         self._hold: Any = None  # latest commit ticket; replies wait for it
-        self._durable = False  # out holds DurableReply objects
+        # Replies in out that wait for commit tickets (fsync = always): (index, tickets).
+        self._held: list = []
         self._write = write
         self._close = close
         self._pause = pause
@@ -122,8 +108,8 @@ class Session:
             if not ticket.done:
                 ticket.waiters.append(self._held_done)
         if reply is not None:
-            self.out.append(DurableReply(tickets, reply))
-            self._durable = True
+            self._held.append((len(self.out), tickets))
+            self.out.append(reply)
 
     def _held_done(self, ticket: Any) -> None:
         if ticket is self._hold:
@@ -140,15 +126,24 @@ class Session:
         if self.out:
             out = self.out
             self.out = []
-            if self._durable:
-                self._durable = False
-                out = [r.resolve() if isinstance(r, DurableReply) else r for r in out]
+            if self._held:
+                self._fail_unsynced(out)
             data = b"".join(out)
             self.state.counters.bytes_written += len(data)
             self._write(data)
         if self.closing:
             self.closed = True
             self._close()
+
+    def _fail_unsynced(self, out: list) -> None:
+        """Every held reply is due (its last ticket is done, and tickets resolve in order):
+        the one whose sync failed says so instead of its STORED."""
+        held, self._held = self._held, []
+        for index, tickets in held:
+            for ticket in tickets:
+                if ticket.error is not None:
+                    out[index] = SYNC_FAILED
+                    break
 
     def close_after(self, reply: bytes | None) -> None:
         """Send ``reply`` (if any), then close; open reads go back at once."""
@@ -232,4 +227,4 @@ class Session:
         self.abort_all()
 
 
-__all__ = ["DurableReply", "Session"]
+__all__ = ["SYNC_FAILED", "Session"]

@@ -5,13 +5,6 @@
 cimport erq._fast._state as c_state
 
 
-cdef class DurableReply:
-    cdef public list tickets
-    cdef public bytes ok
-
-    cpdef bytes resolve(self)
-
-
 cdef class Session:
     cdef public c_state.ServerState state
     cdef public object dispatch
@@ -22,7 +15,7 @@ cdef class Session:
     cdef public bint closed
     cdef public dict open_reads
     cdef object _hold
-    cdef bint _durable
+    cdef list _held
     cdef object _write
     cdef object _close
     cdef object _pause
@@ -33,6 +26,7 @@ cdef class Session:
     cpdef unblock(self)
     cpdef hold_for(self, list tickets, object reply)
     cpdef flush(self)
+    cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
     cpdef bint at_open_limit(self, object name, long long limit) except -1
