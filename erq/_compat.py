@@ -7,6 +7,7 @@ import; a build without them still runs (portability) but says so loudly at star
 from __future__ import annotations
 
 import os
+import sys
 from importlib.util import find_spec
 
 NO_EXTENSIONS: bool = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
@@ -33,6 +34,10 @@ def _extensions_importable() -> bool:
     try:
         from ._fast import _clock, _fsync, _journal, _parser, _ring, _wire  # noqa: F401
     except ImportError:
+        return False
+    # The epoll layer (Linux) cimports the compiled protocol, which imports this module: it is
+    # looked for, not imported.
+    if sys.platform.startswith("linux") and find_spec(f"{__package__}._fast._epoll") is None:
         return False
     return compiled_twins_built()
 

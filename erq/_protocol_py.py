@@ -72,10 +72,16 @@ class MemcacheProtocol:
             transport.close()
             return
         counters.curr_connections += 1
+        # erq's own connection layer writes with the system call itself; a loop's transport
+        # gets a writer that does so while the transport has nothing queued.
+        if getattr(transport, "writes_directly", False):
+            write = transport.write  # type: ignore[attr-defined]
+        else:
+            write = SocketWriter(transport).write
         self.session = Session(
             state,
             dispatch,
-            SocketWriter(transport).write,
+            write,
             transport.close,  # type: ignore[attr-defined]
             self._pause_pipeline,
         )

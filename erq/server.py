@@ -15,6 +15,7 @@ from . import __version__
 from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
+from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection
 from .ring import ITEM_OVERHEAD
@@ -128,12 +129,8 @@ class Server:
         state.ready = True
         self._stopped = asyncio.Event()
         try:
-            self._listener = await loop.create_server(
-                lambda: MemcacheProtocol(state),
-                cfg.host,
-                cfg.port,
-                reuse_address=True,
-                backlog=1024,
+            self._listener = await listen(
+                loop, cfg.host, cfg.port, lambda: MemcacheProtocol(state), backlog=1024
             )
         except OSError as exc:
             raise StartError(
@@ -152,13 +149,14 @@ class Server:
         port = self._listener.sockets[0].getsockname()[1] if self._listener.sockets else cfg.port
         self.port = port
         log.info(
-            "erq %s ready on %s:%d (implementation=%s, loop=%s, status=%s); recovered %d items, %d bytes "
-            "in %d queues in %.3fs",
+            "erq %s ready on %s:%d (implementation=%s, loop=%s, connections=%s, status=%s); "
+            "recovered %d items, %d bytes in %d queues in %.3fs",
             __version__,
             cfg.host,
             port,
             IMPLEMENTATION,
             event_loop_name(),
+            CONNECTION_LAYER,
             state.status,
             queues.recovered_items,
             queues.recovered_bytes,

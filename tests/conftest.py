@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_MODULES = ("_parser", "_ring", "_journal", "_fsync", "_clock", "_wire")
+FAST_MODULES = ("_parser", "_ring", "_journal", "_fsync", "_clock", "_wire") + (
+    ("_epoll",) if sys.platform.startswith("linux") else ()
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -8,7 +8,11 @@ wire bytes independently of the implementation.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
+
+import uvloop
 
 import erq
 
@@ -172,3 +176,31 @@ def queue_config(c: RawClient, name: str) -> dict[str, str]:
     blocks = dump_config(c, name)
     assert list(blocks) == [name], blocks
     return blocks[name]
+
+
+# ---- connection layers -------------------------------------------------------------------------
+# Each event loop's own transports (the pure-Python build's) and erq's epoll set on each loop
+# (the compiled build's, Linux only).
+LAYERS = ["asyncio", "uvloop"] + (
+    ["epoll-asyncio", "epoll-uvloop"] if sys.platform.startswith("linux") else []
+)
+
+
+def new_loop(layer: str) -> asyncio.AbstractEventLoop:
+    return uvloop.new_event_loop() if layer.endswith("uvloop") else asyncio.new_event_loop()
+
+
+async def open_listener(loop: asyncio.AbstractEventLoop, layer: str, factory):
+    """A listener on 127.0.0.1 and a free port whose clients become ``factory()``."""
+    if layer.startswith("epoll"):
+        from erq._fast._epoll import listen  # an ImportError fails the test
+
+        return await listen(loop, "127.0.0.1", 0, factory)
+    return await loop.create_server(factory, "127.0.0.1", 0)
+
+
+async def close_listener(listener, layer: str) -> None:
+    listener.close()
+    await listener.wait_closed()
+    if layer.startswith("epoll"):
+        listener.close_clients()

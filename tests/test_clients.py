@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -173,9 +174,11 @@ def test_stop_signal_answers_a_blocked_get_with_end_and_the_server_exits_zero(se
 
 def test_start_up_log_names_version_implementation_loop_and_address(server):
     implementation = "cython" if server.impl == "c" else "python"
+    # The compiled build serves its clients from erq's own epoll set (Linux).
+    layer = "epoll" if server.impl == "c" and sys.platform.startswith("linux") else "loop"
     wanted = (
         f"erq {erq.__version__} ready on 127.0.0.1:{server.port} "
-        f"(implementation={implementation}, loop=uvloop"
+        f"(implementation={implementation}, loop=uvloop, connections={layer}"
     )
     deadline = time.monotonic() + 10
     while wanted not in server.read_log():

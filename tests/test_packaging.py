@@ -13,6 +13,8 @@ import pytest
 
 from erq._compat import COMPILED_TWINS
 
+from conftest import FAST_MODULES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,7 +76,7 @@ def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
     result = build_wheel(source_tree, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     names = wheel_names(tmp_path)
-    for module in ("_parser", "_ring", "_journal", "_fsync", "_clock", "_wire", *COMPILED_TWINS):
+    for module in (*FAST_MODULES, *COMPILED_TWINS):
         assert any(
             n.startswith(f"erq/_fast/{module}.") and n.endswith((".so", ".pyd")) for n in names
         ), names

@@ -1,4 +1,5 @@
-"""The connection layer (MemcacheProtocol): both builds, on both event loops.
+"""The connection layer (MemcacheProtocol): both builds, on both event loops, on each loop's
+transports and on erq's own epoll set (erq/_fast/_epoll.pyx, the compiled build's on Linux).
 
 The compiled build is an extension class, which cannot subclass ``asyncio.Protocol``; asyncio
 and uvloop call a protocol's methods by name, so the class must serve a real socket on each
@@ -20,7 +21,19 @@ from erq.queues import QueueCollection
 from erq.state import ServerState
 
 from conftest import impl_module
-from support import END, STORED, VERSION_LINE, assert_open, one, start, wait_for_stat
+from support import (
+    END,
+    LAYERS,
+    STORED,
+    VERSION_LINE,
+    assert_open,
+    close_listener,
+    new_loop,
+    one,
+    open_listener,
+    start,
+    wait_for_stat,
+)
 
 REFUSAL = b"SERVER_ERROR too many open connections\r\n"
 
@@ -38,16 +51,21 @@ def make_state(loop, **server) -> ServerState:
     return state
 
 
-# ---- on a real socket, asyncio and uvloop ------------------------------------------------------
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop(request):
-    loop = asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
-    assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
+# ---- on a real socket: each loop's transports, and erq's epoll set on each loop ----------------
+@pytest.fixture(params=LAYERS)
+def layer(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def loop(layer):
+    loop = new_loop(layer)
+    assert isinstance(loop, uvloop.Loop) == layer.endswith("uvloop")
     yield loop
     loop.close()
 
 
-def serve(loop, protocol_class, body, **server):
+def serve(loop, layer, protocol_class, body, **server):
     """Run ``body(state, port)`` against a listener of ``protocol_class`` on ``loop``; a
     protocol method the loop fails to call (it reports those to its exception handler, then
     closes the connection) fails the test."""
@@ -56,15 +74,14 @@ def serve(loop, protocol_class, body, **server):
 
     async def main():
         state = make_state(loop, **server)
-        listener = await loop.create_server(lambda: protocol_class(state), "127.0.0.1", 0)
+        listener = await open_listener(loop, layer, lambda: protocol_class(state))
         try:
             port = listener.sockets[0].getsockname()[1]
             await asyncio.wait_for(body(state, port), 30)
         finally:
-            listener.close()
             for proto in list(state.connections):
                 proto.transport.close()
-            await listener.wait_closed()
+            await close_listener(listener, layer)
 
     loop.run_until_complete(main())
     assert errors == []
@@ -76,7 +93,7 @@ async def until(check, what: str) -> None:
         await asyncio.sleep(0.001)
 
 
-def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, protocol_class):
+def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, layer, protocol_class):
     async def body(state, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"set q 0 0 5\r\nhello\r\nget q\r\nversion\r\n")
@@ -92,10 +109,10 @@ def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, protocol_cl
         assert state.counters.total_connections == 1
         writer.close()
 
-    serve(loop, protocol_class, body)
+    serve(loop, layer, protocol_class, body)
 
 
-def test_a_client_beyond_max_connections_is_refused_and_closed(loop, protocol_class):
+def test_a_client_beyond_max_connections_is_refused_and_closed(loop, layer, protocol_class):
     async def body(state, port):
         reader1, writer1 = await asyncio.open_connection("127.0.0.1", port)
         writer1.write(b"version\r\n")
@@ -112,10 +129,10 @@ def test_a_client_beyond_max_connections_is_refused_and_closed(loop, protocol_cl
         writer1.close()
         writer2.close()
 
-    serve(loop, protocol_class, body, max_connections=1)
+    serve(loop, layer, protocol_class, body, max_connections=1)
 
 
-def test_reading_stops_while_the_client_does_not_read_its_replies(loop, protocol_class):
+def test_reading_stops_while_the_client_does_not_read_its_replies(loop, layer, protocol_class):
     item = b"x" * (256 << 10)
     peeks = 64  # 16 MiB of replies: more than the socket buffers take
 
@@ -134,10 +151,10 @@ def test_reading_stops_while_the_client_does_not_read_its_replies(loop, protocol
         assert await reader.readexactly(len(VERSION_LINE)) == VERSION_LINE
         writer.close()
 
-    serve(loop, protocol_class, body)
+    serve(loop, layer, protocol_class, body)
 
 
-def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, protocol_class):
+def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, layer, protocol_class):
     async def body(state, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"version\r\n")
@@ -156,7 +173,7 @@ def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, protocol_
         writer.close()
         producer.close()
 
-    serve(loop, protocol_class, body)
+    serve(loop, layer, protocol_class, body)
 
 
 def test_a_blocking_get_and_a_long_pipeline_in_one_read_pause_reading_at_once(loop, protocol_class):

@@ -19,3 +19,4 @@ cdef class MemcacheProtocol:
     cdef int _reading_paused
 
     cdef _set_paused(self, int bit, bint on)
+    cpdef data_received(self, data)  # a C call from erq's epoll layer (erq/_fast/_epoll.pyx)

@@ -1,0 +1,549 @@
+# cython: language_level=3
+"""The memcache port's client sockets on one epoll set (Linux; selector: erq.listener).
+
+Under uvloop every readable client socket is its own libuv callback: the GIL taken and
+dropped around it (a mutex and a condition variable each way), a bytes object, and the
+Python-level call of ``data_received`` through a context run, about 1,800 instructions a
+read before erq's own code starts, which at 50 connections is a third of a request. Here the
+client sockets sit in an epoll set of erq's own, whose descriptor is the only thing the
+event loop watches: one loop callback serves every ready socket, each read is one ``recv``
+into a shared buffer, and a reply is one ``send`` while nothing waits before it.
+
+``Connection`` is the transport its protocol sees: ``write``, ``close``, ``abort``,
+``is_closing``, ``pause_reading``/``resume_reading``, ``get_write_buffer_size`` and
+``get_extra_info``, with asyncio's flow control (``pause_writing`` above 64 KiB unsent,
+``resume_writing`` below 16 KiB), its closing rules (``close`` sends what is queued first;
+``connection_lost`` runs in a later callback, once) and its half-close rule (``eof_received``
+returning false closes). The pure-Python build, and any other platform, uses the event
+loop's own transports (erq/_listener_py.py) instead.
+"""
+
+import errno as _errno
+import logging
+import os as _os
+import socket as _socket
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdlib cimport free, malloc
+from posix.unistd cimport close as c_close
+
+cimport erq._fast._protocol as c_protocol
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    enum:
+        MSG_NOSIGNAL
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+
+
+cdef extern from "<errno.h>":
+    int EWOULDBLOCK
+
+
+log = logging.getLogger("erq.protocol")
+
+cdef enum:
+    READ_SIZE = 256 * 1024  # bytes one recv may take (uvloop reads into a buffer of this size)
+    HIGH_WATER = 64 * 1024  # unsent bytes above which the protocol is told pause_writing
+    LOW_WATER = 16 * 1024  # ... and below which, resume_writing
+    MAX_EVENTS = 256  # ready sockets taken from the kernel per loop callback
+    IOV_PIECES = 64  # queued replies handed to one sendmsg
+
+_ACCEPT_ERRORS_PAUSE = (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
+
+
+cdef class Hub:
+    """The epoll set of one listener's client sockets and the loop callback that serves it."""
+
+    cdef int _epfd
+    cdef object _loop
+    cdef char *_buf
+    cdef set _conns  # open connections; the epoll set holds borrowed pointers to them
+    cdef list _dead  # closed during this callback: kept alive until it returns
+    cdef bint _watched
+
+    def __cinit__(self, loop):
+        self._epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self._epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self._buf = <char *>malloc(READ_SIZE)
+        if self._buf == NULL:
+            c_close(self._epfd)
+            self._epfd = -1
+            raise MemoryError()
+        self._loop = loop
+        self._conns = set()
+        self._dead = []
+        loop.add_reader(self._epfd, self._ready)
+        self._watched = True
+
+    def __dealloc__(self):
+        if self._buf != NULL:
+            free(self._buf)
+        if self._epfd >= 0:
+            c_close(self._epfd)
+
+    def __len__(self):
+        return len(self._conns)
+
+    cdef Connection adopt(self, int fd, object peername, object sockname):
+        cdef Connection conn = Connection.__new__(Connection)
+        conn._fd = fd
+        conn._hub = self
+        conn._loop = self._loop
+        conn._peername = peername
+        conn._sockname = sockname
+        conn._backlog = []
+        self._conns.add(conn)
+        return conn
+
+    def _ready(self):
+        """The loop's callback: the epoll set is readable, so some client socket is ready."""
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n = epoll_wait(self._epfd, events, MAX_EVENTS, 0)
+        cdef int i
+        cdef unsigned int ev
+        cdef Connection conn
+        for i in range(n):
+            conn = <Connection>events[i].data.ptr  # a reference of our own from here on
+            if conn._closed:
+                continue
+            ev = events[i].events
+            if conn._reading and ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                conn._read(self._buf)
+            if conn._unsent and not conn._closed and ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                conn._send_backlog()
+        if self._dead:
+            self._dead.clear()
+
+    cdef _forget(self, Connection conn):
+        self._conns.discard(conn)
+        self._dead.append(conn)
+
+    def close(self):
+        """Abort every connection and stop watching (the server is stopping)."""
+        for conn in list(self._conns):
+            (<Connection>conn).abort()
+        if self._watched:
+            self._watched = False
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._epfd)
+
+
+@cython.final
+cdef class Connection:
+    """One client socket: the transport its protocol writes to and closes."""
+
+    cdef int _fd
+    cdef Hub _hub
+    cdef object _loop
+    cdef public object protocol
+    cdef c_protocol.MemcacheProtocol _memcache  # the protocol, when it is erq's: a C call
+    cdef object _peername
+    cdef object _sockname
+    cdef list _backlog  # bytes not yet sent, in order; _offset of the first already sent
+    cdef Py_ssize_t _offset
+    cdef Py_ssize_t _unsent
+    cdef unsigned int _events  # what the epoll set watches for (0: not in the set)
+    cdef bint _reading  # the protocol wants to read (not paused, not closing)
+    cdef bint _closing
+    cdef bint _closed
+    cdef bint _writing_paused
+
+    # ---- the transport interface -------------------------------------------------------
+    @property
+    def writes_directly(self):
+        """True: ``write`` is the system call itself, no writer needed in front of it."""
+        return True
+
+    cpdef write(self, data):
+        cdef Py_ssize_t size
+        cdef ssize_t n
+        if type(data) is not bytes:
+            data = bytes(data)
+        size = PyBytes_GET_SIZE(data)
+        if self._closing or self._closed or size == 0:
+            return
+        if not self._unsent:
+            n = send(self._fd, PyBytes_AS_STRING(data), size, MSG_NOSIGNAL)
+            if n == size:
+                return
+            if n < 0:
+                if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                    self._fail(errno)
+                    return
+                n = 0
+            self._backlog.append(data)
+            self._offset = n
+            self._unsent = size - n
+            self._watch()
+        else:
+            self._backlog.append(data)
+            self._unsent += size
+        if not self._writing_paused and self._unsent > HIGH_WATER:
+            self._writing_paused = True
+            self._call_protocol("pause_writing")
+
+    def writelines(self, lines):
+        for data in lines:
+            self.write(data)
+
+    def close(self):
+        """Stop reading; send what is queued, then close and tell the protocol."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        self._reading = False
+        if self._unsent:
+            self._watch()
+        else:
+            self._finish(None)
+
+    def abort(self):
+        """Close now; whatever is queued is dropped."""
+        if self._closed:
+            return
+        self._closing = True
+        self._reading = False
+        self._drop_backlog()
+        self._finish(None)
+
+    def is_closing(self):
+        return self._closing or self._closed
+
+    def pause_reading(self):
+        if self._closing or self._closed or not self._reading:
+            return
+        self._reading = False
+        self._watch()
+
+    def resume_reading(self):
+        if self._closing or self._closed or self._reading:
+            return
+        self._reading = True
+        self._watch()
+
+    def is_reading(self):
+        return self._reading
+
+    def get_write_buffer_size(self):
+        return self._unsent
+
+    def get_write_buffer_limits(self):
+        return LOW_WATER, HIGH_WATER
+
+    def get_extra_info(self, name, default=None):
+        if name == "peername":
+            return self._peername
+        if name == "sockname":
+            return self._sockname
+        return default
+
+    # ---- inside ------------------------------------------------------------------------
+    cdef _watch(self):
+        """Make the epoll set watch for what is wanted now. Nothing wanted: out of the set,
+        as libuv does, or a hang-up would wake the loop again and again while reading is
+        paused."""
+        cdef unsigned int want = 0
+        cdef epoll_event event
+        cdef int op
+        if self._reading:
+            want |= EPOLLIN
+        if self._unsent:
+            want |= EPOLLOUT
+        if want == self._events:
+            return
+        event.events = want
+        event.data.ptr = <void *>self
+        if want == 0:
+            op = EPOLL_CTL_DEL
+        elif self._events == 0:
+            op = EPOLL_CTL_ADD
+        else:
+            op = EPOLL_CTL_MOD
+        if epoll_ctl(self._hub._epfd, op, self._fd, &event) < 0:
+            self._fail(errno)
+            return
+        self._events = want
+
+    cdef _read(self, char *buf):
+        cdef ssize_t n = recv(self._fd, buf, READ_SIZE, 0)
+        if n > 0:
+            data = PyBytes_FromStringAndSize(buf, n)
+            try:
+                if self._memcache is not None:
+                    self._memcache.data_received(data)
+                else:
+                    self.protocol.data_received(data)
+            except Exception as exc:
+                self._protocol_failed("data_received", exc)
+        elif n == 0:
+            self._end_of_stream()
+        elif errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+            self._fail(errno)
+
+    cdef _end_of_stream(self):
+        try:
+            keep_open = self.protocol.eof_received()
+        except Exception as exc:
+            self._protocol_failed("eof_received", exc)
+            return
+        if keep_open:
+            self._reading = False  # half-closed: the client can still read our replies
+            self._watch()
+        else:
+            self.close()
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef _send_backlog(self):
+        cdef iovec iov[IOV_PIECES]
+        cdef msghdr msg
+        cdef list backlog = self._backlog
+        cdef Py_ssize_t count = min(len(backlog), IOV_PIECES)
+        cdef Py_ssize_t i
+        cdef Py_ssize_t size
+        cdef ssize_t n
+        cdef bytes piece
+        for i in range(count):
+            piece = <bytes>backlog[i]
+            iov[i].iov_base = PyBytes_AS_STRING(piece)
+            iov[i].iov_len = PyBytes_GET_SIZE(piece)
+        iov[0].iov_base = PyBytes_AS_STRING(<bytes>backlog[0]) + self._offset
+        iov[0].iov_len -= self._offset
+        msg.msg_name = NULL
+        msg.msg_namelen = 0
+        msg.msg_iov = iov
+        msg.msg_iovlen = count
+        msg.msg_control = NULL
+        msg.msg_controllen = 0
+        msg.msg_flags = 0
+        n = sendmsg(self._fd, &msg, MSG_NOSIGNAL)
+        if n < 0:
+            if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                self._fail(errno)
+            return
+        self._unsent -= n
+        n += self._offset
+        i = 0
+        while i < count:
+            size = PyBytes_GET_SIZE(<bytes>backlog[i])
+            if n < size:
+                break
+            n -= size
+            i += 1
+        del backlog[:i]
+        self._offset = n
+        if self._writing_paused and self._unsent <= LOW_WATER:
+            self._writing_paused = False
+            self._call_protocol("resume_writing")
+        if self._unsent:
+            return
+        if self._closing:
+            self._finish(None)
+        else:
+            self._watch()
+
+    cdef _drop_backlog(self):
+        self._backlog.clear()
+        self._offset = 0
+        self._unsent = 0
+
+    cdef _fail(self, int code):
+        """A system call failed on the socket (a reset, a broken pipe): close it now."""
+        if self._closed:
+            return
+        self._closing = True
+        self._reading = False
+        self._drop_backlog()
+        self._finish(OSError(code, _os.strerror(code)))  # ConnectionResetError for a reset
+
+    cdef _protocol_failed(self, str method, exc):
+        """As asyncio does: report to the loop's exception handler, then close at once."""
+        self._loop.call_exception_handler(
+            {
+                "message": f"Fatal error: protocol.{method}() call failed.",
+                "exception": exc,
+                "transport": self,
+                "protocol": self.protocol,
+            }
+        )
+        self.abort()
+
+    cdef _call_protocol(self, str method):
+        try:
+            getattr(self.protocol, method)()
+        except Exception as exc:
+            self._protocol_failed(method, exc)
+
+    cdef _finish(self, exc):
+        """Leave the epoll set, close the socket, and tell the protocol in a later callback."""
+        cdef epoll_event event
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._reading = False
+        if self._events:
+            epoll_ctl(self._hub._epfd, EPOLL_CTL_DEL, self._fd, &event)
+            self._events = 0
+        c_close(self._fd)
+        self._fd = -1
+        self._hub._forget(self)
+        if not self._loop.is_closed():
+            self._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc):
+        protocol = self.protocol
+        self.protocol = None  # the protocol holds this transport: break the cycle
+        self._memcache = None
+        if protocol is not None:
+            protocol.connection_lost(exc)
+
+
+cdef class Listener:
+    """The listening sockets of the memcache port; what ``loop.create_server`` returns, as far
+    as the server uses it (``sockets``, ``close``, ``wait_closed``)."""
+
+    cdef object _loop
+    cdef object _factory
+    cdef int _backlog
+    cdef bint _accepting
+    cdef readonly Hub hub
+    cdef readonly list sockets
+
+    def __cinit__(self, loop, list sockets, factory, int backlog):
+        self._loop = loop
+        self._factory = factory
+        self._backlog = backlog
+        self.hub = Hub(loop)
+        self.sockets = sockets
+        self._accepting = True
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listening):
+        cdef Connection conn
+        sockname = listening.getsockname()
+        for _ in range(self._backlog):
+            try:
+                sock, peername = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS_PAUSE:
+                    # Out of descriptors or memory: asyncio's answer, pause accepting a second.
+                    log.error("cannot accept a client (%s); not accepting for 1 s", exc)
+                    self._loop.remove_reader(listening.fileno())
+                    self._loop.call_later(1.0, self._resume_accepting, listening)
+                    return
+                continue  # the client gave up before it was taken (ECONNABORTED, EPROTO, ...)
+            if sock.family in (_socket.AF_INET, _socket.AF_INET6):
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            conn = self.hub.adopt(sock.detach(), peername, sockname)
+            conn._reading = True
+            conn._watch()
+            if conn._closed:
+                continue
+            try:
+                conn.protocol = protocol = self._factory()
+                if type(protocol) is c_protocol.MemcacheProtocol:
+                    conn._memcache = protocol
+                protocol.connection_made(conn)
+            except Exception as exc:
+                conn._protocol_failed("connection_made", exc)
+
+    def _resume_accepting(self, listening):
+        if self._accepting:
+            self._loop.add_reader(listening.fileno(), self._accept, listening)
+
+    def close(self):
+        """Stop accepting and close the listening sockets; open connections stay open."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        for sock in self.sockets:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    async def wait_closed(self):
+        """Nothing to wait for: ``close`` closed the sockets already."""
+
+    def close_clients(self):
+        """Abort every client connection still open and stop watching their epoll set."""
+        self.hub.close()
+
+
+async def listen(loop, host, int port, factory, *, int backlog=1024):
+    """Open the memcache port on every address of ``host`` (as ``loop.create_server`` does,
+    with SO_REUSEADDR, IPv6 sockets IPv6-only); every client becomes ``factory()``."""
+    infos = await loop.getaddrinfo(
+        host, port, type=_socket.SOCK_STREAM, flags=_socket.AI_PASSIVE
+    )
+    sockets = []
+    seen = set()
+    try:
+        for family, type_, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = _socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            if family == _socket.AF_INET6:
+                sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return Listener(loop, sockets, factory, backlog)

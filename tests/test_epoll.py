@@ -1,0 +1,329 @@
+"""erq's own connection layer (erq/_fast/_epoll.pyx) keeps a transport's promises.
+
+The compiled build serves the memcache port from an epoll set of its own instead of the event
+loop's transports, so every test here runs the same recording protocol on each: the loop's
+transports (asyncio's and uvloop's, what the pure-Python build uses) and the epoll layer on
+both loops. What the loops' transports do is the specification; the epoll layer must do the
+same: queued replies are sent before a close, ``connection_lost`` comes once and later, a
+half-closed client can still be written to, a failing protocol is reported and closed,
+reading pauses and resumes, and the write buffer's flow control calls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from support import LAYERS, close_listener, new_loop, open_listener
+
+BIG = 8 << 20  # more than loopback's socket buffers take at once
+
+
+@pytest.fixture(params=LAYERS)
+def layer(request) -> str:
+    return request.param
+
+
+class Recorder:
+    """A protocol that records what its transport tells it, and answers as told."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.events: list[str] = []
+        self.data = bytearray()
+        self.transport = None
+        self.keep_open_on_eof = server.keep_open_on_eof
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.events.append("made")
+        self.server.accepted.put_nowait(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if b"boom" in data:
+            raise RuntimeError("boom")
+        if data.startswith(b"echo "):
+            self.transport.write(data[5:])
+
+    def eof_received(self):
+        self.events.append("eof")
+        return self.keep_open_on_eof
+
+    def connection_lost(self, exc) -> None:
+        self.events.append("lost")
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.events.append("pause_writing")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume_writing")
+
+
+class Server:
+    def __init__(self, layer: str, keep_open_on_eof: bool = False) -> None:
+        self.layer = layer
+        self.keep_open_on_eof = keep_open_on_eof
+        self.accepted: asyncio.Queue[Recorder] = asyncio.Queue()
+        self.errors: list[dict] = []
+        self.listener = None
+
+    async def __aenter__(self) -> Server:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: self.errors.append(context))
+        self.listener = await open_listener(loop, self.layer, lambda: Recorder(self))
+        self.port = self.listener.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await close_listener(self.listener, self.layer)
+
+    async def connect(self) -> tuple[socket.socket, Recorder]:
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        return sock, await asyncio.wait_for(self.accepted.get(), 10)
+
+
+def run(layer: str, body, **server) -> Server:
+    loop = new_loop(layer)
+
+    async def main() -> Server:
+        async with Server(layer, **server) as srv:
+            await asyncio.wait_for(body(srv), 30)
+        return srv
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, min(n - len(out), 1 << 20))
+        assert chunk, f"end of file after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+async def recv_to_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+async def until(check) -> None:
+    while not check():
+        await asyncio.sleep(0.001)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Bytes whose every 8-byte word says where it is: a lost or reordered piece shows."""
+    words = (size + 7) // 8
+    return b"".join(struct.pack("<II", seed, i) for i in range(words))[:size]
+
+
+def test_bytes_arrive_in_order_across_partial_writes(layer):
+    """Writes beyond what the socket takes queue behind each other and arrive whole."""
+    pieces = [pattern(BIG, 1), pattern(10, 2), pattern(300_000, 3), pattern(1, 4)]
+
+    async def body(srv):
+        sock, proto = await srv.connect()
+        for piece in pieces:
+            proto.transport.write(piece)
+        assert proto.transport.get_write_buffer_size() > 0  # the client has read nothing yet
+        assert await recv_exactly(sock, sum(map(len, pieces))) == b"".join(pieces)
+        await until(lambda: proto.transport.get_write_buffer_size() == 0)
+        sock.close()
+
+    run(layer, body)
+
+
+def test_the_write_buffer_pauses_and_resumes_the_protocol(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        proto.transport.write(pattern(BIG, 5))
+        assert proto.events == ["made", "pause_writing"]
+        await recv_exactly(sock, BIG)
+        await until(lambda: "resume_writing" in proto.events)
+        assert proto.events == ["made", "pause_writing", "resume_writing"]
+        sock.close()
+
+    run(layer, body)
+
+
+def test_close_sends_what_is_queued_then_ends_the_connection_once(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        data = pattern(BIG, 6)
+        proto.transport.write(data)
+        proto.transport.close()
+        assert proto.transport.is_closing()
+        proto.transport.close()  # a second close is a no-op
+        assert "lost" not in proto.events  # never from inside close()
+        assert await recv_to_eof(sock) == data
+        assert await asyncio.wait_for(proto.lost, 10) is None
+        await asyncio.sleep(0.01)
+        assert proto.events.count("lost") == 1
+        sock.close()
+
+    run(layer, body)
+
+
+def test_abort_drops_what_is_queued_and_closes_at_once(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        proto.transport.write(pattern(BIG, 7))
+        proto.transport.abort()
+        assert proto.transport.is_closing()
+        assert await asyncio.wait_for(proto.lost, 10) is None
+        got = await recv_to_eof_or_reset(sock)
+        assert len(got) < BIG
+        sock.close()
+
+    run(layer, body)
+
+
+async def recv_to_eof_or_reset(sock: socket.socket) -> bytes:
+    try:
+        return await recv_to_eof(sock)
+    except ConnectionResetError:
+        return b""
+
+
+def test_a_client_that_closes_is_told_eof_then_lost(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        sock.sendall(b"echo hi")
+        assert await recv_exactly(sock, 2) == b"hi"
+        sock.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(sock) == b""  # eof_received said close: the server closed
+        assert await asyncio.wait_for(proto.lost, 10) is None
+        assert proto.events == ["made", "eof", "lost"]
+        assert bytes(proto.data) == b"echo hi"
+        sock.close()
+
+    run(layer, body)
+
+
+def test_a_half_closed_client_can_still_be_written_to(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        sock.shutdown(socket.SHUT_WR)
+        await until(lambda: "eof" in proto.events)
+        assert not proto.transport.is_closing()
+        proto.transport.write(b"still here")
+        assert await recv_exactly(sock, 10) == b"still here"
+        proto.transport.close()
+        assert await recv_to_eof(sock) == b""
+        await asyncio.wait_for(proto.lost, 10)
+        sock.close()
+
+    run(layer, body, keep_open_on_eof=True)
+
+
+def test_a_reset_by_the_client_ends_the_connection_with_its_error(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        proto.transport.write(pattern(BIG, 8))  # queued: the reset meets a pending write
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        exc = await asyncio.wait_for(proto.lost, 10)
+        assert isinstance(exc, (ConnectionResetError, BrokenPipeError)), exc
+        assert proto.events.count("lost") == 1
+
+    run(layer, body)
+
+
+def test_a_failing_protocol_is_reported_and_its_connection_closed(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        other, other_proto = await srv.connect()
+        sock.sendall(b"boom")
+        assert await recv_to_eof_or_reset(sock) == b""
+        await asyncio.wait_for(proto.lost, 10)
+        (error,) = srv.errors  # the loop's exception handler heard of it
+        assert isinstance(error["exception"], RuntimeError)
+        other.sendall(b"echo ok")  # the other connection is untouched
+        assert await recv_exactly(other, 2) == b"ok"
+        srv.errors.clear()
+        sock.close()
+        other.close()
+
+    srv = run(layer, body)
+    assert srv.errors == []
+
+
+def test_paused_reading_holds_data_until_resumed(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        proto.transport.pause_reading()
+        assert not proto.transport.is_reading()
+        sock.sendall(b"echo held")
+        await asyncio.sleep(0.05)  # not a timing assertion: nothing may arrive however long
+        assert bytes(proto.data) == b""
+        proto.transport.resume_reading()
+        assert proto.transport.is_reading()
+        assert await recv_exactly(sock, 4) == b"held"
+        sock.close()
+
+    run(layer, body)
+
+
+def test_a_client_gone_while_reading_is_paused_is_seen_once_reading_resumes(layer):
+    """With reading paused a hang-up is not a reason to wake the loop over and over; the
+    end of file (after the data sent before it) is read when reading resumes."""
+
+    async def body(srv):
+        sock, proto = await srv.connect()
+        proto.transport.pause_reading()
+        sock.sendall(b"echo last words")
+        sock.close()
+        await asyncio.sleep(0.05)
+        assert proto.events == ["made"]
+        proto.transport.resume_reading()
+        await asyncio.wait_for(proto.lost, 10)
+        assert bytes(proto.data) == b"echo last words"
+        assert proto.events == ["made", "eof", "lost"]
+
+    run(layer, body)
+
+
+def test_many_clients_are_served_side_by_side(layer):
+    async def body(srv):
+        clients = [await srv.connect() for _ in range(200)]
+        for i, (sock, _) in enumerate(clients):
+            sock.sendall(b"echo %d;" % i)
+        for i, (sock, _) in enumerate(clients):
+            expected = b"%d;" % i
+            assert await recv_exactly(sock, len(expected)) == expected
+        for sock, _ in clients:
+            sock.close()
+        for _, proto in clients:
+            await asyncio.wait_for(proto.lost, 10)
+
+    run(layer, body)
+
+
+def test_closing_the_listener_keeps_the_open_connections(layer):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        srv.listener.close()
+        await srv.listener.wait_closed()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+        sock.sendall(b"echo alive")
+        assert await recv_exactly(sock, 5) == b"alive"
+        sock.close()
+
+    run(layer, body)
