@@ -128,8 +128,9 @@ class LocalServer:
         argv += ["--admin-port", "0", "--data-dir", data_dir, "--log-level", "WARNING"]
         # Embedded defaults: no ERQ_CONFIG or ERQ_<key> of the caller's; the build choice stays.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ERQ_")}
-        if "ERQ_NO_EXTENSIONS" in os.environ:
-            env["ERQ_NO_EXTENSIONS"] = os.environ["ERQ_NO_EXTENSIONS"]
+        for build_choice in ("ERQ_NO_EXTENSIONS", "ERQ_NO_EPOLL"):
+            if build_choice in os.environ:
+                env[build_choice] = os.environ[build_choice]
         # Serve the very erq that runs this bench, wherever it was imported from.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
