@@ -70,6 +70,12 @@ def _is_decimal(token: bytes) -> bool:
 
 
 # ---- set -------------------------------------------------------------------------------
+def journal_failed(exc: JournalError) -> bytes:
+    """The reply to a request its queue's journal could not take (disk full, I/O error, out
+    of descriptors): nothing was stored or taken, and the connection stays usable."""
+    return b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+
+
 def cmd_set(session: Session, req: tuple) -> None:
     _, name, flags, exptime, data, noreply = req
     state = session.state
@@ -101,9 +107,7 @@ def cmd_set(session: Session, req: tuple) -> None:
     except JournalError as exc:
         log.error("set %s: %s", name.decode("ascii"), exc)
         if not noreply:
-            session.out.append(
-                b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
-            )
+            session.out.append(journal_failed(exc))
         return
     if result is ITEM_STORED:
         if tickets:
@@ -147,14 +151,12 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             elif session.has_open(name):
                 session.close_after(ERROR)
                 return True
-        queue = state.queues.get_or_create(name)
         try:
+            queue = state.queues.get_or_create(name)
             item = queue.head() if spec.peek else queue.take(spec.open)
         except JournalError as exc:  # disk full: the item stays at the head
             log.error("get %s: %s", name, exc)
-            session.out.append(
-                b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
-            )
+            session.out.append(journal_failed(exc))
             return True
         if item is None and spec.timeout:
             if op is None:
@@ -395,7 +397,12 @@ def cmd_monitor(session: Session, args: list[bytes]) -> None:
         session.out.append(QUIESCENT)
         return
     max_items = int(args[2]) if len(args) == 3 else state.config.server.max_open_reads
-    queue = state.queues.get_or_create(args[0].decode("ascii"))
+    try:
+        queue = state.queues.get_or_create(args[0].decode("ascii"))
+    except JournalError as exc:  # its journal could not be opened (out of descriptors, ...)
+        log.error("monitor %s: %s", args[0].decode("ascii"), exc)
+        session.out.append(journal_failed(exc))
+        return
     MonitorOperation(session, queue, int(args[1]), max_items).run()
 
 

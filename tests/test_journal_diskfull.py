@@ -12,6 +12,7 @@ from test_journal_support import KiB, all_items, segment_files, use_codec
 
 from erq.config import load_config
 from erq.journal import JournalError, QueueJournal
+from erq.journal import journal as journal_module
 
 from conftest import impl_module
 
@@ -162,3 +163,46 @@ def test_an_expired_item_the_full_disk_keeps_from_its_expire_to_queue_is_logged_
     item = dead.take(False)
     assert (item.data, item.flags) == (b"second", 4)
     queues.close()
+
+
+def test_a_journal_that_cannot_be_opened_is_a_journal_error_and_leaves_no_directory(
+    codec, tmp_path, monkeypatch
+):
+    (tmp_path / "blocked").write_bytes(b"")  # a file where the queue's directory would go
+    with pytest.raises(JournalError, match="cannot open the journal"):
+        QueueJournal.open(tmp_path / "blocked", fsync="never")
+    assert (tmp_path / "blocked").is_file()  # what was there stays
+    with monkeypatch.context() as m:  # out of descriptors once the directory is made
+        m.setattr(journal_module, "replay", out_of_descriptors)
+        with pytest.raises(JournalError, match="Too many open files"):
+            QueueJournal.open(tmp_path / "new", fsync="never")
+    assert not (tmp_path / "new").exists()  # the new queue's directory is not left behind
+    journal, recovery = QueueJournal.open(tmp_path / "new", fsync="never")  # and later opens
+    assert recovery.items == []
+    journal.close()
+
+
+def out_of_descriptors(*args):
+    raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def test_a_queue_whose_journal_cannot_be_opened_answers_server_error_and_the_connection_lives(
+    erq_factory,
+):
+    """Out of descriptors or no permission when a request creates a queue: the request gets
+    SERVER_ERROR, no queue is made, and the same connection goes on being served."""
+    server = erq_factory(start=False)
+    server.data_dir.mkdir(exist_ok=True)
+    (server.data_dir / "blocked").write_bytes(b"")  # the queue's directory cannot be made
+    server.start()
+    c = server.client()
+    for request in (b"set blocked 0 0 2\r\nhi\r\n", b"get blocked\r\n", b"get blocked/open\r\n"):
+        c.send(request)
+        reply = c.line()
+        assert reply.startswith(b"SERVER_ERROR cannot open the journal"), reply
+    c.send(b"set other 0 0 2\r\nhi\r\nget other\r\n")
+    assert c.line() == b"STORED\r\n"
+    assert c.line() + c.line() + c.line() == b"VALUE other 0 2\r\nhi\r\nEND\r\n"
+    stats = c.stats()
+    assert "queue_other_items" in stats
+    assert not any(name.startswith("queue_blocked") for name in stats), stats  # none made

@@ -14,6 +14,7 @@ compaction rewrites the live records into a snapshot when what is left is mostly
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -198,16 +199,24 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         """
         directory = Path(directory)
         created = not directory.is_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        journal = cls(
-            directory,
-            fsync=fsync,
-            segment_size=segment_size,
-            max_memory_size=max_memory_size,
-            max_journal_size=max_journal_size,
-            commit=commit,
-        )
-        result = replay(directory, max_memory_size, item_overhead)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            journal = cls(
+                directory,
+                fsync=fsync,
+                segment_size=segment_size,
+                max_memory_size=max_memory_size,
+                max_journal_size=max_journal_size,
+                commit=commit,
+            )
+            result = replay(directory, max_memory_size, item_overhead)
+        except OSError as exc:
+            # Out of descriptors, disk full, no permission: a request that would create the
+            # queue gets SERVER_ERROR, and a new queue's directory is not left behind.
+            if created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise JournalError(f"cannot open the journal in {directory}: {exc}") from exc
         journal._adopt(result)
         if created:
             journal._dirs_unsynced.append(directory.parent)
