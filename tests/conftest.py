@@ -81,8 +81,10 @@ class ErqProcess:
         config: str | None = None,
         args: list[str] | None = None,
         env: dict | None = None,
+        preexec_fn=None,
     ) -> None:
         self.impl = impl
+        self.preexec_fn = preexec_fn  # run in the child before erq starts (resource limits)
         self.data_dir = data_dir
         self.config_path: Path | None = None
         if config is not None:
@@ -122,7 +124,12 @@ class ErqProcess:
         cmd += self.args
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.data_dir.parent,
+            preexec_fn=self.preexec_fn,
         )
         if wait:
             self.wait_ready()

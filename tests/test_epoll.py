@@ -17,7 +17,7 @@ import struct
 
 import pytest
 
-from support import LAYERS, close_listener, new_loop, open_listener
+from support import LAYERS, STORED, VERSION_LINE, close_listener, new_loop, open_listener
 
 BIG = 8 << 20  # more than loopback's socket buffers take at once
 
@@ -327,3 +327,51 @@ def test_closing_the_listener_keeps_the_open_connections(layer):
         sock.close()
 
     run(layer, body)
+
+
+# ---- out of descriptors ----------------------------------------------------------------------
+def test_out_of_descriptors_clients_wait_and_are_served_once_some_close(tmp_path):
+    """With its descriptors used up the epoll layer stops accepting for a second at a time, as
+    asyncio's transports do, and logs why; the clients it could not take wait in the listen
+    backlog and are served once others have gone, and the clients it has keep being served.
+    (uvloop's transports, the pure-Python build's, close such clients instead: libuv's
+    EMFILE trick. So this runs the compiled build only.)"""
+    import resource
+
+    import erq._fast._epoll  # noqa: F401 - the compiled build, or the test fails
+
+    from conftest import ErqProcess
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    (tmp_path / "data").mkdir()
+    server = ErqProcess("c", tmp_path / "data", preexec_fn=few_descriptors).start()
+    served, waiting = [], []
+    try:
+        first = server.client()  # the queue, and its journal's descriptors, before the limit
+        first.send(b"set q 0 0 2\r\nhi\r\n")
+        assert first.line() == STORED
+        served.append(first)
+        while len(waiting) < 5:
+            assert len(served) < 64, "every client was served: the limit did not apply"
+            client = server.client(timeout=1.0)
+            client.send(b"version\r\n")
+            try:
+                assert client.line() == VERSION_LINE
+                served.append(client)
+            except TimeoutError:  # not accepted: out of descriptors
+                waiting.append(client)
+        assert "cannot accept a client" in server.read_log()
+        first.send(b"set q 0 0 2\r\nho\r\n")  # the clients it has are served
+        assert first.line() == STORED
+        for client in served[-10:]:
+            client.close()
+        for client in waiting:  # each sent "version" before it was accepted
+            client.sock.settimeout(10.0)
+            assert client.line() == VERSION_LINE
+        assert server.proc.poll() is None
+    finally:
+        for client in served + waiting:
+            client.close()
+        server.stop()
