@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,10 @@ log = logging.getLogger("erq.queues")
 # once, so that a set allocates neither a tuple nor a list for it.
 _STORED_NO_TICKETS = (STORED, ())
 _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
+# Recovery restores a queue's items this many at a time, and lets go of the GIL in between:
+# compiled, a restore is a C loop of ~0.2 s per million items (and the list's release another
+# ~0.06 s), which would keep the loop thread from answering the admin port for that long.
+_RESTORE_SLICE = 1 << 16
 
 
 class QueueCollection:
@@ -91,6 +96,13 @@ class QueueCollection:
         return queue
 
     def _create(self, name: str) -> Queue:
+        queue, warnings = self._open(name)
+        self._adopt(queue, warnings)
+        return queue
+
+    def _open(self, name: str) -> tuple[Queue, list[str]]:
+        """The queue ``name`` over its journal, replayed, and recovery's warnings. Changes
+        nothing of the collection: recovery runs it on a worker thread (``open_existing``)."""
         qcfg = self.config.queue_config(name)
         journal = None
         recovery = None
@@ -101,15 +113,26 @@ class QueueCollection:
             # fanout registration) survives a restart; its items do not.
             (self.data_dir / name).mkdir(parents=True, exist_ok=True)
         queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
-        if recovery is not None:
-            queue.restore(
-                recovery.items, recovery.disk_items, recovery.disk_bytes, recovery.next_id
-            )
-            for warning in recovery.warnings:
-                log.warning("queue %s: %s", name, warning)
-                self.warnings.append(f"{name}: {warning}")
-            self.recovered_items += queue.items
-            self.recovered_bytes += queue.bytes
+        if recovery is None:
+            return queue, []
+        items = recovery.items
+        for start in range(0, len(items) or 1, _RESTORE_SLICE):  # once at least: disk counts
+            if start:
+                time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
+            stop = start + _RESTORE_SLICE
+            batch = items[start:stop]
+            items[start:stop] = [None] * len(batch)  # each slice is freed once restored
+            queue.restore(batch, recovery.disk_items, recovery.disk_bytes, recovery.next_id)
+        for warning in recovery.warnings:
+            log.warning("queue %s: %s", name, warning)
+        return queue, [f"{name}: {warning}" for warning in recovery.warnings]
+
+    def _adopt(self, queue: Queue, warnings: list[str]) -> None:
+        """Make a queue from ``_open`` part of the collection (on the loop thread)."""
+        name = queue.name
+        self.warnings.extend(warnings)
+        self.recovered_items += queue.items  # all recovered: nothing has reached it yet
+        self.recovered_bytes += queue.bytes
         self._queues[name] = queue
         self.by_raw_name[name.encode("ascii")] = queue
         parent, plus, _child = name.partition("+")
@@ -117,19 +140,32 @@ class QueueCollection:
             kids = self._children.setdefault(parent, [])
             if name not in kids:
                 kids.append(name)
-        return queue
+
+    def open_existing(self) -> list[tuple[Queue, list[str]]]:
+        """Open and replay every queue that has a directory and is not in the collection
+        (start-up recovery), for :meth:`adopt`. The collection is left as it is, and the
+        queues and journals made are seen by no one until adopted (a journal touches the
+        loop only from its first append on: fsync timers and tickets), so this may run on a
+        worker thread while the loop serves the admin port. No queue may be created until
+        they are adopted."""
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return []
+        return [
+            self._open(entry.name)
+            for entry in sorted(self.data_dir.iterdir())
+            if entry.is_dir()
+            and valid_queue_name(entry.name.encode())
+            and entry.name not in self._queues
+        ]
+
+    def adopt(self, opened: list[tuple[Queue, list[str]]]) -> None:
+        """Add the queues of :meth:`open_existing` to the collection (on the loop thread)."""
+        for queue, warnings in opened:
+            self._adopt(queue, warnings)
 
     def load_existing(self) -> None:
-        """Open every queue that has a journal directory (start-up recovery)."""
-        if self.data_dir is None or not self.data_dir.is_dir():
-            return
-        for entry in sorted(self.data_dir.iterdir()):
-            if (
-                entry.is_dir()
-                and valid_queue_name(entry.name.encode())
-                and entry.name not in self._queues
-            ):
-                self._create(entry.name)
+        """Open every queue that has a journal directory (start-up recovery), all at once."""
+        self.adopt(self.open_existing())
 
     # ---- item flow ---------------------------------------------------------------------
     def add(

@@ -6,6 +6,9 @@ dependency, and a client that misbehaves holds at most one bounded buffer for a 
 It reads the server's state and never changes it. Every number comes from the functions behind
 the memcache ``stats`` command (``general_stats``, ``QueueCollection.queue_stats``), so the two
 views cannot disagree and a new stats field appears here without a change to this file.
+
+The port opens before recovery and answers during it (the journals are replayed on a worker
+thread): /healthz says ok, every other endpoint 503 ``starting`` until the queues are loaded.
 """
 
 from __future__ import annotations
@@ -48,18 +51,20 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/
 
 # (status, content type, body) of one answer, before HEAD drops the body.
 Reply = tuple[int, str, bytes]
+# Before recovery has finished: numbers of queues not loaded yet would say "empty", wrongly.
+STARTING: Reply = (503, TEXT, b"starting")
 
 
 # ---- endpoints -----------------------------------------------------------------------------
 def healthz(state: Any) -> Reply:
-    """Liveness: the process runs its loop and answers."""
+    """Liveness: the process runs its loop and answers (during recovery too)."""
     return 200, TEXT, b"ok"
 
 
 def readyz(state: Any) -> Reply:
     """Readiness: recovery is over and the status lets clients read (UP or READONLY)."""
     if not state.ready:
-        return 503, TEXT, b"starting"
+        return STARTING
     if state.status == "QUIESCENT":
         return 503, TEXT, b"QUIESCENT"
     return 200, TEXT, state.status.encode("ascii")
@@ -74,6 +79,8 @@ def stats_document(state: Any) -> dict[str, Any]:
 
 
 def stats_json(state: Any) -> Reply:
+    if not state.ready:
+        return STARTING
     return 200, JSON, json.dumps(stats_document(state)).encode("utf-8")
 
 
@@ -214,6 +221,8 @@ def metrics_text(state: Any) -> str:
 
 
 def metrics(state: Any) -> Reply:
+    if not state.ready:
+        return STARTING
     return 200, PROMETHEUS, metrics_text(state).encode("utf-8")
 
 

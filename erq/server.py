@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 import time
@@ -69,6 +70,25 @@ def release_free_memory() -> bool:
     return True
 
 
+def _recover(queues: QueueCollection) -> list:
+    """Start-up recovery's replay, run on a worker thread: every queue opened, for ``adopt``.
+
+    The cyclic GC is off meanwhile, with one full collection at the end. Recovery makes
+    long-lived objects by the million and no garbage cycles, and each collection their growing
+    number triggers walks all of them holding the GIL (0.1-0.2 s per million): a quarter of the
+    time it took to recover 10 million small items, in pauses where the loop thread could not
+    answer the admin port."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        opened = queues.open_existing()
+        gc.collect()  # once: the recovered objects land in the oldest generation
+        return opened
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Server:
     """One erq server process: owns the loop-side objects and their lifecycle."""
 
@@ -118,8 +138,10 @@ class Server:
                 ) from None
             log.info("admin HTTP port on %s:%d", cfg.host, self._admin.port)
         # Recovery happens before the memcache port is opened: nobody can talk to a half-loaded
-        # queue. It runs on the loop, so an admin request made meanwhile is answered after it.
-        queues.load_existing()
+        # queue. The journals are replayed on a worker thread, so that the loop answers the
+        # admin port meanwhile (a liveness probe must not kill a server that is only slow to
+        # recover); the thread builds queues no one sees until they are adopted, here.
+        queues.adopt(await asyncio.to_thread(_recover, queues))
         # Recovery's replay tables are garbage now, in pages below the recovered items.
         trim_started = time.perf_counter()
         if len(queues) and release_free_memory():

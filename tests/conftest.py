@@ -74,6 +74,9 @@ def free_port() -> int:
 class ErqProcess:
     """An erq server in a subprocess, on 127.0.0.1 and a free port, with its own data dir."""
 
+    launcher = ("-m", "erq")  # how the interpreter runs the command line ("serve", ...)
+    stdin = None  # the server's stdin (subprocess.PIPE to talk to a launcher)
+
     def __init__(
         self,
         impl: str,
@@ -109,8 +112,7 @@ class ErqProcess:
         env.update(self.extra_env)
         cmd = [
             sys.executable,
-            "-m",
-            "erq",
+            *self.launcher,
             "serve",
             "--port",
             str(self.port),
@@ -130,6 +132,7 @@ class ErqProcess:
             env=env,
             cwd=self.data_dir.parent,
             preexec_fn=self.preexec_fn,
+            stdin=self.stdin,
         )
         if wait:
             self.wait_ready()

@@ -172,6 +172,8 @@ class GroupCommit:
 
     # ---- journals ------------------------------------------------------------------------
     def register(self, journal: QueueJournal) -> None:
+        """From any thread (recovery opens journals on a worker thread): a set add, atomic
+        under the GIL; the loop reads the set only in ``drain`` and ``close``."""
         self._journals.add(journal)
 
     def unregister(self, journal: QueueJournal) -> None:

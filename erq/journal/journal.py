@@ -196,6 +196,9 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
 
         Reads that were open at the crash are back at the head of ``Recovery.items``; an
         UNREMOVE is journaled for each, so the journal states the same order from now on.
+
+        Safe on a thread other than the loop's (server start-up recovery): nothing here uses
+        ``commit``'s loop; the fsync policy's timers and tickets start with the first append.
         """
         directory = Path(directory)
         created = not directory.is_dir()
