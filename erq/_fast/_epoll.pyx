@@ -3,8 +3,8 @@
 
 Under uvloop every readable client socket is its own libuv callback: the GIL taken and
 dropped around it (a mutex and a condition variable each way), a bytes object, and the
-Python-level call of ``data_received`` through a context run, about 1,800 instructions a
-read before erq's own code starts, which at 50 connections is a third of a request. Here the
+Python-level call of ``data_received`` through a context run, about 1,900 instructions a
+read before erq's own code starts, which at 50 connections was nearly a third of a request. Here the
 client sockets sit in an epoll set of erq's own, whose descriptor is the only thing the
 event loop watches: one loop callback serves every ready socket, each read is one ``recv``
 into a shared buffer, and a reply is one ``send`` while nothing waits before it.
