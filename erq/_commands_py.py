@@ -166,7 +166,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             return False
         answer_key(session, spec, queue, item, gets)
         index += 1
-    session.out.append(END)
+    _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
     return True
 
 

@@ -38,3 +38,9 @@ def append_value(out: list, prefix: bytes, flags: int, data: bytes, cas: int = -
     out.append(value_header(prefix, flags, len(data), cas))
     out.append(data)
     out.append(b"\r\n")
+
+
+def append_end(out: list) -> None:
+    """Append ``END`` and its CRLF to a reply's pieces (the compiled twin may fuse it into
+    the last piece; the bytes sent are the same)."""
+    out.append(b"END\r\n")

@@ -3,8 +3,20 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._wire import VALUE_COPY_LIMIT, SocketWriter, append_value, value_header
+    from ._fast._wire import (
+        VALUE_COPY_LIMIT,
+        SocketWriter,
+        append_end,
+        append_value,
+        value_header,
+    )
 else:
-    from ._wire_py import VALUE_COPY_LIMIT, SocketWriter, append_value, value_header
+    from ._wire_py import (
+        VALUE_COPY_LIMIT,
+        SocketWriter,
+        append_end,
+        append_value,
+        value_header,
+    )
 
-__all__ = ["VALUE_COPY_LIMIT", "SocketWriter", "append_value", "value_header"]
+__all__ = ["VALUE_COPY_LIMIT", "SocketWriter", "append_end", "append_value", "value_header"]

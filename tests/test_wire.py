@@ -203,3 +203,27 @@ def test_append_value_takes_any_bytes_like_value(impl):
     out: list = []
     wire.append_value(out, b"VALUE q ", 0, bytearray(b"abc"))
     assert b"".join(out) == b"VALUE q 0 3\r\nabc\r\n"
+
+
+@pytest.mark.parametrize("size", [0, 10, 4096, 65536])
+def test_append_end_ends_the_reply_and_fuses_only_into_a_piece_of_its_own(impl, size):
+    """END follows whatever is there; the compiled twin puts it into the last piece when only
+    the list holds that piece (a one-key get's VALUE block), so the join has one piece."""
+    wire = impl_module(impl, "_wire", "_wire_py")
+    data = bytes(range(256)) * (size // 256)
+    out: list = []
+    wire.append_value(out, b"VALUE q ", 0, data)
+    wire.append_end(out)
+    assert b"".join(out) == b"VALUE q 0 %d\r\n" % len(data) + data + b"\r\nEND\r\n"
+    if impl == "c" and len(data) <= wire.VALUE_COPY_LIMIT:
+        assert len(out) == 1  # one piece: the join hands it on without a copy
+
+    shared = b"x" * 3 + b"y"  # held by this test too: it must not change
+    out = [shared]
+    wire.append_end(out)
+    assert shared == b"xxxy"
+    assert out == [b"xxxy", b"END\r\n"]
+
+    out = []
+    wire.append_end(out)
+    assert out == [b"END\r\n"]

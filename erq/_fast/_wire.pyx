@@ -14,6 +14,9 @@ closes the connection the way it always did.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.list cimport PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
 from posix.unistd cimport write as c_write
@@ -21,6 +24,20 @@ from posix.unistd cimport write as c_write
 
 cdef extern from "<errno.h>":
     int EWOULDBLOCK
+
+
+# Raw-pointer forms, for a list slot whose reference is handled by hand (append_end).
+cdef extern from "Python.h":
+    PyObject *_list_item "PyList_GET_ITEM"(object, Py_ssize_t)
+    void _list_set "PyList_SET_ITEM"(object, Py_ssize_t, PyObject *)
+    Py_ssize_t _refcount "Py_REFCNT"(PyObject *)
+    bint _is_bytes "PyBytes_CheckExact"(PyObject *)
+    char *_bytes_data "PyBytes_AS_STRING"(PyObject *)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *)
+    int _PyBytes_Resize(PyObject **, Py_ssize_t)
+
+
+cdef bytes _END = b"END\r\n"
 
 
 # A value up to this size is copied into its VALUE block (see append_value).
@@ -93,6 +110,29 @@ cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long
         out.append(_block(prefix, flags, size, cas, NULL))
         out.append(data)
         out.append(b"\r\n")
+
+
+cpdef append_end(list out):
+    """Append ``END`` and its CRLF to a reply's pieces: into the last piece when it is a bytes
+    only the list holds (the VALUE block just made for a get of one key), so that the reply is
+    one piece, which the join at flush hands on as it is instead of copying it again."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(out)
+    cdef PyObject *last
+    cdef Py_ssize_t size
+    if n:
+        last = _list_item(out, n - 1)  # borrowed: the list's reference
+        if _refcount(last) == 1 and _is_bytes(last):
+            size = _bytes_size(last)
+            # The list's reference is the only one, so the object may be resized (and moved):
+            # the slot takes the new address, with the same one reference.
+            if _PyBytes_Resize(&last, size + 5) < 0:
+                Py_INCREF(_END)  # the old object is gone: the slot must hold something
+                _list_set(out, n - 1, <PyObject *>_END)
+                raise MemoryError()
+            memcpy(_bytes_data(last) + size, <const char *>_END, 5)
+            _list_set(out, n - 1, last)
+            return
+    out.append(_END)
 
 
 cdef bytes _block(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas,
