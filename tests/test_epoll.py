@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 
 import pytest
 
@@ -330,6 +331,7 @@ def test_closing_the_listener_keeps_the_open_connections(layer):
 
 
 # ---- out of descriptors ----------------------------------------------------------------------
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the epoll layer is Linux only")
 def test_out_of_descriptors_clients_wait_and_are_served_once_some_close(tmp_path):
     """With its descriptors used up the epoll layer stops accepting for a second at a time, as
     asyncio's transports do, and logs why; the clients it could not take wait in the listen
