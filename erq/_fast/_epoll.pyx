@@ -128,9 +128,6 @@ cdef class Hub:
         if self._epfd >= 0:
             c_close(self._epfd)
 
-    def __len__(self):
-        return len(self._conns)
-
     cdef Connection adopt(self, int fd, object peername, object sockname):
         cdef Connection conn = Connection.__new__(Connection)
         conn._fd = fd
@@ -246,11 +243,6 @@ cdef class Connection:
 
     def abort(self):
         """Close now; whatever is queued is dropped."""
-        if self._closed:
-            return
-        self._closing = True
-        self._reading = False
-        self._drop_backlog()
         self._finish(None)
 
     def is_closing(self):
@@ -389,19 +381,10 @@ cdef class Connection:
         else:
             self._watch()
 
-    cdef _drop_backlog(self):
-        self._backlog.clear()
-        self._offset = 0
-        self._unsent = 0
-
     cdef _fail(self, int code):
         """A system call failed on the socket (a reset, a broken pipe): close it now."""
-        if self._closed:
-            return
-        self._closing = True
-        self._reading = False
-        self._drop_backlog()
-        self._finish(OSError(code, _os.strerror(code)))  # ConnectionResetError for a reset
+        if not self._closed:
+            self._finish(OSError(code, _os.strerror(code)))  # ConnectionResetError for a reset
 
     cdef _protocol_failed(self, str method, exc):
         """As asyncio does: report to the loop's exception handler, then close at once."""
@@ -422,13 +405,17 @@ cdef class Connection:
             self._protocol_failed(method, exc)
 
     cdef _finish(self, exc):
-        """Leave the epoll set, close the socket, and tell the protocol in a later callback."""
+        """Leave the epoll set, close the socket (dropping whatever is still queued: nothing,
+        unless this is an abort or a failure), and tell the protocol in a later callback."""
         cdef epoll_event event
         if self._closed:
             return
         self._closed = True
         self._closing = True
         self._reading = False
+        self._backlog.clear()
+        self._offset = 0
+        self._unsent = 0
         if self._events:
             epoll_ctl(self._hub._epfd, EPOLL_CTL_DEL, self._fd, &event)
             self._events = 0
