@@ -54,6 +54,7 @@ from scenarios import (  # noqa: E402
     FsyncResult,
     Memory,
     MemoryResult,
+    MicroResult,
     Plan,
     RestartResult,
     Results,
@@ -530,6 +531,31 @@ class Bench:
                 finally:
                     server.close()
 
+    def micro(self) -> None:
+        """The hot paths' micro-benchmarks on both builds (``pytest benchmarks/
+        --benchmark-only``), pinned to the server's CPU; the parser bar reads them."""
+        out = self.res.micro = MicroResult()
+        report = os.path.join(tempdir("micro"), "micro.json")
+        cmd = self.launcher.pinning.prefix(self.launcher.pinning.server_cpu) + [
+            sys.executable, "-m", "pytest", str(REPO / "benchmarks"), "--benchmark-only",
+            f"--benchmark-json={report}", "-q", "-p", "no:cacheprovider",
+        ]  # fmt: skip
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("ERQ_NO_EXTENSIONS", "ERQ_NO_EPOLL")
+        }
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not os.path.exists(report):
+            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            out.failure = f"pytest exited {done.returncode}: " + " / ".join(tail)
+            self.say("micro", "both", f"FAILED: {out.failure}")
+            return
+        for bench in json.loads(Path(report).read_text())["benchmarks"]:
+            impl = bench["params"]["impl"]
+            out.groups.setdefault(bench["group"], {})[impl] = bench["stats"]["median"]
+        for group in out.groups:
+            speedup = out.speedup(group)
+            self.say("micro", "both", f"{group}: Cython {speedup or 0:.2f}x pure Python")
+
     def ceilings(self, disk: bool, syncs: bool) -> None:
         """The machine's ceilings behind the 64 KiB and fsync = "always" bars (``ceilings.py``),
         in a directory on the file system of the servers' data directories."""
@@ -844,6 +870,8 @@ def run_all(ns: argparse.Namespace, argv: list[str]) -> int:
         bench.memory()
     if "restart" in wanted:
         bench.restart()
+    if "micro" in wanted:
+        bench.micro()
     if "set_64k" in wanted or "fsync_always" in wanted:
         # Last, so that its writes (up to 2 GiB, then deleted) are behind every server run.
         bench.ceilings(disk="set_64k" in wanted, syncs="fsync_always" in wanted)

@@ -1,8 +1,9 @@
 """What ``run_e2e.py`` measures, the DESIGN.md section 6 bar each figure is held to, and the report.
 
 A :class:`Scenario` is one qload shape run against every server; the erq-only measurements
-(group commit, memory, restart) are procedures in ``run_e2e.py`` whose results land in the
-dataclasses below, as do the machine's ceilings (``ceilings.py``). :func:`render` turns a
+(group commit, memory, restart, the hot paths' micro-benchmarks) are procedures in
+``run_e2e.py`` whose results land in the dataclasses below, as do the machine's ceilings
+(``ceilings.py``). :func:`render` turns a
 :class:`Results` into the Markdown of ``RESULTS.md``.
 """
 
@@ -103,7 +104,9 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 
 SCENARIO_KEYS = tuple(s.key for s in SCENARIOS)
-SPECIAL_KEYS = ("fsync_always", "memory", "restart")  # erq-only procedures
+SPECIAL_KEYS = ("fsync_always", "memory", "restart", "micro")  # erq-only procedures
+# The micro-benchmark group the parser bar reads (benchmarks/test_parser_bench.py).
+PARSER_GROUP = "parser: 4 KiB pipeline"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +133,8 @@ class Bar:
         """The scenario or procedure whose results this bar reads."""
         if bar_key := {"cython_vs_python": "set_p64"}.get(self.key):
             return bar_key
-        return self.key.split("_")[0] if self.key.startswith(("memory", "restart")) else self.key
+        prefixed = self.key.startswith(("memory", "restart", "micro"))
+        return self.key.split("_")[0] if prefixed else self.key
 
     def judge(self, value: float | None) -> str:
         """``met`` / ``NOT met``, and by how much."""
@@ -160,6 +164,9 @@ BARS: tuple[Bar, ...] = (
     Bar("pingpong_same_core", "round trip p99, same core: erq / memcached", "<=", 1.5),
     Bar("set_64k", "64 KiB set, pipeline 64: erq / memcached ops/s", ">=", 0.50),
     Bar("cython_vs_python", "pipelined set (scenario 1): Cython / pure-Python", ">=", 3.0),
+    Bar(
+        "micro_parser", "parser micro-benchmark (4 KiB pipeline): Cython / pure-Python", ">=", 10.0
+    ),
     Bar("fsync_always", 'fsync = "always": 50 conns / 1 conn set rate', ">=", 20.0),
     Bar("memory_fill", "RSS after the fill, max_memory_size = 64MiB", "<=", 100.0, "MiB"),
     Bar("memory_idle", "extra RSS with the idle connections", "<=", 100.0, "MiB"),
@@ -263,6 +270,20 @@ class RestartResult:
 
 
 @dataclass
+class MicroResult:
+    """``pytest benchmarks/ --benchmark-only``: each group's median time per build, in seconds."""
+
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> impl -> s
+    failure: str = ""
+
+    def speedup(self, group: str) -> float | None:
+        """How many times faster the Cython build ran the group than the pure-Python one."""
+        times = self.groups.get(group, {})
+        c, py = times.get("c"), times.get("py")
+        return py / c if c and py else None
+
+
+@dataclass
 class Ceilings:
     """The machine's limits behind two bars (``ceilings.py``), one figure per repetition."""
 
@@ -307,6 +328,7 @@ class Results:
     memory: dict[str, MemoryResult] = field(default_factory=dict)
     restart: dict[str, RestartResult] = field(default_factory=dict)
     ceilings: Ceilings | None = None
+    micro: MicroResult | None = None
 
     @property
     def erq_builds(self) -> list[str]:
@@ -331,6 +353,8 @@ class Results:
             return c / py if c and py else None
         if bar.key == "fsync_always":
             return self.fsync[build].ratio() if build in self.fsync else None
+        if bar.key == "micro_parser":
+            return self.micro.speedup(PARSER_GROUP) if self.micro else None
         if bar.key == "memory_fill":
             return self.memory[build].fill_rss() if build in self.memory else None
         if bar.key == "memory_idle":
@@ -438,7 +462,7 @@ def render(res: Results, header: str) -> str:
         out.append(table(cols + ["ops/s of each run", "check"], rows))
         if sc.key == "set_64k":
             out += _render_disk_ceiling(res)
-    out += _render_fsync(res) + _render_memory(res) + _render_restart(res)
+    out += _render_fsync(res) + _render_memory(res) + _render_restart(res) + _render_micro(res)
     out.append("\n### Bars (DESIGN.md section 6)\n")
     out.append(
         "_Medians from this sitting. The bars are the Cython build's targets; the pure-Python "
@@ -449,7 +473,7 @@ def render(res: Results, header: str) -> str:
         if bar.source not in res.selected:
             continue
         for build in res.erq_builds:
-            if bar.key == "cython_vs_python" and build != "cython":
+            if bar.key in ("cython_vs_python", "micro_parser") and build != "cython":
                 continue
             value = res.bar_value(bar, build)
             verdict = bar.judge(value)
@@ -460,10 +484,6 @@ def render(res: Results, header: str) -> str:
                 verdict += " — scaled-down run"
             rows.append([bar.what, build, verdict])
     out.append(table(["bar", "erq build", "verdict"], rows))
-    out.append(
-        "\nNot measured here: the parser micro-benchmark bar (Cython ≥ 10× pure Python), "
-        "see `pytest benchmarks/ --benchmark-only`."
-    )
     if res.notes:
         out.append("\n### Notes\n")
         out += [f"- {n}" for n in res.notes]
@@ -474,6 +494,37 @@ def render(res: Results, header: str) -> str:
         out.append("\n## Where the time goes (from benchmarks/PROFILE.md)\n")
         out.append(body.replace("\n## ", "\n### "))
     return "\n".join(out) + "\n"
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds * 1e6:,.1f} µs" if seconds >= 1e-6 else f"{seconds * 1e9:,.0f} ns"
+
+
+def _render_micro(res: Results) -> list[str]:
+    micro = res.micro
+    if micro is None:
+        return []
+    out = [
+        "\n### Micro-benchmarks of the hot paths, both builds\n",
+        "_`pytest benchmarks/ --benchmark-only` (pytest-benchmark), pinned to the server's CPU: "
+        "the median time of one call over pytest-benchmark's rounds._\n",
+    ]
+    if micro.failure:
+        return out + [f"**Not measured: {micro.failure}**"]
+    rows = []
+    for group, times in micro.groups.items():
+        speedup = micro.speedup(group)
+        rows.append(
+            [
+                group,
+                fmt_time(times.get("c")),
+                fmt_time(times.get("py")),
+                "–" if speedup is None else _x(speedup),
+            ]
+        )
+    return out + [table(["benchmark", "Cython", "pure Python", "Cython speed-up"], rows)]
 
 
 def _render_fsync(res: Results) -> list[str]:
