@@ -41,6 +41,11 @@ _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
 _RESTORE_SLICE = 1 << 16
 
 
+class RecoveryStopped(Exception):
+    """Start-up recovery was asked to stop (the server got SIGTERM or SIGINT while replaying);
+    the queues opened so far are closed again, and the next start replays them anew."""
+
+
 class QueueCollection:
     """All queues of one server plus the server-wide item counters."""
 
@@ -100,9 +105,10 @@ class QueueCollection:
         self._adopt(queue, warnings)
         return queue
 
-    def _open(self, name: str) -> tuple[Queue, list[str]]:
+    def _open(self, name: str, stop: Any = None) -> tuple[Queue, list[str]]:
         """The queue ``name`` over its journal, replayed, and recovery's warnings. Changes
-        nothing of the collection: recovery runs it on a worker thread (``open_existing``)."""
+        nothing of the collection: recovery runs it on a worker thread (``open_existing``),
+        and ``stop`` (an Event) set meanwhile raises RecoveryStopped with the queue closed."""
         qcfg = self.config.queue_config(name)
         journal = None
         recovery = None
@@ -119,9 +125,12 @@ class QueueCollection:
         for start in range(0, len(items) or 1, _RESTORE_SLICE):  # once at least: disk counts
             if start:
                 time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
-            stop = start + _RESTORE_SLICE
-            batch = items[start:stop]
-            items[start:stop] = [None] * len(batch)  # each slice is freed once restored
+                if stop is not None and stop.is_set():
+                    queue.close()
+                    raise RecoveryStopped(name)
+            end = start + _RESTORE_SLICE
+            batch = items[start:end]
+            items[start:end] = [None] * len(batch)  # each slice is freed once restored
             queue.restore(batch, recovery.disk_items, recovery.disk_bytes, recovery.next_id)
         for warning in recovery.warnings:
             log.warning("queue %s: %s", name, warning)
@@ -141,22 +150,40 @@ class QueueCollection:
             if name not in kids:
                 kids.append(name)
 
-    def open_existing(self) -> list[tuple[Queue, list[str]]]:
+    def open_existing(self, stop: Any = None) -> list[tuple[Queue, list[str]]]:
         """Open and replay every queue that has a directory and is not in the collection
         (start-up recovery), for :meth:`adopt`. The collection is left as it is, and the
         queues and journals made are seen by no one until adopted (a journal touches the
         loop only from its first append on: fsync timers and tickets), so this may run on a
         worker thread while the loop serves the admin port. No queue may be created until
-        they are adopted."""
+        they are adopted.
+
+        ``stop``, a ``threading.Event``, is looked at before each queue and between the
+        slices of a queue's restore: once set, every queue opened here is closed again
+        (closing only syncs and unmaps) and RecoveryStopped is raised."""
         if self.data_dir is None or not self.data_dir.is_dir():
             return []
-        return [
-            self._open(entry.name)
+        names = [
+            entry.name
             for entry in sorted(self.data_dir.iterdir())
             if entry.is_dir()
             and valid_queue_name(entry.name.encode())
             and entry.name not in self._queues
         ]
+        opened: list[tuple[Queue, list[str]]] = []
+        try:
+            for name in names:
+                if stop is not None and stop.is_set():
+                    raise RecoveryStopped(name)
+                opened.append(self._open(name, stop))
+        except BaseException:
+            for queue, _warnings in opened:
+                try:
+                    queue.close()
+                except Exception as exc:  # the error that stopped recovery is the one to raise
+                    log.warning("queue %s: closing it after recovery stopped: %s", queue.name, exc)
+            raise
+        return opened
 
     def adopt(self, opened: list[tuple[Queue, list[str]]]) -> None:
         """Add the queues of :meth:`open_existing` to the collection (on the loop thread)."""

@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError, load_config
 from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
-from .queues import QueueCollection
+from .queues import QueueCollection, RecoveryStopped
 from .ring import ITEM_OVERHEAD
 from .state import ServerState
 
@@ -70,7 +71,7 @@ def release_free_memory() -> bool:
     return True
 
 
-def _recover(queues: QueueCollection) -> list:
+def _recover(queues: QueueCollection, stop: threading.Event) -> list:
     """Start-up recovery's replay, run on a worker thread: every queue opened, for ``adopt``.
 
     The cyclic GC is off meanwhile, with one full collection at the end. Recovery makes
@@ -81,7 +82,7 @@ def _recover(queues: QueueCollection) -> list:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        opened = queues.open_existing()
+        opened = queues.open_existing(stop)
         gc.collect()  # once: the recovered objects land in the oldest generation
         return opened
     finally:
@@ -101,6 +102,8 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self._next_expiry = 0.0
         self._stopped: asyncio.Event | None = None
+        self._stop_recovery = threading.Event()  # set by a shutdown request during recovery
+        self._reload_after_recovery = False  # a SIGHUP came during recovery
         self._commit = None
 
     # ---- start -------------------------------------------------------------------------
@@ -128,6 +131,19 @@ class Server:
         state.shutdown_requested = self.request_shutdown
         state.reload_requested = self.reload
         started = loop.time()
+        self._stopped = asyncio.Event()
+        # From here on SIGTERM and SIGINT stop the server the orderly way, recovery included:
+        # a replay takes seconds on a large journal, and an operator's stop must not wait for
+        # it, nor kill the process outright (SIGTERM's default) or end it with a traceback.
+        for sig, handler in (
+            (signal.SIGTERM, self.request_shutdown),
+            (signal.SIGINT, self.request_shutdown),
+            (signal.SIGHUP, self._sighup),
+        ):
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
+                pass
         if cfg.admin_port:  # before recovery: a probe finds the port while the server starts
             self._admin = AdminServer(state)
             try:
@@ -141,7 +157,7 @@ class Server:
         # queue. The journals are replayed on a worker thread, so that the loop answers the
         # admin port meanwhile (a liveness probe must not kill a server that is only slow to
         # recover); the thread builds queues no one sees until they are adopted, here.
-        queues.adopt(await asyncio.to_thread(_recover, queues))
+        queues.adopt(await asyncio.to_thread(_recover, queues, self._stop_recovery))
         # Recovery's replay tables are garbage now, in pages below the recovered items.
         trim_started = time.perf_counter()
         if len(queues) and release_free_memory():
@@ -149,7 +165,8 @@ class Server:
                 "free heap released after recovery in %.3fs", time.perf_counter() - trim_started
             )
         state.ready = True
-        self._stopped = asyncio.Event()
+        if self._reload_after_recovery:
+            self.reload()
         try:
             self._listener = await listen(
                 loop, cfg.host, cfg.port, lambda: MemcacheProtocol(state), backlog=1024
@@ -158,15 +175,6 @@ class Server:
             raise StartError(
                 f"cannot open the memcache port {cfg.host}:{cfg.port}: {exc}"
             ) from None
-        for sig, handler in (
-            (signal.SIGTERM, self.request_shutdown),
-            (signal.SIGINT, self.request_shutdown),
-            (signal.SIGHUP, self._sighup),
-        ):
-            try:
-                loop.add_signal_handler(sig, handler)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
-                pass
         self._schedule_sweep()
         port = self._listener.sockets[0].getsockname()[1] if self._listener.sockets else cfg.port
         self.port = port
@@ -244,6 +252,13 @@ class Server:
         return "Reloaded config."
 
     def _sighup(self) -> None:
+        state = self.state
+        if state is not None and not state.ready:
+            # The replay thread is still building queues from the configuration it has: the
+            # new one is read once they are adopted, so that it reaches them too.
+            log.info("SIGHUP during recovery: the configuration is reloaded when it ends")
+            self._reload_after_recovery = True
+            return
         self.reload()
 
     # ---- stop --------------------------------------------------------------------------
@@ -251,6 +266,7 @@ class Server:
         if self._stopped is not None and not self._stopped.is_set():
             log.info("shutting down")
             self._stopped.set()
+            self._stop_recovery.set()  # a replay in progress stops at its next check
 
     async def wait_stopped(self) -> None:
         assert self._stopped is not None
@@ -305,6 +321,10 @@ async def _serve(config: Config, cli: dict) -> int:
         log.error("%s", exc)
         await server.shutdown()  # close what opened before the failure (journals, admin port)
         return 1
+    except RecoveryStopped:
+        log.info("recovery stopped before it finished; the next start replays the journals")
+        await server.shutdown()
+        return 0
     try:
         await server.wait_stopped()
     finally:

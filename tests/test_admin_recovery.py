@@ -14,10 +14,12 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from test_admin import Reply, _exchange, _run, http, parse_metrics, value
 
 from erq.config import load_config
@@ -25,7 +27,7 @@ from erq.journal import GroupCommit, QueueJournal
 from erq.ring import ITEM_OVERHEAD
 
 from conftest import ErqProcess, free_port, impl_module
-from support import END, STORED, one, poll
+from support import END, NOT_STORED, STORED, one, poll, queue_config
 
 # ``erq serve`` whose recovery waits, after replaying each journal, for a line on stdin (EOF
 # lets every later one through). QueueJournal.open looks ``replay`` up when it is called.
@@ -52,9 +54,9 @@ class GatedErq(ErqProcess):
     launcher = ("-c", GATED_SERVE)
     stdin = subprocess.PIPE
 
-    def __init__(self, impl: str, data_dir: Path) -> None:
+    def __init__(self, impl: str, data_dir: Path, config: str | None = None) -> None:
         self.admin_port = free_port()
-        super().__init__(impl, data_dir, args=["--admin-port", str(self.admin_port)])
+        super().__init__(impl, data_dir, config, args=["--admin-port", str(self.admin_port)])
         self.log_path = data_dir.parent / "gated.log"  # its own: only this server's lines
 
     def start(self, wait: bool = False) -> GatedErq:
@@ -130,22 +132,103 @@ def test_probes_are_answered_while_the_journals_are_replayed(erq_factory, impl):
         proc.stop(signal.SIGKILL)
 
 
+def _recovering(proc: GatedErq) -> None:
+    """Wait until the gated server replays (its admin port answers), its memcache port shut."""
+    poll(lambda: proc.proc.poll() is not None or accepts(proc.admin_port), "the admin port")
+    assert proc.proc.poll() is None, proc.read_log()
+    assert not accepts(proc.port)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_recovery_ends_it_cleanly_and_the_next_start_recovers_all(
+    erq_factory, impl, sig
+):
+    """SIGTERM killed a recovering server outright (no handler yet) and SIGINT ended it with a
+    traceback after the whole replay. Now both stop the replay at its next queue, close what it
+    opened, and exit 0 without ever opening the memcache port."""
+    first = erq_factory()
+    c = first.client()
+    for data in (b"one", b"two", b"three"):
+        assert c.set("jobs", data) == STORED
+    assert c.get("jobs/open") == one("jobs/open", b"one")  # open at the crash
+    assert c.set("mail", b"m1") == STORED
+    assert c.set("mail", b"m2") == STORED
+    c.close()
+    first.kill()
+
+    proc = GatedErq(impl, first.data_dir).start()
+    try:
+        _recovering(proc)  # held after replaying "jobs", the first of two queues
+        proc.proc.send_signal(sig)
+        poll(lambda: "shutting down" in proc.read_log(), "the signal to be handled")
+        assert proc.proc.poll() is None and not accepts(proc.port)
+        proc.release()
+        assert proc.proc.wait(20) == 0
+        log = proc.read_log()
+        assert "recovery stopped before it finished" in log, log
+        assert " ready on " not in log and "Traceback" not in log, log
+    finally:
+        proc.stop(signal.SIGKILL)
+
+    again = erq_factory(name=first.data_dir.name)
+    c = again.client()
+    assert [c.get("jobs") for _ in range(4)] == [
+        one("jobs", b"one"),  # the read open at the crash, back at the head
+        one("jobs", b"two"),
+        one("jobs", b"three"),
+        END,
+    ]
+    assert [c.get("mail") for _ in range(3)] == [one("mail", b"m1"), one("mail", b"m2"), END]
+    c.close()
+    assert "recovered 5 items" in again.read_log()
+
+
+def test_a_sighup_during_recovery_reloads_the_configuration_once_it_ends(erq_factory, impl):
+    """SIGHUP's default action killed a recovering server. Now the reload waits for the replay
+    (whose queues were built from the old settings) and then reaches every queue."""
+    first = erq_factory(config='[queues."jobs"]\nmax_items = 5\n')
+    c = first.client()
+    assert c.set("jobs", b"one") == STORED
+    c.close()
+    first.kill()
+
+    proc = GatedErq(impl, first.data_dir, config='[queues."jobs"]\nmax_items = 5\n').start()
+    try:
+        _recovering(proc)
+        proc.write_config('[queues."jobs"]\nmax_items = 2\n')
+        proc.proc.send_signal(signal.SIGHUP)
+        poll(lambda: "reloaded when it ends" in proc.read_log(), "the SIGHUP to be handled")
+        assert proc.proc.poll() is None
+        proc.release()
+        proc.wait_ready()
+        c = proc.client()
+        assert queue_config(c, "jobs")["max_items"] == "2"
+        assert c.set("jobs", b"two") == STORED
+        assert c.set("jobs", b"three") == NOT_STORED  # the new limit holds
+        assert c.get("jobs") == one("jobs", b"one")
+        c.close()
+        assert proc.stop() == 0
+        assert "Traceback" not in proc.read_log()
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
 # ---- the collection's two halves of recovery ---------------------------------------------------
-def _collection(impl: str, data_dir: Path, commit=None):
-    queues_mod = impl_module(impl, "_queues", "_queues_py")
-
-    def open_journal(directory: Path, qcfg):
-        return QueueJournal.open(
-            directory,
-            fsync=qcfg.fsync,
-            max_memory_size=qcfg.max_memory_size,
-            commit=commit,
-            item_overhead=ITEM_OVERHEAD,
-        )
-
-    return queues_mod.QueueCollection(
-        load_config(None, cli={}), data_dir, journal_factory=open_journal
+def _open_journal(directory: Path, qcfg, commit=None):
+    """The server's journal factory, in short."""
+    return QueueJournal.open(
+        directory,
+        fsync=qcfg.fsync,
+        max_memory_size=qcfg.max_memory_size,
+        commit=commit,
+        item_overhead=ITEM_OVERHEAD,
     )
+
+
+def _collection(impl: str, data_dir: Path, commit=None, journal_factory=None):
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+    factory = journal_factory or (lambda directory, qcfg: _open_journal(directory, qcfg, commit))
+    return queues_mod.QueueCollection(load_config(None, cli={}), data_dir, journal_factory=factory)
 
 
 def _write_journal(directory: Path, count: int, opened: int = 0) -> list[bytes]:
@@ -208,6 +291,44 @@ def test_recovery_restores_a_long_queue_in_order_across_its_slices(impl, tmp_pat
     taken = [queue.take(False).data for _ in range(len(datas))]
     assert taken == datas  # the two reads open at the crash first, as they were
     assert queue.items == 0
+    queues.close()
+
+
+def test_open_existing_stops_between_queues_and_slices_and_closes_what_it_opened(impl, tmp_path):
+    data_dir = tmp_path / "data"
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+    slice_size = queues_mod._RESTORE_SLICE
+    _write_journal(data_dir / "a", 3)
+    _write_journal(data_dir / "b", slice_size + 1)  # two slices
+    _write_journal(data_dir / "c", 1)
+    queues = _collection(impl, data_dir)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(queues_mod.RecoveryStopped):
+        queues.open_existing(stop)  # before the first queue
+
+    # Set once "b" is replayed: its restore stops after its first slice, and "a" is closed.
+    journals = []
+
+    def open_and_stop(directory: Path, qcfg):
+        journal, recovery = _open_journal(directory, qcfg)
+        journals.append(journal)
+        if directory.name == "b":
+            stop.set()
+        return journal, recovery
+
+    stop.clear()
+    queues = _collection(impl, data_dir, journal_factory=open_and_stop)
+    with pytest.raises(queues_mod.RecoveryStopped):
+        queues.open_existing(stop)
+    assert [j.directory.name for j in journals] == ["a", "b"]  # "c" never opened
+    assert all(j.closed for j in journals)
+    assert len(queues) == 0
+
+    # Nothing was lost: a recovery to its end finds every item.
+    queues = _collection(impl, data_dir)
+    queues.load_existing()
+    assert [queues.get(n).items for n in ("a", "b", "c")] == [3, slice_size + 1, 1]
     queues.close()
 
 
