@@ -103,6 +103,17 @@ class Parser:
     )
 
     def __init__(self, max_line: int = 65536, max_item_size: int = 64 * 1024 * 1024) -> None:
+        self.set_limits(max_line, max_item_size)
+        self._buf = bytearray()
+        self._state = _LINE
+        self._closed = False
+        self._skip_left = 0
+        self._release()
+
+    def set_limits(self, max_line: int, max_item_size: int) -> None:
+        """The longest line and the largest data block from the next request line on (a
+        reload changes them on open connections); a block already being read keeps the limit
+        its line was checked against."""
         max_line = max_line.__index__()
         max_item_size = max_item_size.__index__()
         if not 1 <= max_line <= sys.maxsize:
@@ -111,11 +122,6 @@ class Parser:
             raise ValueError(f"max_item_size must be between 0 and {sys.maxsize}")
         self._max_line = max_line
         self._max_item = max_item_size
-        self._buf = bytearray()
-        self._state = _LINE
-        self._closed = False
-        self._skip_left = 0
-        self._release()
 
     @property
     def buffered(self) -> int:

@@ -248,6 +248,8 @@ class Server:
         self.config = new
         state.config = new
         state.queues.reconfigure(new)
+        for proto in state.connections:  # open connections too: a pool's may never close
+            proto.parser.set_limits(new.server.max_line, new.server.max_item_size)
         log.info("configuration reloaded from %s", new.path)
         return "Reloaded config."
 

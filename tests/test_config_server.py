@@ -25,6 +25,7 @@ from support import (
     RELOADED,
     STORED,
     TOO_LARGE,
+    TOO_LONG,
     poll,
     queue_config,
 )
@@ -254,6 +255,33 @@ def test_reload_and_sighup_apply_new_queue_settings_live_and_refuse_a_bad_file(e
     proc.write_config('[queues."q"]\nmax_items = 10\n')
     assert c.call(b"reload\r\n") == RELOADED
     assert c.set("q", b"x") == STORED and c.set("other", b"y") == STORED
+
+
+def test_reload_applies_max_item_size_and_max_line_to_open_connections(erq_factory):
+    """A pooled client's connection may live as long as the server: a reload that only reached
+    new connections would leave it on the old limits indefinitely."""
+    proc = erq_factory(config='[server]\nmax_item_size = "2KiB"\n')
+    c, pending = proc.client(), proc.client()
+    assert c.set("q", b"x" * 4096) == TOO_LARGE
+    # A set whose line was accepted under the old limits finishes under them.
+    pending.send(b"set q 0 0 1500\r\n" + b"p" * 100)
+    proc.write_config('[server]\nmax_item_size = "8KiB"\nmax_line = 1024\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("q", b"x" * 4096) == STORED  # the same connection, the new limit
+    pending.send(b"p" * 1400 + b"\r\n")
+    assert pending.line() == STORED
+    proc.write_config("[server]\nmax_item_size = 1000\nmax_line = 1024\n")
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("q", b"y" * 1001) == TOO_LARGE
+    assert pending.set("q", b"y" * 1000) == STORED
+    # max_line: a longer request line now closes, as at start-up.
+    assert c.call(b"get q/t=1" + b"0" * 1100 + b"\r\n") == TOO_LONG
+    assert c.is_closed()
+    assert [pending.get("q") for _ in range(3)] == [
+        b"VALUE q 0 4096\r\n" + b"x" * 4096 + b"\r\nEND\r\n",
+        b"VALUE q 0 1500\r\n" + b"p" * 1500 + b"\r\nEND\r\n",
+        b"VALUE q 0 1000\r\n" + b"y" * 1000 + b"\r\nEND\r\n",
+    ]
 
 
 def test_reload_reports_host_port_and_data_dir_changes_as_needing_a_restart(bare, tmp_path):

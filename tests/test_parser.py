@@ -66,6 +66,26 @@ def test_constructor_rejects_impossible_limits(mod, limits):
         mod.Parser(**limits)
 
 
+@pytest.mark.parametrize("limits", [(0, 10), (10, -1)])
+def test_set_limits_rejects_impossible_limits_and_keeps_the_old_ones(mod, limits):
+    parser = mod.Parser(max_line=64, max_item_size=4)
+    with pytest.raises(ValueError):
+        parser.set_limits(*limits)
+    assert parser.feed(b"set q 0 0 5\r\n12345\r\n") == [(SET, b"q", 0, 0, None, False)]
+
+
+def test_set_limits_applies_from_the_next_line_and_not_to_a_block_being_read(mod):
+    parser = mod.Parser(max_line=64, max_item_size=4)
+    assert parser.feed(b"set q 0 0 4\r\n12") == []
+    parser.set_limits(16, 2)
+    assert parser.feed(b"34\r\n") == [(SET, b"q", 0, 0, b"1234", False)]  # accepted before
+    assert parser.feed(b"set q 0 0 3\r\nabc\r\n") == [(SET, b"q", 0, 0, None, False)]
+    parser.set_limits(16, 8)
+    assert parser.feed(b"set q 0 0 3\r\nabc\r\n") == [(SET, b"q", 0, 0, b"abc", False)]
+    out = parser.feed(b"get q/t=1000000000000\r\n")  # 24 bytes: over the new max_line
+    assert out == [ERR_TOO_LONG] and parser.closed
+
+
 def test_fresh_parser_holds_nothing_and_is_open(mod):
     parser = mod.Parser()
     assert parser.buffered == 0

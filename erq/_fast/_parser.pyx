@@ -229,6 +229,12 @@ cdef class Parser:
         self._closed = False
 
     def __init__(self, max_line=65536, max_item_size=64 * 1024 * 1024):
+        self.set_limits(max_line, max_item_size)
+
+    def set_limits(self, max_line, max_item_size):
+        """The longest line and the largest data block from the next request line on (a
+        reload changes them on open connections); a block already being read keeps the limit
+        its line was checked against."""
         max_line = max_line.__index__()
         max_item_size = max_item_size.__index__()
         if not 1 <= max_line <= sys.maxsize:
