@@ -289,7 +289,9 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def close(self, *, crash: bool = False, timeout: float = 60.0) -> None:
-        """Stop (SIGTERM, or SIGKILL for a crash) and remove the scratch directory.
+        """Stop (SIGTERM, or SIGKILL for a crash), remove the scratch directory, and let the
+        disk settle (``sync``): the next run must not pay for this one's writeback and the
+        freeing of its files, which on a ``discard`` mount is work for the device as well.
 
         memcached keeps no state and its SIGTERM path takes a second: it is always killed.
         """
@@ -304,6 +306,8 @@ class Server:
         if self.proc in _PROCS:
             _PROCS.remove(self.proc)
         drop_dir(self.scratch)
+        if hasattr(os, "sync"):
+            os.sync()
 
 
 def wait_ready(proc: subprocess.Popen, port: int, started: float, timeout: float) -> float:
@@ -904,7 +908,9 @@ def report_header(
             f"Cython {package_version('Cython')}",
             f"- qload: {qload_how}",
             f"- method: each figure is the median of {p.repeat} runs of {p.seconds:g} s, each against "
-            "a freshly started server (loopback, free port). erq runs its default configuration "
+            "a freshly started server (loopback, free port; after each server stops, its "
+            "files are removed and the disk is synced, so that no run pays for the previous "
+            "one's writeback). erq runs its default configuration "
             "(journal on, fsync every 100 ms) unless a section says otherwise and keeps qload's "
             "loss/duplicate checks on; memcached runs `-t 1 -m 2048` with `--no-verify` (it is not "
             "a queue). Server CPU = the server's user+sys time over qload's wall time (100% = one "
