@@ -141,6 +141,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
         else:
             counters.cmd_get += 1
         if state.status == "QUIESCENT":
+            refuse_rest(session, specs, index + 1)
             session.out.append(QUIESCENT)
             return True
         if not spec.peek:
@@ -168,6 +169,24 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
         index += 1
     _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
     return True
+
+
+def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:
+    """Under QUIESCENT, after a refused key: the keys from ``index`` still confirm and abort
+    (each key is its own get, PROTOCOL §10); their fetches are refused and counted."""
+    counters = session.state.counters
+    while index < len(specs):
+        spec = specs[index]
+        if spec.abort:
+            session.abort_oldest(spec.name)
+        if spec.close:
+            session.close_oldest(spec.name)
+        if spec.fetches:
+            if spec.peek:
+                counters.cmd_peek += 1
+            else:
+                counters.cmd_get += 1
+        index += 1
 
 
 def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) -> None:
@@ -201,9 +220,10 @@ class GetOperation:
 
     def _wait(self, queue: Queue, spec: KeySpec) -> None:
         waiter = KeyWaiter(self, queue, spec)
+        # The deadline first: nothing is left behind in the queue if it raises.
+        self.deadline = self.session.state.deadlines.add(waiter, spec.timeout / 1000.0)
         self.waiter = waiter
         queue.add_waiter(waiter)
-        self.deadline = self.session.state.deadlines.add(waiter, spec.timeout / 1000.0)
         self.session.blocked = self
 
     def resumed(self, spec: KeySpec, queue: Queue, item) -> None:
@@ -311,10 +331,10 @@ class MonitorOperation:
                 delay = self.deadline - time.monotonic()
                 if delay <= 0 or self.queue.deleted:
                     break
+                if not self.expires:  # first: nothing is left behind if it raises
+                    self.expires = session.state.deadlines.add(self, delay)
                 self.waiter = MonitorWaiter(self)
                 self.queue.add_waiter(self.waiter)
-                if not self.expires:
-                    self.expires = session.state.deadlines.add(self, delay)
                 session.blocked = self
                 return False
             self._deliver(item)
@@ -599,7 +619,14 @@ def cmd_status(session: Session, args: list[bytes]) -> None:
     if word not in ("UP", "READONLY", "QUIESCENT"):
         session.out.append(b"CLIENT_ERROR bad status\r\n")
         return
-    state.set_status(word)
+    try:
+        state.set_status(word)
+    except OSError as exc:  # the status would not survive a restart: keep the old one
+        log.error("status %s: cannot save it: %s", word, exc)
+        session.out.append(
+            f"SERVER_ERROR cannot save the status: {exc.strerror or exc}\r\n".encode()
+        )
+        return
     session.out.append(END)
 
 
@@ -630,7 +657,10 @@ def cmd_quit(session: Session, args: list[bytes]) -> None:
 
 
 def cmd_not_supported(session: Session, args: list[bytes]) -> None:
-    session.out.append(NOT_SUPPORTED)
+    """incr, decr, touch: refused; silently with ``noreply``, which a client that sent it
+    does not read (a reply would be taken for the answer to its next request)."""
+    if not (args and args[-1] == b"noreply"):
+        session.out.append(NOT_SUPPORTED)
 
 
 COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
@@ -693,8 +723,9 @@ def dispatch(session: Session, req: tuple) -> None:
             session.close_after(b"CLIENT_ERROR\r\n")
         else:
             session.out.append(ERROR)
-    elif kind == REQ_UNSUPPORTED:
-        session.out.append(NOT_SUPPORTED)
+    elif kind == REQ_UNSUPPORTED:  # add, replace, append, prepend, cas: refused
+        if not req[2]:  # with noreply silently, as cmd_not_supported
+            session.out.append(NOT_SUPPORTED)
     elif kind == REQ_ERROR:
         if req[2]:
             session.close_after(req[1])

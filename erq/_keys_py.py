@@ -27,6 +27,10 @@ class KeyError_(Exception):
         self.close = close
 
 
+# The longest wait a t= asks for, ~31.7 years (the server's Deadlines cut every wait there):
+# more digits are read as this, not parsed.
+MAX_WAIT_MS = 10**12
+
 BAD_NAME = KeyError_(b"CLIENT_ERROR bad queue name\r\n", False)
 BAD_FORMAT = KeyError_(b"CLIENT_ERROR bad command line format\r\n", False)
 # PROTOCOL §4: a forbidden option combination gets Kestrel's bare CLIENT_ERROR, then close.
@@ -73,9 +77,10 @@ class KeySpec:
                 self.peek = True
             elif opt.startswith(b"t="):
                 value = opt[2:]
-                if not value or not value.isdigit() or len(value) > 12:
+                if not value or not value.isdigit():
                     raise BAD_FORMAT
-                self.timeout = int(value)
+                digits = value.lstrip(b"0") or b"0"  # int() of thousands of digits would raise
+                self.timeout = int(digits) if len(digits) <= 12 else MAX_WAIT_MS
             # unknown options are ignored (Kestrel)
         for a, b in _FORBIDDEN:
             if getattr(self, a) and getattr(self, b):

@@ -228,6 +228,8 @@ class Queue:
                 return _NOT_STORED_UNTICKETED
             while self.is_full() and self.items:
                 self._drop_head(discard=True)
+            if self.is_full():  # full with nothing to drop: a limit of 0
+                return _NOT_STORED_UNTICKETED
         max_age = self._max_age
         if max_age is not None:
             cap = now + max_age
@@ -450,6 +452,25 @@ class Queue:
 
     def unremove(self, read: OpenRead) -> bool:
         """Abort an open read: the item goes back to the head, to be handed out next."""
+        if not self._put_back(read):
+            return False
+        if self._waiters:
+            self._serve_waiters()
+        return True
+
+    def unremove_all(self, reads: list) -> int:
+        """Abort several open reads, oldest first: all go back to the head in that order
+        before a blocked get is handed the oldest (one at a time, a waiter would get the
+        newest). Returns how many were still open."""
+        count = 0
+        for read in reversed(reads):
+            if self._put_back(read):
+                count += 1
+        if count and self._waiters:
+            self._serve_waiters()
+        return count
+
+    def _put_back(self, read: OpenRead) -> bool:
         if not self.is_open(read):
             return False
         item = read.item
@@ -465,8 +486,6 @@ class Queue:
         self._push_head(item)
         self._mem_bytes += len(item.data)
         self.canceled_transactions += 1
-        if self._waiters:
-            self._serve_waiters()
         return True
 
     def expire_open_reads(self, now: int) -> int:
@@ -475,9 +494,7 @@ class Queue:
         if timeout is None or not self._open:
             return 0
         stale = [read for read in self._open.values() if now - read.opened_at >= timeout]
-        for read in reversed(stale):
-            self.unremove(read)
-        return len(stale)
+        return self.unremove_all(stale)
 
     # ---- waiters -----------------------------------------------------------------------
     def add_waiter(self, waiter: Waiter) -> None:

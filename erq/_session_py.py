@@ -208,10 +208,14 @@ class Session:
 
     def abort_all(self) -> None:
         """Return every open read to the head of its queue, oldest at the head."""
-        reads_by_queue, self.open_reads = self.open_reads, {}
-        for reads in reads_by_queue.values():
-            for queue, read in reversed(reads):
-                queue.unremove(read)
+        reads_by_name, self.open_reads = self.open_reads, {}
+        for reads in reads_by_name.values():
+            # Usually one queue per name (two once a queue was deleted and made again).
+            by_queue: dict = {}
+            for queue, read in reads:
+                by_queue.setdefault(queue, []).append(read)
+            for queue, oldest_first in by_queue.items():
+                queue.unremove_all(oldest_first)
 
     # ---- teardown ----------------------------------------------------------------------
     def _cancel_blocked(self) -> None:

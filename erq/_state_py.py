@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.state")
 
 STATUSES = ("UP", "READONLY", "QUIESCENT")
+# The status file in data_dir. Its dot keeps it apart from the queues' directories: a queue
+# name cannot hold one (a queue may be called STATUS, the file's name before 1.0.1).
+STATUS_FILE = "erq.status"
+_LEGACY_STATUS_FILE = "STATUS"
+# The longest wait a Deadline holds, ~31.7 years (a longer one, `monitor q 99999999999999`
+# say, is cut to it): loop times in ms stay far from a C long long's range.
+MAX_DELAY = 1e9
 # Deadlines rebuilds its heap once it holds more than twice its buckets plus this many.
 _HEAP_SLACK = 64
 
@@ -87,6 +94,8 @@ class Deadlines:
         """Call ``entry.expire()`` once ``delay`` seconds have passed, unless it is discarded
         first. Returns the deadline to discard it with."""
         now = self.loop.time()
+        if delay > MAX_DELAY:
+            delay = MAX_DELAY
         deadline = int((now + delay) * 1000.0) + 1
         buckets = self._buckets
         bucket = buckets.get(deadline)
@@ -162,7 +171,7 @@ class ServerState:
         self.shutdown_requested = None  # set by the server: a callable that stops it
         self.reload_requested = None  # set by the server: returns the reply line
         self._status_file = (
-            Path(config.server.data_dir) / "STATUS" if config.server.data_dir else None
+            Path(config.server.data_dir) / STATUS_FILE if config.server.data_dir else None
         )
         self.status = self._load_status()
 
@@ -176,26 +185,44 @@ class ServerState:
         self.kestrel = config.server.compat == "kestrel"  # read on every VALUE: kept flat
 
     def _load_status(self) -> str:
-        if self._status_file is not None:
+        path = self._status_file
+        if path is None:
+            return "UP"
+        legacy = path.with_name(_LEGACY_STATUS_FILE)
+        if not path.exists() and legacy.is_file():  # written by an earlier version
+            word = _read_status(legacy)
             try:
-                word = self._status_file.read_text().strip().upper()
-            except OSError:
-                return "UP"
-            if word in STATUSES:
-                return word
-        return "UP"
+                self._save_status(word)
+                legacy.unlink()
+            except OSError as exc:
+                log.warning("cannot move %s to %s: %s", legacy, path, exc)
+            return word
+        return _read_status(path)
+
+    def _save_status(self, word: str) -> None:
+        path = self._status_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(STATUS_FILE + ".tmp")
+        tmp.write_text(word + "\n")
+        os.replace(tmp, path)
 
     def set_status(self, word: str) -> None:
-        """Change the status and persist it (it survives a restart)."""
-        self.status = word
+        """Change the status and persist it (it survives a restart). OSError when it cannot
+        be saved: the status is then left as it was."""
         if self._status_file is not None:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._status_file.with_suffix(".tmp")
-            tmp.write_text(word + "\n")
-            os.replace(tmp, self._status_file)
+            self._save_status(word)
+        self.status = word
         if word == "QUIESCENT":
             for queue in self.queues:
                 queue.wake_all()  # blocked gets answer END, monitors finish
 
 
-__all__ = ["STATUSES", "Counters", "Deadlines", "ServerState"]
+def _read_status(path: Path) -> str:
+    try:
+        word = path.read_text().strip().upper()
+    except OSError:
+        return "UP"
+    return word if word in STATUSES else "UP"
+
+
+__all__ = ["STATUS_FILE", "STATUSES", "Counters", "Deadlines", "ServerState"]

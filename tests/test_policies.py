@@ -248,6 +248,23 @@ max_item_size = "1MiB"
     assert c.stats()["total_items"] == "3"
 
 
+def test_a_limit_of_zero_refuses_every_item_even_when_discarding_old_ones(erq_factory):
+    config = """
+[queues."n"]
+max_items = 0
+discard_old_when_full = true
+[queues."b"]
+max_size = 0
+discard_old_when_full = true
+[queues."n0"]
+max_items = 0
+"""
+    proc, c = start(erq_factory, config)
+    for queue in ("n", "b", "n0"):
+        assert pipeline_sets(c, queue, [b"1", b"2"]) == [NOT_STORED] * 2, queue
+        assert qstats(c, queue) is None  # a refused set creates no queue
+
+
 def test_discard_old_when_full_drops_from_the_head_counts_discarded_and_stays_dropped(
     erq_factory,
 ):

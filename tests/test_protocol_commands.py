@@ -302,6 +302,27 @@ def test_disconnect_returns_open_reads_to_the_head_in_original_order(server):
     assert watcher.until() == END
 
 
+def test_reads_returned_together_reach_a_blocked_get_oldest_first(erq_factory):
+    """A disconnect (or open_timeout) returns several reads at once: all are back at the head
+    in their original order before a blocked get is handed one, so it gets the oldest."""
+    server = start(erq_factory, queues='[queues."timed"]\nopen_timeout = "200ms"\n')
+    watcher = server.client()
+    for queue in ("q", "timed"):
+        watcher.send(b"".join(set_req(queue.encode(), b"r%d" % i) for i in (1, 2, 3)))
+        assert [watcher.line() for _ in range(3)] == [STORED] * 3
+        holder = server.client()
+        holder.send(f"get {queue}/open\r\n".encode() * 3)
+        for i in (1, 2, 3):
+            assert holder.until() == one(f"{queue}/open", b"r%d" % i)
+        waiter = server.client()
+        block_on(waiter, f"{queue}/t=60000", watcher, queue)
+        if queue == "q":
+            holder.close()
+        assert waiter.until() == one(f"{queue}/t=60000", b"r1")
+        watcher.send(f"get {queue}\r\n".encode() * 3)
+        assert [watcher.until() for _ in range(3)] == [one(queue, b"r2"), one(queue, b"r3"), END]
+
+
 def test_open_reads_are_outside_the_full_check_and_come_back_after_open_timeout(erq_factory):
     server = start(
         erq_factory,
@@ -477,7 +498,62 @@ def test_monitor_streams_open_reads_until_max_or_timeout_and_confirm_closes_them
     assert setter.get("q") == one("q", b"g")
 
 
+def test_waits_longer_than_any_clock_are_cut_short_not_refused(server):
+    """``monitor q <seconds>`` takes up to 18 digits and ``t=`` any number of them: a wait
+    past ~31 years is cut to that (a C deadline would overflow), leading zeros are read."""
+    c = server.client()
+    setter = server.client()
+    c.send(b"monitor m 999999999999999999 1\r\n")
+    time.sleep(0.3)  # so that it waits (a monitor is not counted among the waiters)
+    assert setter.set("m", b"late") == STORED
+    assert c.until() == one("m", b"late")
+    assert c.line() == END
+    assert c.call(b"confirm m 1\r\n") == END
+    assert setter.set("m", b"next") == STORED  # the queue still takes and hands out items
+    assert setter.get("m") == one("m", b"next")
+    assert c.get("q/t=0000000000001") == END
+    key = "q/t=" + "9" * 40
+    block_on(c, key, setter, "q")
+    assert setter.set("q", b"woken") == STORED
+    assert c.until() == one(key, b"woken")
+    assert c.get("q/t=" + "0" * 5000) == END  # no int() of 5,000 digits
+
+
 # ---- status ------------------------------------------------------------------------------------------
+def test_a_queue_may_be_called_STATUS_and_an_earlier_status_file_is_taken_over(erq_factory):
+    server = erq_factory(start=False)
+    server.data_dir.mkdir(parents=True, exist_ok=True)
+    (server.data_dir / "STATUS").write_text("READONLY\n")  # where versions <= 1.0.0 kept it
+    server.start()
+    c = server.client()
+    assert c.call(b"status\r\n") == b"READONLY\r\n"
+    assert c.call(b"status up\r\n") == END
+    assert c.set("STATUS", b"a queue") == STORED
+    assert c.call(b"status readonly\r\n") == END
+    assert c.call(b"status\r\nversion\r\n", VERSION_LINE) == b"READONLY\r\n" + VERSION_LINE
+    c.close()
+    server.restart()
+    c = server.client()
+    assert c.call(b"status\r\n") == b"READONLY\r\n"
+    assert c.call(b"status up\r\n") == END
+    assert c.get("STATUS") == one("STATUS", b"a queue")
+    assert sorted(p.name for p in server.data_dir.iterdir() if p.is_file()) == ["erq.status"]
+
+
+def test_a_status_that_cannot_be_saved_is_refused_and_left_as_it_was(server):
+    c = server.client()
+    assert c.set("q", b"x") == STORED
+    (server.data_dir / "erq.status").mkdir()  # the status file cannot be replaced now
+    reply = c.call(b"status readonly\r\n")
+    assert reply.startswith(b"SERVER_ERROR cannot save the status: "), reply
+    assert c.call(b"status\r\n") == b"UP\r\n"
+    assert c.set("q", b"y") == STORED
+    assert "cannot save it" in server.read_log()
+    (server.data_dir / "erq.status").rmdir()
+    assert c.call(b"status readonly\r\n") == END
+    assert c.call(b"status\r\n") == b"READONLY\r\n"
+
+
 def test_status_words_are_case_insensitive_and_survive_a_restart(server):
     c = server.client()
     assert c.call(b"status\r\n") == b"UP\r\n"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from pymemcache.client.base import Client as PymemcacheClient
+
 from conftest import ErqProcess, RawClient
 from support import (
     BAD_CHUNK,
@@ -180,6 +182,33 @@ def test_bad_flags_or_exptime_skip_the_data_and_stay_open(server):
     # The largest flags value is fine and echoed.
     assert c.call(set_req(b"q", b"x", b"4294967295")) == STORED
     assert c.get("q") == b"VALUE q 4294967295 1\r\nx\r\nEND\r\n"
+
+
+def test_a_refused_cache_command_with_noreply_is_silent(server):
+    """pymemcache's add, replace, append, prepend and cas send noreply by default and read no
+    reply: an answer would be taken for the reply to the next request (a get's item lost)."""
+    witness = Witness(server)
+    c = server.client()
+    c.send(
+        b"add q 0 0 16 noreply\r\n" + POISON + b"\r\n"
+        b"replace q 0 0 1 noreply\r\nx\r\n"
+        b"append q 0 0 1 noreply\r\nx\r\n"
+        b"prepend q 0 0 1 noreply\r\nx\r\n"
+        b"cas q 0 0 1 7 noreply\r\nx\r\n"
+        b"incr q 1 noreply\r\ndecr q 1 noreply\r\ntouch q 10 noreply\r\n"
+        b"version\r\n"
+    )
+    assert c.line() == VERSION_LINE
+    assert c.call(b"add q 0 0 1\r\nx\r\n") == NOT_SUPPORTED  # still refused aloud without
+    witness.check()
+    assert c.set("q", b"kept") == STORED
+    mc = PymemcacheClient(("127.0.0.1", server.port), timeout=5)
+    try:
+        assert mc.add("q", b"dropped") is True  # noreply: pymemcache assumes it worked
+        assert mc.get("q") == b"kept"
+        assert mc.get("q") is None
+    finally:
+        mc.close()
 
 
 def test_cache_commands_are_not_supported_by_a_queue_and_stay_open(server):
@@ -531,6 +560,30 @@ def test_quiescent_refuses_writes_and_fetches_but_close_abort_and_confirm_work(s
     assert c.call(b"status up\r\n") == END
     assert c.get("q") == b"VALUE q 0 1\r\nd\r\nEND\r\n"
     witness.check()
+
+
+def test_a_multi_key_get_under_quiescent_still_confirms_and_aborts_its_later_keys(server):
+    c = server.client()
+    for queue in ("qa", "qb", "qc"):
+        assert c.set(queue, b"x") == STORED
+    holder = server.client()
+    assert holder.get("qb/open") == b"VALUE qb/open 0 1\r\nx\r\nEND\r\n"
+    assert holder.get("qc/open") == b"VALUE qc/open 0 1\r\nx\r\nEND\r\n"
+    before = c.stats()
+    assert c.call(b"status quiescent\r\n") == END
+    # qa's fetch is refused; qb's close and qc's abort still happen, each key being its own get.
+    assert holder.call(b"get qa qb/close qc/abort qa/peek\r\n") == QUIESCENT
+    assert_open(holder)
+    stats = c.stats()
+    assert (stats["queue_qb_open_transactions"], stats["queue_qb_items"]) == ("0", "0")
+    assert (stats["queue_qc_open_transactions"], stats["queue_qc_items"]) == ("0", "1")
+    assert stats["queue_qc_canceled_transactions"] == "1"
+    # The refused fetches count as requests, nowhere else.
+    assert int(stats["cmd_get"]) - int(before["cmd_get"]) == 1
+    assert int(stats["cmd_peek"]) - int(before["cmd_peek"]) == 1
+    assert (stats["get_hits"], stats["get_misses"]) == (before["get_hits"], before["get_misses"])
+    assert c.call(b"status up\r\n") == END
+    assert c.get("qc") == b"VALUE qc 0 1\r\nx\r\nEND\r\n"
 
 
 # ---- section 10: noreply and the order of checks for set -------------------------------------

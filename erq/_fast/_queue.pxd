@@ -77,4 +77,6 @@ cdef class Queue:
     cpdef bint is_open(self, OpenRead read)
     cpdef bint confirm(self, OpenRead read)
     cpdef bint unremove(self, OpenRead read)
+    cpdef long long unremove_all(self, list reads) except -1
+    cdef bint _put_back(self, OpenRead read) except -1
     cdef void _serve_waiters(self) except *
