@@ -190,7 +190,23 @@ def _show(value: object) -> str:
     return repr(value)
 
 
+# The largest size (bytes) or duration (ms) a setting takes: 4 EiB, or 146 million years.
+# Far past any real limit, and small enough that the server's C integers (a clock plus an
+# age, a size limit in a C long) never overflow at run time.
+MAX_SETTING = 2**62
+
+
 def _with_unit(value: object, key: str, units: Mapping[str, int], kind: str, hint: str) -> int:
+    result = _with_unit_unchecked(value, key, units, kind, hint)
+    if result > MAX_SETTING:
+        largest = "4 EiB" if kind == "size" else f"{MAX_SETTING} ms"
+        raise ConfigError(f"{kind} {_show(value)} is too large (at most {largest})", key=key)
+    return result
+
+
+def _with_unit_unchecked(
+    value: object, key: str, units: Mapping[str, int], kind: str, hint: str
+) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(f"expected {hint}, got {_show(value)}", key=key)
     if isinstance(value, int):
@@ -264,6 +280,8 @@ def _integer(low: int, high: int | None, expected: str) -> Callable[[object, str
     def parse_integer(value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected {expected}, got {_show(value)}", key=key)
+        if high == MAX_SETTING and value > high:
+            raise ConfigError(f"{value} is too large (at most 2**62)", key=key)
         if value < low or (high is not None and value > high):
             raise ConfigError(f"expected {expected}, got {value}", key=key)
         return value
@@ -325,9 +343,9 @@ def _fsync(value: object, key: str) -> str | int:
     return period
 
 
-_count = _integer(0, None, "a non-negative integer")
+_count = _integer(0, MAX_SETTING, "a non-negative integer")
 _port = _integer(0, 65535, "a port number from 0 to 65535")
-_positive_count = _integer(1, None, "a positive integer")
+_positive_count = _integer(1, MAX_SETTING, "a positive integer")
 
 # Key -> parser. A key whose default is None also accepts "none". The dict order is the order the
 # example file and the error hints use.

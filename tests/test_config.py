@@ -131,6 +131,28 @@ def test_parse_size_rejects_negatives_floats_and_unknown_units(value):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("parse", "value"),
+    [
+        (parse_size, "99999999TiB"),
+        (parse_size, 2**62 + 1),
+        (parse_duration, "999999999999999d"),
+        (parse_duration, 2**63 - 1),
+    ],
+)
+def test_sizes_and_durations_past_2_to_the_62_are_refused_up_front(parse, value):
+    """Larger values would pass here and overflow the server's C integers at run time (every
+    connection dropped, or every set): a file with one is refused, and so is its reload."""
+    with pytest.raises(ConfigError, match="too large"):
+        parse(value, "max_age")
+    assert parse(2**62, "max_age") == 2**62
+
+
+def test_counts_past_2_to_the_62_are_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"max_items: 4611686018427387905 is too large"):
+        load_text(tmp_path, "[queues.default]\nmax_items = 4611686018427387905\n")
+
+
 def test_parse_size_names_the_unknown_unit():
     with pytest.raises(ConfigError, match=r'unknown size unit "MB" in "64MB" \(units: B, KiB'):
         parse_size("64MB", "max_size")
