@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from erq import clock as _clock
 from erq.clock import now_ms
+from erq.datadir import remove_queue_dir
 from erq.item import Item
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
@@ -262,7 +262,7 @@ class QueueCollection:
         memory_only = queue.journal is None
         queue.delete()
         if memory_only and self._journal_factory is not None and self.data_dir is not None:
-            shutil.rmtree(self.data_dir / name, ignore_errors=True)
+            remove_queue_dir(self.data_dir / name)
         parent, plus, _ = name.partition("+")
         if plus and parent in self._children:
             kids = self._children[parent]

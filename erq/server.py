@@ -13,10 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, datadir
 from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
+from .datadir import DataDirBusy
 from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection, RecoveryStopped
@@ -82,6 +83,8 @@ def _recover(queues: QueueCollection, stop: threading.Event) -> list:
     enabled = gc.isenabled()
     gc.disable()
     try:
+        if queues.data_dir is not None:
+            datadir.remove_leftovers(queues.data_dir)
         opened = queues.open_existing(stop)
         gc.collect()  # once: the recovered objects land in the oldest generation
         return opened
@@ -105,13 +108,20 @@ class Server:
         self._stop_recovery = threading.Event()  # set by a shutdown request during recovery
         self._reload_after_recovery = False  # a SIGHUP came during recovery
         self._commit = None
+        self._lock: datadir.DataDirLock | None = None  # held until the process ends
 
     # ---- start -------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config.server
         data_dir = Path(cfg.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = datadir.lock(data_dir, who=f"erq serve on {cfg.host}:{cfg.port}")
+        except DataDirBusy as exc:
+            raise StartError(f"cannot use the data directory: {exc.strerror}") from None
+        except OSError as exc:
+            raise StartError(f"cannot use the data directory {data_dir}: {exc}") from None
         from .journal import GroupCommit, QueueJournal
 
         self._commit = GroupCommit(loop)
@@ -284,6 +294,7 @@ class Server:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if state is None:
+            self._release_lock()
             return
         for queue in state.queues:
             queue.wake_all()
@@ -299,7 +310,13 @@ class Server:
         state.deadlines.close()  # blocked gets were answered above: only empty buckets left
         if self._commit is not None:
             self._commit.close()
+        self._release_lock()  # after the journals are closed
         log.info("stopped")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def _keep_restart_settings(new: Config, old: Config) -> Config:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
+from ..datadir import remove_queue_dir
 from ..journal_api import JournalError
 from . import codec
 from .compaction import SnapshotJob
@@ -725,7 +725,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if not self._closed:
             self._stop_compaction()
             self._release()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        remove_queue_dir(self.directory)  # all or nothing, should the process die meanwhile
 
     @property
     def closed(self) -> bool:

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import TextIO
 
+from .. import datadir
+from ..datadir import DELETING_PREFIX, DataDirBusy
 from ..journal_api import JournalError
 from . import codec
 from .format import (
@@ -38,7 +40,10 @@ def _segment_paths(directory: Path) -> list[Path]:
 def _queue_dirs(data_dir: Path) -> list[Path]:
     """Every directory under ``data_dir`` holding journal files (``data_dir`` itself too)."""
     dirs = []
-    for directory in [data_dir, *sorted(p for p in data_dir.iterdir() if p.is_dir())]:
+    subdirs = sorted(
+        p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(DELETING_PREFIX)
+    )
+    for directory in [data_dir, *subdirs]:
         if any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX)) for name in os.listdir(directory)):
             dirs.append(directory)
     return dirs
@@ -160,6 +165,19 @@ def pack(data_dir: str | os.PathLike, out: TextIO) -> int:
     if not root.is_dir():
         out.write(f"{root}: not a directory\n")
         return 2
+    try:
+        held = datadir.lock(root, who="erq journal pack")
+    except DataDirBusy as exc:  # a server appends to these journals: packing them loses items
+        out.write(f"{exc.strerror}: stop it first\n")
+        return 2
+    try:
+        datadir.remove_leftovers(root)
+        return _pack_all(root, out)
+    finally:
+        held.release()
+
+
+def _pack_all(root: Path, out: TextIO) -> int:
     status = 0
     for directory in _queue_dirs(root):
         before = sum(path.stat().st_size for path in _segment_paths(directory))

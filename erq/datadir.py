@@ -1,0 +1,126 @@
+"""The data directory's own files, beside the queues' directories.
+
+- ``erq.lock``: a server holds an exclusive ``flock`` on it for its whole life, and so does
+  ``erq journal pack``; a second server on the same directory would replay the journals the
+  first one is appending to and then write over them, losing what the first acknowledged.
+- Removing a queue's directory (``delete``, ``max_queue_age``): the directory is first renamed
+  to ``deleting.<random>`` and the rename synced, then its files are removed. Removed file by
+  file, in directory order, a crash midway would leave some segments behind, and the next
+  start would replay them: items already taken would come back. A start removes what a crash
+  left under such a name.
+
+Every name here holds a dot, which a queue name cannot (``erq.names``), so none can be taken
+for a queue.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("erq.datadir")
+
+LOCK_FILE = "erq.lock"
+DELETING_PREFIX = "deleting."
+
+
+class DataDirBusy(OSError):
+    """Another process (a server, or ``erq journal pack``) holds the data directory."""
+
+
+class DataDirLock:
+    """An exclusive lock on a data directory, held until ``release`` or the process ends
+    (SIGKILL included: the kernel drops a dead process's locks)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = -1
+
+
+def lock(data_dir: Path, who: str = "erq") -> DataDirLock:
+    """Take ``data_dir``'s lock without waiting; DataDirBusy names the holder's pid. The
+    directory must exist."""
+    path = Path(data_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 200, 0).decode("ascii", "replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DataDirBusy(
+                exc.errno, f"{data_dir} is in use by {holder}; one process at a time"
+            ) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{who} (pid {os.getpid()})\n".encode(), 0)
+    return DataDirLock(fd, path)
+
+
+def remove_queue_dir(directory: Path) -> None:
+    """Remove a queue's directory so that a crash leaves all of it or none: rename, sync the
+    rename, then remove the files. Errors are logged; a leftover goes at the next start."""
+    directory = Path(directory)
+    doomed = directory.with_name(DELETING_PREFIX + uuid.uuid4().hex)
+    try:
+        os.rename(directory, doomed)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning(
+            "cannot rename %s before removing it (%s): removing it in place", directory, exc
+        )
+        doomed = directory
+    else:
+        _sync_dir(directory.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(data_dir: Path) -> int:
+    """Remove the directories a crash left while being removed; returns how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(DELETING_PREFIX) and entry.is_dir(follow_symlinks=False):
+            log.info("removing %s, left by a deletion a stop interrupted", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _sync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        log.warning("cannot open %s to sync it: %s", directory, exc)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("cannot sync %s: %s", directory, exc)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "DELETING_PREFIX",
+    "LOCK_FILE",
+    "DataDirBusy",
+    "DataDirLock",
+    "lock",
+    "remove_leftovers",
+    "remove_queue_dir",
+]

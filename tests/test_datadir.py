@@ -1,0 +1,124 @@
+"""The data directory's own files (erq/datadir.py): one process at a time holds it, a queue's
+directory is removed all at once, and an unusable directory fails the start in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erq import datadir
+
+from conftest import ROOT, ErqProcess
+from support import DELETED, END, STORED, one
+
+
+def second_server(first: ErqProcess) -> ErqProcess:
+    """Another server of the same build on the first one's data directory (own log)."""
+    other = ErqProcess(first.impl, first.data_dir)
+    other.log_path = first.data_dir.parent / "second.log"
+    return other
+
+
+def run_erq(*args: str, impl: str = "c") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ERQ_NO_EXTENSIONS", None)
+    if impl == "py":
+        env["ERQ_NO_EXTENSIONS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "erq", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused(erq_factory):
+    first = erq_factory()
+    c = first.client()
+    assert c.set("q", b"first") == STORED
+    other = second_server(first)
+    other.start(wait=False)
+    assert other.proc.wait(30) == 1
+    log = other.read_log()
+    assert "cannot use the data directory" in log and f"pid {first.proc.pid}" in log, log
+    assert "Traceback" not in log
+    assert c.set("q", b"second") == STORED  # the first server never noticed
+    first.kill()  # the kernel drops a killed process's lock: the next start takes it
+    other.start()
+    c = other.client()
+    assert c.get("q") == one("q", b"first")
+    assert c.get("q") == one("q", b"second")
+    other.stop()
+
+
+def test_journal_pack_refuses_a_directory_a_server_holds(erq_factory, impl):
+    server = erq_factory()
+    c = server.client()
+    assert c.set("q", b"kept") == STORED
+    done = run_erq("journal", "pack", str(server.data_dir), impl=impl)
+    assert done.returncode == 2, done
+    assert "in use by erq serve" in done.stdout and "stop it first" in done.stdout, done.stdout
+    assert c.set("q", b"after") == STORED
+    server.stop()
+    done = run_erq("journal", "pack", str(server.data_dir), impl=impl)
+    assert done.returncode == 0, done
+    server.start()
+    c = server.client()
+    assert c.get("q") == one("q", b"kept")
+    assert c.get("q") == one("q", b"after")
+
+
+def test_a_deleted_queue_leaves_nothing_and_a_half_removed_one_is_not_replayed(erq_factory):
+    server = erq_factory()
+    c = server.client()
+    for queue in ("gone", "kept"):
+        assert c.set(queue, b"x") == STORED
+    assert c.call(b"delete gone\r\n") == DELETED
+    assert sorted(p.name for p in server.data_dir.iterdir() if p.is_dir()) == ["kept"]
+    server.stop()
+    # A stop between the rename and the last unlink leaves this behind: a directory under a
+    # name no queue can have, with some of its segments. The next start removes it unread.
+    (server.data_dir / "kept").rename(server.data_dir / (datadir.DELETING_PREFIX + "0123abcd"))
+    server.start()
+    c = server.client()
+    assert c.get("kept") == END
+    assert c.stats().get("queue_kept_items") == "0"  # made again, empty, by that get
+    assert not any(p.name.startswith(datadir.DELETING_PREFIX) for p in server.data_dir.iterdir())
+
+
+@pytest.mark.parametrize("shape", ["file", "under_a_file"])
+def test_an_unusable_data_directory_fails_the_start_in_one_line(tmp_path, impl, shape):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory\n")
+    data_dir = blocker if shape == "file" else blocker / "sub"
+    done = run_erq(
+        "serve", "--port", "0", "--admin-port", "0", "--data-dir", str(data_dir), impl=impl
+    )
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"cannot use the data directory {data_dir}" in errors[0], errors
+
+
+def test_remove_queue_dir_renames_first_and_tolerates_a_missing_directory(tmp_path):
+    queue_dir = tmp_path / "q"
+    queue_dir.mkdir()
+    (queue_dir / "00000001.seg").write_bytes(b"x" * 100)
+    datadir.remove_queue_dir(queue_dir)
+    assert list(tmp_path.iterdir()) == []
+    datadir.remove_queue_dir(queue_dir)  # gone already: nothing to do
+    left = tmp_path / (datadir.DELETING_PREFIX + "feed")
+    (left / "sub").mkdir(parents=True)
+    (tmp_path / "deleting").mkdir()  # a queue may be called that: no dot, not a leftover
+    assert datadir.remove_leftovers(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["deleting"]
+
+
+def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Path):
+    held = datadir.lock(tmp_path, who="erq test")
+    with pytest.raises(datadir.DataDirBusy) as busy:
+        datadir.lock(tmp_path)
+    assert f"erq test (pid {os.getpid()})" in busy.value.strerror
+    held.release()
+    datadir.lock(tmp_path).release()
