@@ -14,6 +14,7 @@ caller hears about it, so the wire layer may answer STORED as soon as ``add`` re
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections import deque
@@ -580,6 +581,17 @@ class Queue:
             journal.compact(opens, self._ring.to_list())
 
     def configure(self, config: QueueConfig) -> None:
+        """A reload's settings, at once; except ``journal``, which a queue has from its
+        creation: a change applies at the next start, and ``dump_config`` says so meanwhile."""
+        journaled = self._config.journal
+        if config.journal != journaled:
+            log.warning(
+                "queue %s: journal = %s applies at the next restart; until then it stays %s",
+                self.name,
+                "true" if config.journal else "false",
+                "true" if journaled else "false",
+            )
+            config = dataclasses.replace(config, journal=journaled)
         self.config = config
         if self._journal is not None:
             self._journal.update_policy(

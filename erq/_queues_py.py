@@ -117,7 +117,15 @@ class QueueCollection:
         elif self._journal_factory is not None and self.data_dir is not None:
             # A memory-only queue keeps an empty directory so that the queue itself (and its
             # fanout registration) survives a restart; its items do not.
-            (self.data_dir / name).mkdir(parents=True, exist_ok=True)
+            directory = self.data_dir / name
+            directory.mkdir(parents=True, exist_ok=True)
+            if next(directory.glob("*.seg"), None) is not None:
+                log.warning(
+                    "queue %s: journal = false, so the journal in %s is not read (its items "
+                    "are back if journal is turned on again; deleting the queue removes them)",
+                    name,
+                    directory,
+                )
         queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
         if recovery is None:
             return queue, []

@@ -26,6 +26,7 @@ from support import (
     STORED,
     TOO_LARGE,
     TOO_LONG,
+    one,
     poll,
     queue_config,
 )
@@ -255,6 +256,38 @@ def test_reload_and_sighup_apply_new_queue_settings_live_and_refuse_a_bad_file(e
     proc.write_config('[queues."q"]\nmax_items = 10\n')
     assert c.call(b"reload\r\n") == RELOADED
     assert c.set("q", b"x") == STORED and c.set("other", b"y") == STORED
+
+
+def test_a_queue_keeps_its_journal_setting_until_a_restart_and_says_so(erq_factory):
+    """``journal`` is fixed when a queue is made: a reload that flips it applies to queues
+    made afterwards, and to the others at the next start; dump_config shows what runs."""
+    proc = erq_factory(config="[queues.default]\njournal = false\n")
+    c = proc.client()
+    assert c.set("mem", b"m1") == STORED
+    proc.write_config("[queues.default]\njournal = true\n")
+    assert c.call(b"reload\r\n") == RELOADED
+    assert queue_config(c, "mem")["journal"] == "false"
+    assert "queue mem: journal = true applies at the next restart" in proc.read_log()
+    assert c.set("mem", b"m2") == STORED  # still memory only
+    assert c.set("new", b"n1") == STORED  # made after the reload: journaled
+    assert queue_config(c, "new")["journal"] == "true"
+    c.close()
+    proc.restart()
+    c = proc.client()
+    assert c.get("new") == one("new", b"n1")
+    assert c.get("mem") == END  # m1 and m2 were memory only
+    assert c.set("mem", b"j1") == STORED  # journaled now
+    # Turned off at a restart, a journal's items are not read, and the log says so.
+    proc.write_config("[queues.default]\njournal = false\n")
+    c.close()
+    proc.restart()
+    c = proc.client()
+    assert "queue mem: journal = false, so the journal in" in proc.read_log()
+    assert c.get("mem") == END
+    proc.write_config("[queues.default]\njournal = true\n")
+    c.close()
+    proc.restart()
+    assert proc.client().get("mem") == one("mem", b"j1")
 
 
 def test_reload_applies_max_item_size_and_max_line_to_open_connections(erq_factory):
