@@ -304,6 +304,9 @@ class Server:
         for proto in list(state.connections):
             if proto.session is not None:
                 proto.session.flush()
+                # Their reads go back to the head now, journaled, rather than when the
+                # transport's close reaches the session, after the journals closed.
+                proto.session.abort_all()
             if proto.transport is not None:
                 proto.transport.close()
         state.queues.close()
