@@ -7,6 +7,7 @@ Waits are never guessed: a test that needs a blocked get polls ``stats`` until t
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import deque
 
@@ -366,6 +367,26 @@ def test_reads_open_at_a_restart_or_crash_are_back_at_the_head_in_original_order
         c.close()
     # A graceful stop journals the reads' return before the journals close: no warning.
     assert "not journaled" not in server.read_log()
+
+
+def test_a_half_closed_client_gets_every_reply_due_then_the_connection_closes(erq_factory):
+    """``shutdown(SHUT_WR)`` after a pipeline (``nc -N``): with fsync = "always" the STORED
+    waits for the sync, and the connection stays half open until it went out."""
+    server = start(erq_factory, queues='[queues.default]\nfsync = "always"\n')
+    for tail in (b"", b"get empty/t=60000\r\nversion\r\n"):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(set_req(b"q", b"hello") + b"get q/peek\r\nversion\r\n" + tail)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        sock.close()
+        # A get still blocked at the end of the stream ends unanswered, with what follows it.
+        assert got == STORED + one("q/peek", b"hello") + VERSION_LINE, got
+    c = server.client()
+    assert c.get("q") == one("q", b"hello")
+    assert c.get("q") == one("q", b"hello")
+    assert c.stats()["queue_empty_waiters"] == "0"
 
 
 # ---- delete, flush, flush_all, flush_expired ----------------------------------------------------------

@@ -102,7 +102,7 @@ def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, layer, prot
         (proto,) = state.connections
         assert isinstance(proto, protocol_class)
         assert state.counters.curr_connections == 1
-        writer.write_eof()  # eof_received answers "do not keep open": the server closes
+        writer.write_eof()  # nothing is due: the server closes at once
         assert await reader.read() == b""
         await until(lambda: not state.connections, "connection_lost")
         assert state.counters.curr_connections == 0
