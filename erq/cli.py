@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 
@@ -25,12 +26,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--data-dir", "-d", dest="data_dir", help="journal directory (default ./erq-data)"
     )
     p.add_argument("--compat", choices=("erq", "kestrel"), help="wire compatibility mode")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="DEBUG, INFO (default), WARNING or ERROR",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="erq", description="erq: a durable Kestrel-compatible queue server"
+        prog="erq",
+        description="erq: a durable Kestrel-compatible queue server",
+        epilog="erq with no command, or with serve's options, runs 'erq serve'; "
+        "'erq serve --help' lists them (--host, --port, --data-dir, --config, ...).",
     )
     parser.add_argument(
         "--version", action="version", version=f"erq {__version__} ({IMPLEMENTATION})"
@@ -66,7 +76,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from .server import run
 
     logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        level=getattr(logging, ns.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     cli = {k: getattr(ns, k) for k in ("host", "port", "admin_port", "data_dir", "compat")}
@@ -79,14 +89,18 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _stats(ns: argparse.Namespace) -> int:
-    with socket.create_connection((ns.host, ns.port), timeout=5) as sock:
-        sock.sendall(b"stats\r\n")
-        buf = b""
-        while not buf.endswith(b"END\r\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+    try:
+        with socket.create_connection((ns.host, ns.port), timeout=5) as sock:
+            sock.sendall(b"stats\r\n")
+            buf = b""
+            while not buf.endswith(b"END\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as exc:
+        print(f"erq stats: {ns.host}:{ns.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     sys.stdout.write(buf.decode("utf-8", "replace"))
     return 0
 
@@ -103,6 +117,16 @@ def _journal(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # erq journal dump DIR | head: the reader is gone, not an error
+        # Python's advice: point stdout at /dev/null, so the final flush does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from . import bench

@@ -1,0 +1,57 @@
+"""The command line's own failures: one line on stderr and an exit status, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, free_port
+
+
+def env_for(impl: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ERQ_NO_EXTENSIONS", None)
+    if impl == "py":
+        env["ERQ_NO_EXTENSIONS"] = "1"
+    return env
+
+
+def erq(*args: str, impl: str = "c", **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "erq", *args], text=True, env=env_for(impl), timeout=60, **kw
+    )
+
+
+def test_stats_without_a_server_says_so_in_one_line(impl):
+    port = free_port()
+    done = erq("stats", "--port", str(port), impl=impl, capture_output=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"erq stats: 127.0.0.1:{port}: Connection refused"
+
+
+def test_a_bad_log_level_is_refused_and_help_points_to_serve_flags(impl):
+    done = erq("serve", "--log-level", "bogus", impl=impl, capture_output=True)
+    assert done.returncode == 2 and "invalid choice: 'BOGUS'" in done.stderr, done.stderr
+    listed = erq("--help", impl=impl, capture_output=True)
+    assert "'erq serve --help' lists them" in " ".join(listed.stdout.split())
+    assert "--data-dir" in erq("serve", "--help", impl=impl, capture_output=True).stdout
+
+
+def test_journal_dump_into_a_closed_pipe_ends_quietly(erq_factory, impl):
+    server = erq_factory()
+    c = server.client()
+    c.send(b"set q 0 0 3\r\nabc\r\n" * 3000)
+    for _ in range(3000):
+        c.line()
+    server.stop()
+    dump = subprocess.Popen(
+        [sys.executable, "-m", "erq", "journal", "dump", str(server.data_dir / "q")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_for(impl),
+    )
+    assert dump.stdout.readline().startswith(b"# ")
+    dump.stdout.close()  # as `| head -1` does
+    assert dump.wait(60) == 0
+    assert dump.stderr.read() == b""
