@@ -93,6 +93,39 @@ def _recover(queues: QueueCollection, stop: threading.Event) -> list:
             gc.enable()
 
 
+# Descriptors beyond the connections: listeners, the epoll and eventfds, the journals'
+# segments and directories (two or three a queue), the admin port's clients.
+_FD_RESERVE = 256
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Lift the soft limit on open files to the hard one when max_connections needs more
+    (memcached does the same), and say so when even the hard limit is short: past it every
+    accept and every new queue's journal fails with EMFILE."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    needed = max_connections + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError) as exc:
+                log.debug("cannot raise the open-file limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "max_connections = %d wants %d open files, and the limit is %d (ulimit -n): "
+            "lower max_connections or raise the limit",
+            max_connections,
+            needed,
+            soft,
+        )
+
+
 class Server:
     """One erq server process: owns the loop-side objects and their lifecycle."""
 
@@ -114,6 +147,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config.server
+        _raise_fd_limit(cfg.max_connections)
         data_dir = Path(cfg.data_dir)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)

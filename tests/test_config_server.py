@@ -26,6 +26,7 @@ from support import (
     STORED,
     TOO_LARGE,
     TOO_LONG,
+    config,
     one,
     poll,
     queue_config,
@@ -209,6 +210,32 @@ def test_bad_environment_value_stops_the_server_naming_the_variable(erq_factory)
     assert code != 0
     out = proc.read_log().strip()
     assert len(out.splitlines()) == 1 and "ERQ_MAX_OPEN_READS" in out, out
+
+
+def _open_files_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
+def test_the_open_file_limit_is_raised_for_max_connections_or_the_shortfall_logged(erq_factory):
+    import resource
+
+    def limits() -> None:  # in the child, before erq starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 4096))
+
+    enough = erq_factory(config=config(server="max_connections = 1000"), preexec_fn=limits)
+    assert _open_files_limit(enough.proc.pid) == 1000 + 256
+    assert "open files" not in enough.read_log()
+    short = erq_factory(
+        config=config(server="max_connections = 10000"), preexec_fn=limits, name="short"
+    )
+    assert _open_files_limit(short.proc.pid) == 4096
+    assert "max_connections = 10000 wants 10256 open files, and the limit is 4096" in (
+        short.read_log()
+    )
 
 
 # ---- reload ------------------------------------------------------------------------------------
