@@ -28,11 +28,13 @@ from erq.queue import STORED as ITEM_STORED
 from erq.queue import Queue
 from erq.queues import now_ms, valid_queue_name
 from erq.session import Session
+from erq.throttle import Throttle
 
 if TYPE_CHECKING:
     from erq.state import ServerState
 
 log = logging.getLogger("erq.commands")
+_BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
 
 END = b"END\r\n"
 STORED = b"STORED\r\n"
@@ -732,5 +734,5 @@ def dispatch(session: Session, req: tuple) -> None:
         else:
             session.out.append(req[1])
     elif kind == REQ_BINARY:
-        log.warning("binary-protocol request received; closing the connection")
+        _BINARY.log("binary-protocol request received; closing the connection")
         session.close_after(None)

@@ -22,6 +22,7 @@ from erq import commands as _commands
 from erq.commands import dispatch
 from erq.parser import Parser
 from erq.session import Session
+from erq.throttle import Throttle
 from erq.wire import SocketWriter
 
 if TYPE_CHECKING:
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
     from erq.state import ServerState
 
 log = logging.getLogger("erq.protocol")
+_REFUSED = Throttle(log, logging.WARNING)  # a client retrying in a loop is one line per 10 s
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    try:
+        peer = transport.get_extra_info("peername")
+    except Exception:  # a transport that cannot say
+        return "an unknown address"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "an unknown address"
 
 
 class MemcacheProtocol:
@@ -64,9 +76,10 @@ class MemcacheProtocol:
         counters = state.counters
         counters.total_connections += 1
         if counters.curr_connections >= state.config.server.max_connections:
-            log.warning(
-                "max_connections (%d) reached; refusing a client",
+            _REFUSED.log(
+                "max_connections (%d) reached; refusing a client from %s",
                 state.config.server.max_connections,
+                _peer(transport),
             )
             transport.write(b"SERVER_ERROR too many open connections\r\n")  # type: ignore[attr-defined]
             transport.close()

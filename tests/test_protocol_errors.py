@@ -31,6 +31,7 @@ from support import (
     VERSION_LINE,
     assert_closed,
     assert_open,
+    poll,
     queue_names,
     set_req,
     start,
@@ -241,6 +242,32 @@ def test_binary_protocol_magic_byte_closes_without_a_reply(server):
     assert c.line() == VERSION_LINE
     assert_closed(c)
     witness.check()
+
+
+def test_clients_repeating_a_refused_request_make_one_log_line_not_one_each(erq_factory):
+    server = start(erq_factory, server="max_connections = 1")
+
+    def served():  # once the readiness probe's connection is counted out
+        c = server.client()
+        if c.call(b"version\r\n") == VERSION_LINE:
+            return c
+        c.close()
+        return None
+
+    holder = poll(served, "a connection under max_connections")
+    for _ in range(20):
+        refused = server.client()
+        assert refused.line() == b"SERVER_ERROR too many open connections\r\n"
+        refused.close()
+    assert holder.call(b"version\r\n") == VERSION_LINE  # served all along
+    assert server.read_log().count("refusing a client from 127.0.0.1:") == 1
+    other = start(erq_factory, name="other")
+    noop = struct.pack(">BBHBBHIIQ", 0x80, 0x0A, 0, 0, 0, 0, 0, 0, 0)
+    for _ in range(20):
+        c = other.client()
+        c.send(noop)
+        assert_closed(c)
+    assert other.read_log().count("binary-protocol request received") == 1
 
 
 def test_unknown_command_is_error_and_stays_open(server):
