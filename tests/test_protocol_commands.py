@@ -560,7 +560,10 @@ def test_a_queue_may_be_called_STATUS_and_an_earlier_status_file_is_taken_over(e
     assert c.call(b"status\r\n") == b"READONLY\r\n"
     assert c.call(b"status up\r\n") == END
     assert c.get("STATUS") == one("STATUS", b"a queue")
-    assert sorted(p.name for p in server.data_dir.iterdir() if p.is_file()) == ["erq.status"]
+    assert sorted(p.name for p in server.data_dir.iterdir() if p.is_file()) == [
+        "erq.lock",
+        "erq.status",
+    ]
 
 
 def test_a_status_that_cannot_be_saved_is_refused_and_left_as_it_was(server):
