@@ -26,9 +26,11 @@ COMPILED_TWINS = sorted(
 NO_COMPILER_HELP = """
 erq: building the Cython extensions failed ({error}).
 erq needs a C compiler (gcc or clang) and the Python headers for its fast build.
-To install the portable pure-Python build instead, set ERQ_NO_EXTENSIONS=1:
+To install the portable pure-Python build instead, set ERQ_NO_EXTENSIONS=1, with the same
+command as before, e.g.:
 
-    ERQ_NO_EXTENSIONS=1 pip install erq
+    ERQ_NO_EXTENSIONS=1 pip install .        (in a checkout)
+    ERQ_NO_EXTENSIONS=1 pip install erq      (from an index)
 """
 
 

@@ -117,11 +117,14 @@ _QUEUE_COUNTERS = frozenset(
     }
 )
 _UNITS = {"uptime": "uptime_seconds", "age": "age_milliseconds"}
+# Counters whose plain name would clash with a gauge's: OpenMetrics names a counter's family
+# without its _total, so erq_queue_items_total would be a second erq_queue_items family.
+_COUNTER_NAMES = {"total_items": "added_items"}
 _NOT_EXPORTED = frozenset({"pid", "time"})  # identity and wall clock, not series to store
 _HELP = {
     "uptime": "Seconds since the server started.",
     "curr_connections": "Open memcache connections.",
-    "total_connections": "Memcache connections accepted.",
+    "total_connections": "Memcache connections made (those refused by max_connections too).",
     "cmd_get": "Keys of get requests that reached a fetch (misses included, peeks not).",
     "cmd_set": "set requests.",
     "cmd_peek": "Keys of get requests that peeked.",
@@ -146,7 +149,7 @@ _QUEUE_HELP = {
     "mem_bytes": "Bytes of the queue's items held in memory.",
     "age": "Milliseconds from the add time of the most recently removed item to now.",
     "discarded": "Items dropped from the head by discard_old_when_full.",
-    "waiters": "Blocked gets and monitors waiting on the queue.",
+    "waiters": "Blocked gets and peeks waiting on the queue (monitors are not counted).",
     "open_transactions": "Open reads not yet closed or aborted.",
     "transactions": "Open reads that returned an item.",
     "canceled_transactions": "Open reads aborted: their item went back to the head.",
@@ -163,7 +166,7 @@ def _numeric(value: object) -> bool:
 def _metric_name(prefix: str, field: str, counter: bool) -> str:
     name = _UNITS.get(field, field)
     if counter:
-        name = name.removeprefix("total_") + "_total"
+        name = _COUNTER_NAMES.get(name, name).removeprefix("total_") + "_total"
     return prefix + name
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -98,3 +99,30 @@ def test_pure_python_build_has_no_extensions(source_tree, tmp_path):
     names = wheel_names(tmp_path)
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     assert "erq/_fast/_parser.pyx" in names  # sources travel for reference; nothing compiled
+
+
+def test_the_source_distribution_carries_the_example_config_and_a_runnable_suite(
+    source_tree, tmp_path
+):
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        cwd=source_tree,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sdist,) = tmp_path.glob("erq-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = {name.split("/", 1)[1] for name in tf.getnames() if "/" in name}
+    for wanted in (
+        "erq.example.toml",
+        "tests/conftest.py",
+        "tests/support.py",
+        "tests/protocol_driver.py",
+        "ci/test.sh",
+        ".ci/run",
+        "benchmarks/run_e2e.py",
+    ):
+        assert wanted in names, wanted
+    assert not [n for n in names if n.endswith((".so", ".pyc"))]
