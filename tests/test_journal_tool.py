@@ -107,3 +107,14 @@ def test_tools_refuse_a_missing_directory(tmp_path):
     assert tool.check(tmp_path / "nope", out) == 2
     assert tool.dump(tmp_path / "nope", out) == 2
     assert tool.pack(tmp_path / "nope", out) == 2
+
+
+def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):
+    out = io.StringIO()
+    assert tool.dump(data_dir, out) == 2  # the data directory, not a queue's
+    assert "no journal segments here" in out.getvalue()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = io.StringIO()
+    assert tool.check(empty, out) == 0
+    assert "no queue journals here" in out.getvalue()

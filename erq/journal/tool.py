@@ -87,7 +87,14 @@ def dump(queue_dir: str | os.PathLike, out: TextIO) -> int:
     if not directory.is_dir():
         out.write(f"{directory}: not a directory\n")
         return 2
-    segments, damaged = _open_all(_segment_paths(directory), out)
+    paths = _segment_paths(directory)
+    if not paths:
+        out.write(
+            f"{directory}: no journal segments here (dump takes a queue's directory, "
+            "DATA_DIR/QUEUE)\n"
+        )
+        return 2
+    segments, damaged = _open_all(paths, out)
     try:
         first = _live_from(segments)
         for index, seg in enumerate(segments):
@@ -154,6 +161,8 @@ def check(data_dir: str | os.PathLike, out: TextIO) -> int:
         finally:
             for seg in segments:
                 seg.close()
+    if not queues:
+        out.write(f"{root}: no queue journals here (check takes a data directory)\n")
     verdict = "clean" if not problems else f"{problems} problem(s)"
     out.write(f"checked {checked} segment(s) of {len(queues)} queue(s): {verdict}\n")
     return 1 if problems else 0
