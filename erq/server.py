@@ -156,6 +156,11 @@ class Server:
             raise StartError(f"cannot use the data directory: {exc.strerror}") from None
         except OSError as exc:
             raise StartError(f"cannot use the data directory {data_dir}: {exc}") from None
+        log.info(
+            "data directory %s, configuration %s",
+            data_dir.resolve(),
+            self.config.path or "embedded defaults (no file)",
+        )
         from .journal import GroupCommit, QueueJournal
 
         self._commit = GroupCommit(loop)
@@ -180,8 +185,8 @@ class Server:
         # a replay takes seconds on a large journal, and an operator's stop must not wait for
         # it, nor kill the process outright (SIGTERM's default) or end it with a traceback.
         for sig, handler in (
-            (signal.SIGTERM, self.request_shutdown),
-            (signal.SIGINT, self.request_shutdown),
+            (signal.SIGTERM, functools.partial(self.request_shutdown, "SIGTERM")),
+            (signal.SIGINT, functools.partial(self.request_shutdown, "SIGINT")),
             (signal.SIGHUP, self._sighup),
         ):
             try:
@@ -294,7 +299,10 @@ class Server:
         state.queues.reconfigure(new)
         for proto in state.connections:  # open connections too: a pool's may never close
             proto.parser.set_limits(new.server.max_line, new.server.max_item_size)
-        log.info("configuration reloaded from %s", new.path)
+        if new.path is None:
+            log.info("configuration reloaded (no file: defaults, ERQ_* variables and flags)")
+        else:
+            log.info("configuration reloaded from %s", new.path)
         return "Reloaded config."
 
     def _sighup(self) -> None:
@@ -308,9 +316,9 @@ class Server:
         self.reload()
 
     # ---- stop --------------------------------------------------------------------------
-    def request_shutdown(self) -> None:
+    def request_shutdown(self, why: str = "the shutdown command") -> None:
         if self._stopped is not None and not self._stopped.is_set():
-            log.info("shutting down")
+            log.info("shutting down (%s)", why)
             self._stopped.set()
             self._stop_recovery.set()  # a replay in progress stops at its next check
 

@@ -238,6 +238,26 @@ def test_the_open_file_limit_is_raised_for_max_connections_or_the_shortfall_logg
     )
 
 
+def test_the_log_names_the_data_directory_the_file_and_why_the_server_stopped(erq_factory):
+    with_file = erq_factory(config=config(server="max_open_reads = 7"))
+    assert with_file.client().call(b"reload\r\n") == RELOADED
+    with_file.stop()
+    log = with_file.read_log()
+    data_dir = with_file.data_dir.resolve()
+    assert f"data directory {data_dir}, configuration {with_file.config_path}" in log
+    assert f"configuration reloaded from {with_file.config_path}" in log
+    assert "shutting down (SIGTERM)" in log
+    bare = erq_factory(name="bare")
+    assert bare.client().call(b"reload\r\n") == RELOADED
+    c = bare.client()
+    c.send(b"shutdown\r\n")
+    assert bare.proc.wait(30) == 0
+    log = bare.read_log()
+    assert "configuration embedded defaults (no file)" in log
+    assert "configuration reloaded (no file" in log and "from None" not in log
+    assert "shutting down (the shutdown command)" in log
+
+
 # ---- reload ------------------------------------------------------------------------------------
 def test_reload_and_sighup_apply_new_queue_settings_live_and_refuse_a_bad_file(erq_factory):
     proc = erq_factory(config='[queues."q"]\nmax_items = 5\n')
