@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -126,6 +127,19 @@ def _raise_fd_limit(max_connections: int) -> None:
         )
 
 
+async def _probe_port(loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+    """Bind (without listening) every address the memcache port will listen on, then let go:
+    OSError (EADDRINUSE) when another process listens there. The port itself opens only
+    after recovery, so that no client reaches a half-loaded queue."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, type_, proto, _, address in infos:
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+
+
 class Server:
     """One erq server process: owns the loop-side objects and their lifecycle."""
 
@@ -202,6 +216,13 @@ class Server:
                     f"cannot open the admin HTTP port {cfg.host}:{cfg.admin_port}: {exc}"
                 ) from None
             log.info("admin HTTP port on %s:%d", cfg.host, self._admin.port)
+        if cfg.port:  # a taken port fails the start now, not after a long replay
+            try:
+                await _probe_port(loop, cfg.host, cfg.port)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot open the memcache port {cfg.host}:{cfg.port}: {exc}"
+                ) from None
         # Recovery happens before the memcache port is opened: nobody can talk to a half-loaded
         # queue. The journals are replayed on a worker thread, so that the loop answers the
         # admin port meanwhile (a liveness probe must not kill a server that is only slow to

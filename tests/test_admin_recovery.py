@@ -213,6 +213,27 @@ def test_a_sighup_during_recovery_reloads_the_configuration_once_it_ends(erq_fac
         proc.stop(signal.SIGKILL)
 
 
+def test_a_taken_memcache_port_fails_the_start_before_the_journals_are_replayed(erq_factory, impl):
+    first = erq_factory()
+    assert first.client().set("jobs", b"one") == STORED
+    first.kill()
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    proc = GatedErq(impl, first.data_dir)
+    proc.port = taken.getsockname()[1]
+    try:
+        proc.start()  # its recovery would wait for release(), which never comes
+        assert proc.proc.wait(30) == 1
+        log = proc.read_log()
+        assert f"cannot open the memcache port 127.0.0.1:{proc.port}" in log, log
+        assert "Traceback" not in log
+    finally:
+        proc.stop(signal.SIGKILL)
+        taken.close()
+
+
 # ---- the collection's two halves of recovery ---------------------------------------------------
 def _open_journal(directory: Path, qcfg, commit=None):
     """The server's journal factory, in short."""
