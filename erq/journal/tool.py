@@ -179,6 +179,9 @@ def pack(data_dir: str | os.PathLike, out: TextIO) -> int:
     except DataDirBusy as exc:  # a server appends to these journals: packing them loses items
         out.write(f"{exc.strerror}: stop it first\n")
         return 2
+    except OSError as exc:  # cannot even create the lock file: nothing could be rewritten
+        out.write(f"{root}: cannot lock it: {exc.strerror or exc}\n")
+        return 2
     try:
         datadir.remove_leftovers(root)
         return _pack_all(root, out)
