@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from test_journal_support import KiB, all_items, item, record_spans, segment_files, use_codec
@@ -118,3 +119,10 @@ def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp
     out = io.StringIO()
     assert tool.check(empty, out) == 0
     assert "no queue journals here" in out.getvalue()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a directory nobody can write")
+def test_pack_refuses_a_directory_it_cannot_lock():
+    out = io.StringIO()
+    assert tool.pack("/proc/self", out) == 2
+    assert "/proc/self: cannot lock it: " in out.getvalue()
