@@ -28,7 +28,7 @@ log = logging.getLogger("erq.state")
 
 STATUSES = ("UP", "READONLY", "QUIESCENT")
 # The status file in data_dir. Its dot keeps it apart from the queues' directories: a queue
-# name cannot hold one (a queue may be called STATUS, the file's name before 1.0.1).
+# name cannot hold one (a queue may be called STATUS, the file's name in earlier builds).
 STATUS_FILE = "erq.status"
 _LEGACY_STATUS_FILE = "STATUS"
 # The longest wait a Deadline holds, ~31.7 years (a longer one, `monitor q 99999999999999`

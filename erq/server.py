@@ -100,8 +100,8 @@ _FD_RESERVE = 256
 
 
 def _raise_fd_limit(max_connections: int) -> None:
-    """Lift the soft limit on open files to the hard one when max_connections needs more
-    (memcached does the same), and say so when even the hard limit is short: past it every
+    """Lift the soft limit on open files toward what max_connections needs (up to the hard
+    limit, as memcached does), and say so when even the hard limit is short: past it every
     accept and every new queue's journal fails with EMFILE."""
     try:
         import resource

@@ -546,7 +546,7 @@ def test_waits_longer_than_any_clock_are_cut_short_not_refused(server):
 def test_a_queue_may_be_called_STATUS_and_an_earlier_status_file_is_taken_over(erq_factory):
     server = erq_factory(start=False)
     server.data_dir.mkdir(parents=True, exist_ok=True)
-    (server.data_dir / "STATUS").write_text("READONLY\n")  # where versions <= 1.0.0 kept it
+    (server.data_dir / "STATUS").write_text("READONLY\n")  # where earlier builds kept it
     server.start()
     c = server.client()
     assert c.call(b"status\r\n") == b"READONLY\r\n"
