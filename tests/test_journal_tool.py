@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import pytest
 from test_journal_support import KiB, all_items, item, record_spans, segment_files, use_codec
@@ -95,7 +96,12 @@ def test_pack_compacts_every_queue_and_keeps_their_items(data_dir):
     assert tool.pack(data_dir, out) == 0
     after = sum(p.stat().st_size for p in segment_files(data_dir / "jobs"))
     assert after < before
-    assert "jobs: 2 item(s)" in out.getvalue()
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("jobs: 2 item(s)"))
+    records = re.search(r"records ([\d,]+) -> ([\d,]+) bytes", line)
+    assert records, line
+    records_before, records_after = (int(g.replace(",", "")) for g in records.groups())
+    assert 0 < records_after < records_before  # what the pack saved, preallocation aside
+    assert f"files {before:,} -> {after:,} bytes (preallocated)" in line
     journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never", segment_size=8 * KiB)
     assert all_items(journal, rec) == before_items
     assert [it.id for it in before_items] == [91, 101]  # the open read is back at the head

@@ -202,14 +202,20 @@ def _pack_all(root: Path, out: TextIO) -> int:
         for warning in recovery.warnings:
             out.write(f"{warning}\n")
         items = len(recovery.items) + recovery.disk_items
+        records_before = journal.used_bytes
         try:
             journal.compact([], recovery.items, wait=True)
             error = journal.last_compaction_error
+            records_after = journal.used_bytes
         finally:
             journal.close()
         if error is not None:
             out.write(f"{directory}: compaction failed: {error}\n")
             status = 1
         after = sum(path.stat().st_size for path in _segment_paths(directory))
-        out.write(f"{directory.name}: {items} item(s), {before} -> {after} bytes\n")
+        # Files are preallocated: their size can grow by a fresh segment while records shrink.
+        out.write(
+            f"{directory.name}: {items} item(s), records {records_before:,} -> "
+            f"{records_after:,} bytes, files {before:,} -> {after:,} bytes (preallocated)\n"
+        )
     return status
