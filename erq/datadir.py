@@ -82,7 +82,10 @@ def remove_queue_dir(directory: Path) -> None:
         )
         doomed = directory
     else:
-        _sync_dir(directory.parent)
+        try:
+            fsync_directory(directory.parent)
+        except OSError as exc:
+            log.warning("cannot sync %s: %s", directory.parent, exc)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -101,16 +104,11 @@ def remove_leftovers(data_dir: Path) -> int:
     return removed
 
 
-def _sync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        log.warning("cannot open %s to sync it: %s", directory, exc)
-        return
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a directory's entries (creations, renames, removals) durable; OSError if not."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError as exc:
-        log.warning("cannot sync %s: %s", directory, exc)
     finally:
         os.close(fd)
 
@@ -118,6 +116,7 @@ def _sync_dir(directory: Path) -> None:
 __all__ = [
     "DELETING_PREFIX",
     "LOCK_FILE",
+    "fsync_directory",
     "DataDirBusy",
     "DataDirLock",
     "lock",

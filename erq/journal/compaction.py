@@ -22,9 +22,10 @@ from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..datadir import fsync_directory
 from . import codec
 from .format import HEADER_FLAG_SNAPSHOT, OP_OPEN, segment_name
-from .segment import Segment, encode_header, fsync_directory
+from .segment import Segment, encode_header
 
 log = logging.getLogger("erq.journal")
 

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
-from ..datadir import remove_queue_dir
+from ..datadir import fsync_directory, remove_queue_dir
 from ..journal_api import JournalError
 from . import codec
 from .compaction import SnapshotJob
@@ -36,7 +36,7 @@ from .format import (
     OP_UNREMOVE,
 )
 from .recovery import RecoveredItem, Recovery, replay
-from .segment import Segment, Spare, fsync_directory, round_up
+from .segment import Segment, Spare, round_up
 
 log = logging.getLogger("erq.journal")
 

@@ -49,14 +49,6 @@ def round_up(n: int, unit: int = PAGE) -> int:
     return (n + unit - 1) // unit * unit
 
 
-def fsync_directory(directory: str | os.PathLike) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _preallocate(fd: int, size: int) -> None:
     if hasattr(os, "posix_fallocate"):
         os.posix_fallocate(fd, 0, size)
