@@ -10,6 +10,27 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define ERQ_PREFETCH(p) __builtin_prefetch(p)
+    #else
+    #define ERQ_PREFETCH(p) ((void)(p))
+    #endif
+    #define ERQ_TYPE_OF(p) (((PyObject *)(p))->ob_type)
+    """
+    void ERQ_PREFETCH(const void *p) nogil
+    void *ERQ_TYPE_OF(PyObject *p) nogil
+
+
+# How many pops ahead `Ring.pop` asks the CPU for an item. A deep queue's items were made
+# long before they are taken, so each pop found its Item, then its bytes, out of every cache
+# (perf annotate at 50 connections: ~80% of Queue.take's samples on the first load from the
+# Item). Item i + PREFETCH_AHEAD is fetched now; its bytes once it is the next head.
+cdef enum:
+    PREFETCH_AHEAD = 4
+
+
 # RAM a queued item costs beyond its data: this Item (64 bytes, not GC-tracked), the bytes
 # object's header and allocator rounding, the ring slot, and the ring's growth slack. The
 # queue counts it against max_memory_size so that the limit bounds real memory.
@@ -123,10 +144,18 @@ cdef class Ring:
     cpdef object pop(self):
         if self._count == 0:
             raise IndexError("pop from an empty Ring")
+        cdef Py_ssize_t mask = self._cap - 1
         cdef PyObject* p = self._buf[self._head]
+        cdef PyObject* nxt
         self._buf[self._head] = NULL
-        self._head = (self._head + 1) & (self._cap - 1)
+        self._head = (self._head + 1) & mask
         self._count -= 1
+        if self._count > PREFETCH_AHEAD:
+            ERQ_PREFETCH(self._buf[(self._head + PREFETCH_AHEAD) & mask])
+        if self._count:
+            nxt = self._buf[self._head]  # fetched PREFETCH_AHEAD pops ago
+            if ERQ_TYPE_OF(nxt) == <void*>Item:
+                ERQ_PREFETCH(<PyObject*>(<Item>nxt).data)
         cdef object item = <object>p
         Py_XDECREF(p)  # the array's reference; `item` holds its own
         return item
