@@ -19,6 +19,7 @@ from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
 from .datadir import DataDirBusy
+from .journal_api import JournalError
 from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection, RecoveryStopped
@@ -227,7 +228,11 @@ class Server:
         # queue. The journals are replayed on a worker thread, so that the loop answers the
         # admin port meanwhile (a liveness probe must not kill a server that is only slow to
         # recover); the thread builds queues no one sees until they are adopted, here.
-        queues.adopt(await asyncio.to_thread(_recover, queues, self._stop_recovery))
+        try:
+            opened = await asyncio.to_thread(_recover, queues, self._stop_recovery)
+        except JournalError as exc:  # a journal this erq must not touch (another version)
+            raise StartError(f"cannot recover the journals: {exc}") from None
+        queues.adopt(opened)
         # Recovery's replay tables are garbage now, in pages below the recovered items.
         trim_started = time.perf_counter()
         if len(queues) and release_free_memory():

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -20,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from erq.journal.format import HEADER_SIZE, OP_ADD, RECORD_HEADER_SIZE
+import erq.journal.codec as journal_codec
+from erq.journal.format import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    OP_ADD,
+    RECORD_HEADER_SIZE,
+)
 
 from conftest import ROOT, ErqProcess, RawClient
 from durability_load import CONFIRMED, DRAINED, UNCERTAIN, Ledger, make_value, read_values
@@ -361,6 +370,62 @@ def test_damaged_middle_records_are_reported_skipped_and_every_later_record_reco
     server.kill()
     check = erq_tool(impl, "check", str(server.data_dir))
     assert check.returncode == 0 and "clean" in check.stdout, check
+
+
+def test_a_damaged_segment_header_costs_no_item_and_is_written_again(erq_factory, impl):
+    server = erq_factory()
+    values = [make_value(92, i) for i in range(20)]
+    client = server.client()
+    set_many(client, "q", values)
+    client.close()
+    server.kill()
+    [segment] = segment_files(server.data_dir / "q")
+    data = bytearray(segment.read_bytes())
+    header = bytes(data[:HEADER_SIZE])
+    data[20] ^= 0x01  # the id floor: the header's CRC no longer matches
+    segment.write_bytes(data)
+    check = erq_tool(impl, "check", str(server.data_dir))
+    assert check.returncode == 1 and f"{segment}: bad segment header (bad header CRC)" in (
+        check.stdout
+    ), check
+
+    log = start_logged(server)
+    [warning] = warnings_naming(log, str(segment))
+    assert "bad segment header (bad header CRC)" in warning, log
+    assert ready_counts(log) == [(len(values), sum(map(len, values)))], log
+    assert segment.read_bytes()[:HEADER_SIZE] == header  # written again as it was
+    client = server.client()
+    assert get_many(client, "q", 3) == values[:3]
+    set_many(client, "q", [b"after"])
+    client.close()
+    server.kill()
+    log = start_logged(server)
+    assert warnings_naming(log, ".seg") == [], log
+    client = server.client()
+    assert drain(client, "q") == [*values[3:], b"after"]
+    client.close()
+    server.kill()
+
+
+def test_a_journal_of_another_format_version_stops_the_start_in_one_line(erq_factory, impl):
+    server = erq_factory()
+    client = server.client()
+    set_many(client, "q", [b"kept"])
+    client.close()
+    server.kill()
+    [segment] = segment_files(server.data_dir / "q")
+    data = bytearray(segment.read_bytes())
+    head = HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION + 1, 0, 1, 0)  # sound, but not ours
+    data[:HEADER_SIZE] = head + struct.pack("<II", journal_codec.crc32c(head), 0)
+    segment.write_bytes(data)
+    server.start(wait=False)
+    assert server.proc.wait(30) == 1
+    log = server.read_log()
+    assert "Traceback" not in log, log
+    [error] = [line for line in log.splitlines() if " ERROR " in line]
+    assert f"cannot recover the journals: {segment}: format version {FORMAT_VERSION + 1}" in error
+    assert segment.read_bytes() == bytes(data)  # untouched: the erq that wrote it reads it
+    server.stop()
 
 
 # ---- 4. reads open at a crash -------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import struct
 
 import pytest
 from test_journal_support import (
@@ -16,8 +17,19 @@ from test_journal_support import (
     write_ops,
 )
 
+import erq.journal.codec as journal_codec
 from erq.journal import QueueJournal
-from erq.journal.format import OP_ADD, OP_CONFIRM, OP_OPEN, OP_REMOVE, OP_UNREMOVE
+from erq.journal.format import (
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    OP_ADD,
+    OP_CONFIRM,
+    OP_OPEN,
+    OP_REMOVE,
+    OP_UNREMOVE,
+)
+from erq.journal_api import JournalError
 
 SEGMENT = 4 * KiB  # the whole history fits in one small segment
 
@@ -177,32 +189,105 @@ def test_damage_makes_the_journal_ask_for_compaction_which_removes_it(history, t
     assert rec.warnings == [] and items == expected_after_restart(models(OPS[:4] + OPS[5:])[-1])
 
 
-def test_bad_segment_header_is_set_aside_with_a_warning(codec, tmp_path):
-    directory = tmp_path / "q"
+def _journal_of_segments(directory, n_items: int = 79, fill: bytes = b"r") -> list:
     journal, _ = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    for i in range(1, 80):
-        journal.add(i, 0, 0, 0, b"r" * 100)
+    for i in range(1, n_items + 1):
+        journal.add(i, 0, 0, 0, fill * 100)
     journal.close()
     files = segment_files(directory)
     assert len(files) >= 3
+    return files
+
+
+def _damage(path, offset: int, value: bytes) -> bytes:
+    """Overwrite bytes of ``path``; the header as it was."""
+    raw = bytearray(path.read_bytes())
+    header = bytes(raw[:HEADER_SIZE])
+    raw[offset : offset + len(value)] = value
+    path.write_bytes(raw)
+    return header
+
+
+def test_a_bad_segment_header_costs_no_record(codec, tmp_path):
+    # 32 bytes of a segment must not cost its records, which carry their own CRCs.
+    directory = tmp_path / "q"
+    files = _journal_of_segments(directory)
     victim = files[1]
-    raw = bytearray(victim.read_bytes())
-    raw[0:4] = b"XXXX"
-    victim.write_bytes(raw)
+    header = _damage(victim, 0, b"XXXX")
     journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    assert (
-        len(rec.warnings) == 1
-        and str(victim) in rec.warnings[0]
-        and "bad segment header" in rec.warnings[0]
-    )
-    assert (directory / (victim.name + ".damaged")).exists()
-    ids = [it.id for it in all_items(journal, rec)]
-    assert ids and 1 in ids and 79 in ids and len(ids) < 79  # the other segments survive
+    assert len(rec.warnings) == 1
+    assert rec.warnings[0].startswith(f"{victim}: bad segment header (bad magic")
+    assert f"kept in {victim.name}.header.damaged" in rec.warnings[0]
+    assert [it.id for it in all_items(journal, rec)] == list(range(1, 80))
+    assert journal.wants_compaction  # damage found: the journal is rewritten soon
     journal.add(1000, 0, 0, 0, b"new")
     journal.close()
+    assert victim.read_bytes()[:HEADER_SIZE] == header  # written again, as it was
+    assert (directory / (victim.name + ".header.damaged")).read_bytes()[:4] == b"XXXX"
     journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    assert rec.warnings == []  # set aside once, not reported again
-    assert [it.id for it in all_items(journal, rec)] == ids + [1000]
+    assert rec.warnings == []  # repaired once, not reported again
+    assert [it.id for it in all_items(journal, rec)] == [*range(1, 80), 1000]
+    journal.close()
+
+
+def test_a_bad_header_on_the_last_segment_costs_no_record_and_appends_go_on(codec, tmp_path):
+    directory = tmp_path / "q"
+    *_, last = _journal_of_segments(directory, fill=b"l")
+    raw = last.read_bytes()
+    _damage(last, 8, bytes([raw[8] ^ 0xFF]))  # the sequence number: the CRC no longer matches
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert len(rec.warnings) == 1 and "(bad header CRC)" in rec.warnings[0]
+    assert [it.id for it in all_items(journal, rec)] == list(range(1, 80))
+    journal.add(500, 0, 0, 0, b"after")
+    journal.close()
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert rec.warnings == [] and [it.id for it in all_items(journal, rec)] == [*range(1, 80), 500]
+    journal.close()
+
+
+def test_a_lost_id_floor_is_rebuilt_below_the_next_segments_ids(codec, tmp_path):
+    # release_head frees a prefix of segments once the next floor is at most the lowest
+    # live id; a floor rebuilt too high would free live items, too low would only wait.
+    directory = tmp_path / "q"
+    files = _journal_of_segments(directory)
+    floors = []
+    for path in files:
+        floors.append(int.from_bytes(path.read_bytes()[16:24], "little"))
+    _damage(files[1], 16, (10**9).to_bytes(8, "little"))  # the floor itself
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert len(rec.warnings) == 1
+    journal.close()
+    rebuilt = int.from_bytes(files[1].read_bytes()[16:24], "little")
+    assert rebuilt == floors[1]  # the first id it holds: one above every id before it
+
+
+def test_a_header_of_another_format_version_stops_recovery_and_changes_nothing(codec, tmp_path):
+    directory = tmp_path / "q"
+    files = _journal_of_segments(directory)
+    victim = files[1]
+    head = HEADER_STRUCT.pack(MAGIC, 2, 0, 2, 0)  # version 2, with a good CRC
+    _damage(victim, 0, head + struct.pack("<II", journal_codec.crc32c(head), 0))
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(JournalError, match="format version 2, this erq reads 1"):
+        QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_a_segment_too_short_for_a_record_or_named_for_another_is_set_aside(codec, tmp_path):
+    directory = tmp_path / "q"
+    files = _journal_of_segments(directory)
+    files[1].write_bytes(b"ERQJ\x01")  # shorter than a header
+    header = files[0].read_bytes()[:HEADER_SIZE]  # a sound header naming segment 1
+    _damage(files[2], 0, header)
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert rec.warnings == [
+        f"{files[1]}: bad segment header (5 bytes, shorter than a header; 5 bytes, no room "
+        f"for a record), file set aside as {files[1].name}.damaged",
+        f"{files[2]}: bad segment header (header names segment 1), file set aside as "
+        f"{files[2].name}.damaged",
+    ]
+    ids = [it.id for it in all_items(journal, rec)]
+    assert ids and ids[0] == 1 and len(ids) < 79
     journal.close()
 
 
@@ -251,24 +336,3 @@ def test_a_good_record_between_two_damaged_ones_is_kept(history, tmp_path):
         f"{path}: bad CRC at offset {spans[4][0]}, record skipped ({spans[4][1] - spans[4][0]} bytes)",
         f"{path}: bad CRC at offset {spans[6][0]}, record skipped ({spans[6][1] - spans[6][0]} bytes)",
     ]
-
-
-def test_bad_header_on_the_last_segment_leaves_the_others_and_appends_go_on(codec, tmp_path):
-    directory = tmp_path / "q"
-    journal, _ = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    for i in range(1, 80):
-        journal.add(i, 0, 0, 0, b"l" * 100)
-    journal.close()
-    *_, last = segment_files(directory)
-    raw = bytearray(last.read_bytes())
-    raw[8] ^= 0xFF  # inside the sequence number: the header CRC no longer matches
-    last.write_bytes(raw)
-    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    assert len(rec.warnings) == 1 and "bad header CRC" in rec.warnings[0]
-    ids = [it.id for it in all_items(journal, rec)]
-    assert ids == list(range(1, len(ids) + 1)) and len(ids) < 79
-    journal.add(500, 0, 0, 0, b"after")
-    journal.close()
-    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
-    assert rec.warnings == [] and [it.id for it in all_items(journal, rec)] == ids + [500]
-    journal.close()

@@ -87,6 +87,33 @@ def test_check_reports_each_damaged_record_with_file_and_offset(data_dir):
     assert tool.dump(data_dir / "jobs", io.StringIO()) == 1
 
 
+def test_check_and_dump_read_the_records_behind_a_bad_header_and_see_its_repair(data_dir):
+    first, second, *_ = segment_files(data_dir / "jobs")
+    raw = bytearray(second.read_bytes())
+    raw[0:4] = b"XXXX"
+    second.write_bytes(raw)
+    out = io.StringIO()
+    assert tool.dump(data_dir / "jobs", out) == 1
+    dumped = out.getvalue()
+    assert f"{second}: bad segment header (bad magic b'XXXX')" in dumped
+    records = [line for line in dumped.splitlines() if not line.startswith(("#", "/"))]
+    assert len(records) == 100 + 90 + 1 + 1 + 1  # every record still read
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1
+    assert "1 problem(s)" in out.getvalue()
+    journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never", segment_size=8 * KiB)
+    assert len(rec.warnings) == 1 and [it.id for it in all_items(journal, rec)] == [91, 101]
+    journal.close()
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1  # the kept header says damage happened
+    assert (
+        f"{second}.header.damaged: a damaged header, replaced by recovery and kept here"
+        in out.getvalue()
+    )
+    (data_dir / "jobs" / f"{second.name}.header.damaged").unlink()
+    assert tool.check(data_dir, io.StringIO()) == 0
+
+
 def test_pack_compacts_every_queue_and_keeps_their_items(data_dir):
     journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never", segment_size=8 * KiB)
     before_items = all_items(journal, rec)

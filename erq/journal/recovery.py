@@ -35,6 +35,7 @@ from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
+from ..journal_api import JournalError
 from . import codec
 from .diskitems import DiskItems, low_halves
 from .format import (
@@ -47,7 +48,7 @@ from .format import (
     REC_VALID,
     parse_segment_name,
 )
-from .segment import Segment, SegmentHeaderError
+from .segment import Segment, SegmentHeaderError, SegmentVersionError
 
 log = logging.getLogger("erq.journal")
 
@@ -57,6 +58,7 @@ _POS_MASK = (1 << _POS_SHIFT) - 1
 _DROP_BYTES = 4 << 20  # bytes read through a mapping between two drops of its pages
 LEFTOVER_SUFFIXES = (".seg.new", ".seg.tmp")  # interrupted creation or compaction
 DAMAGED_SUFFIX = ".damaged"
+HEADER_SUFFIX = ".header" + DAMAGED_SUFFIX  # a damaged header, kept beside its segment
 
 
 class RecoveredItem(NamedTuple):
@@ -224,19 +226,41 @@ def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int]:
     return found, max_seq
 
 
-def _open_segments(found: list[tuple[int, Path]], warnings: list[str]) -> list[Segment]:
+def _open_segments(
+    found: list[tuple[int, Path]], warnings: list[str]
+) -> tuple[list[Segment], dict[Segment, bytes]]:
+    """The segments replay reads, the last one writable, and the damaged headers among them
+    (each with its bytes as found): such a segment's records are read all the same (a bit
+    flip in 32 bytes must not cost a whole segment's items), as a plain segment numbered by
+    its file name, and ``_replay`` gives it a header again."""
     segments: list[Segment] = []
+    damaged: dict[Segment, bytes] = {}
     for seq, path in found:
         try:
             seg = Segment.open(path, writable=False)
-            if seg.seq != seq:
+            if seg.seq != seq:  # a sound header that names another file: not bit damage
                 seg.close()
-                raise SegmentHeaderError(f"header names segment {seg.seq}")
-        except SegmentHeaderError as exc:
-            aside = path.with_name(path.name + DAMAGED_SUFFIX)
-            os.rename(path, aside)
-            warnings.append(f"{path}: bad segment header ({exc}), file set aside as {aside.name}")
+                raise _Misplaced(f"header names segment {seg.seq}")
+        except SegmentVersionError as exc:
+            raise JournalError(
+                f"{path}: {exc}; start the erq that wrote this journal (this one neither "
+                "reads nor changes it)"
+            ) from None
+        except _Misplaced as exc:
+            _set_aside(path, str(exc), warnings)
             continue
+        except SegmentHeaderError as exc:
+            try:
+                seg = Segment.open_damaged(path, seq, writable=False)
+            except SegmentHeaderError as short:
+                _set_aside(path, f"{exc}; {short}", warnings)
+                continue
+            damaged[seg] = bytes(seg.mm[:HEADER_SIZE])
+            warnings.append(
+                f"{path}: bad segment header ({exc}); its records are read as those of "
+                f"segment {seq} (its file name) and the header is written again, the damaged "
+                f"one kept in {path.name}{HEADER_SUFFIX}"
+            )
         segments.append(seg)
     # A snapshot holds the whole state as of its creation: older segments are superseded
     # (left over when compaction was interrupted after its rename).
@@ -245,13 +269,39 @@ def _open_segments(found: list[tuple[int, Path]], warnings: list[str]) -> list[S
             for old in segments[:i]:
                 old.close()
                 os.unlink(old.path)
+                damaged.pop(old, None)
             segments = segments[i:]
             break
     if segments:  # the last one takes new appends (and a torn tail is zeroed in it)
         last = segments[-1]
         last.close()
-        segments[-1] = Segment.open(last.path, writable=True)
-    return segments
+        if last in damaged:
+            reopened = Segment.open_damaged(last.path, last.seq, writable=True)
+            damaged[reopened] = damaged.pop(last)
+        else:
+            reopened = Segment.open(last.path, writable=True)
+        segments[-1] = reopened
+    return segments, damaged
+
+
+class _Misplaced(SegmentHeaderError):
+    pass
+
+
+def _set_aside(path: Path, why: str, warnings: list[str]) -> None:
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    os.rename(path, aside)
+    warnings.append(f"{path}: bad segment header ({why}), file set aside as {aside.name}")
+
+
+def _repair_header(seg: Segment, found: bytes, warnings: list[str]) -> None:
+    """Keep the damaged header beside the segment, then write the segment's own."""
+    try:
+        with open(seg.path.with_name(seg.path.name + HEADER_SUFFIX), "wb") as kept:
+            kept.write(found)
+        seg.rewrite_header()
+    except OSError as exc:  # read-only or full disk: the next start reads it the same way
+        warnings.append(f"{seg.path}: cannot write its header again: {exc.strerror or exc}")
 
 
 def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> ReplayResult:
@@ -260,9 +310,9 @@ def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> Rep
     (what the queue holding it spends on it: the same budget as while it runs)."""
     warnings: list[str] = []
     found, max_seq = _list_directory(directory)
-    segments = _open_segments(found, warnings)
+    segments, damaged_headers = _open_segments(found, warnings)
     try:
-        return _replay(segments, warnings, max_seq, max_memory_size, item_overhead)
+        return _replay(segments, damaged_headers, warnings, max_seq, max_memory_size, item_overhead)
     except BaseException:
         for seg in segments:
             seg.close()
@@ -271,6 +321,7 @@ def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> Rep
 
 def _replay(
     segments: list[Segment],
+    damaged_headers: dict[Segment, bytes],
     warnings: list[str],
     max_seq: int,
     max_memory_size: int,
@@ -281,9 +332,13 @@ def _replay(
     opened: dict[int, int] = {}  # open reads in OPEN order
     max_id = 0
     id_floor = 1
-    damaged = False
+    damaged = bool(damaged_headers)
     last = len(segments) - 1
     for index, seg in enumerate(segments):
+        if seg in damaged_headers:
+            # Its floor was lost: the lowest that is above every id before it keeps release
+            # sound (it frees a prefix only once the next floor is at most the lowest live id).
+            seg.id_floor = max(id_floor, max_id + 1)
         id_floor = max(id_floor, seg.id_floor)
         duplicates: list[int] = []
 
@@ -319,6 +374,8 @@ def _replay(
             seg.zero(scan.end)
         seg.used = scan.end
         seg.drop_pages()  # the scan read every page: give them back to the page cache
+        if seg in damaged_headers:
+            _repair_header(seg, damaged_headers[seg], warnings)
 
     open_ids = list(opened)
     front = [*opened.values(), *reversed(head.values())]  # a few: open and unremoved reads

@@ -25,6 +25,10 @@ class SegmentHeaderError(Exception):
     """The file does not start with a valid segment header."""
 
 
+class SegmentVersionError(SegmentHeaderError):
+    """A sound header of another format version: a journal this erq must not read or change."""
+
+
 def encode_header(seq: int, flags: int, id_floor: int) -> bytes:
     head = HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION, flags, seq, id_floor)
     return head + _HEADER_TAIL.pack(codec.crc32c(head), 0)
@@ -41,7 +45,7 @@ def decode_header(data: bytes) -> tuple[int, int, int]:
     if _HEADER_TAIL.unpack_from(data, HEADER_STRUCT.size)[0] != codec.crc32c(head):
         raise SegmentHeaderError("bad header CRC")
     if version != FORMAT_VERSION:
-        raise SegmentHeaderError(f"format version {version}, this erq reads {FORMAT_VERSION}")
+        raise SegmentVersionError(f"format version {version}, this erq reads {FORMAT_VERSION}")
     return flags, seq, id_floor
 
 
@@ -178,6 +182,32 @@ class Segment:
             os.close(fd)
             raise
         return cls(path, seq, flags, id_floor, fd, mm)
+
+    @classmethod
+    def open_damaged(cls, path: Path, seq: int, *, writable: bool) -> Segment:
+        """Map a segment whose header is damaged as plain segment ``seq`` (its file name's):
+        its records carry their own CRCs. ``id_floor`` is 0 until the caller knows better.
+        SegmentHeaderError if the file is too short to hold any record."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= HEADER_SIZE:
+                raise SegmentHeaderError(f"{size} bytes, no room for a record")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, seq, 0, 0, fd, mm)
+
+    def rewrite_header(self) -> None:
+        """Write this segment's header from its fields and sync it (raises OSError)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, encode_header(self.seq, self.flags, self.id_floor), 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def zero(self, start: int) -> None:
         """Zero every non-zero byte from ``start`` to the end (a truncated tail)."""

@@ -22,8 +22,8 @@ from .format import (
     parse_segment_name,
 )
 from .journal import QueueJournal
-from .recovery import DAMAGED_SUFFIX, SegmentScan
-from .segment import Segment, SegmentHeaderError
+from .recovery import DAMAGED_SUFFIX, HEADER_SUFFIX, SegmentScan
+from .segment import Segment, SegmentHeaderError, SegmentVersionError
 
 _REPR_BYTES = 32
 
@@ -58,13 +58,26 @@ def _live_from(segments: list[Segment]) -> int:
 
 
 def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
+    """Every segment mapped, one with a damaged header as recovery reads it (a plain segment
+    numbered by its file name), and the number of bad headers (each reported)."""
     segments, bad = [], 0
     for path in paths:
         try:
             segments.append(Segment.open(path, writable=False))
+            continue
+        except SegmentVersionError as exc:
+            out.write(f"{path}: {exc}: not read\n")
+            bad += 1
+            continue
         except SegmentHeaderError as exc:
             out.write(f"{path}: bad segment header ({exc})\n")
             bad += 1
+        try:
+            segments.append(
+                Segment.open_damaged(path, parse_segment_name(path.name), writable=False)
+            )
+        except SegmentHeaderError:
+            pass  # no room for a record: nothing more to say
     return segments, bad
 
 
@@ -145,7 +158,10 @@ def check(data_dir: str | os.PathLike, out: TextIO) -> int:
     queues = _queue_dirs(root)
     for directory in queues:
         for path in directory.iterdir():
-            if path.name.endswith(DAMAGED_SUFFIX):
+            if path.name.endswith(HEADER_SUFFIX):
+                out.write(f"{path}: a damaged header, replaced by recovery and kept here\n")
+                problems += 1
+            elif path.name.endswith(DAMAGED_SUFFIX):
                 out.write(f"{path}: segment set aside by recovery (bad header)\n")
                 problems += 1
         segments, bad = _open_all(_segment_paths(directory), out)
