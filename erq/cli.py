@@ -1,5 +1,5 @@
 """Command line: ``erq serve`` (the default), ``erq stats``, ``erq journal dump|check|pack``,
-``erq bench``."""
+``erq example-config``, ``erq bench``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument(
         "data_dir"
     )
+    sub.add_parser(
+        "example-config",
+        help="print a configuration file with every setting at its default, each explained",
+    )
     # Listed here for ``erq --help``; its options are parsed by erq.bench, which main() imports
     # only for it (the server does not carry the load generator's modules).
     sub.add_parser(
@@ -105,6 +109,14 @@ def _stats(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _example_config() -> int:
+    """The example file travels in the package: a wheel's users have no checkout to copy it from."""
+    from importlib.resources import files
+
+    sys.stdout.write(files(__package__).joinpath("example.toml").read_text(encoding="utf-8"))
+    return 0
+
+
 def _journal(ns: argparse.Namespace) -> int:
     from .journal import tool
 
@@ -140,4 +152,6 @@ def _main(argv: list[str] | None) -> int:
         return _stats(ns)
     if ns.command == "journal":
         return _journal(ns)
+    if ns.command == "example-config":
+        return _example_config()
     return _serve(ns)

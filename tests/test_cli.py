@@ -55,3 +55,14 @@ def test_journal_dump_into_a_closed_pipe_ends_quietly(erq_factory, impl):
     dump.stdout.close()  # as `| head -1` does
     assert dump.wait(60) == 0
     assert dump.stderr.read() == b""
+
+
+def test_example_config_prints_the_shipped_file_which_starts_a_server(erq_factory, impl):
+    done = erq("example-config", impl=impl, capture_output=True)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout == (ROOT / "erq" / "example.toml").read_text(encoding="utf-8")
+    server = erq_factory(config=done.stdout)  # the copy a wheel's user gets is a valid file
+    c = server.client()
+    c.send(b"set q 0 0 2\r\nok\r\n")
+    assert c.line() == b"STORED\r\n"
+    c.close()

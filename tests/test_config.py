@@ -22,7 +22,7 @@ from erq.config import (
     parse_size,
 )
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "erq.example.toml"
+EXAMPLE = Path(__file__).resolve().parent.parent / "erq" / "example.toml"
 
 
 def write(tmp_path: Path, text: str, name: str = "erq.toml") -> str:

@@ -1,6 +1,6 @@
 """The server with a configuration file (PROTOCOL.md section 7): the file's [server] and
 [queues.*] tables, ``ERQ_*`` variables and command-line flags over it, start-up refusal of a bad
-file, ``reload`` and SIGHUP, and the shipped ``erq.example.toml``, for both implementations.
+file, ``reload`` and SIGHUP, and the shipped ``erq/example.toml``, for both implementations.
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def test_reload_reports_host_port_and_data_dir_changes_as_needing_a_restart(bare
 
 
 def test_example_config_starts_a_server_with_the_default_settings(erq_factory):
-    text = (ROOT / "erq.example.toml").read_text()
+    text = (ROOT / "erq" / "example.toml").read_text()
     proc = erq_factory(config=text)  # the fixture's --port/--data-dir/--admin-port win
     c = proc.client()
     assert c.set("jobs", b"x") == STORED

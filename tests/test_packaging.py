@@ -83,6 +83,7 @@ def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
         ), names
     assert "erq/_parser_py.py" in names and "erq/journal/_codec_py.py" in names
     assert "erq/journal/_fsync_py.py" in names
+    assert "erq/example.toml" in names  # for `erq example-config`
     for module in COMPILED_TWINS:  # the pure source of each compiled twin ships too
         assert f"erq/{module}_py.py" in names, names
 
@@ -116,7 +117,7 @@ def test_the_source_distribution_carries_the_example_config_and_a_runnable_suite
     with tarfile.open(sdist) as tf:
         names = {name.split("/", 1)[1] for name in tf.getnames() if "/" in name}
     for wanted in (
-        "erq.example.toml",
+        "erq/example.toml",
         "tests/conftest.py",
         "tests/support.py",
         "tests/protocol_driver.py",
