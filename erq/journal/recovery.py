@@ -226,6 +226,10 @@ def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int]:
     return found, max_seq
 
 
+class _Misplaced(SegmentHeaderError):
+    """A sound header that names another segment than its file name: a misplaced file."""
+
+
 def _open_segments(
     found: list[tuple[int, Path]], warnings: list[str]
 ) -> tuple[list[Segment], dict[Segment, bytes]]:
@@ -282,10 +286,6 @@ def _open_segments(
             reopened = Segment.open(last.path, writable=True)
         segments[-1] = reopened
     return segments, damaged
-
-
-class _Misplaced(SegmentHeaderError):
-    pass
 
 
 def _set_aside(path: Path, why: str, warnings: list[str]) -> None:
