@@ -92,6 +92,18 @@ def test_pymemcache_blocking_get_is_woken_by_a_set(server):
     mc.close()
 
 
+def test_pymemcache_with_noreply_false_learns_a_full_queue_refused_the_item(erq_factory):
+    # The README's worker sets with noreply=False: the default reads no answer at all.
+    server = erq_factory(config="[queues.default]\nmax_items = 1\n")
+    mc = pymemcache_client(server)
+    assert mc.set("jobs", b"resize photo 17", noreply=False) is True  # STORED: journaled
+    assert mc.set("jobs", b"one too many", noreply=False) is False  # NOT_STORED: full
+    assert mc.set("jobs", b"unseen refusal") is True  # noreply: True whatever happened
+    assert mc.get("jobs/t=1000/close/open") == b"resize photo 17"
+    assert mc.get("jobs/t=100/close/open") is None
+    mc.close()
+
+
 # ---- libmemcached-tools ----------------------------------------------------------------------------------
 def memc_tool(name: str) -> str:
     path = shutil.which(name)
