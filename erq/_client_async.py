@@ -4,6 +4,10 @@ It speaks the few memcache text commands it needs itself, on asyncio streams (no
 dependency): ``set`` and single-key ``get`` with exact byte counts. Unlike pymemcache it keeps a
 connection open after a ``SERVER_ERROR`` (the server does too), so a QUIESCENT server's refusal
 does not abort the reads this client still holds there.
+
+Cancelling a call (``asyncio.wait_for``, ``Task.cancel``) closes the connection it was using,
+whose state is then unknown: when that was a server's reliable connection, the reads this client
+held open there go back to that server's queue (their state turns to "lost").
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from erq.client import (
     check_queue_name,
     oldest_check,
     parse_server,
+    peer_closed,
+    server_list,
     status_refusal,
 )
 
@@ -66,6 +72,16 @@ class _Connection:
             self.reader = self.writer = None
             if self.reliable:
                 self.node.lose_open()
+
+    def drop_if_closed(self) -> bool:
+        """See ``erq.client._Connection.drop_if_closed``."""
+        writer = self.writer
+        if writer is not None and (
+            writer.is_closing() or peer_closed(writer.get_extra_info("socket"))
+        ):
+            self.close()
+            return True
+        return False
 
     async def _request(self, data: bytes, wait_s: float) -> bytes:
         """Send ``data``, return the first reply line (without CRLF). Anything but a finished
@@ -116,10 +132,12 @@ class _Connection:
         if line.startswith(b"SERVER_ERROR"):
             raise _Refused(line)
         parts = line.split(b" ")
+        raw_key = key.encode("ascii")
         if (
             len(parts) != 4
             or parts[0] != b"VALUE"
-            or parts[1] != key.encode("ascii")
+            # Kestrel's wire mode names the bare queue, not the key with its options.
+            or parts[1] not in (raw_key, raw_key.split(b"/", 1)[0])
             or not (parts[2].isdigit() and parts[3].isdigit())
         ):
             raise self._fail(f"get {key}", line)
@@ -161,7 +179,7 @@ class AsyncClient(_ClientCore):
 
     def __init__(
         self,
-        servers: Sequence[ServerSpec],
+        servers: Sequence[ServerSpec] | ServerSpec,
         *,
         write_policy: WritePolicy = "random",
         connect_timeout: float = 1.0,
@@ -169,9 +187,9 @@ class AsyncClient(_ClientCore):
         retry_after: float = 5.0,
         seed: int | None = None,
     ) -> None:
-        if isinstance(servers, str):
-            servers = [servers]
-        nodes = [_AsyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
+        nodes = [
+            _AsyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)
+        ]
         super().__init__(nodes, write_policy, retry_after, seed)
 
     async def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
@@ -179,6 +197,7 @@ class AsyncClient(_ClientCore):
         check_queue_name(queue)
         pool = self._pool
         for node in pool.write_order():
+            node.plain.drop_if_closed()
             try:
                 stored = await node.plain.set(queue, bytes(data), int(expiry), int(flags))
             except _CONNECTION_ERRORS:
@@ -205,7 +224,7 @@ class AsyncClient(_ClientCore):
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:
-                found = await self._fetch_one(node, queue + "/close/open", 0, reliable=True)
+                found = await self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
                 item = self._chained(queue, confirm, node, found)
                 if item is not None:
                     return item
@@ -224,23 +243,33 @@ class AsyncClient(_ClientCore):
         items = oldest_check(item, AsyncItem)
         if items is None:
             return False
-        found = await self._fetch_one(item._node, item.queue + option, 0, reliable=True)
+        found = await self._fetch_one(item._node, item.queue + option, 0, True, acts=True)
         return self._finished(item, items, option, state, found)
 
     async def _fetch(
         self, queue: str, options: str, timeout_ms: int | None, reliable: bool
     ) -> tuple[_AsyncNode, tuple[bytes, int]] | None:
         check_queue_name(queue)
-        for index, node, key, wait_ms in self._read_plan(queue, options, timeout_ms):
-            found = await self._fetch_one(node, key, wait_ms, reliable)
-            if self._landed(queue, index, found):
-                return node, found
-        return None
+        steps = self._fetch_steps(queue, options, timeout_ms)
+        done: object = None
+        try:
+            while True:
+                step = steps.send(done)
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    done = None
+                else:
+                    done = await self._fetch_one(*step, reliable)
+        except StopIteration as stop:
+            return stop.value
 
     async def _fetch_one(
-        self, node: _AsyncNode, key: str, wait_ms: int | None, reliable: bool
+        self, node: _AsyncNode, key: str, wait_ms: int | None, reliable: bool, acts: bool = False
     ) -> tuple[bytes, int] | str:
+        """See ``Client._fetch_one``."""
         conn = node.reliable if reliable else node.plain
+        if conn.drop_if_closed() and acts:  # close() forgot the connection's open reads
+            return _FAILED
         try:
             found = await conn.get(key, (wait_ms or 0) / 1000.0)
         except _CONNECTION_ERRORS:

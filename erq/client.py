@@ -12,9 +12,21 @@ for reliable reads so that a plain ``get`` of the same queue can never abort the
 
 Failures: a server that cannot be reached is skipped for ``retry_after`` seconds; a server that
 refuses writes (``READONLY``, ``QUIESCENT``) or reads (``QUIESCENT``) is skipped for that long for
-those. Only replies that mean a bug or a misuse (``CLIENT_ERROR``, ``ERROR``, garbage) raise, as
+those. A connection the server closed while it was idle (a restart, its ``client_timeout``) is
+noticed before it is used and opened again. A blocking read (``timeout_ms``) lasts its wait even
+while every server is skipped, retrying those whose time is up, so a consumer's loop never spins.
+Only replies that mean a bug or a misuse (``CLIENT_ERROR``, ``ERROR``, garbage) raise, as
 ``ErqError``. Delivery is at least once: a reliable read that was open on a connection that broke
-goes back to its server's queue, and its ``confirm()``/``abort()`` return False.
+goes back to its server's queue, and its ``confirm()``/``abort()`` return False. False means the
+outcome is unknown, not that the item will come again: when no reply came in time, a hung server
+may still have confirmed it when it woke up.
+
+A server's ``open_timeout`` takes a read back without telling its client, and the protocol's
+``/close`` confirms the connection's oldest open read, whichever that is now: confirm well within
+that time, or the confirmation lands on a later read.
+
+Servers in Kestrel's wire mode (``--compat kestrel``, and Kestrel itself) name the bare queue in
+their ``VALUE`` lines; both clients take that as the answer to the key they sent.
 
 pymemcache drops its connection on any ``SERVER_ERROR``: when ``Client.get_reliable`` is refused
 by a QUIESCENT server, the other reads this client held open there go back to that server's
@@ -28,9 +40,10 @@ it at the same time): give each worker its own.
 from __future__ import annotations
 
 import random
+import select
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pymemcache.client.base import Client as _MemcacheClient
@@ -76,10 +89,33 @@ def parse_server(spec: ServerSpec) -> Address:
     if isinstance(spec, tuple):
         host, port = spec
         return str(host), int(port)
+    if spec.startswith("[") and "]" in spec:  # "[::1]:22133" or "[::1]"
+        host, _, rest = spec[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
+    if spec.count(":") > 1:  # a bare IPv6 address: its colons are not a port
+        return spec, DEFAULT_PORT
     host, sep, port = spec.rpartition(":")
     if not sep:
         return spec, DEFAULT_PORT
-    return host.strip("[]"), int(port)
+    return host, int(port)
+
+
+def server_list(servers: Sequence[ServerSpec] | ServerSpec) -> list[ServerSpec]:
+    """One server given alone (``"host:port"`` or ``(host, port)``) or a sequence of them."""
+    if isinstance(servers, str) or (
+        isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int)
+    ):
+        return [servers]
+    return list(servers)
+
+
+def peer_closed(sock: Any) -> bool:
+    """Whether an idle connection's server has closed it: the protocol never sends unasked,
+    so an idle socket that reads as ready holds an end of stream (or a reset)."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us: as good as closed by the server
+        return True
 
 
 def check_queue_name(queue: str) -> bytes:
@@ -111,6 +147,9 @@ class _Node:
             for item in items:
                 item.state = LOST
         self.open.clear()
+
+
+_MIN_PAUSE = 0.05  # a blocking read retries a server that refused it without back-off this often
 
 
 class _Pool:
@@ -161,6 +200,17 @@ class _Pool:
             if node.down_until <= now and node.no_reads_until <= now:
                 order.append((start + i) % n)
         return order
+
+    def pause_before_retry(self, deadline: float) -> float | None:
+        """How long a blocking read that found no server to wait on sleeps before it tries
+        again: until the first one leaves back-off, at most until ``deadline``; None once the
+        time is up."""
+        now = time.monotonic()
+        left = deadline - now
+        if left < 0.001:
+            return None
+        back = min(max(n.down_until, n.no_reads_until) for n in self.nodes)
+        return max(min(_MIN_PAUSE, left), min(deadline, back) - now)
 
     def stick(self, queue: str, index: int) -> None:
         self.cursor[queue] = index
@@ -229,8 +279,9 @@ class Item(_ItemBase):
     __slots__ = ()
 
     def confirm(self) -> bool:
-        """Confirm on the server that handed it out; False when that connection broke (the
-        server has put the item back, so it will be delivered again)."""
+        """Confirm on the server that handed it out. False when the outcome is unknown: the
+        connection broke (the server puts back a read it still held, which may then be
+        delivered again) or no reply came in time (a hung server may yet confirm it)."""
         return self._client.confirm(self)
 
     def abort(self) -> bool:
@@ -254,6 +305,24 @@ class _Connection(_MemcacheClient):
 
     def check_key(self, key: Any, key_prefix: bytes) -> bytes:
         return key.encode("ascii") if isinstance(key, str) else bytes(key)
+
+    def drop_if_closed(self) -> bool:
+        """Close the socket if the server has closed its end (a restart, ``client_timeout``):
+        an idle connection is never readable otherwise, and a request sent on a dead one
+        would count as the server failing. The next request connects again."""
+        if self.sock is not None and peer_closed(self.sock):
+            self.close()
+            return True
+        return False
+
+    def _extract_value(self, expect_cas, line, buf, remapped_keys, prefixed_keys):  # noqa: ANN001
+        # Kestrel's wire mode names the bare queue, not the key with its options.
+        parts = line.split(b" ", 2)
+        if len(parts) > 1 and parts[1] not in remapped_keys:
+            bare = {k.split(b"/", 1)[0]: v for k, v in remapped_keys.items()}
+            if parts[1] in bare:
+                remapped_keys = {**remapped_keys, parts[1]: bare[parts[1]]}
+        return super()._extract_value(expect_cas, line, buf, remapped_keys, prefixed_keys)
 
 
 # A connection that failed or broke; pymemcache has closed its socket.
@@ -318,20 +387,45 @@ class _ClientCore:
         return [node.address for node in self._pool.nodes]
 
     def _read_plan(
-        self, queue: str, options: str, timeout_ms: int | None
+        self, queue: str, options: str, deadline: float | None
     ) -> Iterator[tuple[int, Any, str, int]]:
         """The reads of one sticky fetch, as (server index, node, key, wait in ms): every
-        readable server once from the sticky one, then (``timeout_ms``) one blocking read on
-        the server the cursor moved to. Lazy: each step sees where the previous ones left
-        the cursor (``_landed``)."""
+        readable server once from the sticky one, then (a ``deadline``, monotonic) one
+        blocking read on the server the cursor moved to, for the time left. Lazy: each step
+        sees where the previous ones left the cursor (``_landed``)."""
         pool = self._pool
         for index in pool.read_order(queue):
             yield index, pool.nodes[index], queue + options, 0
-        if timeout_ms:
+        if deadline is not None:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
             order = pool.read_order(queue)
-            if order:
+            if order and wait_ms > 0:
                 index = order[0]
-                yield index, pool.nodes[index], f"{queue}/t={int(timeout_ms)}{options}", timeout_ms
+                yield index, pool.nodes[index], f"{queue}/t={wait_ms}{options}", wait_ms
+
+    def _fetch_steps(
+        self, queue: str, options: str, timeout_ms: int | None
+    ) -> Generator[tuple[Any, str, int] | float, object, tuple[Any, tuple[bytes, int]] | None]:
+        """A sticky read without its I/O, driven by each client's ``_fetch``: it yields
+        ``(node, key, wait_ms)`` for a get, to be sent back what ``_fetch_one`` found, or a
+        pause in seconds to sleep; it returns the node that had an item and the item, or None.
+        With ``timeout_ms`` the rounds of reads (``_read_plan``) go on until a server waited
+        out the rest of it or the time is up: while every server is in back-off, it sleeps
+        until the first one leaves it."""
+        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else None
+        while True:
+            waited = False
+            for index, node, key, wait_ms in self._read_plan(queue, options, deadline):
+                found = yield node, key, wait_ms
+                if self._landed(queue, index, found):
+                    return node, found
+                waited = waited or (wait_ms > 0 and found == _EMPTY)
+            if deadline is None or waited:
+                return None
+            pause = self._pool.pause_before_retry(deadline)
+            if pause is None:
+                return None
+            yield pause
 
     def _landed(self, queue: str, index: int, found: object) -> bool:
         """After one read of the plan: stick to the server that had an item, else move on."""
@@ -389,7 +483,7 @@ class Client(_ClientCore):
 
     def __init__(
         self,
-        servers: Sequence[ServerSpec],
+        servers: Sequence[ServerSpec] | ServerSpec,
         *,
         write_policy: WritePolicy = "random",
         connect_timeout: float = 1.0,
@@ -400,9 +494,7 @@ class Client(_ClientCore):
         """``timeout`` bounds each reply (a blocking read adds its own wait to it);
         ``retry_after`` is how long a server that failed or refused is skipped; ``seed`` makes
         the random write policy repeatable."""
-        if isinstance(servers, str):
-            servers = [servers]
-        nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in servers]
+        nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)]
         super().__init__(nodes, write_policy, retry_after, seed)
         self._timeout = timeout
 
@@ -413,12 +505,13 @@ class Client(_ClientCore):
         server failed or refused. A write whose reply was lost may have been stored there and
         is tried elsewhere too: delivery is at least once."""
         check_queue_name(queue)
+        data = bytes(data)  # pymemcache would store str() of a bytearray or memoryview
         pool = self._pool
         for node in pool.write_order():
+            conn = node.conn(False)
+            conn.drop_if_closed()
             try:
-                stored = node.conn(False).set(
-                    queue, data, expire=expiry, noreply=False, flags=flags
-                )
+                stored = conn.set(queue, data, expire=expiry, noreply=False, flags=flags)
             except _CONNECTION_ERRORS:
                 pool.mark_down(node)
                 continue
@@ -428,6 +521,9 @@ class Client(_ClientCore):
                 continue
             except MemcacheError as exc:
                 raise ErqError(f"set {queue} on {node.address}: {exc!r}") from exc
+            except BaseException:  # interrupted: its reply would be read as the next one's
+                conn.close()
+                raise
             if stored:
                 return True
             # NOT_STORED: this server's queue is full or its item limit is lower; try another.
@@ -458,7 +554,7 @@ class Client(_ClientCore):
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:
-                found = self._fetch_one(node, queue + "/close/open", 0, reliable=True)
+                found = self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
                 item = self._chained(queue, confirm, node, found)
                 if item is not None:
                     return item
@@ -477,7 +573,7 @@ class Client(_ClientCore):
         items = oldest_check(item, Item)
         if items is None:
             return False
-        found = self._fetch_one(item._node, item.queue + option, 0, reliable=True)
+        found = self._fetch_one(item._node, item.queue + option, 0, True, acts=True)
         return self._finished(item, items, option, state, found)
 
     def _fetch(
@@ -485,17 +581,30 @@ class Client(_ClientCore):
     ) -> tuple[_SyncNode, tuple[bytes, int]] | None:
         """Sticky read (``_read_plan``): the node that had an item and the item, or None."""
         check_queue_name(queue)
-        for index, node, key, wait_ms in self._read_plan(queue, options, timeout_ms):
-            found = self._fetch_one(node, key, wait_ms, reliable)
-            if self._landed(queue, index, found):
-                return node, found
-        return None
+        steps = self._fetch_steps(queue, options, timeout_ms)
+        done: object = None
+        try:
+            while True:
+                step = steps.send(done)
+                if isinstance(step, float):
+                    time.sleep(step)
+                    done = None
+                else:
+                    done = self._fetch_one(*step, reliable)
+        except StopIteration as stop:
+            return stop.value
 
     def _fetch_one(
-        self, node: _SyncNode, key: str, wait_ms: int | None, reliable: bool
+        self, node: _SyncNode, key: str, wait_ms: int | None, reliable: bool, acts: bool = False
     ) -> tuple[bytes, int] | str:
-        """One single-key get: ``(data, flags)``, ``_EMPTY``, ``_FAILED`` or ``_REFUSED``."""
+        """One single-key get: ``(data, flags)``, ``_EMPTY``, ``_FAILED`` or ``_REFUSED``.
+        ``acts``: it closes or aborts a read open on the reliable connection, so it is not
+        sent on a new one (the reads were lost with the old one)."""
         conn = node.conn(reliable)
+        if conn.drop_if_closed() and reliable:
+            node.lose_open()
+            if acts:
+                return _FAILED
         if wait_ms:  # the reply may take the whole wait: widen the socket timeout for it
             conn.timeout = self._timeout + wait_ms / 1000.0
             if conn.sock is not None:
@@ -509,8 +618,11 @@ class Client(_ClientCore):
             if status_refusal(exc):
                 self._pool.mark_no_reads(node)
             return _REFUSED
-        except MemcacheError as exc:
+        except (MemcacheError, KeyError, ValueError) as exc:  # pymemcache closed the socket
             raise ErqError(f"get {key} on {node.address}: {exc!r}") from exc
+        except BaseException:  # interrupted: its reply would be read as the next one's
+            conn.close()
+            raise
         finally:
             if wait_ms:
                 conn.timeout = self._timeout

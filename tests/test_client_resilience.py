@@ -1,0 +1,234 @@
+"""``Client`` and ``AsyncClient`` through what production throws at them: restarts, idle
+closes, every server down, Kestrel's wire mode, odd arguments (both clients, both builds).
+
+Each test runs the same steps on the synchronous client and, through ``AsyncView``, on its
+asyncio twin, against real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from erq.client import AsyncClient, Client, ErqError, parse_server
+
+from conftest import ErqProcess
+from support import STORED, start
+
+QUEUE = "jobs"
+
+
+class AsyncView:
+    """``AsyncClient`` driven from synchronous test code, on an event loop of its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._runner = asyncio.Runner()
+        self._client = AsyncClient(*args, **kwargs)
+
+    def _run(self, coro):
+        return self._runner.run(coro)
+
+    def put(self, *args, **kwargs):
+        return self._run(self._client.put(*args, **kwargs))
+
+    def get(self, *args, **kwargs):
+        return self._run(self._client.get(*args, **kwargs))
+
+    def get_reliable(self, *args, **kwargs):
+        return self._run(self._client.get_reliable(*args, **kwargs))
+
+    def confirm(self, item) -> bool:
+        return self._run(item.confirm())
+
+    def abort(self, item) -> bool:
+        return self._run(item.abort())
+
+    def close(self) -> None:
+        self._run(self._client.close())
+        self._runner.close()
+
+
+class SyncView(Client):
+    def confirm(self, item) -> bool:  # the same call shape as AsyncView's
+        return super().confirm(item)
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_client(request):
+    made = []
+
+    def make(*args, **kwargs):
+        client = (SyncView if request.param == "sync" else AsyncView)(*args, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def address(proc: ErqProcess) -> tuple[str, int]:
+    return ("127.0.0.1", proc.port)
+
+
+def test_a_restarted_server_is_used_at_once_and_its_open_read_comes_again(erq_factory, make_client):
+    proc = erq_factory()
+    raw = proc.client()
+    assert raw.set(QUEUE, b"job1") == STORED
+    raw.close()
+    mq = make_client([address(proc)])
+    job = mq.get_reliable(QUEUE, timeout_ms=1000)
+    assert job.data == b"job1"
+    proc.restart()  # the open read goes back to the queue
+    again = mq.get_reliable(QUEUE, timeout_ms=1000, confirm=job)
+    assert job.state == "lost"  # its /close was not sent on the new connection
+    assert again is not None and again.data == b"job1"
+    assert mq.confirm(again) is True
+    assert mq.put(QUEUE, b"after the restart") is True
+    proc.restart()
+    assert mq.put(QUEUE, b"after another") is True  # not refused: the server is up
+    assert mq.get(QUEUE) == b"after the restart"
+
+
+def test_an_idle_connection_the_server_closed_hides_no_item_and_loses_its_reads(
+    erq_factory, make_client
+):
+    proc = start(erq_factory, server='client_timeout = "1s"')
+    mq = make_client([address(proc)])
+    assert mq.put(QUEUE, b"x") is True
+    assert mq.put(QUEUE, b"y") is True
+    held = mq.get_reliable(QUEUE)
+    assert held.data == b"x"
+    time.sleep(2.5)  # the server closes both idle connections and takes the read back
+    assert mq.confirm(held) is False and held.state == "lost"
+    assert mq.get(QUEUE) == b"x"  # back at the head, not confirmed by a /close on a new link
+    assert mq.get(QUEUE) == b"y"
+
+
+def test_a_blocking_read_lasts_its_wait_while_every_server_is_down(erq_factory, make_client):
+    proc = erq_factory()
+    port = proc.port
+    proc.kill()
+    mq = make_client([("127.0.0.1", port)], retry_after=60)
+    started = time.monotonic()
+    calls = 0
+    while time.monotonic() - started < 1.0:
+        assert mq.get(QUEUE, timeout_ms=400) is None
+        calls += 1
+    assert calls <= 3, f"{calls} calls in a second with timeout_ms=400: the consumer spins"
+    started = time.monotonic()
+    assert mq.get_reliable(QUEUE, timeout_ms=300) is None
+    assert 0.25 <= time.monotonic() - started < 2.0
+
+
+def test_a_blocking_read_tries_a_server_again_once_its_back_off_ends(erq_factory, make_client):
+    proc = erq_factory()
+    proc.kill()
+    mq = make_client([address(proc)], retry_after=0.5)
+    assert mq.get(QUEUE) is None  # the refused connect puts the server in back-off
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(mq.get(QUEUE, timeout_ms=20_000)))
+    reader.start()
+    try:
+        proc.start()
+        raw = proc.client()
+        assert raw.set(QUEUE, b"arrived") == STORED
+        raw.close()
+    finally:
+        reader.join(30)
+    assert got == [b"arrived"]
+
+
+def test_put_stores_the_bytes_of_any_buffer_and_refuses_text(erq_factory, make_client):
+    proc = erq_factory()
+    mq = make_client([address(proc)])
+    assert mq.put(QUEUE, bytearray(b"abc")) is True
+    assert mq.put(QUEUE, memoryview(b"defg")[1:]) is True
+    with pytest.raises(TypeError):
+        mq.put(QUEUE, "text")
+    assert [mq.get(QUEUE), mq.get(QUEUE), mq.get(QUEUE)] == [b"abc", b"efg", None]
+
+
+def test_kestrel_wire_mode_works_for_every_call(erq_factory, make_client):
+    # Kestrel names the bare queue in VALUE lines, not the key with its options.
+    proc = erq_factory(args=["--compat", "kestrel"])
+    mq = make_client([address(proc)])
+    for data in (b"a", b"b", b"c", b"d"):
+        assert mq.put(QUEUE, data) is True
+    assert mq.get(QUEUE, timeout_ms=100) == b"a"
+    first = mq.get_reliable(QUEUE)
+    assert first.data == b"b" and mq.abort(first) is True
+    first = mq.get_reliable(QUEUE)
+    assert first.data == b"b"
+    second = mq.get_reliable(QUEUE, confirm=first)
+    assert first.state == "confirmed" and second.data == b"c"
+    assert mq.confirm(second) is True
+    assert mq.get(QUEUE) == b"d"
+    assert mq.get_reliable(QUEUE, timeout_ms=50) is None
+
+
+def test_a_reply_naming_another_key_raises_erq_error(make_client):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"VALUE other 0 1\r\nx\r\nEND\r\n")
+                conn.recv(1024)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        mq = make_client([listener.getsockname()], timeout=5)
+        with pytest.raises(ErqError, match="other"):
+            mq.get(QUEUE)
+        thread.join(10)
+
+
+def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_client):
+    assert parse_server("::1") == ("::1", 22133)
+    assert parse_server("[::1]") == ("::1", 22133)
+    assert parse_server("[::1]:7000") == ("::1", 7000)
+    assert parse_server("fe80::1:2") == ("fe80::1:2", 22133)
+    assert parse_server("host:7000") == ("host", 7000)
+    assert parse_server("host") == ("host", 22133)
+    proc = erq_factory()
+    for alone in (address(proc), f"127.0.0.1:{proc.port}"):
+        mq = make_client(alone)
+        assert mq.put(QUEUE, b"one") is True
+        assert mq.get(QUEUE) == b"one"
+
+
+def test_an_interrupted_call_leaves_no_reply_for_the_next_one():
+    # A reply still on its way when Ctrl-C hits would otherwise answer the next request.
+    replies = [b"VALUE jobs 0 5\r\nfirst\r\nEND\r\n", b"END\r\n"]
+    main = threading.get_ident()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            for reply in replies:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(1024)
+                    if reply is replies[0]:
+                        signal.pthread_kill(main, signal.SIGINT)
+                        time.sleep(0.3)
+                    conn.sendall(reply)
+                    time.sleep(0.3)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with Client([listener.getsockname()], timeout=5) as mq:
+            with pytest.raises(KeyboardInterrupt):
+                mq.get(QUEUE)
+            assert mq.get(QUEUE) is None  # on a new connection, not the first reply
+        thread.join(10)
