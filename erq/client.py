@@ -113,6 +113,10 @@ def peer_closed(sock: Any) -> bool:
     """Whether an idle connection's server has closed it: the protocol never sends unasked,
     so an idle socket that reads as ready holds an end of stream (or a reset)."""
     try:
+        if hasattr(select, "poll"):  # select() fails on descriptors past FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):  # closed under us: as good as closed by the server
         return True

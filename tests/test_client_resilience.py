@@ -8,6 +8,8 @@ asyncio twin, against real servers.
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import signal
 import socket
 import threading
@@ -15,7 +17,7 @@ import time
 
 import pytest
 
-from erq.client import AsyncClient, Client, ErqError, parse_server
+from erq.client import AsyncClient, Client, ErqError, parse_server, peer_closed
 
 from conftest import ErqProcess
 from support import STORED, start
@@ -232,3 +234,23 @@ def test_an_interrupted_call_leaves_no_reply_for_the_next_one():
                 mq.get(QUEUE)
             assert mq.get(QUEUE) is None  # on a new connection, not the first reply
         thread.join(10)
+
+
+def test_a_live_connection_on_a_high_descriptor_is_kept(erq_factory):
+    # select() cannot watch descriptors past 1024; the check must not take them for closed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"the open-file limit ({hard}) leaves no descriptor past 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    proc = erq_factory()
+    try:
+        with socket.create_connection(address(proc)) as low:
+            high = socket.socket(fileno=os.dup2(low.fileno(), 2050))
+            try:
+                assert not peer_closed(high)
+                high.sendall(b"version\r\n")
+                assert high.recv(100).startswith(b"VERSION")
+            finally:
+                high.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
