@@ -1,9 +1,7 @@
 """``AsyncClient``: the asyncio twin of ``erq.client.Client``, same API as coroutines.
 
-It speaks the few memcache text commands it needs itself, on asyncio streams (no new
-dependency): ``set`` and single-key ``get`` with exact byte counts. Unlike pymemcache it keeps a
-connection open after a ``SERVER_ERROR`` (the server does too), so a QUIESCENT server's refusal
-does not abort the reads this client still holds there.
+Its connections are asyncio streams; what it sends and how it reads the replies are
+``erq.client``'s (``set_request``, ``set_reply``, ``value_head``).
 
 Cancelling a call (``asyncio.wait_for``, ``Task.cancel``) closes the connection it was using,
 whose state is then unknown: when that was a server's reliable connection, the reads this client
@@ -22,25 +20,23 @@ from erq.client import (
     ABORTED,
     CONFIRMED,
     Address,
-    ErqError,
     ServerSpec,
     WritePolicy,
     _ClientCore,
     _ItemBase,
     _Node,
+    _Refused,
+    _Replies,
     check_queue_name,
     oldest_check,
     parse_server,
     peer_closed,
     server_list,
+    set_request,
     status_refusal,
 )
 
 __all__ = ["AsyncClient", "AsyncItem"]
-
-
-class _Refused(Exception):
-    """``SERVER_ERROR``: the server refuses this request now; the connection stays usable."""
 
 
 class AsyncItem(_ItemBase):
@@ -57,7 +53,7 @@ class AsyncItem(_ItemBase):
         return await self._client.abort(self)
 
 
-class _Connection:
+class _Connection(_Replies):
     """One connection to one server: a request and its reply at a time."""
 
     def __init__(self, node: _AsyncNode, reliable: bool) -> None:
@@ -108,40 +104,17 @@ class _Connection:
         line = await self.reader.readuntil(b"\r\n")
         return line[:-2]
 
-    def _fail(self, request: str, line: bytes) -> ErqError:
-        self.close()
-        return ErqError(f"{request} on {self.node.address} answered {line[:200]!r}")
-
     async def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
         """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
-        head = b"set %s %d %d %d\r\n" % (queue.encode("ascii"), flags, expiry, len(data))
-        line = await self._request(head + data + b"\r\n", 0.0)
-        if line == b"STORED":
-            return True
-        if line == b"NOT_STORED":
-            return False
-        if line.startswith(b"SERVER_ERROR"):
-            raise _Refused(line)
-        raise self._fail(f"set {queue}", line)
+        line = await self._request(set_request(queue, data, expiry, flags), 0.0)
+        return self._stored(queue, line)
 
     async def get(self, key: str, wait_s: float) -> tuple[bytes, int] | None:
         """A single-key get: ``(data, flags)`` or None; raises ``_Refused`` on ``SERVER_ERROR``."""
         line = await self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
-        if line == b"END":
+        flags, size = self._head(key, line)
+        if flags < 0:
             return None
-        if line.startswith(b"SERVER_ERROR"):
-            raise _Refused(line)
-        parts = line.split(b" ")
-        raw_key = key.encode("ascii")
-        if (
-            len(parts) != 4
-            or parts[0] != b"VALUE"
-            # Kestrel's wire mode names the bare queue, not the key with its options.
-            or parts[1] not in (raw_key, raw_key.split(b"/", 1)[0])
-            or not (parts[2].isdigit() and parts[3].isdigit())
-        ):
-            raise self._fail(f"get {key}", line)
-        flags, size = int(parts[2]), int(parts[3])
         try:
             assert self.reader is not None
             block = await asyncio.wait_for(self.reader.readexactly(size + 2), self.node.timeout)
@@ -149,9 +122,7 @@ class _Connection:
         except BaseException:
             self.close()
             raise
-        if not block.endswith(b"\r\n") or end != b"END":
-            raise self._fail(f"get {key}", line)
-        return block[:-2], flags
+        return self._value(key, line, block, end, flags)
 
 
 class _AsyncNode(_Node):

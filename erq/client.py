@@ -6,9 +6,11 @@ reliable read is confirmed or aborted on the connection that handed it out. Hash
 clients cannot do that last part: they hash the whole key, and ``q/open`` and ``q/close`` may land
 on different servers.
 
-``Client`` is synchronous, on pymemcache (one connection per server for ``put``/``get``, and one
-for reliable reads so that a plain ``get`` of the same queue can never abort them, PROTOCOL §5).
-``AsyncClient`` (``erq._client_async``) is its asyncio twin with the same API as coroutines.
+``Client`` is synchronous, on blocking sockets (one connection per server for ``put``/``get``,
+and one for reliable reads so that a plain ``get`` of the same queue can never abort them,
+PROTOCOL §5). ``AsyncClient`` (``erq._client_async``) is its asyncio twin with the same API as
+coroutines. Both speak the few memcache text commands they need themselves (``set`` and
+single-key ``get`` with exact byte counts), with the replies read by the same functions here.
 
 Failures: a server that cannot be reached is skipped for ``retry_after`` seconds; a server that
 refuses writes (``READONLY``, ``QUIESCENT``) or reads (``QUIESCENT``) is skipped for that long for
@@ -28,10 +30,9 @@ that time, or the confirmation lands on a later read.
 Servers in Kestrel's wire mode (``--compat kestrel``, and Kestrel itself) name the bare queue in
 their ``VALUE`` lines; both clients take that as the answer to the key they sent.
 
-pymemcache drops its connection on any ``SERVER_ERROR``: when ``Client.get_reliable`` is refused
-by a QUIESCENT server, the other reads this client held open there go back to that server's
-queue (their ``confirm()`` returns False). The item given as ``get_reliable(confirm=...)`` is still
-confirmed (the close happens before the refusal); ``AsyncClient`` keeps its connection open.
+A ``SERVER_ERROR`` leaves the connection open, as the server does: a QUIESCENT server refuses
+the client's reads while the reads it holds open there can still be confirmed, which is how a
+server is drained.
 
 Neither client is safe to share between threads (or, for ``AsyncClient``, between tasks that call
 it at the same time): give each worker its own.
@@ -41,13 +42,11 @@ from __future__ import annotations
 
 import random
 import select
+import socket
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
-
-from pymemcache.client.base import Client as _MemcacheClient
-from pymemcache.exceptions import MemcacheError, MemcacheServerError, MemcacheUnexpectedCloseError
 
 from erq.names import valid_queue_name
 
@@ -293,22 +292,98 @@ class Item(_ItemBase):
         return self._client.abort(self)
 
 
-class _RawSerde:
-    """Bytes in, ``(bytes, flags)`` out: pymemcache's default serde drops the flags."""
-
-    def serialize(self, key: Any, value: bytes) -> tuple[bytes, int]:
-        return value, 0
-
-    def deserialize(self, key: Any, value: bytes, flags: int) -> tuple[bytes, int]:
-        return value, flags
+class _Refused(Exception):
+    """``SERVER_ERROR``: the server refuses this request now; the connection stays usable."""
 
 
-class _Connection(_MemcacheClient):
-    """A pymemcache client whose key check allows erq's keys: the name is checked by
-    ``check_queue_name`` and the 250-byte limit is on the name, not on ``name/options``."""
+def set_request(queue: str, data: bytes, expiry: int, flags: int) -> bytes:
+    head = b"set %s %d %d %d\r\n" % (queue.encode("ascii"), flags, expiry, len(data))
+    return head + data + b"\r\n"
 
-    def check_key(self, key: Any, key_prefix: bytes) -> bytes:
-        return key.encode("ascii") if isinstance(key, str) else bytes(key)
+
+def set_reply(line: bytes) -> bool | None:
+    """True on ``STORED``, False on ``NOT_STORED``, None for anything else (garbage);
+    raises ``_Refused`` on ``SERVER_ERROR``."""
+    if line == b"STORED":
+        return True
+    if line == b"NOT_STORED":
+        return False
+    if line.startswith(b"SERVER_ERROR"):
+        raise _Refused(line.decode("ascii", "replace"))
+    return None
+
+
+def value_head(line: bytes, key: str) -> tuple[int, int] | None:
+    """``(flags, size)`` of the ``VALUE`` line answering a get of ``key``; ``(-1, -1)`` for
+    ``END``; None for anything else (garbage). Raises ``_Refused`` on ``SERVER_ERROR``.
+    Kestrel's wire mode names the bare queue, not the key with its options: both answer."""
+    if line == b"END":
+        return -1, -1
+    if line.startswith(b"SERVER_ERROR"):
+        raise _Refused(line.decode("ascii", "replace"))
+    parts = line.split(b" ")
+    raw_key = key.encode("ascii")
+    if (
+        len(parts) != 4
+        or parts[0] != b"VALUE"
+        or parts[1] not in (raw_key, raw_key.split(b"/", 1)[0])
+        or not (parts[2].isdigit() and parts[3].isdigit())
+    ):
+        return None
+    return int(parts[2]), int(parts[3])
+
+
+class _Replies:
+    """What both clients' connections make of a reply, whatever their I/O. A ``SERVER_ERROR``
+    leaves the connection open, as the server does; anything else but a finished exchange
+    closes it (its state is unknown), and garbage raises ErqError."""
+
+    node: _Node
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, request: str, line: bytes) -> ErqError:
+        self.close()
+        return ErqError(f"{request} on {self.node.address} answered {line[:200]!r}")
+
+    def _stored(self, queue: str, line: bytes) -> bool:
+        stored = set_reply(line)
+        if stored is None:
+            raise self._fail(f"set {queue}", line)
+        return stored
+
+    def _head(self, key: str, line: bytes) -> tuple[int, int]:
+        head = value_head(line, key)
+        if head is None:
+            raise self._fail(f"get {key}", line)
+        return head
+
+    def _value(
+        self, key: str, line: bytes, block: bytes, end: bytes, flags: int
+    ) -> tuple[bytes, int]:
+        if not block.endswith(b"\r\n") or end != b"END":
+            raise self._fail(f"get {key}", line)
+        return block[:-2], flags
+
+
+class _Connection(_Replies):
+    """One connection to one server, a request and its reply at a time, on a blocking socket
+    (twin of ``erq._client_async._Connection``)."""
+
+    def __init__(self, node: _SyncNode, reliable: bool) -> None:
+        self.node = node
+        self.reliable = reliable
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self.buf = b""
+            if self.reliable:
+                self.node.lose_open()
 
     def drop_if_closed(self) -> bool:
         """Close the socket if the server has closed its end (a restart, ``client_timeout``):
@@ -319,18 +394,60 @@ class _Connection(_MemcacheClient):
             return True
         return False
 
-    def _extract_value(self, expect_cas, line, buf, remapped_keys, prefixed_keys):  # noqa: ANN001
-        # Kestrel's wire mode names the bare queue, not the key with its options.
-        parts = line.split(b" ", 2)
-        if len(parts) > 1 and parts[1] not in remapped_keys:
-            bare = {k.split(b"/", 1)[0]: v for k, v in remapped_keys.items()}
-            if parts[1] in bare:
-                remapped_keys = {**remapped_keys, parts[1]: bare[parts[1]]}
-        return super()._extract_value(expect_cas, line, buf, remapped_keys, prefixed_keys)
+    def _line(self) -> bytes:
+        assert self.sock is not None
+        while (end := self.buf.find(b"\r\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf[:end], self.buf[end + 2 :]
+        return line
+
+    def _exactly(self, size: int) -> bytes:
+        assert self.sock is not None
+        while len(self.buf) < size:
+            chunk = self.sock.recv(max(65536, size - len(self.buf)))
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            self.buf += chunk
+        block, self.buf = self.buf[:size], self.buf[size:]
+        return block
+
+    def _request(self, data: bytes, wait_s: float) -> bytes:
+        """Send ``data``, return the first reply line (without CRLF)."""
+        node = self.node
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(node.address, node.connect_timeout)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.settimeout(node.timeout + wait_s)
+            self.sock.sendall(data)
+            return self._line()
+        except BaseException:  # failed, timed out or interrupted: a reply still due must
+            self.close()  # not be read as the next request's
+            raise
+
+    def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
+        """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
+        return self._stored(queue, self._request(set_request(queue, data, expiry, flags), 0.0))
+
+    def get(self, key: str, wait_s: float) -> tuple[bytes, int] | None:
+        """A single-key get: ``(data, flags)`` or None; raises ``_Refused`` on ``SERVER_ERROR``."""
+        line = self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
+        flags, size = self._head(key, line)
+        if flags < 0:
+            return None
+        try:
+            block, end = self._exactly(size + 2), self._line()
+        except BaseException:
+            self.close()
+            raise
+        return self._value(key, line, block, end, flags)
 
 
-# A connection that failed or broke; pymemcache has closed its socket.
-_CONNECTION_ERRORS = (OSError, MemcacheUnexpectedCloseError)
+# A connection that failed or broke (socket timeouts are OSErrors).
+_CONNECTION_ERRORS = (OSError, EOFError)
 
 # _fetch outcomes besides a found (data, flags)
 _EMPTY = "empty"
@@ -343,34 +460,12 @@ class _SyncNode(_Node):
         super().__init__(address)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self._plain: _Connection | None = None
-        self._reliable: _Connection | None = None
-
-    def _connection(self) -> _Connection:
-        return _Connection(
-            self.address,
-            serde=_RawSerde(),
-            connect_timeout=self.connect_timeout,
-            timeout=self.timeout,
-            default_noreply=False,
-            no_delay=True,
-        )
-
-    def conn(self, reliable: bool) -> _Connection:
-        """The connection for plain requests or the one for reliable reads, made lazily (no
-        socket until the first request)."""
-        if reliable:
-            if self._reliable is None:
-                self._reliable = self._connection()
-            return self._reliable
-        if self._plain is None:
-            self._plain = self._connection()
-        return self._plain
+        self.plain = _Connection(self, reliable=False)  # no socket until the first request
+        self.reliable = _Connection(self, reliable=True)
 
     def close(self) -> None:
-        for conn in (self._plain, self._reliable):
-            if conn is not None:
-                conn.close()
+        self.plain.close()
+        self.reliable.close()
         self.lose_open()
 
 
@@ -500,7 +595,6 @@ class Client(_ClientCore):
         the random write policy repeatable."""
         nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)]
         super().__init__(nodes, write_policy, retry_after, seed)
-        self._timeout = timeout
 
     # ---- writes ---------------------------------------------------------------------------
     def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
@@ -509,25 +603,19 @@ class Client(_ClientCore):
         server failed or refused. A write whose reply was lost may have been stored there and
         is tried elsewhere too: delivery is at least once."""
         check_queue_name(queue)
-        data = bytes(data)  # pymemcache would store str() of a bytearray or memoryview
+        data = bytes(data)  # a bytearray or memoryview too; str raises TypeError
         pool = self._pool
         for node in pool.write_order():
-            conn = node.conn(False)
-            conn.drop_if_closed()
+            node.plain.drop_if_closed()
             try:
-                stored = conn.set(queue, data, expire=expiry, noreply=False, flags=flags)
+                stored = node.plain.set(queue, data, int(expiry), int(flags))
             except _CONNECTION_ERRORS:
                 pool.mark_down(node)
                 continue
-            except MemcacheServerError as exc:  # read only, too large, journal error
+            except _Refused as exc:  # read only, too large, journal error
                 if status_refusal(exc):
                     pool.mark_no_writes(node)
                 continue
-            except MemcacheError as exc:
-                raise ErqError(f"set {queue} on {node.address}: {exc!r}") from exc
-            except BaseException:  # interrupted: its reply would be read as the next one's
-                conn.close()
-                raise
             if stored:
                 return True
             # NOT_STORED: this server's queue is full or its item limit is lower; try another.
@@ -604,36 +692,18 @@ class Client(_ClientCore):
         """One single-key get: ``(data, flags)``, ``_EMPTY``, ``_FAILED`` or ``_REFUSED``.
         ``acts``: it closes or aborts a read open on the reliable connection, so it is not
         sent on a new one (the reads were lost with the old one)."""
-        conn = node.conn(reliable)
-        if conn.drop_if_closed() and reliable:
-            node.lose_open()
-            if acts:
-                return _FAILED
-        if wait_ms:  # the reply may take the whole wait: widen the socket timeout for it
-            conn.timeout = self._timeout + wait_ms / 1000.0
-            if conn.sock is not None:
-                conn.sock.settimeout(conn.timeout)
+        conn = node.reliable if reliable else node.plain
+        if conn.drop_if_closed() and acts:  # close() forgot the connection's open reads
+            return _FAILED
         try:
-            found = conn.get(key)
+            found = conn.get(key, (wait_ms or 0) / 1000.0)
         except _CONNECTION_ERRORS:
             self._pool.mark_down(node)
             return _FAILED
-        except MemcacheServerError as exc:  # quiescent, starting, journal error
+        except _Refused as exc:  # quiescent, starting, journal error
             if status_refusal(exc):
                 self._pool.mark_no_reads(node)
             return _REFUSED
-        except (MemcacheError, KeyError, ValueError) as exc:  # pymemcache closed the socket
-            raise ErqError(f"get {key} on {node.address}: {exc!r}") from exc
-        except BaseException:  # interrupted: its reply would be read as the next one's
-            conn.close()
-            raise
-        finally:
-            if wait_ms:
-                conn.timeout = self._timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(self._timeout)
-            if reliable and conn.sock is None:  # pymemcache closes on any error
-                node.lose_open()
         return _EMPTY if found is None else found
 
     # ---- lifetime -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``erq.client``: the multi-server client (PROTOCOL.md §9) against three real local servers.
 
 Each test starts three erq processes of the parametrised build and drives them through
-``Client`` (pymemcache) or ``AsyncClient`` (asyncio streams), checking every server's own view
+``Client`` (blocking sockets) or ``AsyncClient`` (asyncio streams), checking every server's own view
 over raw connections: which server got a write, which one holds an open read, what a killed and
 restarted one gives back.
 """
@@ -286,19 +286,6 @@ def test_quiescent_server_is_skipped_and_its_open_reads_still_confirm(servers, r
     assert stat(raws[1], QUEUE, "open_transactions") == 0
     assert raws[1].call(b"status UP\r\n") == END
     assert drain_raw(raws[1], QUEUE) == [b"stays"]
-
-
-def test_sync_reliable_read_refused_by_quiescent_server_returns_held_reads(servers, raws):
-    """pymemcache drops its connection on a SERVER_ERROR (documented in erq.client): the held
-    read is reported lost and is back in its server's queue, never lost for good."""
-    assert raws[0].set(QUEUE, b"held") == STORED
-    with Client(addresses(servers)) as client:
-        held = client.get_reliable(QUEUE)
-        assert raws[0].call(b"status QUIESCENT\r\n") == END
-        assert client.get_reliable(QUEUE) is None
-        assert held.state == "lost" and held.confirm() is False
-    assert raws[0].call(b"status UP\r\n") == END
-    assert drain_raw(raws[0], QUEUE) == [b"held"]
 
 
 def test_killed_server_loses_no_acknowledged_write(servers, raws):

@@ -254,3 +254,26 @@ def test_a_live_connection_on_a_high_descriptor_is_kept(erq_factory):
                 high.close()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_quiescent_server_refuses_reads_while_the_reads_held_there_confirm(
+    erq_factory, make_client
+):
+    # Draining a server: it refuses reads, and the workers confirm what they hold there.
+    proc = erq_factory()
+    raw = proc.client()
+    for data in (b"held 1", b"held 2", b"left"):
+        assert raw.set(QUEUE, data) == STORED
+    mq = make_client([address(proc)], retry_after=0.2)
+    first = mq.get_reliable(QUEUE)
+    second = mq.get_reliable(QUEUE)
+    assert raw.call(b"status QUIESCENT\r\n") == b"END\r\n"
+    assert mq.get_reliable(QUEUE) is None  # refused: the connection stays open
+    assert mq.get(QUEUE) is None
+    assert (first.state, second.state) == ("open", "open")
+    assert mq.confirm(first) is True
+    assert mq.abort(second) is True
+    assert raw.call(b"status UP\r\n") == b"END\r\n"
+    time.sleep(0.3)  # the refusal kept the client off the server for retry_after
+    assert [mq.get(QUEUE), mq.get(QUEUE), mq.get(QUEUE)] == [b"held 2", b"left", None]
+    raw.close()
