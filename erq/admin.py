@@ -28,7 +28,10 @@ log = logging.getLogger("erq.admin")
 MAX_HEAD = 8192  # bytes of request line and headers; a longer head gets 431 and a close
 TIMEOUT = 10.0  # seconds to send a whole request head, and again to take the whole reply
 LINGER = 2.0  # seconds to drain a client still sending when it was answered 408 or 431
-MAX_CONNECTIONS = 64  # open at once; one more is closed unanswered (probes and scrapers need few)
+# Open at once (probes and scrapers need few). One more takes the place of the connection that
+# has waited longest for its request head: a probe sends its head at once, so 64 stalled or
+# idle clients cannot lock the probes out (an orchestrator would restart a healthy server).
+MAX_CONNECTIONS = 64
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -295,6 +298,7 @@ class AdminServer:
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # no whole head yet, oldest first
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port. OSError if taken."""
@@ -312,6 +316,7 @@ class AdminServer:
         for writer in list(self._open):
             writer.transport.abort()
         self._open.clear()
+        self._waiting.clear()
 
     @property
     def connections(self) -> int:
@@ -334,11 +339,24 @@ class AdminServer:
         except (TimeoutError, OSError):
             pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Room for ``writer``: at the limit, the connection that has waited longest for its
+        head is closed for it; when every one is being answered, ``writer`` is refused."""
         if len(self._open) >= self.max_connections:
+            if not self._waiting:
+                return False
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self._open.discard(oldest)
+            oldest.transport.abort()
+        self._open.add(writer)
+        self._waiting[writer] = None
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
             writer.transport.abort()
             return
-        self._open.add(writer)
         try:
             whole = False
             try:
@@ -353,6 +371,7 @@ class AdminServer:
             else:
                 reply = answer(self.state, head[:-4])
                 whole = True
+            self._waiting.pop(writer, None)
             writer.write(reply)
             async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
                 await writer.drain()
@@ -364,4 +383,5 @@ class AdminServer:
             pass  # the client went away or stalled: nothing left to tell it
         finally:
             self._open.discard(writer)
+            self._waiting.pop(writer, None)
             writer.transport.abort()  # a no-op once closed; else frees what a stall holds

@@ -428,30 +428,31 @@ def test_an_idle_or_dribbling_client_gets_408_and_is_closed():
     _run(scenario)
 
 
-def test_connections_past_the_limit_are_closed_unanswered_until_one_ends():
+def test_past_the_limit_a_probe_takes_the_place_of_the_longest_idle_connection():
+    # Stalled or idle clients must not lock the probes out: an orchestrator whose liveness
+    # probe is refused restarts a healthy server.
     from erq.admin import AdminServer
 
     async def scenario() -> None:
         admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=2)
         port = await admin.start("127.0.0.1", 0)
         try:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-            while admin.connections < 2:  # both accepted: a state the server is known to reach
-                await asyncio.sleep(0.001)
-            try:
-                raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
-            except ConnectionResetError:
-                raw = b""
-            assert raw == b""
-            reader, writer = held[0]
-            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
-            assert Reply(await reader.read()).status == 200
-            while admin.connections > 1:
-                await asyncio.sleep(0.001)
-            raw = await _exchange(port, b"GET /readyz HTTP/1.1\r\n\r\n")
-            assert Reply(raw).status == 200
+            held = []
+            for _ in range(2):  # two idle clients, accepted one after the other
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+                while admin.connections < len(held):
+                    await asyncio.sleep(0.001)
+            raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert Reply(raw).status == 200  # answered, at the limit
+            oldest_reader, _ = held[0]
+            assert await asyncio.wait_for(oldest_reader.read(), 5) == b""  # closed for it
+            reader, writer = held[1]  # the younger idle one is still served
+            writer.write(b"GET /readyz HTTP/1.1\r\n\r\n")
+            assert Reply(await asyncio.wait_for(reader.read(), 5)).status == 200
             for _, w in held:
                 w.close()
+            while admin.connections:
+                await asyncio.sleep(0.001)
         finally:
             admin.close()
 
