@@ -255,7 +255,7 @@ def _open_segments(
             continue
         except SegmentHeaderError as exc:
             try:
-                seg = Segment.open_damaged(path, seq, writable=False)
+                seg = Segment.open(path, writable=False, damaged_as=seq)
             except SegmentHeaderError as short:
                 _set_aside(path, f"{exc}; {short}", warnings)
                 continue
@@ -279,12 +279,10 @@ def _open_segments(
     if segments:  # the last one takes new appends (and a torn tail is zeroed in it)
         last = segments[-1]
         last.close()
+        as_seq = last.seq if last in damaged else None
+        segments[-1] = Segment.open(last.path, writable=True, damaged_as=as_seq)
         if last in damaged:
-            reopened = Segment.open_damaged(last.path, last.seq, writable=True)
-            damaged[reopened] = damaged.pop(last)
-        else:
-            reopened = Segment.open(last.path, writable=True)
-        segments[-1] = reopened
+            damaged[segments[-1]] = damaged.pop(last)
     return segments, damaged
 
 

@@ -170,35 +170,28 @@ class Segment:
         return cls(path, seq, flags, id_floor, fd, mm)
 
     @classmethod
-    def open(cls, path: Path, *, writable: bool) -> Segment:
-        """Map an existing segment; SegmentHeaderError if its header is not valid."""
+    def open(cls, path: Path, *, writable: bool, damaged_as: int | None = None) -> Segment:
+        """Map an existing segment; SegmentHeaderError if its header is not valid.
+
+        ``damaged_as``: the header is known to be damaged; map the file as plain segment
+        ``damaged_as`` (its file name's number), whose records carry their own CRCs, with
+        ``id_floor`` 0 until the caller knows better. SegmentHeaderError then only if the
+        file is too short to hold any record."""
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            flags, seq, id_floor = decode_header(os.pread(fd, HEADER_SIZE, 0))
+            if damaged_as is None:
+                flags, seq, id_floor = decode_header(os.pread(fd, HEADER_SIZE, 0))
+            elif size <= HEADER_SIZE:
+                raise SegmentHeaderError(f"{size} bytes, no room for a record")
+            else:
+                flags, seq, id_floor = 0, damaged_as, 0
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         except BaseException:
             os.close(fd)
             raise
         return cls(path, seq, flags, id_floor, fd, mm)
-
-    @classmethod
-    def open_damaged(cls, path: Path, seq: int, *, writable: bool) -> Segment:
-        """Map a segment whose header is damaged as plain segment ``seq`` (its file name's):
-        its records carry their own CRCs. ``id_floor`` is 0 until the caller knows better.
-        SegmentHeaderError if the file is too short to hold any record."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            if size <= HEADER_SIZE:
-                raise SegmentHeaderError(f"{size} bytes, no room for a record")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(path, seq, 0, 0, fd, mm)
 
     def rewrite_header(self) -> None:
         """Write this segment's header from its fields and sync it (raises OSError)."""

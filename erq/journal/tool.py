@@ -74,7 +74,7 @@ def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
             bad += 1
         try:
             segments.append(
-                Segment.open_damaged(path, parse_segment_name(path.name), writable=False)
+                Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
             )
         except SegmentHeaderError:
             pass  # no room for a record: nothing more to say
