@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    from . import startsignals
+
+    startsignals.hold()  # before the slow imports: the server replays these once it can
     from .config import ConfigError, load_config
     from .server import run
 

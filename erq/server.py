@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, datadir
+from . import __version__, datadir, startsignals
 from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
@@ -199,15 +199,19 @@ class Server:
         # From here on SIGTERM and SIGINT stop the server the orderly way, recovery included:
         # a replay takes seconds on a large journal, and an operator's stop must not wait for
         # it, nor kill the process outright (SIGTERM's default) or end it with a traceback.
-        for sig, handler in (
-            (signal.SIGTERM, functools.partial(self.request_shutdown, "SIGTERM")),
-            (signal.SIGINT, functools.partial(self.request_shutdown, "SIGINT")),
-            (signal.SIGHUP, self._sighup),
-        ):
+        handlers = {
+            signal.SIGTERM: functools.partial(self.request_shutdown, "SIGTERM"),
+            signal.SIGINT: functools.partial(self.request_shutdown, "SIGINT"),
+            signal.SIGHUP: self._sighup,
+        }
+        for sig, handler in handlers.items():
             try:
                 loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
                 pass
+        for sig in startsignals.take():  # what came while the process was starting
+            log.info("%s while starting", signal.Signals(sig).name)
+            handlers[sig]()
         if cfg.admin_port:  # before recovery: a probe finds the port while the server starts
             self._admin = AdminServer(state)
             try:
@@ -233,6 +237,8 @@ class Server:
         except JournalError as exc:  # a journal this erq must not touch (another version)
             raise StartError(f"cannot recover the journals: {exc}") from None
         queues.adopt(opened)
+        if self._stopped.is_set():  # stopped while replaying (which got to its end): no port
+            return
         # Recovery's replay tables are garbage now, in pages below the recovered items.
         trim_started = time.perf_counter()
         if len(queues) and release_free_memory():

@@ -1,0 +1,96 @@
+"""Signals that reach ``erq serve`` while it starts, before its event loop handles them: a stop
+stops it the orderly way, a reload is applied once the server runs, and none of them kills the
+process or prints a traceback. Both implementations.
+
+The start is held at a known point by a configuration file that is a named pipe: the server
+blocks reading it until the test writes the configuration, after the signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import ErqProcess
+from support import poll, queue_config
+
+SIGHUP_BIT = 1 << (signal.SIGHUP - 1)
+
+
+def _caught_signals(pid: int) -> int:
+    """The process's caught-signal mask (``SigCgt`` in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigCgt line")
+
+
+def _write_to_pipe(path: Path, text: str) -> None:
+    """Open blocks until the server opens the pipe to read, then the configuration goes in."""
+    with open(path, "w") as pipe:
+        pipe.write(text)
+
+
+@pytest.fixture
+def starting(impl: str, tmp_path: Path):
+    """An ``erq serve`` held at its configuration file, with its start-up signals held."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to see which signals the process catches")
+    pipe = tmp_path / "erq.toml"
+    os.mkfifo(pipe)
+    (tmp_path / "data").mkdir()
+    proc = ErqProcess(impl, tmp_path / "data", args=["--config", str(pipe)])
+    proc.pipe = pipe
+    proc.start(wait=False)
+    try:
+        # erq serve records SIGHUP (among others) from its first step: before that, its default
+        # action would end the process. The pipe holds the start after that step.
+        poll(lambda: _caught_signals(proc.proc.pid) & SIGHUP_BIT, "SIGHUP to be caught")
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            threading.Thread(target=_write_to_pipe, args=(pipe, ""), daemon=True).start()
+        proc.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_starting_stops_the_server_the_orderly_way(starting, sig):
+    starting.proc.send_signal(sig)
+    _write_to_pipe(starting.pipe, "")
+    try:
+        code = starting.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {sig.name} while starting:\n{starting.read_log()}")
+    log = starting.read_log()
+    assert code == 0, log
+    assert f"{sig.name} while starting" in log and f"shutting down ({sig.name})" in log, log
+    assert "ready on" not in log and "Traceback" not in log, log
+
+
+def test_a_reload_while_starting_is_applied_once_the_server_runs(starting):
+    starting.proc.send_signal(signal.SIGHUP)
+    _write_to_pipe(starting.pipe, "[queues.default]\nmax_items = 5\n")
+    # The reload reads the file again, from the pipe: the new file says 7. (A second writer
+    # must wait until the first read is over, or both would feed it.)
+    poll(lambda: "data directory" in starting.read_log(), "the configuration to be read")
+    threading.Thread(
+        target=_write_to_pipe,
+        args=(starting.pipe, "[queues.default]\nmax_items = 7\n"),
+        daemon=True,
+    ).start()
+    starting.wait_ready()
+    poll(lambda: "configuration reloaded from" in starting.read_log(), "the held reload")
+    c = starting.client()
+    try:
+        assert c.set("q", b"x") == b"STORED\r\n"
+        assert queue_config(c, "q")["max_items"] == "7"
+    finally:
+        c.close()
+    log = starting.read_log()
+    assert "SIGHUP while starting" in log and "Traceback" not in log, log
+    assert starting.proc.poll() is None
