@@ -138,14 +138,14 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             index += 1
             continue
         counters = state.counters
-        if spec.peek:
-            counters.cmd_peek += 1
-        else:
-            counters.cmd_get += 1
+        if not spec.peek:
+            counters.cmd_get += 1  # refused or not: a get was asked for (PROTOCOL §10)
         if state.status == "QUIESCENT":
             refuse_rest(session, specs, index + 1)
             session.out.append(QUIESCENT)
             return True
+        if spec.peek:
+            counters.cmd_peek += 1  # a refused peek counts nowhere (PROTOCOL §10)
         if not spec.peek:
             if spec.open:
                 if session.at_open_limit(name, state.config.server.max_open_reads):
@@ -175,7 +175,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
 
 def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:
     """Under QUIESCENT, after a refused key: the keys from ``index`` still confirm and abort
-    (each key is its own get, PROTOCOL §10); their fetches are refused and counted."""
+    (each key is its own get, PROTOCOL §10); their fetches are refused, gets counted."""
     counters = session.state.counters
     while index < len(specs):
         spec = specs[index]
@@ -183,11 +183,8 @@ def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:
             session.abort_oldest(spec.name)
         if spec.close:
             session.close_oldest(spec.name)
-        if spec.fetches:
-            if spec.peek:
-                counters.cmd_peek += 1
-            else:
-                counters.cmd_get += 1
+        if spec.fetches and not spec.peek:
+            counters.cmd_get += 1
         index += 1
 
 
