@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -127,3 +128,43 @@ def test_the_source_distribution_carries_the_example_config_and_a_runnable_suite
     ):
         assert wanted in names, wanted
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
+
+
+def pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def test_the_release_wheels_are_built_for_each_python_of_the_classifiers():
+    config = pyproject()
+    prefix = "Programming Language :: Python :: 3."
+    minors = sorted(
+        int(c.removeprefix(prefix))
+        for c in config["project"]["classifiers"]
+        if c.startswith(prefix)
+    )
+    assert minors, "no Python version classifiers"
+    build = config["tool"]["cibuildwheel"]["build"]
+    build = build.split() if isinstance(build, str) else build
+    assert sorted(build) == sorted(f"cp3{m}-*" for m in minors)
+
+
+def test_the_release_wheels_test_the_installed_cython_build():
+    """cibuildwheel's test runs existing tests, on the wheel's own extensions."""
+    cibw = pyproject()["tool"]["cibuildwheel"]
+    # No environment of the build or the test (nor a per-platform one) picks the pure build.
+    for table in (cibw, *(cibw.get(p, {}) for p in ("linux", "macos", "windows"))):
+        for key in ("environment", "test-environment"):
+            assert "ERQ_NO_EXTENSIONS" not in str(table.get(key, "")), (key, table[key])
+    command = cibw["test-command"]
+    command = " && ".join(command) if isinstance(command, list) else command
+    assert "erq.IMPLEMENTATION != 'cython'" in command  # the exit status says which build runs
+    # The tests named are copied beside the installed wheel (test-sources), and they exist.
+    sources = cibw["test-sources"]
+    named = [word for word in command.split() if word.startswith("tests/")]
+    assert named, command
+    for path in named:
+        assert (ROOT / path).is_file(), path
+        assert any(path == s or path.startswith(s.rstrip("/") + "/") for s in sources), path
+    # No erq/ beside them: the test imports the installed package, not a checkout.
+    assert not [s for s in sources if s.split("/")[0] in ("erq", ".")], sources
