@@ -226,6 +226,18 @@ class Segment:
     def fileno(self) -> int:
         return self._fd
 
+    def unlinked(self) -> bool:
+        """True when the file has no name left (deleted under the server): its records then
+        live only as long as this mapping. Without the lock, which an fsync can hold for
+        long: call it on the thread that closes segments (the loop's)."""
+        fd = self._fd
+        if fd < 0:
+            return False
+        try:
+            return os.fstat(fd).st_nlink == 0
+        except OSError:
+            return False
+
     def sync(self) -> None:
         """Make the written records durable (raises OSError)."""
         with self._lock:
