@@ -26,7 +26,8 @@ its ``fsync``, which takes the mapping, not a descriptor: there each batch runs
 does every batch after the worker failed to start (no descriptor or thread left).
 
 A journal with a period arms a timer at its first unsynced append; the timer syncs it in the
-executor. Appends never wait for that.
+executor, and checks that its current segment was not deleted meanwhile (``check_current``).
+Appends never wait for that.
 """
 
 from __future__ import annotations
@@ -231,7 +232,10 @@ class GroupCommit:
                     if not segment.closed:  # closed segments are gone: nothing to sync
                         fds.append(os.dup(segment.fileno()))
                 for directory in targets.directories:
-                    dirs.append(os.open(directory, _DIR_FLAGS))
+                    try:
+                        dirs.append(os.open(directory, _DIR_FLAGS))
+                    except FileNotFoundError:  # deleted: nothing of it to keep (files_lost)
+                        pass
             except OSError as exc:
                 batch.failed[journal] = JournalError(
                     f"fsync of {journal.directory} failed: {exc.strerror or exc}"
@@ -371,10 +375,10 @@ class GroupCommit:
     def _periodic(self, journal: QueueJournal) -> None:
         journal.timer_fired()
         targets = journal.take_dirty()
-        if targets.empty:
-            return
-        fut = self.loop.run_in_executor(self._executor, journal.sync_work, targets)
-        fut.add_done_callback(lambda done: self._periodic_done(done, journal, targets))
+        if not targets.empty:
+            fut = self.loop.run_in_executor(self._executor, journal.sync_work, targets)
+            fut.add_done_callback(lambda done: self._periodic_done(done, journal, targets))
+        journal.check_current()  # one fstat a period: were its files deleted under it?
 
     def _periodic_done(
         self, done: asyncio.Future, journal: QueueJournal, targets: SyncWork

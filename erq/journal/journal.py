@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -47,6 +47,7 @@ INITIAL_SEGMENT_SIZE = 1 * MiB
 _ALWAYS, _PERIOD, _NEVER = "always", "period", "never"
 _UNSET = object()
 _RETRY_FIRST, _RETRY_MAX = 1.0, 60.0  # compaction back-off after a failure, seconds
+_HEAL_LOG_EVERY = 60.0  # a heal that keeps failing the same way is logged again after this long
 
 # Segments from this size on get their successor allocated ahead (a spare): allocating 64 MiB
 # on ext4 stalled the loop for ~20 ms, a small segment is quick to allocate, and a spare of a
@@ -99,6 +100,17 @@ class _JournalType(type):
     @property
     def open(cls):
         return cls._open_journal
+
+
+def _identity(directory: Path) -> tuple[int, ...] | None:
+    """(device, inode) of ``directory``; None if it is gone, () if that cannot be told."""
+    try:
+        st = os.stat(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino)
 
 
 def _discard_spare(pending: Future) -> None:
@@ -175,6 +187,14 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self.rewrites = 0  # compactions completed
         self.released = 0  # old segments deleted by release_head
         self.last_compaction_error: BaseException | None = None
+        # Files deleted under the server (see files_lost): the owner of the live state sets
+        # on_lost, called on the loop when the fsync period's check finds them gone.
+        self.on_lost: Callable[[], object] | None = None
+        self._lost = False  # files gone, live state not yet written again
+        self._refusing = False  # ... and no segment with a name to append to: appends fail
+        self._heal_job: SnapshotJob | None = None
+        self._heal_logged: tuple[str, float] = ("", 0.0)
+        self._dir_id = _identity(directory)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -287,6 +307,10 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         """Seal the current segment and start a new one with room for ``record_size`` bytes."""
         if self._closed:
             raise JournalError(f"journal {self.directory} is closed")
+        if self._refusing:
+            raise JournalError(
+                f"the journal in {self.directory} was deleted and cannot be written again yet"
+            )
         if size is None:
             size = self._next_size
         size = max(size, round_up(HEADER_SIZE + record_size))
@@ -471,7 +495,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         Failures are logged and retried later with a back-off; compaction never raises.
         """
         self._poll_compaction()
-        if self._job is not None or self._closed:
+        if self._job is not None or self._closed or self._lost:
             return
         open_items = list(open_items)
         memory_items = list(memory_items)
@@ -479,13 +503,20 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if not open_items and not memory_items and not self._disk.count:
             self._drop_history(rewrite)
             return
-        snapshot_seq = self._next_seq
-        self._next_seq += 1
         try:
-            self._rotate(0, self._segments[-1].size if self._segments else None)
+            self._start_snapshot(open_items, memory_items)
         except JournalError as exc:
             self._compaction_failed(exc)
             return
+        if wait:
+            self.wait_compaction()
+
+    def _start_snapshot(self, open_items: list, memory_items: list) -> SnapshotJob:
+        """Rotate (appends go on in a fresh segment), then write the live state as a snapshot
+        of every older segment, on a thread. JournalError if the rotation fails."""
+        snapshot_seq = self._next_seq
+        self._next_seq += 1
+        self._rotate(0, self._segments[-1].size if self._segments else None)
         old = self._segments[:-1]
         self._reset_counts(len(open_items) + len(memory_items) + self._disk.count, len(open_items))
         job = SnapshotJob(
@@ -500,8 +531,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         )
         self._job = job
         job.start()
-        if wait:
-            self.wait_compaction()
+        return job
 
     def wait_compaction(self) -> None:
         """Block until a running compaction has ended and been swapped in."""
@@ -599,8 +629,13 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if job is None or not job.done.is_set():
             return
         self._job = None
+        healing = job is self._heal_job
+        self._heal_job = None
         if job.error is not None or job.segment is None:
-            self._compaction_failed(job.error)
+            if healing:
+                self._heal_failed(job.error or JournalError("the rewrite did not finish"))
+            else:
+                self._compaction_failed(job.error)
             return
         old = job.old_segments
         self._disk.replace_head(set(old), job.segment, job.offsets)
@@ -612,12 +647,14 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             segment.close()
         self.rewrites += 1
         self._retry_delay = _RETRY_FIRST
+        if healing:
+            self._healed()
 
     def _compaction_failed(self, exc: BaseException | None) -> None:
         self.last_compaction_error = exc
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
-        if exc is not None and not self._closed:
+        if exc is not None and not self._closed and not self._lost:  # heal() says what matters
             log.warning(
                 "compaction of %s failed (retry in %.0fs): %s",
                 self.directory,
@@ -631,6 +668,129 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             job.abort()
             job.join()
             self._poll_compaction()
+
+    # ---- files deleted under the server -----------------------------------------------------
+    def files_lost(self, thorough: bool = True) -> bool:
+        """True from the moment the journal finds its files deleted (by an operator, or a tmp
+        cleaner, while the server runs) until :meth:`heal` has written the live state again:
+        meanwhile its records are only in mappings of files a restart cannot find.
+
+        ``thorough``: check the directory and every segment (the sweep's check, about once a
+        second); else only the current segment (each fsync period). One ERROR line names the
+        queue and the path found gone. On the loop thread.
+        """
+        if self._lost:
+            return True
+        if self._closed:
+            return False
+        gone = self._missing_path(thorough)
+        if gone is None:
+            return False
+        self._lost = True
+        log.error(
+            "queue %s: %s was deleted while the server runs; writing the queue's live state "
+            "again in %s",
+            self.directory.name,
+            gone,
+            self.directory,
+        )
+        return True
+
+    def check_current(self) -> None:
+        """Each fsync period: the current segment must still have a name; if not, call
+        ``on_lost`` (whose owner heals the journal with its live state)."""
+        if not self._lost and self.files_lost(thorough=False) and self.on_lost is not None:
+            self.on_lost()
+
+    def _missing_path(self, thorough: bool) -> Path | None:
+        """The first of the journal's paths that is gone, or None."""
+        self._poll_compaction()
+        job = self._job
+        passing = set(job.old_segments) if job is not None else ()  # a compaction unlinks them
+        if thorough:
+            here = _identity(self.directory)
+            if here is None or (here and self._dir_id and here != self._dir_id):
+                return self.directory  # gone, or another directory in its place
+            if here and not self._dir_id:
+                self._dir_id = here
+            segments = self._segments
+        else:
+            segments = self._segments[-1:]
+        for segment in segments:
+            if segment not in passing and segment.unlinked():
+                return segment.path
+        return None
+
+    def heal(self, open_items: Sequence, memory_items: Sequence) -> None:
+        """After :meth:`files_lost`: make the directory again and write the live state there
+        (arguments as for :meth:`compact`) as a compaction snapshot: written beside, fsynced,
+        renamed, so a crash meanwhile loses nothing that a crash before could keep. The items
+        only on disk are copied from the deleted files, still mapped; those are released
+        once the snapshot is in place. A failure is logged and leaves ``files_lost`` true for
+        the next call to try again; while no segment with a name takes appends, they raise
+        JournalError (SERVER_ERROR) rather than go where a restart cannot find them."""
+        self._poll_compaction()
+        if not self._lost or self._closed:
+            return
+        job = self._job
+        if job is not None:
+            if job is self._heal_job:
+                return  # under way
+            self._stop_compaction()  # its snapshot would go to the old directory, or nowhere
+        try:
+            self._make_directory()
+            self._drop_spare()
+            self._refusing = False
+            self._heal_job = self._start_snapshot(list(open_items), list(memory_items))
+        except (OSError, JournalError) as exc:
+            self._heal_failed(exc)
+        else:
+            self._needs_rewrite = False  # the snapshot holds no damaged record either
+
+    def _make_directory(self) -> None:
+        """The queue's directory again (its parent is not made: a data directory that is
+        gone is the operator's to restore)."""
+        try:
+            os.mkdir(self.directory)
+        except FileExistsError:
+            pass
+        else:
+            if self.directory.parent not in self._dirs_unsynced:
+                self._dirs_unsynced.append(self.directory.parent)
+        self._dir_id = _identity(self.directory)
+
+    def _drop_spare(self) -> None:
+        """Discard the spare segment file, made (or being made) in the deleted directory."""
+        pending, self._spare = self._spare, None
+        if pending is not None:
+            pending.add_done_callback(_discard_spare)  # at once if it is done
+
+    def _heal_failed(self, exc: BaseException) -> None:
+        """Stop appending into a file without a name, and say why (again only after a while,
+        or if the reason changes)."""
+        if self._writer is not self._null_writer and self._segments[-1].unlinked():
+            self._seal_current()
+        self._refusing = self._writer is self._null_writer
+        why, now = str(exc), time.monotonic()
+        last, at = self._heal_logged
+        if why != last or now - at >= _HEAL_LOG_EVERY:
+            self._heal_logged = (why, now)
+            log.error(
+                "queue %s: cannot write its deleted journal again in %s (%s); trying again%s",
+                self.directory.name,
+                self.directory,
+                why,
+                ", refusing writes meanwhile" if self._refusing else "",
+            )
+
+    def _healed(self) -> None:
+        self._lost = self._refusing = False
+        self._heal_logged = ("", 0.0)
+        log.info(
+            "queue %s: its live state is in %s again; the deleted files are released",
+            self.directory.name,
+            self.directory,
+        )
 
     # ---- durability ------------------------------------------------------------------------
     def take_dirty(self) -> SyncWork:
@@ -651,7 +811,8 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             for segment in work.segments:
                 segment.sync()
             for directory in work.directories:
-                fsync_directory(directory)
+                with contextlib.suppress(FileNotFoundError):  # deleted: nothing of it to keep
+                    fsync_directory(directory)
         except OSError as exc:
             raise JournalError(f"fsync of {self.directory} failed: {exc.strerror or exc}") from exc
 
