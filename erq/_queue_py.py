@@ -124,6 +124,8 @@ class Queue:
         self.name = name
         self.config = config
         self._journal = journal
+        if journal is not None and hasattr(journal, "on_lost"):
+            journal.on_lost = self.maybe_compact  # files deleted under it: heal it at once
         self._clock = clock
         self._on_expired = on_expired
         self._ring = Ring()
@@ -569,9 +571,14 @@ class Queue:
         )
 
     def maybe_compact(self) -> None:
-        """Give back journal space: old segments the head has passed, else a compaction."""
+        """Give back journal space: old segments the head has passed, else a compaction. But
+        first, should the journal's files have been deleted under it, have the live state
+        written again (the periodic sweep calls this, so a deletion is noticed within ~1 s)."""
         journal = self._journal
         if journal is None:
+            return
+        if journal.files_lost():
+            journal.heal([read.item for read in self._open.values()], self._ring.to_list())
             return
         if journal.segment_count > 1:
             lowest = self.lowest_live_id()
