@@ -301,9 +301,12 @@ class QueueCollection:
         """Periodic work: expiry at the heads, open-read timeouts, idle queues, compaction."""
         now = self._clock()
         for queue in self:
-            if expire:
-                queue.discard_expired(now)
-            queue.expire_open_reads(now)
+            try:
+                if expire:
+                    queue.discard_expired(now)
+                queue.expire_open_reads(now)
+            except JournalError as exc:  # the heads stay for a later sweep; the rest goes on
+                log.debug("queue %s: expiry waits for its journal: %s", queue.name, exc)
             if queue.idle_expired(now):
                 self.delete(queue.name)
                 self.queue_deletes -= 1
