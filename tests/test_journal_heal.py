@@ -1,0 +1,205 @@
+"""Journal files deleted under an open journal: noticed, reported once, and the live state
+written again, read-behind items and open reads included (both codecs). The server-level
+tests (a real process, SIGKILL, restart) are in test_durability.py, section 9."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from test_journal_support import KiB, MiniQueue, all_items, item, segment_files, use_codec
+
+from erq.journal import QueueJournal, compaction
+from erq.journal_api import JournalError
+
+SEGMENT = 16 * KiB
+MEMORY = 3000
+
+
+@pytest.fixture
+def codec(impl, monkeypatch):
+    return use_codec(impl, monkeypatch)
+
+
+def open_journal(directory: Path, **kw):
+    kw.setdefault("fsync", "never")
+    kw.setdefault("segment_size", SEGMENT)
+    kw.setdefault("max_memory_size", MEMORY)
+    return QueueJournal.open(directory, **kw)
+
+
+def deleted_files_held(directory: Path) -> list[str]:
+    """What this process still holds open of the deleted files of ``directory``."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)) and target.endswith(" (deleted)"):
+            held.append(target)
+    return held
+
+
+def delete(directory: Path, what: str) -> None:
+    if what == "directory":
+        shutil.rmtree(directory)
+    else:
+        for path in segment_files(directory):
+            path.unlink()
+
+
+class Scenario:
+    """A queue over a journal with items in RAM, on disk only and open, and the items a
+    restart must give back (open reads first, then the queue, in order)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.journal, _ = open_journal(directory)
+        self.queue = MiniQueue(self.journal, MEMORY)
+        self.next_id = 1
+        self.expected = []
+
+    def add(self, n: int) -> None:
+        for _ in range(n):
+            it = item(self.next_id, 100)
+            self.next_id += 1
+            self.queue.add(it)
+            self.expected.append(it)
+
+    def take(self, n: int, reliable: bool) -> None:
+        for _ in range(n):
+            taken = self.queue.take(reliable)
+            if not reliable:
+                self.expected.remove(taken)
+
+    def heal(self) -> None:
+        self.journal.heal(list(self.queue.open.values()), self.queue.ring)
+
+    def restarted(self) -> list:
+        self.journal.close()
+        journal, recovery = open_journal(self.directory)
+        try:
+            assert recovery.warnings == []
+            assert recovery.next_id == self.next_id
+            return all_items(journal, recovery)
+        finally:
+            journal.close()
+
+
+@pytest.mark.usefixtures("codec")
+@pytest.mark.parametrize("what", ["directory", "segments"])
+def test_deleted_files_are_reported_once_and_the_live_state_written_again(tmp_path, caplog, what):
+    s = Scenario(tmp_path / "q")
+    s.add(150)  # several segments; all but the first ~25 only on disk
+    s.take(5, reliable=False)
+    s.take(3, reliable=True)
+    assert s.queue.disk and len(segment_files(s.directory)) > 1
+    assert not s.journal.files_lost()
+    delete(s.directory, what)
+    s.add(10)  # before anyone notices: into the deleted files
+    with caplog.at_level(logging.ERROR, logger="erq.journal"):
+        assert s.journal.files_lost() and s.journal.files_lost()
+    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(reports) == 1 and str(s.directory) in reports[0], reports
+    s.heal()
+    s.journal.wait_compaction()
+    assert not s.journal.files_lost()
+    assert deleted_files_held(s.directory) == []  # the deleted segments are released
+    s.take(2, reliable=False)  # read-behind goes on, from the new files
+    s.add(10)
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_the_fsync_period_check_hands_a_deletion_to_the_owner_once(tmp_path):
+    s = Scenario(tmp_path / "q")
+    s.add(5)
+    calls = []
+    s.journal.on_lost = lambda: calls.append(s.journal.files_lost())
+    s.journal.check_current()
+    assert calls == []
+    delete(s.directory, "segments")
+    s.journal.check_current()
+    s.journal.check_current()
+    assert calls == [True]
+    s.heal()
+    s.journal.wait_compaction()
+    s.journal.check_current()
+    assert calls == [True]
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_a_directory_put_in_the_place_of_the_journals_is_noticed(tmp_path):
+    s = Scenario(tmp_path / "q")
+    s.add(20)
+    s.directory.rename(tmp_path / "moved")
+    s.directory.mkdir()
+    assert s.journal.files_lost()
+    s.heal()
+    s.journal.wait_compaction()
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_an_empty_queue_is_written_again_and_keeps_its_next_id(tmp_path):
+    s = Scenario(tmp_path / "q")
+    s.add(3)
+    s.take(3, reliable=False)
+    delete(s.directory, "directory")
+    assert s.journal.files_lost()
+    s.heal()
+    s.journal.wait_compaction()
+    assert not s.journal.files_lost() and segment_files(s.directory)
+    assert s.restarted() == []
+
+
+@pytest.mark.usefixtures("codec")
+def test_a_journal_that_cannot_be_written_again_refuses_appends_until_it_can(tmp_path):
+    s = Scenario(tmp_path / "data" / "q")
+    s.add(40)
+    shutil.rmtree(tmp_path / "data")  # the parent too: the journal cannot make it again
+    assert s.journal.files_lost()
+    s.heal()
+    assert s.journal.files_lost()
+    with pytest.raises(JournalError, match="deleted"):
+        s.journal.add(s.next_id, 0, 0, 0, b"refused")
+    with pytest.raises(JournalError):
+        s.journal.remove(1)
+    s.heal()  # tries again, still in vain
+    (tmp_path / "data").mkdir()
+    s.heal()
+    s.add(5)  # appends go to the new directory at once
+    s.journal.wait_compaction()
+    assert not s.journal.files_lost()
+    assert deleted_files_held(s.directory) == []
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_the_segments_a_compaction_is_deleting_are_not_taken_for_a_deletion(tmp_path, monkeypatch):
+    s = Scenario(tmp_path / "q")
+    s.add(150)
+    s.take(140, reliable=False)
+    unlinked, release = threading.Event(), threading.Event()
+
+    def slow_unlink(path: Path) -> None:
+        os.unlink(path)
+        unlinked.set()
+        release.wait(10)
+
+    monkeypatch.setattr(compaction, "_unlink", slow_unlink)
+    s.journal.compact([], s.queue.ring)
+    assert unlinked.wait(10)
+    try:
+        assert not s.journal.files_lost()
+    finally:
+        release.set()
+    s.journal.wait_compaction()
+    assert not s.journal.files_lost()
+    assert s.restarted() == s.expected
