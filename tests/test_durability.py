@@ -771,7 +771,105 @@ def test_fanout_child_survives_a_crash_and_still_receives_copies(erq_factory):
     assert drain(client, "q+c") == [b"three"]
 
 
-# ---- 9. offline tools on a real data dir ----------------------------------------------------------
+# ---- 9. journal files deleted under a running server ----------------------------------------------
+def errors_naming(log: str, *names: str) -> list[str]:
+    return [
+        line for line in log.splitlines() if " ERROR " in line and all(n in line for n in names)
+    ]
+
+
+def delete_journal(queue_dir: Path, what: str) -> None:
+    """What an operator or a tmp cleaner does to a live queue: the directory, or its files."""
+    if what == "directory":
+        shutil.rmtree(queue_dir)
+    else:
+        for path in segment_files(queue_dir):
+            path.unlink()
+
+
+def wait_healed(server: ErqProcess, client: RawClient, queue: str, rewrites: int) -> None:
+    """The deletion was reported (in one line) and the live state written again."""
+    queue_dir = server.data_dir / queue
+    wait_for(lambda: errors_naming(server.read_log(), queue, str(queue_dir)), "the report", 5)
+    wait_for(lambda: queue_stats(client, queue)["journal_rewrites"] > rewrites, "the rewrite", 5)
+
+
+@pytest.mark.parametrize("what", ["directory", "segments"])
+@pytest.mark.parametrize("fsync", ["100ms", "always", "never"])
+def test_a_deleted_journal_is_written_again_so_a_crash_loses_nothing(erq_factory, what, fsync):
+    server = erq_factory(f'[queues.default]\nfsync = "{fsync}"\n')
+    client = server.client()
+    before = [b"before-%d" % i * (i % 7 + 1) for i in range(300)]
+    set_many(client, "q", before)
+    assert client.get("q/open") == b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (8, before[0])
+    delete_journal(server.data_dir / "q", what)
+    unnoticed = [b"unnoticed-%d" % i for i in range(50)]  # set before the server can know
+    set_many(client, "q", unnoticed)
+    wait_healed(server, client, "q", 0)
+    after = [b"after-%d" % i for i in range(100)]
+    set_many(client, "q", after)
+    assert len(errors_naming(server.read_log(), str(server.data_dir / "q"))) == 1, server.read_log()
+    client.close()
+    server.kill()
+
+    log = start_logged(server)
+    assert ready_counts(log) == [(450, sum(map(len, before + unnoticed + after)))], log
+    assert warnings_naming(log, str(server.data_dir / "q")) == [], log
+    assert drain(server.client(), "q") == before + unnoticed + after  # the open read first
+
+
+def test_a_deleted_journal_of_a_queue_deeper_than_memory_keeps_its_disk_only_items(erq_factory):
+    server = erq_factory(READ_BEHIND_CONFIG)
+    client = server.client()
+    before = [kib_value(n) for n in range(400)]  # all but ~60 only on disk
+    set_many(client, "q", before)
+    assert get_many(client, "q", 30) == before[:30]
+    stats = queue_stats(client, "q")
+    assert stats["mem_items"] < 100 < stats["items"], stats
+    delete_journal(server.data_dir / "q", "directory")
+    unnoticed = [kib_value(n) for n in range(400, 450)]
+    set_many(client, "q", unnoticed)
+    wait_healed(server, client, "q", stats["journal_rewrites"])
+    after = [kib_value(n) for n in range(450, 600)]
+    set_many(client, "q", after)
+    assert get_many(client, "q", 20) == before[30:50]
+    client.close()
+    server.kill()
+
+    server.start()
+    assert drain(server.client(), "q") == before[50:] + unnoticed + after
+
+
+def test_a_journal_that_cannot_be_written_again_refuses_writes_until_it_can(erq_factory):
+    server = erq_factory()
+    client = server.client()
+    assert client.set("q", b"expires", exptime=1) == b"STORED\r\n"  # gone while refusing
+    stored = [b"before-%d" % i for i in range(100)]
+    set_many(client, "q", stored)
+
+    def set_one(n: int) -> bytes:
+        reply = client.set("q", b"set-%d" % n)
+        if reply == b"STORED\r\n":
+            stored.append(b"set-%d" % n)  # before the deletion is noticed, or once healed
+        return reply
+
+    shutil.rmtree(server.data_dir)  # the parent too: the queue's directory cannot be made again
+    wait_for(lambda: errors_naming(server.read_log(), "q"), "the report", 5)
+    refused = wait_for(lambda: set_one(len(stored)).startswith(b"SERVER_ERROR"), "a refusal", 5)
+    assert refused and set_one(len(stored) + 1).startswith(b"SERVER_ERROR")
+    time.sleep(1.5)  # the head expires: a sweep that cannot journal that must go on
+    server.data_dir.mkdir()
+    wait_for(lambda: set_one(len(stored)) == b"STORED\r\n", "a set to be stored again", 5)
+    wait_for(lambda: queue_stats(client, "q")["journal_rewrites"] > 0, "the rewrite", 5)
+    set_one(len(stored))
+    client.close()
+    server.kill()
+
+    server.start()
+    assert drain(server.client(), "q") == stored
+
+
+# ---- 10. offline tools on a real data dir ----------------------------------------------------------
 def test_journal_dump_prints_every_record_the_server_wrote(erq_factory, impl):
     server = erq_factory()
     client = server.client()
