@@ -203,3 +203,25 @@ def test_the_segments_a_compaction_is_deleting_are_not_taken_for_a_deletion(tmp_
     s.journal.wait_compaction()
     assert not s.journal.files_lost()
     assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_closing_during_a_heal_says_nothing_more(tmp_path, monkeypatch, caplog):
+    s = Scenario(tmp_path / "q")
+    s.add(20)
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        writing.set()
+        release.wait(10)
+
+    monkeypatch.setattr(compaction, "_fsync_file", slow_fsync)
+    delete(s.directory, "directory")
+    with caplog.at_level(logging.INFO, logger="erq.journal"):
+        assert s.journal.files_lost()
+        s.heal()
+        assert writing.wait(10)
+        threading.Timer(0.1, release.set).start()
+        s.journal.close()  # aborts the rewrite
+    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(reports) == 1 and "was deleted" in reports[0], reports

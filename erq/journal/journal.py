@@ -27,7 +27,7 @@ from pathlib import Path
 from ..datadir import fsync_directory, remove_queue_dir
 from ..journal_api import JournalError
 from . import codec
-from .compaction import SnapshotJob
+from .compaction import CompactionAborted, SnapshotJob
 from .diskitems import DiskItems
 from .format import (
     ADD_OVERHEAD,
@@ -771,6 +771,8 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if self._writer is not self._null_writer and self._segments[-1].unlinked():
             self._seal_current()
         self._refusing = self._writer is self._null_writer
+        if isinstance(exc, CompactionAborted):
+            return  # closed or deleted meanwhile: nothing to say
         why, now = str(exc), time.monotonic()
         last, at = self._heal_logged
         if why != last or now - at >= _HEAL_LOG_EVERY:
