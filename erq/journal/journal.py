@@ -102,7 +102,7 @@ class _JournalType(type):
         return cls._open_journal
 
 
-def _identity(directory: Path) -> tuple[int, ...] | None:
+def _identity(directory: str | Path) -> tuple[int, ...] | None:
     """(device, inode) of ``directory``; None if it is gone, () if that cannot be told."""
     try:
         st = os.stat(directory)
@@ -194,7 +194,8 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._refusing = False  # ... and no segment with a name to append to: appends fail
         self._heal_job: SnapshotJob | None = None
         self._heal_logged: tuple[str, float] = ("", 0.0)
-        self._dir_id = _identity(directory)
+        self._dir_path = os.fspath(directory)  # a str: os.stat converts a Path for ~4 us
+        self._dir_id = _identity(self._dir_path)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -708,7 +709,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         job = self._job
         passing = set(job.old_segments) if job is not None else ()  # a compaction unlinks them
         if thorough:
-            here = _identity(self.directory)
+            here = _identity(self._dir_path)
             if here is None or (here and self._dir_id and here != self._dir_id):
                 return self.directory  # gone, or another directory in its place
             if here and not self._dir_id:
@@ -757,7 +758,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         else:
             if self.directory.parent not in self._dirs_unsynced:
                 self._dirs_unsynced.append(self.directory.parent)
-        self._dir_id = _identity(self.directory)
+        self._dir_id = _identity(self._dir_path)
 
     def _drop_spare(self) -> None:
         """Discard the spare segment file, made (or being made) in the deleted directory."""
