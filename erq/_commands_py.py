@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
+# A full disk or a lost journal fails every request that writes: one line per 10 s, so that
+# the log does not grow on that full disk at the rate of the requests.
+_JOURNAL_FAILED = Throttle(log, logging.ERROR)
 
 END = b"END\r\n"
 STORED = b"STORED\r\n"
@@ -107,7 +110,7 @@ def cmd_set(session: Session, req: tuple) -> None:
             queue,
         )
     except JournalError as exc:
-        log.error("set %s: %s", name.decode("ascii"), exc)
+        _JOURNAL_FAILED.log("set %s: %s", name.decode("ascii"), exc)
         if not noreply:
             session.out.append(journal_failed(exc))
         return
@@ -158,7 +161,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             queue = state.queues.get_or_create(name)
             item = queue.head() if spec.peek else queue.take(spec.open)
         except JournalError as exc:  # disk full: the item stays at the head
-            log.error("get %s: %s", name, exc)
+            _JOURNAL_FAILED.log("get %s: %s", name, exc)
             session.out.append(journal_failed(exc))
             return True
         if item is None and spec.timeout:
@@ -324,7 +327,7 @@ class MonitorOperation:
             try:
                 item = self.queue.take(True)
             except JournalError as exc:  # disk full: the item stays at the head
-                log.error("monitor %s: %s", self.name, exc)
+                _JOURNAL_FAILED.log("monitor %s: %s", self.name, exc)
                 break
             if item is None:
                 delay = self.deadline - time.monotonic()
@@ -419,7 +422,7 @@ def cmd_monitor(session: Session, args: list[bytes]) -> None:
     try:
         queue = state.queues.get_or_create(args[0].decode("ascii"))
     except JournalError as exc:  # its journal could not be opened (out of descriptors, ...)
-        log.error("monitor %s: %s", args[0].decode("ascii"), exc)
+        _JOURNAL_FAILED.log("monitor %s: %s", args[0].decode("ascii"), exc)
         session.out.append(journal_failed(exc))
         return
     MonitorOperation(session, queue, int(args[1]), max_items).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import subprocess
 
 import pytest
@@ -206,3 +207,26 @@ def test_a_queue_whose_journal_cannot_be_opened_answers_server_error_and_the_con
     stats = c.stats()
     assert "queue_other_items" in stats
     assert not any(name.startswith("queue_blocked") for name in stats), stats  # none made
+
+
+def test_a_journal_error_that_every_request_meets_is_logged_once_per_interval(erq_factory):
+    """A full disk or a journal that cannot be opened fails every request that writes. Each
+    still gets its SERVER_ERROR, but the log takes one line per 10 s, not one per request: it
+    may be filling the very disk that is full."""
+    server = erq_factory(start=False)
+    server.data_dir.mkdir(exist_ok=True)
+    (server.data_dir / "blocked").write_bytes(b"")  # the queue's directory cannot be made
+    server.start()
+    c = server.client()
+    requests = [b"set blocked 0 0 2\r\nhi\r\n", b"get blocked\r\n", b"monitor blocked 1\r\n"]
+    c.send(b"".join(requests * 100))
+    for _ in range(300):
+        reply = c.line()
+        assert reply.startswith(b"SERVER_ERROR cannot open the journal"), reply
+    assert c.call(b"version\r\n").startswith(b"VERSION ")
+    lines = [
+        line
+        for line in server.read_log().splitlines()
+        if re.search(r"(set|get|monitor) blocked: ", line)
+    ]
+    assert len(lines) == 1, lines
