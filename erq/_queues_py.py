@@ -298,21 +298,29 @@ class QueueCollection:
         return sum(queue.discard_expired() for queue in self)
 
     def sweep(self, expire: bool = True) -> None:
-        """Periodic work: expiry at the heads, open-read timeouts, idle queues, compaction."""
-        now = self._clock()
+        """Periodic work on every queue at once (see sweep_queue)."""
         for queue in self:
-            try:
-                if expire:
-                    queue.discard_expired(now)
-                queue.expire_open_reads(now)
-            except JournalError as exc:  # the heads stay for a later sweep; the rest goes on
-                log.debug("queue %s: expiry waits for its journal: %s", queue.name, exc)
-            if queue.idle_expired(now):
-                self.delete(queue.name)
-                self.queue_deletes -= 1
-                self.queue_expires += 1
-                continue
-            queue.maybe_compact()
+            self.sweep_queue(queue, expire)
+
+    def sweep_queue(self, queue: Queue, expire: bool = True) -> None:
+        """Periodic work on one queue: expiry at its head, open-read timeouts, idle expiry,
+        compaction and its journal's files. The server spreads a sweep over loop passes, a
+        slice of queues at a time, so a queue deleted since the sweep began is left alone."""
+        if self._queues.get(queue.name) is not queue:
+            return
+        now = self._clock()
+        try:
+            if expire:
+                queue.discard_expired(now)
+            queue.expire_open_reads(now)
+        except JournalError as exc:  # the head stays for a later sweep; the rest goes on
+            log.debug("queue %s: expiry waits for its journal: %s", queue.name, exc)
+        if queue.idle_expired(now):
+            self.delete(queue.name)
+            self.queue_deletes -= 1
+            self.queue_expires += 1
+            return
+        queue.maybe_compact()
 
     def reconfigure(self, config: Config) -> None:
         self.config = config

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__, datadir, startsignals
@@ -27,6 +28,8 @@ from .ring import ITEM_OVERHEAD
 from .state import ServerState
 
 log = logging.getLogger("erq.server")
+
+SWEEP_SLICE = 0.002  # seconds of periodic sweeping before the loop serves its sockets again
 
 try:  # pragma: no cover - depends on the platform
     import uvloop
@@ -150,7 +153,7 @@ class Server:
         self.state: ServerState | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._admin: AdminServer | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.Handle | None = None  # the next sweep, or its next slice
         self._next_expiry = 0.0
         self._stopped: asyncio.Event | None = None
         self._stop_recovery = threading.Event()  # set by a shutdown request during recovery
@@ -289,12 +292,26 @@ class Server:
         state = self.state
         if state is None:
             return
+        now = state.loop.time()
+        expire = now >= self._next_expiry
+        if expire:
+            self._next_expiry = now + state.config.server.expiry_sweep / 1000.0 - 0.001
+        self._sweep_slice(iter(state.queues), expire)
+
+    def _sweep_slice(self, queues: Iterator, expire: bool) -> None:
+        """Sweep queues for at most SWEEP_SLICE seconds, then let the loop serve its sockets
+        before the next slice: a sweep over thousands of queues (a few microseconds each)
+        would otherwise hold every request back for tens of milliseconds once a second."""
+        state = self.state
+        if state is None:
+            return
         try:
-            now = state.loop.time()
-            expire = now >= self._next_expiry
-            if expire:
-                self._next_expiry = now + state.config.server.expiry_sweep / 1000.0 - 0.001
-            state.queues.sweep(expire)
+            deadline = time.perf_counter() + SWEEP_SLICE
+            for queue in queues:
+                state.queues.sweep_queue(queue, expire)
+                if time.perf_counter() >= deadline:
+                    self._sweeper = state.loop.call_soon(self._sweep_slice, queues, expire)
+                    return
             timeout = state.config.server.client_timeout
             if timeout:
                 now = state.loop.time()
