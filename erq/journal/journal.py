@@ -164,6 +164,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._base_live = 0
         self._base_open = 0
         self._needs_rewrite = False
+        self._no_compaction_at: tuple | None = None  # wants_compaction's state when it said no
         # Durability: the current segment is synced up to _synced_pos; sealed segments with
         # unsynced records wait in _unsynced. _quiet: an append needs no fsync bookkeeping
         # ("never", or a period whose timer is already armed).
@@ -473,6 +474,16 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
                 return False
         if self._closed or not self._segments or time.monotonic() < self._retry_at:
             return False
+        # The sweep asks every queue every second; most have written nothing since.
+        writer = self._writer
+        now = (writer, writer.position, len(self._segments), self._max_journal_size)
+        if now == self._no_compaction_at:
+            return False
+        wanted = self._compaction_pays()
+        self._no_compaction_at = None if wanted else now
+        return wanted
+
+    def _compaction_pays(self) -> bool:
         if self.live_items == 0:
             return len(self._segments) > 1 or self._current_needs_rotation(self._needs_rewrite)
         used = self.used_bytes
