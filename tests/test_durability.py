@@ -73,8 +73,11 @@ def drain(client: RawClient, queue: str, batch: int = 64) -> list[bytes]:
             return out
 
 
-def set_many(client: RawClient, queue: str, values: list[bytes], batch: int = 64) -> None:
-    """``set`` every value (pipelined); each must be STORED."""
+def set_many(
+    client: RawClient, queue: str, values: list[bytes], batch: int = 64, refusable: bool = False
+) -> None:
+    """``set`` every value (pipelined); each must be STORED (or, if ``refusable``, refused
+    with SERVER_ERROR: not durable, but kept by the queue)."""
     for start in range(0, len(values), batch):
         chunk = values[start : start + batch]
         client.send(
@@ -82,7 +85,8 @@ def set_many(client: RawClient, queue: str, values: list[bytes], batch: int = 64
         )
         for value in chunk:
             reply = client.line()
-            assert reply == b"STORED\r\n", (value[:20], reply)
+            ok = reply == b"STORED\r\n" or refusable and reply.startswith(b"SERVER_ERROR ")
+            assert ok, (value[:20], reply)
 
 
 def get_many(client: RawClient, queue: str, n: int) -> list[bytes]:
@@ -804,7 +808,8 @@ def test_a_deleted_journal_is_written_again_so_a_crash_loses_nothing(erq_factory
     assert client.get("q/open") == b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (8, before[0])
     delete_journal(server.data_dir / "q", what)
     unnoticed = [b"unnoticed-%d" % i for i in range(50)]  # set before the server can know
-    set_many(client, "q", unnoticed)
+    # With fsync = "always" the sync finds the file gone: SERVER_ERROR, not STORED (see below).
+    set_many(client, "q", unnoticed, refusable=fsync == "always")
     wait_healed(server, client, "q", 0)
     after = [b"after-%d" % i for i in range(100)]
     set_many(client, "q", after)
@@ -816,6 +821,30 @@ def test_a_deleted_journal_is_written_again_so_a_crash_loses_nothing(erq_factory
     assert ready_counts(log) == [(450, sum(map(len, before + unnoticed + after)))], log
     assert warnings_naming(log, str(server.data_dir / "q")) == [], log
     assert drain(server.client(), "q") == before + unnoticed + after  # the open read first
+
+
+def test_with_fsync_always_a_write_into_a_deleted_journal_is_refused_not_stored(erq_factory):
+    """fsync = "always": STORED means that a restart finds the item. After a deletion, until
+    the new journal is in place, writes can only reach files no restart can find: the sync
+    says so and they are refused, which also starts the new journal at once. The first STORED
+    after the deletion is there after a SIGKILL."""
+    server = erq_factory('[queues.default]\nfsync = "always"\n')
+    client = server.client()
+    set_many(client, "q", [b"before-%d" % i for i in range(10)])
+    delete_journal(server.data_dir / "q", "directory")
+    for n in range(2000):
+        reply = client.set("q", b"after-%d" % n)
+        if reply == b"STORED\r\n":
+            break
+        assert reply.startswith(b"SERVER_ERROR "), reply
+    else:
+        pytest.fail("no write was stored again after the deletion")
+    client.close()
+    server.kill()
+    server.start()
+    items = drain(server.client(), "q")
+    assert items[:10] == [b"before-%d" % i for i in range(10)], items[:12]
+    assert b"after-%d" % n in items, (n, items[-5:])
 
 
 def test_a_deleted_journal_of_a_queue_deeper_than_memory_keeps_its_disk_only_items(erq_factory):

@@ -206,14 +206,18 @@ def test_the_segments_a_compaction_is_deleting_are_not_taken_for_a_deletion(tmp_
 
 
 @pytest.mark.usefixtures("codec")
-def test_closing_during_a_heal_says_nothing_more(tmp_path, monkeypatch, caplog):
+def test_closing_during_a_heal_finishes_it_first(tmp_path, monkeypatch, caplog):
+    """A stop (the server's shutdown closes every journal) while the live state is being
+    written again waits for it: aborted, the state would exist only in the deleted files."""
     s = Scenario(tmp_path / "q")
     s.add(20)
     writing, release = threading.Event(), threading.Event()
+    real_fsync = compaction._fsync_file
 
     def slow_fsync(fd: int) -> None:
         writing.set()
         release.wait(10)
+        real_fsync(fd)
 
     monkeypatch.setattr(compaction, "_fsync_file", slow_fsync)
     delete(s.directory, "directory")
@@ -222,6 +226,12 @@ def test_closing_during_a_heal_says_nothing_more(tmp_path, monkeypatch, caplog):
         s.heal()
         assert writing.wait(10)
         threading.Timer(0.1, release.set).start()
-        s.journal.close()  # aborts the rewrite
+        s.journal.close()  # waits for the rewrite, then syncs what came after it
     reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(reports) == 1 and "was deleted" in reports[0], reports
+    assert deleted_files_held(s.directory) == []
+    journal, recovery = open_journal(s.directory)
+    try:
+        assert all_items(journal, recovery) == s.expected
+    finally:
+        journal.close()

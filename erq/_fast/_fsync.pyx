@@ -42,6 +42,7 @@ cdef extern from *:
     #include <signal.h>
     #include <stdint.h>
     #include <unistd.h>
+    #include <sys/stat.h>
     #ifdef __linux__
     #include <sys/eventfd.h>
     #endif
@@ -125,9 +126,11 @@ cdef extern from *:
     static void erq_store_release(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
     /* fdatasync where it exists (macOS declares none: fsync there), fsync for directories.
-       Returns 0 or the errno; retries an interrupted call. */
+       Returns 0 or the errno; retries an interrupted call. A file or directory deleted
+       under the server syncs, but no restart can find it: ENOENT. */
     static int erq_sync_fd(int fd, int data_only) {
         int rc;
+        struct stat st;
         do {
     #if defined(__APPLE__)
             (void)data_only;
@@ -136,7 +139,11 @@ cdef extern from *:
             rc = data_only ? fdatasync(fd) : fsync(fd);
     #endif
         } while (rc < 0 && errno == EINTR);
-        return rc < 0 ? errno : 0;
+        if (rc < 0)
+            return errno;
+        if (fstat(fd, &st) == 0 && st.st_nlink == 0)
+            return ENOENT;
+        return 0;
     }
 
     /* Start a thread with every signal blocked, so that signals keep going to the threads that

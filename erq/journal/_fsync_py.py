@@ -19,6 +19,7 @@ Unlike the C build this thread needs the GIL to run; the behaviour is the same.
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import threading
@@ -86,9 +87,12 @@ def _as_c_int(fd) -> int:
 
 
 def _sync(fd: int, sync) -> int:
-    """Sync and close ``fd`` (ours since submit); the errno, 0 when it synced."""
+    """Sync and close ``fd`` (ours since submit); the errno, 0 when it synced. A file or
+    directory deleted under the server syncs, but no restart can find it: ENOENT."""
     try:
         sync(fd)
+        if os.fstat(fd).st_nlink == 0:
+            return errno.ENOENT
     except OSError as exc:
         return exc.errno or 5  # EIO: an OSError without an errno is still a failure
     finally:

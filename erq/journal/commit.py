@@ -333,6 +333,7 @@ class GroupCommit:
             for journal, targets in batch.work:
                 if journal in errors:
                     journal.restore_dirty(targets)
+                    journal.check_current()  # deleted under the server? heal it now
         if not self._closed:
             self._start_after_next_pass()
         # Settle every ticket of the batch before calling any waiter: a session waits only

@@ -863,9 +863,14 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
     # ---- closing ---------------------------------------------------------------------------
     def close(self) -> None:
         """Stop any compaction, fsync, unmap and close. Raises JournalError if the final
-        fsync fails (the files are closed anyway)."""
+        fsync fails (the files are closed anyway). A journal whose files were deleted first
+        finishes writing its live state again (heal): stopped, it would lose it."""
         if self._closed:
             return
+        heal = self._heal_job
+        if heal is not None and heal is self._job:
+            heal.join()
+            self._poll_compaction()
         self._stop_compaction()
         error = None
         try:

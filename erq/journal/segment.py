@@ -248,6 +248,8 @@ class Segment:
             else:
                 self.mm.flush()
                 os.fsync(self._fd)
+            if os.fstat(self._fd).st_nlink == 0:  # synced, but no restart can find it
+                raise FileNotFoundError(errno.ENOENT, "deleted while the server runs", self.path)
 
     def close(self) -> None:
         """Unmap and close. Writers and readers of ``mm`` must have released it."""
