@@ -1,0 +1,91 @@
+"""What a server with many queues costs while it is idle, and how long its periodic sweep holds
+requests back.
+
+Starts erq from this checkout (journal on, defaults) on a free loopback port, creates
+``--queues`` queues with one item each, then for ``--seconds`` sends ``version`` every
+millisecond on one connection and reports the round trips (p50, p99, max, and how many took
+over 10 ms), and the server's CPU time per second meanwhile (user + sys from /proc). Every
+queue is visited by the sweep once a second (expiry, compaction, its journal's files).
+
+    python benchmarks/many_queues.py --queues 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queues", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    args = parser.parse_args()
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "erq", "serve", "--port", str(port), "--admin-port", "0",
+             "--data-dir", f"{tmp}/data", "--log-level", "WARNING"],
+            env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise SystemExit("many_queues: the server did not start") from None
+                    time.sleep(0.05)
+            replies = sock.makefile("rb")
+            sock.sendall(b"".join(b"set q%d 0 0 2\r\nhi\r\n" % i for i in range(args.queues)))
+            for _ in range(args.queues):
+                if replies.readline() != b"STORED\r\n":
+                    raise SystemExit("many_queues: a set was refused")
+            time.sleep(2.0)  # the creation's own work (journals, first syncs) settles
+            rtts = []
+            cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            end = t0 + args.seconds
+            while time.monotonic() < end:
+                start = time.perf_counter()
+                sock.sendall(b"version\r\n")
+                replies.readline()
+                rtts.append((time.perf_counter() - start) * 1000)
+                time.sleep(0.001)
+            cpu = (_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+            sock.close()
+        finally:
+            server.terminate()
+            server.wait(30)
+    rtts.sort()
+    print(
+        f"{args.queues} queues, {len(rtts)} pings: p50 {rtts[len(rtts) // 2]:.3f} ms, "
+        f"p99 {rtts[int(len(rtts) * 0.99)]:.3f} ms, max {rtts[-1]:.1f} ms, "
+        f"{sum(r > 10 for r in rtts)} over 10 ms; server CPU {cpu * 1000:.0f} ms per second"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
