@@ -567,6 +567,46 @@ def test_close_answers_the_batch_that_is_still_syncing(codec, impl, tmp_path, mo
     run(main())
 
 
+def test_a_segment_deleted_while_it_syncs_fails_the_batch_unless_erq_deleted_it(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    """The sync tells a file deleted under the server (no restart can find what it holds:
+    the writes fail) from one that erq itself released or replaced while the sync ran (its
+    records were consumed, or are in the snapshot that replaced it: the writes stand)."""
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1)
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(journal.add(1, 0, 0, 0, b"a"))
+        # erq releases the segment the batch is syncing (its head moved past it).
+        spy.hold = True
+        ticket = journal.add(2, 0, 0, 0, b"b")
+        await spy.wait_jobs(2)
+        old = journal._segments[-1]
+        journal._rotate(0)
+        journal._delete_oldest([old])
+        spy.hold = False
+        spy.release()
+        await settled(ticket)
+        assert ticket.error is None
+        # Someone else deletes the segment the batch is syncing.
+        spy.hold = True
+        ticket = journal.add(3, 0, 0, 0, b"c")
+        await spy.wait_jobs(3)
+        os.unlink(journal._segments[-1].path)
+        spy.hold = False
+        spy.release()
+        await settled(ticket)
+        assert isinstance(ticket.error, JournalError), ticket
+        assert os.strerror(errno.ENOENT) in str(ticket.error)
+        commit.close()
+        with pytest.raises(JournalError):  # its final sync says so too
+            journal.close()
+
+    run(main())
+
+
 def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(
     codec, impl, tmp_path, monkeypatch, run
 ):

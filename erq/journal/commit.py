@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import weakref
@@ -108,7 +109,7 @@ def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, J
 class _Batch:
     """The tickets of one group fsync and what it syncs."""
 
-    __slots__ = ("tickets", "work", "failed", "spans", "ndata", "future")
+    __slots__ = ("tickets", "work", "failed", "spans", "ndata", "segments", "future")
 
     def __init__(self, tickets: dict[QueueJournal, Ticket]) -> None:
         self.tickets = tickets
@@ -116,6 +117,7 @@ class _Batch:
         self.failed: dict[QueueJournal, JournalError] = {}  # before the sync: no descriptor
         self.spans: list[tuple[int, int, int, int]] = []  # per work item: its fds, its dirs
         self.ndata = 0  # data descriptors in the job (the directories follow them)
+        self.segments: list = []  # the segment of each data descriptor, in job order
         self.future: concurrent.futures.Future | None = None  # the executor path's job
 
 
@@ -231,6 +233,7 @@ class GroupCommit:
                 for segment in targets.segments:
                     if not segment.closed:  # closed segments are gone: nothing to sync
                         fds.append(os.dup(segment.fileno()))
+                        batch.segments.append(segment)
                 for directory in targets.directories:
                     try:
                         dirs.append(os.open(directory, _DIR_FLAGS))
@@ -285,10 +288,18 @@ class GroupCommit:
             return errors
         errors = dict(errors)
         ndata = batch.ndata
+        segments = batch.segments
         for (journal, _), (f0, f1, d0, d1) in zip(batch.work, batch.spans, strict=True):
             if journal in errors:
                 continue
-            for err in errnos[f0:f1] + errnos[ndata + d0 : ndata + d1]:
+            for index in (*range(f0, f1), *range(ndata + d0, ndata + d1)):
+                err = errnos[index]
+                if err == errno.ENOENT and (
+                    segments[index].closed if index < ndata else journal.closed
+                ):
+                    # Deleted, but by erq: a segment released or replaced while it synced (its
+                    # records were consumed, or are in the snapshot that replaced it).
+                    continue
                 if err:
                     errors[journal] = JournalError(
                         f"fsync of {journal.directory} failed: {os.strerror(err)}"
