@@ -549,15 +549,22 @@ def test_the_end_of_a_batch_calls_every_waiter_before_any_other_callback(
     run(main())
 
 
+async def second_batch_held(tmp_path, monkeypatch, impl):
+    """One journal whose first append has synced, and the batch of its second held in the
+    worker: (commit, journal, spy, the second append's ticket)."""
+    commit = GroupCommit(asyncio.get_running_loop())
+    (journal,) = open_journals(tmp_path, commit, 1)
+    spy = WorkerSpy(monkeypatch, impl)
+    await settled(journal.add(1, 0, 0, 0, b"a"))
+    spy.hold = True
+    ticket = journal.add(2, 0, 0, 0, b"b")
+    await spy.wait_jobs(2)
+    return commit, journal, spy, ticket
+
+
 def test_close_answers_the_batch_that_is_still_syncing(codec, impl, tmp_path, monkeypatch, run):
     async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        spy = WorkerSpy(monkeypatch, impl)
-        await settled(journal.add(1, 0, 0, 0, b"a"))
-        spy.hold = True
-        ticket = journal.add(2, 0, 0, 0, b"b")
-        await spy.wait_jobs(2)
+        commit, journal, spy, ticket = await second_batch_held(tmp_path, monkeypatch, impl)
         spy.hold = False
         spy.release()  # the sync may end while the loop is inside close(), not yet told
         commit.close()
@@ -575,14 +582,8 @@ def test_a_segment_deleted_while_it_syncs_fails_the_batch_unless_erq_deleted_it(
     records were consumed, or are in the snapshot that replaced it: the writes stand)."""
 
     async def main():
-        commit = GroupCommit(asyncio.get_running_loop())
-        (journal,) = open_journals(tmp_path, commit, 1)
-        spy = WorkerSpy(monkeypatch, impl)
-        await settled(journal.add(1, 0, 0, 0, b"a"))
+        commit, journal, spy, ticket = await second_batch_held(tmp_path, monkeypatch, impl)
         # erq releases the segment the batch is syncing (its head moved past it).
-        spy.hold = True
-        ticket = journal.add(2, 0, 0, 0, b"b")
-        await spy.wait_jobs(2)
         old = journal._segments[-1]
         journal._rotate(0)
         journal._delete_oldest([old])
