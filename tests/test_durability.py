@@ -827,7 +827,8 @@ def test_with_fsync_always_a_write_into_a_deleted_journal_is_refused_not_stored(
     """fsync = "always": STORED means that a restart finds the item. After a deletion, until
     the new journal is in place, writes can only reach files no restart can find: the sync
     says so and they are refused, which also starts the new journal at once. The first STORED
-    after the deletion is there after a SIGKILL."""
+    after the deletion is there after a SIGKILL. (The items from before are back if the
+    rewrite of the live state landed before the kill, else gone: all or none.)"""
     server = erq_factory('[queues.default]\nfsync = "always"\n')
     client = server.client()
     set_many(client, "q", [b"before-%d" % i for i in range(10)])
@@ -843,8 +844,9 @@ def test_with_fsync_always_a_write_into_a_deleted_journal_is_refused_not_stored(
     server.kill()
     server.start()
     items = drain(server.client(), "q")
-    assert items[:10] == [b"before-%d" % i for i in range(10)], items[:12]
     assert b"after-%d" % n in items, (n, items[-5:])
+    before = [b"before-%d" % i for i in range(10)]
+    assert items[:10] == before or not set(before) & set(items), items[:12]
 
 
 def test_a_deleted_journal_of_a_queue_deeper_than_memory_keeps_its_disk_only_items(erq_factory):

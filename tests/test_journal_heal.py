@@ -206,6 +206,36 @@ def test_the_segments_a_compaction_is_deleting_are_not_taken_for_a_deletion(tmp_
 
 
 @pytest.mark.usefixtures("codec")
+def test_appends_made_while_a_heal_writes_sync_in_the_new_segment(tmp_path, monkeypatch):
+    """While the live state is being written again, new appends go to a new segment in the
+    directory made again: their sync must not wait on (and fail with) the deleted files,
+    whose contents the snapshot holds."""
+    s = Scenario(tmp_path / "q")
+    s.add(20)
+    writing, release = threading.Event(), threading.Event()
+    real_fsync = compaction._fsync_file
+
+    def slow_fsync(fd: int) -> None:
+        writing.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(compaction, "_fsync_file", slow_fsync)
+    delete(s.directory, "directory")
+    assert s.journal.files_lost()
+    s.heal()
+    assert writing.wait(10)
+    try:
+        s.add(5)
+        s.journal.sync()  # the new segment and the directory made again; not the deleted ones
+    finally:
+        release.set()
+    s.journal.wait_compaction()
+    assert not s.journal.files_lost()
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
 def test_closing_during_a_heal_finishes_it_first(tmp_path, monkeypatch, caplog):
     """A stop (the server's shutdown closes every journal) while the live state is being
     written again waits for it: aborted, the state would exist only in the deleted files."""

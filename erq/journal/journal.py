@@ -758,6 +758,10 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             self._heal_failed(exc)
         else:
             self._needs_rewrite = False  # the snapshot holds no damaged record either
+            # The deleted segments can never be synced where a restart looks: what they hold
+            # goes into the snapshot, which is synced before it replaces them. Kept pending,
+            # they would fail the sync of every append made meanwhile, in the new segment.
+            self._unsynced = [segment for segment in self._unsynced if not segment.unlinked()]
 
     def _make_directory(self) -> None:
         """The queue's directory again (its parent is not made: a data directory that is
@@ -837,6 +841,8 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             if segment is current:
                 self._synced_pos = 0
             elif not segment.closed and segment not in self._unsynced:
+                if self._heal_job is not None and segment.unlinked():
+                    continue  # deleted under the server: the heal's snapshot holds it
                 self._unsynced.append(segment)
         for directory in work.directories:
             if directory not in self._dirs_unsynced:
