@@ -205,13 +205,9 @@ def test_the_segments_a_compaction_is_deleting_are_not_taken_for_a_deletion(tmp_
     assert s.restarted() == s.expected
 
 
-@pytest.mark.usefixtures("codec")
-def test_appends_made_while_a_heal_writes_sync_in_the_new_segment(tmp_path, monkeypatch):
-    """While the live state is being written again, new appends go to a new segment in the
-    directory made again: their sync must not wait on (and fail with) the deleted files,
-    whose contents the snapshot holds."""
-    s = Scenario(tmp_path / "q")
-    s.add(20)
+def held_in_its_fsync(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(writing, release): a heal's snapshot, once written, waits in its fsync (``writing``
+    set) until ``release`` is set."""
     writing, release = threading.Event(), threading.Event()
     real_fsync = compaction._fsync_file
 
@@ -221,6 +217,17 @@ def test_appends_made_while_a_heal_writes_sync_in_the_new_segment(tmp_path, monk
         real_fsync(fd)
 
     monkeypatch.setattr(compaction, "_fsync_file", slow_fsync)
+    return writing, release
+
+
+@pytest.mark.usefixtures("codec")
+def test_appends_made_while_a_heal_writes_sync_in_the_new_segment(tmp_path, monkeypatch):
+    """While the live state is being written again, new appends go to a new segment in the
+    directory made again: their sync must not wait on (and fail with) the deleted files,
+    whose contents the snapshot holds."""
+    s = Scenario(tmp_path / "q")
+    s.add(20)
+    writing, release = held_in_its_fsync(monkeypatch)
     delete(s.directory, "directory")
     assert s.journal.files_lost()
     s.heal()
@@ -241,15 +248,7 @@ def test_closing_during_a_heal_finishes_it_first(tmp_path, monkeypatch, caplog):
     written again waits for it: aborted, the state would exist only in the deleted files."""
     s = Scenario(tmp_path / "q")
     s.add(20)
-    writing, release = threading.Event(), threading.Event()
-    real_fsync = compaction._fsync_file
-
-    def slow_fsync(fd: int) -> None:
-        writing.set()
-        release.wait(10)
-        real_fsync(fd)
-
-    monkeypatch.setattr(compaction, "_fsync_file", slow_fsync)
+    writing, release = held_in_its_fsync(monkeypatch)
     delete(s.directory, "directory")
     with caplog.at_level(logging.INFO, logger="erq.journal"):
         assert s.journal.files_lost()
