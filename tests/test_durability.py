@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from test_journal_support import delete_journal
 
 import erq.journal.codec as journal_codec
 from erq.journal.format import (
@@ -780,15 +781,6 @@ def errors_naming(log: str, *names: str) -> list[str]:
     return [
         line for line in log.splitlines() if " ERROR " in line and all(n in line for n in names)
     ]
-
-
-def delete_journal(queue_dir: Path, what: str) -> None:
-    """What an operator or a tmp cleaner does to a live queue: the directory, or its files."""
-    if what == "directory":
-        shutil.rmtree(queue_dir)
-    else:
-        for path in segment_files(queue_dir):
-            path.unlink()
 
 
 def wait_healed(server: ErqProcess, client: RawClient, queue: str, rewrites: int) -> None:

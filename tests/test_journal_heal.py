@@ -11,7 +11,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_journal_support import KiB, MiniQueue, all_items, item, segment_files, use_codec
+from test_journal_support import (
+    KiB,
+    MiniQueue,
+    all_items,
+    delete_journal,
+    item,
+    segment_files,
+    use_codec,
+)
 
 from erq.journal import QueueJournal, compaction
 from erq.journal_api import JournalError
@@ -43,14 +51,6 @@ def deleted_files_held(directory: Path) -> list[str]:
         if target.startswith(str(directory)) and target.endswith(" (deleted)"):
             held.append(target)
     return held
-
-
-def delete(directory: Path, what: str) -> None:
-    if what == "directory":
-        shutil.rmtree(directory)
-    else:
-        for path in segment_files(directory):
-            path.unlink()
 
 
 class Scenario:
@@ -100,7 +100,7 @@ def test_deleted_files_are_reported_once_and_the_live_state_written_again(tmp_pa
     s.take(3, reliable=True)
     assert s.queue.disk and len(segment_files(s.directory)) > 1
     assert not s.journal.files_lost()
-    delete(s.directory, what)
+    delete_journal(s.directory, what)
     s.add(10)  # before anyone notices: into the deleted files
     with caplog.at_level(logging.ERROR, logger="erq.journal"):
         assert s.journal.files_lost() and s.journal.files_lost()
@@ -123,7 +123,7 @@ def test_the_fsync_period_check_hands_a_deletion_to_the_owner_once(tmp_path):
     s.journal.on_lost = lambda: calls.append(s.journal.files_lost())
     s.journal.check_current()
     assert calls == []
-    delete(s.directory, "segments")
+    delete_journal(s.directory, "segments")
     s.journal.check_current()
     s.journal.check_current()
     assert calls == [True]
@@ -151,7 +151,7 @@ def test_an_empty_queue_is_written_again_and_keeps_its_next_id(tmp_path):
     s = Scenario(tmp_path / "q")
     s.add(3)
     s.take(3, reliable=False)
-    delete(s.directory, "directory")
+    delete_journal(s.directory, "directory")
     assert s.journal.files_lost()
     s.heal()
     s.journal.wait_compaction()
@@ -228,7 +228,7 @@ def test_appends_made_while_a_heal_writes_sync_in_the_new_segment(tmp_path, monk
     s = Scenario(tmp_path / "q")
     s.add(20)
     writing, release = held_in_its_fsync(monkeypatch)
-    delete(s.directory, "directory")
+    delete_journal(s.directory, "directory")
     assert s.journal.files_lost()
     s.heal()
     assert writing.wait(10)
@@ -249,7 +249,7 @@ def test_closing_during_a_heal_finishes_it_first(tmp_path, monkeypatch, caplog):
     s = Scenario(tmp_path / "q")
     s.add(20)
     writing, release = held_in_its_fsync(monkeypatch)
-    delete(s.directory, "directory")
+    delete_journal(s.directory, "directory")
     with caplog.at_level(logging.INFO, logger="erq.journal"):
         assert s.journal.files_lost()
         s.heal()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -136,6 +137,15 @@ def all_items(journal: QueueJournal, recovery) -> list[RecoveredItem]:
 
 def segment_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(".seg"))
+
+
+def delete_journal(queue_dir: Path, what: str) -> None:
+    """What an operator or a tmp cleaner does to a live queue: the directory, or its files."""
+    if what == "directory":
+        shutil.rmtree(queue_dir)
+    else:
+        for path in segment_files(queue_dir):
+            path.unlink()
 
 
 def record_spans(data: bytes) -> list[tuple[int, int]]:
