@@ -228,8 +228,8 @@ class Segment:
 
     def unlinked(self) -> bool:
         """True when the file has no name left (deleted under the server): its records then
-        live only as long as this mapping. Without the lock, which an fsync can hold for
-        long: call it on the thread that closes segments (the loop's)."""
+        live only as long as this mapping. It takes no lock (an fsync can hold it for long):
+        call it on the thread that closes segments (the loop's), or under the lock."""
         fd = self._fd
         if fd < 0:
             return False
@@ -248,7 +248,7 @@ class Segment:
             else:
                 self.mm.flush()
                 os.fsync(self._fd)
-            if os.fstat(self._fd).st_nlink == 0:  # synced, but no restart can find it
+            if self.unlinked():  # synced, but no restart can find it
                 raise FileNotFoundError(errno.ENOENT, "deleted while the server runs", self.path)
 
     def close(self) -> None:
