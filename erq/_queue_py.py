@@ -124,7 +124,7 @@ class Queue:
         self.name = name
         self.config = config
         self._journal = journal
-        if journal is not None and hasattr(journal, "on_lost"):
+        if journal is not None:
             journal.on_lost = self.maybe_compact  # files deleted under it: heal it at once
         self._clock = clock
         self._on_expired = on_expired
