@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,41 @@ def test_the_fsync_period_check_hands_a_deletion_to_the_owner_once(tmp_path):
     s.journal.wait_compaction()
     s.journal.check_current()
     assert calls == [True]
+    assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_a_settled_directory_costs_one_stat_and_a_segment_deleted_later_is_still_noticed(
+    tmp_path, monkeypatch
+):
+    from erq.journal import journal as journal_module
+    from erq.journal.segment import Segment
+
+    monkeypatch.setattr(journal_module, "_DIR_SETTLE", 0.05)
+    asked = []
+    unlinked = Segment.unlinked
+    monkeypatch.setattr(Segment, "unlinked", lambda seg: asked.append(seg) or unlinked(seg))
+    s = Scenario(tmp_path / "q")
+    s.add(150)
+    segments = len(segment_files(s.directory))
+    assert segments > 1
+
+    def asked_per_check() -> int:
+        asked.clear()
+        assert not s.journal.files_lost()
+        return len(asked)
+
+    assert asked_per_check() == segments  # first sight of the directory's mtime
+    time.sleep(0.06)
+    assert asked_per_check() == segments  # the same mtime, long enough: settled
+    assert [asked_per_check() for _ in range(3)] == [0, 0, 0]
+    s.journal.check_current()  # the fsync period's check still asks the current segment
+    assert len(asked) == 1
+    segment_files(s.directory)[0].unlink()  # the oldest: only the thorough check sees it
+    assert s.journal.files_lost()
+    s.heal()
+    s.journal.wait_compaction()
+    assert asked_per_check() > 0  # the heal changed the directory: asked again
     assert s.restarted() == s.expected
 
 

@@ -47,6 +47,7 @@ INITIAL_SEGMENT_SIZE = 1 * MiB
 _ALWAYS, _PERIOD, _NEVER = "always", "period", "never"
 _UNSET = object()
 _RETRY_FIRST, _RETRY_MAX = 1.0, 60.0  # compaction back-off after a failure, seconds
+_DIR_SETTLE = 0.5  # seconds an unchanged directory mtime must last before it is trusted
 _HEAL_LOG_EVERY = 60.0  # a heal that keeps failing the same way is logged again after this long
 
 # Segments from this size on get their successor allocated ahead (a spare): allocating 64 MiB
@@ -197,6 +198,11 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self._heal_logged: tuple[str, float] = ("", 0.0)
         self._dir_path = os.fspath(directory)  # a str: os.stat converts a Path for ~4 us
         self._dir_id = _identity(self._dir_path)
+        # The directory's mtime at the thorough checks (see _missing_path): first seen when,
+        # and unchanged for long enough that its segments need no asking.
+        self._dir_mtime: int | None = None
+        self._dir_seen_at = 0.0
+        self._dir_settled = False
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -715,22 +721,45 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             self.on_lost()
 
     def _missing_path(self, thorough: bool) -> Path | None:
-        """The first of the journal's paths that is gone, or None."""
+        """The first of the journal's paths that is gone, or None.
+
+        The thorough check asks every segment only while the directory changes: unlinking or
+        renaming a file sets its directory's mtime, so once checks _DIR_SETTLE seconds apart
+        have found the same mtime and every segment named, a change since would have given
+        another mtime (the wait rules out one made within the clock tick of the mtime read
+        first, which could leave it as it was). An idle queue then costs one stat a sweep."""
         self._poll_compaction()
-        job = self._job
-        passing = set(job.old_segments) if job is not None else ()  # a compaction unlinks them
+        mtime = None
         if thorough:
-            here = _identity(self._dir_path)
-            if here is None or (here and self._dir_id and here != self._dir_id):
-                return self.directory  # gone, or another directory in its place
-            if here and not self._dir_id:
-                self._dir_id = here
+            try:
+                st = os.stat(self._dir_path)
+            except (FileNotFoundError, NotADirectoryError):
+                return self.directory
+            except OSError:  # cannot tell: ask the segments
+                pass
+            else:
+                here = (st.st_dev, st.st_ino)
+                if self._dir_id and here != self._dir_id:
+                    return self.directory  # another directory in its place
+                if not self._dir_id:
+                    self._dir_id = here
+                mtime = st.st_mtime_ns
+                if self._dir_settled and mtime == self._dir_mtime:
+                    return None
             segments = self._segments
         else:
             segments = self._segments[-1:]
+        job = self._job
+        passing = set(job.old_segments) if job is not None else ()  # a compaction unlinks them
         for segment in segments:
             if segment not in passing and segment.unlinked():
                 return segment.path
+        if thorough:
+            now = time.monotonic()
+            if mtime is None or mtime != self._dir_mtime:
+                self._dir_mtime, self._dir_seen_at, self._dir_settled = mtime, now, False
+            else:
+                self._dir_settled = now - self._dir_seen_at >= _DIR_SETTLE
         return None
 
     def heal(self, open_items: Sequence, memory_items: Sequence) -> None:
@@ -774,6 +803,7 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             if self.directory.parent not in self._dirs_unsynced:
                 self._dirs_unsynced.append(self.directory.parent)
         self._dir_id = _identity(self._dir_path)
+        self._dir_mtime, self._dir_settled = None, False
 
     def _drop_spare(self) -> None:
         """Discard the spare segment file, made (or being made) in the deleted directory."""
