@@ -642,8 +642,8 @@ def big_value(n: int) -> bytes:
 def test_compaction_bounds_the_journal_by_live_data_and_a_crash_after_draining_loses_nothing(
     erq_factory,
 ):
-    # Segments grow from 1 MiB to 64 MiB (preallocated), and DESIGN §4 bounds the journal by
-    # 2 x live bytes + 2 segments: write about 130 MiB of 32 KiB items (eight files, 191 MiB
+    # Segments grow from 64 KiB to 64 MiB (preallocated), and DESIGN §4 bounds the journal by
+    # 2 x live bytes + 2 segments: write about 130 MiB of 32 KiB items (twelve files, 192 MiB
     # on disk, over that bound), then drain all but the last few.
     server = erq_factory()
     client = server.client(timeout=30)
@@ -688,23 +688,24 @@ def test_compaction_bounds_the_journal_by_live_data_and_a_crash_after_draining_l
 
 
 def test_a_long_queue_gives_back_the_segments_its_head_passed_without_a_rewrite(erq_factory):
-    # Segments grow 1, 2, 4, 8, 16 MiB: 512 items of 32 KiB fill the first four and start the
-    # fifth. Taking 250 moves the head into the fourth: the first three hold only history and
-    # are deleted (no snapshot: the live data, ~8 MiB, is over half of the rest).
+    # Segments grow from 64 KiB, doubling: 512 items of 32 KiB fill the first eight (64 KiB
+    # to 8 MiB, holding 1, 3, 7, ... 255 items: 502 in all) and start the ninth. Taking 250
+    # moves the head into the eighth (items 248 to 502): the first seven hold only history
+    # and are deleted (no snapshot: the live data, ~8 MiB, is over half of the rest).
     server = erq_factory()
     client = server.client(timeout=30)
     values = [big_value(n) for n in range(512)]
     set_many(client, "q", values)
     files = segment_files(server.data_dir / "q")
-    assert len(files) == 5
+    assert len(files) == 9
     assert get_many(client, "q", 250) == values[:250]
     wait_for(
-        lambda: segment_files(server.data_dir / "q") == files[3:],
+        lambda: segment_files(server.data_dir / "q") == files[7:],
         "the passed segments to be deleted",
     )
     stats = queue_stats(client, "q")
     assert stats["journal_rewrites"] == 0, stats  # deleted, not rewritten into a snapshot
-    assert stats["logsize"] == sum(p.stat().st_size for p in files[3:]), stats
+    assert stats["logsize"] == sum(p.stat().st_size for p in files[7:]), stats
     client.close()
     server.kill()
 
@@ -850,8 +851,14 @@ def test_a_deleted_journal_of_a_queue_deeper_than_memory_keeps_its_disk_only_ite
     stats = queue_stats(client, "q")
     assert stats["mem_items"] < 100 < stats["items"], stats
     delete_journal(server.data_dir / "q", "directory")
-    unnoticed = [kib_value(n) for n in range(400, 450)]
-    set_many(client, "q", unnoticed)
+    # A rotation before the heal cannot make its segment in the deleted directory: such a
+    # write is refused (SERVER_ERROR) and not queued; every write STORED must come back.
+    unnoticed = []
+    for value in (kib_value(n) for n in range(400, 450)):
+        reply = client.set("q", value)
+        assert reply == b"STORED\r\n" or reply.startswith(b"SERVER_ERROR "), reply
+        if reply == b"STORED\r\n":
+            unnoticed.append(value)
     wait_healed(server, client, "q", stats["journal_rewrites"])
     after = [kib_value(n) for n in range(450, 600)]
     set_many(client, "q", after)

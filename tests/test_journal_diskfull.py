@@ -94,11 +94,13 @@ def test_real_full_disk_refuses_the_write_and_recovers_when_space_is_freed(codec
     item = b"\x5a" * (60 * KiB)
     stored = 0
     with pytest.raises(JournalError, match="disk full"):
-        while True:  # sixteen fit in the first 1 MiB segment; the next one needs another
+        while True:
             journal.add(stored + 1, 0, 0, 0, item)
             stored += 1
-    assert stored == (1024 * KiB - 32) // (len(item) + 37)
-    assert sorted(p.name for p in directory.iterdir()) == ["0000000000000001.seg"]
+    # Segments of 64, 128, 256 and 512 KiB fit in the 1.5 MiB left; the next, of 1 MiB, does not.
+    sizes = [64 * KiB << k for k in range(4)]
+    assert stored == sum((size - 32) // (len(item) + 37) for size in sizes)
+    assert [p.stat().st_size for p in sorted(directory.iterdir())] == sizes
     ballast.unlink()
     journal.add(stored + 1, 0, 0, 0, item)  # space is back: the same write now succeeds
     journal.close()

@@ -265,15 +265,15 @@ def test_a_big_item_gets_a_segment_of_its_own_size(reopen):
 
 
 def test_segments_grow_from_small_to_segment_size(reopen):
-    journal, _ = reopen(segment_size=4 << 20)
+    journal, _ = reopen(segment_size=1 << 20)
     sizes = []
     i = 0
-    while len(sizes) < 5:
+    while len(sizes) < 7:
         i += 1
         journal.add(i, 0, 0, 0, b"q" * 4000)
         files = segment_files(journal.directory)
         sizes = [f.stat().st_size for f in files]
-    assert sizes == [1 << 20, 2 << 20, 4 << 20, 4 << 20, 4 << 20]
+    assert sizes == [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 1 << 20, 1 << 20]
 
 
 def test_always_without_group_commit_syncs_inline(reopen, monkeypatch):
