@@ -4,6 +4,7 @@ tests (a real process, SIGKILL, restart) are in test_durability.py, section 9.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from test_journal_support import (
     use_codec,
 )
 
-from erq.journal import QueueJournal, compaction
+from erq.journal import GroupCommit, QueueJournal, compaction
 from erq.journal_api import JournalError
 
 SEGMENT = 16 * KiB
@@ -168,6 +169,51 @@ def test_a_settled_directory_costs_one_stat_and_a_segment_deleted_later_is_still
     s.journal.wait_compaction()
     assert asked_per_check() > 0  # the heal changed the directory: asked again
     assert s.restarted() == s.expected
+
+
+@pytest.mark.usefixtures("codec")
+def test_a_rotation_that_finds_the_directory_gone_starts_the_heal_at_the_next_pass(tmp_path):
+    """Under a server (a commit, hence a loop) with fsync = "never", no period check would
+    notice the deletion before the sweep's next second, and every write meanwhile would be
+    refused: the failed rotation hands it to the owner itself, once, after the append."""
+
+    async def main() -> None:
+        commit = GroupCommit(asyncio.get_running_loop())
+        directory = tmp_path / "q"
+        journal, _ = open_journal(directory, segment_size=4 * KiB, commit=commit)
+        queue = MiniQueue(journal, 64 * KiB)
+        calls = []
+
+        def on_lost() -> None:
+            calls.append(journal.files_lost())
+            journal.heal(list(queue.open.values()), queue.ring)
+
+        journal.on_lost = on_lost
+        expected = [item(i, 1000) for i in range(1, 4)]
+        for it in expected:
+            queue.add(it)
+        delete_journal(directory, "directory")
+        for id in (4, 5):  # no room left in the current segment: both need a new one
+            with pytest.raises(JournalError, match="cannot"):
+                queue.add(item(id, 1000))
+        assert calls == []  # not from inside the append
+        await asyncio.sleep(0)
+        assert calls == [True]  # once, for both
+        journal.wait_compaction()
+        assert not journal.files_lost()
+        expected.append(item(6, 1000))
+        queue.add(expected[-1])
+        await asyncio.sleep(0)
+        assert calls == [True]
+        journal.close()
+        commit.close()
+        journal, recovery = open_journal(directory)
+        try:
+            assert all_items(journal, recovery) == expected
+        finally:
+            journal.close()
+
+    asyncio.run(main())
 
 
 @pytest.mark.usefixtures("codec")

@@ -190,11 +190,13 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         self.released = 0  # old segments deleted by release_head
         self.last_compaction_error: BaseException | None = None
         # Files deleted under the server (see files_lost): the owner of the live state sets
-        # on_lost, called on the loop when the fsync period's check finds them gone.
+        # on_lost, called on the loop when the fsync period's check finds them gone, or a
+        # rotation finds their directory gone.
         self.on_lost: Callable[[], object] | None = None
         self._lost = False  # files gone, live state not yet written again
         self._refusing = False  # ... and no segment with a name to append to: appends fail
         self._heal_job: SnapshotJob | None = None
+        self._heal_soon = False  # a failed rotation found the directory gone: on_lost is due
         self._heal_logged: tuple[str, float] = ("", 0.0)
         self._dir_path = os.fspath(directory)  # a str: os.stat converts a Path for ~4 us
         self._dir_id = _identity(self._dir_path)
@@ -322,13 +324,18 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if size is None:
             size = self._next_size
         size = max(size, round_up(HEADER_SIZE + record_size))
-        segment = Segment.create(
-            self.directory,
-            self._next_seq,
-            size,
-            id_floor=self._id_floor_now(),
-            spare=self._take_spare(size),
-        )
+        try:
+            segment = Segment.create(
+                self.directory,
+                self._next_seq,
+                size,
+                id_floor=self._id_floor_now(),
+                spare=self._take_spare(size),
+            )
+        except JournalError as exc:
+            if isinstance(exc.__cause__, (FileNotFoundError, NotADirectoryError)):
+                self._directory_gone()
+            raise
         self._next_seq += 1
         self._seal_current()
         self._segments.append(segment)
@@ -713,6 +720,21 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
             self.directory,
         )
         return True
+
+    def _directory_gone(self) -> None:
+        """A new segment could not be made because its directory is gone: have the owner
+        heal the journal on the loop's next pass (not inside this append), rather than at
+        the next fsync period's or sweep's check, with every write refused until then."""
+        commit, on_lost = self._commit, self.on_lost
+        if commit is None or on_lost is None or self._lost or self._heal_soon:
+            return
+        self._heal_soon = True
+        commit.loop.call_soon(self._heal_if_lost)
+
+    def _heal_if_lost(self) -> None:
+        self._heal_soon = False
+        if not self._closed and self.on_lost is not None and self.files_lost():
+            self.on_lost()
 
     def check_current(self) -> None:
         """Each fsync period: the current segment must still have a name; if not, call
