@@ -56,11 +56,13 @@ class QueueCollection:
         *,
         journal_factory: Callable[..., tuple[Any, Any]] | None = None,
         clock: Callable[[], int] = now_ms,
+        background: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.config = config
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._journal_factory = journal_factory
         self._clock = clock
+        self._background = background  # runs work off the loop (a removal's disk work)
         self._queues: dict[str, Queue] = {}
         self.by_raw_name: dict[
             bytes, Queue
@@ -270,7 +272,7 @@ class QueueCollection:
         memory_only = queue.journal is None
         queue.delete()
         if memory_only and self._journal_factory is not None and self.data_dir is not None:
-            remove_queue_dir(self.data_dir / name)
+            remove_queue_dir(self.data_dir / name, self._background, durable_now=False)
         parent, plus, _ = name.partition("+")
         if plus and parent in self._children:
             kids = self._children[parent]

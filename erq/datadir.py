@@ -7,7 +7,9 @@
   to ``deleting.<random>`` and the rename synced, then its files are removed. Removed file by
   file, in directory order, a crash midway would leave some segments behind, and the next
   start would replay them: items already taken would come back. A start removes what a crash
-  left under such a name.
+  left under such a name. In the server only the rename runs on the event loop; the sync
+  (unless the queue's fsync policy is ``always``) and the removal run on a worker thread,
+  so that a client deleting queues does not hold every other client up for a disk flush.
 
 Every name here holds a dot, which a queue name cannot (``erq.names``), so none can be taken
 for a queue.
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("erq.datadir")
@@ -67,9 +71,17 @@ def lock(data_dir: Path, who: str = "erq") -> DataDirLock:
     return DataDirLock(fd, path)
 
 
-def remove_queue_dir(directory: Path) -> None:
+def remove_queue_dir(
+    directory: Path,
+    background: Callable[[Callable[[], None]], object] | None = None,
+    *,
+    durable_now: bool = True,
+) -> None:
     """Remove a queue's directory so that a crash leaves all of it or none: rename, sync the
-    rename, then remove the files. Errors are logged; a leftover goes at the next start."""
+    rename, then remove the files. Errors are logged; a leftover goes at the next start.
+
+    ``background`` runs a callable on a worker thread: given, only the rename (and, with
+    ``durable_now``, its sync) happens before this returns, and the rest runs there."""
     directory = Path(directory)
     doomed = directory.with_name(DELETING_PREFIX + uuid.uuid4().hex)
     try:
@@ -80,12 +92,30 @@ def remove_queue_dir(directory: Path) -> None:
         log.warning(
             "cannot rename %s before removing it (%s): removing it in place", directory, exc
         )
-        doomed = directory
+        # Here, not on a worker: the queue could be made again under this name meanwhile.
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    synced = durable_now or background is None
+    if synced:
+        _sync_rename(directory.parent)
+    finish = functools.partial(_finish_removal, doomed, None if synced else directory.parent)
+    if background is None:
+        finish()
     else:
-        try:
-            fsync_directory(directory.parent)
-        except OSError as exc:
-            log.warning("cannot sync %s: %s", directory.parent, exc)
+        background(finish)
+
+
+def _sync_rename(parent: Path) -> None:
+    try:
+        fsync_directory(parent)
+    except OSError as exc:
+        log.warning("cannot sync %s: %s", parent, exc)
+
+
+def _finish_removal(doomed: Path, parent: Path | None) -> None:
+    """Sync the rename into ``parent`` (None: done already), then remove the files."""
+    if parent is not None:
+        _sync_rename(parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -193,7 +193,12 @@ class Server:
                 item_overhead=ITEM_OVERHEAD,
             )
 
-        queues = QueueCollection(self.config, data_dir, journal_factory=open_journal)
+        queues = QueueCollection(
+            self.config,
+            data_dir,
+            journal_factory=open_journal,
+            background=self._commit.background,
+        )
         self.state = state = ServerState(self.config, queues, loop)
         state.shutdown_requested = self.request_shutdown
         state.reload_requested = self.reload

@@ -13,7 +13,7 @@ import pytest
 from erq import datadir
 
 from conftest import ROOT, ErqProcess
-from support import DELETED, END, STORED, one
+from support import DELETED, END, STORED, one, poll
 
 
 def second_server(first: ErqProcess) -> ErqProcess:
@@ -75,7 +75,9 @@ def test_a_deleted_queue_leaves_nothing_and_a_half_removed_one_is_not_replayed(e
     for queue in ("gone", "kept"):
         assert c.set(queue, b"x") == STORED
     assert c.call(b"delete gone\r\n") == DELETED
-    assert sorted(p.name for p in server.data_dir.iterdir() if p.is_dir()) == ["kept"]
+    names = sorted(p.name for p in server.data_dir.iterdir() if p.is_dir())
+    assert "gone" not in names  # renamed before the answer; its files go off the loop
+    poll(lambda: [p.name for p in server.data_dir.iterdir() if p.is_dir()] == ["kept"], "removal")
     server.stop()
     # A stop between the rename and the last unlink leaves this behind: a directory under a
     # name no queue can have, with some of its segments. The next start removes it unread.
@@ -113,6 +115,27 @@ def test_remove_queue_dir_renames_first_and_tolerates_a_missing_directory(tmp_pa
     (tmp_path / "deleting").mkdir()  # a queue may be called that: no dot, not a leftover
     assert datadir.remove_leftovers(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["deleting"]
+
+
+@pytest.mark.parametrize("durable_now", [True, False])
+def test_remove_queue_dir_leaves_the_disk_work_to_the_background(
+    tmp_path, monkeypatch, durable_now
+):
+    queue_dir = tmp_path / "q"
+    queue_dir.mkdir()
+    (queue_dir / "00000001.seg").write_bytes(b"x" * 100)
+    synced = []
+    real = datadir.fsync_directory
+    monkeypatch.setattr(datadir, "fsync_directory", lambda d: (synced.append(d), real(d)))
+    later = []
+    datadir.remove_queue_dir(queue_dir, later.append, durable_now=durable_now)
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(datadir.DELETING_PREFIX)  # renamed before it returns
+    assert synced == ([tmp_path] if durable_now else [])
+    assert len(later) == 1
+    later[0]()
+    assert synced == [tmp_path]  # the rename synced once, before the files went
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Path):

@@ -781,3 +781,38 @@ def test_a_worker_that_cannot_start_leaves_the_batches_to_the_executor(
 
     run(main())
     assert "cannot start the fsync worker" in caplog.text
+
+
+@pytest.mark.parametrize("fsync", ["always", 100])
+def test_deleting_a_journal_leaves_its_files_to_the_executor(
+    codec, tmp_path, monkeypatch, run, fsync
+):
+    """Only the rename runs on the loop (and its sync under always, whose writes all wait for
+    one): the removal of the files, a disk flush and an unlink each, goes to the executor."""
+    from erq import datadir
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journal = QueueJournal.open(tmp_path / "q", fsync=fsync, commit=commit)[0]
+        ticket = journal.add(1, 0, 0, 0, b"x")
+        if ticket is not None:
+            await settled(ticket)
+        synced_on, removed_on = [], []
+        sync, rmtree = datadir.fsync_directory, datadir.shutil.rmtree
+        monkeypatch.setattr(
+            datadir, "fsync_directory", lambda d: (synced_on.append(threading.get_ident()), sync(d))
+        )
+        monkeypatch.setattr(
+            datadir.shutil,
+            "rmtree",
+            lambda d, **kw: (removed_on.append(threading.get_ident()), rmtree(d, **kw)),
+        )
+        journal.delete()
+        assert not (tmp_path / "q").exists()
+        commit.close()  # waits for the executor's work
+        loop_thread = threading.get_ident()
+        assert len(synced_on) == 1 and (synced_on[0] == loop_thread) == (fsync == "always")
+        assert len(removed_on) == 1 and removed_on[0] != loop_thread
+        assert list(tmp_path.iterdir()) == []
+
+    run(main())

@@ -12,6 +12,7 @@ cdef class QueueCollection:
     cdef public object data_dir
     cdef object _journal_factory
     cdef object _clock
+    cdef object _background
     cdef dict _queues
     cdef public dict by_raw_name
     cdef dict _children

@@ -106,6 +106,13 @@ def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, J
     return errors
 
 
+def _run_logged(work: Callable[[], object]) -> None:
+    try:
+        work()
+    except Exception:
+        log.exception("background work failed")
+
+
 class _Batch:
     """The tickets of one group fsync and what it syncs."""
 
@@ -399,6 +406,15 @@ class GroupCommit:
         if exc is not None:
             log.warning("periodic fsync of %s failed: %s", journal.directory, exc)
             journal.restore_dirty(targets)
+
+    # ---- other work off the loop ------------------------------------------------------------
+    def background(self, work: Callable[[], object]) -> None:
+        """Run ``work`` on the executor (a queue's directory being removed, say); its failure
+        is logged. After close, here and now. ``close`` waits for what is under way."""
+        if self._closed:
+            _run_logged(work)
+            return
+        self._executor.submit(_run_logged, work)
 
     # ---- shutdown ------------------------------------------------------------------------
     async def drain(self) -> None:

@@ -963,7 +963,14 @@ class QueueJournal(codec.AppendCore, metaclass=_JournalType):
         if not self._closed:
             self._stop_compaction()
             self._release()
-        remove_queue_dir(self.directory)  # all or nothing, should the process die meanwhile
+        # All or nothing, should the process die meanwhile. In a server only the rename
+        # holds the loop up (and its sync, if every write here waits for one).
+        commit = self._commit
+        remove_queue_dir(
+            self.directory,
+            commit.background if commit is not None else None,
+            durable_now=self._mode is _ALWAYS,
+        )
 
     @property
     def closed(self) -> bool:
