@@ -14,26 +14,10 @@ files).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from localserver import cpu_seconds, percentile, running_erq
 
 
 def _settle(pid: int, window: float = 1.0, limit: float = 60.0) -> float:
@@ -43,9 +27,9 @@ def _settle(pid: int, window: float = 1.0, limit: float = 60.0) -> float:
     start = time.monotonic()
     previous = None
     while time.monotonic() - start < limit:
-        before = _cpu_seconds(pid)
+        before = cpu_seconds(pid)
         time.sleep(window)
-        used = _cpu_seconds(pid) - before
+        used = cpu_seconds(pid) - before
         if (
             previous is not None
             and used < window / 2
@@ -61,49 +45,30 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "erq", "serve", "--port", str(port), "--admin-port", "0",
-             "--data-dir", f"{tmp}/data", "--log-level", "WARNING"],
-            env=env,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("many_queues: the server did not start") from None
-                    time.sleep(0.05)
-            replies = sock.makefile("rb")
-            sock.sendall(b"".join(b"set q%d 0 0 2\r\nhi\r\n" % i for i in range(args.queues)))
-            for _ in range(args.queues):
-                if replies.readline() != b"STORED\r\n":
-                    raise SystemExit("many_queues: a set was refused")
-            settled = _settle(server.pid)  # the creation's own work (journals, first syncs)
-            cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
-            time.sleep(args.seconds)  # idle: only the server's own periodic work
-            cpu = (_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
-            rtts = []
-            end = time.monotonic() + args.seconds
-            while time.monotonic() < end:
-                start = time.perf_counter()
-                sock.sendall(b"version\r\n")
-                replies.readline()
-                rtts.append((time.perf_counter() - start) * 1000)
-                time.sleep(0.001)
-            sock.close()
-        finally:
-            server.terminate()
-            server.wait(30)
+    with running_erq(what="many_queues") as (server, port):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        replies = sock.makefile("rb")
+        sock.sendall(b"".join(b"set q%d 0 0 2\r\nhi\r\n" % i for i in range(args.queues)))
+        for _ in range(args.queues):
+            if replies.readline() != b"STORED\r\n":
+                raise SystemExit("many_queues: a set was refused")
+        settled = _settle(server.pid)  # the creation's own work (journals, first syncs)
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        time.sleep(args.seconds)  # idle: only the server's own periodic work
+        cpu = (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+        rtts = []
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            sock.sendall(b"version\r\n")
+            replies.readline()
+            rtts.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.001)
+        sock.close()
     rtts.sort()
     print(
-        f"{args.queues} queues, {len(rtts)} pings: p50 {rtts[len(rtts) // 2]:.3f} ms, "
-        f"p99 {rtts[int(len(rtts) * 0.99)]:.3f} ms, max {rtts[-1]:.1f} ms, "
+        f"{args.queues} queues, {len(rtts)} pings: p50 {percentile(rtts, 0.5):.3f} ms, "
+        f"p99 {percentile(rtts, 0.99):.3f} ms, max {rtts[-1]:.1f} ms, "
         f"{sum(r > 10 for r in rtts)} over 10 ms; idle server CPU {cpu * 1000:.0f} ms per second"
         f" (measured once the creation's work ended, {settled:.1f} s after the last STORED)"
     )
