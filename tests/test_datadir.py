@@ -89,6 +89,24 @@ def test_a_deleted_queue_leaves_nothing_and_a_half_removed_one_is_not_replayed(e
     assert not any(p.name.startswith(datadir.DELETING_PREFIX) for p in server.data_dir.iterdir())
 
 
+def test_a_queue_deleted_just_before_a_crash_stays_deleted(erq_factory):
+    """The answer comes once the directory is renamed; its files go afterwards, off the loop.
+    A SIGKILL right after the answer must not bring the queue back."""
+    server = erq_factory()
+    c = server.client()
+    for n in range(50):
+        assert c.set("gone", b"item %d" % n) == STORED
+    assert c.set("kept", b"x") == STORED
+    assert c.call(b"delete gone\r\n") == DELETED
+    server.kill()
+    server.start()
+    c = server.client()
+    stats = c.stats()
+    assert "queue_gone_items" not in stats and stats.get("queue_kept_items") == "1"
+    assert [p.name for p in server.data_dir.iterdir() if p.is_dir()] == ["kept"]
+    assert c.get("gone") == END  # made again, empty
+
+
 @pytest.mark.parametrize("shape", ["file", "under_a_file"])
 def test_an_unusable_data_directory_fails_the_start_in_one_line(tmp_path, impl, shape):
     blocker = tmp_path / "afile"
