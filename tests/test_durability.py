@@ -23,6 +23,7 @@ import pytest
 from test_journal_support import delete_journal
 
 import erq.journal.codec as journal_codec
+from erq.datadir import DELETING_PREFIX
 from erq.journal.format import (
     FORMAT_VERSION,
     HEADER_SIZE,
@@ -34,6 +35,7 @@ from erq.journal.format import (
 
 from conftest import ROOT, ErqProcess, RawClient
 from durability_load import CONFIRMED, DRAINED, UNCERTAIN, Ledger, make_value, read_values
+from support import poll
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -510,6 +512,15 @@ def fill_until_refused(client: RawClient) -> tuple[list[bytes], bytes, bytes]:
     raise AssertionError("1000 sets of 16 KiB fit in an 8 MiB tmpfs")
 
 
+def files_removed(server: ErqProcess) -> None:
+    """A deleted queue's directory is renamed before the answer and its files removed on a
+    worker thread after it: wait for that, which is when its space comes back."""
+    poll(
+        lambda: not any(p.name.startswith(DELETING_PREFIX) for p in server.data_dir.iterdir()),
+        "the deleted queue's files to go",
+    )
+
+
 def test_full_disk_refuses_sets_with_server_error_and_stores_again_once_space_returns(
     full_disk_server,
 ):
@@ -525,6 +536,7 @@ def test_full_disk_refuses_sets_with_server_error_and_stores_again_once_space_re
     assert get_many(client, "q", 1) == stored[:1]  # reads go on (their records are small)
 
     assert client.call(b"delete ballast\r\n") == b"DELETED\r\n"  # frees 3 MiB
+    files_removed(server)
     assert client.set("q", refused) == b"STORED\r\n"
     client.close()
     server.kill()
@@ -571,6 +583,7 @@ def test_full_disk_reliable_read_that_cannot_be_journaled_leaves_the_item_at_the
     assert server.proc.poll() is None
 
     assert client.call(b"delete ballast\r\n") == b"DELETED\r\n"
+    files_removed(server)
     assert client.get("q/open") == b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (
         len(stored[0]),
         stored[0],
