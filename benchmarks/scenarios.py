@@ -271,16 +271,40 @@ class RestartResult:
 
 @dataclass
 class MicroResult:
-    """``pytest benchmarks/ --benchmark-only``: each group's median time per build, in seconds."""
+    """``pytest benchmarks/ --benchmark-only``, run several times: per run, each group's
+    median time per build, in seconds.
 
-    groups: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> impl -> s
+    A speed-up is taken within a run (the two builds' figures a few seconds apart) and the
+    median of the runs' speed-ups reported: on this shared machine the speed of a core can
+    change by ~1.7x between two benchmarks, which one run alone takes for the builds'."""
+
+    runs: list[dict[str, dict[str, float]]] = field(default_factory=list)  # group -> impl -> s
     failure: str = ""
 
+    @property
+    def groups(self) -> dict[str, dict[str, float]]:
+        """Each group's median time over the runs, per build."""
+        times: dict[str, dict[str, list[float]]] = {}
+        for run in self.runs:
+            for group, per_impl in run.items():
+                for impl, seconds in per_impl.items():
+                    times.setdefault(group, {}).setdefault(impl, []).append(seconds)
+        return {g: {i: median(ts) for i, ts in per.items()} for g, per in times.items()}
+
+    def speedups(self, group: str) -> list[float]:
+        """How many times faster the Cython build ran the group than the pure one, per run."""
+        out = []
+        for run in self.runs:
+            times = run.get(group, {})
+            c, py = times.get("c"), times.get("py")
+            if c and py:
+                out.append(py / c)
+        return out
+
     def speedup(self, group: str) -> float | None:
-        """How many times faster the Cython build ran the group than the pure-Python one."""
-        times = self.groups.get(group, {})
-        c, py = times.get("c"), times.get("py")
-        return py / c if c and py else None
+        """The median of the runs' speed-ups."""
+        speedups = self.speedups(group)
+        return median(speedups) if speedups else None
 
 
 @dataclass
@@ -508,8 +532,10 @@ def _render_micro(res: Results) -> list[str]:
         return []
     out = [
         "\n### Micro-benchmarks of the hot paths, both builds\n",
-        "_`pytest benchmarks/ --benchmark-only` (pytest-benchmark), pinned to the server's CPU: "
-        "the median time of one call over pytest-benchmark's rounds._\n",
+        "_`pytest benchmarks/ --benchmark-only` (pytest-benchmark), pinned to the server's CPU, "
+        f"run {len(micro.runs)} times: the median time of one call over pytest-benchmark's "
+        "rounds, its median over the runs, and the median of the runs' speed-ups (each taken "
+        "within one run)._\n",
     ]
     if micro.failure:
         return out + [f"**Not measured: {micro.failure}**"]
@@ -522,9 +548,11 @@ def _render_micro(res: Results) -> list[str]:
                 fmt_time(times.get("c")),
                 fmt_time(times.get("py")),
                 "–" if speedup is None else _x(speedup),
+                " / ".join(_x(x) for x in micro.speedups(group)),
             ]
         )
-    return out + [table(["benchmark", "Cython", "pure Python", "Cython speed-up"], rows)]
+    header = ["benchmark", "Cython", "pure Python", "Cython speed-up", "speed-up of each run"]
+    return out + [table(header, rows)]
 
 
 def _render_fsync(res: Results) -> list[str]:
