@@ -168,6 +168,7 @@ class GroupCommit:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         # Periodic syncs and the final drain (and the batches where there is no worker).
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="erq-fsync")
+        self._housekeeping: ThreadPoolExecutor | None = None  # background(), started at need
         self._use_worker = _FDATASYNC_COVERS_MMAP if use_worker is None else use_worker
         self._worker = None  # FsyncWorker, started with the first batch
         self._stop_worker: weakref.finalize | None = None
@@ -409,12 +410,16 @@ class GroupCommit:
 
     # ---- other work off the loop ------------------------------------------------------------
     def background(self, work: Callable[[], object]) -> None:
-        """Run ``work`` on the executor (a queue's directory being removed, say); its failure
-        is logged. After close, here and now. ``close`` waits for what is under way."""
+        """Run ``work`` on a thread of its own (a queue's directory being removed, say), in
+        the order given; its failure is logged. Not on the executor: a burst of deletes there
+        would hold the periodic fsyncs back. After close, here and now; ``close`` waits for
+        what is under way."""
         if self._closed:
             _run_logged(work)
             return
-        self._executor.submit(_run_logged, work)
+        if self._housekeeping is None:
+            self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erq-bg")
+        self._housekeeping.submit(_run_logged, work)
 
     # ---- shutdown ------------------------------------------------------------------------
     async def drain(self) -> None:
@@ -462,6 +467,8 @@ class GroupCommit:
             except JournalError as exc:
                 log.error("final fsync of %s failed: %s", journal.directory, exc)
         self._executor.shutdown(wait=True)
+        if self._housekeeping is not None:
+            self._housekeeping.shutdown(wait=True)
         pending, self._pending = self._pending, {}
         for journal, ticket in pending.items():
             journal._ticket = None
