@@ -26,8 +26,7 @@ from test_journal_support import (
 )
 
 import erq.journal.codec as codec_selector
-from erq.journal import QueueJournal, compaction
-from erq.journal import journal as journal_module
+from erq.journal import QueueJournal, compaction, reclaim
 from erq.journal.format import ADD_OVERHEAD, OP_ADD, OP_FLUSH, OP_OPEN, OP_REMOVE, OP_UNREMOVE
 
 SEGMENT = 16 * KiB
@@ -324,7 +323,7 @@ def test_compaction_retries_after_the_back_off(codec, tmp_path, monkeypatch):
         def monotonic():
             return now[0]
 
-    monkeypatch.setattr(journal_module, "time", Clock)
+    monkeypatch.setattr(reclaim, "time", Clock)  # the back-off's clock
     with monkeypatch.context() as m:
         m.setattr(compaction, "_rename", lambda a, b: (_ for _ in ()).throw(OSError("no")))
         journal.compact(list(q.open.values()), list(q.ring), wait=True)

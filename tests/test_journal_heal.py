@@ -140,10 +140,10 @@ def test_the_fsync_period_check_hands_a_deletion_to_the_owner_once(tmp_path):
 def test_a_settled_directory_costs_one_stat_and_a_segment_deleted_later_is_still_noticed(
     tmp_path, monkeypatch
 ):
-    from erq.journal import journal as journal_module
+    from erq.journal import healing
     from erq.journal.segment import Segment
 
-    monkeypatch.setattr(journal_module, "_DIR_SETTLE", 0.05)
+    monkeypatch.setattr(healing, "DIR_SETTLE", 0.05)
     asked = []
     unlinked = Segment.unlinked
     monkeypatch.setattr(Segment, "unlinked", lambda seg: asked.append(seg) or unlinked(seg))

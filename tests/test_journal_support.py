@@ -34,18 +34,21 @@ def codec_module(impl: str):
 
 
 # QueueJournal's class body, to rebuild it over the other AppendCore (the base it got at import
-# is the selector's choice then; its __dict__/__weakref__ slots come with the new class).
+# is the selector's choice then; its __dict__/__weakref__ slots come with the new class). The
+# other bases (its mixins) stay.
 _JOURNAL_BODY = {
     k: v for k, v in vars(QueueJournal).items() if k not in ("__dict__", "__weakref__")
 }
-_JOURNAL_CLASSES: dict[type, type] = {QueueJournal.__base__: QueueJournal}
+_JOURNAL_CORE, *_JOURNAL_MIXINS = QueueJournal.__bases__
+_JOURNAL_CLASSES: dict[type, type] = {_JOURNAL_CORE: QueueJournal}
 
 
 def journal_class(core: type) -> type[QueueJournal]:
     """QueueJournal over ``core`` (an AppendCore implementation): same body, other base."""
     cls = _JOURNAL_CLASSES.get(core)
     if cls is None:
-        cls = type(QueueJournal)(QueueJournal.__name__, (core,), dict(_JOURNAL_BODY))
+        bases = (core, *_JOURNAL_MIXINS)
+        cls = type(QueueJournal)(QueueJournal.__name__, bases, dict(_JOURNAL_BODY))
         cls.__qualname__ = QueueJournal.__qualname__
         _JOURNAL_CLASSES[core] = cls
     return cls
