@@ -13,7 +13,7 @@ from setuptools.command.build_ext import build_ext
 
 NO_EXTENSIONS = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
 DEBUG = os.environ.get("ERQ_CYTHON_DEBUG", "") not in ("", "0")
-FAST_MODULES = ["_parser", "_ring", "_journal", "_fsync", "_clock", "_wire"]
+FAST_MODULES = ["_parser", "_ring", "_records", "_replay", "_append", "_fsync", "_clock", "_wire"]
 if sys.platform.startswith("linux"):
     FAST_MODULES.append("_epoll")  # the client sockets' epoll set (erq.listener)
 # "One source compiled twice": erq/_fast/<name>.py is a link to a pure-Python module of erq,

@@ -17,14 +17,14 @@ DATA = b"0123456789"
 
 
 def test_encode_add(benchmark, impl):
-    codec = load(impl, "_journal", "journal._codec_py")
+    codec = load(impl, "_records", "journal._records_py")
     benchmark.group = "journal: encode one 10-byte ADD record"
     record = benchmark(codec.encode_add, 17, 0, 1_700_000_000_000, 0, DATA)
     assert len(record) > len(DATA)
 
 
 def test_append_add_into_mmap(benchmark, impl):
-    codec = load(impl, "_journal", "journal._codec_py")
+    codec = load(impl, "_append", "journal._append_py")
     size = 64 << 20
     region = mmap.mmap(-1, size)
     state = {"writer": codec.SegmentWriter(region, 32), "id": 0}
@@ -51,7 +51,7 @@ def test_append_64k_adds_into_a_new_segment(benchmark, impl, path, tmp_path):
     """What a 64 KiB set costs the journal: every page it fills is one it never touched (a
     preallocated segment), as in the server. "copy": stores into the mapping (a page fault
     per page); "pwrite": the writer has the segment's fd, so the record goes by pwritev()."""
-    codec = load(impl, "_journal", "journal._codec_py")
+    codec = load(impl, "_append", "journal._append_py")
     data = bytes(range(256)) * 256
     size = 32 << 20
     state = {"segment": None, "writer": None, "seq": 0, "id": 0}
@@ -85,13 +85,14 @@ def test_append_64k_adds_into_a_new_segment(benchmark, impl, path, tmp_path):
 def journal_on(impl: str, monkeypatch) -> type[QueueJournal]:
     """QueueJournal with ``impl``'s codec and AppendCore (QueueJournal's own base is the
     selector's pick at import, so the other build gets the same class body over its core)."""
-    codec = load(impl, "_journal", "journal._codec_py")
+    codec = selector.implementation(impl == "c")
     for name in selector.__all__:
         monkeypatch.setattr(selector, name, getattr(codec, name))
-    if QueueJournal.__base__ is codec.AppendCore:
+    core, *mixins = QueueJournal.__bases__
+    if core is codec.AppendCore:
         return QueueJournal
     body = {k: v for k, v in vars(QueueJournal).items() if k not in ("__dict__", "__weakref__")}
-    return type(QueueJournal)(QueueJournal.__name__, (codec.AppendCore,), body)
+    return type(QueueJournal)(QueueJournal.__name__, (codec.AppendCore, *mixins), body)
 
 
 def test_queue_journal_add_remove(benchmark, impl, tmp_path, monkeypatch):

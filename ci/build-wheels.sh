@@ -103,7 +103,7 @@ missing = [
 ]
 if missing:
     sys.exit(f"build-wheels: {wheel.name} lacks the compiled extensions {missing}")
-for pure in ("erq/example.toml", "erq/_parser_py.py", "erq/journal/_codec_py.py"):
+for pure in ("erq/example.toml", "erq/_parser_py.py", "erq/journal/_records_py.py", "erq/journal/_append_py.py"):
     if pure not in names:
         sys.exit(f"build-wheels: {wheel.name} lacks {pure}")
 print(f"{len(wanted)} compiled extensions present: {', '.join(wanted)}")

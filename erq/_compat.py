@@ -32,7 +32,16 @@ def compiled_twins_built() -> bool:
 
 def _extensions_importable() -> bool:
     try:
-        from ._fast import _clock, _fsync, _journal, _parser, _ring, _wire  # noqa: F401
+        from ._fast import (  # noqa: F401
+            _append,
+            _clock,
+            _fsync,
+            _parser,
+            _records,
+            _replay,
+            _ring,
+            _wire,
+        )
     except ImportError:
         return False
     # The epoll layer (Linux) cimports the compiled protocol, which imports this module: it is

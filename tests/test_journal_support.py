@@ -7,11 +7,11 @@ reference for replay semantics; ``MiniQueue`` drives a journal the way erq's que
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import erq.journal.codec as codec_selector
 from erq.journal import QueueJournal, RecoveredItem
@@ -29,8 +29,12 @@ KiB = 1024
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def codec_module(impl: str):
-    return importlib.import_module("erq._fast._journal" if impl == "c" else "erq.journal._codec_py")
+CODEC_MODULES = codec_selector.MODULES
+
+
+def codec_module(impl: str) -> SimpleNamespace:
+    """Every name of one implementation of the journal codec (``impl``: "c" or "py")."""
+    return codec_selector.implementation(impl == "c")
 
 
 # QueueJournal's class body, to rebuild it over the other AppendCore (the base it got at import

@@ -1,11 +1,11 @@
 # C types for the compiled build of erq/_queue_py.py (linked here as _queue.py; see its
 # docstring). The Python source is the behaviour; this file only makes its attributes struct
 # fields and its hot methods C calls. (_ring is cimported as a module, c_ring: the source imports the
-# names Item and Ring from the selectors; _clock, _item (new_item) and _journal likewise.)
+# names Item and Ring from the selectors; _clock, _item (new_item) and _append (the journal) likewise.)
 cimport cython
 
 cimport erq._fast._clock as _clock
-cimport erq._fast._journal as c_journal
+cimport erq._fast._append as c_journal
 cimport erq._fast._ring as c_ring
 cimport erq._fast._ring as _item
 

@@ -1,35 +1,6 @@
 # cython: language_level=3
-from cpython.array cimport array
+# The C types of erq/_fast/_append.pyx; the compiled queue cimports AppendCore for C calls.
 from libc.stdint cimport uint32_t, uint64_t
-
-
-cdef enum:
-    REPLAY_RUN_LIMIT = 32  # ReplayTail.RUN_LIMIT: runs searched by bisection before an index
-
-
-cdef class ReplayTail:
-    # Entries [0, _n) of two 'Q' arrays: ids in ADD order and the positions of their ADD
-    # records, TOMBSTONE once removed (the arrays' lengths follow _n). _cursor is the first
-    # live entry (_n when there is none), _live the live entries.
-    cdef array _ids
-    cdef array _positions
-    cdef Py_ssize_t _n
-    cdef Py_ssize_t _cursor
-    cdef Py_ssize_t _live
-    # Starts of the runs of strictly increasing ids (the first one <= _cursor), unless
-    # _index (id -> index of every live entry) is not None: then _nruns is 0.
-    cdef Py_ssize_t _runs[REPLAY_RUN_LIMIT]
-    cdef Py_ssize_t _nruns
-    cdef dict _index
-
-    cdef int _reset(self) except -1
-    cdef Py_ssize_t _find(self, uint64_t id) except -2
-    cdef int _append(self, uint64_t id, uint64_t position) except -1
-    cdef int _new_run(self, Py_ssize_t start) except -1
-    cdef int _build_index(self) except -1
-    cdef int _pop_at(self, Py_ssize_t i, uint64_t id, uint64_t *position) except -1
-    cdef int _squeeze(self) except -1
-    cdef int _compact(self) except -1
 
 
 cdef class SegmentWriter:
@@ -54,18 +25,6 @@ cdef class SegmentWriter:
     cpdef long long append_add(self, uint64_t id, uint32_t flags, uint64_t add_time,
                                uint64_t expiry, object data) except -2
     cpdef long long append_op(self, int opcode, uint64_t id=*) except -2
-    cpdef release(self)
-
-
-cdef class RecordIterator:
-    # A read-only buffer export, released as soon as iteration stops.
-    cdef Py_buffer _view
-    cdef bint _held
-    cdef bint _data
-    cdef Py_ssize_t _pos
-    cdef Py_ssize_t _end
-    cdef readonly int status
-
     cpdef release(self)
 
 
