@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from erq.client import (
+from erq._client_core import (
     _EMPTY,
     _FAILED,
     _REFUSED,

@@ -1,0 +1,442 @@
+"""What ``Client`` (``erq.client``) and ``AsyncClient`` (``erq._client_async``) share, written
+once: the server list and its back-off, reliable reads and their states, the requests and what
+each reply means, and the choice of server for each read. The two clients add only the I/O,
+blocking or awaited; their behaviour is described in ``erq.client``.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import time
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any, Literal
+
+from erq.names import valid_queue_name
+
+DEFAULT_PORT = 22133
+ServerSpec = str | tuple[str, int]
+WritePolicy = Literal["random", "round_robin"]
+Address = tuple[str, int]
+
+# Item states. An item is OPEN until it is confirmed or aborted, or LOST when the connection that
+# held it broke (the server has put it back at the head of its queue: PROTOCOL §5).
+OPEN = "open"
+CONFIRMED = "confirmed"
+ABORTED = "aborted"
+LOST = "lost"
+
+
+class ErqError(Exception):
+    """A server answered what a correct request never gets (``CLIENT_ERROR``, ``ERROR``, garbage).
+
+    Outages and refusals never raise: the client moves to another server instead.
+    """
+
+
+def status_refusal(error: Exception) -> bool:
+    """A ``SERVER_ERROR`` that refuses everything of its kind for a while (READONLY, QUIESCENT,
+    a server still starting): skip that server for ``retry_after``. Others (item too large,
+    journal error) concern one request only."""
+    text = str(error)
+    return any(word in text for word in ("read only", "quiescent", "starting"))
+
+
+def parse_server(spec: ServerSpec) -> Address:
+    """``"host:port"``, ``"host"`` (port 22133) or ``(host, port)`` -> ``(host, port)``."""
+    if isinstance(spec, tuple):
+        host, port = spec
+        return str(host), int(port)
+    if spec.startswith("[") and "]" in spec:  # "[::1]:22133" or "[::1]"
+        host, _, rest = spec[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
+    if spec.count(":") > 1:  # a bare IPv6 address: its colons are not a port
+        return spec, DEFAULT_PORT
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, DEFAULT_PORT
+    return host, int(port)
+
+
+def server_list(servers: Sequence[ServerSpec] | ServerSpec) -> list[ServerSpec]:
+    """One server given alone (``"host:port"`` or ``(host, port)``) or a sequence of them."""
+    if isinstance(servers, str) or (
+        isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int)
+    ):
+        return [servers]
+    return list(servers)
+
+
+def peer_closed(sock: Any) -> bool:
+    """Whether an idle connection's server has closed it: the protocol never sends unasked,
+    so an idle socket that reads as ready holds an end of stream (or a reset)."""
+    try:
+        if hasattr(select, "poll"):  # select() fails on descriptors past FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us: as good as closed by the server
+        return True
+
+
+def check_queue_name(queue: str) -> bytes:
+    """The protocol's name rule (PROTOCOL §1), checked here so a bad name fails before any I/O."""
+    try:
+        raw = queue.encode("ascii")
+    except UnicodeEncodeError:
+        raw = b""  # not ASCII: never a name
+    if not valid_queue_name(raw):
+        raise ValueError(f"bad queue name {queue!r}")
+    return raw
+
+
+class _Node:
+    """What the client knows of one server, whatever its transport."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.down_until = 0.0  # monotonic: unreachable, skip everything until then
+        self.no_writes_until = 0.0  # refused a write (READONLY, QUIESCENT)
+        self.no_reads_until = 0.0  # refused a read (QUIESCENT)
+        # queue -> this client's open reads on the reliable connection, oldest first: the
+        # protocol confirms and aborts the oldest, so the client keeps the same order.
+        self.open: dict[str, deque[_ItemBase]] = {}
+
+    def lose_open(self) -> None:
+        """The reliable connection broke: the server put its open reads back; forget them."""
+        for items in self.open.values():
+            for item in items:
+                item.state = LOST
+        self.open.clear()
+
+
+_MIN_PAUSE = 0.05  # a blocking read retries a server that refused it without back-off this often
+
+
+class _Pool:
+    """Server choice, shared by both clients: write policy, sticky read cursors, back-off."""
+
+    def __init__(
+        self,
+        nodes: list[Any],
+        write_policy: WritePolicy,
+        retry_after: float,
+        seed: int | None,
+    ) -> None:
+        if not nodes:
+            raise ValueError("at least one server is needed")
+        if write_policy not in ("random", "round_robin"):
+            raise ValueError(
+                f"write_policy must be 'random' or 'round_robin', not {write_policy!r}"
+            )
+        self.nodes = nodes
+        self.write_policy = write_policy
+        self.retry_after = retry_after
+        self.rng = random.Random(seed)
+        self.next_write = 0
+        self.cursor: dict[str, int] = {}  # queue -> index of the server reads stick to
+
+    def write_order(self) -> list[Any]:
+        """Servers to try for one write: the policy's pick first, then the others in turn; those
+        in back-off go last (tried only when every other one refused)."""
+        n = len(self.nodes)
+        if self.write_policy == "round_robin":
+            start = self.next_write % n
+            self.next_write += 1
+        else:
+            start = self.rng.randrange(n)
+        ring = [self.nodes[(start + i) % n] for i in range(n)]
+        now = time.monotonic()
+        ready = [x for x in ring if x.down_until <= now and x.no_writes_until <= now]
+        return ready + [x for x in ring if x not in ready]
+
+    def read_order(self, queue: str) -> list[int]:
+        """Indexes of the servers to read from, the sticky one first; back-off ones left out."""
+        n = len(self.nodes)
+        start = self.cursor.get(queue, 0) % n
+        now = time.monotonic()
+        order = []
+        for i in range(n):
+            node = self.nodes[(start + i) % n]
+            if node.down_until <= now and node.no_reads_until <= now:
+                order.append((start + i) % n)
+        return order
+
+    def pause_before_retry(self, deadline: float) -> float | None:
+        """How long a blocking read that found no server to wait on sleeps before it tries
+        again: until the first one leaves back-off, at most until ``deadline``; None once the
+        time is up."""
+        now = time.monotonic()
+        left = deadline - now
+        if left < 0.001:
+            return None
+        back = min(max(n.down_until, n.no_reads_until) for n in self.nodes)
+        return max(min(_MIN_PAUSE, left), min(deadline, back) - now)
+
+    def stick(self, queue: str, index: int) -> None:
+        self.cursor[queue] = index
+
+    def move_on(self, queue: str, index: int) -> None:
+        """``index`` was empty: the next read of ``queue`` starts at the server after it."""
+        self.cursor[queue] = (index + 1) % len(self.nodes)
+
+    def mark_down(self, node: _Node) -> None:
+        node.down_until = time.monotonic() + self.retry_after
+
+    def mark_no_writes(self, node: _Node) -> None:
+        node.no_writes_until = time.monotonic() + self.retry_after
+
+    def mark_no_reads(self, node: _Node) -> None:
+        node.no_reads_until = time.monotonic() + self.retry_after
+
+
+def oldest_check(item: _ItemBase, expected: type) -> deque[_ItemBase] | None:
+    """The open-read list ``item`` belongs to, after checking it may be confirmed or aborted now;
+    None when the item was lost. Raises ValueError on misuse."""
+    if not isinstance(item, expected):
+        raise TypeError(f"not an item of this client: {item!r}")
+    if item.state == LOST:
+        return None
+    if item.state != OPEN:
+        raise ValueError(f"item already {item.state}")
+    items = item._node.open.get(item.queue)
+    assert items, "an open item is in its node's open list"
+    if items[0] is not item:
+        raise ValueError(
+            "confirm or abort the oldest open item of a queue on a server first "
+            "(the protocol closes the oldest open read)"
+        )
+    return items
+
+
+class _ItemBase:
+    """A reliable read: data plus the server (and connection) that handed it out."""
+
+    __slots__ = ("queue", "data", "flags", "state", "_node", "_client")
+
+    def __init__(self, queue: str, data: bytes, flags: int, node: _Node, client: Any) -> None:
+        self.queue = queue
+        self.data = data
+        self.flags = flags
+        self.state = OPEN  # "open", "confirmed", "aborted" or "lost"
+        self._node = node
+        self._client = client
+
+    @property
+    def server(self) -> Address:
+        """The server that handed the item out; only it can confirm or abort it."""
+        return self._node.address
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.queue} from {self.server[0]}:{self.server[1]} "
+            f"{self.state} {len(self.data)} bytes>"
+        )
+
+
+class Item(_ItemBase):
+    """A reliable read of ``Client``: ``confirm()`` removes it, ``abort()`` puts it back."""
+
+    __slots__ = ()
+
+    def confirm(self) -> bool:
+        """Confirm on the server that handed it out. False when the outcome is unknown: the
+        connection broke (the server puts back a read it still held, which may then be
+        delivered again) or no reply came in time (a hung server may yet confirm it)."""
+        return self._client.confirm(self)
+
+    def abort(self) -> bool:
+        """Put the item back at the head of its server's queue; False when already lost."""
+        return self._client.abort(self)
+
+
+class _Refused(Exception):
+    """``SERVER_ERROR``: the server refuses this request now; the connection stays usable."""
+
+
+def set_request(queue: str, data: bytes, expiry: int, flags: int) -> bytes:
+    head = b"set %s %d %d %d\r\n" % (queue.encode("ascii"), flags, expiry, len(data))
+    return head + data + b"\r\n"
+
+
+def set_reply(line: bytes) -> bool | None:
+    """True on ``STORED``, False on ``NOT_STORED``, None for anything else (garbage);
+    raises ``_Refused`` on ``SERVER_ERROR``."""
+    if line == b"STORED":
+        return True
+    if line == b"NOT_STORED":
+        return False
+    if line.startswith(b"SERVER_ERROR"):
+        raise _Refused(line.decode("ascii", "replace"))
+    return None
+
+
+def value_head(line: bytes, key: str) -> tuple[int, int] | None:
+    """``(flags, size)`` of the ``VALUE`` line answering a get of ``key``; ``(-1, -1)`` for
+    ``END``; None for anything else (garbage). Raises ``_Refused`` on ``SERVER_ERROR``.
+    Kestrel's wire mode names the bare queue, not the key with its options: both answer."""
+    if line == b"END":
+        return -1, -1
+    if line.startswith(b"SERVER_ERROR"):
+        raise _Refused(line.decode("ascii", "replace"))
+    parts = line.split(b" ")
+    raw_key = key.encode("ascii")
+    if (
+        len(parts) != 4
+        or parts[0] != b"VALUE"
+        or parts[1] not in (raw_key, raw_key.split(b"/", 1)[0])
+        or not (parts[2].isdigit() and parts[3].isdigit())
+    ):
+        return None
+    return int(parts[2]), int(parts[3])
+
+
+class _Replies:
+    """What both clients' connections make of a reply, whatever their I/O. A ``SERVER_ERROR``
+    leaves the connection open, as the server does; anything else but a finished exchange
+    closes it (its state is unknown), and garbage raises ErqError."""
+
+    node: _Node
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, request: str, line: bytes) -> ErqError:
+        self.close()
+        return ErqError(f"{request} on {self.node.address} answered {line[:200]!r}")
+
+    def _stored(self, queue: str, line: bytes) -> bool:
+        stored = set_reply(line)
+        if stored is None:
+            raise self._fail(f"set {queue}", line)
+        return stored
+
+    def _head(self, key: str, line: bytes) -> tuple[int, int]:
+        head = value_head(line, key)
+        if head is None:
+            raise self._fail(f"get {key}", line)
+        return head
+
+    def _value(
+        self, key: str, line: bytes, block: bytes, end: bytes, flags: int
+    ) -> tuple[bytes, int]:
+        if not block.endswith(b"\r\n") or end != b"END":
+            raise self._fail(f"get {key}", line)
+        return block[:-2], flags
+
+
+# A connection that failed or broke (socket timeouts are OSErrors).
+_CONNECTION_ERRORS = (OSError, EOFError)
+
+# _fetch outcomes besides a found (data, flags)
+_EMPTY = "empty"
+_FAILED = "failed"  # connection failure: the node is in back-off
+_REFUSED = "refused"  # SERVER_ERROR: the node refuses reads for a while
+
+
+class _ClientCore:
+    """What ``Client`` and ``AsyncClient`` do between their requests, written once: server
+    choice for reads, the bookkeeping of reliable reads, and what each reply means. Each
+    client only does the I/O (blocking or awaited) in between."""
+
+    _item_class: type[_ItemBase]
+
+    def __init__(
+        self, nodes: list[Any], write_policy: WritePolicy, retry_after: float, seed: int | None
+    ) -> None:
+        self._pool = _Pool(nodes, write_policy, retry_after, seed)
+
+    @property
+    def servers(self) -> list[Address]:
+        return [node.address for node in self._pool.nodes]
+
+    def _read_plan(
+        self, queue: str, options: str, deadline: float | None
+    ) -> Iterator[tuple[int, Any, str, int]]:
+        """The reads of one sticky fetch, as (server index, node, key, wait in ms): every
+        readable server once from the sticky one, then (a ``deadline``, monotonic) one
+        blocking read on the server the cursor moved to, for the time left. Lazy: each step
+        sees where the previous ones left the cursor (``_landed``)."""
+        pool = self._pool
+        for index in pool.read_order(queue):
+            yield index, pool.nodes[index], queue + options, 0
+        if deadline is not None:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            order = pool.read_order(queue)
+            if order and wait_ms > 0:
+                index = order[0]
+                yield index, pool.nodes[index], f"{queue}/t={wait_ms}{options}", wait_ms
+
+    def _fetch_steps(
+        self, queue: str, options: str, timeout_ms: int | None
+    ) -> Generator[tuple[Any, str, int] | float, object, tuple[Any, tuple[bytes, int]] | None]:
+        """A sticky read without its I/O, driven by each client's ``_fetch``: it yields
+        ``(node, key, wait_ms)`` for a get, to be sent back what ``_fetch_one`` found, or a
+        pause in seconds to sleep; it returns the node that had an item and the item, or None.
+        With ``timeout_ms`` the rounds of reads (``_read_plan``) go on until a server waited
+        out the rest of it or the time is up: while every server is in back-off, it sleeps
+        until the first one leaves it."""
+        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else None
+        while True:
+            waited = False
+            for index, node, key, wait_ms in self._read_plan(queue, options, deadline):
+                found = yield node, key, wait_ms
+                if self._landed(queue, index, found):
+                    return node, found
+                waited = waited or (wait_ms > 0 and found == _EMPTY)
+            if deadline is None or waited:
+                return None
+            pause = self._pool.pause_before_retry(deadline)
+            if pause is None:
+                return None
+            yield pause
+
+    def _landed(self, queue: str, index: int, found: object) -> bool:
+        """After one read of the plan: stick to the server that had an item, else move on."""
+        if isinstance(found, tuple):
+            self._pool.stick(queue, index)
+            return True
+        self._pool.move_on(queue, index)
+        return False
+
+    def _opened(self, queue: str, node: Any, found: tuple[bytes, int]) -> Any:
+        item = self._item_class(queue, found[0], found[1], node, self)
+        node.open.setdefault(queue, deque()).append(item)
+        return item
+
+    def _chain_close(self, queue: str, confirm: Any) -> Any:
+        """``get_reliable(confirm=...)``: check the item and take it off this client's open
+        reads (whatever happens now, it is no longer open here); the node to send
+        ``q/close/open`` to, or None when the item was lost already."""
+        if confirm.queue != queue:
+            raise ValueError("confirm= must be an item of the same queue")
+        items = oldest_check(confirm, self._item_class)
+        if items is None:
+            return None
+        items.popleft()
+        confirm.state = LOST  # until the server answered
+        return confirm._node
+
+    def _chained(self, queue: str, confirm: Any, node: Any, found: object) -> Any:
+        """The reply to ``q/close/open``: the confirmed item's state, and the next item of that
+        server (or None: then the caller reads as a plain ``get_reliable``). Under QUIESCENT
+        the close still happens before the fetch is refused (PROTOCOL §10)."""
+        confirm.state = LOST if found == _FAILED else CONFIRMED
+        if isinstance(found, tuple):
+            self._pool.stick(queue, self._pool.nodes.index(node))
+            return self._opened(queue, node, found)
+        return None
+
+    def _finished(self, item: Any, items: deque, option: str, state: str, found: object) -> bool:
+        """The reply to ``q/close`` or ``q/abort``. A broken connection (the node forgot the
+        item: LOST) or a refusal (cannot happen: close and abort always work; if it did, the
+        item is still open on a live connection) is False."""
+        if found in (_FAILED, _REFUSED):
+            return False
+        if found != _EMPTY:
+            raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
+        items.popleft()
+        item.state = state
+        return True
