@@ -1,5 +1,6 @@
 # cython: annotation_typing=False
-"""One function per command (PROTOCOL.md §3-§5): requests in, reply bytes out.
+"""The per-request path (PROTOCOL.md §3, §4): ``set``, ``get`` in all its forms, and the
+dispatch of one read's requests; it finds every other command in ``server_commands.COMMANDS``.
 
 Commands know queues and sessions, never sockets. Replies are appended to ``session.out``;
 a command that must close the connection calls ``session.close_after``.
@@ -12,45 +13,34 @@ One source compiled twice (like ``_queue_py.py``): setup.py compiles it through 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from erq import __version__
 from erq import keys as _keys
 from erq import wire as _wire
-from erq._compat import IMPLEMENTATION
 from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import Queue
 from erq.queues import now_ms, valid_queue_name
+from erq.replies import (
+    BAD_FORMAT,
+    BAD_NAME,
+    ERROR,
+    JOURNAL_FAILED_LOG,
+    NOT_STORED,
+    NOT_SUPPORTED,
+    QUIESCENT,
+    READ_ONLY,
+    STORED,
+    TOO_LARGE,
+    journal_failed,
+)
+from erq.server_commands import COMMANDS
 from erq.session import Session
 from erq.throttle import Throttle
 
-if TYPE_CHECKING:
-    from erq.state import ServerState
-
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
-# A full disk or a lost journal fails every request that writes: one line per 10 s, so that
-# the log does not grow on that full disk at the rate of the requests.
-_JOURNAL_FAILED = Throttle(log, logging.ERROR)
-
-END = b"END\r\n"
-STORED = b"STORED\r\n"
-NOT_STORED = b"NOT_STORED\r\n"
-DELETED = b"DELETED\r\n"
-ERROR = b"ERROR\r\n"
-BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
-BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
-READ_ONLY = b"SERVER_ERROR read only\r\n"
-QUIESCENT = b"SERVER_ERROR quiescent\r\n"
-TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
-NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
-STARTING = b"SERVER_ERROR starting\r\n"
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000
@@ -70,17 +60,7 @@ def expiry_ms(exptime: int, now: int, kestrel: bool) -> int:
     return min(exptime * 1000, MAX_EXPIRY_MS)
 
 
-def _is_decimal(token: bytes) -> bool:
-    return 0 < len(token) <= 18 and token.isdigit()
-
-
 # ---- set -------------------------------------------------------------------------------
-def journal_failed(exc: JournalError) -> bytes:
-    """The reply to a request its queue's journal could not take (disk full, I/O error, out
-    of descriptors): nothing was stored or taken, and the connection stays usable."""
-    return b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
-
-
 def cmd_set(session: Session, req: tuple) -> None:
     _, name, flags, exptime, data, noreply = req
     state = session.state
@@ -110,7 +90,7 @@ def cmd_set(session: Session, req: tuple) -> None:
             queue,
         )
     except JournalError as exc:
-        _JOURNAL_FAILED.log("set %s: %s", name.decode("ascii"), exc)
+        JOURNAL_FAILED_LOG.log("set %s: %s", name.decode("ascii"), exc)
         if not noreply:
             session.out.append(journal_failed(exc))
         return
@@ -161,7 +141,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             queue = state.queues.get_or_create(name)
             item = queue.head() if spec.peek else queue.take(spec.open)
         except JournalError as exc:  # disk full: the item stays at the head
-            _JOURNAL_FAILED.log("get %s: %s", name, exc)
+            JOURNAL_FAILED_LOG.log("get %s: %s", name, exc)
             session.out.append(journal_failed(exc))
             return True
         if item is None and spec.timeout:
@@ -301,391 +281,6 @@ def cmd_get(session: Session, req: tuple) -> None:
             session.out.append(exc.reply)
         return
     run_keys(session, specs, req[2], 0, None)
-
-
-# ---- monitor / confirm ------------------------------------------------------------------
-class MonitorOperation:
-    """``monitor q <seconds> [max]``: stream open reads until max items or the deadline."""
-
-    __slots__ = ("session", "queue", "name", "remaining", "deadline", "expires", "waiter")
-
-    def __init__(self, session: Session, queue: Queue, seconds: int, max_items: int) -> None:
-        self.session = session
-        self.queue = queue
-        self.name = queue.name
-        self.remaining = max_items
-        self.deadline = time.monotonic() + seconds
-        self.expires = 0  # its key in the server's Deadlines, while one is set
-        self.waiter: MonitorWaiter | None = None
-
-    def run(self) -> bool:
-        session = self.session
-        limit = session.state.config.server.max_open_reads
-        while self.remaining > 0 and session.state.status != "QUIESCENT":
-            if session.at_open_limit(self.name, limit):
-                break
-            try:
-                item = self.queue.take(True)
-            except JournalError as exc:  # disk full: the item stays at the head
-                _JOURNAL_FAILED.log("monitor %s: %s", self.name, exc)
-                break
-            if item is None:
-                delay = self.deadline - time.monotonic()
-                if delay <= 0 or self.queue.deleted:
-                    break
-                if not self.expires:  # first: nothing is left behind if it raises
-                    self.expires = session.state.deadlines.add(self, delay)
-                self.waiter = MonitorWaiter(self)
-                self.queue.add_waiter(self.waiter)
-                session.blocked = self
-                return False
-            self._deliver(item)
-        self._finish()
-        return True
-
-    def _deliver(self, item) -> None:
-        session = self.session
-        counters = session.state.counters
-        counters.cmd_get += 1
-        counters.get_hits += 1
-        session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
-        prefix = b"VALUE " + self.name.encode("ascii") + b" "
-        value_block(session, prefix, prefix, item, False)
-        session.out.append(END)
-        self.remaining -= 1
-
-    def _forget_deadline(self) -> None:
-        if self.expires:
-            self.session.state.deadlines.discard(self, self.expires)
-            self.expires = 0
-
-    def _finish(self) -> None:
-        self._forget_deadline()
-        self.session.out.append(END)
-
-    def woken(self, item) -> None:
-        self.waiter = None
-        if item is None:
-            self._finish()
-            self.session.unblock()
-            return
-        self._deliver(item)
-        if self.run():
-            self.session.unblock()
-        else:
-            self.session.flush()  # stream what we have while waiting for more
-
-    def expire(self) -> None:
-        self.expires = 0
-        if self.waiter is not None:
-            self.waiter.active = False
-            self.queue.remove_waiter(self.waiter)
-            self.waiter = None
-            self._finish()
-            self.session.unblock()
-
-    def cancel(self) -> None:
-        if self.waiter is not None:
-            self.waiter.active = False
-            self.queue.remove_waiter(self.waiter)
-            self.waiter = None
-        self._forget_deadline()
-
-
-class MonitorWaiter:
-    __slots__ = ("op", "active")
-    peek = False
-    reliable = True
-    monitor = True
-
-    def __init__(self, op: MonitorOperation) -> None:
-        self.op = op
-        self.active = True
-
-    def wake(self, item) -> None:
-        self.active = False
-        self.op.woken(item)
-
-
-def cmd_monitor(session: Session, args: list[bytes]) -> None:
-    if len(args) not in (2, 3) or not all(_is_decimal(a) for a in args[1:]):
-        session.out.append(BAD_FORMAT)
-        return
-    if not valid_queue_name(args[0]):
-        session.out.append(BAD_NAME)
-        return
-    state = session.state
-    if state.status == "QUIESCENT":
-        session.out.append(QUIESCENT)
-        return
-    max_items = int(args[2]) if len(args) == 3 else state.config.server.max_open_reads
-    try:
-        queue = state.queues.get_or_create(args[0].decode("ascii"))
-    except JournalError as exc:  # its journal could not be opened (out of descriptors, ...)
-        _JOURNAL_FAILED.log("monitor %s: %s", args[0].decode("ascii"), exc)
-        session.out.append(journal_failed(exc))
-        return
-    MonitorOperation(session, queue, int(args[1]), max_items).run()
-
-
-def cmd_confirm(session: Session, args: list[bytes]) -> None:
-    if len(args) != 2 or not _is_decimal(args[1]):
-        session.out.append(BAD_FORMAT)
-        return
-    if not valid_queue_name(args[0]):
-        session.out.append(BAD_NAME)
-        return
-    name = args[0].decode("ascii")
-    count = int(args[1])
-    if session.live_open_count(name) < count:
-        session.out.append(ERROR)
-        return
-    for _ in range(count):
-        session.close_oldest(name)
-    session.out.append(END)
-
-
-# ---- queue administration ---------------------------------------------------------------
-def _noreply(args: list[bytes]) -> tuple[list[bytes], bool]:
-    if args and args[-1] == b"noreply":
-        return args[:-1], True
-    return args, False
-
-
-def _one_name(session: Session, args: list[bytes]) -> str | None:
-    if len(args) != 1:
-        session.out.append(BAD_FORMAT)
-        return None
-    if not valid_queue_name(args[0]):
-        session.out.append(BAD_NAME)
-        return None
-    return args[0].decode("ascii")
-
-
-def _named_write(
-    session: Session, args: list[bytes], apply: Callable[[str], None], reply: bytes
-) -> None:
-    """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
-    args, noreply = _noreply(args)
-    name = _one_name(session, args)
-    if name is None:
-        return
-    if session.state.status != "UP":
-        if not noreply:
-            session.out.append(READ_ONLY)
-        return
-    apply(name)
-    if not noreply:
-        session.out.append(reply)
-
-
-def cmd_delete(session: Session, args: list[bytes]) -> None:
-    _named_write(session, args, session.state.queues.delete, DELETED)
-
-
-def cmd_flush(session: Session, args: list[bytes]) -> None:
-    _named_write(session, args, session.state.queues.flush, END)
-
-
-def cmd_flush_all(session: Session, args: list[bytes]) -> None:
-    args, noreply = _noreply(args)
-    if len(args) > 1 or (
-        args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())
-    ):
-        session.out.append(BAD_FORMAT)
-        return
-    state = session.state
-    if state.status != "UP":
-        if not noreply:
-            session.out.append(READ_ONLY)
-        return
-    state.queues.flush_all()
-    if not noreply:
-        session.out.append(b"Flushed all queues.\r\n" if state.kestrel else b"OK\r\n")
-
-
-def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
-    name = _one_name(session, args)
-    if name is None:
-        return
-    state = session.state
-    if state.status != "UP":
-        session.out.append(READ_ONLY)
-        return
-    session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
-
-
-def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
-    state = session.state
-    if args:
-        session.out.append(BAD_FORMAT)
-        return
-    if state.status != "UP":
-        session.out.append(READ_ONLY)
-        return
-    session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
-
-
-# ---- server commands ---------------------------------------------------------------------
-def cmd_version(session: Session, args: list[bytes]) -> None:
-    session.out.append(b"VERSION %s\r\n" % __version__.encode())
-
-
-def general_stats(state: ServerState) -> list[tuple[str, object]]:
-    """The server-wide fields of ``stats`` (PROTOCOL.md §8), in order: the one list that the
-    memcache ``stats`` command and the admin port's /stats.json and /metrics all read."""
-    c = state.counters
-    queues = state.queues
-    now = time.time()
-    return [
-        ("pid", os.getpid()),
-        ("uptime", int(now - state.started)),
-        ("time", int(now)),
-        ("version", __version__),
-        ("implementation", IMPLEMENTATION),
-        ("curr_connections", c.curr_connections),
-        ("total_connections", c.total_connections),
-        ("cmd_get", c.cmd_get),
-        ("cmd_set", c.cmd_set),
-        ("cmd_peek", c.cmd_peek),
-        ("get_hits", c.get_hits),
-        ("get_misses", c.get_misses),
-        ("bytes_read", c.bytes_read),
-        ("bytes_written", c.bytes_written),
-        ("curr_items", queues.curr_items()),
-        ("total_items", queues.total_items),
-        ("bytes", queues.curr_bytes()),
-        ("queue_creates", queues.queue_creates),
-        ("queue_deletes", queues.queue_deletes),
-        ("queue_expires", queues.queue_expires),
-        ("status", state.status),
-    ]
-
-
-def cmd_stats(session: Session, args: list[bytes]) -> None:
-    if args:
-        session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
-        return
-    state = session.state
-    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(state)]
-    queues = state.queues
-    for name in queues.names():
-        for field, value in queues.queue_stats(name).items():
-            lines.append(
-                b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
-            )
-    lines.append(END)
-    session.out.append(b"".join(lines))
-
-
-def _dump(
-    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]
-) -> None:
-    for arg in args:
-        if not valid_queue_name(arg):
-            session.out.append(BAD_NAME)
-            return
-    queues = session.state.queues
-    names = [a.decode("ascii") for a in args] if args else queues.names()
-    lines = []
-    for name in names:
-        if name not in queues:
-            continue
-        lines.append(b"queue '%s' {\r\n" % name.encode())
-        for field, value in fields(name):
-            lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
-        lines.append(b"}\r\n")
-    lines.append(END)
-    session.out.append(b"".join(lines))
-
-
-def cmd_dump_stats(session: Session, args: list[bytes]) -> None:
-    queues = session.state.queues
-    _dump(session, args, lambda name: list(queues.queue_stats(name).items()))
-
-
-def cmd_dump_config(session: Session, args: list[bytes]) -> None:
-    queues = session.state.queues
-    _dump(session, args, lambda name: queues.get(name).config.canonical())
-
-
-def cmd_status(session: Session, args: list[bytes]) -> None:
-    state = session.state
-    if not args:
-        session.out.append(state.status.encode() + b"\r\n")
-        return
-    if len(args) != 1:
-        session.out.append(BAD_FORMAT)
-        return
-    word = args[0].decode("ascii", "replace").upper()
-    if word not in ("UP", "READONLY", "QUIESCENT"):
-        session.out.append(b"CLIENT_ERROR bad status\r\n")
-        return
-    try:
-        state.set_status(word)
-    except OSError as exc:  # the status would not survive a restart: keep the old one
-        log.error("status %s: cannot save it: %s", word, exc)
-        session.out.append(
-            f"SERVER_ERROR cannot save the status: {exc.strerror or exc}\r\n".encode()
-        )
-        return
-    session.out.append(END)
-
-
-def cmd_reload(session: Session, args: list[bytes]) -> None:
-    reload = session.state.reload_requested
-    reply = reload() if reload is not None else "Reloaded config."
-    session.out.append(reply.encode() + b"\r\n")
-
-
-def cmd_verbosity(session: Session, args: list[bytes]) -> None:
-    args, noreply = _noreply(args)
-    if len(args) != 1 or not args[0].isdigit():
-        session.out.append(BAD_FORMAT)
-        return
-    if not noreply:
-        session.out.append(b"OK\r\n")
-
-
-def cmd_shutdown(session: Session, args: list[bytes]) -> None:
-    session.close_after(None)
-    stop = session.state.shutdown_requested
-    if stop is not None:
-        session.state.loop.call_soon(stop)
-
-
-def cmd_quit(session: Session, args: list[bytes]) -> None:
-    session.close_after(None)
-
-
-def cmd_not_supported(session: Session, args: list[bytes]) -> None:
-    """incr, decr, touch: refused; silently with ``noreply``, which a client that sent it
-    does not read (a reply would be taken for the answer to its next request)."""
-    if not (args and args[-1] == b"noreply"):
-        session.out.append(NOT_SUPPORTED)
-
-
-COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
-    b"delete": cmd_delete,
-    b"flush": cmd_flush,
-    b"flush_all": cmd_flush_all,
-    b"flush_expired": cmd_flush_expired,
-    b"flush_all_expired": cmd_flush_all_expired,
-    b"version": cmd_version,
-    b"stats": cmd_stats,
-    b"dump_stats": cmd_dump_stats,
-    b"dump_config": cmd_dump_config,
-    b"monitor": cmd_monitor,
-    b"confirm": cmd_confirm,
-    b"status": cmd_status,
-    b"reload": cmd_reload,
-    b"verbosity": cmd_verbosity,
-    b"shutdown": cmd_shutdown,
-    b"quit": cmd_quit,
-    b"incr": cmd_not_supported,
-    b"decr": cmd_not_supported,
-    b"touch": cmd_not_supported,
-}
 
 
 def feed(session: Session, requests: list) -> None:

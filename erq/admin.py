@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .commands import general_stats
+from .server_commands import general_stats
 from .state import STATUSES
 
 log = logging.getLogger("erq.admin")

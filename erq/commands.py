@@ -1,10 +1,11 @@
-"""Selector for the commands: ``_commands_py.py`` compiled by Cython (``erq._fast._commands``) or as is."""
+"""Selector for the per-request commands: ``_commands_py.py`` compiled by Cython
+(``erq._fast._commands``) or as is. The other commands are ``erq.server_commands``."""
 
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._commands import COMMANDS, dispatch, expiry_ms, feed, general_stats
+    from ._fast._commands import dispatch, expiry_ms, feed
 else:
-    from ._commands_py import COMMANDS, dispatch, expiry_ms, feed, general_stats
+    from ._commands_py import dispatch, expiry_ms, feed
 
-__all__ = ["COMMANDS", "dispatch", "expiry_ms", "feed", "general_stats"]
+__all__ = ["dispatch", "expiry_ms", "feed"]

@@ -1,0 +1,174 @@
+"""``monitor`` and ``confirm`` (PROTOCOL.md §5): Kestrel's streaming reliable reads.
+
+``monitor q <seconds> [max]`` opens reads of up to ``max`` items as they come, for at most that
+long, each sent at once; ``confirm q <count>`` confirms the connection's oldest open reads of the
+queue. Neither is on the per-request hot path: plain Python in both builds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from erq import wire as _wire
+from erq.journal_api import JournalError
+from erq.names import valid_queue_name
+from erq.replies import (
+    BAD_FORMAT,
+    BAD_NAME,
+    END,
+    ERROR,
+    JOURNAL_FAILED_LOG,
+    QUIESCENT,
+    journal_failed,
+)
+
+if TYPE_CHECKING:
+    from erq.queue import Queue
+    from erq.session import Session
+
+
+def is_decimal(token: bytes) -> bool:
+    return 0 < len(token) <= 18 and token.isdigit()
+
+
+class MonitorOperation:
+    """``monitor q <seconds> [max]``: stream open reads until max items or the deadline."""
+
+    __slots__ = ("session", "queue", "name", "remaining", "deadline", "expires", "waiter")
+
+    def __init__(self, session: Session, queue: Queue, seconds: int, max_items: int) -> None:
+        self.session = session
+        self.queue = queue
+        self.name = queue.name
+        self.remaining = max_items
+        self.deadline = time.monotonic() + seconds
+        self.expires = 0  # its key in the server's Deadlines, while one is set
+        self.waiter: MonitorWaiter | None = None
+
+    def run(self) -> bool:
+        session = self.session
+        limit = session.state.config.server.max_open_reads
+        while self.remaining > 0 and session.state.status != "QUIESCENT":
+            if session.at_open_limit(self.name, limit):
+                break
+            try:
+                item = self.queue.take(True)
+            except JournalError as exc:  # disk full: the item stays at the head
+                JOURNAL_FAILED_LOG.log("monitor %s: %s", self.name, exc)
+                break
+            if item is None:
+                delay = self.deadline - time.monotonic()
+                if delay <= 0 or self.queue.deleted:
+                    break
+                if not self.expires:  # first: nothing is left behind if it raises
+                    self.expires = session.state.deadlines.add(self, delay)
+                self.waiter = MonitorWaiter(self)
+                self.queue.add_waiter(self.waiter)
+                session.blocked = self
+                return False
+            self._deliver(item)
+        self._finish()
+        return True
+
+    def _deliver(self, item) -> None:
+        session = self.session
+        counters = session.state.counters
+        counters.cmd_get += 1
+        counters.get_hits += 1
+        session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
+        prefix = b"VALUE " + self.name.encode("ascii") + b" "
+        flags = 0 if session.state.kestrel else item.flags  # Kestrel sends no flags
+        _wire.append_value(session.out, prefix, flags, item.data, -1)
+        session.out.append(END)
+        self.remaining -= 1
+
+    def _forget_deadline(self) -> None:
+        if self.expires:
+            self.session.state.deadlines.discard(self, self.expires)
+            self.expires = 0
+
+    def _finish(self) -> None:
+        self._forget_deadline()
+        self.session.out.append(END)
+
+    def woken(self, item) -> None:
+        self.waiter = None
+        if item is None:
+            self._finish()
+            self.session.unblock()
+            return
+        self._deliver(item)
+        if self.run():
+            self.session.unblock()
+        else:
+            self.session.flush()  # stream what we have while waiting for more
+
+    def expire(self) -> None:
+        self.expires = 0
+        if self.waiter is not None:
+            self.waiter.active = False
+            self.queue.remove_waiter(self.waiter)
+            self.waiter = None
+            self._finish()
+            self.session.unblock()
+
+    def cancel(self) -> None:
+        if self.waiter is not None:
+            self.waiter.active = False
+            self.queue.remove_waiter(self.waiter)
+            self.waiter = None
+        self._forget_deadline()
+
+
+class MonitorWaiter:
+    __slots__ = ("op", "active")
+    peek = False
+    reliable = True
+    monitor = True
+
+    def __init__(self, op: MonitorOperation) -> None:
+        self.op = op
+        self.active = True
+
+    def wake(self, item) -> None:
+        self.active = False
+        self.op.woken(item)
+
+
+def cmd_monitor(session: Session, args: list[bytes]) -> None:
+    if len(args) not in (2, 3) or not all(is_decimal(a) for a in args[1:]):
+        session.out.append(BAD_FORMAT)
+        return
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return
+    state = session.state
+    if state.status == "QUIESCENT":
+        session.out.append(QUIESCENT)
+        return
+    max_items = int(args[2]) if len(args) == 3 else state.config.server.max_open_reads
+    try:
+        queue = state.queues.get_or_create(args[0].decode("ascii"))
+    except JournalError as exc:  # its journal could not be opened (out of descriptors, ...)
+        JOURNAL_FAILED_LOG.log("monitor %s: %s", args[0].decode("ascii"), exc)
+        session.out.append(journal_failed(exc))
+        return
+    MonitorOperation(session, queue, int(args[1]), max_items).run()
+
+
+def cmd_confirm(session: Session, args: list[bytes]) -> None:
+    if len(args) != 2 or not is_decimal(args[1]):
+        session.out.append(BAD_FORMAT)
+        return
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return
+    name = args[0].decode("ascii")
+    count = int(args[1])
+    if session.live_open_count(name) < count:
+        session.out.append(ERROR)
+        return
+    for _ in range(count):
+        session.close_oldest(name)
+    session.out.append(END)

@@ -1,0 +1,33 @@
+"""The fixed replies of the memcache text protocol as erq sends them, and the one a request
+gets when its queue's journal fails: shared by every command module."""
+
+from __future__ import annotations
+
+import logging
+
+from erq.journal_api import JournalError
+from erq.throttle import Throttle
+
+END = b"END\r\n"
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+DELETED = b"DELETED\r\n"
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
+READ_ONLY = b"SERVER_ERROR read only\r\n"
+QUIESCENT = b"SERVER_ERROR quiescent\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
+STARTING = b"SERVER_ERROR starting\r\n"
+
+# A full disk or a lost journal fails every request that writes: one line per 10 s (for all
+# commands together), so that the log does not grow on that full disk at the rate of the
+# requests.
+JOURNAL_FAILED_LOG = Throttle(logging.getLogger("erq.commands"), logging.ERROR)
+
+
+def journal_failed(exc: JournalError) -> bytes:
+    """The reply to a request its queue's journal could not take (disk full, I/O error, out
+    of descriptors): nothing was stored or taken, and the connection stays usable."""
+    return b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"

@@ -1,0 +1,271 @@
+"""The named commands besides ``get`` and ``set`` (PROTOCOL.md §3, §4, §8): queue administration
+(``delete``, ``flush``, ...), the server's own (``stats``, ``status``, ``reload``, ...) and the
+table ``COMMANDS`` through which the request dispatcher (``erq.commands``) finds each, with
+``monitor`` and ``confirm`` (``erq.monitor``).
+
+None is on the per-request hot path: plain Python in both builds, called from the compiled
+dispatcher. Replies are appended to ``session.out``, as every command does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from erq import __version__
+from erq._compat import IMPLEMENTATION
+from erq.monitor import cmd_confirm, cmd_monitor
+from erq.names import valid_queue_name
+from erq.replies import BAD_FORMAT, BAD_NAME, DELETED, END, NOT_SUPPORTED, READ_ONLY
+
+if TYPE_CHECKING:
+    from erq.session import Session
+    from erq.state import ServerState
+
+log = logging.getLogger("erq.commands")
+
+
+# ---- queue administration ---------------------------------------------------------------
+def _noreply(args: list[bytes]) -> tuple[list[bytes], bool]:
+    if args and args[-1] == b"noreply":
+        return args[:-1], True
+    return args, False
+
+
+def _one_name(session: Session, args: list[bytes]) -> str | None:
+    if len(args) != 1:
+        session.out.append(BAD_FORMAT)
+        return None
+    if not valid_queue_name(args[0]):
+        session.out.append(BAD_NAME)
+        return None
+    return args[0].decode("ascii")
+
+
+def _named_write(
+    session: Session, args: list[bytes], apply: Callable[[str], None], reply: bytes
+) -> None:
+    """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
+    args, noreply = _noreply(args)
+    name = _one_name(session, args)
+    if name is None:
+        return
+    if session.state.status != "UP":
+        if not noreply:
+            session.out.append(READ_ONLY)
+        return
+    apply(name)
+    if not noreply:
+        session.out.append(reply)
+
+
+def cmd_delete(session: Session, args: list[bytes]) -> None:
+    _named_write(session, args, session.state.queues.delete, DELETED)
+
+
+def cmd_flush(session: Session, args: list[bytes]) -> None:
+    _named_write(session, args, session.state.queues.flush, END)
+
+
+def cmd_flush_all(session: Session, args: list[bytes]) -> None:
+    args, noreply = _noreply(args)
+    if len(args) > 1 or (
+        args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())
+    ):
+        session.out.append(BAD_FORMAT)
+        return
+    state = session.state
+    if state.status != "UP":
+        if not noreply:
+            session.out.append(READ_ONLY)
+        return
+    state.queues.flush_all()
+    if not noreply:
+        session.out.append(b"Flushed all queues.\r\n" if state.kestrel else b"OK\r\n")
+
+
+def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
+    name = _one_name(session, args)
+    if name is None:
+        return
+    state = session.state
+    if state.status != "UP":
+        session.out.append(READ_ONLY)
+        return
+    session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
+
+
+def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
+    state = session.state
+    if args:
+        session.out.append(BAD_FORMAT)
+        return
+    if state.status != "UP":
+        session.out.append(READ_ONLY)
+        return
+    session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
+
+
+# ---- server commands ---------------------------------------------------------------------
+def cmd_version(session: Session, args: list[bytes]) -> None:
+    session.out.append(b"VERSION %s\r\n" % __version__.encode())
+
+
+def general_stats(state: ServerState) -> list[tuple[str, object]]:
+    """The server-wide fields of ``stats`` (PROTOCOL.md §8), in order: the one list that the
+    memcache ``stats`` command and the admin port's /stats.json and /metrics all read."""
+    c = state.counters
+    queues = state.queues
+    now = time.time()
+    return [
+        ("pid", os.getpid()),
+        ("uptime", int(now - state.started)),
+        ("time", int(now)),
+        ("version", __version__),
+        ("implementation", IMPLEMENTATION),
+        ("curr_connections", c.curr_connections),
+        ("total_connections", c.total_connections),
+        ("cmd_get", c.cmd_get),
+        ("cmd_set", c.cmd_set),
+        ("cmd_peek", c.cmd_peek),
+        ("get_hits", c.get_hits),
+        ("get_misses", c.get_misses),
+        ("bytes_read", c.bytes_read),
+        ("bytes_written", c.bytes_written),
+        ("curr_items", queues.curr_items()),
+        ("total_items", queues.total_items),
+        ("bytes", queues.curr_bytes()),
+        ("queue_creates", queues.queue_creates),
+        ("queue_deletes", queues.queue_deletes),
+        ("queue_expires", queues.queue_expires),
+        ("status", state.status),
+    ]
+
+
+def cmd_stats(session: Session, args: list[bytes]) -> None:
+    if args:
+        session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
+        return
+    state = session.state
+    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(state)]
+    queues = state.queues
+    for name in queues.names():
+        for field, value in queues.queue_stats(name).items():
+            lines.append(
+                b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
+            )
+    lines.append(END)
+    session.out.append(b"".join(lines))
+
+
+def _dump(
+    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]
+) -> None:
+    for arg in args:
+        if not valid_queue_name(arg):
+            session.out.append(BAD_NAME)
+            return
+    queues = session.state.queues
+    names = [a.decode("ascii") for a in args] if args else queues.names()
+    lines = []
+    for name in names:
+        if name not in queues:
+            continue
+        lines.append(b"queue '%s' {\r\n" % name.encode())
+        for field, value in fields(name):
+            lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
+        lines.append(b"}\r\n")
+    lines.append(END)
+    session.out.append(b"".join(lines))
+
+
+def cmd_dump_stats(session: Session, args: list[bytes]) -> None:
+    queues = session.state.queues
+    _dump(session, args, lambda name: list(queues.queue_stats(name).items()))
+
+
+def cmd_dump_config(session: Session, args: list[bytes]) -> None:
+    queues = session.state.queues
+    _dump(session, args, lambda name: queues.get(name).config.canonical())
+
+
+def cmd_status(session: Session, args: list[bytes]) -> None:
+    state = session.state
+    if not args:
+        session.out.append(state.status.encode() + b"\r\n")
+        return
+    if len(args) != 1:
+        session.out.append(BAD_FORMAT)
+        return
+    word = args[0].decode("ascii", "replace").upper()
+    if word not in ("UP", "READONLY", "QUIESCENT"):
+        session.out.append(b"CLIENT_ERROR bad status\r\n")
+        return
+    try:
+        state.set_status(word)
+    except OSError as exc:  # the status would not survive a restart: keep the old one
+        log.error("status %s: cannot save it: %s", word, exc)
+        session.out.append(
+            f"SERVER_ERROR cannot save the status: {exc.strerror or exc}\r\n".encode()
+        )
+        return
+    session.out.append(END)
+
+
+def cmd_reload(session: Session, args: list[bytes]) -> None:
+    reload = session.state.reload_requested
+    reply = reload() if reload is not None else "Reloaded config."
+    session.out.append(reply.encode() + b"\r\n")
+
+
+def cmd_verbosity(session: Session, args: list[bytes]) -> None:
+    args, noreply = _noreply(args)
+    if len(args) != 1 or not args[0].isdigit():
+        session.out.append(BAD_FORMAT)
+        return
+    if not noreply:
+        session.out.append(b"OK\r\n")
+
+
+def cmd_shutdown(session: Session, args: list[bytes]) -> None:
+    session.close_after(None)
+    stop = session.state.shutdown_requested
+    if stop is not None:
+        session.state.loop.call_soon(stop)
+
+
+def cmd_quit(session: Session, args: list[bytes]) -> None:
+    session.close_after(None)
+
+
+def cmd_not_supported(session: Session, args: list[bytes]) -> None:
+    """incr, decr, touch: refused; silently with ``noreply``, which a client that sent it
+    does not read (a reply would be taken for the answer to its next request)."""
+    if not (args and args[-1] == b"noreply"):
+        session.out.append(NOT_SUPPORTED)
+
+
+COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
+    b"delete": cmd_delete,
+    b"flush": cmd_flush,
+    b"flush_all": cmd_flush_all,
+    b"flush_expired": cmd_flush_expired,
+    b"flush_all_expired": cmd_flush_all_expired,
+    b"version": cmd_version,
+    b"stats": cmd_stats,
+    b"dump_stats": cmd_dump_stats,
+    b"dump_config": cmd_dump_config,
+    b"monitor": cmd_monitor,
+    b"confirm": cmd_confirm,
+    b"status": cmd_status,
+    b"reload": cmd_reload,
+    b"verbosity": cmd_verbosity,
+    b"shutdown": cmd_shutdown,
+    b"quit": cmd_quit,
+    b"incr": cmd_not_supported,
+    b"decr": cmd_not_supported,
+    b"touch": cmd_not_supported,
+}
