@@ -59,6 +59,7 @@ from e2e_harness import (  # noqa: E402
     read_stats,
     tempdir,
 )
+from report import fmt_mib, render, short  # noqa: E402
 from scenarios import (  # noqa: E402
     ERQ_BUILDS,
     GIB,
@@ -80,9 +81,6 @@ from scenarios import (  # noqa: E402
     Results,
     Run,
     Scenario,
-    fmt_mib,
-    render,
-    short,
 )
 
 # ---------------------------------------------------------------------------------------------
