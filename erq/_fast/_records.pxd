@@ -45,14 +45,12 @@ cdef Py_ssize_t _first_nonzero(const unsigned char *buf, Py_ssize_t p,
 cdef Py_ssize_t _resync(const unsigned char *buf, Py_ssize_t start, Py_ssize_t end) noexcept nogil
 cdef Py_ssize_t _bounds(Py_ssize_t size, Py_ssize_t start, Py_ssize_t end) except -1
 cdef tuple _decode(const unsigned char *buf, Py_ssize_t p, Py_ssize_t nxt, bint want_data)
-cdef int _check_length(Py_ssize_t n) except -1
 cdef void _fill_add(unsigned char *p, uint64_t id, uint32_t flags, uint64_t add_time,
                     uint64_t expiry, const unsigned char *data, Py_ssize_t n) noexcept nogil
 cdef Py_ssize_t _pwrite_add(int fd, unsigned char *p, Py_ssize_t at, uint64_t id,
                             uint32_t flags, uint64_t add_time, uint64_t expiry,
                             const unsigned char *data, Py_ssize_t n, int *err) noexcept nogil
 cdef int _write_failed(int err, Py_ssize_t got, Py_ssize_t want, Py_ssize_t at) except -1
-cdef Py_ssize_t _op_size(int opcode) except -1
 cdef void _fill_op(unsigned char *p, int opcode, uint64_t id) noexcept nogil
 
 
@@ -66,3 +64,19 @@ cdef class RecordIterator:
     cdef readonly int status
 
     cpdef release(self)
+
+
+# Pure arithmetic, so defined here: inlined into every module that cimports them.
+cdef inline int _check_length(Py_ssize_t n) except -1:
+    """Raise unless ``n`` bytes of item data fit in a record (its length field is 32 bits)."""
+    if <uint64_t>n + ADD_FIXED_LENGTH > <uint64_t>0xFFFFFFFF:
+        raise OverflowError("item too large for a journal record")
+    return 0
+
+
+cdef inline Py_ssize_t _op_size(int opcode) except -1:
+    if opcode == OP_FLUSH:
+        return FLUSH_RECORD_SIZE
+    if OP_REMOVE <= opcode <= OP_UNREMOVE:
+        return OP_RECORD_SIZE
+    raise ValueError(f"not an id opcode: {opcode}")

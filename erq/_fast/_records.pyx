@@ -43,8 +43,6 @@ cdef extern from *:
     bint erq_plain_tuple_type(type t)
 
 
-cdef uint64_t MAX_LENGTH = 0xFFFFFFFF  # a record's length field is 32 bits
-
 erq_crc32c_init()
 CRC32C_IMPLEMENTATION = "sse4.2" if erq_crc32c_uses_hw else "slicing-by-8"
 
@@ -215,21 +213,6 @@ cdef int _write_failed(int err, Py_ssize_t got, Py_ssize_t want, Py_ssize_t at) 
     else:
         why = f"short write ({got} of {want} bytes)"
     raise JournalError(f"cannot write the record at offset {at} of a segment: {why}") from cause
-
-
-cdef int _check_length(Py_ssize_t n) except -1:
-    """Raise unless ``n`` bytes of item data fit in a record (its length field is 32 bits)."""
-    if <uint64_t>n + ADD_FIXED_LENGTH > MAX_LENGTH:
-        raise OverflowError("item too large for a journal record")
-    return 0
-
-
-cdef Py_ssize_t _op_size(int opcode) except -1:
-    if opcode == OP_FLUSH:
-        return FLUSH_RECORD_SIZE
-    if OP_REMOVE <= opcode <= OP_UNREMOVE:
-        return OP_RECORD_SIZE
-    raise ValueError(f"not an id opcode: {opcode}")
 
 
 cdef void _fill_op(unsigned char *p, int opcode, uint64_t id) noexcept nogil:
