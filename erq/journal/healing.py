@@ -16,11 +16,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 from ..journal_api import JournalError
 from .compaction import CompactionAborted, SnapshotJob
+from .segment import discard_spare
 
 log = logging.getLogger("erq.journal")
 
@@ -37,12 +37,6 @@ def directory_identity(directory: str | Path) -> tuple[int, ...] | None:
     except OSError:
         return ()
     return (st.st_dev, st.st_ino)
-
-
-def discard_spare(pending: Future) -> None:
-    """Done-callback of a spare segment's allocation that nobody will use: remove its file."""
-    if not pending.cancelled() and pending.exception() is None:
-        pending.result().discard()
 
 
 class Healing:

@@ -28,10 +28,10 @@ from ..journal_api import JournalError
 from . import codec
 from .diskitems import DiskItems
 from .format import HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
-from .healing import Healing, discard_spare
+from .healing import Healing
 from .reclaim import Reclaiming
 from .recovery import RecoveredItem, Recovery, replay
-from .segment import Segment, Spare, round_up
+from .segment import Segment, Spare, discard_spare, round_up
 
 log = logging.getLogger("erq.journal")
 

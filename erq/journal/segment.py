@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..journal_api import JournalError
@@ -96,6 +97,12 @@ class Spare:
     def discard(self) -> None:
         os.close(self.fd)
         _unlink_quietly(self.path)
+
+
+def discard_spare(pending: Future) -> None:
+    """Done-callback of a spare segment's allocation that nobody will use: remove its file."""
+    if not pending.cancelled() and pending.exception() is None:
+        pending.result().discard()
 
 
 def _unlink_quietly(path: Path) -> None:
