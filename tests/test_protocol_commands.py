@@ -11,6 +11,8 @@ import socket
 import time
 from collections import deque
 
+import pytest
+
 import erq
 
 from conftest import ErqProcess, RawClient
@@ -519,6 +521,25 @@ def test_monitor_streams_open_reads_until_max_or_timeout_and_confirm_closes_them
     c.close()
     wait_for_stat(setter, "queue_q_open_transactions", 0)
     assert setter.get("q") == one("q", b"g")
+
+
+@pytest.mark.parametrize("compat", ["erq", "kestrel"])
+def test_monitor_sends_the_items_flags_or_kestrels_zero_for_items_queued_and_awaited(
+    erq_factory, compat
+):
+    """A monitored item's VALUE line names the queue and carries its flags; in Kestrel's wire
+    mode (which sends no flags) a 0, as a get there does."""
+    server = start(erq_factory, server=f'compat = "{compat}"')
+    c = server.client()
+    setter = server.client()
+    assert c.call(set_req(b"m", b"queued", flags=7)) == STORED
+    flags = 0 if compat == "kestrel" else 7
+    assert c.call(b"monitor m 60 2\r\n", END) == one("m", b"queued", flags)
+    time.sleep(0.2)  # the monitor now waits for the second item
+    assert setter.call(set_req(b"m", b"awaited", flags=9)) == STORED
+    assert c.until() == one("m", b"awaited", 0 if compat == "kestrel" else 9)
+    assert c.line() == END
+    assert c.call(b"confirm m 2\r\n") == END
 
 
 def test_waits_longer_than_any_clock_are_cut_short_not_refused(server):
