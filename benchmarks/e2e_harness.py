@@ -184,15 +184,21 @@ def ensure_memcached() -> str | None:
     return shutil.which("memcached")
 
 
-def read_stats(sock: socket.socket) -> dict[str, str]:
-    """Send ``stats`` on an open connection and parse the reply."""
-    sock.sendall(b"stats\r\n")
+def read_until_end(sock: socket.socket, what: str) -> bytes:
+    """The replies on ``sock`` up to and including the ``END`` line that closes them."""
     buf = b""
     while not buf.endswith(b"END\r\n"):
         chunk = sock.recv(65536)
         if not chunk:
-            raise OSError("connection closed during stats")
+            raise OSError(f"connection closed during {what}")
         buf += chunk
+    return buf
+
+
+def read_stats(sock: socket.socket) -> dict[str, str]:
+    """Send ``stats`` on an open connection and parse the reply."""
+    sock.sendall(b"stats\r\n")
+    buf = read_until_end(sock, "stats")
     stats = {}
     for line in buf.decode("utf-8", "replace").splitlines():
         parts = line.split(" ", 2)

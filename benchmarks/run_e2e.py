@@ -57,6 +57,7 @@ from e2e_harness import (  # noqa: E402
     package_version,
     raise_nofile,
     read_stats,
+    read_until_end,
     tempdir,
 )
 from report import fmt_mib, render, short  # noqa: E402
@@ -333,12 +334,7 @@ def warm_up(server: Server) -> None:
     lazily, on the first queue: ~0.1 s) is not billed to the first requests of a timed run."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"set warmup 0 0 1\r\nx\r\nget warmup\r\n")
-        buf = b""
-        while not buf.endswith(b"END\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise OSError("connection closed during warm-up")
-            buf += chunk
+        buf = read_until_end(sock, "warm-up")
     if not buf.startswith(b"STORED\r\n"):
         raise BenchError(f"warm-up set answered {buf[:80]!r}")
 
