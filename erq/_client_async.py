@@ -262,3 +262,7 @@ class AsyncClient(_ClientCore):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+# Users import it from erq.client: say so in reprs and tracebacks.
+AsyncClient.__module__ = "erq.client"

@@ -76,6 +76,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncClient", "Client", "ErqError", "Item", "ServerSpec", "WritePolicy"]
 
+# Defined in the shared core, but this is where users import them from: say so in reprs,
+# tracebacks and pickles.
+ErqError.__module__ = Item.__module__ = __name__
+
 
 class _Connection(_Replies):
     """One connection to one server, a request and its reply at a time, on a blocking socket

@@ -9,12 +9,13 @@ restarted one gives back.
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 
 import pytest
 from pymemcache.client.rendezvous import RendezvousHash
 
-from erq.client import AsyncClient, Client, ErqError, check_queue_name
+from erq.client import AsyncClient, Client, ErqError, Item, check_queue_name
 
 from conftest import ErqProcess, RawClient
 from support import END, STORED, poll, start
@@ -404,3 +405,12 @@ def test_async_client_survives_a_killed_and_a_quiescent_server(servers, raws):
     raw = victim.client()
     assert drain_raw(raw, "work") == [b"in flight"]  # the lost open read went back
     raw.close()
+
+
+def test_public_classes_name_erq_client_as_their_module_and_errors_pickle():
+    """Users import these from erq.client; reprs, tracebacks and pickles say so, not the
+    private module the two clients share."""
+    for cls in (AsyncClient, Client, ErqError, Item):
+        assert cls.__module__ == "erq.client", cls
+    error = pickle.loads(pickle.dumps(ErqError("CLIENT_ERROR bad data chunk")))
+    assert type(error) is ErqError and str(error) == "CLIENT_ERROR bad data chunk"
