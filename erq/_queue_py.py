@@ -473,6 +473,11 @@ class Queue:
             self._serve_waiters()
         return count
 
+    def unremove_every_open(self) -> int:
+        """Abort every open read of every connection (a server stopping): back at the head in
+        the order they were opened, as recovery puts them after a crash."""
+        return self.unremove_all(list(self._open.values()))
+
     def _put_back(self, read: OpenRead) -> bool:
         if not self.is_open(read):
             return False

@@ -397,12 +397,15 @@ class Server:
         await asyncio.sleep(0)  # let woken sessions run their pipelines
         if self._commit is not None:
             await self._commit.drain()
+        # Open reads go back to the head now, journaled, rather than when each transport's
+        # close reaches its session, after the journals closed; queue by queue, in the order
+        # they were opened whichever connection holds them (a session at a time would put one
+        # connection's reads ahead of older reads of another).
+        for queue in state.queues:
+            queue.unremove_every_open()
         for proto in list(state.connections):
             if proto.session is not None:
                 proto.session.flush()
-                # Their reads go back to the head now, journaled, rather than when the
-                # transport's close reaches the session, after the journals closed.
-                proto.session.abort_all()
             if proto.transport is not None:
                 proto.transport.close()
         state.queues.close()

@@ -463,6 +463,24 @@ def test_reads_open_at_a_crash_return_to_the_head_in_their_original_order(erq_fa
     assert drain(client, "q") == values
 
 
+def test_reads_open_on_several_connections_at_a_graceful_stop_return_in_the_order_opened(
+    erq_factory,
+):
+    """SIGTERM aborts the open reads before the journals close: they must land as recovery
+    would put them after a crash, oldest first across every connection, not one
+    connection's reads after another's."""
+    server = erq_factory()
+    values = [b"item-%02d" % i for i in range(12)]
+    set_many(server.client(), "q", values)
+    clients = [server.client() for _ in range(3)]
+    for i in range(9):  # interleaved: connection k holds items k, k + 3, k + 6
+        reply = clients[i % 3].get("q/open")
+        assert reply == b"VALUE q/open 0 7\r\n%s\r\nEND\r\n" % values[i]
+    assert server.stop() == 0  # the connections are still open
+    server.start()
+    assert drain(server.client(), "q") == values
+
+
 # ---- 5. full disk -----------------------------------------------------------------------------------
 TMPFS_SIZE = "8m"
 FILL_ITEM = 16 * KiB
