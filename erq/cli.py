@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_parser("check", help="verify every journal; non-zero exit on damage").add_argument(
         "data_dir"
     )
-    jsub.add_parser("pack", help="compact every journal of a stopped server").add_argument(
-        "data_dir"
-    )
+    jsub.add_parser(
+        "pack", help="compact every journal of a stopped server (or one queue's directory)"
+    ).add_argument("data_dir")
     sub.add_parser(
         "example-config",
         help="print a configuration file with every setting at its default, each explained",
@@ -123,12 +123,12 @@ def _example_config() -> int:
 def _journal(ns: argparse.Namespace) -> int:
     from .journal import tool
 
-    out = sys.stdout
+    out, err = sys.stdout, sys.stderr
     if ns.journal_command == "dump":
-        return tool.dump(ns.queue_dir, out)
+        return tool.dump(ns.queue_dir, out, err)
     if ns.journal_command == "check":
-        return tool.check(ns.data_dir, out)
-    return tool.pack(ns.data_dir, out)
+        return tool.check(ns.data_dir, out, err)
+    return tool.pack(ns.data_dir, out, err)
 
 
 def main(argv: list[str] | None = None) -> int:

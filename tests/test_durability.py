@@ -414,6 +414,35 @@ def test_a_damaged_segment_header_costs_no_item_and_is_written_again(erq_factory
     server.kill()
 
 
+def test_a_segment_deleted_between_two_others_is_reported_not_silently_skipped(erq_factory, impl):
+    server = erq_factory()
+    values = [kib_value(n) for n in range(3000)]  # several segments
+    client = server.client()
+    set_many(client, "q", values)
+    client.close()
+    server.kill()
+    first, middle, after, *_ = segment_files(server.data_dir / "q")
+    middle.unlink()
+    check = erq_tool(impl, "check", str(server.data_dir))
+    gap = (
+        f"segment {middle.name} missing between {first.name} and {after.name}: what it held is lost"
+    )
+    assert check.returncode == 1 and gap in check.stdout, check
+
+    log = start_logged(server)
+    [warning] = warnings_naming(log, middle.name)
+    assert gap in warning, log
+    [(count, _)] = ready_counts(log)
+    client = server.client()
+    kept = drain(client, "q")
+    assert 0 < count == len(kept) < len(values)
+    # The first segment's items, then the last one's: in order, and only the middle is gone.
+    head = next(i for i, value in enumerate(kept) if value != values[i])
+    assert kept == values[:head] + values[len(values) - (len(kept) - head) :]
+    client.close()
+    server.kill()
+
+
 def test_a_journal_of_another_format_version_stops_the_start_in_one_line(erq_factory, impl):
     server = erq_factory()
     client = server.client()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import struct
 
 import pytest
@@ -18,7 +19,7 @@ from test_journal_support import (
 )
 
 import erq.journal.codec as journal_codec
-from erq.journal import QueueJournal
+from erq.journal import QueueJournal, tool
 from erq.journal.format import (
     HEADER_SIZE,
     HEADER_STRUCT,
@@ -289,6 +290,52 @@ def test_a_segment_too_short_for_a_record_or_named_for_another_is_set_aside(code
     ids = [it.id for it in all_items(journal, rec)]
     assert ids and ids[0] == 1 and len(ids) < 79
     journal.close()
+
+
+def _added_ids(path) -> set[int]:
+    raw = path.read_bytes()
+    return {
+        struct.unpack_from("<Q", raw, start + 9)[0]
+        for start, _ in record_spans(raw)
+        if raw[start + 8] == OP_ADD
+    }
+
+
+def test_segments_missing_between_others_are_reported_and_the_rest_recovered(codec, tmp_path):
+    # Deleted by hand or by another program: what they held is lost, and that is said.
+    directory = tmp_path / "q"
+    files = _journal_of_segments(directory, n_items=300)
+    assert len(files) >= 6
+    lost = _added_ids(files[1]) | _added_ids(files[3]) | _added_ids(files[4])
+    for path in (files[1], files[3], files[4]):
+        path.unlink()
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    why = "what it held is lost (the items it added; the items it removed come back)"
+    assert rec.warnings == [
+        f"{directory}: segment {files[1].name} missing between {files[0].name} and "
+        f"{files[2].name}: {why}",
+        f"{directory}: segment {files[3].name} to {files[4].name} missing between "
+        f"{files[2].name} and {files[5].name}: {why}",
+    ]
+    items = all_items(journal, rec)
+    assert lost and [it.id for it in items] == [i for i in range(1, 301) if i not in lost]
+    assert journal.wants_compaction  # rewritten soon, which ends the report
+    journal.close()
+    out = io.StringIO()
+    assert tool.check(directory, out) == 1
+    assert rec.warnings[0] in out.getvalue() and rec.warnings[1] in out.getvalue()
+    assert "2 problem(s)" in out.getvalue()
+    out = io.StringIO()
+    assert tool.dump(directory, out) == 1
+    assert f"# {rec.warnings[1]}" in out.getvalue()
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert len(rec.warnings) == 2  # until compaction rewrites the journal
+    journal.compact([], all_items(journal, rec), wait=True)
+    journal.close()
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)
+    assert rec.warnings == [] and all_items(journal, rec) == items
+    journal.close()
+    assert tool.check(directory, io.StringIO()) == 0
 
 
 def test_leftovers_of_interrupted_creation_and_compaction_are_removed(codec, tmp_path):

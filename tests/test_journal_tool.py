@@ -9,6 +9,7 @@ import re
 import pytest
 from test_journal_support import KiB, all_items, item, record_spans, segment_files, use_codec
 
+from erq import datadir
 from erq.journal import QueueJournal, tool
 
 
@@ -136,11 +137,27 @@ def test_pack_compacts_every_queue_and_keeps_their_items(data_dir):
     assert tool.check(data_dir, io.StringIO()) == 0
 
 
-def test_tools_refuse_a_missing_directory(tmp_path):
-    out = io.StringIO()
-    assert tool.check(tmp_path / "nope", out) == 2
-    assert tool.dump(tmp_path / "nope", out) == 2
-    assert tool.pack(tmp_path / "nope", out) == 2
+def test_tools_refuse_a_missing_directory_or_a_file_on_their_error_stream(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    for run in (tool.check, tool.dump, tool.pack):
+        out, err = io.StringIO(), io.StringIO()
+        assert run(tmp_path / "nope", out, err) == 2
+        assert run(tmp_path / "file", out, err) == 2
+        assert out.getvalue() == ""
+        assert err.getvalue() == (
+            f"{tmp_path / 'nope'}: no such directory\n{tmp_path / 'file'}: not a directory\n"
+        )
+
+
+def test_pack_of_one_queues_directory_takes_its_data_directorys_lock(data_dir):
+    held = datadir.lock(data_dir, who="erq serve")  # as a running server does
+    out, err = io.StringIO(), io.StringIO()
+    assert tool.pack(data_dir / "jobs", out, err) == 2
+    assert f"{data_dir} is in use by erq serve" in err.getvalue() and out.getvalue() == ""
+    held.release()
+    assert tool.pack(data_dir / "jobs", out, err) == 0
+    assert out.getvalue().startswith("jobs: 2 item(s)")  # that queue alone
+    assert not (data_dir / "jobs" / datadir.LOCK_FILE).exists()
 
 
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):

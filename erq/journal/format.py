@@ -9,8 +9,13 @@ with a 32-byte header, then records, then (in a preallocated segment) zeros:
 All integers are little-endian. ``length`` counts opcode + body; the CRC covers the same bytes.
 A length of 0 is the end of the data. Header ``flags`` bit 0 (SNAPSHOT) marks a compaction
 snapshot: it holds the whole queue state as of its creation, so every segment with a lower
-sequence number is superseded. ``id_floor`` is greater than every id in earlier segments, so
-ids stay monotonic even after every segment that named them was deleted.
+sequence number is superseded. Bit 1 (AFTER_SNAPSHOT) marks the segment a compaction started
+for the appends made while it writes its snapshot, numbered one past the snapshot's: if that
+compaction never finished (a crash, a failure), the number before this segment's is missing,
+and nothing is lost, since the segments the snapshot would have superseded are all still
+there. Any other number missing between the segments replay reads is a lost file. ``id_floor``
+is greater than every id in earlier segments, so ids stay monotonic even after every segment
+that named them was deleted.
 
 Bodies (after the opcode byte):
     ADD       id u64 | flags u32 | add_time_ms u64 | expiry_ms u64 (0 = none) | data
@@ -27,6 +32,7 @@ FORMAT_VERSION = 1
 HEADER_SIZE = 32
 HEADER_STRUCT = struct.Struct("<4sHHQQ")  # magic, version, flags, seq, id_floor; crc32c follows
 HEADER_FLAG_SNAPSHOT = 1
+HEADER_FLAG_AFTER_SNAPSHOT = 2
 SEGMENT_SUFFIX = ".seg"
 
 OP_ADD = 1

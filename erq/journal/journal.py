@@ -267,8 +267,11 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                 self.sync()
         return None
 
-    def _rotate(self, record_size: int, size: int | None = None) -> codec.SegmentWriter:
-        """Seal the current segment and start a new one with room for ``record_size`` bytes."""
+    def _rotate(
+        self, record_size: int, size: int | None = None, flags: int = 0
+    ) -> codec.SegmentWriter:
+        """Seal the current segment and start a new one with room for ``record_size`` bytes
+        (``flags``: its header's)."""
         if self._closed:
             raise JournalError(f"journal {self.directory} is closed")
         if self._refusing:
@@ -283,6 +286,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                 self.directory,
                 self._next_seq,
                 size,
+                flags=flags,
                 id_floor=self._id_floor_now(),
                 spare=self._take_spare(size),
             )

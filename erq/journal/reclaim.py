@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..journal_api import JournalError
 from .compaction import SnapshotJob
-from .format import ADD_OVERHEAD, HEADER_SIZE
+from .format import ADD_OVERHEAD, HEADER_FLAG_AFTER_SNAPSHOT, HEADER_SIZE
 from .segment import Segment
 
 log = logging.getLogger("erq.journal")
@@ -114,7 +114,9 @@ class Reclaiming:
         of every older segment, on a thread. JournalError if the rotation fails."""
         snapshot_seq = self._next_seq
         self._next_seq += 1
-        self._rotate(0, self._segments[-1].size if self._segments else None)
+        # Its header tells recovery that the number before it may never be written.
+        size = self._segments[-1].size if self._segments else None
+        self._rotate(0, size, HEADER_FLAG_AFTER_SNAPSHOT)
         old = self._segments[:-1]
         self._reset_counts(len(open_items) + len(memory_items) + self._disk.count, len(open_items))
         job = SnapshotJob(

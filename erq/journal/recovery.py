@@ -29,9 +29,9 @@ import os
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,12 +41,14 @@ from .diskitems import DiskItems, low_halves
 from .format import (
     ADD_FIXED_LENGTH,
     ADD_OVERHEAD,
+    HEADER_FLAG_AFTER_SNAPSHOT,
     HEADER_FLAG_SNAPSHOT,
     HEADER_SIZE,
     REC_BAD,
     REC_END,
     REC_VALID,
     parse_segment_name,
+    segment_name,
 )
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
 
@@ -203,11 +205,13 @@ class ReplayResult:
     damaged: bool
 
 
-def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int]:
-    """The segment files by sequence number, and the highest number in use (set-aside
-    files included, so it is never reused); leftovers of interrupted writes are deleted."""
+def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int, set[int]]:
+    """The segment files by sequence number, the highest number in use (set-aside files
+    included, so it is never reused) and the numbers of the files set aside; leftovers of
+    interrupted writes are deleted."""
     found: list[tuple[int, Path]] = []
     max_seq = 0
+    aside: set[int] = set()
     for entry in os.scandir(directory):
         name = entry.name
         if name.endswith(LEFTOVER_SUFFIXES):
@@ -217,13 +221,54 @@ def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int]:
             seq = parse_segment_name(name[: -len(DAMAGED_SUFFIX)])
             if seq is not None:
                 max_seq = max(max_seq, seq)
+                aside.add(seq)
             continue
         seq = parse_segment_name(name)
         if seq is not None and entry.is_file():
             found.append((seq, Path(entry.path)))
             max_seq = max(max_seq, seq)
     found.sort()
-    return found, max_seq
+    return found, max_seq, aside
+
+
+class MissingSegments(NamedTuple):
+    """Segment numbers ``first``..``last`` absent between two segments replay reads."""
+
+    first: int
+    last: int
+    before: Segment
+    after: Segment
+
+    def describe(self) -> str:
+        names = segment_name(self.first)
+        if self.last > self.first:
+            names = f"{names} to {segment_name(self.last)}"
+        return (
+            f"{self.before.path.parent}: segment {names} missing between "
+            f"{self.before.path.name} and {self.after.path.name}: what it held is lost "
+            "(the items it added; the items it removed come back)"
+        )
+
+
+def missing_segments(
+    segments: list[Segment], accounted: Collection[int] = ()
+) -> list[MissingSegments]:
+    """The numbers missing between ``segments`` (those replay reads, in order), besides the
+    ``accounted`` ones (set aside, reported already) and the number a compaction took for a
+    snapshot it did not finish (see ``HEADER_FLAG_AFTER_SNAPSHOT``): files lost, deleted by
+    hand or by another program. Replay goes on without them."""
+    gaps = []
+    for before, after in pairwise(segments):
+        first, last = before.seq + 1, after.seq - 1
+        if after.flags & HEADER_FLAG_AFTER_SNAPSHOT:
+            last -= 1
+        for seq in sorted(s for s in accounted if first <= s <= last):
+            if seq > first:
+                gaps.append(MissingSegments(first, seq - 1, before, after))
+            first = seq + 1
+        if first <= last:
+            gaps.append(MissingSegments(first, last, before, after))
+    return gaps
 
 
 class _Misplaced(SegmentHeaderError):
@@ -307,10 +352,21 @@ def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> Rep
     into memory is charged its data plus ``item_overhead`` bytes against ``max_memory_size``
     (what the queue holding it spends on it: the same budget as while it runs)."""
     warnings: list[str] = []
-    found, max_seq = _list_directory(directory)
+    found, max_seq, aside = _list_directory(directory)
     segments, damaged_headers = _open_segments(found, warnings)
+    accounted = aside.union(seq for seq, _ in found)  # the files set aside just now too
+    gaps = missing_segments(segments, accounted)
+    warnings.extend(gap.describe() for gap in gaps)
     try:
-        return _replay(segments, damaged_headers, warnings, max_seq, max_memory_size, item_overhead)
+        return _replay(
+            segments,
+            damaged_headers,
+            warnings,
+            max_seq,
+            max_memory_size,
+            item_overhead,
+            damaged=bool(gaps),  # compacted soon: the report stays until then
+        )
     except BaseException:
         for seg in segments:
             seg.close()
@@ -324,13 +380,14 @@ def _replay(
     max_seq: int,
     max_memory_size: int,
     item_overhead: int,
+    damaged: bool,
 ) -> ReplayResult:
     tail = codec.ReplayTail()  # queued ids in ADD order, with their positions
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
     opened: dict[int, int] = {}  # open reads in OPEN order
     max_id = 0
     id_floor = 1
-    damaged = bool(damaged_headers)
+    damaged = damaged or bool(damaged_headers)
     last = len(segments) - 1
     for index, seg in enumerate(segments):
         if seg in damaged_headers:

@@ -1,7 +1,8 @@
 """Offline journal tools behind ``erq journal dump|check|pack`` (the server must be stopped).
 
 ``dump`` and ``check`` only read; ``pack`` opens each queue's journal exactly as the server
-would (recovery included) and compacts it.
+would (recovery included) and compacts it. Each writes its report to ``out`` and, when it
+cannot do its work at all (exit status 2), says why on ``err`` (``out`` if not given).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .format import (
     parse_segment_name,
 )
 from .journal import QueueJournal
-from .recovery import DAMAGED_SUFFIX, HEADER_SUFFIX, SegmentScan
+from .recovery import DAMAGED_SUFFIX, HEADER_SUFFIX, SegmentScan, missing_segments
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
 
 _REPR_BYTES = 32
@@ -35,6 +36,21 @@ def _segment_paths(directory: Path) -> list[Path]:
         if seq is not None and entry.is_file():
             found.append((seq, Path(entry.path)))
     return [path for _, path in sorted(found)]
+
+
+def _set_aside_seqs(directory: Path) -> set[int]:
+    """The numbers of the segments recovery set aside (reported as such, not as missing)."""
+    seqs = (parse_segment_name(name[: -len(DAMAGED_SUFFIX)]) for name in os.listdir(directory))
+    return {seq for seq in seqs if seq is not None}
+
+
+def _not_a_directory(path: Path, err: TextIO) -> bool:
+    """Say why ``path`` cannot be worked on, if it is not a directory."""
+    if path.is_dir():
+        return False
+    why = "not a directory" if path.exists() else "no such directory"
+    err.write(f"{path}: {why}\n")
+    return True
 
 
 def _queue_dirs(data_dir: Path) -> list[Path]:
@@ -94,15 +110,15 @@ def _short(data: bytes) -> str:
     return text + ("..." if len(data) > _REPR_BYTES else "")
 
 
-def dump(queue_dir: str | os.PathLike, out: TextIO) -> int:
+def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -> int:
     """Print every record of one queue's journal, one line each; 1 if anything is damaged."""
+    err = out if err is None else err
     directory = Path(queue_dir)
-    if not directory.is_dir():
-        out.write(f"{directory}: not a directory\n")
+    if _not_a_directory(directory, err):
         return 2
     paths = _segment_paths(directory)
     if not paths:
-        out.write(
+        err.write(
             f"{directory}: no journal segments here (dump takes a queue's directory, "
             "DATA_DIR/QUEUE)\n"
         )
@@ -135,6 +151,10 @@ def dump(queue_dir: str | os.PathLike, out: TextIO) -> int:
             for problem in scan.problems[reported:]:
                 out.write(_describe(problem, seg.path) + "\n")
             damaged += len(scan.problems)
+        gaps = missing_segments(segments[first:], _set_aside_seqs(directory))
+        for gap in gaps:
+            out.write(f"# {gap.describe()}\n")
+        damaged += len(gaps)
     finally:
         for seg in segments:
             seg.close()
@@ -148,11 +168,11 @@ def _describe(problem, path: Path) -> str:
     return problem.describe(path)
 
 
-def check(data_dir: str | os.PathLike, out: TextIO) -> int:
+def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -> int:
     """Verify every journal under ``data_dir``: 0 clean, 1 damage (a line per problem)."""
+    err = out if err is None else err
     root = Path(data_dir)
-    if not root.is_dir():
-        out.write(f"{root}: not a directory\n")
+    if _not_a_directory(root, err):
         return 2
     problems = checked = 0
     queues = _queue_dirs(root)
@@ -167,13 +187,17 @@ def check(data_dir: str | os.PathLike, out: TextIO) -> int:
         segments, bad = _open_all(_segment_paths(directory), out)
         problems += bad
         try:
-            for seg in segments[_live_from(segments) :]:
+            live = segments[_live_from(segments) :]
+            for seg in live:
                 scan = SegmentScan(seg.mm)
                 scan.run(lambda start, end, mm=seg.mm: _skim(mm, start, end))
                 for problem in scan.problems:
                     out.write(_describe(problem, seg.path) + "\n")
                 problems += len(scan.problems)
                 checked += 1
+            for gap in missing_segments(live, _set_aside_seqs(directory)):
+                out.write(gap.describe() + "\n")
+                problems += 1
         finally:
             for seg in segments:
                 seg.close()
@@ -184,22 +208,28 @@ def check(data_dir: str | os.PathLike, out: TextIO) -> int:
     return 1 if problems else 0
 
 
-def pack(data_dir: str | os.PathLike, out: TextIO) -> int:
-    """Compact every queue's journal under ``data_dir`` (recovering each first)."""
+def pack(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -> int:
+    """Compact every queue's journal under ``data_dir`` (recovering each first), or the one
+    queue's if ``data_dir`` is a queue's directory."""
+    err = out if err is None else err
     root = Path(data_dir)
-    if not root.is_dir():
-        out.write(f"{root}: not a directory\n")
+    if _not_a_directory(root, err):
         return 2
+    # A queue's directory is packed under its data directory's lock, the one a server holds:
+    # a lock taken in the queue's directory would stop nobody.
+    one_queue = bool(_segment_paths(root))  # a data directory holds queues' directories
+    lock_dir = root.resolve().parent if one_queue else root
     try:
-        held = datadir.lock(root, who="erq journal pack")
+        held = datadir.lock(lock_dir, who="erq journal pack")
     except DataDirBusy as exc:  # a server appends to these journals: packing them loses items
-        out.write(f"{exc.strerror}: stop it first\n")
+        err.write(f"{exc.strerror}: stop it first\n")
         return 2
     except OSError as exc:  # cannot even create the lock file: nothing could be rewritten
-        out.write(f"{root}: cannot lock it: {exc.strerror or exc}\n")
+        err.write(f"{lock_dir}: cannot lock it: {exc.strerror or exc}\n")
         return 2
     try:
-        datadir.remove_leftovers(root)
+        if not one_queue:
+            datadir.remove_leftovers(root)
         return _pack_all(root, out)
     finally:
         held.release()
