@@ -286,7 +286,11 @@ class Parser:
             self._close(out, _ERR_FORMAT)
             return _CLOSED
         count = tokens[4]
-        if len(count) > _MAX_COUNT_DIGITS or not count.isdigit():
+        if not count.isdigit():
+            self._close(out, _ERR_FORMAT)
+            return _CLOSED
+        count = count.lstrip(b"0") or b"0"  # leading zeros are no reason to refuse
+        if len(count) > _MAX_COUNT_DIGITS:
             self._close(out, _ERR_FORMAT)
             return _CLOSED
         self._p_count = int(count)

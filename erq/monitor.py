@@ -28,8 +28,16 @@ if TYPE_CHECKING:
     from erq.session import Session
 
 
-def is_decimal(token: bytes) -> bool:
-    return 0 < len(token) <= 18 and token.isdigit()
+_SATURATED = 10**18
+
+
+def decimal(token: bytes) -> int | None:
+    """A count or a number of seconds: ASCII digits (leading zeros allowed), else None. Past
+    18 digits it saturates: more than any count of reads, or any wait, can reach."""
+    if not token.isdigit():  # bytes: ASCII only, and not empty
+        return None
+    digits = token.lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else _SATURATED
 
 
 class MonitorOperation:
@@ -137,7 +145,8 @@ class MonitorWaiter:
 
 
 def cmd_monitor(session: Session, args: list[bytes]) -> None:
-    if len(args) not in (2, 3) or not all(is_decimal(a) for a in args[1:]):
+    numbers = [decimal(a) for a in args[1:]]
+    if len(args) not in (2, 3) or None in numbers:
         session.out.append(BAD_FORMAT)
         return
     if not valid_queue_name(args[0]):
@@ -147,25 +156,25 @@ def cmd_monitor(session: Session, args: list[bytes]) -> None:
     if state.status == "QUIESCENT":
         session.out.append(QUIESCENT)
         return
-    max_items = int(args[2]) if len(args) == 3 else state.config.server.max_open_reads
+    max_items = numbers[1] if len(args) == 3 else state.config.server.max_open_reads
     try:
         queue = state.queues.get_or_create(args[0].decode("ascii"))
     except JournalError as exc:  # its journal could not be opened (out of descriptors, ...)
         JOURNAL_FAILED_LOG.log("monitor %s: %s", args[0].decode("ascii"), exc)
         session.out.append(journal_failed(exc))
         return
-    MonitorOperation(session, queue, int(args[1]), max_items).run()
+    MonitorOperation(session, queue, numbers[0], max_items).run()
 
 
 def cmd_confirm(session: Session, args: list[bytes]) -> None:
-    if len(args) != 2 or not is_decimal(args[1]):
+    count = decimal(args[1]) if len(args) == 2 else None
+    if count is None:
         session.out.append(BAD_FORMAT)
         return
     if not valid_queue_name(args[0]):
         session.out.append(BAD_NAME)
         return
     name = args[0].decode("ascii")
-    count = int(args[1])
     if session.live_open_count(name) < count:
         session.out.append(ERROR)
         return

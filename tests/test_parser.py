@@ -193,6 +193,12 @@ def test_set_of_zero_bytes_yields_empty_data(mod):
     assert strict(out) == strict([(SET, b"q", 0, 0, b"", False)])
 
 
+def test_set_byte_count_with_leading_zeros_is_its_value_however_many_they_are(mod):
+    # As flags and exptime are, and as memcached reads it.
+    out, _ = parse(mod, b"set q 0 0 %s3\r\nabc\r\nset q 0 0 %s\r\n\r\n" % (b"0" * 40, b"0" * 25))
+    assert strict(out) == strict([(SET, b"q", 0, 0, b"abc", False), (SET, b"q", 0, 0, b"", False)])
+
+
 def test_bare_newline_ends_a_request_line(mod):
     out, _ = parse(mod, b"set q 0 0 3\nabc\r\nget q\nversion\n")
     assert strict(out) == strict(
@@ -237,7 +243,7 @@ def test_data_longer_than_declared_is_a_closing_error(mod):
         b"set q 0 0 0x1",
         b"set q 0 0 1.0",
         b"set q 0 0 12345678901234567890",  # 20 digits
-        b"set q 0 0 00000000000000000001",  # 20 digits too, whatever their value
+        b"set q 0 0 010000000000000000000",  # 20 digits once its leading zero is gone
         b"set q 0 0 " + "\u0663".encode(),
         b"set q 0 0 5\r",  # only one \r is stripped: the count is b"5\r"
     ],

@@ -509,8 +509,8 @@ def test_monitor_streams_open_reads_until_max_or_timeout_and_confirm_closes_them
     assert c.until() == one("q", b"f")
     assert c.line() == END
     assert c.call(b"confirm q 2\r\n") == END
-    # When the seconds pass, one more END.
-    assert c.call(b"monitor q 1\r\n") == END
+    # When the seconds pass, one more END (leading zeros are the number's, as in set).
+    assert c.call(b"monitor q 0001 " + b"0" * 25 + b"9\r\n") == END
     stats = c.stats()
     assert (stats["queue_q_open_transactions"], stats["queue_q_transactions"]) == ("0", "6")
     assert (stats["queue_q_waiters"], stats["cmd_get"]) == ("0", "6")  # each item counts

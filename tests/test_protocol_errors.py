@@ -476,8 +476,9 @@ def test_confirm_of_more_reads_than_are_open_is_error_and_confirms_nothing(serve
     assert c.call(b"confirm q 1\r\n") == ERROR  # another connection's read is not ours
     assert c.get("q/open") == b"VALUE q/open 0 1\r\nb\r\nEND\r\n"
     assert c.call(b"confirm q 2\r\n") == ERROR
+    assert c.call(b"confirm q " + b"9" * 30 + b"\r\n") == ERROR  # past 64 bits: still more
     assert c.stats()["queue_q_open_transactions"] == "2"
-    assert c.call(b"confirm q 1\r\n") == END
+    assert c.call(b"confirm q " + b"0" * 30 + b"1\r\n") == END  # leading zeros: its value, 1
     assert c.stats()["queue_q_open_transactions"] == "1"
     assert c.call(b"confirm q 1\r\n") == ERROR
     assert c.call(b"confirm q 0\r\n") == END

@@ -498,6 +498,10 @@ cdef class Parser:
                 tl[nargs] = end - i
             nargs += 1
             i = end
+        if nargs >= 4:  # leading zeros are no reason to refuse
+            while tl[3] > 1 and s[ts[3]] == c'0':
+                ts[3] += 1
+                tl[3] -= 1
         if (nargs < 4 or tl[3] > MAX_COUNT_DIGITS
                 or not _digits(s + ts[3], tl[3], U64_MAX, &count)):
             self._close(out, _ERR_FORMAT)
