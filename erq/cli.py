@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import socket
 import sys
 
 from . import __version__
-from ._compat import IMPLEMENTATION
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'erq serve --help' lists them (--host, --port, --data-dir, --config, ...).",
     )
     parser.add_argument(
-        "--version", action="version", version=f"erq {__version__} ({IMPLEMENTATION})"
+        "--version", action="version", version=f"erq {__version__} ({_implementation()})"
     )
     sub = parser.add_subparsers(dest="command")
     _serve_args(sub.add_parser("serve", help="run the server (default)"))
@@ -75,10 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(ns: argparse.Namespace) -> int:
-    from . import startsignals
+def _implementation() -> str:
+    from ._compat import IMPLEMENTATION
 
-    startsignals.hold()  # before the slow imports: the server replays these once it can
+    return IMPLEMENTATION
+
+
+def _serving(argv: list[str]) -> bool:
+    """Whether ``argv`` runs the server (its default command), told before parsing it."""
+    if not argv:
+        return True
+    first = argv[0]
+    return first == "serve" or first.startswith("-") and first not in ("-h", "--help", "--version")
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    import logging
+
     from .config import ConfigError, load_config
     from .server import run
 
@@ -96,6 +106,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _stats(ns: argparse.Namespace) -> int:
+    import socket
+
     try:
         with socket.create_connection((ns.host, ns.port), timeout=5) as sock:
             sock.sendall(b"stats\r\n")
@@ -132,6 +144,10 @@ def _journal(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _serving(sys.argv[1:] if argv is None else argv):
+        from . import startsignals
+
+        startsignals.hold()  # first: the server replays these once its loop handles them
     try:
         return _main(argv)
     except BrokenPipeError:  # erq journal dump DIR | head: the reader is gone, not an error
@@ -148,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
 
         return bench.main(bench.build_parser().parse_args(argv[1:]))
     parser = build_parser()
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    if _serving(argv) and argv[:1] != ["serve"]:
         argv.insert(0, "serve")
     ns = parser.parse_args(argv)
     if ns.command == "stats":

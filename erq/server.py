@@ -360,6 +360,8 @@ class Server:
         return "Reloaded config."
 
     def _sighup(self) -> None:
+        if self._stopped is not None and self._stopped.is_set():
+            return  # stopping: nothing left to reload for
         state = self.state
         if state is not None and not state.ready:
             # The replay thread is still building queues from the configuration it has: the
@@ -436,6 +438,28 @@ def _keep_restart_settings(new: Config, old: Config) -> Config:
 
 async def _serve(config: Config, cli: dict) -> int:
     server = Server(config, cli_overrides=cli)
+    try:
+        return await _run(server)
+    finally:
+        _ignore_stop_signals()
+
+
+def _ignore_stop_signals() -> None:
+    """The server has stopped: for the rest of the exit, ignore the stop and reload signals.
+
+    The loop's handlers would go with the loop, and Python's own at its finalization, after
+    which a stop signal repeated (a second Ctrl-C, a supervisor signalling the process group
+    and the pid) would turn a stop already made into an exit by that signal."""
+    loop = asyncio.get_running_loop()
+    for sig in startsignals.HELD:
+        try:
+            loop.remove_signal_handler(sig)  # SIG_DFL for the next few instructions
+            signal.signal(sig, signal.SIG_IGN)  # which finalization leaves alone
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+            pass  # no signals here, or not the main thread
+
+
+async def _run(server: Server) -> int:
     try:
         await server.start()
     except StartError as exc:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,29 @@ def test_a_reload_while_starting_is_applied_once_the_server_runs(starting):
     log = starting.read_log()
     assert "SIGHUP while starting" in log and "Traceback" not in log, log
     assert starting.proc.poll() is None
+
+
+def test_stop_signals_repeated_until_the_process_ends_still_end_it_with_status_zero(erq_factory):
+    # A second Ctrl-C, or a supervisor signalling the process group and the pid: one landing
+    # after the event loop closed used to end the process by that signal (status 143 or 130).
+    server = erq_factory()
+    c = server.client()
+    assert c.set("q", b"kept") == b"STORED\r\n"
+    c.close()
+    proc = server.proc
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and time.monotonic() < deadline:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                break
+        time.sleep(0.001)
+    assert proc.wait(5) == 0, server.read_log()
+    log = server.read_log()
+    assert "stopped" in log and "Traceback" not in log, log
+    server.start()
+    c = server.client()
+    assert c.get("q") == b"VALUE q 0 4\r\nkept\r\nEND\r\n"
+    c.close()
