@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erq.datadir import fsync_directory
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -200,11 +202,20 @@ class ServerState:
         return _read_status(path)
 
     def _save_status(self, word: str) -> None:
+        """Written whole and synced before it replaces the old file, and the rename synced:
+        after a power cut the file holds the old status or the new one, never nothing (a
+        rename of unsynced data can leave an empty file)."""
         path = self._status_file
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(STATUS_FILE + ".tmp")
-        tmp.write_text(word + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (word + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
 
     def set_status(self, word: str) -> None:
         """Change the status and persist it (it survives a restart). OSError when it cannot
@@ -218,11 +229,20 @@ class ServerState:
 
 
 def _read_status(path: Path) -> str:
+    """The status saved in ``path``: UP if there is none, and if it cannot be read (said in
+    the log: an operator who drained this server must hear that it takes writes again)."""
     try:
-        word = path.read_text().strip().upper()
-    except OSError:
+        text = path.read_bytes()
+    except FileNotFoundError:
         return "UP"
-    return word if word in STATUSES else "UP"
+    except OSError as exc:
+        log.warning("cannot read the saved status in %s (%s): starting UP", path, exc)
+        return "UP"
+    word = text.decode("ascii", "replace").strip().upper()
+    if word not in STATUSES:
+        log.warning("%s holds no status (%r): starting UP", path, text[:40])
+        return "UP"
+    return word
 
 
 __all__ = ["STATUS_FILE", "STATUSES", "Counters", "Deadlines", "ServerState"]

@@ -818,6 +818,21 @@ def test_status_survives_a_crash(erq_factory):
     assert client.set("q", b"accepted") == b"STORED\r\n"
 
 
+def test_a_damaged_status_file_starts_the_server_up_and_says_so(erq_factory):
+    server = erq_factory()
+    client = server.client()
+    assert client.call(b"status QUIESCENT\r\n") == b"END\r\n"
+    server.kill()
+    status = server.data_dir / "erq.status"
+    assert status.read_text() == "QUIESCENT\n"
+    status.write_bytes(b"QUIESC\x00\x00")  # damaged outside erq
+    log = start_logged(server)
+    [warning] = warnings_naming(log, str(status))
+    assert "holds no status (b'QUIESC\\x00\\x00'): starting UP" in warning, log
+    assert "status=UP" in log, log
+    server.stop()
+
+
 def test_fanout_child_survives_a_crash_and_still_receives_copies(erq_factory):
     server = erq_factory()
     client = server.client()
