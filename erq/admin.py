@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -257,6 +258,15 @@ def response(status: int, content_type: str, body: bytes, *, head: bool = False)
     return header if head else header + body
 
 
+def request_path(target: bytes) -> str:
+    """The path a request target names: its origin form (``/healthz?x``) or its absolute form
+    (``http://host:port/healthz``, which RFC 9112 has servers accept), percent-decoded."""
+    text = target.decode("ascii")
+    if "://" in text:  # absolute form: the authority is ours whatever it says
+        text = "/" + text.split("://", 1)[1].partition("/")[2]
+    return urllib.parse.unquote(text.split("?", 1)[0].split("#", 1)[0])
+
+
 def answer(state: Any, head: bytes) -> bytes:
     """The response to one request head (request line and headers, without the blank line)."""
     match = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
@@ -266,7 +276,7 @@ def answer(state: Any, head: bytes) -> bytes:
     if match[3] != b"1":
         return response(505, TEXT, b"HTTP/1.x only")
     is_head = method == "HEAD"
-    path = match[2].split(b"?", 1)[0].decode("ascii")
+    path = request_path(match[2])
     endpoint = ROUTES.get(path)
     if endpoint is None:
         return response(404, TEXT, b"not found", head=is_head)

@@ -282,6 +282,11 @@ def test_unknown_paths_get_404_other_methods_405_and_broken_requests_400(erq_fac
     assert http(port, "/").status == 404
     assert http(port, "/stats").status == 404
     assert http(port, "/healthz?verbose=1").status == 200  # a query string is ignored
+    # The absolute form (a request through a proxy: servers must accept it) and escapes.
+    for target in (b"http://127.0.0.1:%d/healthz" % port, b"http://x/%68ealthz?a", b"/%68ealthz"):
+        reply = Reply(send(port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target))
+        assert (reply.status, reply.body) == (200, b"ok"), target
+    assert Reply(send(port, b"GET http://x HTTP/1.1\r\n\r\n")).status == 404  # path "/"
     for method in ("POST", "PUT", "DELETE", "get"):
         reply = http(port, "/healthz", method)
         assert reply.status == 405, method
