@@ -30,6 +30,7 @@ from erq._client_core import (
     check_queue_name,
     oldest_check,
     parse_server,
+    payload,
     peer_closed,
     server_list,
     set_request,
@@ -166,11 +167,12 @@ class AsyncClient(_ClientCore):
     async def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
         """See ``Client.put``."""
         check_queue_name(queue)
+        data = payload(data)
         pool = self._pool
         for node in pool.write_order():
             node.plain.drop_if_closed()
             try:
-                stored = await node.plain.set(queue, bytes(data), int(expiry), int(flags))
+                stored = await node.plain.set(queue, data, int(expiry), int(flags))
             except _CONNECTION_ERRORS:
                 pool.mark_down(node)
                 continue

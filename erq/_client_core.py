@@ -256,6 +256,14 @@ class _Refused(Exception):
     """``SERVER_ERROR``: the server refuses this request now; the connection stays usable."""
 
 
+def payload(data: Any) -> bytes:
+    """An item's bytes from any bytes-like object; TypeError for anything else (``bytes()``
+    would make an int that many NUL bytes, and a str has no bytes before an encoding)."""
+    if type(data) is bytes:
+        return data
+    return memoryview(data).tobytes()
+
+
 def set_request(queue: str, data: bytes, expiry: int, flags: int) -> bytes:
     head = b"set %s %d %d %d\r\n" % (queue.encode("ascii"), flags, expiry, len(data))
     return head + data + b"\r\n"

@@ -65,6 +65,7 @@ from erq._client_core import (
     check_queue_name,
     oldest_check,
     parse_server,
+    payload,
     peer_closed,
     server_list,
     set_request,
@@ -202,7 +203,7 @@ class Client(_ClientCore):
         server failed or refused. A write whose reply was lost may have been stored there and
         is tried elsewhere too: delivery is at least once."""
         check_queue_name(queue)
-        data = bytes(data)  # a bytearray or memoryview too; str raises TypeError
+        data = payload(data)
         pool = self._pool
         for node in pool.write_order():
             node.plain.drop_if_closed()

@@ -105,6 +105,12 @@ def test_put_keeps_flags_and_rejects_a_bad_queue_name(servers, raws):
         for bad in ("", "a/b", "a b", "a.b", "+a", "a+b+c", "x" * 251, "jöbs", "j?bs\x7f"):
             with pytest.raises(ValueError):
                 client.put(bad, b"x")
+        # Any bytes-like value; not an int (bytes(5) is five NULs) nor a str (no encoding).
+        assert client.put(QUEUE, bytearray(b"ba")) and client.put(QUEUE, memoryview(b"mv"))
+        for wrong in (5, "text", [1, 2]):
+            with pytest.raises(TypeError):
+                client.put(QUEUE, wrong)
+        assert drain(client) == [b"ba", b"mv"]
     check_queue_name("parent+child")
 
 
@@ -341,6 +347,8 @@ def test_async_client_writes_reads_and_confirms_on_the_right_server(servers, raw
             for k in range(6):
                 assert await client.put(QUEUE, b"%d" % k, flags=k)
             assert [stat(raw, QUEUE, "items") for raw in raws] == [2, 2, 2]
+            with pytest.raises(TypeError):
+                await client.put(QUEUE, 5)  # not five NUL bytes
 
             queue = hashes_apart(servers)
             assert raws[2].set(queue, b"payload", flags=9) == STORED
