@@ -338,6 +338,20 @@ def test_segments_missing_between_others_are_reported_and_the_rest_recovered(cod
     assert tool.check(directory, io.StringIO()) == 0
 
 
+def test_files_named_almost_like_segments_are_not_read(codec, tmp_path):
+    # int(x, 16) takes these too: each would be read as a second copy of segment 1.
+    directory = tmp_path / "q"
+    journal, _ = QueueJournal.open(directory, fsync="never")
+    journal.add(1, 0, 0, 0, b"a")
+    journal.close()
+    [segment] = segment_files(directory)
+    for name in ("0x00000000000001", "00000000_0000001", " 000000000000001", "000000000000000A"):
+        (directory / f"{name}.seg").write_bytes(segment.read_bytes())
+    journal, rec = QueueJournal.open(directory, fsync="never")
+    journal.close()
+    assert rec.warnings == [] and [it.id for it in rec.items] == [1]
+
+
 def test_leftovers_of_interrupted_creation_and_compaction_are_removed(codec, tmp_path):
     directory = tmp_path / "q"
     journal, _ = QueueJournal.open(directory, fsync="never")

@@ -67,12 +67,16 @@ def segment_name(seq: int) -> str:
     return f"{seq:016x}{SEGMENT_SUFFIX}"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def parse_segment_name(name: str) -> int | None:
-    """The sequence number of a segment file name, or None for any other file."""
+    """The sequence number of a segment file name (exactly as ``segment_name`` writes it: 16
+    lowercase hex digits), or None for any other file. ``int(x, 16)`` alone would take
+    ``0x...``, ``_``, spaces and capitals too: two files for one number."""
     stem, dot, suffix = name.partition(".")
     if not dot or "." + suffix != SEGMENT_SUFFIX or len(stem) != 16:
         return None
-    try:
-        return int(stem, 16)
-    except ValueError:
+    if not _HEX_DIGITS.issuperset(stem):
         return None
+    return int(stem, 16)
