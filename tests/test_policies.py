@@ -429,6 +429,8 @@ expire_to_queue = "dead"
 [queues."em"]
 expire_to_queue = "dead"
 max_age = "200ms"
+[queues."dead"]
+expire_to_queue = "dead"
 """
     )
     proc, c = start(erq_factory, config)
@@ -465,6 +467,11 @@ max_age = "200ms"
     assert c.get("dead") == one("dead", b"third", 11)
     assert c.get("dead") == one("dead", b"aged", 13)
     assert qint(c, "dead", "expired_items") == 0
+    # A queue named as its own target drops its expired items: it does not feed itself (the
+    # case of a [queues.default] naming the target).
+    assert c.set("dead", b"gone", exptime=-1) == STORED
+    assert flush_expired(c, "dead") == 1
+    assert (qint(c, "dead", "items"), qint(c, "dead", "expired_items")) == (0, 1)
 
 
 def test_expired_item_refused_by_a_full_expire_to_queue_is_not_counted_as_stored(erq_factory):
