@@ -44,9 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     _serve_args(sub.add_parser("serve", help="run the server (default)"))
-    stats = sub.add_parser("stats", help="print a running server's stats")
-    stats.add_argument("--host", default="127.0.0.1")
-    stats.add_argument("--port", "-p", type=int, default=22133)
+    stats = sub.add_parser(
+        "stats",
+        help="print a running server's stats (found as erq serve would listen: flags, then "
+        "ERQ_HOST / ERQ_PORT, then the configuration file)",
+    )
+    stats.add_argument("--config", "-c", help="the server's TOML configuration file")
+    stats.add_argument("--host", help="default 127.0.0.1")
+    stats.add_argument("--port", "-p", help="default 22133")
     journal = sub.add_parser("journal", help="offline journal tools")
     jsub = journal.add_subparsers(dest="journal_command", required=True)
     jsub.add_parser("dump", help="print every record of one queue's journal").add_argument(
@@ -106,21 +111,34 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _stats(ns: argparse.Namespace) -> int:
+    """The ``stats`` reply, one STAT line each; 1 if there is no server or not a whole reply."""
     import socket
 
+    from .config import ConfigError, load_config
+
     try:
-        with socket.create_connection((ns.host, ns.port), timeout=5) as sock:
+        server = load_config(ns.config, cli={"host": ns.host, "port": ns.port}).server
+    except ConfigError as exc:
+        print(f"erq stats: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    where = f"{server.host}:{server.port}"
+    buf = b""
+    try:
+        with socket.create_connection((server.host, server.port), timeout=5) as sock:
             sock.sendall(b"stats\r\n")
-            buf = b""
-            while not buf.endswith(b"END\r\n"):
+            while not (buf.endswith(b"\r\nEND\r\n") or buf == b"END\r\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 buf += chunk
     except OSError as exc:
-        print(f"erq stats: {ns.host}:{ns.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"erq stats: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    sys.stdout.write(buf.decode("utf-8", "replace"))
+    lines = buf.decode("utf-8", "replace").split("\r\n")
+    if lines[-2:] != ["END", ""] or not all(line.startswith("STAT ") for line in lines[:-2]):
+        print(f"erq stats: {where}: not a stats reply: {buf[:200]!r}", file=sys.stderr)
+        return 1
+    sys.stdout.write("".join(line + "\n" for line in lines[:-2]))
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 from conftest import ROOT, free_port
 
@@ -28,6 +30,56 @@ def test_stats_without_a_server_says_so_in_one_line(impl):
     done = erq("stats", "--port", str(port), impl=impl, capture_output=True)
     assert done.returncode == 1
     assert done.stderr.strip() == f"erq stats: 127.0.0.1:{port}: Connection refused"
+
+
+def test_stats_finds_the_server_as_serve_would_and_prints_plain_stat_lines(
+    erq_factory, impl, tmp_path
+):
+    server = erq_factory()
+    c = server.client()
+    assert c.set("q", b"x") == b"STORED\r\n"
+    c.close()
+    config = tmp_path / "erq.toml"
+    config.write_text(f"[server]\nport = {server.port}\n")
+    env = dict(env_for(impl), ERQ_PORT=str(server.port))
+    for args, run_env in (
+        (("--port", str(server.port)), env_for(impl)),
+        ((), env),  # ERQ_PORT, as erq serve reads it
+        (("--config", str(config)), env_for(impl)),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "erq", "stats", *args],
+            capture_output=True,
+            text=True,
+            env=run_env,
+            timeout=60,
+        )
+        assert done.returncode == 0 and done.stderr == "", done
+        lines = done.stdout.splitlines()
+        assert all(line.startswith("STAT ") for line in lines) and "\r" not in done.stdout
+        assert f"STAT pid {server.proc.pid}" in lines and "STAT queue_q_items 1" in lines
+
+
+def test_stats_fails_on_a_reply_that_is_not_stats(impl):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer(replies: list[bytes]) -> None:
+        for reply in replies:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(reply)
+
+    replies = [b"ERROR\r\n", b"STAT pid 1\r\nSTAT uptime", b"STAT pid 1\r\nVALUE x\r\nEND\r\n"]
+    thread = threading.Thread(target=answer, args=(replies,), daemon=True)
+    thread.start()
+    with listener:
+        for reply in replies:
+            done = erq("stats", "--port", str(port), impl=impl, capture_output=True)
+            assert done.returncode == 1 and done.stdout == "", (reply, done)
+            assert done.stderr.startswith(f"erq stats: 127.0.0.1:{port}: not a stats reply: ")
+        thread.join(10)
 
 
 def test_a_bad_log_level_is_refused_and_help_points_to_serve_flags(impl):
