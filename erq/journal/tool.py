@@ -40,7 +40,8 @@ def _segment_paths(directory: Path) -> list[Path]:
 
 def _set_aside_seqs(directory: Path) -> set[int]:
     """The numbers of the segments recovery set aside (reported as such, not as missing)."""
-    seqs = (parse_segment_name(name[: -len(DAMAGED_SUFFIX)]) for name in os.listdir(directory))
+    names = (name for name in os.listdir(directory) if name.endswith(DAMAGED_SUFFIX))
+    seqs = (parse_segment_name(name[: -len(DAMAGED_SUFFIX)]) for name in names)
     return {seq for seq in seqs if seq is not None}
 
 
