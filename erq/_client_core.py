@@ -261,7 +261,12 @@ def payload(data: Any) -> bytes:
     would make an int that many NUL bytes, and a str has no bytes before an encoding)."""
     if type(data) is bytes:
         return data
-    return memoryview(data).tobytes()
+    try:
+        return memoryview(data).tobytes()
+    except TypeError:
+        raise TypeError(
+            f"an item's data is bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
+        ) from None
 
 
 def set_request(queue: str, data: bytes, expiry: int, flags: int) -> bytes:

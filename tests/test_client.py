@@ -108,7 +108,7 @@ def test_put_keeps_flags_and_rejects_a_bad_queue_name(servers, raws):
         # Any bytes-like value; not an int (bytes(5) is five NULs) nor a str (no encoding).
         assert client.put(QUEUE, bytearray(b"ba")) and client.put(QUEUE, memoryview(b"mv"))
         for wrong in (5, "text", [1, 2]):
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match=f"bytes-like .*, not {type(wrong).__name__}$"):
                 client.put(QUEUE, wrong)
         assert drain(client) == [b"ba", b"mv"]
     check_queue_name("parent+child")
