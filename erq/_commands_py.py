@@ -152,6 +152,14 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             return False
         answer_key(session, spec, queue, item, gets)
         index += 1
+        if session.out_room < 0 and index < len(specs) and session.output_full():
+            # The client is not taking its replies: the keys left wait until it does.
+            if op is None:
+                op = GetOperation(session, specs, gets)
+            op.index = index
+            session.blocked = op
+            session.blocked_on_output = True
+            return False
     _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
     return True
 
@@ -258,6 +266,7 @@ def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, ge
     """Queue one VALUE block on ``session.out``. ``prefix`` is ``b"VALUE <key> "``; the pieces
     are joined once, with the rest of the reply, when the session flushes."""
     cas = item.id if gets else -1
+    session.out_room -= len(item.data)
     if session.state.kestrel:  # Kestrel names the queue and sends no flags
         _wire.append_value(session.out, kestrel_prefix, 0, item.data, cas)
     else:
@@ -292,7 +301,7 @@ def feed(session: Session, requests: list) -> None:
     which cimports it)."""
     if session.closing:
         return
-    if session.pending or session.blocked is not None:
+    if session.pending or session.blocked is not None or session.write_paused:
         session.pending.extend(requests)
         session.limit_pending()
         return
@@ -302,6 +311,11 @@ def feed(session: Session, requests: list) -> None:
             if not session.closing:
                 session.pending.extend(requests[i + 1 :])
                 session.limit_pending()
+            break
+        if session.out_room < 0 and session.output_full():
+            # The client is not taking its replies: the rest waits until it does.
+            session.pending.extend(requests[i + 1 :])
+            session.limit_pending()
             break
     session.flush()
 

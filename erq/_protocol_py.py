@@ -166,9 +166,13 @@ class MemcacheProtocol:
 
     def pause_writing(self) -> None:
         self._set_paused(2, True)
+        if self.session is not None:
+            self.session.writing_paused(True)  # the requests already read wait too
 
     def resume_writing(self) -> None:
         self._set_paused(2, False)
+        if self.session is not None:
+            self.session.writing_paused(False)
 
     def close_idle(self) -> None:
         if self.transport is not None:

@@ -27,6 +27,12 @@ log = logging.getLogger("erq.session")
 
 # Pause reading from a client whose pipeline runs this far ahead of a blocked request.
 MAX_PENDING = 4096
+# Replies a connection may hold that its client has not taken, in bytes (values and the long
+# replies, stats; short lines are bounded by the requests of one read). Past it the replies
+# go to the socket, and while the client does not read them (the transport's pause_writing)
+# or they wait for a sync, no further request runs: a client that pipelines gets of big
+# items without reading costs this much, not the sum of what it asked for.
+OUT_BUDGET = 1 << 20
 
 
 # The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
@@ -59,6 +65,9 @@ class Session:
         self._close = close
         self._pause = pause
         self._paused = False
+        self.out_room = OUT_BUDGET  # what values and long replies may add to out before it
+        self.write_paused = False  # the transport holds more than its high-water mark unsent
+        self.blocked_on_output = False  # blocked is a get waiting for the client to read
 
     # ---- pipeline ----------------------------------------------------------------------
     # A read's requests are run by commands.feed (a C call within the compiled commands
@@ -75,6 +84,8 @@ class Session:
         dispatch = self.dispatch
         pending = self.pending
         while pending and self.blocked is None and not self.closing:
+            if self.write_paused or (self.out_room < 0 and self.output_full()):
+                break
             dispatch(self, pending.popleft())
         if self._paused and len(pending) < MAX_PENDING // 2:
             self._paused = False
@@ -96,6 +107,36 @@ class Session:
             self.flush()
 
     # ---- output ------------------------------------------------------------------------
+    def output_full(self) -> bool:
+        """Called once the replies in ``out`` pass OUT_BUDGET (``out_room`` below 0): send
+        them, and say whether the pipeline must wait, because the client is not taking them
+        (the transport paused writing) or they wait for a sync. ``_output_taken`` goes on
+        once it may."""
+        self.flush()
+        return self.write_paused or self.out_room < 0
+
+    def writing_paused(self, paused: bool) -> None:
+        """The transport's flow control (pause_writing / resume_writing)."""
+        self.write_paused = paused
+        if not paused:
+            self._output_taken()
+
+    def _output_taken(self) -> None:
+        """The client read enough of its replies, or held ones went out: a get that stopped
+        between keys for it, or the requests behind, run again (from the loop)."""
+        if self.closed or self.write_paused or self.out_room < 0:
+            return
+        if self.blocked is not None:
+            if self.blocked_on_output:
+                self.blocked_on_output = False
+                self.state.loop.call_soon(self._resume_output, self.blocked)
+        elif self.pending:
+            self.state.loop.call_soon(self.run)
+
+    def _resume_output(self, op: Any) -> None:
+        if self.blocked is op and not self.closed and op.run():
+            self.unblock()
+
     def hold_for(self, tickets: list, reply: bytes | None) -> None:
         """Queue a reply that must wait for these commit tickets.
 
@@ -116,6 +157,13 @@ class Session:
             self._hold = None
             if not self.closed:
                 self.flush()
+                if self.pending or self.blocked_on_output:
+                    self._output_taken()
+
+    def add_long_reply(self, reply: bytes) -> None:
+        """A reply that may be long (stats of many queues): counted against OUT_BUDGET."""
+        self.out_room -= len(reply)
+        self.out.append(reply)
 
     def flush(self) -> None:
         if self.closed:
@@ -128,6 +176,7 @@ class Session:
             self.out = []
             if self._held:
                 self._fail_unsynced(out)
+            self.out_room = OUT_BUDGET
             data = b"".join(out)
             self.state.counters.bytes_written += len(data)
             self._write(data)
@@ -231,4 +280,4 @@ class Session:
         self.abort_all()
 
 
-__all__ = ["SYNC_FAILED", "Session"]
+__all__ = ["OUT_BUDGET", "SYNC_FAILED", "Session"]

@@ -158,7 +158,7 @@ def cmd_stats(session: Session, args: list[bytes]) -> None:
                 b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
             )
     lines.append(END)
-    session.out.append(b"".join(lines))
+    session.add_long_reply(b"".join(lines))
 
 
 def _dump(
@@ -179,7 +179,7 @@ def _dump(
             lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
         lines.append(b"}\r\n")
     lines.append(END)
-    session.out.append(b"".join(lines))
+    session.add_long_reply(b"".join(lines))
 
 
 def cmd_dump_stats(session: Session, args: list[bytes]) -> None:

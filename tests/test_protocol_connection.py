@@ -154,6 +154,49 @@ def test_reading_stops_while_the_client_does_not_read_its_replies(loop, layer, p
     serve(loop, layer, protocol_class, body)
 
 
+def unsent(proto) -> int:
+    """What the server holds for a client that has not read it: its replies still in the
+    session and those queued in the transport."""
+    return proto.transport.get_write_buffer_size() + sum(len(piece) for piece in proto.session.out)
+
+
+@pytest.mark.parametrize("one_line", [False, True], ids=["pipelined", "multi-key"])
+def test_a_client_that_does_not_read_its_replies_holds_back_its_requests(
+    loop, layer, protocol_class, one_line
+):
+    """Requests already read stop running too, not only reading: replies held for a client
+    that does not take them stay within OUT_BUDGET, however much one read asks for (64
+    peeks of a 256 KiB item, pipelined or as the keys of one get: 16 MiB)."""
+    from erq.session import OUT_BUDGET
+
+    item = b"x" * (256 << 10)
+    peeks = 64
+    block = one("q/peek", item)[: -len(END)]
+
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"set q 0 0 %d\r\n%s\r\n" % (len(item), item))
+        assert await reader.readexactly(len(STORED)) == STORED
+        (proto,) = state.connections
+        if one_line:
+            writer.write(b"get " + b" ".join([b"q/peek"] * peeks) + b"\r\nversion\r\n")
+        else:
+            writer.write(b"get q/peek\r\n" * peeks + b"version\r\n")
+        await until(lambda: proto.session.write_paused, "pause_writing")
+        await asyncio.sleep(0.05)  # what still runs would run now
+        assert unsent(proto) <= OUT_BUDGET + 2 * len(item)
+        if one_line:  # the get stopped between its keys
+            assert proto.session.blocked is not None and proto.session.blocked_on_output
+        assert len(proto.session.pending) >= 1  # version, at least, waits
+        expected = block * peeks + END if one_line else (block + END) * peeks
+        assert await reader.readexactly(len(expected)) == expected
+        assert await reader.readexactly(len(VERSION_LINE)) == VERSION_LINE
+        assert proto.session.blocked is None and not proto.session.pending
+        writer.close()
+
+    serve(loop, layer, protocol_class, body)
+
+
 def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, layer, protocol_class):
     async def body(state, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -342,3 +385,22 @@ def test_an_idle_connection_is_closed_after_client_timeout_but_a_blocked_one_is_
     assert idle.is_closed(timeout=20)
     assert server.client().set("q", b"late") == STORED
     assert blocked.until() == one("q/t=60000", b"late")
+
+
+def test_replies_held_for_a_sync_past_the_budget_hold_the_pipeline_until_they_go_out(erq_factory):
+    """fsync = "always": the STORED of a write waits for its sync, and the replies behind it
+    with it. Once they pass OUT_BUDGET the requests after them wait too, and they run as soon
+    as the sync lets the replies out: every reply comes, in order."""
+    item = b"y" * (512 << 10)
+    peeks = 8  # 4 MiB of replies behind the held STORED
+    server = start(erq_factory, queues='[queues.synced]\nfsync = "always"\n')
+    c = server.client(timeout=10.0)
+    c.send(b"set big 0 0 %d\r\n%s\r\n" % (len(item), item))
+    assert c.line() == STORED
+    c.send(b"set synced 0 0 1\r\na\r\n" + b"get big/peek\r\n" * peeks + b"version\r\n")
+    assert c.line() == STORED
+    block = one("big/peek", item)
+    for _ in range(peeks):
+        assert c.read_exact(len(block)) == block
+    assert c.read_exact(len(VERSION_LINE)) == VERSION_LINE
+    c.close()

@@ -20,12 +20,19 @@ cdef class Session:
     cdef object _close
     cdef object _pause
     cdef bint _paused
+    cdef public Py_ssize_t out_room
+    cdef public bint write_paused
+    cdef public bint blocked_on_output
 
     cpdef limit_pending(self)
     cpdef run(self)
     cpdef unblock(self)
     cpdef hold_for(self, list tickets, object reply)
+    cpdef add_long_reply(self, bytes reply)
     cpdef flush(self)
+    cpdef bint output_full(self) except -1
+    cpdef writing_paused(self, bint paused)
+    cdef _output_taken(self)
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
