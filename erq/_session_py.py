@@ -210,50 +210,69 @@ class Session:
             reads = self.open_reads[name] = deque()
         return reads
 
+    # A connection's reads of a queue form a line: each close, abort or confirm takes the
+    # oldest one it opened. A read that open_timeout (or a delete) took back stays in the line
+    # until its close comes, which then confirms nothing: the close a worker sends for an item
+    # that timed out must not confirm the item it is still working on (that one would be lost
+    # if the worker then died).
     def at_open_limit(self, name: str, limit: int) -> bool:
         """True when this connection holds ``limit`` live open reads on ``name``.
 
-        The deque may still hold reads that open_timeout or a delete ended; it is only
-        purged when its raw length reaches the limit, so a worker loop pays nothing.
-        """
+        Reads taken back are counted out only once the line is ``limit`` long, so a worker
+        loop pays nothing; past twice the limit the oldest of them are forgotten, which
+        bounds the line of a client that never closes."""
         reads = self.open_reads.get(name)
-        return reads is not None and len(reads) >= limit and self.live_open_count(name) >= limit
+        if reads is None or len(reads) < limit:
+            return False
+        live = self.live_open_count(name)
+        if len(reads) >= 2 * limit:
+            self._forget_taken_back(name, reads, len(reads) - limit)
+        return live >= limit
+
+    def _forget_taken_back(self, name: str, reads: deque, count: int) -> None:
+        kept: deque = deque()
+        for queue, read in reads:
+            if count > 0 and not queue.is_open(read):
+                count -= 1
+            else:
+                kept.append((queue, read))
+        self.open_reads[name] = kept
 
     def live_open_count(self, name: str) -> int:
+        """This connection's reads of ``name`` that are still open."""
         reads = self.open_reads.get(name)
         if not reads:
             return 0
-        live = deque((q, r) for q, r in reads if q.is_open(r))
-        self.open_reads[name] = live
-        return len(live)
+        return sum(1 for queue, read in reads if queue.is_open(read))
+
+    def unclosed_count(self, name: str) -> int:
+        """The reads of ``name`` this connection opened and has not closed or aborted, those
+        taken back since included: what ``confirm`` may confirm."""
+        reads = self.open_reads.get(name)
+        return len(reads) if reads else 0
 
     def has_open(self, name: str) -> bool:
         reads = self.open_reads.get(name)
         if not reads:
             return False
-        while reads:
-            queue, read = reads[0]
-            if queue.is_open(read):
-                return True
-            reads.popleft()
-        return False
+        return any(queue.is_open(read) for queue, read in reads)
 
     def close_oldest(self, name: str) -> bool:
-        """Confirm this connection's oldest open read on ``name`` (False if none)."""
+        """Confirm this connection's oldest read of ``name``; False if there is none, or if
+        it was taken back (its close is used up all the same)."""
         reads = self.open_reads.get(name)
-        while reads:
-            queue, read = reads.popleft()
-            if queue.confirm(read):
-                return True
-        return False
+        if not reads:
+            return False
+        queue, read = reads.popleft()
+        return queue.confirm(read)
 
     def abort_oldest(self, name: str) -> bool:
+        """Put this connection's oldest read of ``name`` back at the head (as close_oldest)."""
         reads = self.open_reads.get(name)
-        while reads:
-            queue, read = reads.popleft()
-            if queue.unremove(read):
-                return True
-        return False
+        if not reads:
+            return False
+        queue, read = reads.popleft()
+        return queue.unremove(read)
 
     def abort_all(self) -> None:
         """Return every open read to the head of its queue, oldest at the head."""

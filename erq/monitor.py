@@ -175,7 +175,7 @@ def cmd_confirm(session: Session, args: list[bytes]) -> None:
         session.out.append(BAD_NAME)
         return
     name = args[0].decode("ascii")
-    if session.live_open_count(name) < count:
+    if session.unclosed_count(name) < count:  # taken back by open_timeout included
         session.out.append(ERROR)
         return
     for _ in range(count):

@@ -13,6 +13,8 @@ import importlib
 import signal
 import time
 
+import pytest
+
 from conftest import ErqProcess, RawClient
 from support import (
     DEFAULT_CONFIG,
@@ -568,6 +570,68 @@ def test_timed_out_read_reopened_by_another_connection_is_not_closed_by_the_firs
     b.close()  # ...so b's disconnect returns it
     poll(lambda: qint(a, "t", "items") == 1, "b's read to return at its disconnect")
     assert a.get("t") == one("t", b"x")
+
+
+@pytest.mark.parametrize("how", ["close", "abort", "confirm"])
+def test_the_close_of_a_timed_out_read_is_used_up_by_it_not_by_the_next_read(erq_factory, how):
+    """``a`` opened "x", which timed out (``b`` holds it now), then opened "y". The close or
+    abort ``a`` sends for "x" is used up by "x": it must not confirm (or put back) "y", which
+    ``a`` is still working on. ``confirm t 2`` covers both: it confirms "y" only."""
+    proc, _ = start(erq_factory, OPEN_TIMEOUT)
+    a, b = _time_out_and_reopen(proc)
+    assert a.set("t", b"y") == STORED
+    assert a.get("t/open") == one("t/open", b"y")
+    if how == "confirm":
+        assert a.call(b"confirm t 2\r\n") == END
+        assert qint(b, "t", "open_transactions") == 1  # b's "x" only
+        a.close()
+        b.close()
+        poll(lambda: qint(proc.client(), "t", "items") == 1, "b's read to return")
+        assert drain(proc.client(), "t") == [b"x"]
+        return
+    assert a.get(f"t/{how}") == END
+    stats = qstats(b, "t")
+    assert (stats["open_transactions"], stats["items"]) == ("2", "0")  # b's "x", a's "y"
+    assert a.get("t/close") == END  # now "y"'s close
+    assert qint(b, "t", "open_transactions") == 1
+    a.close()
+    # Without the close for "y" (a worker that dies with it): it comes back.
+    a = proc.client()
+    assert a.set("t", b"z") == STORED
+    assert a.get("t/open") == one("t/open", b"z")
+    assert a.get("t/abort") == END  # the oldest read a holds is "z"
+    b.close()
+    poll(lambda: qint(a, "t", "items") == 2, "b's read to return")
+    assert drain(a, "t") == [b"x", b"z"]
+
+
+def test_a_connections_line_of_reads_taken_back_stays_bounded(impl):
+    """Reads taken back stay in the connection's line until their close, but a client that
+    never closes cannot grow it without bound: at twice max_open_reads the oldest of them
+    are forgotten, down to max_open_reads entries; live reads are always kept."""
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    from conftest import impl_module
+
+    class Line:  # a queue in which the reads named "live" are still open
+        def is_open(self, read) -> bool:
+            return read.startswith("live")
+
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+    session = session_mod.Session(state, None, lambda data: None, lambda: None)
+    queue, limit = Line(), 3
+    reads = session.open_deque("t")
+    reads.extend((queue, name) for name in ["gone0", "live0", "gone1", "gone2", "live1"])
+    assert not session.at_open_limit("t", limit) and session.unclosed_count("t") == 5
+    reads = session.open_deque("t")
+    reads.append((queue, "gone3"))  # six: twice the limit
+    assert not session.at_open_limit("t", limit)
+    assert [read for _, read in session.open_deque("t")] == ["live0", "live1", "gone3"]
+    session.open_deque("t").append((queue, "live2"))
+    assert session.at_open_limit("t", limit)
 
 
 def test_timed_out_read_reopened_by_another_connection_does_not_fail_a_plain_get(erq_factory):
