@@ -255,7 +255,10 @@ class Session:
         reads = self.open_reads.get(name)
         if not reads:
             return False
-        return any(queue.is_open(read) for queue, read in reads)
+        for queue, read in reads:  # noqa: SIM110 - any() of a generator: no cpdef closures
+            if queue.is_open(read):
+                return True
+        return False
 
     def close_oldest(self, name: str) -> bool:
         """Confirm this connection's oldest read of ``name``; False if there is none, or if
