@@ -39,6 +39,10 @@ _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
 # compiled, a restore is a C loop of ~0.2 s per million items (and the list's release another
 # ~0.06 s), which would keep the loop thread from answering the admin port for that long.
 _RESTORE_SLICE = 1 << 16
+# Expired items a sweep removes from one queue's head before the loop serves its sockets
+# again (see sweep_queue): a million items expiring at once would hold every client back
+# for seconds. A few milliseconds' work at most in either build.
+SWEEP_EXPIRY_BATCH = 256
 
 
 class RecoveryStopped(Exception):
@@ -302,18 +306,23 @@ class QueueCollection:
     def sweep(self, expire: bool = True) -> None:
         """Periodic work on every queue at once (see sweep_queue)."""
         for queue in self:
-            self.sweep_queue(queue, expire)
+            while self.sweep_queue(queue, expire):
+                pass
 
-    def sweep_queue(self, queue: Queue, expire: bool = True) -> None:
+    def sweep_queue(self, queue: Queue, expire: bool = True) -> bool:
         """Periodic work on one queue: expiry at its head, open-read timeouts, idle expiry,
         compaction and its journal's files. The server spreads a sweep over loop passes, a
-        slice of queues at a time, so a queue deleted since the sweep began is left alone."""
+        slice of queues at a time, so a queue deleted since the sweep began is left alone.
+
+        True when it stopped after SWEEP_EXPIRY_BATCH expired items with more at the head:
+        the caller sweeps the queue again, after the loop has served its sockets if its slice
+        of time is up."""
         if self._queues.get(queue.name) is not queue:
-            return
+            return False
         now = self._clock()
         try:
-            if expire:
-                queue.discard_expired(now)
+            if expire and queue.discard_expired(now, SWEEP_EXPIRY_BATCH) == SWEEP_EXPIRY_BATCH:
+                return True
             queue.expire_open_reads(now)
         except JournalError as exc:  # the head stays for a later sweep; the rest goes on
             log.debug("queue %s: expiry waits for its journal: %s", queue.name, exc)
@@ -321,8 +330,9 @@ class QueueCollection:
             self.delete(queue.name)
             self.queue_deletes -= 1
             self.queue_expires += 1
-            return
+            return False
         queue.maybe_compact()
+        return False
 
     def reconfigure(self, config: Config) -> None:
         self.config = config

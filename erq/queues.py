@@ -3,8 +3,20 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._queues import QueueCollection, RecoveryStopped, now_ms, valid_queue_name
+    from ._fast._queues import (
+        SWEEP_EXPIRY_BATCH,
+        QueueCollection,
+        RecoveryStopped,
+        now_ms,
+        valid_queue_name,
+    )
 else:
-    from ._queues_py import QueueCollection, RecoveryStopped, now_ms, valid_queue_name
+    from ._queues_py import (
+        SWEEP_EXPIRY_BATCH,
+        QueueCollection,
+        RecoveryStopped,
+        now_ms,
+        valid_queue_name,
+    )
 
-__all__ = ["QueueCollection", "RecoveryStopped", "now_ms", "valid_queue_name"]
+__all__ = ["SWEEP_EXPIRY_BATCH", "QueueCollection", "RecoveryStopped", "now_ms", "valid_queue_name"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import logging
 import signal
 import socket
@@ -313,7 +314,10 @@ class Server:
         try:
             deadline = time.perf_counter() + SWEEP_SLICE
             for queue in queues:
-                state.queues.sweep_queue(queue, expire)
+                while state.queues.sweep_queue(queue, expire):  # more expired at its head
+                    if time.perf_counter() >= deadline:
+                        queues = itertools.chain((queue,), queues)  # this one again first
+                        break
                 if time.perf_counter() >= deadline:
                     self._sweeper = state.loop.call_soon(self._sweep_slice, queues, expire)
                     return

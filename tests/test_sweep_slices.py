@@ -22,17 +22,18 @@ import erq.server as server_module
 from erq.clock import now_ms
 from erq.config import load_config
 
-QUEUES = 5
+QUEUES, DEEP = 5, 3 * 256 + 10
 
-async def main(data_dir):
+async def main(data_dir, deep):
     server_module.SWEEP_SLICE = 0.0
     config = load_config(None, cli={"port": 0, "admin_port": 0, "data_dir": data_dir})
     server = server_module.Server(config)
     await server.start()
     queues = server.state.queues
-    names = [f"q{i}" for i in range(QUEUES)]
-    for name in names:  # one item each, expired 50 ms from now
-        queues.add(name, b"x", 0, now_ms() + 50, None)
+    names = ["deep"] if deep else [f"q{i}" for i in range(QUEUES)]
+    for name in names:  # one item each (or DEEP in one queue), expired 50 ms from now
+        for _ in range(DEEP if deep else 1):
+            queues.add(name, b"x", 0, now_ms() + 50, None)
     await asyncio.sleep(0.2)
     server._sweeper.cancel()
     server._next_expiry = 0.0  # this sweep expires items
@@ -53,26 +54,42 @@ async def main(data_dir):
     await server.shutdown()
     print(json.dumps(result))
 
-asyncio.run(main(sys.argv[1]))
+asyncio.run(main(sys.argv[1], sys.argv[2] == "deep"))
 """
 
 
-def test_a_sweep_over_many_queues_is_spread_over_loop_passes(impl, tmp_path):
+def sweep(impl: str, tmp_path: Path, shape: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ERQ_NO_EXTENSIONS", None)
     if impl == "py":
         env["ERQ_NO_EXTENSIONS"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "data")],
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "data"), shape],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_sweep_over_many_queues_is_spread_over_loop_passes(impl, tmp_path):
+    result = sweep(impl, tmp_path, "many")
     # The first slice swept one queue; the loop served its other callbacks before each of
     # the next four; the next sweep was scheduled once every queue had been swept.
     assert result["after_first_slice"] == 4, result
     assert result["left"] == 0 and result["passes"] >= 4, result
+    assert result["next_sweep_is_a_timer"], result
+
+
+def test_the_expiry_of_a_deep_queue_is_spread_over_loop_passes(impl, tmp_path):
+    """Items expired at one queue's head go SWEEP_EXPIRY_BATCH at a time, the loop serving
+    its sockets in between: a million expiring at once must not stall every client."""
+    from erq.queues import SWEEP_EXPIRY_BATCH
+
+    assert SWEEP_EXPIRY_BATCH == 256  # the script's DEEP is 3 batches and a bit
+    result = sweep(impl, tmp_path, "deep")
+    assert result["after_first_slice"] == 3 * 256 + 10 - 256, result
+    assert result["left"] == 0 and result["passes"] >= 3, result
     assert result["next_sweep_is_a_timer"], result
