@@ -616,3 +616,16 @@ def test_closed_parser_ignores_further_input(mod):
     assert parser.feed(b"partial") == []
     assert parser.buffered == 0
     assert parser.closed
+
+
+def test_get_keys_are_parsed_once_unless_long(impl):
+    """A hot key's spec is made once and cached; a key longer than a queue name and its usual
+    options is not cached (4,096 keys as long as max_line would hold half a gigabyte)."""
+    from conftest import impl_module
+
+    keys = impl_module(impl, "_keys", "_keys_py")
+    short = b"jobs/t=1000/open"
+    assert keys.parse_key(short) is keys.parse_key(short)
+    long = b"jobs/" + b"x" * 600
+    first, second = keys.parse_key(long), keys.parse_key(long)
+    assert first is not second and first.name == second.name == "jobs"
