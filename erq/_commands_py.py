@@ -302,20 +302,17 @@ def feed(session: Session, requests: list) -> None:
     if session.closing:
         return
     if session.pending or session.blocked is not None or session.write_paused:
-        session.pending.extend(requests)
-        session.limit_pending()
+        session.hold_back(requests)
         return
     for i, request in enumerate(requests):
         dispatch(session, request)
         if session.blocked is not None or session.closing:
             if not session.closing:
-                session.pending.extend(requests[i + 1 :])
-                session.limit_pending()
+                session.hold_back(requests[i + 1 :])
             break
         if session.out_room < 0 and session.output_full():
             # The client is not taking its replies: the rest waits until it does.
-            session.pending.extend(requests[i + 1 :])
-            session.limit_pending()
+            session.hold_back(requests[i + 1 :])
             break
     session.flush()
 

@@ -19,14 +19,18 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from erq.parser import REQ_CMD, REQ_GET, REQ_SET
+
 if TYPE_CHECKING:
     from erq.queue import OpenRead, Queue
     from erq.state import ServerState
 
 log = logging.getLogger("erq.session")
 
-# Pause reading from a client whose pipeline runs this far ahead of a blocked request.
+# Pause reading from a client whose pipeline runs this far ahead of a blocked request, in
+# requests or in the bytes they hold (request_size).
 MAX_PENDING = 4096
+MAX_PENDING_BYTES = 8 << 20
 # Replies a connection may hold that its client has not taken, in bytes (values and the long
 # replies, stats; short lines are bounded by the requests of one read). Past it the replies
 # go to the socket, and while the client does not read them (the transport's pause_writing)
@@ -37,6 +41,20 @@ OUT_BUDGET = 1 << 20
 
 # The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
 SYNC_FAILED = b"SERVER_ERROR journal sync failed\r\n"
+
+
+def request_size(request: tuple) -> int:
+    """The bytes a parsed request holds, roughly: its value, keys or arguments, and a little
+    for the tuple (what a pipeline held back costs in memory)."""
+    kind = request[0]
+    if kind == REQ_SET:
+        data = request[4]
+        return 64 + len(request[1]) + (len(data) if data is not None else 0)
+    if kind == REQ_GET:
+        return 64 + sum([len(key) for key in request[1]])
+    if kind == REQ_CMD:
+        return 64 + len(request[1]) + sum([len(arg) for arg in request[2]])
+    return 64
 
 
 class Session:
@@ -54,6 +72,7 @@ class Session:
         self.dispatch = dispatch  # commands.dispatch: runs one request
         self.out: list[Any] = []
         self.pending: deque = deque()
+        self.pending_bytes = 0  # request_size of everything in pending
         self.blocked: Any = None  # the operation waiting for an item
         self.closing = False
         self.closed = False
@@ -72,10 +91,18 @@ class Session:
     # ---- pipeline ----------------------------------------------------------------------
     # A read's requests are run by commands.feed (a C call within the compiled commands
     # module, where every request's dispatch is); after a blocked request, by run.
-    def limit_pending(self) -> None:
-        """Stop reading from a client whose pipeline runs MAX_PENDING requests ahead of a
-        blocked one (the read that blocks counts too)."""
-        if self._pause is not None and not self._paused and len(self.pending) > MAX_PENDING:
+    def hold_back(self, requests: list) -> None:
+        """Keep requests that cannot run yet (behind a blocked one, or while the client does
+        not take its replies) for ``run``; stop reading from a client whose pipeline runs
+        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too)."""
+        self.pending.extend(requests)
+        for request in requests:
+            self.pending_bytes += request_size(request)
+        if (
+            self._pause is not None
+            and not self._paused
+            and (len(self.pending) > MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES)
+        ):
             self._paused = True
             self._pause(True)
 
@@ -86,8 +113,14 @@ class Session:
         while pending and self.blocked is None and not self.closing:
             if self.write_paused or (self.out_room < 0 and self.output_full()):
                 break
-            dispatch(self, pending.popleft())
-        if self._paused and len(pending) < MAX_PENDING // 2:
+            request = pending.popleft()
+            self.pending_bytes -= request_size(request)
+            dispatch(self, request)
+        if (
+            self._paused
+            and len(pending) < MAX_PENDING // 2
+            and self.pending_bytes < MAX_PENDING_BYTES // 2
+        ):
             self._paused = False
             if self._pause is not None:
                 self._pause(False)
@@ -200,6 +233,7 @@ class Session:
             self.out.append(reply)
         self.closing = True
         self.pending.clear()
+        self.pending_bytes = 0
         self._cancel_blocked()
         self.abort_all()
 
@@ -298,8 +332,16 @@ class Session:
         self.closed = True
         self.closing = True
         self.pending.clear()
+        self.pending_bytes = 0
         self._cancel_blocked()
         self.abort_all()
 
 
-__all__ = ["OUT_BUDGET", "SYNC_FAILED", "Session"]
+__all__ = [
+    "MAX_PENDING",
+    "MAX_PENDING_BYTES",
+    "OUT_BUDGET",
+    "SYNC_FAILED",
+    "Session",
+    "request_size",
+]

@@ -219,6 +219,45 @@ def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, layer, pr
     serve(loop, layer, protocol_class, body)
 
 
+def test_reading_stops_once_the_pipeline_behind_a_blocked_get_holds_too_many_bytes(
+    loop, layer, protocol_class
+):
+    """Few requests but big ones (1 MiB sets): what waits behind a blocked get is bounded in
+    bytes too, not only in requests."""
+    from erq.session import MAX_PENDING_BYTES
+
+    value = b"v" * (1 << 20)
+    sets = 24  # 24 MiB, three times the bound
+
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"get q/t=60000\r\n")
+        (proto,) = await until_connections(state)
+        await until(lambda: proto.session.blocked is not None, "the blocking get")
+        for _ in range(sets):
+            writer.write(b"set other 0 0 %d\r\n%s\r\n" % (len(value), value))
+        await until(lambda: not proto.transport.is_reading(), "the pipeline pause")
+        await asyncio.sleep(0.05)
+        assert len(proto.session.pending) < sets
+        assert proto.session.pending_bytes <= MAX_PENDING_BYTES + (2 << 20)
+        _, producer = await asyncio.open_connection("127.0.0.1", port)
+        producer.write(b"set q 0 0 2\r\nhi\r\n")
+        expected = one("q/t=60000", b"hi") + STORED * sets
+        assert await reader.readexactly(len(expected)) == expected
+        assert proto.session.pending_bytes == 0
+        await until(proto.transport.is_reading, "the pipeline resume")
+        assert state.queues.get_or_create("other").items == sets
+        writer.close()
+        producer.close()
+
+    serve(loop, layer, protocol_class, body)
+
+
+async def until_connections(state) -> set:
+    await until(lambda: len(state.connections) == 1, "the connection")
+    return state.connections
+
+
 def test_a_blocking_get_and_a_long_pipeline_in_one_read_pause_reading_at_once(loop, protocol_class):
     """The pipeline limit holds within the read that blocks, not from the next read on."""
     from erq.session import MAX_PENDING

@@ -5,11 +5,15 @@
 cimport erq._fast._state as c_state
 
 
+cpdef Py_ssize_t request_size(tuple request) except -1
+
+
 cdef class Session:
     cdef public c_state.ServerState state
     cdef public object dispatch
     cdef public list out
     cdef public object pending
+    cdef public Py_ssize_t pending_bytes
     cdef public object blocked
     cdef public bint closing
     cdef public bint closed
@@ -24,7 +28,7 @@ cdef class Session:
     cdef public bint write_paused
     cdef public bint blocked_on_output
 
-    cpdef limit_pending(self)
+    cpdef hold_back(self, list requests)
     cpdef run(self)
     cpdef unblock(self)
     cpdef hold_for(self, list tickets, object reply)
