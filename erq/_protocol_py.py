@@ -111,16 +111,13 @@ class MemcacheProtocol:
             _commands.feed(session, requests)  # a C call when compiled (cimported as _commands)
 
     def eof_received(self) -> bool:
-        """The client shut its side (``shutdown(SHUT_WR)``, ``nc -N``): it reads no more
-        requests, but gets every reply due to what it sent, then the connection closes. A
-        reply waiting for its fsync (``fsync = "always"``) keeps the connection half open
-        until it goes out; a blocked get ends unanswered, and open reads go back at once, as
-        on a disconnect."""
+        """The client shut its side (``shutdown(SHUT_WR)``, ``nc -N``): it sends no more
+        requests but reads on (see ``Session.end_of_input``). True keeps the connection half
+        open while replies are still due."""
         session = self.session
         if session is None:
             return False
-        session.close_after(None)
-        session.flush()  # closes now, unless a reply waits for its sync
+        session.end_of_input()
         return not session.closed
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -87,6 +87,7 @@ class Session:
         self.out_room = OUT_BUDGET  # what values and long replies may add to out before it
         self.write_paused = False  # the transport holds more than its high-water mark unsent
         self.blocked_on_output = False  # blocked is a get waiting for the client to read
+        self.input_ended = False  # the client shut its side; what it sent runs on (end_of_input)
 
     # ---- pipeline ----------------------------------------------------------------------
     # A read's requests are run by commands.feed (a C call within the compiled commands
@@ -116,6 +117,8 @@ class Session:
             request = pending.popleft()
             self.pending_bytes -= request_size(request)
             dispatch(self, request)
+        if self.input_ended:
+            self._close_once_answered()
         if (
             self._paused
             and len(pending) < MAX_PENDING // 2
@@ -137,7 +140,28 @@ class Session:
         if self.pending:
             self.state.loop.call_soon(self.run)
         else:
+            if self.input_ended:
+                self._close_once_answered()
             self.flush()
+
+    def end_of_input(self) -> None:
+        """The client shut its side (``shutdown(SHUT_WR)``, ``nc -N``) and reads on: it gets
+        every reply due to what it sent, then the connection closes. Requests held back only
+        because it had not yet taken its replies still run; a get blocked waiting for an item
+        ends unanswered, with what was pipelined behind it, and open reads go back, as on a
+        disconnect. A reply waiting for its sync keeps the connection half open until it
+        goes out."""
+        if self.blocked_on_output or (self.pending and self.blocked is None):
+            self.input_ended = True  # run, or the get's end, closes it once they are answered
+            return
+        self.close_after(None)
+        self.flush()
+
+    def _close_once_answered(self) -> None:
+        if self.blocked is not None and not self.blocked_on_output:
+            self.close_after(None)  # a get waiting for an item: it ends unanswered
+        elif self.blocked is None and not self.pending:
+            self.close_after(None)
 
     # ---- output ------------------------------------------------------------------------
     def output_full(self) -> bool:

@@ -391,6 +391,27 @@ def test_a_half_closed_client_gets_every_reply_due_then_the_connection_closes(er
     assert c.stats()["queue_empty_waiters"] == "0"
 
 
+def test_a_half_closed_client_gets_the_replies_of_requests_held_back_for_its_output(erq_factory):
+    """Past the output budget, requests wait until the replies before them go out (here: a
+    STORED waiting for its sync holds 4 MiB of peeks behind it). A client that shut its side
+    meanwhile still gets every one of them, in order, then the end of the stream."""
+    server = start(erq_factory, queues='[queues.default]\nfsync = "always"\n')
+    c = server.client()
+    item = b"p" * (512 << 10)
+    assert c.set("big", item) == STORED
+    peeks = 8
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(set_req(b"q", b"x") + b"get big/peek\r\n" * peeks + b"get q/open\r\nversion\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while chunk := sock.recv(1 << 20):
+        got += chunk
+    sock.close()
+    expected = STORED + one("big/peek", item) * peeks + one("q/open", b"x") + VERSION_LINE
+    assert bytes(got) == expected
+    assert c.get("q") == one("q", b"x")  # the read went back once the connection closed
+
+
 # ---- delete, flush, flush_all, flush_expired ----------------------------------------------------------
 def test_delete_drops_items_and_open_reads_answers_blocked_gets_and_creates_nothing(server):
     admin = server.client()

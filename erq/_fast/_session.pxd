@@ -27,10 +27,13 @@ cdef class Session:
     cdef public Py_ssize_t out_room
     cdef public bint write_paused
     cdef public bint blocked_on_output
+    cdef public bint input_ended
 
     cpdef hold_back(self, list requests)
     cpdef run(self)
     cpdef unblock(self)
+    cpdef end_of_input(self)
+    cdef _close_once_answered(self)
     cpdef hold_for(self, list tickets, object reply)
     cpdef add_long_reply(self, bytes reply)
     cpdef flush(self)
