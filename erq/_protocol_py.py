@@ -171,6 +171,16 @@ class MemcacheProtocol:
         if self.session is not None:
             self.session.writing_paused(False)
 
+    def client_left_while_paused(self) -> None:
+        """erq's connection layer heard the client shut its side while reading was paused
+        (the loops' transports cannot tell). A get waiting for an item then ends unanswered,
+        with what was pipelined behind it, as at an end of stream (``end_of_input``): an item
+        must not go to a client that is gone. Anything else is left for the end of stream,
+        read in its turn."""
+        session = self.session
+        if session is not None and session.blocked is not None and not session.blocked_on_output:
+            session.end_of_input()
+
     def close_idle(self) -> None:
         if self.transport is not None:
             self.transport.close()

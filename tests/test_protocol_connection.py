@@ -11,6 +11,8 @@ transport, and the idle close end to end through a server process.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from dataclasses import replace
 
 import pytest
@@ -248,6 +250,43 @@ def test_reading_stops_once_the_pipeline_behind_a_blocked_get_holds_too_many_byt
         await until(proto.transport.is_reading, "the pipeline resume")
         assert state.queues.get_or_create("other").items == sets
         writer.close()
+        producer.close()
+
+    serve(loop, layer, protocol_class, body)
+
+
+@pytest.mark.parametrize("leave", ["close", "reset"])
+def test_a_client_that_leaves_while_reading_is_paused_is_heard_at_once(
+    loop, layer, protocol_class, leave
+):
+    """Reading is paused (a long pipeline behind a blocked get); the client leaves, with a
+    FIN or a reset. erq's connection layer hears it anyway: the blocked get ends and the
+    read the client held open goes back at once, so the next item is not handed to a client
+    that is gone (it stays queued). The loops' own transports stop watching a paused socket
+    altogether (the pure-Python build notices only once reading resumes)."""
+    if not layer.startswith("epoll"):
+        pytest.skip("the loops' transports do not watch a socket whose reading is paused")
+
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"set q 0 0 4\r\nheld\r\nget q/open\r\n")
+        assert await reader.readexactly(len(STORED)) == STORED
+        assert await reader.readexactly(len(one("q/open", b"held"))) == one("q/open", b"held")
+        (proto,) = state.connections
+        writer.write(b"get w/t=60000\r\n" + b"version\r\n" * 5000)
+        await until(lambda: not proto.transport.is_reading(), "the pipeline pause")
+        queue = state.queues.get_or_create("w")
+        assert queue.waiter_count == 1
+        if leave == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort() if leave == "reset" else writer.close()
+        await until(lambda: not state.connections, "the server to hear the client leave")
+        assert queue.waiter_count == 0
+        assert state.queues.get_or_create("q").items == 1  # the open read went back
+        _, producer = await asyncio.open_connection("127.0.0.1", port)
+        producer.write(b"set w 0 0 4\r\nnext\r\n")
+        await until(lambda: queue.items == 1, "the item to stay queued")
         producer.close()
 
     serve(loop, layer, protocol_class, body)

@@ -25,7 +25,7 @@ import socket as _socket
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, errno
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as c_close
 
@@ -49,6 +49,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
+        EPOLLRDHUP
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
         EPOLL_CTL_DEL
@@ -151,8 +152,14 @@ cdef class Hub:
             if conn._closed:
                 continue
             ev = events[i].events
-            if conn._reading and ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
-                conn._read(self._buf)
+            if conn._reading:
+                if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    conn._read(self._buf)
+            elif ev & (EPOLLERR | EPOLLHUP) and not conn._unsent:
+                conn._fail(ECONNRESET)  # paused or half closed, nothing to send: gone
+                continue
+            elif ev & EPOLLRDHUP:
+                conn._left_while_paused()
             if conn._unsent and not conn._closed and ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 conn._send_backlog()
         if self._dead:
@@ -186,8 +193,11 @@ cdef class Connection:
     cdef list _backlog  # bytes not yet sent, in order; _offset of the first already sent
     cdef Py_ssize_t _offset
     cdef Py_ssize_t _unsent
-    cdef unsigned int _events  # what the epoll set watches for (0: not in the set)
+    cdef unsigned int _events  # what the epoll set watches for
+    cdef bint _in_set  # in the epoll set (from its adoption to its close)
     cdef bint _reading  # the protocol wants to read (not paused, not closing)
+    cdef bint _input_ended  # the end of the stream was read (half closed)
+    cdef bint _left_told  # the protocol heard the client leave while paused
     cdef bint _closing
     cdef bint _closed
     cdef bint _writing_paused
@@ -258,6 +268,7 @@ cdef class Connection:
         if self._closing or self._closed or self._reading:
             return
         self._reading = True
+        self._left_told = False
         self._watch()
 
     def is_reading(self):
@@ -278,30 +289,46 @@ cdef class Connection:
 
     # ---- inside ------------------------------------------------------------------------
     cdef _watch(self):
-        """Make the epoll set watch for what is wanted now. Nothing wanted: out of the set,
-        as libuv does, or a hang-up would wake the loop again and again while reading is
-        paused."""
+        """Make the epoll set watch for what is wanted now. While reading is paused the
+        socket stays in the set: its errors and hang-ups (a reset: the client is gone) are
+        reported whatever it watches for, and a client that shuts its side is heard
+        (EPOLLRDHUP) once, so that a protocol waiting on it can act (``_left_while_paused``).
+        A half-closed socket waits for nothing but those, so it cannot wake the loop again
+        and again."""
         cdef unsigned int want = 0
         cdef epoll_event event
         cdef int op
         if self._reading:
             want |= EPOLLIN
+        elif not self._closing and not self._input_ended and not self._left_told:
+            want |= EPOLLRDHUP
         if self._unsent:
             want |= EPOLLOUT
-        if want == self._events:
+        if self._in_set and want == self._events:
             return
         event.events = want
         event.data.ptr = <void *>self
-        if want == 0:
-            op = EPOLL_CTL_DEL
-        elif self._events == 0:
-            op = EPOLL_CTL_ADD
-        else:
-            op = EPOLL_CTL_MOD
+        op = EPOLL_CTL_MOD if self._in_set else EPOLL_CTL_ADD
         if epoll_ctl(self._hub._epfd, op, self._fd, &event) < 0:
             self._fail(errno)
             return
+        self._in_set = True
         self._events = want
+
+    cdef _left_while_paused(self):
+        """The client shut its side while reading was paused. erq's protocol may act on it
+        now (a get waiting for an item ends, so the item does not go to a client that is
+        gone); otherwise the end is read in its turn, once reading resumes."""
+        self._left_told = True
+        tell = getattr(self.protocol, "client_left_while_paused", None)
+        if tell is not None:
+            try:
+                tell()
+            except Exception as exc:
+                self._protocol_failed("client_left_while_paused", exc)
+                return
+        if not self._closed:
+            self._watch()
 
     cdef _read(self, char *buf):
         cdef ssize_t n = recv(self._fd, buf, READ_SIZE, 0)
@@ -327,6 +354,7 @@ cdef class Connection:
             return
         if keep_open:
             self._reading = False  # half-closed: the client can still read our replies
+            self._input_ended = True
             self._watch()
         else:
             self.close()
@@ -416,8 +444,9 @@ cdef class Connection:
         self._backlog.clear()
         self._offset = 0
         self._unsent = 0
-        if self._events:
+        if self._in_set:
             epoll_ctl(self._hub._epfd, EPOLL_CTL_DEL, self._fd, &event)
+            self._in_set = False
             self._events = 0
         c_close(self._fd)
         self._fd = -1
