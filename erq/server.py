@@ -166,6 +166,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config.server
+        await _start_resolver_threads(loop)
         _raise_fd_limit(cfg.max_connections)
         data_dir = Path(cfg.data_dir)
         try:
@@ -242,7 +243,8 @@ class Server:
         # admin port meanwhile (a liveness probe must not kill a server that is only slow to
         # recover); the thread builds queues no one sees until they are adopted, here.
         try:
-            opened = await asyncio.to_thread(_recover, queues, self._stop_recovery)
+            recover = startsignals.in_worker_thread(_recover)  # signals: the main thread's
+            opened = await asyncio.to_thread(recover, queues, self._stop_recovery)
         except JournalError as exc:  # a journal this erq must not touch (another version)
             raise StartError(f"cannot recover the journals: {exc}") from None
         queues.adopt(opened)
@@ -448,19 +450,44 @@ async def _serve(config: Config, cli: dict) -> int:
         _ignore_stop_signals()
 
 
+async def _start_resolver_threads(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop resolves addresses on threads it starts at its first lookup and keeps (libuv's
+    pool under uvloop, the default executor under asyncio). Started here, with the stop and
+    reload signals blocked, they keep them blocked, as erq's own workers do
+    (startsignals.block_in_this_thread): only the main thread takes them, which
+    _ignore_stop_signals relies on."""
+    with startsignals.blocked():
+        try:
+            await loop.getaddrinfo("127.0.0.1", None)
+        except OSError:  # pragma: no cover - no loopback address: nothing to resolve then
+            pass
+
+
 def _ignore_stop_signals() -> None:
     """The server has stopped: for the rest of the exit, ignore the stop and reload signals.
 
     The loop's handlers would go with the loop, and Python's own at its finalization, after
     which a stop signal repeated (a second Ctrl-C, a supervisor signalling the process group
-    and the pid) would turn a stop already made into an exit by that signal."""
+    and the pid) would turn a stop already made into an exit by that signal.
+
+    The loop's removal sets their default action for a moment: they are blocked meanwhile
+    (every other thread blocks them for good: startsignals.block_in_this_thread,
+    _start_resolver_threads), and one that arrived is dropped by SIG_IGN before they are
+    unblocked."""
     loop = asyncio.get_running_loop()
-    for sig in startsignals.HELD:
-        try:
-            loop.remove_signal_handler(sig)  # SIG_DFL for the next few instructions
-            signal.signal(sig, signal.SIG_IGN)  # which finalization leaves alone
-        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
-            pass  # no signals here, or not the main thread
+    blocking = hasattr(signal, "pthread_sigmask")
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, startsignals.HELD)
+    try:
+        for sig in startsignals.HELD:
+            try:
+                loop.remove_signal_handler(sig)  # SIG_DFL until the next line
+                signal.signal(sig, signal.SIG_IGN)  # which finalization leaves alone
+            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+                pass  # no signals here, or not the main thread
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, startsignals.HELD)
 
 
 async def _run(server: Server) -> int:

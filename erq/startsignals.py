@@ -9,7 +9,10 @@ them in order once its own handlers are in place (``take()``).
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Callable, Iterator
+from typing import Any
 
 HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -33,3 +36,37 @@ def take() -> list[int]:
     held = list(_pending)
     _pending.clear()
     return held
+
+
+def block_in_this_thread() -> None:
+    """Keep ``HELD`` signals away from the calling worker thread (an executor's initializer,
+    or the first thing a thread runs). Only the main thread, which runs the loop, then takes
+    them, so that blocking them there holds them for the whole process: the server's last
+    step swaps their handlers that way, with no instant at which one kills it (a signal's
+    default action ends the process whichever thread it lands on)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+
+
+def in_worker_thread(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` as a thread's target that first calls block_in_this_thread."""
+
+    def target(*args: Any, **kwargs: Any) -> Any:
+        block_in_this_thread()
+        return run(*args, **kwargs)
+
+    return target
+
+
+@contextlib.contextmanager
+def blocked() -> Iterator[None]:
+    """Block ``HELD`` signals in the calling thread for a moment; one that arrives meanwhile
+    is acted on when it ends. Threads started meanwhile inherit the block and keep it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)

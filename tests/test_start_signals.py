@@ -121,3 +121,26 @@ def test_stop_signals_repeated_until_the_process_ends_still_end_it_with_status_z
     c = server.client()
     assert c.get("q") == b"VALUE q 0 4\r\nkept\r\nEND\r\n"
     c.close()
+
+
+def test_only_the_main_thread_takes_the_stop_and_reload_signals(erq_factory):
+    """Every worker thread (recovery, syncs, spare segments, compaction) blocks SIGTERM,
+    SIGINT and SIGHUP: blocked in the main thread they are then held for the whole process,
+    which the server's last step relies on to swap their handlers with no instant at which
+    one would kill it (a default action ends the process whichever thread it lands on)."""
+    held = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGHUP - 1))
+    server = erq_factory('[queues.default]\nmax_journal_size = "1MiB"\n')
+    c = server.client()
+    for n in range(300):  # a few journal rotations and compactions, a spare segment or two
+        assert c.set("q", b"%04d" % n + b"x" * 8192) == b"STORED\r\n"
+        assert c.get("q") == b"VALUE q 0 8196\r\n%04d" % n + b"x" * 8192 + b"\r\nEND\r\n"
+    pid = server.proc.pid
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        masks[int(tid)] = int(status.split("SigBlk:")[1].split()[0], 16)
+    workers = {tid: mask for tid, mask in masks.items() if tid != pid}
+    assert workers, masks  # recovery ran on a worker thread, at least
+    assert all(mask & held == held for mask in workers.values()), masks
+    assert masks[pid] & held == 0, masks
+    c.close()

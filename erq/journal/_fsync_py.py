@@ -25,6 +25,8 @@ import os
 import threading
 import weakref
 
+from ..startsignals import in_worker_thread
+
 _IDLE, _PENDING, _RUNNING, _DONE = range(4)
 _EVENTFD = hasattr(os, "eventfd")
 # macOS has no fdatasync: fsync there, as the C build does.
@@ -147,7 +149,9 @@ class FsyncWorker:
 
     def __init__(self) -> None:
         self._core = core = _Core()
-        thread = threading.Thread(target=_run, args=(core,), name="erq-fsync", daemon=True)
+        thread = threading.Thread(
+            target=in_worker_thread(_run), args=(core,), name="erq-fsync", daemon=True
+        )
         thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, core, thread)
 

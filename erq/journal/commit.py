@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..journal_api import JournalError
+from ..startsignals import block_in_this_thread
 from . import fsync_worker
 from .segment import _FDATASYNC_COVERS_MMAP
 
@@ -167,7 +168,11 @@ class GroupCommit:
     ) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         # Periodic syncs and the final drain (and the batches where there is no worker).
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="erq-fsync")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_workers,
+            thread_name_prefix="erq-fsync",
+            initializer=block_in_this_thread,
+        )
         self._housekeeping: ThreadPoolExecutor | None = None  # background(), started at need
         self._use_worker = _FDATASYNC_COVERS_MMAP if use_worker is None else use_worker
         self._worker = None  # FsyncWorker, started with the first batch
@@ -418,7 +423,9 @@ class GroupCommit:
             _run_logged(work)
             return
         if self._housekeeping is None:
-            self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erq-bg")
+            self._housekeeping = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="erq-bg", initializer=block_in_this_thread
+            )
         self._housekeeping.submit(_run_logged, work)
 
     # ---- shutdown ------------------------------------------------------------------------

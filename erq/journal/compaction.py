@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..datadir import fsync_directory
+from ..startsignals import in_worker_thread
 from . import codec
 from .format import HEADER_FLAG_SNAPSHOT, OP_OPEN, segment_name
 from .segment import Segment, encode_header
@@ -93,7 +94,9 @@ class SnapshotJob:
 
     def start(self) -> None:
         self._thread = threading.Thread(
-            target=self.run, name=f"erq-compact-{self.directory.name}", daemon=True
+            target=in_worker_thread(self.run),
+            name=f"erq-compact-{self.directory.name}",
+            daemon=True,
         )
         self._thread.start()
 

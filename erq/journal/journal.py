@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..datadir import fsync_directory, remove_queue_dir
 from ..journal_api import JournalError
+from ..startsignals import block_in_this_thread
 from . import codec
 from .diskitems import DiskItems
 from .format import HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
@@ -55,7 +56,9 @@ def _spare_allocator() -> ThreadPoolExecutor:
     global _allocator
     with _allocator_lock:
         if _allocator is None:
-            _allocator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erq-allocate")
+            _allocator = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="erq-allocate", initializer=block_in_this_thread
+            )
         return _allocator
 
 
