@@ -178,7 +178,7 @@ class MemcacheProtocol:
         must not go to a client that is gone. Anything else is left for the end of stream,
         read in its turn."""
         session = self.session
-        if session is not None and session.blocked is not None and not session.blocked_on_output:
+        if session is not None and session.waits_for_an_item():
             session.end_of_input()
 
     def close_idle(self) -> None:

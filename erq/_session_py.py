@@ -157,10 +157,13 @@ class Session:
         self.close_after(None)
         self.flush()
 
+    def waits_for_an_item(self) -> bool:
+        """A get (or monitor) of this connection is blocked until an item comes."""
+        return self.blocked is not None and not self.blocked_on_output
+
     def _close_once_answered(self) -> None:
-        if self.blocked is not None and not self.blocked_on_output:
-            self.close_after(None)  # a get waiting for an item: it ends unanswered
-        elif self.blocked is None and not self.pending:
+        # A get waiting for an item ends unanswered; otherwise, close once nothing is left.
+        if self.waits_for_an_item() or (self.blocked is None and not self.pending):
             self.close_after(None)
 
     # ---- output ------------------------------------------------------------------------

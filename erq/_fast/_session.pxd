@@ -33,6 +33,7 @@ cdef class Session:
     cpdef run(self)
     cpdef unblock(self)
     cpdef end_of_input(self)
+    cpdef bint waits_for_an_item(self) except -1
     cdef _close_once_answered(self)
     cpdef hold_for(self, list tickets, object reply)
     cpdef add_long_reply(self, bytes reply)
