@@ -20,7 +20,7 @@ from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
 from erq.queue import STORED as ITEM_STORED
-from erq.queue import Queue
+from erq.queue import ExpiryBacklog, Queue
 from erq.queues import now_ms, valid_queue_name
 from erq.replies import (
     BAD_FORMAT,
@@ -113,33 +113,45 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
     while index < len(specs):
         spec = specs[index]
         name = spec.name
-        if spec.abort:
-            session.abort_oldest(name)
-        if spec.close:
-            session.close_oldest(name)
-        if not spec.fetches:
-            index += 1
-            continue
-        counters = state.counters
-        if not spec.peek:
-            counters.cmd_get += 1  # refused or not: a get was asked for (PROTOCOL §10)
-        if state.status == "QUIESCENT":
-            refuse_rest(session, specs, index + 1)
-            session.out.append(QUIESCENT)
-            return True
-        if spec.peek:
-            counters.cmd_peek += 1  # a refused peek counts nowhere (PROTOCOL §10)
-        if not spec.peek:
-            if spec.open:
-                if session.at_open_limit(name, state.config.server.max_open_reads):
+        if op is not None and op.refetch:
+            op.refetch = False  # this key's close, abort and checks ran before it gave way
+        else:
+            if spec.abort:
+                session.abort_oldest(name)
+            if spec.close:
+                session.close_oldest(name)
+            if not spec.fetches:
+                index += 1
+                continue
+            counters = state.counters
+            if not spec.peek:
+                counters.cmd_get += 1  # refused or not: a get was asked for (PROTOCOL §10)
+            if state.status == "QUIESCENT":
+                refuse_rest(session, specs, index + 1)
+                session.out.append(QUIESCENT)
+                return True
+            if spec.peek:
+                counters.cmd_peek += 1  # a refused peek counts nowhere (PROTOCOL §10)
+            if not spec.peek:
+                if spec.open:
+                    if session.at_open_limit(name, state.config.server.max_open_reads):
+                        session.close_after(ERROR)
+                        return True
+                elif session.has_open(name):
                     session.close_after(ERROR)
                     return True
-            elif session.has_open(name):
-                session.close_after(ERROR)
-                return True
         try:
             queue = state.queues.get_or_create(name)
             item = queue.head() if spec.peek else queue.take(spec.open)
+        except ExpiryBacklog:
+            # Expired items fill the head: the loop serves its other sockets, then this key
+            # fetches again (the batch it removed stays removed).
+            if op is None:
+                op = GetOperation(session, specs, gets)
+            op.index = index
+            op.refetch = True
+            session.resume_next_pass(op)
+            return False
         except JournalError as exc:  # disk full: the item stays at the head
             JOURNAL_FAILED_LOG.log("get %s: %s", name, exc)
             session.out.append(journal_failed(exc))
@@ -192,9 +204,10 @@ def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) 
 
 
 class GetOperation:
-    """A get that waits for an item (``/t=``): it holds the keys still to run."""
+    """A get that waits (for an item with ``/t=``, for the client to take its replies, or for
+    the loop's next pass): it holds the keys still to run."""
 
-    __slots__ = ("session", "specs", "index", "gets", "waiter", "deadline")
+    __slots__ = ("session", "specs", "index", "gets", "waiter", "deadline", "refetch")
 
     def __init__(self, session: Session, specs: list[KeySpec], gets: bool) -> None:
         self.session = session
@@ -203,6 +216,7 @@ class GetOperation:
         self.gets = gets
         self.waiter: KeyWaiter | None = None
         self.deadline = 0  # of the waiter, in the server's Deadlines
+        self.refetch = False  # the key at index fetches again, without its close and abort
 
     def run(self) -> bool:
         """Run keys from ``index``; False when it blocked waiting for an item."""

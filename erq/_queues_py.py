@@ -24,7 +24,7 @@ from erq.datadir import remove_queue_dir
 from erq.item import Item
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
-from erq.queue import NOT_STORED, STORED, AddResult, Queue
+from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, Queue
 
 if TYPE_CHECKING:
     from erq.config import Config
@@ -39,10 +39,6 @@ _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
 # compiled, a restore is a C loop of ~0.2 s per million items (and the list's release another
 # ~0.06 s), which would keep the loop thread from answering the admin port for that long.
 _RESTORE_SLICE = 1 << 16
-# Expired items a sweep removes from one queue's head before the loop serves its sockets
-# again (see sweep_queue): a million items expiring at once would hold every client back
-# for seconds. A few milliseconds' work at most in either build.
-SWEEP_EXPIRY_BATCH = 256
 
 
 class RecoveryStopped(Exception):
@@ -314,14 +310,14 @@ class QueueCollection:
         compaction and its journal's files. The server spreads a sweep over loop passes, a
         slice of queues at a time, so a queue deleted since the sweep began is left alone.
 
-        True when it stopped after SWEEP_EXPIRY_BATCH expired items with more at the head:
+        True when it stopped after EXPIRY_BATCH expired items with more at the head:
         the caller sweeps the queue again, after the loop has served its sockets if its slice
         of time is up."""
         if self._queues.get(queue.name) is not queue:
             return False
         now = self._clock()
         try:
-            if expire and queue.discard_expired(now, SWEEP_EXPIRY_BATCH) == SWEEP_EXPIRY_BATCH:
+            if expire and queue.discard_expired(now, EXPIRY_BATCH) == EXPIRY_BATCH:
                 return True
             queue.expire_open_reads(now)
         except JournalError as exc:  # the head stays for a later sweep; the rest goes on

@@ -87,6 +87,7 @@ class Session:
         self.out_room = OUT_BUDGET  # what values and long replies may add to out before it
         self.write_paused = False  # the transport holds more than its high-water mark unsent
         self.blocked_on_output = False  # blocked is a get waiting for the client to read
+        self.resumes_next_pass = False  # blocked is a get that gave way to the loop
         self.input_ended = False  # the client shut its side; what it sent runs on (end_of_input)
 
     # ---- pipeline ----------------------------------------------------------------------
@@ -151,7 +152,11 @@ class Session:
         ends unanswered, with what was pipelined behind it, and open reads go back, as on a
         disconnect. A reply waiting for its sync keeps the connection half open until it
         goes out."""
-        if self.blocked_on_output or (self.pending and self.blocked is None):
+        if (
+            self.blocked_on_output
+            or self.resumes_next_pass
+            or (self.pending and self.blocked is None)
+        ):
             self.input_ended = True  # run, or the get's end, closes it once they are answered
             return
         self.close_after(None)
@@ -159,7 +164,25 @@ class Session:
 
     def waits_for_an_item(self) -> bool:
         """A get (or monitor) of this connection is blocked until an item comes."""
-        return self.blocked is not None and not self.blocked_on_output
+        return self.blocked is not None and not (self.blocked_on_output or self.resumes_next_pass)
+
+    def resume_next_pass(self, op: Any) -> None:
+        """Block the pipeline on ``op``, a get that gave the loop back (expired items fill a
+        queue's head, see queue.ExpiryBacklog): it goes on once the loop has served its
+        other sockets."""
+        self.blocked = op
+        self.resumes_next_pass = True
+        self.state.loop.call_soon(self._resume_next_pass, op)
+
+    def _resume_next_pass(self, op: Any) -> None:
+        if self.blocked is op:
+            self.resumes_next_pass = False
+            if self.closed:
+                return
+            if op.run():
+                self.unblock()
+            else:
+                self.flush()  # what it answered so far (a monitor streams its items)
 
     def _close_once_answered(self) -> None:
         # A get waiting for an item ends unanswered; otherwise, close once nothing is left.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from erq import wire as _wire
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
+from erq.queue import ExpiryBacklog
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,
@@ -62,6 +63,9 @@ class MonitorOperation:
                 break
             try:
                 item = self.queue.take(True)
+            except ExpiryBacklog:  # expired items fill the head: the loop serves others first
+                session.resume_next_pass(self)
+                return False
             except JournalError as exc:  # disk full: the item stays at the head
                 JOURNAL_FAILED_LOG.log("monitor %s: %s", self.name, exc)
                 break

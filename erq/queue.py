@@ -3,8 +3,38 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._queue import ITEM_OVERHEAD, NOT_STORED, STORED, AddResult, OpenRead, Queue, Waiter
+    from ._fast._queue import (
+        EXPIRY_BATCH,
+        ITEM_OVERHEAD,
+        NOT_STORED,
+        STORED,
+        AddResult,
+        ExpiryBacklog,
+        OpenRead,
+        Queue,
+        Waiter,
+    )
 else:
-    from ._queue_py import ITEM_OVERHEAD, NOT_STORED, STORED, AddResult, OpenRead, Queue, Waiter
+    from ._queue_py import (
+        EXPIRY_BATCH,
+        ITEM_OVERHEAD,
+        NOT_STORED,
+        STORED,
+        AddResult,
+        ExpiryBacklog,
+        OpenRead,
+        Queue,
+        Waiter,
+    )
 
-__all__ = ["ITEM_OVERHEAD", "NOT_STORED", "STORED", "AddResult", "OpenRead", "Queue", "Waiter"]
+__all__ = [
+    "EXPIRY_BATCH",
+    "ITEM_OVERHEAD",
+    "NOT_STORED",
+    "STORED",
+    "AddResult",
+    "ExpiryBacklog",
+    "OpenRead",
+    "Queue",
+    "Waiter",
+]

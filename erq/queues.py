@@ -4,7 +4,6 @@ from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
     from ._fast._queues import (
-        SWEEP_EXPIRY_BATCH,
         QueueCollection,
         RecoveryStopped,
         now_ms,
@@ -12,11 +11,10 @@ if USE_EXTENSIONS:
     )
 else:
     from ._queues_py import (
-        SWEEP_EXPIRY_BATCH,
         QueueCollection,
         RecoveryStopped,
         now_ms,
         valid_queue_name,
     )
 
-__all__ = ["SWEEP_EXPIRY_BATCH", "QueueCollection", "RecoveryStopped", "now_ms", "valid_queue_name"]
+__all__ = ["QueueCollection", "RecoveryStopped", "now_ms", "valid_queue_name"]

@@ -9,8 +9,12 @@ wire bytes independently of the implementation.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import uvloop
 
@@ -99,6 +103,25 @@ def start(erq_factory, *, server: str = "", queues: str = "", **kw) -> ErqProces
     if server or queues:
         return erq_factory(config=config(server, queues), **kw)
     return erq_factory(**kw)
+
+
+def run_script(impl: str, script: str, *args: str, timeout: float = 60.0) -> dict:
+    """Run ``script`` in a new interpreter on the given build (chosen at import, as a server's
+    is) and return the JSON object its last output line holds."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ERQ_NO_EXTENSIONS", None)
+    if impl == "py":
+        env["ERQ_NO_EXTENSIONS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- connection state --------------------------------------------------------------------------

@@ -8,13 +8,9 @@ slice of zero seconds: each pass of the loop then sweeps exactly one queue.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import run_script
 
 SCRIPT = r"""
 import asyncio, json, sys, time
@@ -59,19 +55,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2] == "deep"))
 
 
 def sweep(impl: str, tmp_path: Path, shape: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ERQ_NO_EXTENSIONS", None)
-    if impl == "py":
-        env["ERQ_NO_EXTENSIONS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "data"), shape],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_script(impl, SCRIPT, str(tmp_path / "data"), shape)
 
 
 def test_a_sweep_over_many_queues_is_spread_over_loop_passes(impl, tmp_path):
@@ -84,11 +68,11 @@ def test_a_sweep_over_many_queues_is_spread_over_loop_passes(impl, tmp_path):
 
 
 def test_the_expiry_of_a_deep_queue_is_spread_over_loop_passes(impl, tmp_path):
-    """Items expired at one queue's head go SWEEP_EXPIRY_BATCH at a time, the loop serving
+    """Items expired at one queue's head go EXPIRY_BATCH at a time, the loop serving
     its sockets in between: a million expiring at once must not stall every client."""
-    from erq.queues import SWEEP_EXPIRY_BATCH
+    from erq.queue import EXPIRY_BATCH
 
-    assert SWEEP_EXPIRY_BATCH == 256  # the script's DEEP is 3 batches and a bit
+    assert EXPIRY_BATCH == 256  # the script's DEEP is 3 batches and a bit
     result = sweep(impl, tmp_path, "deep")
     assert result["after_first_slice"] == 3 * 256 + 10 - 256, result
     assert result["left"] == 0 and result["passes"] >= 3, result

@@ -43,6 +43,7 @@ cdef class GetOperation:
     cdef public bint gets
     cdef public object waiter
     cdef public long long deadline
+    cdef public bint refetch
 
     cpdef bint run(self) except -1
     cdef _wait(self, object queue, object spec)

@@ -69,6 +69,7 @@ cdef class Queue:
     cdef c_ring.Item _pop_head(self)
     @cython.locals(head=c_ring.Item, item=c_ring.Item)
     cpdef long long discard_expired(self, object now=*, object limit=*) except -1
+    cdef bint _head_expired(self, long long now) except -1
     cpdef object head(self, object now=*)
     @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
                    journal=c_journal.AppendCore)

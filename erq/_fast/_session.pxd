@@ -27,6 +27,7 @@ cdef class Session:
     cdef public Py_ssize_t out_room
     cdef public bint write_paused
     cdef public bint blocked_on_output
+    cdef public bint resumes_next_pass
     cdef public bint input_ended
 
     cpdef hold_back(self, list requests)
@@ -34,6 +35,7 @@ cdef class Session:
     cpdef unblock(self)
     cpdef end_of_input(self)
     cpdef bint waits_for_an_item(self) except -1
+    cpdef resume_next_pass(self, object op)
     cdef _close_once_answered(self)
     cpdef hold_for(self, list tickets, object reply)
     cpdef add_long_reply(self, bytes reply)
