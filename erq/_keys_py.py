@@ -31,10 +31,13 @@ class KeyError_(Exception):
 # more digits are read as this, not parsed.
 MAX_WAIT_MS = 10**12
 
-BAD_NAME = KeyError_(b"CLIENT_ERROR bad queue name\r\n", False)
-BAD_FORMAT = KeyError_(b"CLIENT_ERROR bad command line format\r\n", False)
+# The replies, raised as a new KeyError_ each time: an exception object raised again keeps
+# the tracebacks of every earlier raise, and with them (pure build) each request's frames,
+# session and transport, for as long as the process lives.
+BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 # PROTOCOL §4: a forbidden option combination gets Kestrel's bare CLIENT_ERROR, then close.
-FORBIDDEN_COMBINATION = KeyError_(b"CLIENT_ERROR\r\n", True)
+FORBIDDEN_COMBINATION = b"CLIENT_ERROR\r\n"
 
 
 class KeySpec:
@@ -57,7 +60,7 @@ class KeySpec:
         parts = key.split(b"/")
         raw_name = parts[0]
         if not valid_queue_name(raw_name):
-            raise BAD_NAME
+            raise KeyError_(BAD_NAME, False)
         self.key = key
         self.name = raw_name.decode("ascii")
         # The start of a VALUE line for this key, made once per distinct key (the cache):
@@ -78,13 +81,13 @@ class KeySpec:
             elif opt.startswith(b"t="):
                 value = opt[2:]
                 if not value or not value.isdigit():
-                    raise BAD_FORMAT
+                    raise KeyError_(BAD_FORMAT, False)
                 digits = value.lstrip(b"0") or b"0"  # int() of thousands of digits would raise
                 self.timeout = int(digits) if len(digits) <= 12 else MAX_WAIT_MS
             # unknown options are ignored (Kestrel)
         for a, b in _FORBIDDEN:
             if getattr(self, a) and getattr(self, b):
-                raise FORBIDDEN_COMBINATION
+                raise KeyError_(FORBIDDEN_COMBINATION, True)
         # abort never fetches; close without open only confirms.
         self.fetches = not self.abort and not (self.close and not self.open)
 

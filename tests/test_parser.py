@@ -629,3 +629,30 @@ def test_get_keys_are_parsed_once_unless_long(impl):
     long = b"jobs/" + b"x" * 600
     first, second = keys.parse_key(long), keys.parse_key(long)
     assert first is not second and first.name == second.name == "jobs"
+
+
+def test_a_refused_key_keeps_no_trace_of_the_requests_refused_before(impl):
+    """Each refusal is a new exception: one object raised again and again grew a traceback
+    per raise, which (pure build) held each request's frames, session and transport."""
+    from conftest import impl_module
+
+    keys = impl_module(impl, "_keys", "_keys_py")
+    for key, reply, close in [
+        (b"a.b", b"CLIENT_ERROR bad queue name\r\n", False),
+        (b"q/t=x", b"CLIENT_ERROR bad command line format\r\n", False),
+        (b"q/open/peek", b"CLIENT_ERROR\r\n", True),
+    ]:
+        refused = []
+        for _ in range(3):
+            with pytest.raises(keys.KeyError_) as info:
+                keys.parse_key(key)
+            refused.append(info.value)
+        assert (refused[-1].reply, refused[-1].close) == (reply, close)
+        assert refused[0] is not refused[1] is not refused[2]
+        depths = []
+        for exc in refused:
+            depth, tb = 0, exc.__traceback__
+            while tb is not None:
+                depth, tb = depth + 1, tb.tb_next
+            depths.append(depth)
+        assert depths[0] == depths[1] == depths[2], depths
