@@ -37,6 +37,10 @@ MAX_PENDING_BYTES = 8 << 20
 # or they wait for a sync, no further request runs: a client that pipelines gets of big
 # items without reading costs this much, not the sum of what it asked for.
 OUT_BUDGET = 1 << 20
+# A connection keeps a line of reads per queue name it read with /open; lines left empty are
+# dropped once there are this many names more than the last time they were (a pooled
+# connection reading a reply queue per request would otherwise keep one per name it met).
+OPEN_NAMES_SLACK = 64
 
 
 # The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
@@ -77,6 +81,7 @@ class Session:
         self.closing = False
         self.closed = False
         self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
+        self._names_bound = OPEN_NAMES_SLACK  # open_reads' size that drops its empty lines
         self._hold: Any = None  # latest commit ticket; replies wait for it
         # Replies in out that wait for commit tickets (fsync = always): (index, tickets).
         self._held: list = []
@@ -291,8 +296,14 @@ class Session:
     def open_deque(self, name: str) -> deque[tuple[Queue, OpenRead]]:
         reads = self.open_reads.get(name)
         if reads is None:
+            if len(self.open_reads) >= self._names_bound:
+                self._forget_empty_lines()
             reads = self.open_reads[name] = deque()
         return reads
+
+    def _forget_empty_lines(self) -> None:
+        self.open_reads = {name: reads for name, reads in self.open_reads.items() if reads}
+        self._names_bound = 2 * len(self.open_reads) + OPEN_NAMES_SLACK
 
     # A connection's reads of a queue form a line: each close, abort or confirm takes the
     # oldest one it opened. A read that open_timeout (or a delete) took back stays in the line
@@ -390,6 +401,7 @@ class Session:
 __all__ = [
     "MAX_PENDING",
     "MAX_PENDING_BYTES",
+    "OPEN_NAMES_SLACK",
     "OUT_BUDGET",
     "SYNC_FAILED",
     "Session",

@@ -634,6 +634,34 @@ def test_a_connections_line_of_reads_taken_back_stays_bounded(impl):
     assert session.at_open_limit("t", limit)
 
 
+def test_a_connection_forgets_the_lines_of_queues_it_has_no_read_left_on(impl):
+    """A pooled connection that reads a queue per request (a reply queue) keeps no line per
+    name it ever met: empty lines are dropped as names come; lines with reads stay."""
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    from conftest import impl_module
+
+    class Line:
+        def confirm(self, read) -> bool:
+            return True
+
+        def unremove(self, read) -> bool:
+            return True
+
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+    session = session_mod.Session(state, None, lambda data: None, lambda: None)
+    queue = Line()
+    session.open_deque("kept").append((queue, "read"))
+    for i in range(5_000):
+        session.open_deque(f"reply{i}").append((queue, "read"))
+        assert session.close_oldest(f"reply{i}") if i % 2 else session.abort_oldest(f"reply{i}")
+    assert len(session.open_reads) <= 2 * session_mod.OPEN_NAMES_SLACK + 1
+    assert session.unclosed_count("kept") == 1 and "reply4999" in session.open_reads
+
+
 def test_timed_out_read_reopened_by_another_connection_does_not_fail_a_plain_get(erq_factory):
     proc, _ = start(erq_factory, OPEN_TIMEOUT)
     a, b = _time_out_and_reopen(proc)

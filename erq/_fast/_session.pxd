@@ -18,6 +18,7 @@ cdef class Session:
     cdef public bint closing
     cdef public bint closed
     cdef public dict open_reads
+    cdef Py_ssize_t _names_bound
     cdef object _hold
     cdef list _held
     cdef object _write
@@ -46,6 +47,7 @@ cdef class Session:
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
+    cdef _forget_empty_lines(self)
     cpdef bint at_open_limit(self, object name, long long limit) except -1
     cpdef bint has_open(self, object name) except -1
     cpdef bint close_oldest(self, object name) except -1
