@@ -139,22 +139,18 @@ class Config:
         default_factory=lambda: MappingProxyType({})
     )
     path: str | None = None
-    _resolved: dict[str, QueueConfig] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
 
     def queue_config(self, name: str) -> QueueConfig:
-        """Default, then the fanout parent's overrides (``parent+child``), then the queue's own."""
-        resolved = self._resolved.get(name)
-        if resolved is None:
-            settings: dict[str, object] = {}
-            parent, plus, _ = name.partition("+")
-            if plus:
-                settings.update(self.queue_overrides.get(parent, {}))
-            settings.update(self.queue_overrides.get(name, {}))
-            resolved = replace(self.default_queue, **settings) if settings else self.default_queue
-            self._resolved[name] = resolved
-        return resolved
+        """Default, then the fanout parent's overrides (``parent+child``), then the queue's own.
+
+        Not remembered: it is asked when a queue is made and at a reload, and a cache of every
+        name ever made would outlive the queues (a reply queue per request)."""
+        settings: dict[str, object] = {}
+        parent, plus, _ = name.partition("+")
+        if plus:
+            settings.update(self.queue_overrides.get(parent, {}))
+        settings.update(self.queue_overrides.get(name, {}))
+        return replace(self.default_queue, **settings) if settings else self.default_queue
 
     def restart_required(self, new: Config) -> list[str]:
         """Server keys that differ in ``new`` and only take effect after a restart."""

@@ -474,10 +474,15 @@ def test_child_of_a_parent_without_overrides_gets_the_default(tmp_path):
     assert config.queue_config("logs+copy") == QueueConfig(journal=False)
 
 
-def test_queue_config_results_are_cached(tmp_path):
+def test_queue_config_keeps_nothing_per_name(tmp_path):
+    """Resolved on each call (a queue's creation, a reload): a cache of every name ever
+    made outlived the queues. A name without overrides shares the default's object."""
     config = load_text(tmp_path, INHERITANCE)
-    assert config.queue_config("jobs+audit") is config.queue_config("jobs+audit")
-    assert config.queue_config("new") is config.queue_config("new")
+    assert config.queue_config("jobs+audit") == config.queue_config("jobs+audit")
+    assert config.queue_config("new") is config.default_queue
+    for i in range(1_000):
+        config.queue_config(f"reply{i}")
+    assert not any(isinstance(v, dict) and len(v) >= 1_000 for v in vars(config).values())
 
 
 def test_queue_tables_may_be_written_inline_or_with_dotted_keys(tmp_path):
