@@ -200,6 +200,10 @@ def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) 
     counters.get_hits += 1
     if spec.open:
         session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
+    elif not spec.peek:
+        ticket = queue.sync_ticket()
+        if ticket is not None:  # fsync = "always": the value waits for the removal's sync
+            session.hold_for([ticket], None)
     value_block(session, spec.prefix, spec.kestrel_prefix, item, gets)
 
 

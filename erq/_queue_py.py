@@ -447,6 +447,13 @@ class Queue:
             self.transactions += 1
         return item
 
+    def sync_ticket(self) -> Any:
+        """The commit ticket this queue's latest journal write waits for (fsync = "always"),
+        or None: the reply that reports a removal (a plain get's item, a close) waits for it,
+        so that a power cut cannot hand the item out again."""
+        journal = self._journal
+        return journal._ticket if journal is not None else None
+
     # ---- reliable reads ----------------------------------------------------------------
     # An OpenRead is one reservation. After open_timeout returns an item, another connection
     # may reserve it again under the same id: owners hold the OpenRead, never the bare id.
@@ -558,16 +565,16 @@ class Queue:
                 waiter.wake(None)
 
     # ---- whole-queue operations --------------------------------------------------------
-    def flush(self) -> None:
-        """Drop every queued item; open reads are untouched."""
+    def flush(self) -> Any:
+        """Drop every queued item; open reads are untouched. Returns the commit ticket the
+        reply waits for (fsync = "always"), or None."""
         self._ring.clear()
         self._zone_end = self._pops
         self._mem_bytes = 0
         self._disk_items = 0
         self._disk_bytes = 0
-        if self._journal is not None:
-            self._journal.flush()
         self.total_flushes += 1
+        return self._journal.flush() if self._journal is not None else None
 
     def delete(self) -> None:
         """Drop items, open reads and journal files; blocked gets are answered END."""

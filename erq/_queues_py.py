@@ -283,14 +283,19 @@ class QueueCollection:
         self.queue_deletes += 1
         return True
 
-    def flush(self, name: str) -> None:
+    def flush(self, name: str) -> Any:
+        """Flush one queue; the commit ticket its reply waits for, or None."""
         queue = self._queues.get(name)
-        if queue is not None:
-            queue.flush()
+        return queue.flush() if queue is not None else None
 
-    def flush_all(self) -> None:
+    def flush_all(self) -> Any:
+        """Flush every queue; the last commit ticket taken (tickets resolve in order)."""
+        last = None
         for queue in self:
-            queue.flush()
+            ticket = queue.flush()
+            if ticket is not None:
+                last = ticket
+        return last
 
     def flush_expired(self, name: str) -> int:
         queue = self._queues.get(name)

@@ -362,7 +362,12 @@ class Session:
         if not reads:
             return False
         queue, read = reads.popleft()
-        return queue.confirm(read)
+        if not queue.confirm(read):
+            return False
+        ticket = queue.sync_ticket()
+        if ticket is not None:  # fsync = "always": the reply waits for the confirm's sync
+            self.hold_for([ticket], None)
+        return True
 
     def abort_oldest(self, name: str) -> bool:
         """Put this connection's oldest read of ``name`` back at the head (as close_oldest)."""

@@ -650,6 +650,9 @@ def test_a_connection_forgets_the_lines_of_queues_it_has_no_read_left_on(impl):
         def unremove(self, read) -> bool:
             return True
 
+        def sync_ticket(self) -> None:
+            return None
+
     session_mod = impl_module(impl, "_session", "_session_py")
     state = ServerState(Config(), QueueCollection(Config(), None), None)
     session = session_mod.Session(state, None, lambda data: None, lambda: None)

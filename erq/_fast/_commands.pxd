@@ -32,7 +32,8 @@ cpdef bint run_keys(
 ) except -1
 @cython.locals(counters=c_state.Counters)
 cpdef answer_key(
-    c_session.Session session, c_keys.KeySpec spec, object queue, c_ring.Item item, bint gets
+    c_session.Session session, c_keys.KeySpec spec, c_queue.Queue queue, c_ring.Item item,
+    bint gets
 )
 
 

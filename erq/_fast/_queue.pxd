@@ -74,6 +74,7 @@ cdef class Queue:
     @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
                    journal=c_journal.AppendCore)
     cpdef object take(self, bint reliable, object now=*)
+    cpdef object sync_ticket(self)
     cpdef OpenRead open_read(self, long long item_id)
     cpdef bint is_open(self, OpenRead read)
     cpdef bint confirm(self, OpenRead read)

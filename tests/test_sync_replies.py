@@ -1,0 +1,110 @@
+"""With ``fsync = "always"`` every reply that reports a removal waits for its sync, as STORED
+waits for the add's: a plain get's value, a close or confirm, a flush. Otherwise a power cut
+after the reply brings the item back, to be handed out again. Opening a read or aborting one
+need not wait: after a power cut an open read is back at the head either way. Both builds.
+
+The server runs in its own process (the build is chosen at import) with its fsync worker's
+jobs held until the script lets them go, so what waits for a sync can be seen.
+"""
+
+from __future__ import annotations
+
+from support import run_script
+
+SCRIPT = r"""
+import asyncio, json, sys
+import erq.journal.fsync_worker as fsync_worker
+import erq.server as server_module
+from erq.config import load_config
+
+Real = fsync_worker.FsyncWorker
+held, holding = [], [False]
+
+
+class HeldWorker:  # the real worker, whose jobs wait while ``holding``
+    def __init__(self):
+        self.real = Real()
+
+    def fileno(self):
+        return self.real.fileno()
+
+    def submit(self, fds, dirs):
+        if holding[0]:
+            held.append((fds, dirs))
+        else:
+            self.real.submit(fds, dirs)
+
+    def collect(self, wait=False):
+        return self.real.collect(wait)
+
+    def close(self):
+        self.real.close()
+
+
+fsync_worker.FsyncWorker = HeldWorker
+
+
+async def main(data_dir, config_path):
+    config = load_config(config_path, cli={"port": 0, "admin_port": 0, "data_dir": data_dir})
+    server = server_module.Server(config)
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def call(request, end=b"END\r\n"):
+        writer.write(request)
+        return (await reader.readuntil(end)).decode()
+
+    async def held_reply(request, end=b"END\r\n"):
+        # Sent while syncs are held: is the reply there before they are let go?
+        holding[0] = True
+        writer.write(request)
+        try:
+            early = await asyncio.wait_for(reader.readuntil(end), 0.3)
+        except asyncio.TimeoutError:
+            early = None
+        holding[0] = False
+        for job in held:
+            server._commit._worker.real.submit(*job)
+        held.clear()
+        reply = early if early is not None else await reader.readuntil(end)
+        return {"waited": early is None, "reply": reply.decode()}
+
+    for data in (b"a", b"b", b"c", b"d", b"e"):
+        await call(b"set q 0 0 1\r\n%s\r\n" % data, b"\r\n")
+    result = {
+        "get": await held_reply(b"get q\r\n"),
+        "open": await held_reply(b"get q/open\r\n"),
+        "peek": await held_reply(b"get q/peek\r\n"),
+        "close": await held_reply(b"get q/close\r\n"),
+    }
+    await call(b"get q/open\r\n")
+    result["abort"] = await held_reply(b"get q/abort\r\n")
+    await call(b"get q/open\r\n")
+    result["confirm"] = await held_reply(b"confirm q 1\r\n")
+    result["flush"] = await held_reply(b"flush q\r\n")
+    await call(b"set q 0 0 1\r\nf\r\n", b"\r\n")
+    result["flush_all"] = await held_reply(b"flush_all\r\n", b"OK\r\n")
+    result["items"] = server.state.queues.get("q").items
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_replies_that_report_a_removal_wait_for_its_sync(impl, tmp_path):
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.q]\nfsync = "always"\n')
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config))
+    assert result["get"] == {"waited": True, "reply": "VALUE q 0 1\r\na\r\nEND\r\n"}, result
+    assert result["close"] == {"waited": True, "reply": "END\r\n"}, result  # confirms b
+    assert result["confirm"] == {"waited": True, "reply": "END\r\n"}, result
+    assert result["flush"] == {"waited": True, "reply": "END\r\n"}, result
+    assert result["flush_all"] == {"waited": True, "reply": "OK\r\n"}, result
+    # An open, an abort and a peek report nothing a power cut could undo.
+    assert result["open"] == {"waited": False, "reply": "VALUE q/open 0 1\r\nb\r\nEND\r\n"}, result
+    assert result["peek"] == {"waited": False, "reply": "VALUE q/peek 0 1\r\nc\r\nEND\r\n"}, result
+    assert result["abort"] == {"waited": False, "reply": "END\r\n"}, result
+    assert result["items"] == 0, result
