@@ -155,7 +155,7 @@ class Parser:
                 buf += data[pos : pos + take]
                 pos += take
             else:
-                take = min(self._max_line - len(buf), n - pos)
+                take = max(0, min(self._max_line - len(buf), n - pos))
                 nl = data.find(b"\n", pos, pos + take)
                 if nl >= 0:
                     take = nl + 1 - pos

@@ -86,6 +86,30 @@ def test_set_limits_applies_from_the_next_line_and_not_to_a_block_being_read(mod
     assert out == [ERR_TOO_LONG] and parser.closed
 
 
+def test_a_lower_max_line_under_a_buffered_line_refuses_it_without_reading_past_the_chunk(
+    impl,
+):
+    """A reload that lowers max_line below a line already buffered: the compiled parser took
+    a negative length to memchr, which read on past the chunk until it met a newline
+    somewhere in memory (seen with AddressSanitizer, and as a crash where the read reached
+    unmapped memory; without them the reply was the same). This pins the reply; in a child
+    process, so that a crash fails the test rather than the run."""
+    from support import run_script
+
+    script = (
+        "import json, sys\n"
+        "from erq import parser\n"
+        "p = parser.Parser(max_line=65536)\n"
+        "first = p.feed(b'get ' + b'k' * 5000)\n"
+        "p.set_limits(1024, 1 << 20)\n"
+        "out = p.feed(b'x' * (8 << 20))\n"
+        "print(json.dumps([len(first), [repr(r) for r in out], p.closed]))\n"
+    )
+    first, out, closed = run_script(impl, script)
+    assert first == 0 and closed, (out, closed)
+    assert out == [repr(ERR_TOO_LONG)], out
+
+
 def test_fresh_parser_holds_nothing_and_is_open(mod):
     parser = mod.Parser()
     assert parser.buffered == 0

@@ -285,6 +285,8 @@ cdef class Parser:
                 pos += take
             else:
                 take = self._max_line - self._buflen
+                if take < 0:
+                    take = 0  # a reload lowered max_line below the buffered line: too long
                 if take > n - pos:
                     take = n - pos
                 nl = <const char*>memchr(p + pos, c'\n', take)
