@@ -351,7 +351,7 @@ def test_writer_release_lets_the_mmap_close(codec):
 def test_writer_needs_a_writable_buffer_and_a_valid_position(codec):
     with pytest.raises(TypeError):
         codec.SegmentWriter(bytes(100), HEADER_SIZE)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="position 101 outside a buffer of 100 bytes"):
         codec.SegmentWriter(bytearray(100), 101)
 
 

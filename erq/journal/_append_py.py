@@ -83,8 +83,9 @@ class SegmentWriter:
             mv.release()
             raise TypeError("SegmentWriter needs a writable buffer")
         if not 0 <= position <= len(mv):
+            size = len(mv)
             mv.release()
-            raise ValueError(f"position {position} outside a buffer of {len(mv)} bytes")
+            raise ValueError(f"position {position} outside a buffer of {size} bytes")
         self._mv: memoryview | None = mv
         self._pos = position
         self._fd = fd
