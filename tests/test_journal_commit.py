@@ -451,6 +451,29 @@ def test_rotation_inside_a_batch_syncs_both_segments_and_the_directory(
     run(main())
 
 
+def test_a_journal_found_at_start_syncs_its_directory_and_their_parent_with_its_first_write(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    """Its names may never have been synced: the server that made them was killed first."""
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        spy = WorkerSpy(monkeypatch, impl)
+        journal = QueueJournal.open(tmp_path / "q", fsync="always", commit=commit)[0]
+        await settled(journal.add(1, 0, 0, 0, b"x"))
+        journal.close()
+        del spy.calls[:], spy.dir_calls[:]
+        journal = QueueJournal.open(tmp_path / "q", fsync="always", commit=commit)[0]
+        await settled(journal.add(2, 0, 0, 0, b"y"))
+        await settled(journal.add(3, 0, 0, 0, b"z"))
+        dirs = [(st.st_dev, st.st_ino) for st in map(os.stat, (tmp_path / "q", tmp_path))]
+        assert sorted(spy.dir_calls) == sorted(dirs), (spy.dir_calls, dirs)  # once, the first
+        journal.close()
+        commit.close()
+
+    run(main())
+
+
 def test_a_closed_segment_is_skipped_and_a_reused_number_is_never_synced(
     codec, impl, tmp_path, monkeypatch, run
 ):

@@ -208,8 +208,12 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                     directory.rmdir()
             raise JournalError(f"cannot open the journal in {directory}: {exc}") from exc
         journal._adopt(result)
-        if created:
-            journal._dirs_unsynced.append(directory.parent)
+        # A new directory's name is durable once its parent is synced. One found here may
+        # never have been (its server was killed before its first sync): the first sync
+        # after the start makes sure of it and of the names of its segments.
+        journal._dirs_unsynced.append(directory.parent)
+        if not created:
+            journal._dirs_unsynced.append(directory)
         try:
             for id in reversed(result.open_ids):
                 journal._append_op(OP_UNREMOVE, id)
