@@ -226,6 +226,31 @@ def test_malformed_record_with_a_good_crc_is_bad(codec):
     assert codec.check_record(segment_image(codec, [rec]), HEADER_SIZE)[0] == REC_BAD
 
 
+def test_a_record_with_an_id_or_time_past_the_signed_range_is_bad(codec):
+    """erq writes none (ids count up from 1, times are capped at 2**63 - 1); the queue holds
+    them as signed 64-bit integers, and one such record in a foreign file stopped the compiled
+    server's start. With a good CRC it is damage, reported and skipped like any other."""
+    top, big = (1 << 63) - 1, 1 << 63
+
+    def add(id, add_time, expiry):
+        body = struct.pack("<BQIQQ", OP_ADD, id, 0, add_time, expiry) + b"data"
+        return struct.pack("<II", len(body), google_crc32c.value(body)) + body
+
+    def op(id):
+        body = struct.pack("<BQ", OP_REMOVE, id)
+        return struct.pack("<II", len(body), google_crc32c.value(body)) + body
+
+    for rec, status in [
+        (add(top, top, top), REC_VALID),
+        (op(top), REC_VALID),
+        (add(big, 0, 0), REC_BAD),
+        (add(1, big, 0), REC_BAD),
+        (add(1, 0, (1 << 64) - 1), REC_BAD),
+        (op(big), REC_BAD),
+    ]:
+        assert codec.check_record(segment_image(codec, [rec]), HEADER_SIZE)[0] == status, rec
+
+
 def test_check_record_statuses(codec):
     rec = codec.encode_op(OP_OPEN, 4)
     buf = bytes(HEADER_SIZE) + rec + b"\x01\x00"

@@ -77,11 +77,11 @@ def test_every_opcode_round_trips(reopen):
 def test_items_keep_flags_times_and_binary_data(reopen):
     journal, _ = reopen()
     data = bytes(range(256)) + b"\r\n\x00"
-    journal.add(7, 0xFFFFFFFF, 2**63, 2**64 - 1, data)
+    journal.add(7, 0xFFFFFFFF, 2**63 - 1, 2**63 - 1, data)  # the largest a queue holds
     journal.add(8, 0, 0, 0, b"")
     _, rec = reopen()
     assert rec.items == [
-        RecoveredItem(7, 0xFFFFFFFF, 2**63, 2**64 - 1, data),
+        RecoveredItem(7, 0xFFFFFFFF, 2**63 - 1, 2**63 - 1, data),
         RecoveredItem(8, 0, 0, 0, b""),
     ]
 

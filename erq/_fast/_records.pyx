@@ -80,6 +80,11 @@ cdef int _check(const unsigned char *buf, Py_ssize_t p, Py_ssize_t end,
         return REC_BAD
     if erq_crc32c(0, buf + p + 8, length) != erq_load32(buf + p + 4):
         return REC_BAD
+    # An id or time past 2**63 - 1 (the top byte of a little-endian field): erq writes none,
+    # and the queue holds them as signed 64-bit integers (a foreign file).
+    if op != OP_FLUSH and (buf[p + 16] & 0x80 or (
+            op == OP_ADD and (buf[p + 28] | buf[p + 36]) & 0x80)):
+        return REC_BAD
     return REC_VALID
 
 

@@ -136,6 +136,8 @@ def _check(mv: memoryview, p: int, end: int) -> tuple[int, int]:
         return REC_BAD, nxt
     if google_crc32c.value(bytes(mv[p + 8 : nxt])) != _U32.unpack_from(mv, p + 4)[0]:
         return REC_BAD, nxt
+    if op != OP_FLUSH and (mv[p + 16] | (mv[p + 28] | mv[p + 36] if op == OP_ADD else 0)) & 0x80:
+        return REC_BAD, nxt  # an id or time past 2**63 - 1: erq writes none (a foreign file)
     return REC_VALID, nxt
 
 
