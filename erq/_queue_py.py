@@ -131,7 +131,7 @@ class Queue:
         *,
         clock: Callable[[], int],
         next_id: int = 1,
-        on_expired: Callable[[Queue, Item], None] | None = None,
+        on_expired: Callable[[Queue, Item], bool] | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -392,14 +392,20 @@ class Queue:
         n = 0
         while (limit is None or n < limit) and self._head_expired(now):
             head = self._ring.peek()
-            if self._journal is not None:
-                self._journal.remove(head.id)  # journal first: JournalError leaves it
-            item = self._pop_head()
+            # A move to expire_to_queue first: it may journal the removal itself, later.
+            moved = self._on_expired is not None and self._on_expired(self, head)
+            if self._journal is not None and not moved:
+                self._journal.remove(head.id)  # JournalError leaves it at the head
+            self._pop_head()
             self.expired_items += 1
             n += 1
-            if self._on_expired is not None:
-                self._on_expired(self, item)
         return n
+
+    def journal_removal(self, item_id: int) -> None:
+        """Journal that an item no longer in the queue left it (see QueueCollection's
+        expiry moves); raises JournalError."""
+        if self._journal is not None:
+            self._journal.remove(item_id)
 
     def _head_expired(self, now: int) -> bool:
         if not self._ring:

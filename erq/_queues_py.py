@@ -46,6 +46,20 @@ class RecoveryStopped(Exception):
     the queues opened so far are closed again, and the next start replays them anew."""
 
 
+def _removed(ticket: Any, queue: Queue, item_id: int) -> None:
+    """The copy of an expired item moved to its expire_to_queue is synced: journal its
+    removal from the queue it left (unless that sync failed: then the item stays in both
+    journals, and a restart finds it where it was, expired, to move again)."""
+    if ticket.error is not None or queue.deleted:
+        return
+    try:
+        queue.journal_removal(item_id)
+    except JournalError as exc:
+        log.warning(
+            "queue %s: removal of moved item %d not journaled: %s", queue.name, item_id, exc
+        )
+
+
 class QueueCollection:
     """All queues of one server plus the server-wide item counters."""
 
@@ -242,17 +256,26 @@ class QueueCollection:
                     tickets.append(child_ticket)
         return result, tickets
 
-    def _expired(self, queue: Queue, item: Item) -> None:
+    def _expired(self, queue: Queue, item: Item) -> bool:
+        """An expired item leaves ``queue``'s head: to its expire_to_queue, if any, first.
+        True when the move took over the journaling of its removal from ``queue``: with
+        fsync = "always" the removal is written only once the copy is synced, so that no
+        power cut finds the one without the other (at worst both: a duplicate)."""
         target = queue.config.expire_to_queue
         if target and target != queue.name and valid_queue_name(target.encode()):
             try:
-                result, _ = self.get_or_create(target).add(item.data, item.flags, 0)
-            except JournalError as exc:  # the expiry is journaled already: say what is lost
-                result, why = None, str(exc)
+                result, ticket = self.get_or_create(target).add(item.data, item.flags, 0)
+            except JournalError as exc:  # the removal is journaled next: say what is lost
+                result, ticket, why = None, None, str(exc)
             else:
                 why = "it is full"
             if result is STORED:
                 self.total_items += 1
+                if ticket is not None and queue.journal is not None:
+                    ticket.add_waiter(
+                        lambda done, queue=queue, id=item.id: _removed(done, queue, id)
+                    )
+                    return True
             else:
                 # Kestrel drops it too; a log line makes the loss visible.
                 log.warning(
@@ -262,6 +285,7 @@ class QueueCollection:
                     target,
                     why,
                 )
+        return False
 
     # ---- whole queues ------------------------------------------------------------------
     def delete(self, name: str) -> bool:

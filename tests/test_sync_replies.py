@@ -44,11 +44,33 @@ class HeldWorker:  # the real worker, whose jobs wait while ``holding``
 fsync_worker.FsyncWorker = HeldWorker
 
 
-async def main(data_dir, config_path):
+def removals(data_dir, name):
+    from pathlib import Path
+    from erq.journal import codec
+    from erq.journal.format import OP_REMOVE
+
+    ids = []
+    for path in sorted((Path(data_dir) / name).glob("*.seg")):
+        ids += [rec[2] for rec in codec.iter_records(path.read_bytes()) if rec[1] == OP_REMOVE]
+    return ids
+
+
+async def release_held():
+    holding[0] = False
+    for job in held:
+        server._commit._worker.real.submit(*job)
+    held.clear()
+
+
+async def main(data_dir, config_path, case):
+    global server
     config = load_config(config_path, cli={"port": 0, "admin_port": 0, "data_dir": data_dir})
     server = server_module.Server(config)
     await server.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    if case == "expiry":
+        await expiry_move(data_dir, reader, writer)
+        return
 
     async def call(request, end=b"END\r\n"):
         writer.write(request)
@@ -62,10 +84,7 @@ async def main(data_dir, config_path):
             early = await asyncio.wait_for(reader.readuntil(end), 0.3)
         except asyncio.TimeoutError:
             early = None
-        holding[0] = False
-        for job in held:
-            server._commit._worker.real.submit(*job)
-        held.clear()
+        await release_held()
         reply = early if early is not None else await reader.readuntil(end)
         return {"waited": early is None, "reply": reply.decode()}
 
@@ -90,14 +109,35 @@ async def main(data_dir, config_path):
     await server.shutdown()
     print(json.dumps(result))
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+async def expiry_move(data_dir, reader, writer):
+    writer.write(b"set src 0 -1 1\r\nx\r\n")  # expired as it arrives
+    await reader.readline()
+    holding[0] = True
+    writer.write(b"get src\r\n")  # moves it to dst: dst's add waits for its sync
+    result = {"get": (await reader.readuntil(b"END\r\n")).decode()}
+    result["removed_before_the_copy_synced"] = removals(data_dir, "src")
+    await release_held()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if removals(data_dir, "src"):
+            break
+    result["removed_after"] = removals(data_dir, "src")
+    writer.write(b"get dst\r\n")
+    result["dst"] = (await reader.readuntil(b"END\r\n")).decode()
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
 
 def test_replies_that_report_a_removal_wait_for_its_sync(impl, tmp_path):
     config = tmp_path / "erq.toml"
     config.write_text('[queues.q]\nfsync = "always"\n')
-    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config))
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "replies")
     assert result["get"] == {"waited": True, "reply": "VALUE q 0 1\r\na\r\nEND\r\n"}, result
     assert result["close"] == {"waited": True, "reply": "END\r\n"}, result  # confirms b
     assert result["confirm"] == {"waited": True, "reply": "END\r\n"}, result
@@ -108,3 +148,20 @@ def test_replies_that_report_a_removal_wait_for_its_sync(impl, tmp_path):
     assert result["peek"] == {"waited": False, "reply": "VALUE q/peek 0 1\r\nc\r\nEND\r\n"}, result
     assert result["abort"] == {"waited": False, "reply": "END\r\n"}, result
     assert result["items"] == 0, result
+
+
+def test_an_expired_item_leaves_its_queue_in_the_journal_once_its_moved_copy_is_synced(
+    impl, tmp_path
+):
+    """expire_to_queue with fsync = "always": the removal from the queue it expired in is
+    journaled after the copy's add is synced, so a power cut finds the item in one of the
+    two queues, or both, never in neither (the removal first lost it)."""
+    config = tmp_path / "erq.toml"
+    config.write_text(
+        '[queues.src]\nfsync = "always"\nexpire_to_queue = "dst"\n[queues.dst]\nfsync = "always"\n'
+    )
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "expiry")
+    assert result["get"] == "END\r\n", result
+    assert result["removed_before_the_copy_synced"] == [], result
+    assert result["removed_after"] == [1], result
+    assert result["dst"] == "VALUE dst 0 1\r\nx\r\nEND\r\n", result

@@ -70,6 +70,7 @@ cdef class Queue:
     @cython.locals(head=c_ring.Item, item=c_ring.Item)
     cpdef long long discard_expired(self, object now=*, object limit=*) except -1
     cdef bint _head_expired(self, long long now) except -1
+    cpdef journal_removal(self, unsigned long long item_id)
     cpdef object head(self, object now=*)
     @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
                    journal=c_journal.AppendCore)
