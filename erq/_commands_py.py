@@ -201,6 +201,7 @@ def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) 
     if spec.open:
         session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
     elif not spec.peek:
+        # Session.wait_for_sync, inline: a get that needs no sync makes no call.
         ticket = queue.sync_ticket()
         if ticket is not None:  # fsync = "always": the value waits for the removal's sync
             session.hold_for([ticket], None)

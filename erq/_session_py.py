@@ -240,6 +240,12 @@ class Session:
             self._held.append((len(self.out), tickets))
             self.out.append(reply)
 
+    def wait_for_sync(self, ticket: Any) -> None:
+        """With fsync = "always", the reply that reports a journaled removal (a close, a
+        flush) waits for its sync: ``ticket`` is the queue's sync_ticket(), or None."""
+        if ticket is not None:
+            self.hold_for([ticket], None)
+
     def _held_done(self, ticket: Any) -> None:
         if ticket is self._hold:
             self._hold = None
@@ -364,9 +370,7 @@ class Session:
         queue, read = reads.popleft()
         if not queue.confirm(read):
             return False
-        ticket = queue.sync_ticket()
-        if ticket is not None:  # fsync = "always": the reply waits for the confirm's sync
-            self.hold_for([ticket], None)
+        self.wait_for_sync(queue.sync_ticket())
         return True
 
     def abort_oldest(self, name: str) -> bool:

@@ -66,15 +66,9 @@ def cmd_delete(session: Session, args: list[bytes]) -> None:
     _named_write(session, args, session.state.queues.delete, DELETED)
 
 
-def _wait_for_sync(session: Session, ticket: object) -> None:
-    """With fsync = "always", the reply that reports a journaled change waits for its sync."""
-    if ticket is not None:
-        session.hold_for([ticket], None)
-
-
 def cmd_flush(session: Session, args: list[bytes]) -> None:
     def flush(name: str) -> None:
-        _wait_for_sync(session, session.state.queues.flush(name))
+        session.wait_for_sync(session.state.queues.flush(name))
 
     _named_write(session, args, flush, END)
 
@@ -91,7 +85,7 @@ def cmd_flush_all(session: Session, args: list[bytes]) -> None:
         if not noreply:
             session.out.append(READ_ONLY)
         return
-    _wait_for_sync(session, state.queues.flush_all())
+    session.wait_for_sync(state.queues.flush_all())
     if not noreply:
         session.out.append(b"Flushed all queues.\r\n" if state.kestrel else b"OK\r\n")
 

@@ -39,6 +39,7 @@ cdef class Session:
     cpdef resume_next_pass(self, object op)
     cdef _close_once_answered(self)
     cpdef hold_for(self, list tickets, object reply)
+    cpdef wait_for_sync(self, object ticket)
     cpdef add_long_reply(self, bytes reply)
     cpdef flush(self)
     cpdef bint output_full(self) except -1
