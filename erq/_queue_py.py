@@ -579,8 +579,9 @@ class Queue:
         self._mem_bytes = 0
         self._disk_items = 0
         self._disk_bytes = 0
-        self.total_flushes += 1
-        return self._journal.flush() if self._journal is not None else None
+        ticket = self._journal.flush() if self._journal is not None else None
+        self.total_flushes += 1  # after the journal's, as before: JournalError counts none
+        return ticket
 
     def delete(self) -> None:
         """Drop items, open reads and journal files; blocked gets are answered END."""
