@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import random
+import tracemalloc
 
 import pytest
 
@@ -347,6 +349,42 @@ def test_large_item_arriving_in_many_chunks_is_reassembled(mod):
             assert parser.buffered == min(i + step, len(stream)) - len(b"set q 0 0 1048576\r\n")
     assert out == [(SET, b"q", 0, 0, data, False), (GET, [b"q"], False)]
     assert parser.buffered == 0
+
+
+@pytest.mark.parametrize("size", [(1 << 20) + 1, 3 * (1 << 20) + 17, 5 * (1 << 20)])
+def test_a_block_larger_than_the_first_reserve_is_reassembled_from_any_chunking(mod, size):
+    """Past its first 1 MiB the compiled parser grows the block as bytes arrive; chunks that
+    end short of, exactly at and across each growth step must all land where they belong."""
+    rng = random.Random(size)
+    data = rng.randbytes(size)
+    stream = b"set q 0 0 %d\r\n" % size + data + b"\r\nget q\r\n"
+    for _ in range(4):
+        parser = mod.Parser()
+        out, pos = [], 0
+        while pos < len(stream):
+            step = rng.choice([1, 999, 1 << 16, (1 << 20) - 1, 1 << 20, (1 << 21) + 3])
+            out += parser.feed(stream[pos : pos + step])
+            pos += step
+        assert out == [(SET, b"q", 0, 0, data, False), (GET, [b"q"], False)]
+        assert parser.buffered == 0
+
+
+def test_a_declared_size_is_not_reserved_before_its_bytes_arrive(mod):
+    """A client that declares 64 MiB and sends ten bytes costs about a MiB, not 64: declared
+    sizes are the client's word, and a hundred such half-sent sets would otherwise hold
+    6.4 GB of address space (a MemoryError under an address-space limit)."""
+    parser = mod.Parser()
+    tracemalloc.start()
+    try:
+        assert parser.feed(b"set q 0 0 67108864\r\n" + b"x" * 10) == []
+        held, _ = tracemalloc.get_traced_memory()
+        assert parser.feed(b"y" * (3 << 20)) == []
+        held_later, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 << 20
+    assert held_later < 8 << 20
+    assert parser.buffered == 10 + (3 << 20)
 
 
 def test_buffered_counts_a_partial_line_and_a_partial_block(mod):

@@ -25,6 +25,7 @@ cdef class Parser:
     cdef unsigned long long _p_count  # declared byte count (may exceed max_item_size)
     cdef bytes _p_block               # the data block, filled in place in ST_DATA
     cdef Py_ssize_t _p_filled
+    cdef Py_ssize_t _p_size           # the block's final size (_p_block may be shorter yet)
     cdef unsigned long long _skip_left
     # The last set name and the last argument token made, handed out again while they repeat.
     cdef bytes _last_name
@@ -36,5 +37,6 @@ cdef class Parser:
     cdef void _release(self)
     cdef list _tokens(self, const char* s, Py_ssize_t i, Py_ssize_t n)
     cdef int _emit(self, list out, object data) except -1
+    cdef int _grow_block(self, Py_ssize_t need) except -1
     cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1
     cdef int _line(self, const char* s, Py_ssize_t n, list out) except -1

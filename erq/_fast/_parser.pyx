@@ -5,8 +5,10 @@ One ``feed()`` per received chunk turns the bytes into a batch of request tuples
 found with memchr, tokenised by pointer scanning and their numbers parsed in C; the only
 Python objects made are the ones handed back (tokens, ints, data blocks, tuples), and a queue
 name or key that repeats the previous one is handed back as the same bytes object.
-A data block that is not complete in the chunk is allocated once at its declared size
-(at most ``max_item_size``) and filled as later chunks arrive.
+A data block that is not complete in the chunk is filled in place as later chunks arrive: a
+block of up to ``BLOCK_RESERVE`` is allocated at its declared size, a larger one starts at that
+size and grows (doubling, a realloc that glibc does by remapping) as its bytes arrive, so a
+client that declares 64 MiB and sends little holds little, as in the pure twin.
 
 Buffering invariant: the internal byte buffer ``_buf`` is non-empty only between feeds and
 only while the state is ST_LINE (it then holds one unfinished line, no newline, shorter than
@@ -18,6 +20,11 @@ so the common case (whole requests in one chunk) never copies the chunk.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize)
 from libc.string cimport memchr, memcmp, memcpy, memmove
 
 import sys
@@ -75,6 +82,9 @@ cdef unsigned long long I64_POS_LIMIT = ((<unsigned long long>1) << 63) - 1
 cdef Py_ssize_t MAX_COUNT_DIGITS = 19
 cdef Py_ssize_t BUF_KEEP = 16384  # an emptied buffer larger than this is freed
 cdef Py_ssize_t REUSE_MAX = 256  # longest token kept for reuse (_reuse)
+# A data block still arriving is allocated at its declared size up to this, and grows past it
+# as its bytes come: a declared size is only a promise of the client's.
+cdef Py_ssize_t BLOCK_RESERVE = 1 << 20
 
 cdef tuple _ERR_FORMAT = (K_ERROR, b"CLIENT_ERROR bad command line format\r\n", True)
 cdef tuple _ERR_CHUNK = (K_ERROR, b"CLIENT_ERROR bad data chunk\r\n", True)
@@ -385,6 +395,29 @@ cdef class Parser:
         self._state = ST_LINE
         return 0
 
+    cdef int _grow_block(self, Py_ssize_t need) except -1:
+        """Make the block being filled hold at least ``need`` bytes (at most its final size):
+        twice its room, or ``need`` if that is more. The block is referenced by the parser
+        alone, so it is resized in place."""
+        cdef Py_ssize_t room = PyBytes_GET_SIZE(self._p_block) * 2
+        if room < need:
+            room = need
+        if room > self._p_size:
+            room = self._p_size
+        cdef PyObject* raw = <PyObject*>self._p_block
+        Py_INCREF(<object>raw)
+        self._p_block = None  # the reference taken above is now the only one
+        if _PyBytes_Resize(&raw, room) < 0:
+            # raw was freed and MemoryError set; the connection is dropped with it, and the
+            # parser takes nothing more.
+            self._closed = True
+            self._state = ST_LINE
+            self._release()
+            return -1
+        self._p_block = <bytes>raw
+        Py_DECREF(<object>raw)
+        return 0
+
     @cython.boundscheck(False)
     @cython.wraparound(False)
     cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1:
@@ -424,10 +457,14 @@ cdef class Parser:
                             pos += size
                             self._state = ST_TRAILER
                         else:
-                            # The block is allocated once at its final size and filled as it
-                            # arrives (no growing buffer, one copy per byte).
-                            self._p_block = PyBytes_FromStringAndSize(NULL, size)
+                            # Filled in place as it arrives, one copy per byte; allocated at
+                            # its final size unless that is more than BLOCK_RESERVE and more
+                            # than has come (then it grows, see _grow_block).
                             take = n - pos
+                            self._p_size = size
+                            self._p_block = PyBytes_FromStringAndSize(
+                                NULL, size if size <= BLOCK_RESERVE
+                                else (take if take > BLOCK_RESERVE else BLOCK_RESERVE))
                             memcpy(PyBytes_AS_STRING(self._p_block), p + pos, take)
                             self._p_filled = take
                             pos = n
@@ -441,10 +478,12 @@ cdef class Parser:
                 pos += 2
                 self._emit(out, self._p_block)
             elif self._state == ST_DATA:
-                size = PyBytes_GET_SIZE(self._p_block)
+                size = self._p_size
                 take = size - self._p_filled
                 if take > n - pos:
                     take = n - pos
+                if self._p_filled + take > PyBytes_GET_SIZE(self._p_block):
+                    self._grow_block(self._p_filled + take)
                 memcpy(PyBytes_AS_STRING(self._p_block) + self._p_filled, p + pos, take)
                 self._p_filled += take
                 pos += take
