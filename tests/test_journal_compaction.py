@@ -30,6 +30,7 @@ from erq.journal import QueueJournal, compaction, reclaim
 from erq.journal.format import ADD_OVERHEAD, OP_ADD, OP_FLUSH, OP_OPEN, OP_REMOVE, OP_UNREMOVE
 
 SEGMENT = 16 * KiB
+MiB, GiB = 1 << 20, 1 << 30
 MEMORY = 3000
 
 
@@ -162,6 +163,31 @@ def test_max_journal_size_rewrites_only_a_queue_whose_live_data_fits_in_it(codec
     assert journal.wants_compaction
     journal.compact([], [item(i, 200) for i in range(101, 301)], wait=True)
     assert journal.rewrites == 1 and not journal.wants_compaction
+    journal.close()
+
+
+def test_segments_stay_within_a_quarter_of_max_journal_size(codec, tmp_path):
+    """Segments double up to the segment size, but a journal kept to 256 KiB is not written
+    in 1 MiB files: it would hold four times its limit in one preallocated file. A reload
+    that lowers the limit caps the segments made after it."""
+    limited, _ = open_journal(tmp_path / "limited", segment_size=MiB, max_journal_size=256 * KiB)
+    free, _ = open_journal(tmp_path / "free", segment_size=MiB, max_journal_size=GiB)
+    for i in range(1, 3001):
+        limited.add(i, 0, 0, 0, b"s" * 1000)
+        free.add(i, 0, 0, 0, b"s" * 1000)
+    assert max(s.size for s in limited._segments) == 64 * KiB
+    assert max(s.size for s in free._segments) == MiB
+    free.update_policy(max_journal_size=512 * KiB)
+    for i in range(3001, 4001):
+        free.add(i, 0, 0, 0, b"s" * 1000)
+    assert free._segments[-1].size == 128 * KiB
+    big = b"b" * (200 * KiB)  # a record larger than the cap still gets a segment of its own
+    limited.add(3001, 0, 0, 0, big)
+    assert limited._segments[-1].size >= len(big)
+    limited.close()
+    free.close()
+    journal, rec = open_journal(tmp_path / "limited")
+    assert len(rec.items) + rec.disk_items == 3001 and rec.next_id == 3002
     journal.close()
 
 

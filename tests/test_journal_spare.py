@@ -11,8 +11,10 @@ import pytest
 from test_journal_support import segment_files, use_codec
 
 import erq.journal.journal as journal_module
-from erq.journal import GroupCommit, QueueJournal
+from erq.journal import GroupCommit, QueueJournal, reclaim
 from erq.journal.segment import Spare
+
+from support import run_script
 
 SEGMENT = 64 * 1024
 RECORD = b"x" * 1000  # about 60 per segment
@@ -50,7 +52,8 @@ def run(coro_fn):
 
 def open_journal(directory, commit, **kw):
     kw.setdefault("fsync", "never")
-    return QueueJournal.open(directory, segment_size=SEGMENT, commit=commit, **kw)[0]
+    kw.setdefault("segment_size", SEGMENT)
+    return QueueJournal.open(directory, commit=commit, **kw)[0]
 
 
 def test_a_rotation_takes_the_spare_allocated_ahead(codec, tmp_path):
@@ -166,3 +169,143 @@ def test_deleting_a_journal_waits_for_its_spare(codec, tmp_path):
 
     run(body)
     assert not directory.exists()
+
+
+def file_bytes(directory) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
+def test_logsize_counts_the_allocated_spare(codec, tmp_path):
+    directory = tmp_path / "q"
+
+    async def body(commit):
+        journal = open_journal(directory, commit)
+        journal.add(1, 0, 0, 0, RECORD)
+        journal._spare.result(timeout=30)
+        assert journal.logsize == file_bytes(directory) == 2 * SEGMENT
+        journal.close()
+
+    run(body)
+
+
+def test_an_idle_empty_queue_gives_back_its_large_segment_and_its_spare(
+    codec, tmp_path, monkeypatch
+):
+    """Segments double up to the segment size as a queue writes, and from SPARE_MIN_SIZE on
+    the next one is allocated ahead: a burst leaves up to two files of the segment size.
+    Once the queue is empty and has written nothing for IDLE_SHRINK_SECONDS, it goes back
+    to one segment of the first size, as a new queue has; a queue empty only for a moment
+    keeps its files."""
+    directory = tmp_path / "q"
+    monkeypatch.setattr(reclaim, "IDLE_SHRINK_SECONDS", 3600.0)
+    monkeypatch.setattr(journal_module, "SPARE_MIN_SIZE", 4 * SEGMENT)  # as 16 of 64 MiB
+
+    async def body(commit):
+        journal = open_journal(directory, commit, segment_size=8 * SEGMENT)
+        next_id = 1
+        while not journal._segments or journal._segments[-1].size < 8 * SEGMENT:
+            next_id = fill_until_rotation(journal, next_id)
+        journal._spare.result(timeout=30)
+        for id in range(1, next_id):
+            journal.remove(id)
+        journal.compact([], [])  # drained: the older segments go at once
+        assert journal.segment_count == 1
+        held = journal.logsize
+        assert held == file_bytes(directory) == 2 * 8 * SEGMENT  # the big one and its spare
+        assert not journal.wants_compaction and not journal.wants_compaction  # not idle yet
+
+        monkeypatch.setattr(reclaim, "IDLE_SHRINK_SECONDS", 0.0)
+        journal.add(next_id, 0, 0, 0, b"one more")  # written and taken: the queue is in use
+        journal.remove(next_id)
+        assert not journal.wants_compaction  # first sight of this position
+        assert journal.wants_compaction  # the same position a sweep later: idle
+        journal.compact([], [])
+        assert journal.segment_count == 1 and spare_files(directory) == []
+        assert journal.logsize == file_bytes(directory) == SEGMENT  # the first size
+        assert not journal.wants_compaction
+
+        journal.add(next_id + 1, 0, 0, 0, b"after")  # and it grows again from there
+        journal.close()
+        return next_id + 1
+
+    last = run(body)
+    journal, rec = QueueJournal.open(directory, fsync="never", segment_size=8 * SEGMENT)
+    assert [it.id for it in rec.items] == [last] and rec.next_id == last + 1
+    journal.close()
+
+
+def test_an_idle_queue_with_items_keeps_its_segment_and_its_spare(codec, tmp_path, monkeypatch):
+    directory = tmp_path / "q"
+    monkeypatch.setattr(reclaim, "IDLE_SHRINK_SECONDS", 0.0)
+
+    async def body(commit):
+        journal = open_journal(directory, commit, segment_size=4 * SEGMENT)
+        next_id = 1
+        while not journal._segments or journal._segments[-1].size < 4 * SEGMENT:
+            next_id = fill_until_rotation(journal, next_id)
+        journal._spare.result(timeout=30)
+        held = journal.logsize
+        assert not journal.wants_compaction and not journal.wants_compaction
+        assert journal.logsize == held and len(spare_files(directory)) == 1
+        journal.close()
+
+    run(body)
+
+
+IDLE_SERVER_SCRIPT = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+import erq.journal.journal as journal_module
+import erq.journal.reclaim as reclaim
+from erq.config import load_config
+from erq.server import Server
+
+def held(directory):
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+async def main(data_dir):
+    journal_module.SPARE_MIN_SIZE = 256 * 1024
+    reclaim.IDLE_SHRINK_SECONDS = 0.5
+    server = Server(load_config(None, cli={"port": 0, "admin_port": 0, "data_dir": data_dir}))
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    value = b"v" * 10000
+    for _ in range(400):
+        writer.write(b"set burst 0 0 %d\r\n%s\r\n" % (len(value), value))
+    await writer.drain()
+    for _ in range(400):
+        assert await reader.readline() == b"STORED\r\n"
+    taken = 0
+    for _ in range(400):
+        writer.write(b"get burst\r\n")
+        await writer.drain()
+        line = await reader.readline()
+        if line.startswith(b"VALUE"):
+            taken += 1
+            await reader.readexactly(len(value) + 2)
+            await reader.readline()
+    directory = Path(data_dir) / "burst"
+    after_burst = held(directory)
+    deadline = time.monotonic() + 15
+    while held(directory) > 64 * 1024 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    after_idle = sorted((p.name, p.stat().st_size) for p in directory.iterdir())
+    writer.write(b"set burst 0 0 5\r\nafter\r\nget burst\r\n")
+    await writer.drain()
+    replies = [await reader.readline() for _ in range(4)]
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps({"taken": taken, "after_burst": after_burst, "after_idle": after_idle,
+                      "replies": [r.decode() for r in replies]}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_server_gives_back_an_idle_drained_queues_segments_over_a_socket(impl, tmp_path):
+    result = run_script(impl, IDLE_SERVER_SCRIPT, str(tmp_path / "data"))
+    assert result["taken"] == 400, result
+    assert result["after_burst"] >= 2 * 512 * 1024, result  # a big segment and its spare
+    assert [size for _, size in result["after_idle"]] == [64 * 1024], result
+    assert result["replies"] == ["STORED\r\n", "VALUE burst 0 5\r\n", "after\r\n", "END\r\n"]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from ..journal_api import JournalError
 from .compaction import CompactionAborted, SnapshotJob
-from .segment import discard_spare
 
 log = logging.getLogger("erq.journal")
 
@@ -192,12 +191,6 @@ class Healing:
                 self._dirs_unsynced.append(self.directory.parent)
         self._dir_id = directory_identity(self._dir_path)
         self._dir_mtime, self._dir_settled = None, False
-
-    def _drop_spare(self) -> None:
-        """Discard the spare segment file, made (or being made) in the deleted directory."""
-        pending, self._spare = self._spare, None
-        if pending is not None:
-            pending.add_done_callback(discard_spare)  # at once if it is done
 
     def _heal_failed(self, exc: BaseException) -> None:
         """Stop appending into a file without a name, and say why (again only after a while,

@@ -32,14 +32,13 @@ from .format import HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
 from .healing import Healing
 from .reclaim import Reclaiming
 from .recovery import RecoveredItem, Recovery, replay
-from .segment import Segment, Spare, discard_spare, round_up
+from .segment import INITIAL_SEGMENT_SIZE, Segment, Spare, discard_spare, round_up
 
 log = logging.getLogger("erq.journal")
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-INITIAL_SEGMENT_SIZE = 64 * KiB
 _ALWAYS, _PERIOD, _NEVER = "always", "period", "never"
 _UNSET = object()
 
@@ -236,7 +235,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             current = segments[-1]
             self._writer = codec.SegmentWriter(current.mm, current.used, True, current.fileno())
             self._sealed_used = sum(seg.used for seg in segments[:-1])
-            self._next_size = max(self._next_size, min(self._segment_size, current.size * 2))
+            self._next_size = max(self._next_size, min(self._segment_cap, current.size * 2))
         recovery = result.recovery
         self._disk = result.disk
         live = len(recovery.items) + recovery.disk_items
@@ -306,7 +305,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._segments.append(segment)
         self._writer = writer = codec.SegmentWriter(segment.mm, HEADER_SIZE, True, segment.fileno())
         self._synced_pos = 0  # the header too
-        self._next_size = min(self._segment_size, max(self._next_size, size) * 2)
+        self._next_size = min(self._segment_cap, max(self._next_size, size) * 2)
         if self.directory not in self._dirs_unsynced:
             self._dirs_unsynced.append(self.directory)
         if self._commit is not None and self._next_size >= SPARE_MIN_SIZE:
@@ -315,6 +314,13 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                 Spare.allocate, self.directory, self._spares, self._next_size
             )
         return writer
+
+    def _drop_spare(self) -> None:
+        """Discard the spare segment file (made or being made): an idle queue gives its space
+        back, a deleted directory cannot use it."""
+        pending, self._spare = self._spare, None
+        if pending is not None:
+            pending.add_done_callback(discard_spare)  # at once if it is done
 
     def _take_spare(self, size: int) -> Spare | None:
         """The allocated spare if it is ready and big enough; never waits for one."""
@@ -415,12 +421,26 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             self._max_memory_size = max_memory_size
         if max_journal_size is not _UNSET:
             self._max_journal_size = max_journal_size
+            self._next_size = min(self._next_size, self._segment_cap)
+
+    @property
+    def _segment_cap(self) -> int:
+        """The largest segment a rotation makes (a record that needs more gets more): the
+        configured segment size, or a quarter of ``max_journal_size`` if that is less, so a
+        journal kept small is not held in a few huge files."""
+        quarter = max(INITIAL_SEGMENT_SIZE, round_up(self._max_journal_size // 4))
+        return min(self._segment_size, quarter)
 
     @property
     def logsize(self) -> int:
-        """Bytes of journal files on disk (preallocated space included)."""
+        """Bytes of journal files on disk (preallocated space and an allocated spare
+        included)."""
         self._poll_compaction()
-        return sum(segment.size for segment in self._segments)
+        size = sum(segment.size for segment in self._segments)
+        spare = self._spare
+        if spare is not None and spare.done() and spare.exception() is None:
+            size += spare.result().size
+        return size
 
     @property
     def used_bytes(self) -> int:

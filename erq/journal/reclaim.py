@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from ..journal_api import JournalError
 from .compaction import SnapshotJob
 from .format import ADD_OVERHEAD, HEADER_FLAG_AFTER_SNAPSHOT, HEADER_SIZE
-from .segment import Segment
+from .segment import INITIAL_SEGMENT_SIZE, Segment
 
 log = logging.getLogger("erq.journal")
 
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # compaction back-off after a failure, seconds
+# An empty queue that has written nothing for this long gives back a segment larger than the
+# first size and its spare (up to two files of the segment size, 128 MiB by default).
+IDLE_SHRINK_SECONDS = 30.0
 
 
 class Reclaiming:
@@ -32,6 +35,8 @@ class Reclaiming:
     def _init_reclaiming(self) -> None:
         self._needs_rewrite = False  # damaged records seen: the next compaction rewrites
         self._no_compaction_at: tuple | None = None  # wants_compaction's state when it said no
+        self._idle_mark: tuple | None = None  # (writer, position) last seen by _idle_oversized
+        self._idle_since = 0.0  # when _idle_mark was first seen
         self._job: SnapshotJob | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
@@ -60,6 +65,8 @@ class Reclaiming:
                 return False
         if self._closed or not self._segments or time.monotonic() < self._retry_at:
             return False
+        if self._idle_oversized():  # before the shortcut below: idleness is all it waits for
+            return True
         # The sweep asks every queue every second; most have written nothing since.
         writer = self._writer
         now = (writer, writer.position, len(self._segments), self._max_journal_size)
@@ -76,10 +83,11 @@ class Reclaiming:
         if self._needs_rewrite:
             return True
         live = self._live_bytes()
-        if used > max(2 * live, self._segment_size):
+        cap = self._segment_cap
+        if used > max(2 * live, cap):
             return True
         limit = self._max_journal_size
-        return used > limit and live < limit and used - live > self._segment_size
+        return used > limit and live < limit and used - live > cap
 
     # ---- compaction ------------------------------------------------------------------------
     def compact(self, open_items: Sequence, memory_items: Sequence, *, wait: bool = False) -> None:
@@ -146,7 +154,23 @@ class Reclaiming:
         if self._writer is self._null_writer:
             return False
         used = self._writer.position
-        return used > self._segment_size // 2 or (rewrite and used > HEADER_SIZE)
+        return used > self._segment_cap // 2 or (rewrite and used > HEADER_SIZE)
+
+    def _idle_oversized(self) -> bool:
+        """The queue is empty, has written nothing for IDLE_SHRINK_SECONDS, and holds more
+        disk than an idle queue needs: a segment past the first size, or a spare. (A queue
+        that is only empty for a moment keeps them: it would grow them again at once.)"""
+        writer = self._writer
+        if writer is self._null_writer or (
+            self._segments[-1].size <= INITIAL_SEGMENT_SIZE and self._spare is None
+        ):
+            return False
+        mark = (writer, writer.position)
+        now = time.monotonic()
+        if mark != self._idle_mark:
+            self._idle_mark, self._idle_since = mark, now
+            return False
+        return now - self._idle_since >= IDLE_SHRINK_SECONDS and self.live_items == 0
 
     def _drop_history(self, rewrite: bool) -> None:
         """The queue is empty: every record before now is history. Deleting any prefix of the
@@ -154,9 +178,14 @@ class Reclaiming:
         segments go at once, oldest first."""
         if not self._segments:
             return
-        if self._current_needs_rotation(rewrite):
+        shrink = self._idle_oversized()
+        if shrink or self._current_needs_rotation(rewrite):
+            size = self._segments[-1].size
+            if shrink:  # start again from the first size, as a new queue does
+                self._drop_spare()
+                size = self._next_size = min(INITIAL_SEGMENT_SIZE, self._segment_size)
             try:
-                self._rotate(0, self._segments[-1].size)
+                self._rotate(0, size)
             except JournalError as exc:
                 self._compaction_failed(exc)
                 return

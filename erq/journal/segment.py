@@ -50,6 +50,11 @@ def decode_header(data: bytes) -> tuple[int, int, int]:
     return flags, seq, id_floor
 
 
+# A journal's first segment, and the size an idle, empty queue's journal shrinks back to; the
+# sizes double from here up to the segment size as the queue writes.
+INITIAL_SEGMENT_SIZE = 64 * 1024
+
+
 def round_up(n: int, unit: int = PAGE) -> int:
     return (n + unit - 1) // unit * unit
 
