@@ -175,6 +175,17 @@ def file_bytes(directory) -> int:
     return sum(p.stat().st_size for p in directory.iterdir())
 
 
+def grown_to_full_size(directory, commit, segment_size: int) -> tuple[QueueJournal, int]:
+    """A journal written until its segments reached ``segment_size`` and its spare is made;
+    returns it and the next free id."""
+    journal = open_journal(directory, commit, segment_size=segment_size)
+    next_id = 1
+    while not journal._segments or journal._segments[-1].size < segment_size:
+        next_id = fill_until_rotation(journal, next_id)
+    journal._spare.result(timeout=30)
+    return journal, next_id
+
+
 def test_logsize_counts_the_allocated_spare(codec, tmp_path):
     directory = tmp_path / "q"
 
@@ -201,11 +212,7 @@ def test_an_idle_empty_queue_gives_back_its_large_segment_and_its_spare(
     monkeypatch.setattr(journal_module, "SPARE_MIN_SIZE", 4 * SEGMENT)  # as 16 of 64 MiB
 
     async def body(commit):
-        journal = open_journal(directory, commit, segment_size=8 * SEGMENT)
-        next_id = 1
-        while not journal._segments or journal._segments[-1].size < 8 * SEGMENT:
-            next_id = fill_until_rotation(journal, next_id)
-        journal._spare.result(timeout=30)
+        journal, next_id = grown_to_full_size(directory, commit, 8 * SEGMENT)
         for id in range(1, next_id):
             journal.remove(id)
         journal.compact([], [])  # drained: the older segments go at once
@@ -239,11 +246,7 @@ def test_an_idle_queue_with_items_keeps_its_segment_and_its_spare(codec, tmp_pat
     monkeypatch.setattr(reclaim, "IDLE_SHRINK_SECONDS", 0.0)
 
     async def body(commit):
-        journal = open_journal(directory, commit, segment_size=4 * SEGMENT)
-        next_id = 1
-        while not journal._segments or journal._segments[-1].size < 4 * SEGMENT:
-            next_id = fill_until_rotation(journal, next_id)
-        journal._spare.result(timeout=30)
+        journal, next_id = grown_to_full_size(directory, commit, 4 * SEGMENT)
         held = journal.logsize
         assert not journal.wants_compaction and not journal.wants_compaction
         assert journal.logsize == held and len(spare_files(directory)) == 1
