@@ -610,9 +610,11 @@ class Queue:
         )
 
     def maybe_compact(self) -> None:
-        """Give back journal space: old segments the head has passed, else a compaction. But
-        first, should the journal's files have been deleted under it, have the live state
-        written again (the periodic sweep calls this, so a deletion is noticed within ~1 s)."""
+        """Give back the ring's room once a burst has drained, and journal space: old
+        segments the head has passed, else a compaction. But first, should the journal's files
+        have been deleted under it, have the live state written again (the periodic sweep
+        calls this, so a deletion is noticed within ~1 s)."""
+        self._ring.shrink()
         journal = self._journal
         if journal is None:
             return

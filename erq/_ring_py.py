@@ -2,7 +2,8 @@
 
 The reference behaviour for the Cython ring. It is written as an explicit ring (list +
 head index + count) rather than a deque so that the two implementations share one
-algorithm: capacity grows by doubling and never shrinks below the initial size.
+algorithm: capacity grows by doubling, and shrinks (``shrink``, from the periodic sweep) once a
+burst has drained, never below the initial size.
 """
 
 from __future__ import annotations
@@ -116,6 +117,24 @@ class Ring:
         head = self._head
         for i in range(self._count):
             yield buf[(head + i) & mask]
+
+    def shrink(self) -> bool:
+        """Give back the room of a ring that grew for a burst and has drained: once a
+        quarter or less of it is used, it moves into the smallest power of two that is at
+        least its initial size and twice its count. True if it moved. (Called by the periodic
+        sweep, not by pop: the hot path stays a store and a decrement.)"""
+        cap, count = len(self._buf), self._count
+        if cap <= self._min_capacity or count > cap // 4:
+            return False
+        newcap = self._min_capacity
+        while newcap < count * 2:
+            newcap <<= 1
+        if newcap >= cap:
+            return False
+        items = self.to_list()
+        self._buf = items + [None] * (newcap - count)
+        self._head = 0
+        return True
 
     def to_list(self) -> list[Any]:
         return list(self)

@@ -21,6 +21,8 @@ from erq import server
 from erq.journal import RecoveredItem
 from erq.journal.diskitems import DiskItems
 
+from support import run_script
+
 GiB = 1 << 30
 HEADER = 32  # records start after the segment header, as in a real segment
 
@@ -64,7 +66,7 @@ def take_ids(disk: DiskItems, max_bytes: int) -> list[int]:
 
 def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
     segment = BufferSegment("a", size=4 * GiB)
-    n = 100_000
+    n = 40_000
     offsets = [segment.add(codec, i, 10) for i in range(1, n + 1)]
     disk = DiskItems()
     tracemalloc.start()
@@ -238,3 +240,51 @@ def test_release_free_memory_hands_freed_heap_pages_back():
     released = before - rss_anon_kib()
     assert len(kept) == 512
     assert released - freed >= 16 * 1024
+
+
+RING_SCRIPT = r"""
+import asyncio, json, sys, tracemalloc
+from erq.config import load_config
+from erq.server import Server
+
+async def main(data_dir):
+    server = Server(load_config(None, cli={"port": 0, "admin_port": 0, "data_dir": data_dir}))
+    await server.start()
+    server._sweeper.cancel()
+    queues = server.state.queues
+    tracemalloc.start()  # before the ring grows: only blocks made while tracing are counted
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    n = 40_000
+    for start in range(0, n, 10_000):
+        writer.write(b"".join(b"set burst 0 0 1\r\nx\r\n" for _ in range(10_000)))
+        await writer.drain()
+        for _ in range(10_000):
+            assert await reader.readline() == b"STORED\r\n"
+    for start in range(0, n, 10_000):
+        writer.write(b"get burst\r\n" * 10_000)
+        await writer.drain()
+        for _ in range(10_000):
+            assert await reader.readline() == b"VALUE burst 0 1\r\n"
+            await reader.readline()
+            assert await reader.readline() == b"END\r\n"
+    drained = tracemalloc.get_traced_memory()[0]
+    queues.sweep()  # the periodic sweep, once
+    swept = tracemalloc.get_traced_memory()[0]
+    writer.write(b"set burst 0 0 5\r\nafter\r\nget burst\r\n")
+    await writer.drain()
+    replies = [await reader.readline() for _ in range(4)]
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps({"freed": drained - swept, "replies": [r.decode() for r in replies]}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_sweep_gives_back_the_ring_room_of_a_drained_burst(impl, tmp_path):
+    """40,000 items grew the queue's ring to 65,536 slots (512 KiB of pointers); once they
+    are taken the sweep moves the ring back to its initial size, and the queue goes on."""
+    result = run_script(impl, RING_SCRIPT, str(tmp_path / "data"), timeout=120)
+    assert result["freed"] >= (65_536 - 64) * 8, result
+    assert result["replies"] == ["STORED\r\n", "VALUE burst 0 5\r\n", "after\r\n", "END\r\n"]

@@ -58,6 +58,41 @@ def test_growth_while_wrapped_keeps_order(Ring):
     assert list(ring) == list(range(1, 10))
 
 
+def test_shrink_gives_back_the_room_of_a_drained_burst_and_keeps_the_order(Ring):
+    ring = Ring(16)
+    for start in range(0, 40, 7):  # the head at several places in the old array
+        ring.clear()
+        for _ in range(start):
+            ring.push(-1)
+            ring.pop()
+        for i in range(1000):
+            ring.push(i)
+        for _ in range(990):
+            ring.pop()
+        ring.push_front("front")
+        assert ring.capacity == 1024
+        assert ring.shrink() and ring.capacity == 32  # at least twice the 11 left
+        assert ring.to_list() == ["front", *range(990, 1000)]
+        assert not ring.shrink()
+        ring.push("tail")
+        assert [ring.pop() for _ in range(12)] == ["front", *range(990, 1000), "tail"]
+
+
+def test_shrink_keeps_a_ring_a_quarter_full_and_never_goes_below_its_initial_size(Ring):
+    ring = Ring(16)
+    for i in range(256):
+        ring.push(i)
+    for _ in range(192):  # 64 left: exactly a quarter of 256
+        ring.pop()
+    assert ring.shrink() and ring.capacity == 128
+    ring.push(256)  # 65 of 128: more than a quarter
+    assert not ring.shrink() and ring.capacity == 128
+    while ring:
+        ring.pop()
+    assert ring.shrink() and ring.capacity == 16
+    assert not ring.shrink() and ring.capacity == 16
+
+
 def test_empty_ring_raises(Ring):
     ring = Ring()
     with pytest.raises(IndexError):
@@ -99,6 +134,7 @@ ops = st.lists(
         st.tuples(st.just("front"), st.integers()),
         st.just(("pop", 0)),
         st.just(("clear", 0)),
+        st.just(("shrink", 0)),
     ),
     max_size=300,
 )
@@ -122,6 +158,8 @@ def test_matches_deque_model(impl, ops):
             else:
                 with pytest.raises(IndexError):
                     ring.pop()
+        elif op == "shrink":
+            ring.shrink()
         else:
             ring.clear()
             model.clear()

@@ -24,10 +24,12 @@ cdef class Ring:
 
     cdef void _release(self)
     cdef int _grow(self) except -1
+    cdef int _move_to(self, Py_ssize_t newcap) except -1
     cpdef push(self, object item)
     cpdef push_front(self, object item)
     cpdef object pop(self)
     cpdef object peek(self)
     cpdef object peek_tail(self)
     cpdef clear(self)
+    cpdef bint shrink(self) except -1
     cpdef list to_list(self)

@@ -114,7 +114,13 @@ cdef class Ring:
     @cython.boundscheck(False)
     @cython.wraparound(False)
     cdef int _grow(self) except -1:
-        cdef Py_ssize_t i, newcap = self._cap * 2
+        return self._move_to(self._cap * 2)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef int _move_to(self, Py_ssize_t newcap) except -1:
+        """Move the items, in order from index 0, into a new array of ``newcap`` slots."""
+        cdef Py_ssize_t i
         cdef PyObject** nb = <PyObject**>PyMem_Calloc(newcap, sizeof(PyObject*))
         if nb == NULL:
             raise MemoryError()
@@ -180,6 +186,21 @@ cdef class Ring:
             self._cap = self._min_cap
         self._head = 0
         self._count = 0
+
+    cpdef bint shrink(self) except -1:
+        """Give back the room of a ring that grew for a burst and has drained: once a
+        quarter or less of it is used, it moves into the smallest power of two that is at
+        least its initial size and twice its count. True if it moved. (Called by the periodic
+        sweep, not by pop: the hot path stays a store and a decrement.)"""
+        cdef Py_ssize_t newcap = self._min_cap
+        if self._cap <= self._min_cap or self._count > self._cap // 4:
+            return False
+        while newcap < self._count * 2:
+            newcap <<= 1
+        if newcap >= self._cap:
+            return False
+        self._move_to(newcap)
+        return True
 
     def __iter__(self):
         return iter(self.to_list())
