@@ -124,6 +124,25 @@ def run_script(impl: str, script: str, *args: str, timeout: float = 60.0) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Script text for run_script scripts that serve a queue in process and drive it over a socket.
+SERVES_ON_THEN_STOP = r"""
+async def serves_on_then_stop(server, reader, writer, queue=b"burst"):
+    # One more item set and taken on the connection (the replies), then the server stops.
+    writer.write(b"set %s 0 0 5\r\nafter\r\nget %s\r\n" % (queue, queue))
+    await writer.drain()
+    replies = [(await reader.readline()).decode() for _ in range(4)]
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    return replies
+"""
+
+
+def served_on(replies: list[str], queue: str = "burst") -> bool:
+    """What serves_on_then_stop's replies are when the queue still works."""
+    return replies == ["STORED\r\n", f"VALUE {queue} 0 5\r\n", "after\r\n", "END\r\n"]
+
+
 # ---- connection state --------------------------------------------------------------------------
 def assert_open(c: RawClient) -> None:
     """The connection is still served: the next reply is the answer to a new request."""
