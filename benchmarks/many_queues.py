@@ -14,6 +14,7 @@ files).
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
+    os.environ["ERQ_MAX_QUEUES"] = str(max(args.queues, 1) + 16)  # the server inherits it
     with running_erq(what="many_queues") as (server, port):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         replies = sock.makefile("rb")

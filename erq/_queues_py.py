@@ -22,7 +22,7 @@ from erq import clock as _clock
 from erq.clock import now_ms
 from erq.datadir import remove_queue_dir
 from erq.item import Item
-from erq.journal_api import JournalError
+from erq.journal_api import JournalError, TooManyQueues
 from erq.names import valid_queue_name
 from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, Queue
 
@@ -110,8 +110,12 @@ class QueueCollection:
         return self._children.get(parent, [])
 
     def get_or_create(self, name: str) -> Queue:
+        """``name``'s queue, made if it is new (TooManyQueues at ``max_queues``)."""
         queue = self._queues.get(name)
         if queue is None:
+            limit = self.config.server.max_queues
+            if len(self._queues) >= limit:
+                raise TooManyQueues(f"too many queues (max_queues = {limit})")
             queue = self._create(name)
             self.queue_creates += 1
         return queue

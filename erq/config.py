@@ -120,6 +120,7 @@ class ServerConfig:
     max_item_size: int = 64 * MiB
     max_open_reads: int = 100
     max_connections: int = 10000
+    max_queues: int = 4096
     client_timeout: int | None = None  # None = idle connections are never closed
     expiry_sweep: int = 1000
     compat: str = "erq"  # "erq" | "kestrel"
@@ -354,11 +355,14 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "max_item_size": parse_size,
     "max_open_reads": _positive_count,
     "max_connections": _positive_count,
+    "max_queues": _positive_count,
     "client_timeout": _optional(_positive(parse_duration, "duration")),
     "expiry_sweep": _positive(parse_duration, "duration"),
     "compat": _compat,
 }
-_SERVER_INTEGER_KEYS = frozenset({"port", "admin_port", "max_open_reads", "max_connections"})
+_SERVER_INTEGER_KEYS = frozenset(
+    {"port", "admin_port", "max_open_reads", "max_connections", "max_queues"}
+)
 
 _QUEUE_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "max_items": _optional(_count),

@@ -3,3 +3,9 @@
 
 class JournalError(Exception):
     """A write that could not be made durable (disk full, I/O error): never STORED."""
+
+
+class TooManyQueues(JournalError):
+    """A new queue refused at ``max_queues``. A JournalError, because a request that cannot
+    have its queue is refused the same way whichever the reason: ``SERVER_ERROR <why>``,
+    nothing stored or taken, the connection usable."""

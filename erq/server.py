@@ -99,20 +99,21 @@ def _recover(queues: QueueCollection, stop: threading.Event) -> list:
             gc.enable()
 
 
-# Descriptors beyond the connections: listeners, the epoll and eventfds, the journals'
-# segments and directories (two or three a queue), the admin port's clients.
+# Descriptors beyond the connections and the queues: listeners, the epoll and eventfds, a
+# queue's segments while it rotates or compacts, the admin port's clients.
 _FD_RESERVE = 256
+_FDS_PER_QUEUE = 2  # its current segment and its directory
 
 
-def _raise_fd_limit(max_connections: int) -> None:
-    """Lift the soft limit on open files toward what max_connections needs (up to the hard
-    limit, as memcached does), and say so when even the hard limit is short: past it every
-    accept and every new queue's journal fails with EMFILE."""
+def _raise_fd_limit(max_connections: int, max_queues: int) -> None:
+    """Lift the soft limit on open files toward what max_connections and max_queues need (up
+    to the hard limit, as memcached does), and say so when even the hard limit is short: past
+    it every accept and every new queue's journal fails with EMFILE."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not POSIX
         return
-    needed = max_connections + _FD_RESERVE
+    needed = max_connections + _FDS_PER_QUEUE * max_queues + _FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
@@ -124,9 +125,10 @@ def _raise_fd_limit(max_connections: int) -> None:
                 log.debug("cannot raise the open-file limit to %d: %s", target, exc)
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning(
-            "max_connections = %d wants %d open files, and the limit is %d (ulimit -n): "
-            "lower max_connections or raise the limit",
+            "max_connections = %d and max_queues = %d want %d open files, and the limit is "
+            "%d (ulimit -n): lower them or raise the limit",
             max_connections,
+            max_queues,
             needed,
             soft,
         )
@@ -167,7 +169,7 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.config.server
         await _start_resolver_threads(loop)
-        _raise_fd_limit(cfg.max_connections)
+        _raise_fd_limit(cfg.max_connections, cfg.max_queues)
         data_dir = Path(cfg.data_dir)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,13 @@ class Server:
             len(queues),
             loop.time() - started,
         )
+        if len(queues) > cfg.max_queues:
+            log.warning(
+                "%d queues in the data directory, more than max_queues = %d: every one is "
+                "served, and no new queue is made until enough are deleted",
+                len(queues),
+                cfg.max_queues,
+            )
         if IMPLEMENTATION == "python":
             log.warning(
                 "running the pure-Python build (ERQ_NO_EXTENSIONS or no compiled extensions): slower"

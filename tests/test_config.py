@@ -58,6 +58,7 @@ def test_no_file_gives_the_protocol_defaults():
         max_item_size=64 * 1024 * 1024,
         max_open_reads=100,
         max_connections=10000,
+        max_queues=4096,
         client_timeout=None,
         expiry_sweep=1000,
         compat="erq",
@@ -199,6 +200,7 @@ max_line = "2KiB"
 max_item_size = "1MiB"
 max_open_reads = 7
 max_connections = 50
+max_queues = 70
 client_timeout = "30s"
 expiry_sweep = 250
 compat = "kestrel"
@@ -230,6 +232,7 @@ def test_every_key_is_parsed_from_the_file(tmp_path):
         max_item_size=1024**2,
         max_open_reads=7,
         max_connections=50,
+        max_queues=70,
         client_timeout=30_000,
         expiry_sweep=250,
         compat="kestrel",
@@ -349,6 +352,7 @@ def test_environment_strings_are_parsed_like_file_values():
         "ERQ_MAX_ITEM_SIZE": "1MiB",
         "ERQ_MAX_OPEN_READS": "5",
         "ERQ_MAX_CONNECTIONS": "6",
+        "ERQ_MAX_QUEUES": "8",
         "ERQ_CLIENT_TIMEOUT": "30s",
         "ERQ_EXPIRY_SWEEP": "2s",
         "ERQ_COMPAT": "kestrel",
@@ -362,6 +366,7 @@ def test_environment_strings_are_parsed_like_file_values():
         max_item_size=1024**2,
         max_open_reads=5,
         max_connections=6,
+        max_queues=8,
         client_timeout=30_000,
         expiry_sweep=2000,
         compat="kestrel",
@@ -552,6 +557,7 @@ BAD_FILES = [
     ("max_line too small", "[server]\nmax_line = 100\n", 2, ["max_line", "1024"]),
     ("max_open_reads zero", "[server]\nmax_open_reads = 0\n", 2, ["max_open_reads"]),
     ("max_connections zero", "[server]\nmax_connections = 0\n", 2, ["max_connections"]),
+    ("max_queues zero", "[server]\nmax_queues = 0\n", 2, ["max_queues"]),
     ("expiry_sweep zero", "[server]\nexpiry_sweep = 0\n", 2, ["expiry_sweep", "positive"]),
     ("client_timeout zero", "[server]\nclient_timeout = '0s'\n", 2, ["client_timeout"]),
     ("open_timeout zero", "[queues.x]\nopen_timeout = 0\n", 2, ["open_timeout"]),

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, ErqProcess, RawClient, free_port
 from support import (
     DEFAULT_CONFIG,
+    DELETED,
     END,
     ERROR,
     NOT_STORED,
@@ -30,6 +31,7 @@ from support import (
     one,
     poll,
     queue_config,
+    queue_names,
 )
 
 
@@ -220,21 +222,26 @@ def _open_files_limit(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
-def test_the_open_file_limit_is_raised_for_max_connections_or_the_shortfall_logged(erq_factory):
+def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfall_logged(
+    erq_factory,
+):
     import resource
 
     def limits() -> None:  # in the child, before erq starts
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, 4096))
 
-    enough = erq_factory(config=config(server="max_connections = 1000"), preexec_fn=limits)
-    assert _open_files_limit(enough.proc.pid) == 1000 + 256
+    enough = erq_factory(
+        config=config(server="max_connections = 1000\nmax_queues = 500"), preexec_fn=limits
+    )
+    assert _open_files_limit(enough.proc.pid) == 1000 + 2 * 500 + 256
     assert "open files" not in enough.read_log()
     short = erq_factory(
-        config=config(server="max_connections = 10000"), preexec_fn=limits, name="short"
+        config=config(server="max_connections = 3000"), preexec_fn=limits, name="short"
     )
     assert _open_files_limit(short.proc.pid) == 4096
-    assert "max_connections = 10000 wants 10256 open files, and the limit is 4096" in (
-        short.read_log()
+    assert (
+        "max_connections = 3000 and max_queues = 4096 want 11448 open files, and the limit "
+        "is 4096" in short.read_log()
     )
 
 
@@ -400,3 +407,38 @@ def test_example_config_starts_a_server_with_the_default_settings(erq_factory):
         if (" WARNING " in line or " ERROR " in line) and "pure-Python build" not in line
     ]
     assert noise == []
+
+
+TOO_MANY_QUEUES = b"SERVER_ERROR too many queues (max_queues = 3)\r\n"
+
+
+def test_max_queues_refuses_a_new_queue_and_keeps_serving_the_others(erq_factory):
+    """Every set or get naming a new queue makes a directory, a segment and two descriptors:
+    a client must not make them without end. At max_queues a request that would create one
+    more is refused with SERVER_ERROR (the connection stays usable); the queues that exist
+    work on; a deletion makes room; a reload or a restart applies a new limit, and a restart
+    serves every queue on disk even past it."""
+    proc = erq_factory(config="[server]\nmax_queues = 3\n")
+    c = proc.client()
+    assert [c.set(f"q{i}", b"x") for i in range(3)] == [STORED] * 3
+    assert c.set("q3", b"x") == TOO_MANY_QUEUES
+    assert c.call(b"get q4\r\n") == TOO_MANY_QUEUES
+    assert c.call(b"get q4/t=5000\r\n") == TOO_MANY_QUEUES  # at once, not after 5 s
+    assert c.call(b"get q4/peek\r\n") == TOO_MANY_QUEUES
+    assert c.call(b"monitor q4 1\r\n") == TOO_MANY_QUEUES
+    assert c.call(b"get q4/close\r\n") == END  # makes no queue, so it is not refused
+    assert c.set("q0", b"y") == STORED  # the queues that exist work on
+    assert c.get("q1") == b"VALUE q1 0 1\r\nx\r\nEND\r\n"
+    assert queue_names(c) == {"q0", "q1", "q2"}
+    assert c.call(b"delete q2\r\n") == DELETED
+    assert c.set("q3", b"z") == STORED  # room again
+    proc.write_config("[server]\nmax_queues = 4\n")
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("q4", b"w") == STORED
+    assert c.set("q5", b"w") == TOO_MANY_QUEUES.replace(b"= 3", b"= 4")
+    proc.write_config("[server]\nmax_queues = 2\n")
+    proc.restart()
+    c = proc.client()
+    assert c.get("q4") == b"VALUE q4 0 1\r\nw\r\nEND\r\n"  # all four are served
+    assert c.set("q5", b"w") == TOO_MANY_QUEUES.replace(b"= 3", b"= 2")
+    assert "4 queues in the data directory, more than max_queues = 2" in proc.read_log()
