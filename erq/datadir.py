@@ -10,6 +10,8 @@
   left under such a name. In the server only the rename runs on the event loop; the sync
   (unless the queue's fsync policy is ``always``) and the removal run on a worker thread,
   so that a client deleting queues does not hold every other client up for a disk flush.
+  Renames waiting there are synced together, one sync of the data directory for all of them,
+  as group commit does for writes: a burst of deletes is not one flush per queue.
 
 Every name here holds a dot, which a queue name cannot (``erq.names``), so none can be taken
 for a queue.
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -98,11 +100,27 @@ def remove_queue_dir(
     synced = durable_now or background is None
     if synced:
         _sync_rename(directory.parent)
-    finish = functools.partial(_finish_removal, doomed, None if synced else directory.parent)
+    parent = None if synced else directory.parent
     if background is None:
-        finish()
-    else:
-        background(finish)
+        _finish_removals([(doomed, parent)])
+        return
+    with _waiting_lock:
+        first = not _waiting
+        _waiting.append((doomed, parent))
+    if first:  # else the pass already asked for takes this one too
+        background(_finish_waiting_removals)
+
+
+# Renamed directories waiting for the worker's next pass (any server's worker may take them).
+_waiting: list[tuple[Path, Path | None]] = []
+_waiting_lock = threading.Lock()
+
+
+def _finish_waiting_removals() -> None:
+    with _waiting_lock:
+        batch = _waiting[:]
+        _waiting.clear()
+    _finish_removals(batch)
 
 
 def _sync_rename(parent: Path) -> None:
@@ -112,11 +130,13 @@ def _sync_rename(parent: Path) -> None:
         log.warning("cannot sync %s: %s", parent, exc)
 
 
-def _finish_removal(doomed: Path, parent: Path | None) -> None:
-    """Sync the rename into ``parent`` (None: done already), then remove the files."""
-    if parent is not None:
+def _finish_removals(batch: list[tuple[Path, Path | None]]) -> None:
+    """For each (renamed directory, parent whose sync of the rename is due or None): sync each
+    parent once, then remove the directories' files (never before their rename is durable)."""
+    for parent in dict.fromkeys(parent for _, parent in batch if parent is not None):
         _sync_rename(parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    for doomed, _ in batch:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_leftovers(data_dir: Path) -> int:

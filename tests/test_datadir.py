@@ -165,6 +165,35 @@ def test_remove_queue_dir_leaves_the_disk_work_to_the_background(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_removals_waiting_for_the_background_share_one_sync_of_their_parent(
+    tmp_path, monkeypatch
+):
+    """A burst of deletes: the renames that wait for the worker's pass are synced with one
+    flush of the data directory, not one each (~6 ms each on a disk: ~170 deletes a second),
+    and no directory's files go before that sync."""
+    events = []
+    real = datadir.fsync_directory
+    monkeypatch.setattr(datadir, "fsync_directory", lambda d: (events.append("sync"), real(d)))
+    real_rmtree = datadir.shutil.rmtree
+    monkeypatch.setattr(
+        datadir.shutil, "rmtree", lambda p, **kw: (events.append("rm"), real_rmtree(p, **kw))
+    )
+    later = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "00000001.seg").write_bytes(b"x")
+        datadir.remove_queue_dir(tmp_path / name, later.append, durable_now=False)
+    assert len(later) == 1 and events == []  # one pass asked for, nothing done on the caller
+    later[0]()
+    assert events == ["sync", "rm", "rm", "rm"]
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "d").mkdir()  # after the pass: the next removal asks for a pass of its own
+    datadir.remove_queue_dir(tmp_path / "d", later.append, durable_now=False)
+    assert len(later) == 2
+    later[1]()
+    assert events[-2:] == ["sync", "rm"] and list(tmp_path.iterdir()) == []
+
+
 def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Path):
     held = datadir.lock(tmp_path, who="erq test")
     with pytest.raises(datadir.DataDirBusy) as busy:
