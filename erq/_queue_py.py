@@ -573,14 +573,15 @@ class Queue:
     # ---- whole-queue operations --------------------------------------------------------
     def flush(self) -> Any:
         """Drop every queued item; open reads are untouched. Returns the commit ticket the
-        reply waits for (fsync = "always"), or None."""
+        reply waits for (fsync = "always"), or None. The journal's record first: should it
+        fail (JournalError), the queue keeps every item, as a restart would find it."""
+        ticket = self._journal.flush() if self._journal is not None else None
         self._ring.clear()
         self._zone_end = self._pops
         self._mem_bytes = 0
         self._disk_items = 0
         self._disk_bytes = 0
-        ticket = self._journal.flush() if self._journal is not None else None
-        self.total_flushes += 1  # after the journal's, as before: JournalError counts none
+        self.total_flushes += 1
         return ticket
 
     def delete(self) -> None:

@@ -317,20 +317,42 @@ class QueueCollection:
         return queue.flush() if queue is not None else None
 
     def flush_all(self) -> Any:
-        """Flush every queue; the last commit ticket taken (tickets resolve in order)."""
+        """Flush every queue; the last commit ticket taken (tickets resolve in order). A
+        queue whose journal refuses its flush keeps its items, the others are flushed, and
+        the first such JournalError is raised at the end."""
         last = None
-        for queue in self:
-            ticket = queue.flush()
+        failed = None
+        for queue in list(self):
+            try:
+                ticket = queue.flush()
+            except JournalError as exc:
+                failed = failed or exc
+                continue
             if ticket is not None:
                 last = ticket
+        if failed is not None:
+            raise failed
         return last
 
     def flush_expired(self, name: str) -> int:
+        """Remove the expired items at ``name``'s head; how many (JournalError when the
+        journal refuses a removal: that item and those after it stay)."""
         queue = self._queues.get(name)
         return queue.discard_expired() if queue is not None else 0
 
     def flush_all_expired(self) -> int:
-        return sum(queue.discard_expired() for queue in self)
+        """flush_expired on every queue; a JournalError of one is raised once the others
+        are done."""
+        n = 0
+        failed = None
+        for queue in list(self):
+            try:
+                n += queue.discard_expired()
+            except JournalError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        return n
 
     def sweep(self, expire: bool = True) -> None:
         """Periodic work on every queue at once (see sweep_queue)."""

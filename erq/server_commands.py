@@ -17,9 +17,19 @@ from typing import TYPE_CHECKING
 
 from erq import __version__
 from erq._compat import IMPLEMENTATION
+from erq.journal_api import JournalError
 from erq.monitor import cmd_confirm, cmd_monitor
 from erq.names import valid_queue_name
-from erq.replies import BAD_FORMAT, BAD_NAME, DELETED, END, NOT_SUPPORTED, READ_ONLY
+from erq.replies import (
+    BAD_FORMAT,
+    BAD_NAME,
+    DELETED,
+    END,
+    JOURNAL_FAILED_LOG,
+    NOT_SUPPORTED,
+    READ_ONLY,
+    journal_failed,
+)
 
 if TYPE_CHECKING:
     from erq.session import Session
@@ -46,7 +56,11 @@ def _one_name(session: Session, args: list[bytes]) -> str | None:
 
 
 def _named_write(
-    session: Session, args: list[bytes], apply: Callable[[str], None], reply: bytes
+    command: str,
+    session: Session,
+    args: list[bytes],
+    apply: Callable[[str], None],
+    reply: bytes,
 ) -> None:
     """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
     args, noreply = _noreply(args)
@@ -57,20 +71,32 @@ def _named_write(
         if not noreply:
             session.out.append(READ_ONLY)
         return
-    apply(name)
+    try:
+        apply(name)
+    except JournalError as exc:
+        _refused(session, f"{command} {name}", exc, noreply)
+        return
     if not noreply:
         session.out.append(reply)
 
 
+def _refused(session: Session, what: str, exc: JournalError, noreply: bool = False) -> None:
+    """A command whose journal record could not be written (disk full, say): SERVER_ERROR,
+    as for a set, and the connection goes on."""
+    JOURNAL_FAILED_LOG.log("%s: %s", what, exc)
+    if not noreply:
+        session.out.append(journal_failed(exc))
+
+
 def cmd_delete(session: Session, args: list[bytes]) -> None:
-    _named_write(session, args, session.state.queues.delete, DELETED)
+    _named_write("delete", session, args, session.state.queues.delete, DELETED)
 
 
 def cmd_flush(session: Session, args: list[bytes]) -> None:
     def flush(name: str) -> None:
         session.wait_for_sync(session.state.queues.flush(name))
 
-    _named_write(session, args, flush, END)
+    _named_write("flush", session, args, flush, END)
 
 
 def cmd_flush_all(session: Session, args: list[bytes]) -> None:
@@ -85,7 +111,11 @@ def cmd_flush_all(session: Session, args: list[bytes]) -> None:
         if not noreply:
             session.out.append(READ_ONLY)
         return
-    session.wait_for_sync(state.queues.flush_all())
+    try:
+        session.wait_for_sync(state.queues.flush_all())
+    except JournalError as exc:
+        _refused(session, "flush_all", exc, noreply)
+        return
     if not noreply:
         session.out.append(b"Flushed all queues.\r\n" if state.kestrel else b"OK\r\n")
 
@@ -98,7 +128,10 @@ def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
     if state.status != "UP":
         session.out.append(READ_ONLY)
         return
-    session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
+    try:
+        session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
+    except JournalError as exc:
+        _refused(session, f"flush_expired {name}", exc)
 
 
 def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
@@ -109,7 +142,10 @@ def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
     if state.status != "UP":
         session.out.append(READ_ONLY)
         return
-    session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
+    try:
+        session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
+    except JournalError as exc:
+        _refused(session, "flush_all_expired", exc)
 
 
 # ---- server commands ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from erq.journal import JournalError, QueueJournal
 from erq.journal import journal as journal_module
 
 from conftest import impl_module
+from support import run_script
 
 
 @pytest.fixture
@@ -232,3 +233,77 @@ def test_a_journal_error_that_every_request_meets_is_logged_once_per_interval(er
         if re.search(r"(set|get|monitor) blocked: ", line)
     ]
     assert len(lines) == 1, lines
+
+
+REFUSED_ADMIN_SCRIPT = r"""
+import asyncio, json, sys
+from erq.config import load_config
+from erq.journal.journal import QueueJournal
+from erq.journal_api import JournalError
+from erq.server import Server
+
+async def main(data_dir):
+    server = Server(load_config(None, cli={"port": 0, "admin_port": 0, "data_dir": data_dir}))
+    await server.start()
+    server._sweeper.cancel()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def call(request, lines=1):
+        writer.write(request)
+        await writer.drain()
+        return [(await reader.readline()).decode() for _ in range(lines)]
+
+    out = {}
+    await call(b"set old 0 1 1\r\na\r\nset old 0 0 1\r\nb\r\nset full 0 0 1\r\nc\r\n", 3)
+    await call(b"set other 0 0 1\r\nd\r\n")
+    await asyncio.sleep(1.1)  # old's first item has expired
+    real_flush, real_remove = QueueJournal.flush, QueueJournal.remove
+
+    def refuse_full(journal, *args):
+        if journal.directory.name == "full":
+            raise JournalError("no space left on the device (injected)")
+        return real_flush(journal, *args)
+
+    def refuse(journal, *args):
+        raise JournalError("no space left on the device (injected)")
+
+    QueueJournal.flush = refuse_full
+    out["flush"] = await call(b"flush full\r\n")
+    out["flush noreply, then version"] = await call(b"flush full noreply\r\nversion\r\n")
+    QueueJournal.remove = refuse
+    out["flush_expired"] = await call(b"flush_expired old\r\n")
+    out["flush_all_expired"] = await call(b"flush_all_expired\r\n")
+    QueueJournal.remove = real_remove
+    out["flush_expired again"] = await call(b"flush_expired old\r\n")
+    out["flush_all"] = await call(b"flush_all\r\n")
+    QueueJournal.flush = real_flush
+    out["after"] = await call(b"get full\r\nget other\r\nget old\r\n", 5)
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_admin_commands_whose_journal_record_fails_answer_server_error_and_keep_the_items(
+    impl, tmp_path
+):
+    """flush, flush_all, flush_expired and flush_all_expired on a queue whose journal refuses
+    the record (a full disk): SERVER_ERROR, as for a set, and the connection goes on. The
+    queue keeps what its journal still holds (a flush cleared memory before its record, so
+    the items a client saw flushed came back at the next start; and the error escaped the
+    command and dropped the connection). flush_all flushes every other queue."""
+    out = run_script(impl, REFUSED_ADMIN_SCRIPT, str(tmp_path / "data"))
+    refused = ["SERVER_ERROR no space left on the device (injected)\r\n"]
+    assert out["flush"] == refused, out
+    assert out["flush noreply, then version"][0].startswith("VERSION "), out
+    assert out["flush_expired"] == refused, out
+    assert out["flush_all_expired"] == refused, out
+    assert out["flush_expired again"] == ["1\r\n"], out  # the expired item was still there
+    assert out["flush_all"] == refused, out
+    assert out["after"] == [
+        "VALUE full 0 1\r\n", "c\r\n", "END\r\n",  # kept
+        "END\r\n", "END\r\n",  # flushed by the flush_all that full refused
+    ], out  # fmt: skip
