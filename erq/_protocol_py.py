@@ -33,6 +33,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.protocol")
 _REFUSED = Throttle(log, logging.WARNING)  # a client retrying in a loop is one line per 10 s
 
+REFUSAL = b"SERVER_ERROR too many open connections\r\n"
+# A client refused past max_connections has usually sent its first request already. A close
+# with input unread makes the kernel reset the connection, and the client may then get
+# ECONNRESET (in its send, or its read) instead of the refusal. So the refusal is a lingering
+# close: the server shuts its side after the line, reads and drops whatever comes until the
+# client's end of stream, then closes; after LINGER_SECONDS it closes anyway (abort). At most
+# MAX_LINGERING refused connections linger at once in the process (there is one server a
+# process); past that, one is closed at once, so that refused clients cannot hold many
+# descriptors (the open-file limit leaves 256 beyond max_connections, erq/server.py).
+LINGER_SECONDS = 1.0
+MAX_LINGERING = 64
+_lingering = 0
+
+
+def lingering_refusals() -> int:
+    """The refused connections lingering now."""
+    return _lingering
+
 
 def _peer(transport: asyncio.BaseTransport) -> str:
     try:
@@ -56,6 +74,7 @@ class MemcacheProtocol:
         "_active",
         "_last_active",
         "_reading_paused",
+        "_linger",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -69,6 +88,7 @@ class MemcacheProtocol:
         self._active = False
         self._last_active = state.loop.time()
         self._reading_paused = 0  # bit 1: client pipeline too far ahead, bit 2: write buffer full
+        self._linger = None  # a refused connection's deadline (a timer handle) while it lingers
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -81,8 +101,7 @@ class MemcacheProtocol:
                 state.config.server.max_connections,
                 _peer(transport),
             )
-            transport.write(b"SERVER_ERROR too many open connections\r\n")  # type: ignore[attr-defined]
-            transport.close()
+            self._refuse(transport)
             return
         counters.curr_connections += 1
         # erq's own connection layer writes with the system call itself; a loop's transport
@@ -99,6 +118,16 @@ class MemcacheProtocol:
             self._pause_pipeline,
         )
         state.connections.add(self)
+
+    def _refuse(self, transport) -> None:
+        global _lingering
+        transport.write(REFUSAL)
+        if _lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # data_received drops what comes; eof_received closes
+        _lingering += 1
+        self._linger = self.state.loop.call_later(LINGER_SECONDS, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -121,8 +150,13 @@ class MemcacheProtocol:
         return not session.closed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        global _lingering
         session = self.session
         if session is None:
+            if self._linger is not None:  # a refused connection's linger ended
+                self._linger.cancel()
+                self._linger = None
+                _lingering -= 1
             return
         self.session = None
         self.state.counters.curr_connections -= 1

@@ -5,7 +5,7 @@ loop's transports, so every test here runs the same recording protocol on each: 
 transports (asyncio's and uvloop's, what the pure-Python build uses) and the epoll layer on
 both loops. What the loops' transports do is the specification; the epoll layer must do the
 same: queued replies are sent before a close, ``connection_lost`` comes once and later, a
-half-closed client can still be written to, a failing protocol is reported and closed,
+half-closed client can still be written to, ``write_eof`` ends the client's stream, a failing protocol is reported and closed,
 reading pauses and resumes, and the write buffer's flow control calls back.
 """
 
@@ -231,6 +231,25 @@ def test_a_half_closed_client_can_still_be_written_to(layer):
         sock.close()
 
     run(layer, body, keep_open_on_eof=True)
+
+
+@pytest.mark.parametrize("queued", [0, BIG], ids=["nothing-queued", "big-write-queued"])
+def test_write_eof_ends_the_clients_stream_after_what_is_queued_and_reading_goes_on(layer, queued):
+    async def body(srv):
+        sock, proto = await srv.connect()
+        assert proto.transport.can_write_eof()
+        data = pattern(queued, 9)
+        proto.transport.write(data)
+        proto.transport.write_eof()
+        assert await recv_to_eof(sock) == data
+        sock.sendall(b"still read")
+        await until(lambda: bytes(proto.data) == b"still read")
+        sock.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(proto.lost, 10)  # eof_received said close
+        assert [e for e in proto.events if "writing" not in e] == ["made", "eof", "lost"]
+        sock.close()
+
+    run(layer, body)
 
 
 def test_a_reset_by_the_client_ends_the_connection_with_its_error(layer):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -43,6 +45,10 @@ REFUSAL = b"SERVER_ERROR too many open connections\r\n"
 @pytest.fixture
 def protocol_class(impl):
     return impl_module(impl, "_protocol", "_protocol_py").MemcacheProtocol
+
+
+def impl_protocol_module(protocol_class):
+    return sys.modules[protocol_class.__module__]
 
 
 def make_state(loop, **server) -> ServerState:
@@ -95,6 +101,14 @@ async def until(check, what: str) -> None:
         await asyncio.sleep(0.001)
 
 
+async def within(seconds: float, check, what: str) -> None:
+    """``until``, bounded: ``check()`` must hold within ``seconds``."""
+    try:
+        await asyncio.wait_for(until(check, what), seconds)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {seconds} s") from None
+
+
 def test_a_real_connection_is_served_and_closed_at_end_of_file(loop, layer, protocol_class):
     async def body(state, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -130,6 +144,81 @@ def test_a_client_beyond_max_connections_is_refused_and_closed(loop, layer, prot
         assert await reader1.readexactly(len(END)) == END
         writer1.close()
         writer2.close()
+
+    serve(loop, layer, protocol_class, body, max_connections=1)
+
+
+async def recv_to_eof(sock: socket.socket) -> bytes:
+    """Read a non-blocking socket to its end of stream (a reset raises)."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    while chunk := await loop.sock_recv(sock, 65536):
+        got += chunk
+    return got
+
+
+def refused_client(port: int, request: bytes) -> socket.socket:
+    """Connect and send ``request`` before the server can accept the connection (the loop
+    does not run meanwhile): the server meets it with the request already unread."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(request)
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_refused_client_that_already_sent_a_request_reads_the_refusal_then_the_end(
+    loop, layer, protocol_class
+):
+    """Past max_connections the client has usually sent its first request already, unread by
+    the server. A close with unread input resets the connection, and the client could get
+    ECONNRESET instead of the refusal (it did: the refusal, then a reset). The refusal is a
+    lingering close: the client reads it, then the end of the stream, every time."""
+    module = impl_protocol_module(protocol_class)
+
+    async def body(state, port):
+        reader1, writer1 = await asyncio.open_connection("127.0.0.1", port)
+        writer1.write(b"version\r\n")
+        assert await reader1.readexactly(len(VERSION_LINE)) == VERSION_LINE
+        for _ in range(5):
+            sock = refused_client(port, b"set q 0 0 1\r\nx\r\n" + b"version\r\n" * 1000)
+            assert await recv_to_eof(sock) == REFUSAL
+            sock.close()
+        await within(2, lambda: module.lingering_refusals() == 0, "the refusals to end")
+        assert state.counters.total_connections == 6
+        assert state.counters.curr_connections == 1
+        assert state.queues.get_or_create("q").items == 0  # no refused set ran
+        writer1.write(b"get q\r\n")
+        assert await reader1.readexactly(len(END)) == END
+        writer1.close()
+
+    serve(loop, layer, protocol_class, body, max_connections=1)
+
+
+def test_a_refused_client_lingers_a_bounded_time_and_a_bounded_number(
+    loop, layer, protocol_class, monkeypatch
+):
+    """A refused client that neither reads nor closes holds its descriptor LINGER_SECONDS at
+    most; past MAX_LINGERING lingering at once, a refused client is closed at once."""
+    module = impl_protocol_module(protocol_class)
+    monkeypatch.setattr(module, "LINGER_SECONDS", 0.2)
+    monkeypatch.setattr(module, "MAX_LINGERING", 1)
+
+    async def body(state, port):
+        _, writer1 = await asyncio.open_connection("127.0.0.1", port)
+        await until(lambda: state.counters.curr_connections == 1, "the first client")
+        request = b"set q 0 0 1\r\nx\r\n"
+        started = time.monotonic()
+        lingers = refused_client(port, request)  # reads nothing, sends on
+        await until(lambda: module.lingering_refusals() == 1, "the refusal to linger")
+        closed_at_once = refused_client(port, request)
+        await until(lambda: state.counters.total_connections == 3, "the second refusal")
+        assert module.lingering_refusals() == 1
+        lingers.send(b"version\r\n")
+        await within(2, lambda: module.lingering_refusals() == 0, "the linger to end")
+        assert time.monotonic() - started >= 0.15  # (uvloop's timers are in whole ms)
+        for sock in (lingers, closed_at_once):
+            sock.close()
+        writer1.close()
 
     serve(loop, layer, protocol_class, body, max_connections=1)
 
@@ -324,6 +413,16 @@ class RecordingTransport:
         self.calls.append("close")
         self.closing = True
 
+    def abort(self):
+        self.calls.append("abort")
+        self.closing = True
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.calls.append("write_eof")
+
     def is_closing(self):
         return self.closing
 
@@ -338,13 +437,29 @@ class RecordingTransport:
 
 
 class Clock:
-    """A loop stand-in whose time() the test sets."""
+    """A loop stand-in whose time() the test sets; call_later records its timers."""
 
     def __init__(self):
         self.now = 100.0
+        self.timers: list[Timer] = []
 
     def time(self):
         return self.now
+
+    def call_later(self, delay, callback):
+        timer = Timer(delay, callback)
+        self.timers.append(timer)
+        return timer
+
+
+class Timer:
+    def __init__(self, delay, callback):
+        self.delay = delay
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
 
 
 @pytest.fixture
@@ -387,16 +502,26 @@ def test_flow_control_leaves_a_closing_transport_alone(connect):
     assert transport.calls == ["close"]
 
 
-def test_a_refused_connection_ignores_its_data_and_its_loss(connect):
+def test_a_refused_connection_lingers_ignoring_its_data_until_its_loss(connect, protocol_class):
+    module = impl_protocol_module(protocol_class)
     state, first, _ = connect(max_connections=1)
     second = type(first)(state)
     transport = RecordingTransport()
     second.connection_made(transport)
     assert transport.writes == [REFUSAL]
-    assert transport.calls == ["close"]
+    assert transport.calls == ["write_eof"]  # the refusal, then the end of the stream
+    (timer,) = connect.clock.timers
+    assert timer.delay == module.LINGER_SECONDS
+    assert timer.callback == transport.abort  # the linger's bound
+    assert module.lingering_refusals() == 1
     assert second.session is None
     second.data_received(b"set q 0 0 1\r\nx\r\n")
+    assert second.eof_received() is False  # the client's end: the transport closes
     second.connection_lost(None)
+    assert timer.cancelled
+    assert module.lingering_refusals() == 0
+    second.connection_lost(None)
+    assert module.lingering_refusals() == 0
     assert transport.writes == [REFUSAL]
     assert (state.counters.curr_connections, state.counters.total_connections) == (1, 2)
     assert state.counters.bytes_read == 0

@@ -9,9 +9,9 @@ client sockets sit in an epoll set of erq's own, whose descriptor is the only th
 event loop watches: one loop callback serves every ready socket, each read is one ``recv``
 into a shared buffer, and a reply is one ``send`` while nothing waits before it.
 
-``Connection`` is the transport its protocol sees: ``write``, ``close``, ``abort``,
-``is_closing``, ``pause_reading``/``resume_reading``, ``get_write_buffer_size`` and
-``get_extra_info``, with asyncio's flow control (``pause_writing`` above 64 KiB unsent,
+``Connection`` is the transport its protocol sees: ``write``, ``write_eof``, ``close``,
+``abort``, ``is_closing``, ``pause_reading``/``resume_reading``, ``get_write_buffer_size``
+and ``get_extra_info``, with asyncio's flow control (``pause_writing`` above 64 KiB unsent,
 ``resume_writing`` below 16 KiB), its closing rules (``close`` sends what is queued first;
 ``connection_lost`` runs in a later callback, once) and its half-close rule (``eof_received``
 returning false closes). The pure-Python build, and any other platform, uses the event
@@ -25,7 +25,7 @@ import socket as _socket
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport EAGAIN, ECONNRESET, EINTR, errno
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, ENOTCONN, errno
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as c_close
 
@@ -59,8 +59,10 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
     enum:
         MSG_NOSIGNAL
+        SHUT_WR
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -197,6 +199,7 @@ cdef class Connection:
     cdef bint _in_set  # in the epoll set (from its adoption to its close)
     cdef bint _reading  # the protocol wants to read (not paused, not closing)
     cdef bint _input_ended  # the end of the stream was read (half closed)
+    cdef bint _eof_wanted  # write_eof: shut the write side once what is queued is sent
     cdef bint _left_told  # the protocol heard the client leave while paused
     cdef bint _closing
     cdef bint _closed
@@ -239,6 +242,18 @@ cdef class Connection:
     def writelines(self, lines):
         for data in lines:
             self.write(data)
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        """Shut the write side (the client reads the end of the stream) once what is queued
+        is sent; reading goes on. A write after it fails the connection (EPIPE)."""
+        if self._closing or self._closed or self._eof_wanted:
+            return
+        self._eof_wanted = True
+        if not self._unsent:
+            self._shut_write()
 
     def close(self):
         """Stop reading; send what is queued, then close and tell the protocol."""
@@ -314,6 +329,10 @@ cdef class Connection:
             return
         self._in_set = True
         self._events = want
+
+    cdef _shut_write(self):
+        if shutdown(self._fd, SHUT_WR) < 0 and errno != ENOTCONN:
+            self._fail(errno)
 
     cdef _left_while_paused(self):
         """The client shut its side while reading was paused. erq's protocol may act on it
@@ -406,7 +425,10 @@ cdef class Connection:
             return
         if self._closing:
             self._finish(None)
-        else:
+            return
+        if self._eof_wanted:
+            self._shut_write()
+        if not self._closed:
             self._watch()
 
     cdef _fail(self, int code):

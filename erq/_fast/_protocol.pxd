@@ -17,6 +17,7 @@ cdef class MemcacheProtocol:
     cdef bint _active
     cdef double _last_active
     cdef int _reading_paused
+    cdef object _linger
 
     cdef _set_paused(self, int bit, bint on)
     cpdef data_received(self, data)  # a C call from erq's epoll layer (erq/_fast/_epoll.pyx)
