@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from erq import commands as _commands
 from erq.commands import dispatch
 from erq.parser import Parser
+from erq.paused_sockets import watch_paused
 from erq.session import Session
 from erq.throttle import Throttle
 from erq.wire import SocketWriter
@@ -75,6 +76,7 @@ class MemcacheProtocol:
         "_last_active",
         "_reading_paused",
         "_linger",
+        "_paused_watch",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -89,6 +91,7 @@ class MemcacheProtocol:
         self._last_active = state.loop.time()
         self._reading_paused = 0  # bit 1: client pipeline too far ahead, bit 2: write buffer full
         self._linger = None  # a refused connection's deadline (a timer handle) while it lingers
+        self._paused_watch = None  # on a loop's transport, the watch of its socket while paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -161,6 +164,7 @@ class MemcacheProtocol:
         self.session = None
         self.state.counters.curr_connections -= 1
         self.state.connections.discard(self)
+        self._unwatch_paused()
         session.connection_lost()
 
     # Idle close (client_timeout): the server's sweep closes a connection whose last_active is
@@ -180,7 +184,9 @@ class MemcacheProtocol:
         return self._last_active
 
     # Flow control: stop reading from a client that does not read its replies, or whose
-    # pipeline runs far ahead of a blocked request, so memory stays bounded.
+    # pipeline runs far ahead of a blocked request, so memory stays bounded. A loop's
+    # transport stops watching a paused socket, and would not notice the client leave:
+    # erq/paused_sockets.py watches it meanwhile (erq's epoll layer does so itself).
     def _set_paused(self, bit: int, on: bool) -> None:
         before = self._reading_paused
         self._reading_paused = before | bit if on else before & ~bit
@@ -189,8 +195,17 @@ class MemcacheProtocol:
             return
         if before and not self._reading_paused:
             transport.resume_reading()
+            self._unwatch_paused()
         elif not before and self._reading_paused:
             transport.pause_reading()
+            if not getattr(transport, "writes_directly", False):
+                self._paused_watch = watch_paused(self.state.loop, self, transport)
+
+    def _unwatch_paused(self) -> None:
+        watch = self._paused_watch
+        if watch is not None:
+            self._paused_watch = None
+            watch.cancel()
 
     def _pause_pipeline(self, on: bool) -> None:
         self._set_paused(1, on)
@@ -206,11 +221,11 @@ class MemcacheProtocol:
             self.session.writing_paused(False)
 
     def client_left_while_paused(self) -> None:
-        """erq's connection layer heard the client shut its side while reading was paused
-        (the loops' transports cannot tell). A get waiting for an item then ends unanswered,
-        with what was pipelined behind it, as at an end of stream (``end_of_input``): an item
-        must not go to a client that is gone. Anything else is left for the end of stream,
-        read in its turn."""
+        """erq's connection layer, or the watch of a loop's paused transport, heard the
+        client shut its side while reading was paused. A get waiting for an item then ends
+        unanswered, with what was pipelined behind it, as at an end of stream
+        (``end_of_input``): an item must not go to a client that is gone. Anything else is
+        left for the end of stream, read in its turn."""
         session = self.session
         if session is not None and session.waits_for_an_item():
             session.end_of_input()

@@ -18,6 +18,8 @@ cdef class MemcacheProtocol:
     cdef double _last_active
     cdef int _reading_paused
     cdef object _linger
+    cdef object _paused_watch
 
     cdef _set_paused(self, int bit, bint on)
+    cdef _unwatch_paused(self)
     cpdef data_received(self, data)  # a C call from erq's epoll layer (erq/_fast/_epoll.pyx)
