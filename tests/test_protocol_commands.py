@@ -391,6 +391,34 @@ def test_a_half_closed_client_gets_every_reply_due_then_the_connection_closes(er
     assert c.stats()["queue_empty_waiters"] == "0"
 
 
+@pytest.mark.parametrize("leave", ["shutdown", "close"])
+def test_a_client_that_ends_its_stream_in_a_blocked_get_is_closed_and_the_next_item_stays_queued(
+    server, leave
+):
+    """``get q/t=3000``, then the end of the stream: ``shutdown(SHUT_WR)`` (``nc -N``), or a
+    close (a worker killed in its blocking get, a client whose own timeout ran out). The
+    server sees the same FIN either way and cannot tell a client that still reads from one
+    that left, to which an item would be written and lost. So the replies due before the get
+    go out, the get ends unanswered at once (not at its timeout), and the next item stays
+    queued for a reader that is there."""
+    watcher = server.client()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"version\r\nget q/t=3000\r\n")
+    wait_for_stat(watcher, "queue_q_waiters", 1)
+    started = time.monotonic()
+    if leave == "shutdown":
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        assert got == VERSION_LINE
+    sock.close()
+    wait_for_stat(watcher, "queue_q_waiters", 0)
+    assert time.monotonic() - started < 2
+    assert watcher.set("q", b"next") == STORED
+    assert watcher.get("q") == one("q", b"next")
+
+
 def test_a_half_closed_client_gets_the_replies_of_requests_held_back_for_its_output(erq_factory):
     """Past the output budget, requests wait until the replies before them go out (here: a
     STORED waiting for its sync holds 4 MiB of peeks behind it). A client that shut its side
