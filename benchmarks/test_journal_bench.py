@@ -23,6 +23,15 @@ def test_encode_add(benchmark, impl):
     assert len(record) > len(DATA)
 
 
+def test_encode_add_64k(benchmark, impl):
+    """A 64 KiB item's ADD record: a copy and a CRC32C over the whole value."""
+    codec = load(impl, "_records", "journal._records_py")
+    data = bytes(range(256)) * 256
+    benchmark.group = "journal: encode one 64 KiB ADD record"
+    record = benchmark(codec.encode_add, 17, 0, 1_700_000_000_000, 0, data)
+    assert len(record) > len(data)
+
+
 def test_append_add_into_mmap(benchmark, impl):
     codec = load(impl, "_append", "journal._append_py")
     size = 64 << 20
