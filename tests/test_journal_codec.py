@@ -65,14 +65,66 @@ def test_crc32c_continues_a_previous_value(codec):
         assert codec.crc32c(data[cut:], codec.crc32c(data[:cut])) == codec.crc32c(data)
 
 
-def test_crc32c_matches_google_on_every_length_and_alignment(codec):
+def crc32c_paths(codec) -> list:
+    """The codec's crc32c and, in the C build, its table path (what a CPU without SSE4.2 runs)."""
+    return [codec.crc32c] + ([codec._crc32c_portable] if hasattr(codec, "_crc32c_portable") else [])
+
+
+# Around the edges of the C hardware path's rounds (3 x 256 and 3 x 8192 bytes), a 64 KiB item
+# give or take its record's head, and odd sizes.
+LARGE_LENGTHS = (
+    3 * 8192 - 1,
+    3 * 8192,
+    3 * 8192 + 1,
+    3 * 8192 + 3 * 256 + 7,
+    (64 << 10) - 9,
+    (64 << 10) - 1,
+    64 << 10,
+    (64 << 10) + 1,
+    (64 << 10) + 37,
+    (64 << 10) + 771,
+    100_003,
+    1 << 20,
+    (1 << 20) + 13,
+)
+
+
+@pytest.fixture(scope="module")
+def random_blob() -> bytes:
     rng = random.Random(7)
-    blob = bytes(rng.getrandbits(8) for _ in range(700))
-    view = memoryview(blob)
-    for start in range(9):
-        for length in range(0, 300):
-            chunk = view[start : start + length]
-            assert codec.crc32c(chunk) == google_crc32c.value(bytes(chunk)), (start, length)
+    return rng.randbytes((1 << 20) + 64)
+
+
+def test_crc32c_matches_google_on_every_length_and_alignment(codec, random_blob):
+    # Sixteen consecutive offsets give every address modulo 16, whatever the blob's own.
+    view = memoryview(random_blob)
+    for fn in crc32c_paths(codec):
+        for start in range(16):
+            for length in range(0, 4201):
+                chunk = view[start : start + length]
+                assert fn(chunk) == google_crc32c.value(bytes(chunk)), (fn, start, length)
+
+
+@pytest.mark.parametrize("length", LARGE_LENGTHS)
+def test_crc32c_matches_google_on_large_buffers_at_every_alignment(codec, random_blob, length):
+    view = memoryview(random_blob)
+    for start in range(16):
+        chunk = view[start : start + length]
+        expected = google_crc32c.value(bytes(chunk))
+        for fn in crc32c_paths(codec):
+            assert fn(chunk) == expected, (fn, start)
+
+
+@pytest.mark.parametrize("length", [4200, (64 << 10) + 5, 1 << 20])
+def test_crc32c_continues_a_previous_value_across_long_buffers(codec, random_blob, length):
+    data = memoryview(random_blob)[3 : 3 + length]
+    whole = google_crc32c.value(bytes(data))
+    cuts = {0, 1, 7, 767, 768, 769, 4096 + 3, 3 * 8192 + 1, length // 2, length - 1, length}
+    for fn in crc32c_paths(codec):
+        for cut in sorted(c for c in cuts if c <= length):
+            assert fn(data[cut:], fn(data[:cut])) == whole, (fn, cut)
+        for seed in (1, 0xDEADBEEF, 2**32 - 1):
+            assert fn(data, seed) == google_crc32c.extend(seed, bytes(data)), (fn, seed)
 
 
 @settings(max_examples=300)
@@ -88,11 +140,6 @@ def test_crc32c_twins_agree_with_google(both, data, seed):
 def test_crc32c_c_portable_table_path_agrees_with_hardware_path(both, data):
     _, c = both
     assert c._crc32c_portable(data) == c.crc32c(data) == google_crc32c.value(data)
-
-
-def test_crc32c_of_large_buffer(codec):
-    data = bytes(range(256)) * 4096 + b"tail"
-    assert codec.crc32c(data) == google_crc32c.value(data)
 
 
 def test_crc32c_rejects_a_crc_out_of_range(codec):
@@ -115,6 +162,15 @@ def test_encode_id_op_layout(codec, op):
     rec = codec.encode_op(op, 2**64 - 1)
     assert len(rec) == OP_RECORD_SIZE
     assert struct.unpack_from("<IIBQ", rec) == (9, google_crc32c.value(rec[8:]), op, 2**64 - 1)
+
+
+@pytest.mark.parametrize("size", [(64 << 10) - 1, 64 << 10, (64 << 10) + 3, 1 << 20])
+def test_encode_add_crc_covers_a_large_value(codec, random_blob, size):
+    for start in (0, 5):
+        data = memoryview(random_blob)[start : start + size]
+        rec = codec.encode_add(5, 7, 100, 200, data)
+        assert struct.unpack_from("<I", rec, 4)[0] == google_crc32c.value(rec[8:])
+        assert rec[ADD_OVERHEAD:] == data
 
 
 def test_encode_flush_has_no_body(codec):
