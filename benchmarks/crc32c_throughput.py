@@ -1,6 +1,6 @@
 """CRC32C throughput of the journal codec against google-crc32c, in one run on the same buffers.
 
-XX
+    taskset -c 1 python benchmarks/crc32c_throughput.py            # erq's C CRC (crc32c.h)
     ERQ_NO_EXTENSIONS=1 python benchmarks/crc32c_throughput.py     # the pure twin (google-crc32c)
 
 Each figure is the median of several timeit repeats, erq's and google_crc32c.value's taking
