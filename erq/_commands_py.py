@@ -274,6 +274,11 @@ class KeyWaiter:
         self.active = False
         self.op.resumed(self.spec, self.queue, item)
 
+    def gone(self) -> bool:
+        """Its client is gone already: the queue hands the item to the next waiter."""
+        gone = self.op.session.gone
+        return gone is not None and gone()
+
     def expire(self) -> None:
         if self.active:
             self.active = False

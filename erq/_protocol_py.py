@@ -16,7 +16,8 @@ protocol interface itself, ``eof_received`` included.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from erq import commands as _commands
 from erq.commands import dispatch
@@ -24,7 +25,7 @@ from erq.parser import Parser
 from erq.paused_sockets import watch_paused
 from erq.session import Session
 from erq.throttle import Throttle
-from erq.wire import SocketWriter
+from erq.wire import SocketWriter, peer_gone
 
 if TYPE_CHECKING:
     import asyncio
@@ -51,6 +52,18 @@ _lingering = 0
 def lingering_refusals() -> int:
     """The refused connections lingering now."""
     return _lingering
+
+
+def _gone_check(transport: Any) -> Callable[[], bool]:
+    """What a session asks before its blocked get is handed an item: is the client gone (the
+    transport closing, or a reset or end of stream the loop has not served yet)?"""
+    if getattr(transport, "writes_directly", False):
+        return transport.peer_gone  # erq's epoll layer asks the kernel itself
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return transport.is_closing
+    fd = sock.fileno()
+    return lambda: transport.is_closing() or peer_gone(fd)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -120,6 +133,7 @@ class MemcacheProtocol:
             transport.close,  # type: ignore[attr-defined]
             self._pause_pipeline,
         )
+        self.session.gone = _gone_check(transport)
         state.connections.add(self)
 
     def _refuse(self, transport) -> None:

@@ -70,6 +70,8 @@ class Waiter(Protocol):
 
     def wake(self, item: Item | None) -> None: ...
 
+    def gone(self) -> bool: ...  # its client is gone already (reset, or shut its side)
+
 
 class OpenRead:
     """An item handed out with /open, reserved until confirmed, aborted or timed out."""
@@ -550,6 +552,12 @@ class Queue:
         while waiters:
             waiter = waiters[0]
             if not waiter.active:
+                waiters.popleft()
+                continue
+            if not waiter.peek and waiter.gone():
+                # PROTOCOL §5: no item is lost to a dead client. Its reset (or end of stream)
+                # may be in the batch of events being served, after the one that brought this
+                # item; the connection's own end follows, and ends this get.
                 waiters.popleft()
                 continue
             try:

@@ -94,6 +94,9 @@ class Session:
         self.blocked_on_output = False  # blocked is a get waiting for the client to read
         self.resumes_next_pass = False  # blocked is a get that gave way to the loop
         self.input_ended = False  # the client shut its side; what it sent runs on (end_of_input)
+        # Whether the client is gone, as its transport and the kernel know now (the protocol
+        # sets it): a blocked get is not handed an item then. None: never asked.
+        self.gone: Callable[[], bool] | None = None
 
     # ---- pipeline ----------------------------------------------------------------------
     # A read's requests are run by commands.feed (a C call within the compiled commands

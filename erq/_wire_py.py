@@ -9,6 +9,7 @@ order and the flow control are the same.
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 
@@ -19,6 +20,22 @@ class SocketWriter:
 
     def __init__(self, transport: Any) -> None:
         self.write = transport.write
+
+
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+
+
+def peer_gone(fd: int) -> bool:
+    """Whether the client of socket ``fd`` is gone as far as the kernel knows: it reset the
+    connection or shut its side (Linux: POLLRDHUP), or the descriptor is closed. A blocked get
+    is not handed an item then (PROTOCOL §5: none is lost to a dead client); it may have
+    arrived in the same batch of events as the item, before the loop hears of it."""
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0))
+    try:
+        return any(events & _GONE for _, events in poller.poll(0))
+    except OSError:
+        return False
 
 
 def value_header(prefix: bytes, flags: int, size: int, cas: int = -1) -> bytes:

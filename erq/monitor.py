@@ -147,6 +147,10 @@ class MonitorWaiter:
         self.active = False
         self.op.woken(item)
 
+    def gone(self) -> bool:
+        gone = self.op.session.gone
+        return gone is not None and gone()
+
 
 def cmd_monitor(session: Session, args: list[bytes]) -> None:
     numbers = [decimal(a) for a in args[1:]]

@@ -8,6 +8,7 @@ if USE_EXTENSIONS:
         SocketWriter,
         append_end,
         append_value,
+        peer_gone,
         value_header,
     )
 else:
@@ -16,7 +17,15 @@ else:
         SocketWriter,
         append_end,
         append_value,
+        peer_gone,
         value_header,
     )
 
-__all__ = ["VALUE_COPY_LIMIT", "SocketWriter", "append_end", "append_value", "value_header"]
+__all__ = [
+    "VALUE_COPY_LIMIT",
+    "SocketWriter",
+    "append_end",
+    "append_value",
+    "peer_gone",
+    "value_header",
+]

@@ -59,6 +59,8 @@ cdef class KeyWaiter:
     cdef public bint peek
     cdef public bint reliable
 
+    cpdef bint gone(self) except -1
+
 
 @cython.locals(cas=cython.longlong)
 cpdef value_block(

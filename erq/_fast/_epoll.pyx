@@ -30,6 +30,7 @@ from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as c_close
 
 cimport erq._fast._protocol as c_protocol
+from erq._fast._wire cimport peer_gone as _fd_peer_gone
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -272,6 +273,11 @@ cdef class Connection:
 
     def is_closing(self):
         return self._closing or self._closed
+
+    def peer_gone(self):
+        """Closing, or the client is gone as far as the kernel knows (its reset may sit in
+        the batch of events being served, after the one that brought an item for its get)."""
+        return self._closing or self._closed or _fd_peer_gone(self._fd)
 
     def pause_reading(self):
         if self._closing or self._closed or not self._reading:

@@ -30,6 +30,7 @@ cdef class Session:
     cdef public bint blocked_on_output
     cdef public bint resumes_next_pass
     cdef public bint input_ended
+    cdef public object gone  # a callable: is the client gone (see MemcacheProtocol)
 
     cpdef hold_back(self, list requests)
     cpdef run(self)

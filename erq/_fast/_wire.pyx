@@ -21,6 +21,18 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
 from posix.unistd cimport write as c_write
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum:
+        POLLHUP
+        POLLERR
+        POLLNVAL
+        POLLRDHUP
+
 
 cdef extern from "<errno.h>":
     int EWOULDBLOCK
@@ -87,6 +99,20 @@ cdef inline char *_digits(char *end, unsigned long long value) noexcept:
         value //= 10
         if value == 0:
             return end
+
+
+cpdef bint peer_gone(int fd) noexcept:
+    """Whether the client of socket ``fd`` is gone as far as the kernel knows: it reset the
+    connection or shut its side (POLLRDHUP), or the descriptor is closed. A blocked get is
+    not handed an item then (PROTOCOL §5: none is lost to a dead client); it may have arrived
+    in the same batch of events as the item, before the loop hears of it."""
+    cdef pollfd p
+    p.fd = fd
+    p.events = POLLRDHUP
+    p.revents = 0
+    if poll(&p, 1, 0) <= 0:
+        return False
+    return (p.revents & (POLLHUP | POLLERR | POLLNVAL | POLLRDHUP)) != 0
 
 
 cpdef bytes value_header(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas=-1):
