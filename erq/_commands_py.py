@@ -308,6 +308,9 @@ def cmd_get(session: Session, req: tuple) -> None:
             [_keys.parse_key(key) for key in keys] if len(keys) > 1 else [_keys.parse_key(keys[0])]
         )
     except KeyError_ as exc:
+        # Refused before any key ran: each key still counts as a get asked for (PROTOCOL §10:
+        # refused requests count in cmd_get), as a get refused under QUIESCENT does.
+        session.state.counters.cmd_get += len(keys)
         if exc.close:
             session.close_after(exc.reply)
         else:

@@ -615,6 +615,27 @@ def test_a_multi_key_get_under_quiescent_still_confirms_and_aborts_its_later_key
     assert c.get("qc") == b"VALUE qc 0 1\r\nx\r\nEND\r\n"
 
 
+def test_a_get_refused_for_its_keys_counts_them_in_cmd_get_and_nowhere_else(server):
+    """PROTOCOL §10: refused requests count in cmd_set/cmd_get (they were requests), and a
+    set refused for its name or numbers counts in cmd_set; a get refused for its keys the
+    same in cmd_get, one per key, and in no other counter."""
+    observer = server.client()
+    refusals = [
+        (b"get bad.name\r\n", 1),
+        (b"get q/t=x\r\n", 1),
+        (b"get q/peek/open\r\n", 1),  # a forbidden combination: refused and closed
+        (b"get ok bad.name\r\n", 2),  # the whole request is refused, both keys counted
+    ]
+    for request, keys in refusals:
+        before = observer.stats()
+        assert server.client().call(request).startswith(b"CLIENT_ERROR"), request
+        stats = observer.stats()
+        assert int(stats["cmd_get"]) - int(before["cmd_get"]) == keys, request
+        for field in ("cmd_peek", "get_hits", "get_misses", "curr_items"):
+            assert stats[field] == before[field], (request, field)
+    assert queue_names(observer) == set()  # none was made
+
+
 # ---- section 10: noreply and the order of checks for set -------------------------------------
 def test_noreply_silences_replies_and_refusals_but_not_request_line_errors(erq_factory):
     server = start(
