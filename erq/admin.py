@@ -9,6 +9,10 @@ views cannot disagree and a new stats field appears here without a change to thi
 
 The port opens before recovery and answers during it (the journals are replayed on a worker
 thread): /healthz says ok, every other endpoint 503 ``starting`` until the queues are loaded.
+
+With thousands of queues a stats document is megabytes of text: its per-queue numbers are
+gathered on the loop a slice of time at a time (the loop serves its sockets in between), and
+the text is made on a worker thread, so that a scrape does not hold every client back.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import asyncio
 import json
 import logging
 import re
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .server_commands import general_stats
@@ -33,6 +38,7 @@ LINGER = 2.0  # seconds to drain a client still sending when it was answered 408
 # has waited longest for its request head: a probe sends its head at once, so 64 stalled or
 # idle clients cannot lock the probes out (an orchestrator would restart a healthy server).
 MAX_CONNECTIONS = 64
+SLICE = 0.002  # seconds of gathering queue stats before the loop serves its sockets again
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -74,18 +80,35 @@ def readyz(state: Any) -> Reply:
     return 200, TEXT, state.status.encode("ascii")
 
 
-def stats_document(state: Any) -> dict[str, Any]:
+async def every_queue_stats(state: Any) -> dict[str, dict[str, Any]]:
+    """``queue_stats`` of every queue, gathered SLICE seconds at a time, the loop serving its
+    sockets in between (a queue deleted meanwhile is left out)."""
+    queues = state.queues
+    out: dict[str, dict[str, Any]] = {}
+    deadline = time.perf_counter() + SLICE
+    for name in queues.names():
+        stats = queues.queue_stats(name)
+        if stats is not None:
+            out[name] = stats
+        if time.perf_counter() >= deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + SLICE
+    return out
+
+
+async def stats_document(state: Any) -> dict[str, Any]:
     """The memcache ``stats`` reply as one object: the general fields, then ``queues``."""
     document: dict[str, Any] = dict(general_stats(state))
-    queues = state.queues
-    document["queues"] = {name: queues.queue_stats(name) for name in queues.names()}
+    document["queues"] = await every_queue_stats(state)
     return document
 
 
-def stats_json(state: Any) -> Reply:
+async def stats_json(state: Any) -> Reply:
     if not state.ready:
         return STARTING
-    return 200, JSON, json.dumps(stats_document(state)).encode("utf-8")
+    document = await stats_document(state)
+    body = await asyncio.to_thread(lambda: json.dumps(document).encode("utf-8"))
+    return 200, JSON, body
 
 
 # How the numeric stats fields are exported. The fields themselves come from ``general_stats``
@@ -184,10 +207,12 @@ def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
     out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
 
 
-def metrics_text(state: Any) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the stats."""
+def metrics_text(
+    general: list[tuple[str, object]], status: str, ready: bool, per_queue: dict[str, dict]
+) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the stats (any thread: it reads
+    only its arguments)."""
     out: list[str] = []
-    general = general_stats(state)
     fields = dict(general)
     _family(out, "erq_info", "gauge", "The running erq: version and implementation, always 1.")
     out.append(
@@ -196,9 +221,9 @@ def metrics_text(state: Any) -> str:
     )
     _family(out, "erq_status", "gauge", "The server's status (status command): 1 for the current.")
     for word in STATUSES:
-        out.append(f'erq_status{{status="{word}"}} {int(state.status == word)}\n')
+        out.append(f'erq_status{{status="{word}"}} {int(status == word)}\n')
     _family(out, "erq_ready", "gauge", "1 once recovery has finished.")
-    out.append(f"erq_ready {int(bool(state.ready))}\n")
+    out.append(f"erq_ready {int(bool(ready))}\n")
     for field, value in general:
         if field in _NOT_EXPORTED or not _numeric(value):
             continue
@@ -206,8 +231,6 @@ def metrics_text(state: Any) -> str:
         name = _metric_name("erq_", field, counter)
         _family(out, name, "counter" if counter else "gauge", _HELP.get(field, f"stats {field}."))
         out.append(f"{name} {value}\n")
-    queues = state.queues
-    per_queue = {name: queues.queue_stats(name) for name in queues.names()}
     queue_fields: dict[str, None] = {}  # every queue's fields, in order of first appearance
     for stats in per_queue.values():
         queue_fields.update(dict.fromkeys(stats))
@@ -227,13 +250,17 @@ def metrics_text(state: Any) -> str:
     return "".join(out)
 
 
-def metrics(state: Any) -> Reply:
+async def metrics(state: Any) -> Reply:
     if not state.ready:
         return STARTING
-    return 200, PROMETHEUS, metrics_text(state).encode("utf-8")
+    general = general_stats(state)
+    status, ready = state.status, state.ready
+    per_queue = await every_queue_stats(state)
+    text = await asyncio.to_thread(metrics_text, general, status, ready, per_queue)
+    return 200, PROMETHEUS, text.encode("utf-8")
 
 
-ROUTES: dict[str, Callable[[Any], Reply]] = {
+ROUTES: dict[str, Callable[[Any], Reply | Awaitable[Reply]]] = {
     "/healthz": healthz,
     "/readyz": readyz,
     "/stats.json": stats_json,
@@ -267,7 +294,7 @@ def request_path(target: bytes) -> str:
     return urllib.parse.unquote(text.split("?", 1)[0].split("#", 1)[0])
 
 
-def answer(state: Any, head: bytes) -> bytes:
+async def answer(state: Any, head: bytes) -> bytes:
     """The response to one request head (request line and headers, without the blank line)."""
     match = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
     if match is None:
@@ -283,7 +310,8 @@ def answer(state: Any, head: bytes) -> bytes:
     if method not in _METHODS:
         return response(405, TEXT, b"method not allowed")
     try:
-        status, content_type, body = endpoint(state)
+        reply = endpoint(state)
+        status, content_type, body = await reply if asyncio.iscoroutine(reply) else reply
     except Exception:  # a bug in a stats source: answer 500, keep the listener
         log.exception("admin %s %s failed", method, path)
         return response(500, TEXT, b"internal error", head=is_head)
@@ -379,7 +407,8 @@ class AdminServer:
             except asyncio.IncompleteReadError:
                 return  # closed before a whole head: nobody to answer
             else:
-                reply = answer(self.state, head[:-4])
+                self._waiting.pop(writer, None)  # being answered: not one to make room for
+                reply = await answer(self.state, head[:-4])
                 whole = True
             self._waiting.pop(writer, None)
             writer.write(reply)

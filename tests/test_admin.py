@@ -487,3 +487,54 @@ def test_a_failing_stats_source_answers_500_and_the_listener_stays():
             admin.close()
 
     _run(scenario)
+
+
+def test_a_scrape_of_many_queues_lets_the_loop_serve_others_meanwhile(monkeypatch):
+    """With thousands of queues a /metrics or /stats.json document is megabytes: its numbers
+    are gathered a slice of time at a time and its text made on a thread, so the loop serves
+    its clients meanwhile (an audit: 4,000 queues held every memcache client ~0.7 s per
+    scrape). A queue deleted during the scrape is left out, not an error."""
+    from erq import admin as admin_module
+    from erq.admin import AdminServer
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    monkeypatch.setattr(admin_module, "SLICE", 0.0)  # a pass of the loop after every queue
+    queues = QueueCollection(Config(), None)
+    state = ServerState(Config(), queues, None)
+    state.ready = True
+    names = [f"q{i:04d}" for i in range(300)]
+    for name in names:
+        queues.add(name, b"x", 0, 0)
+
+    async def scenario() -> None:
+        admin = AdminServer(state)
+        port = await admin.start("127.0.0.1", 0)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                if ticks == 50:
+                    queues.delete("q0299")
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            reply = Reply(await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))
+            assert reply.status == 200
+            assert ticks >= 250, ticks  # served between the queues, not after all of them
+            lines = reply.body.decode().splitlines()
+            items = [line for line in lines if line.startswith("erq_queue_items{")]
+            assert len(items) == 299 and 'queue="q0299"' not in reply.body.decode()
+            before = ticks
+            reply = Reply(await _exchange(port, b"GET /stats.json HTTP/1.1\r\n\r\n"))
+            assert reply.status == 200 and ticks - before >= 250
+            assert sorted(json.loads(reply.body)["queues"]) == names[:-1]
+        finally:
+            task.cancel()
+            admin.close()
+
+    _run(scenario)
