@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "data_dir"
     )
     jsub.add_parser(
-        "pack", help="compact every journal of a stopped server (or one queue's directory)"
+        "pack",
+        help="compact every journal of a stopped server (or one queue's directory); "
+        "exit 1 if one had damage (repaired as a start does) or could not be packed",
     ).add_argument("data_dir")
     sub.add_parser(
         "example-config",
@@ -154,11 +156,18 @@ def _journal(ns: argparse.Namespace) -> int:
     from .journal import tool
 
     out, err = sys.stdout, sys.stderr
-    if ns.journal_command == "dump":
-        return tool.dump(ns.queue_dir, out, err)
-    if ns.journal_command == "check":
-        return tool.check(ns.data_dir, out, err)
-    return tool.pack(ns.data_dir, out, err)
+    try:
+        if ns.journal_command == "dump":
+            return tool.dump(ns.queue_dir, out, err)
+        if ns.journal_command == "check":
+            return tool.check(ns.data_dir, out, err)
+        return tool.pack(ns.data_dir, out, err)
+    except BrokenPipeError:
+        raise  # the reader of the output is gone (main ends quietly)
+    except OSError as exc:  # cannot read a file or a directory at all (permissions, say)
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.write(f"erq journal {ns.journal_command}: {where}{exc.strerror or exc}\n")
+        return 2  # the tool could not do its work: not a verdict on the journal
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,3 +176,54 @@ def test_pack_refuses_a_directory_it_cannot_lock():
     out = io.StringIO()
     assert tool.pack("/proc/self", out) == 2
     assert "/proc/self: cannot lock it: " in out.getvalue()
+
+
+def test_check_and_dump_report_a_misplaced_segment_as_recovery_will_treat_it(data_dir):
+    """A copy of segment 1 under another segment's name: recovery sets it aside unread (its
+    records would replay twice), so check must not call it clean, nor dump list it again."""
+    first, *rest = segment_files(data_dir / "jobs")
+    stray = first.with_name("%016x.seg" % (int(rest[-1].name.split(".")[0], 16) + 5))
+    stray.write_bytes(first.read_bytes())
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1
+    assert f"{stray}: bad segment header (header names segment 1): a misplaced file" in (
+        out.getvalue()
+    )
+    out = io.StringIO()
+    assert tool.dump(data_dir / "jobs", out) == 1
+    records = [line for line in out.getvalue().splitlines() if not line.startswith(("#", "/"))]
+    assert len(records) == 100 + 90 + 1 + 1 + 1  # as without the copy
+    journal, rec = QueueJournal.open(data_dir / "jobs", fsync="never")
+    journal.close()
+    assert [it.id for it in rec.items] == [91, 101]  # the server's view agrees
+
+
+def test_a_journal_tool_that_cannot_read_its_files_exits_2_with_one_line(
+    data_dir, monkeypatch, capsys
+):
+    """A permission problem is no verdict on the journal: exit 2 (could not do its work) and
+    one line naming the file, not a traceback and the 1 that means damage."""
+    from erq import cli
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(data_dir / "jobs"))
+
+    monkeypatch.setattr(tool, "check", denied)
+    assert cli.main(["journal", "check", str(data_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"erq journal check: {data_dir / 'jobs'}: Permission denied\n"
+    )
+
+
+def test_pack_repairs_damage_as_a_start_does_and_exits_1_to_say_it_found_some(data_dir):
+    first, *_ = segment_files(data_dir / "jobs")
+    raw = bytearray(first.read_bytes())
+    start, end = record_spans(raw)[3]  # a record in the middle of the first segment
+    raw[start + 12] ^= 0xFF
+    first.write_bytes(bytes(raw))
+    out = io.StringIO()
+    assert tool.pack(data_dir, out) == 1
+    assert f"{first}" in out.getvalue() and "jobs: 2 item(s)" in out.getvalue()
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 0  # repaired: only pack's status tells of it
+    assert tool.pack(data_dir, io.StringIO()) == 0

@@ -80,8 +80,7 @@ def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
     segments, bad = [], 0
     for path in paths:
         try:
-            segments.append(Segment.open(path, writable=False))
-            continue
+            seg = Segment.open(path, writable=False)
         except SegmentVersionError as exc:
             out.write(f"{path}: {exc}: not read\n")
             bad += 1
@@ -89,6 +88,19 @@ def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
         except SegmentHeaderError as exc:
             out.write(f"{path}: bad segment header ({exc})\n")
             bad += 1
+        else:
+            if seg.seq == parse_segment_name(path.name):
+                segments.append(seg)
+                continue
+            # A sound header naming another segment: a misplaced file, which recovery sets
+            # aside unread (a copy of another segment would replay its records twice).
+            out.write(
+                f"{path}: bad segment header (header names segment {seg.seq}): a misplaced "
+                "file, which recovery sets aside unread\n"
+            )
+            seg.close()
+            bad += 1
+            continue
         try:
             segments.append(
                 Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
@@ -211,7 +223,9 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
 
 def pack(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -> int:
     """Compact every queue's journal under ``data_dir`` (recovering each first), or the one
-    queue's if ``data_dir`` is a queue's directory."""
+    queue's if ``data_dir`` is a queue's directory: 0 packed, 1 if a journal could not be
+    packed or had damage (repaired as a start repairs it, each problem reported): the
+    snapshot no longer shows it, so ``pack && check`` must not pass for clean."""
     err = out if err is None else err
     root = Path(data_dir)
     if _not_a_directory(root, err):
@@ -248,6 +262,8 @@ def _pack_all(root: Path, out: TextIO) -> int:
             continue
         for warning in recovery.warnings:
             out.write(f"{warning}\n")
+        if recovery.warnings:
+            status = 1
         items = len(recovery.items) + recovery.disk_items
         records_before = journal.used_bytes
         try:
