@@ -22,7 +22,7 @@ from erq import clock as _clock
 from erq.clock import now_ms
 from erq.datadir import remove_queue_dir
 from erq.item import Item
-from erq.journal_api import JournalError, TooManyQueues
+from erq.journal_api import JournalError, RecoveryStopped, TooManyQueues
 from erq.names import valid_queue_name
 from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, Queue
 
@@ -39,11 +39,6 @@ _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
 # compiled, a restore is a C loop of ~0.2 s per million items (and the list's release another
 # ~0.06 s), which would keep the loop thread from answering the admin port for that long.
 _RESTORE_SLICE = 1 << 16
-
-
-class RecoveryStopped(Exception):
-    """Start-up recovery was asked to stop (the server got SIGTERM or SIGINT while replaying);
-    the queues opened so far are closed again, and the next start replays them anew."""
 
 
 def _removed(ticket: Any, queue: Queue, item_id: int) -> None:

@@ -188,6 +188,7 @@ class Server:
         self._commit = GroupCommit(loop)
 
         def open_journal(directory: Path, qcfg):
+            recovering = self.state is None or not self.state.ready
             return QueueJournal.open(
                 directory,
                 fsync=qcfg.fsync,
@@ -195,6 +196,7 @@ class Server:
                 max_journal_size=qcfg.max_journal_size,
                 commit=self._commit,
                 item_overhead=ITEM_OVERHEAD,
+                stop=self._stop_recovery if recovering else None,  # a stop signal, at once
             )
 
         queues = QueueCollection(

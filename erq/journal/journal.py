@@ -174,11 +174,13 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         max_journal_size: int = 1 * GiB,
         commit=None,
         item_overhead: int = 0,
+        stop=None,
     ) -> tuple[QueueJournal, Recovery]:
         """Open (creating the directory if missing) and replay a queue's journal.
 
         Recovery reads items into memory up to ``max_memory_size``, counting their data plus
-        ``item_overhead`` bytes each (what the queue spends per item in RAM).
+        ``item_overhead`` bytes each (what the queue spends per item in RAM). ``stop``, a
+        ``threading.Event``, set meanwhile ends the replay with RecoveryStopped.
 
         Reads that were open at the crash are back at the head of ``Recovery.items``; an
         UNREMOVE is journaled for each, so the journal states the same order from now on.
@@ -198,7 +200,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                 max_journal_size=max_journal_size,
                 commit=commit,
             )
-            result = replay(directory, max_memory_size, item_overhead)
+            result = replay(directory, max_memory_size, item_overhead, stop)
         except OSError as exc:
             # Out of descriptors, disk full, no permission: a request that would create the
             # queue gets SERVER_ERROR, and a new queue's directory is not left behind.

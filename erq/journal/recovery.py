@@ -33,9 +33,9 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ..journal_api import JournalError
+from ..journal_api import JournalError, RecoveryStopped
 from . import codec
 from .diskitems import DiskItems, low_halves
 from .format import (
@@ -347,10 +347,21 @@ def _repair_header(seg: Segment, found: bytes, warnings: list[str]) -> None:
         warnings.append(f"{seg.path}: cannot write its header again: {exc.strerror or exc}")
 
 
-def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> ReplayResult:
+def _stop_if_asked(halt: Any, seg: Segment) -> None:
+    if halt is not None and halt.is_set():
+        raise RecoveryStopped(str(seg.path))
+
+
+def replay(
+    directory: Path, max_memory_size: int, item_overhead: int = 0, stop: Any = None
+) -> ReplayResult:
     """Open and replay every segment of ``directory`` (see the module doc). Each item read
     into memory is charged its data plus ``item_overhead`` bytes against ``max_memory_size``
-    (what the queue holding it spends on it: the same budget as while it runs)."""
+    (what the queue holding it spends on it: the same budget as while it runs).
+
+    ``stop`` (a ``threading.Event``) set meanwhile raises RecoveryStopped at the next window
+    of records (_DROP_BYTES): a stop signal must not wait for the replay of a whole large
+    queue, which takes tens of seconds in the pure-Python build."""
     warnings: list[str] = []
     found, max_seq, aside = _list_directory(directory)
     segments, damaged_headers = _open_segments(found, warnings)
@@ -366,6 +377,7 @@ def replay(directory: Path, max_memory_size: int, item_overhead: int = 0) -> Rep
             max_memory_size,
             item_overhead,
             damaged=bool(gaps),  # compacted soon: the report stays until then
+            halt=stop,
         )
     except BaseException:
         for seg in segments:
@@ -381,6 +393,7 @@ def _replay(
     max_memory_size: int,
     item_overhead: int,
     damaged: bool,
+    halt: Any = None,
 ) -> ReplayResult:
     tail = codec.ReplayTail()  # queued ids in ADD order, with their positions
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
@@ -397,6 +410,8 @@ def _replay(
         id_floor = max(id_floor, seg.id_floor)
         duplicates: list[int] = []
 
+        _stop_if_asked(halt, seg)
+
         def read(start: int, end: int, seg=seg, base=index << _POS_SHIFT, dups=duplicates):
             # A window of _DROP_BYTES at a time, dropping the pages read between two: a
             # snapshot segment holds the whole queue, which must not all be mapped at once.
@@ -409,6 +424,7 @@ def _replay(
                 )
                 if limit == end:
                     return status, stop
+                _stop_if_asked(halt, seg)
                 # Where the window ends the record at ``stop`` may not: judge it on the range.
                 status, after = codec.check_record(mm, stop, end)
                 if status != REC_VALID:
@@ -438,7 +454,7 @@ def _replay(
     head.clear()
     queued = tail.take_positions()  # the bulk, in ADD order: the tail is left empty
     items, mem_bytes, record_bytes, disk = _load(
-        front, queued, segments, max_memory_size, item_overhead
+        front, queued, segments, max_memory_size, item_overhead, halt
     )
     recovery = Recovery(
         items=items,
@@ -464,6 +480,7 @@ def _load(
     segments: list[Segment],
     max_memory_size: int,
     item_overhead: int,
+    halt: Any = None,
 ):
     """Read the head of the queue (the positions in ``front``, then those in ``queued``)
     into memory up to ``max_memory_size`` bytes (data plus ``item_overhead`` per item); keep
@@ -492,6 +509,7 @@ def _load(
         if mem_bytes - dropped >= _DROP_BYTES:
             # The items are copied out: their pages need not stay mapped beside the copies.
             dropped = mem_bytes
+            _stop_if_asked(halt, segments[0])
             for seg in segments:
                 seg.drop_pages()
     disk = DiskItems()
