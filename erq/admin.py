@@ -294,9 +294,23 @@ def request_path(target: bytes) -> str:
     return urllib.parse.unquote(text.split("?", 1)[0].split("#", 1)[0])
 
 
+async def read_head(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """A request head, up to and without its blank line. Lines may end in a bare LF, which
+    RFC 9112 lets a server accept (``printf 'GET /healthz HTTP/1.0\\n\\n' | nc``).
+    LimitOverrunError past ``limit`` bytes, IncompleteReadError if the client ends first."""
+    head = b""
+    while True:
+        line = await reader.readuntil(b"\n")
+        if line in (b"\r\n", b"\n"):
+            return head
+        head += line
+        if len(head) > limit:
+            raise asyncio.LimitOverrunError("request head too large", len(head))
+
+
 async def answer(state: Any, head: bytes) -> bytes:
     """The response to one request head (request line and headers, without the blank line)."""
-    match = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
+    match = _REQUEST_LINE.fullmatch(head.split(b"\n", 1)[0].removesuffix(b"\r"))
     if match is None:
         return response(400, TEXT, b"bad request")
     method = match[1].decode("ascii")
@@ -399,7 +413,7 @@ class AdminServer:
             whole = False
             try:
                 async with asyncio.timeout(self.timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    head = await read_head(reader, self.max_head)
             except asyncio.LimitOverrunError:
                 reply = response(431, TEXT, b"request head too large")
             except TimeoutError:
@@ -408,7 +422,7 @@ class AdminServer:
                 return  # closed before a whole head: nobody to answer
             else:
                 self._waiting.pop(writer, None)  # being answered: not one to make room for
-                reply = await answer(self.state, head[:-4])
+                reply = await answer(self.state, head)
                 whole = True
             self._waiting.pop(writer, None)
             writer.write(reply)

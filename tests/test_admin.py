@@ -538,3 +538,28 @@ def test_a_scrape_of_many_queues_lets_the_loop_serve_others_meanwhile(monkeypatc
             admin.close()
 
     _run(scenario)
+
+
+def test_a_head_of_bare_lf_lines_is_answered_and_a_head_of_many_lines_has_a_limit():
+    """RFC 9112 lets a server take a bare LF for CRLF (``printf 'GET /healthz HTTP/1.0\\n\\n' |
+    nc``): it used to wait for its 10 s timeout and a 408. The head's limit holds across its
+    lines, not only within one."""
+    from erq.admin import MAX_HEAD, AdminServer
+
+    state = SimpleNamespace(ready=True, status="UP")
+
+    async def scenario() -> None:
+        admin = AdminServer(state)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            for request in (b"GET /healthz HTTP/1.0\n\n", b"GET /readyz HTTP/1.1\nHost: x\n\n"):
+                reply = Reply(await asyncio.wait_for(_exchange(port, request), 5))
+                assert reply.status == 200, request
+            many = b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * (MAX_HEAD // 8 + 1) + b"\r\n"
+            assert Reply(await _exchange(port, many)).status == 431
+            reply = Reply(await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))
+            assert (reply.status, reply.body) == (200, b"ok")
+        finally:
+            admin.close()
+
+    _run(scenario)
