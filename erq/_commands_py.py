@@ -276,8 +276,7 @@ class KeyWaiter:
 
     def gone(self) -> bool:
         """Its client is gone already: the queue hands the item to the next waiter."""
-        gone = self.op.session.gone
-        return gone is not None and gone()
+        return self.op.session.gone()
 
     def expire(self) -> None:
         if self.active:

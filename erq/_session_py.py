@@ -47,6 +47,10 @@ OPEN_NAMES_SLACK = 64
 SYNC_FAILED = b"SERVER_ERROR journal sync failed\r\n"
 
 
+def _never_gone() -> bool:
+    return False
+
+
 def request_size(request: tuple) -> int:
     """The bytes a parsed request holds, roughly: its value, keys or arguments, and a little
     for the tuple (what a pipeline held back costs in memory)."""
@@ -95,8 +99,9 @@ class Session:
         self.resumes_next_pass = False  # blocked is a get that gave way to the loop
         self.input_ended = False  # the client shut its side; what it sent runs on (end_of_input)
         # Whether the client is gone, as its transport and the kernel know now (the protocol
-        # sets it): a blocked get is not handed an item then. None: never asked.
-        self.gone: Callable[[], bool] | None = None
+        # sets it): a blocked get is not handed an item then. A session without a transport
+        # (tests driving it directly) never is.
+        self.gone: Callable[[], bool] = _never_gone
 
     # ---- pipeline ----------------------------------------------------------------------
     # A read's requests are run by commands.feed (a C call within the compiled commands

@@ -148,8 +148,7 @@ class MonitorWaiter:
         self.op.woken(item)
 
     def gone(self) -> bool:
-        gone = self.op.session.gone
-        return gone is not None and gone()
+        return self.op.session.gone()
 
 
 def cmd_monitor(session: Session, args: list[bytes]) -> None:
