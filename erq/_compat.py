@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import import_module
 from importlib.util import find_spec
 
 NO_EXTENSIONS: bool = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
 
+
+# The Cython extensions of erq/_fast (setup.py builds the same list; the wheel test checks it).
+FAST_MODULES: tuple[str, ...] = (
+    "_parser",
+    "_ring",
+    "_records",
+    "_replay",
+    "_append",
+    "_fsync",
+    "_clock",
+    "_wire",
+) + (("_epoll",) if sys.platform.startswith("linux") else ())
 
 # Modules of erq compiled from their pure-Python source (erq/_fast/<name>.py links to it).
 COMPILED_TWINS = ("_queue", "_queues", "_keys", "_session", "_commands", "_state", "_protocol")
@@ -32,21 +45,14 @@ def compiled_twins_built() -> bool:
 
 def _extensions_importable() -> bool:
     try:
-        from ._fast import (  # noqa: F401
-            _append,
-            _clock,
-            _fsync,
-            _parser,
-            _records,
-            _replay,
-            _ring,
-            _wire,
-        )
+        for name in FAST_MODULES:
+            if name != "_epoll":
+                import_module(f"{__package__}._fast.{name}")
     except ImportError:
         return False
     # The epoll layer (Linux) cimports the compiled protocol, which imports this module: it is
     # looked for, not imported.
-    if sys.platform.startswith("linux") and find_spec(f"{__package__}._fast._epoll") is None:
+    if "_epoll" in FAST_MODULES and find_spec(f"{__package__}._fast._epoll") is None:
         return False
     return compiled_twins_built()
 

@@ -18,17 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from erq._compat import FAST_MODULES
+
 ROOT = Path(__file__).resolve().parent.parent
-FAST_MODULES = (
-    "_parser",
-    "_ring",
-    "_records",
-    "_replay",
-    "_append",
-    "_fsync",
-    "_clock",
-    "_wire",
-) + (("_epoll",) if sys.platform.startswith("linux") else ())
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
