@@ -165,9 +165,7 @@ def test_remove_queue_dir_leaves_the_disk_work_to_the_background(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_removals_waiting_for_the_background_share_one_sync_of_their_parent(
-    tmp_path, monkeypatch
-):
+def test_removals_waiting_for_the_background_share_one_sync_of_their_parent(tmp_path, monkeypatch):
     """A burst of deletes: the renames that wait for the worker's pass are synced with one
     flush of the data directory, not one each (~6 ms each on a disk: ~170 deletes a second),
     and no directory's files go before that sync."""

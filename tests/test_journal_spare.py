@@ -255,7 +255,9 @@ def test_an_idle_queue_with_items_keeps_its_segment_and_its_spare(codec, tmp_pat
     run(body)
 
 
-IDLE_SERVER_SCRIPT = SERVES_ON_THEN_STOP + r"""
+IDLE_SERVER_SCRIPT = (
+    SERVES_ON_THEN_STOP
+    + r"""
 import asyncio, json, sys, time
 from pathlib import Path
 import erq.journal.journal as journal_module
@@ -299,6 +301,7 @@ async def main(data_dir):
 
 asyncio.run(main(sys.argv[1]))
 """
+)
 
 
 def test_a_server_gives_back_an_idle_drained_queues_segments_over_a_socket(impl, tmp_path):

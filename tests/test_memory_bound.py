@@ -242,7 +242,9 @@ def test_release_free_memory_hands_freed_heap_pages_back():
     assert released - freed >= 16 * 1024
 
 
-RING_SCRIPT = SERVES_ON_THEN_STOP + r"""
+RING_SCRIPT = (
+    SERVES_ON_THEN_STOP
+    + r"""
 import asyncio, json, sys, tracemalloc
 from erq.config import load_config
 from erq.server import Server
@@ -275,6 +277,7 @@ async def main(data_dir):
 
 asyncio.run(main(sys.argv[1]))
 """
+)
 
 
 def test_the_sweep_gives_back_the_ring_room_of_a_drained_burst(impl, tmp_path):
