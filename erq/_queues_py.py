@@ -35,10 +35,12 @@ log = logging.getLogger("erq.queues")
 # once, so that a set allocates neither a tuple nor a list for it.
 _STORED_NO_TICKETS = (STORED, ())
 _NOT_STORED_NO_TICKETS = (NOT_STORED, ())
-# Recovery restores a queue's items this many at a time, and lets go of the GIL in between:
-# compiled, a restore is a C loop of ~0.2 s per million items (and the list's release another
-# ~0.06 s), which would keep the loop thread from answering the admin port for that long.
-_RESTORE_SLICE = 1 << 16
+# Recovery restores a queue's items this many at a time, and lets go of the GIL and looks at
+# the stop event in between: compiled, a restore is a C loop of ~0.2 s per million items (and
+# the list's release another ~0.06 s), which would keep the loop thread from answering the
+# admin port for that long; the pure-Python build's is ~5 s per million, which a stop signal
+# would wait for.
+_RESTORE_SLICE = 1 << 14
 
 
 def _removed(ticket: Any, queue: Queue, item_id: int) -> None:

@@ -399,3 +399,24 @@ def test_a_stop_asked_during_the_replay_of_one_queue_ends_it_at_the_next_window(
     journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", max_memory_size=1 << 30)
     assert len(rec.items) == 3000
     journal.close()
+
+
+def test_a_stop_asked_while_small_items_are_loaded_ends_the_load(codec, tmp_path, monkeypatch):
+    """Loading a queue's items into memory looks at the stop every _LOAD_STOP_CHECK items, not
+    only every 4 MiB of their data: 10-byte items took ~400,000 items between two looks, and a
+    stop signal waited seconds for the pure-Python build (an audit: up to 7 s)."""
+    from erq.journal import recovery as recovery_module
+    from erq.journal_api import RecoveryStopped
+
+    monkeypatch.setattr(recovery_module, "_LOAD_STOP_CHECK", 1000)
+    journal, _ = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 << 20)
+    for i in range(1, 20_001):
+        journal.add(i, 0, 0, 0, b"0123456789")  # one segment, one window of records
+    journal.close()
+    stop = StopAfter(3)  # the segment's look, then the load's after 1,000 and 2,000 items
+    with pytest.raises(RecoveryStopped):
+        QueueJournal.open(tmp_path / "q", fsync="never", stop=stop, max_memory_size=1 << 30)
+    assert stop.looks == 3
+    journal, rec = QueueJournal.open(tmp_path / "q", fsync="never", max_memory_size=1 << 30)
+    assert [item.id for item in rec.items] == list(range(1, 20_001))
+    journal.close()

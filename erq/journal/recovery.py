@@ -58,6 +58,9 @@ _U32 = struct.Struct("<I")
 _POS_SHIFT = 40  # a replay position is segment index << 40 | offset
 _POS_MASK = (1 << _POS_SHIFT) - 1
 _DROP_BYTES = 4 << 20  # bytes read through a mapping between two drops of its pages
+# Items loaded into memory between two looks at the stop event: small items reach
+# _DROP_BYTES only after ~400,000 of them, seconds of the pure-Python build's loading.
+_LOAD_STOP_CHECK = 1 << 12
 LEFTOVER_SUFFIXES = (".seg.new", ".seg.tmp")  # interrupted creation or compaction
 DAMAGED_SUFFIX = ".damaged"
 HEADER_SUFFIX = ".header" + DAMAGED_SUFFIX  # a damaged header, kept beside its segment
@@ -360,7 +363,8 @@ def replay(
     (what the queue holding it spends on it: the same budget as while it runs).
 
     ``stop`` (a ``threading.Event``) set meanwhile raises RecoveryStopped at the next window
-    of records (_DROP_BYTES): a stop signal must not wait for the replay of a whole large
+    of records (_DROP_BYTES) or, while items are loaded, the next _LOAD_STOP_CHECK items: a
+    stop signal must not wait for the replay of a whole large
     queue, which takes tens of seconds in the pure-Python build."""
     warnings: list[str] = []
     found, max_seq, aside = _list_directory(directory)
@@ -506,10 +510,11 @@ def _load(
         mem_bytes += size
         record_bytes += size + ADD_OVERHEAD
         i += 1
+        if not i % _LOAD_STOP_CHECK:
+            _stop_if_asked(halt, segments[0])
         if mem_bytes - dropped >= _DROP_BYTES:
             # The items are copied out: their pages need not stay mapped beside the copies.
             dropped = mem_bytes
-            _stop_if_asked(halt, segments[0])
             for seg in segments:
                 seg.drop_pages()
     disk = DiskItems()
