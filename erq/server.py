@@ -368,6 +368,9 @@ class Server:
         self.config = new
         state.config = new
         state.queues.reconfigure(new)
+        # A shorter expiry_sweep applies from now, not once the old period has run out.
+        sooner = state.loop.time() + new.server.expiry_sweep / 1000.0 - 0.001
+        self._next_expiry = min(self._next_expiry, sooner)
         for proto in state.connections:  # open connections too: a pool's may never close
             proto.parser.set_limits(new.server.max_line, new.server.max_item_size)
         if new.path is None:

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -442,3 +443,21 @@ def test_max_queues_refuses_a_new_queue_and_keeps_serving_the_others(erq_factory
     assert c.get("q4") == b"VALUE q4 0 1\r\nw\r\nEND\r\n"  # all four are served
     assert c.set("q5", b"w") == TOO_MANY_QUEUES.replace(b"= 3", b"= 2")
     assert "4 queues in the data directory, more than max_queues = 2" in proc.read_log()
+
+
+def test_reload_to_a_shorter_expiry_sweep_applies_it_from_then(erq_factory):
+    """An expiry_sweep cut by a reload took effect only once the old period had run out (an
+    audit: 20 s -> 200 ms, the expired item swept ~19.7 s after the reload)."""
+    proc = erq_factory(config='[server]\nexpiry_sweep = "60s"\n')
+    c = proc.client()
+    assert c.set("q", b"soon", exptime=1) == STORED
+    time.sleep(1.2)  # expired now; the first sweep ran at start, the next is a minute away
+    assert c.stats()["queue_q_items"] == "1"
+    proc.write_config('[server]\nexpiry_sweep = "200ms"\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    stats = poll(
+        lambda: (s := c.stats())["queue_q_items"] == "0" and s,
+        "the expired item swept after the reload",
+        timeout=5.0,
+    )
+    assert stats["queue_q_expired_items"] == "1"
