@@ -244,7 +244,9 @@ class Item(_ItemBase):
     def confirm(self) -> bool:
         """Confirm on the server that handed it out. False when the outcome is unknown: the
         connection broke (the server puts back a read it still held, which may then be
-        delivered again) or no reply came in time (a hung server may yet confirm it)."""
+        delivered again) or no reply came in time (a hung server may yet confirm it). True
+        too for a read the server's ``open_timeout`` had already put back, which the server
+        does not tell apart in its answer: that item comes again."""
         return self._client.confirm(self)
 
     def abort(self) -> bool:

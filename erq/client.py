@@ -24,9 +24,10 @@ goes back to its server's queue, and its ``confirm()``/``abort()`` return False.
 outcome is unknown, not that the item will come again: when no reply came in time, a hung server
 may still have confirmed it when it woke up.
 
-A server's ``open_timeout`` takes a read back without telling its client, and the protocol's
-``/close`` confirms the connection's oldest open read, whichever that is now: confirm well within
-that time, or the confirmation lands on a later read.
+A server's ``open_timeout`` takes a read back without telling its client. The ``/close`` that a
+``confirm()`` of that item sends later is used up by it and confirms nothing (never a later read
+the connection holds), but the server answers it as any other, so ``confirm()`` still returns
+True and the item is delivered again: confirm well within that time.
 
 Servers in Kestrel's wire mode (``--compat kestrel``, and Kestrel itself) name the bare queue in
 their ``VALUE`` lines; both clients take that as the answer to the key they sent.
