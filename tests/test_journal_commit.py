@@ -839,3 +839,33 @@ def test_deleting_a_journal_leaves_its_files_to_a_thread(codec, tmp_path, monkey
         assert list(tmp_path.iterdir()) == []
 
     run(main())
+
+
+def test_failing_periodic_fsyncs_are_logged_once_then_their_recovery(
+    codec, tmp_path, monkeypatch, run, caplog
+):
+    """A periodic fsync that keeps failing is retried every period; it logged a warning each
+    time (an audit: 49 lines in 6 s for a deleted data directory), now one for the streak
+    and one when a sync works again."""
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        (journal,) = open_journals(tmp_path, commit, 1, fsync=1)
+        spy = FdatasyncSpy(monkeypatch, fail=True)
+        journal.add(1, 0, 0, 0, b"a")
+        await spy.wait_entered(4)  # the first sync and three retries, a period apart
+        spy.fail = False
+        await spy.wait_entered()
+        for _ in range(100):  # its done-callback runs on the loop after the sync returns
+            if journal.periodic_sync_failures == 0:
+                break
+            await asyncio.sleep(0.01)
+        journal.close()
+        commit.close()
+
+    with caplog.at_level("WARNING", logger="erq.journal"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "periodic fsync" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "failed" in lines[0] and "injected I/O error" in lines[0]
+    assert "works again" in lines[1]

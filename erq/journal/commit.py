@@ -410,8 +410,23 @@ class GroupCommit:
     ) -> None:
         exc = done.exception()
         if exc is not None:
-            log.warning("periodic fsync of %s failed: %s", journal.directory, exc)
+            # Retried every period until it works: one line for the streak, not one a period.
+            journal.periodic_sync_failures += 1
+            if journal.periodic_sync_failures == 1:
+                log.warning(
+                    "periodic fsync of %s failed: %s (retried every period; logged again "
+                    "once it works)",
+                    journal.directory,
+                    exc,
+                )
             journal.restore_dirty(targets)
+        elif journal.periodic_sync_failures:
+            log.warning(
+                "periodic fsync of %s works again, after %d failed",
+                journal.directory,
+                journal.periodic_sync_failures,
+            )
+            journal.periodic_sync_failures = 0
 
     # ---- other work off the loop ------------------------------------------------------------
     def background(self, work: Callable[[], object]) -> None:

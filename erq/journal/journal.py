@@ -159,6 +159,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._spares = 0  # spare files made: their names
         self._closed = False
         self.rotations = 0  # segments sealed because they were full or for a compaction
+        self.periodic_sync_failures = 0  # in a row: the first is logged, then the recovery
         self._init_reclaiming()
         self._init_healing(directory)
 
