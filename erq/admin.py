@@ -152,7 +152,8 @@ _HELP = {
     "uptime": "Seconds since the server started.",
     "curr_connections": "Open memcache connections.",
     "total_connections": "Memcache connections made (those refused by max_connections too).",
-    "cmd_get": "Keys of get requests that reached a fetch (misses included, peeks not).",
+    "cmd_get": "Keys of get requests that reached a fetch or were refused (misses included, "
+    "peeks not).",
     "cmd_set": "set requests.",
     "cmd_peek": "Keys of get requests that peeked.",
     "get_hits": "Fetches and peeks that found an item.",

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_parser(
         "pack",
         help="compact every journal of a stopped server (or one queue's directory); "
-        "exit 1 if one had damage (repaired as a start does) or could not be packed",
+        "exit 1 if one had damage (repaired as a start does) or could not be packed, 2 if "
+        "nothing could be done (a server holds the directory, or it cannot be read)",
     ).add_argument("data_dir")
     sub.add_parser(
         "example-config",
