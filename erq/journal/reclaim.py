@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from ..datadir import fsync_directory
 from ..journal_api import JournalError
 from .compaction import SnapshotJob
 from .format import ADD_OVERHEAD, HEADER_FLAG_AFTER_SNAPSHOT, HEADER_SIZE
@@ -140,6 +141,75 @@ class Reclaiming:
         self._job = job
         job.start()
         return job
+
+    def pack(self, memory_items: Sequence) -> int:
+        """Offline (``erq journal pack``): rewrite the journal as one snapshot of its live
+        state, then close it; returns the record bytes left (headers included, as
+        ``used_bytes``). ``memory_items``: the recovered items in RAM, in queue order (the
+        not-in-memory ones are the journal's own). Nothing may be open: recovery put the
+        reads open at the crash back at the head.
+
+        The snapshot is the only file afterwards and holds only the live items' ADDs (no
+        history; a drained queue keeps a header, which carries its next id), and no room
+        after them: the next start's first append starts a segment as a rotation does (of the
+        first size for a drained queue, at most the segment size after a large snapshot), so
+        the snapshot never takes appends, nor lends its size to a compaction's rotation, and
+        it is released once its items are gone. Crash-safe as compaction is (write, fsync, rename, fsync the directory, delete
+        the old segments): at any point a start reads either the old segments or the
+        snapshot. A journal already in that shape is left as it is. Raises JournalError if
+        the snapshot could not be made (the old segments stay)."""
+        try:
+            self._poll_compaction()
+            if self._job is not None or self._closed or self._lost:
+                raise JournalError(f"the journal in {self.directory} cannot be packed now")
+            if not self._segments:
+                return 0  # nothing was ever written, or every segment was set aside
+            items = list(memory_items)
+            live = self._disk.nbytes + self._disk.count * ADD_OVERHEAD
+            live += sum(len(item.data) + ADD_OVERHEAD for item in items)
+            used = self.used_bytes
+            if (
+                len(self._segments) == 1
+                and not self._needs_rewrite
+                and used == HEADER_SIZE + live  # nothing but live ADDs: queue order
+                and self._segments[0].size == used  # and no room after them
+            ):
+                return used
+            self._seal_current()
+            old = list(self._segments)
+            job = SnapshotJob(
+                self.directory,
+                self._next_seq,
+                self._id_floor_now(),
+                (),
+                items,
+                self._disk.runs(),
+                old,
+            )
+            self._next_seq += 1
+            job.run()  # on this thread: nothing else goes on meanwhile
+            if job.error is not None or job.segment is None:
+                raise JournalError(
+                    f"cannot pack the journal in {self.directory}: {job.error}"
+                ) from job.error
+            job.segment.close()
+            self._forget(old)  # deleted (or superseded): no sync of theirs is due
+            for segment in old:
+                segment.close()
+            if any(os.path.lexists(segment.path) for segment in old):
+                # The directory sync or an unlink failed (logged): the snapshot is in place,
+                # the old segments are superseded, and the next start deletes them.
+                raise JournalError(
+                    f"{self.directory}: packed, but the old segments are still there (the "
+                    "next start deletes them)"
+                )
+            try:
+                fsync_directory(self.directory)  # the deletions
+            except OSError as exc:
+                raise JournalError(f"fsync of {self.directory} failed: {exc}") from exc
+            return job.size
+        finally:
+            self.close()
 
     def wait_compaction(self) -> None:
         """Block until a running compaction has ended and been swapped in."""

@@ -255,7 +255,8 @@ def _pack_all(root: Path, out: TextIO) -> int:
     for directory in _queue_dirs(root):
         before = sum(path.stat().st_size for path in _segment_paths(directory))
         try:
-            journal, recovery = QueueJournal.open(directory, fsync="never")
+            # No item is read into memory: the snapshot copies the live records as they are.
+            journal, recovery = QueueJournal.open(directory, fsync="never", max_memory_size=0)
         except (JournalError, OSError) as exc:
             out.write(f"{directory}: cannot open: {exc}\n")
             status = 1
@@ -267,18 +268,14 @@ def _pack_all(root: Path, out: TextIO) -> int:
         items = len(recovery.items) + recovery.disk_items
         records_before = journal.used_bytes
         try:
-            journal.compact([], recovery.items, wait=True)
-            error = journal.last_compaction_error
-            records_after = journal.used_bytes
-        finally:
-            journal.close()
-        if error is not None:
-            out.write(f"{directory}: compaction failed: {error}\n")
+            records_after = journal.pack(recovery.items)  # and closes it
+        except JournalError as exc:
+            out.write(f"{directory}: {exc}\n")
             status = 1
+            records_after = records_before  # the old segments are still the journal
         after = sum(path.stat().st_size for path in _segment_paths(directory))
-        # Files are preallocated: their size can grow by a fresh segment while records shrink.
         out.write(
             f"{directory.name}: {items} item(s), records {records_before:,} -> "
-            f"{records_after:,} bytes, files {before:,} -> {after:,} bytes (preallocated)\n"
+            f"{records_after:,} bytes, files {before:,} -> {after:,} bytes\n"
         )
     return status
