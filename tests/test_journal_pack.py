@@ -247,6 +247,11 @@ def test_pack_leaves_only_the_live_items_and_a_start_gives_them_back(
     c = server.client()
     for queue, items_now in expected.items():
         assert drain(c, queue) == items_now, queue
+    for queue in expected:  # and they take writes again (a fanout child gets its parent's)
+        assert c.set(queue, b"after", 3) == STORED
+    for queue in expected:
+        copies = 1 + ("+" in queue and queue.partition("+")[0] in expected)
+        assert drain(c, queue) == [(b"after", 3)] * copies, queue
 
 
 def test_a_server_appends_after_a_pack_and_gives_the_snapshot_back_once_drained(
