@@ -342,7 +342,7 @@ def _kill_dir(root: Path) -> Path:
     b.close()
     c, _ = QueueJournal.open(data / "c", fsync="never", segment_size=8 << 10)
     for i in range(1, 41):
-        c.add(i, 0, 1, 0, payload(i, 500))
+        c.add(i, 0, 1, 0, payload(i, 500) if i % 4 else b"")
     c.close()
     return data
 

@@ -255,8 +255,12 @@ def _pack_all(root: Path, out: TextIO) -> int:
     for directory in _queue_dirs(root):
         before = sum(path.stat().st_size for path in _segment_paths(directory))
         try:
-            # No item is read into memory: the snapshot copies the live records as they are.
-            journal, recovery = QueueJournal.open(directory, fsync="never", max_memory_size=0)
+            # No item is read into memory (an empty one neither: each costs a byte here), so
+            # the snapshot copies the live records as they are, and a queue of any depth
+            # costs a few bytes of memory per item.
+            journal, recovery = QueueJournal.open(
+                directory, fsync="never", max_memory_size=0, item_overhead=1
+            )
         except (JournalError, OSError) as exc:
             out.write(f"{directory}: cannot open: {exc}\n")
             status = 1
