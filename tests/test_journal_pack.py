@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_journal_support import segment_files, use_codec
 
-from erq.journal import QueueJournal, tool
+from erq.journal import QueueJournal, compaction, reclaim, tool
 from erq.journal.format import ADD_OVERHEAD, HEADER_FLAG_SNAPSHOT, HEADER_SIZE
 from erq.journal.segment import Segment
 
@@ -383,3 +383,48 @@ def test_pack_killed_at_any_step_loses_nothing(impl, tmp_path, monkeypatch):
     for directory in queue_dirs(data):
         assert journal_state(directory) == expected[directory.name]
         assert_packed(directory, expected[directory.name][0])
+
+
+def test_a_pack_that_cannot_rename_its_snapshot_says_so_and_keeps_the_journal(
+    impl, tmp_path, monkeypatch
+):
+    use_codec(impl, monkeypatch)
+    data = _kill_dir(tmp_path)
+    expected = {d.name: journal_state(d) for d in queue_dirs(data)}
+    images = {p: p.read_bytes() for d in queue_dirs(data) for p in segment_files(d)}
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(compaction, "_rename", refused)
+    out = io.StringIO()
+    assert tool.pack(data, out) == 1
+    report = out.getvalue()
+    for directory in queue_dirs(data):
+        assert f"cannot pack {directory}: [Errno 13] Permission denied" in report
+        before = sum(len(images[p]) for p in images if p.parent == directory)
+        assert f"files {before:,} -> {before:,} bytes" in report
+        assert journal_state(directory) == expected[directory.name]
+        assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    # Recovery's own writes aside (the open reads' return to the head), nothing was changed.
+    assert sorted(p for d in queue_dirs(data) for p in segment_files(d)) == sorted(images)
+
+
+def test_a_pack_whose_last_directory_sync_fails_says_so(impl, tmp_path, monkeypatch):
+    use_codec(impl, monkeypatch)
+    data = _kill_dir(tmp_path)
+    expected = {d.name: journal_state(d) for d in queue_dirs(data)}
+
+    def failed(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(reclaim, "fsync_directory", failed)
+    out = io.StringIO()
+    assert tool.pack(data, out) == 1
+    for directory in queue_dirs(data):
+        assert f"{directory}: packed, but the deletion of the old segments may not be durable" in (
+            out.getvalue()
+        )
+        state = journal_state(directory)
+        assert state == expected[directory.name]
+        assert_packed(directory, state[0])

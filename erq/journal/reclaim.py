@@ -157,7 +157,8 @@ class Reclaiming:
         it is released once its items are gone. Crash-safe as compaction is (write, fsync, rename, fsync the directory, delete
         the old segments): at any point a start reads either the old segments or the
         snapshot. A journal already in that shape is left as it is. Raises JournalError if
-        the snapshot could not be made (the old segments stay)."""
+        the snapshot could not be made (the old segments stay); ``last_compaction_error``
+        says so when it was made but the old segments may not all be gone."""
         try:
             self._poll_compaction()
             if self._job is not None or self._closed or self._lost:
@@ -188,10 +189,11 @@ class Reclaiming:
             )
             self._next_seq += 1
             job.run()  # on this thread: nothing else goes on meanwhile
-            if job.error is not None or job.segment is None:
-                raise JournalError(
-                    f"cannot pack the journal in {self.directory}: {job.error}"
-                ) from job.error
+            error = job.error
+            if error is not None and not isinstance(error, Exception):
+                raise error  # Ctrl-C, say: the old segments are intact, the .tmp is gone
+            if error is not None or job.segment is None:
+                raise JournalError(f"cannot pack {self.directory}: {error}") from error
             job.segment.close()
             self._forget(old)  # deleted (or superseded): no sync of theirs is due
             for segment in old:
@@ -199,14 +201,18 @@ class Reclaiming:
             if any(os.path.lexists(segment.path) for segment in old):
                 # The directory sync or an unlink failed (logged): the snapshot is in place,
                 # the old segments are superseded, and the next start deletes them.
-                raise JournalError(
+                self.last_compaction_error = JournalError(
                     f"{self.directory}: packed, but the old segments are still there (the "
                     "next start deletes them)"
                 )
+                return job.size
             try:
                 fsync_directory(self.directory)  # the deletions
             except OSError as exc:
-                raise JournalError(f"fsync of {self.directory} failed: {exc}") from exc
+                self.last_compaction_error = JournalError(
+                    f"{self.directory}: packed, but the deletion of the old segments may not "
+                    f"be durable yet (fsync of the directory failed: {exc})"
+                )
             return job.size
         finally:
             self.close()

@@ -273,10 +273,13 @@ def _pack_all(root: Path, out: TextIO) -> int:
         records_before = journal.used_bytes
         try:
             records_after = journal.pack(recovery.items)  # and closes it
+            error = journal.last_compaction_error
         except JournalError as exc:
-            out.write(f"{directory}: {exc}\n")
-            status = 1
+            error = exc
             records_after = records_before  # the old segments are still the journal
+        if error is not None:  # it says which directory
+            out.write(f"{error}\n")
+            status = 1
         after = sum(path.stat().st_size for path in _segment_paths(directory))
         out.write(
             f"{directory.name}: {items} item(s), records {records_before:,} -> "
