@@ -154,11 +154,12 @@ class Reclaiming:
         after them: the next start's first append starts a segment as a rotation does (of the
         first size for a drained queue, at most the segment size after a large snapshot), so
         the snapshot never takes appends, nor lends its size to a compaction's rotation, and
-        it is released once its items are gone. Crash-safe as compaction is (write, fsync, rename, fsync the directory, delete
-        the old segments): at any point a start reads either the old segments or the
-        snapshot. A journal already in that shape is left as it is. Raises JournalError if
-        the snapshot could not be made (the old segments stay); ``last_compaction_error``
-        says so when it was made but the old segments may not all be gone."""
+        it is released once its items are gone. Crash-safe as compaction is (write, fsync,
+        rename, fsync the directory, delete the old segments): at any point a start reads
+        either the old segments or the snapshot. A journal already in that shape is left as
+        it is. Raises JournalError if the snapshot could not be made (the old segments
+        stay); ``last_compaction_error`` says so when it was made but the old segments may
+        not all be gone."""
         try:
             self._poll_compaction()
             if self._job is not None or self._closed or self._lost:
@@ -191,7 +192,7 @@ class Reclaiming:
             job.run()  # on this thread: nothing else goes on meanwhile
             error = job.error
             if error is not None and not isinstance(error, Exception):
-                raise error  # Ctrl-C, say: the old segments are intact, the .tmp is gone
+                raise error  # Ctrl-C, say: the old segments (or the snapshot) hold it all
             if error is not None or job.segment is None:
                 raise JournalError(f"cannot pack {self.directory}: {error}") from error
             job.segment.close()
