@@ -188,6 +188,15 @@ def test_segments_stay_within_a_quarter_of_max_journal_size(codec, tmp_path):
     free.close()
     journal, rec = open_journal(tmp_path / "limited")
     assert len(rec.items) + rec.disk_items == 3001 and rec.next_id == 3002
+    # but does not lend its size to the segment a compaction starts for the appends
+    journal.compact([], rec.items, wait=True)
+    assert journal._segments[-1].size <= 64 * KiB
+    for i in range(1, 3002):
+        journal.remove(i)
+    journal.add(3002, 0, 0, 0, big)
+    journal.remove(3002)
+    journal.compact([], [], wait=True)  # drained: the history goes
+    assert journal._segments[-1].size <= 64 * KiB
     journal.close()
 
 

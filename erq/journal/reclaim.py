@@ -118,13 +118,18 @@ class Reclaiming:
         if wait:
             self.wait_compaction()
 
+    def _steady_size(self) -> int:
+        """The size of the segment a compaction starts for the appends: the current one's,
+        within the cap (one made larger for a single big record does not pass it on)."""
+        return min(self._segments[-1].size, self._segment_cap)
+
     def _start_snapshot(self, open_items: list, memory_items: list) -> SnapshotJob:
         """Rotate (appends go on in a fresh segment), then write the live state as a snapshot
         of every older segment, on a thread. JournalError if the rotation fails."""
         snapshot_seq = self._next_seq
         self._next_seq += 1
         # Its header tells recovery that the number before it may never be written.
-        size = self._segments[-1].size if self._segments else None
+        size = self._steady_size() if self._segments else None
         self._rotate(0, size, HEADER_FLAG_AFTER_SNAPSHOT)
         old = self._segments[:-1]
         self._reset_counts(len(open_items) + len(memory_items) + self._disk.count, len(open_items))
@@ -257,7 +262,7 @@ class Reclaiming:
             return
         shrink = self._idle_oversized()
         if shrink or self._current_needs_rotation(rewrite):
-            size = self._segments[-1].size
+            size = self._steady_size()
             if shrink:  # start again from the first size, as a new queue does
                 self._drop_spare()
                 size = self._next_size = min(INITIAL_SEGMENT_SIZE, self._segment_size)
