@@ -192,7 +192,10 @@ def test_a_full_disk_raises_journal_error_and_changes_nothing(journals, monkeypa
         journal.disk_items,
         journal.used_bytes,
     ) == counts
-    assert [p.name for p in journal.directory.iterdir()] == ["0000000000000001.seg"]
+    assert sorted(p.name for p in journal.directory.iterdir()) == [
+        "0000000000000001-0000000000000001.range",
+        "0000000000000001.seg",
+    ]
 
 
 @pytest.mark.parametrize(

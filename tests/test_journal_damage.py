@@ -362,7 +362,10 @@ def test_leftovers_of_interrupted_creation_and_compaction_are_removed(codec, tmp
     journal, rec = QueueJournal.open(directory, fsync="never")
     journal.close()
     assert rec.warnings == [] and [it.id for it in rec.items] == [1]
-    assert sorted(p.name for p in directory.iterdir()) == ["0000000000000001.seg"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "0000000000000001-0000000000000001.range",
+        "0000000000000001.seg",
+    ]
 
 
 def test_appends_after_a_torn_tail_go_where_the_tail_was(history, tmp_path):

@@ -419,7 +419,7 @@ def test_a_nonzero_byte_far_into_the_zeros_is_still_a_torn_tail(
     for id in range(1, 4):
         journal.add(id, 0, 0, 0, b"x" * 100)
     journal.close()
-    (segment,) = sorted((tmp_path / "q").iterdir())
+    (segment,) = sorted((tmp_path / "q").glob("*.seg"))
     data = bytearray(segment.read_bytes())
     far = len(data) - 10
     assert far > 3 * 1000 + 3 * 137  # windows of zeros before it

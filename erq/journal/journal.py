@@ -28,11 +28,12 @@ from ..journal_api import JournalError
 from ..startsignals import block_in_this_thread
 from . import codec
 from .diskitems import DiskItems
-from .format import HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
+from .format import HEADER_FLAG_SNAPSHOT, HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
 from .healing import Healing
 from .reclaim import Reclaiming
 from .recovery import RecoveredItem, Recovery, replay
 from .segment import INITIAL_SEGMENT_SIZE, Segment, Spare, discard_spare, round_up
+from .segrange import SegmentRange, write_range
 
 log = logging.getLogger("erq.journal")
 
@@ -126,6 +127,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._max_journal_size = max_journal_size
         self._commit = commit
         self._segments: list[Segment] = []  # oldest first; the last one takes the appends
+        self._range: SegmentRange | None = None  # as the range file states it (segrange.py)
         # The writer of the last segment; with no segment (or once closed) a writer of an
         # empty buffer, which refuses every record, so appends never test for None.
         self._null_writer = codec.SegmentWriter(bytearray(0), 0)
@@ -210,6 +212,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                     directory.rmdir()
             raise JournalError(f"cannot open the journal in {directory}: {exc}") from exc
         journal._adopt(result)
+        journal._open_range(result, result.recovery.warnings)
         # A new directory's name is durable once its parent is synced. One found here may
         # never have been (its server was killed before its first sync): the first sync
         # after the start makes sure of it and of the names of its segments.
@@ -246,6 +249,43 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._reset_counts(live, 0)
         self._id_floor = recovery.next_id
         self._needs_rewrite = result.damaged
+
+    # ---- the segment range ------------------------------------------------------------------
+    def _open_range(self, result, warnings: list[str]) -> None:
+        """Take the range recovery found, and bring its file up to date: made for a journal
+        that has none (written before ranges were kept: nothing was reported), grown to a
+        segment a crash left past its end; one put there by hand beside it goes. What a
+        lost segment left missing stays stated until compaction rewrites the journal."""
+        self._range = result.range
+        for extra in result.extra_ranges:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / extra.name)
+        if self._segments or self._range is not None:
+            first = self._range.first if self._range is not None else self._segments[0].seq
+            if self._segments and self._segments[0].flags & HEADER_FLAG_SNAPSHOT:
+                first = max(first, self._segments[0].seq)  # what it superseded is gone
+            if not self._set_range(first, self._next_seq - 1):
+                warnings.append(
+                    f"{self.directory}: cannot write its range file: the loss of a first or "
+                    "last segment may go unnoticed"
+                )
+
+    def _set_range(self, first: int, last: int) -> bool:
+        """Rename the range file to state ``first``..``last``; False (logged) if it could not
+        be. Only when segments come or go (see segrange.py), never per record."""
+        new = SegmentRange(first, last)
+        try:
+            write_range(self.directory, self._range, new)
+        except OSError as exc:
+            log.warning(
+                "journal %s: cannot write its range file %s: %s",
+                self.directory,
+                new.name,
+                exc.strerror or exc,
+            )
+            return False
+        self._range = new
+        return True
 
     # ---- appends ---------------------------------------------------------------------------
     # The hot path is AppendCore's: one call into the codec, which writes the record into the
@@ -305,7 +345,11 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             raise
         self._next_seq += 1
         self._seal_current()
+        # Named before the range grows to it, and before a record goes in (segrange.py). A
+        # journal with no segment left starts here: nothing before it holds anything.
+        kept = self._range.first if self._segments and self._range is not None else None
         self._segments.append(segment)
+        self._set_range(self._segments[0].seq if kept is None else kept, segment.seq)
         self._writer = writer = codec.SegmentWriter(segment.mm, HEADER_SIZE, True, segment.fileno())
         self._synced_pos = 0  # the header too
         self._next_size = min(self._segment_cap, max(self._next_size, size) * 2)

@@ -309,16 +309,26 @@ class Reclaiming:
 
     def _delete_oldest(self, old: list[Segment]) -> None:
         """Delete ``old``, the oldest segments, oldest first: a crash between two unlinks
-        leaves a shorter prefix deleted, which replays to the same state."""
+        leaves a shorter prefix deleted, which replays to the same state. The range starts
+        after them first (segrange.py); if it cannot, they stay on disk (replayed at the
+        next start, harmlessly) rather than be taken for lost."""
         self._forget(old)
+        moved = self._set_range(self._segments[0].seq, self._range_last())
         for segment in old:
             segment.close()
+            if not moved:
+                continue
             try:
                 os.unlink(segment.path)
             except FileNotFoundError:
                 pass
         if self.directory not in self._dirs_unsynced:
             self._dirs_unsynced.append(self.directory)  # the unlinks, with the next sync
+
+    def _range_last(self) -> int:
+        """The last number the range states (the newest segment's, unless it is not written)."""
+        stated = self._range.last if self._range is not None else 0
+        return max(stated, self._segments[-1].seq)
 
     def _forget(self, old: list[Segment]) -> None:
         gone = set(old)
@@ -354,6 +364,9 @@ class Reclaiming:
         self._forget(old)
         self._segments.insert(0, job.segment)
         self._sealed_used += job.segment.used
+        # The job deleted the old segments already: until now the snapshot's flag said where
+        # the journal starts.
+        self._set_range(job.segment.seq, self._range_last())
         for segment in old:
             segment.close()
         self.rewrites += 1

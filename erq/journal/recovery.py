@@ -31,7 +31,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from itertools import chain, pairwise
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +51,7 @@ from .format import (
     segment_name,
 )
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
+from .segrange import RANGE_SUFFIX, SegmentRange, parse_range_name, pick_range
 
 log = logging.getLogger("erq.journal")
 
@@ -206,15 +207,26 @@ class ReplayResult:
     next_seq: int
     live_record_bytes: int  # record bytes of every live item (compaction heuristics)
     damaged: bool
+    range: SegmentRange | None = None  # the range file found (None: the journal has none)
+    extra_ranges: list[SegmentRange] = field(default_factory=list)  # more, put there by hand
 
 
-def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int, set[int]]:
-    """The segment files by sequence number, the highest number in use (set-aside files
-    included, so it is never reused) and the numbers of the files set aside; leftovers of
-    interrupted writes are deleted."""
+class Listing(NamedTuple):
+    """What a queue's directory holds, as replay sees it."""
+
+    found: list[tuple[int, Path]]  # segment files by sequence number
+    max_seq: int  # the highest number in use (set-aside files included: never reused)
+    aside: set[int]  # numbers of the files set aside
+    ranges: list[SegmentRange]  # the range files (one, unless put there by hand)
+
+
+def _list_directory(directory: Path) -> Listing:
+    """The segment files, the highest number in use, the numbers set aside and the range
+    files; leftovers of interrupted writes are deleted."""
     found: list[tuple[int, Path]] = []
     max_seq = 0
     aside: set[int] = set()
+    ranges: list[SegmentRange] = []
     for entry in os.scandir(directory):
         name = entry.name
         if name.endswith(LEFTOVER_SUFFIXES):
@@ -226,51 +238,87 @@ def _list_directory(directory: Path) -> tuple[list[tuple[int, Path]], int, set[i
                 max_seq = max(max_seq, seq)
                 aside.add(seq)
             continue
+        if name.endswith(RANGE_SUFFIX):
+            stated = parse_range_name(name)
+            if stated is not None:
+                ranges.append(stated)
+            continue
         seq = parse_segment_name(name)
         if seq is not None and entry.is_file():
             found.append((seq, Path(entry.path)))
             max_seq = max(max_seq, seq)
     found.sort()
-    return found, max_seq, aside
+    return Listing(found, max_seq, aside, ranges)
 
 
 class MissingSegments(NamedTuple):
-    """Segment numbers ``first``..``last`` absent between two segments replay reads."""
+    """Segment numbers ``first``..``last`` absent from ``directory``: between the segments
+    ``before`` and ``after``, or at either end (None there), against the journal's range."""
 
+    directory: Path
     first: int
     last: int
-    before: Segment
-    after: Segment
+    before: Segment | None
+    after: Segment | None
 
     def describe(self) -> str:
         names = segment_name(self.first)
         if self.last > self.first:
             names = f"{names} to {segment_name(self.last)}"
+        before, after = self.before, self.after
+        if before is not None and after is not None:
+            where = f"between {before.path.name} and {after.path.name}"
+        elif after is not None:
+            where = f"before {after.path.name}, the first one left"
+        elif before is not None:
+            where = f"after {before.path.name}, the last one left"
+        else:
+            where = "and no segment of this journal is left"
         return (
-            f"{self.before.path.parent}: segment {names} missing between "
-            f"{self.before.path.name} and {self.after.path.name}: what it held is lost "
+            f"{self.directory}: segment {names} missing {where}: what it held is lost "
             "(the items it added; the items it removed come back)"
         )
 
 
 def missing_segments(
-    segments: list[Segment], accounted: Collection[int] = ()
+    directory: Path,
+    segments: list[Segment],
+    accounted: Collection[int] = (),
+    expected: SegmentRange | None = None,
 ) -> list[MissingSegments]:
-    """The numbers missing between ``segments`` (those replay reads, in order), besides the
-    ``accounted`` ones (set aside, reported already) and the number a compaction took for a
-    snapshot it did not finish (see ``HEADER_FLAG_AFTER_SNAPSHOT``): files lost, deleted by
-    hand or by another program. Replay goes on without them."""
+    """The numbers missing from ``segments`` (those replay reads, in order): between them,
+    and with the journal's range ``expected`` also before the first and after the last
+    (see ``segrange.py``); a snapshot among them, always the first, starts the count when
+    ``expected`` starts lower. Besides the ``accounted`` numbers (set aside, reported
+    already) and the number a compaction took for a snapshot it did not finish (see
+    ``HEADER_FLAG_AFTER_SNAPSHOT``): files lost, deleted by hand or by another program.
+    Replay goes on without them."""
+    seqs = [seg.seq for seg in segments]
+    if expected is None:
+        if not segments:
+            return []
+        low, high = seqs[0], seqs[-1]
+    else:
+        low, high = expected
+        if segments and segments[0].flags & HEADER_FLAG_SNAPSHOT:
+            low = max(low, seqs[0])
+        if segments:
+            high = max(high, seqs[-1])
+    unfinished = (seg.seq - 1 for seg in segments if seg.flags & HEADER_FLAG_AFTER_SNAPSHOT)
+    known = sorted({*seqs, *accounted, *unfinished})
     gaps = []
-    for before, after in pairwise(segments):
-        first, last = before.seq + 1, after.seq - 1
-        if after.flags & HEADER_FLAG_AFTER_SNAPSHOT:
-            last -= 1
-        for seq in sorted(s for s in accounted if first <= s <= last):
-            if seq > first:
-                gaps.append(MissingSegments(first, seq - 1, before, after))
-            first = seq + 1
-        if first <= last:
-            gaps.append(MissingSegments(first, last, before, after))
+    expect = low
+    for seq in chain(known[bisect_left(known, low) :], [high + 1]):
+        if seq > high + 1:
+            seq = high + 1
+        if seq > expect:
+            at = bisect_left(seqs, expect)
+            before = segments[at - 1] if at else None
+            after = segments[at] if at < len(segments) else None
+            gaps.append(MissingSegments(directory, expect, seq - 1, before, after))
+        expect = max(expect, seq + 1)
+        if expect > high:
+            break
     return gaps
 
 
@@ -367,10 +415,14 @@ def replay(
     stop signal must not wait for the replay of a whole large
     queue, which takes tens of seconds in the pure-Python build."""
     warnings: list[str] = []
-    found, max_seq, aside = _list_directory(directory)
+    found, max_seq, aside, ranges = _list_directory(directory)
+    expected = pick_range(ranges)
+    if len(ranges) > 1:
+        names = ", ".join(sorted(r.name for r in ranges))
+        warnings.append(f"{directory}: several range files ({names}): {expected.name} is kept")
     segments, damaged_headers = _open_segments(found, warnings)
     accounted = aside.union(seq for seq, _ in found)  # the files set aside just now too
-    gaps = missing_segments(segments, accounted)
+    gaps = missing_segments(directory, segments, accounted, expected)
     warnings.extend(gap.describe() for gap in gaps)
     try:
         return _replay(
@@ -382,6 +434,8 @@ def replay(
             item_overhead,
             damaged=bool(gaps),  # compacted soon: the report stays until then
             halt=stop,
+            expected=expected,
+            ranges=ranges,
         )
     except BaseException:
         for seg in segments:
@@ -398,6 +452,8 @@ def _replay(
     item_overhead: int,
     damaged: bool,
     halt: Any = None,
+    expected: SegmentRange | None = None,
+    ranges: list[SegmentRange] | None = None,
 ) -> ReplayResult:
     tail = codec.ReplayTail()  # queued ids in ADD order, with their positions
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
@@ -472,9 +528,11 @@ def _replay(
         recovery=recovery,
         disk=disk,
         open_ids=open_ids,
-        next_seq=max_seq + 1,
+        next_seq=max(max_seq, expected.last if expected else 0) + 1,  # a lost one's too
         live_record_bytes=record_bytes,
         damaged=damaged,
+        range=expected,
+        extra_ranges=[r for r in ranges or () if r != expected],
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from .. import datadir
 from ..datadir import DELETING_PREFIX, DataDirBusy
@@ -21,10 +21,12 @@ from .format import (
     OPCODE_NAMES,
     SEGMENT_SUFFIX,
     parse_segment_name,
+    segment_name,
 )
 from .journal import QueueJournal
 from .recovery import DAMAGED_SUFFIX, HEADER_SUFFIX, SegmentScan, missing_segments
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
+from .segrange import RANGE_SUFFIX, SegmentRange, parse_range_name, pick_range
 
 _REPR_BYTES = 32
 
@@ -38,11 +40,46 @@ def _segment_paths(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _set_aside_seqs(directory: Path) -> set[int]:
-    """The numbers of the segments recovery set aside (reported as such, not as missing)."""
-    names = (name for name in os.listdir(directory) if name.endswith(DAMAGED_SUFFIX))
-    seqs = (parse_segment_name(name[: -len(DAMAGED_SUFFIX)]) for name in names)
-    return {seq for seq in seqs if seq is not None}
+class _QueueFiles(NamedTuple):
+    paths: list[Path]  # the segment files, in number order
+    aside: set[int]  # the numbers of the segments recovery set aside
+    ranges: list[SegmentRange]  # the range files (segrange.py): one, or none in an old journal
+
+
+_LISTINGS = 20
+
+
+def _queue_files(directory: Path) -> _QueueFiles:
+    """One consistent look at a queue's directory. On the directory of a running server, a
+    rotation or a release renames the range file and creates or deletes segments while it is
+    listed: it is listed again until two listings in a row agree."""
+    entries = None
+    for _ in range(_LISTINGS):
+        again = sorted((entry.name, entry.is_file()) for entry in os.scandir(directory))
+        if again == entries:
+            break
+        entries = again
+    found, aside, ranges = [], set(), []
+    for name, is_file in entries:
+        seq = parse_segment_name(name)
+        if seq is not None and is_file:
+            found.append((seq, directory / name))
+        elif name.endswith(DAMAGED_SUFFIX):
+            seq = parse_segment_name(name[: -len(DAMAGED_SUFFIX)])
+            if seq is not None:
+                aside.add(seq)
+        else:
+            stated = parse_range_name(name)
+            if stated is not None:
+                ranges.append(stated)
+    return _QueueFiles([path for _, path in sorted(found)], aside, sorted(ranges))
+
+
+def _range_problems(directory: Path, ranges: list[SegmentRange]) -> list[str]:
+    if len(ranges) < 2:
+        return []
+    names = ", ".join(r.name for r in ranges)
+    return [f"{directory}: several range files ({names}): recovery keeps {pick_range(ranges).name}"]
 
 
 def _not_a_directory(path: Path, err: TextIO) -> bool:
@@ -61,7 +98,8 @@ def _queue_dirs(data_dir: Path) -> list[Path]:
         p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(DELETING_PREFIX)
     )
     for directory in [data_dir, *subdirs]:
-        if any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX)) for name in os.listdir(directory)):
+        names = os.listdir(directory)
+        if any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX, RANGE_SUFFIX)) for name in names):
             dirs.append(directory)
     return dirs
 
@@ -129,8 +167,8 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
     directory = Path(queue_dir)
     if _not_a_directory(directory, err):
         return 2
-    paths = _segment_paths(directory)
-    if not paths:
+    paths, aside, ranges = _queue_files(directory)
+    if not paths and not ranges:
         err.write(
             f"{directory}: no journal segments here (dump takes a queue's directory, "
             "DATA_DIR/QUEUE)\n"
@@ -164,7 +202,16 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
             for problem in scan.problems[reported:]:
                 out.write(_describe(problem, seg.path) + "\n")
             damaged += len(scan.problems)
-        gaps = missing_segments(segments[first:], _set_aside_seqs(directory))
+        expected = pick_range(ranges)
+        if expected is not None:
+            out.write(
+                f"# {expected.name}: the journal holds segments "
+                f"{segment_name(expected.first)} to {segment_name(expected.last)}\n"
+            )
+        for problem in _range_problems(directory, ranges):
+            out.write(f"# {problem}\n")
+            damaged += 1
+        gaps = missing_segments(directory, segments[first:], aside, expected)
         for gap in gaps:
             out.write(f"# {gap.describe()}\n")
         damaged += len(gaps)
@@ -197,7 +244,8 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
             elif path.name.endswith(DAMAGED_SUFFIX):
                 out.write(f"{path}: segment set aside by recovery (bad header)\n")
                 problems += 1
-        segments, bad = _open_all(_segment_paths(directory), out)
+        paths, aside, ranges = _queue_files(directory)
+        segments, bad = _open_all(paths, out)
         problems += bad
         try:
             live = segments[_live_from(segments) :]
@@ -208,7 +256,10 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
                     out.write(_describe(problem, seg.path) + "\n")
                 problems += len(scan.problems)
                 checked += 1
-            for gap in missing_segments(live, _set_aside_seqs(directory)):
+            for problem in _range_problems(directory, ranges):
+                out.write(problem + "\n")
+                problems += 1
+            for gap in missing_segments(directory, live, aside, pick_range(ranges)):
                 out.write(gap.describe() + "\n")
                 problems += 1
         finally:
