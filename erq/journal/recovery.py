@@ -291,8 +291,9 @@ def missing_segments(
     (see ``segrange.py``); a snapshot among them, always the first, starts the count when
     ``expected`` starts lower. Besides the ``accounted`` numbers (set aside, reported
     already) and the number a compaction took for a snapshot it did not finish (see
-    ``HEADER_FLAG_AFTER_SNAPSHOT``): files lost, deleted by hand or by another program.
-    Replay goes on without them."""
+    ``HEADER_FLAG_AFTER_SNAPSHOT``; never the range's first number, which only ever names
+    a segment once written, a finished snapshot's included): files lost, deleted by hand or
+    by another program. Replay goes on without them."""
     seqs = [seg.seq for seg in segments]
     if expected is None:
         if not segments:
@@ -304,7 +305,9 @@ def missing_segments(
             low = max(low, seqs[0])
         if segments:
             high = max(high, seqs[-1])
-    unfinished = (seg.seq - 1 for seg in segments if seg.flags & HEADER_FLAG_AFTER_SNAPSHOT)
+    unfinished = {seg.seq - 1 for seg in segments if seg.flags & HEADER_FLAG_AFTER_SNAPSHOT}
+    if expected is not None:
+        unfinished.discard(expected.first)  # the range starts at a segment that was written
     known = sorted({*seqs, *accounted, *unfinished})
     gaps = []
     expect = low
