@@ -271,3 +271,27 @@ def test_several_range_files_are_reported_and_the_newest_kept(codec, tmp_path):
     assert ids == list(range(1, 301))
     assert stated(directory) == SegmentRange(1, len(files))
 
+
+def test_a_compaction_whose_rotation_failed_leaves_no_number_unused(codec, tmp_path, monkeypatch):
+    # A full disk refuses the segment a compaction starts: no segment says that the number
+    # it took for the snapshot may stay unused, so the next segment made takes it.
+    directory = tmp_path / "q"
+    files = written(directory)
+    journal, rec = open_journal(directory)
+    items = all_items(journal, rec)
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_space)
+        journal.compact([], items, wait=True)
+    assert journal.last_compaction_error is not None and journal.rewrites == 0
+    for id in range(301, 341):  # rotates once space is back
+        journal.add(id, 0, 0, 0, b"r" * 100)
+    journal.close()
+    assert [p.name for p in segment_files(directory)[len(files) :]][:1] == [
+        f"{len(files) + 1:016x}.seg"
+    ]
+    assert check(directory)[0] == 0
+    assert reopened(directory) == ([], list(range(1, 341)))

@@ -130,7 +130,12 @@ class Reclaiming:
         self._next_seq += 1
         # Its header tells recovery that the number before it may never be written.
         size = self._steady_size() if self._segments else None
-        self._rotate(0, size, HEADER_FLAG_AFTER_SNAPSHOT)
+        try:
+            self._rotate(0, size, HEADER_FLAG_AFTER_SNAPSHOT)
+        except JournalError:
+            # No segment says the number may stay unused: the next one made takes it.
+            self._next_seq = snapshot_seq
+            raise
         old = self._segments[:-1]
         self._reset_counts(len(open_items) + len(memory_items) + self._disk.count, len(open_items))
         job = SnapshotJob(
