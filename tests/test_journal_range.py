@@ -223,7 +223,7 @@ def test_a_compaction_that_did_not_finish_leaves_its_number_unused_without_an_al
     codec, tmp_path, monkeypatch
 ):
     directory = tmp_path / "q"
-    written(directory)
+    files = written(directory)
     journal, rec = open_journal(directory)
     items = all_items(journal, rec)
 
@@ -235,6 +235,9 @@ def test_a_compaction_that_did_not_finish_leaves_its_number_unused_without_an_al
     assert journal.last_compaction_error is not None
     journal.add(301, 0, 0, 0, b"after")
     journal.close()
+    unused = len(files) + 1  # the snapshot's number, inside the range: the next one says so
+    assert not (directory / f"{unused:016x}.seg").exists()
+    assert stated(directory) == SegmentRange(1, unused + 1)
     assert check(directory)[0] == 0
     assert reopened(directory) == ([], list(range(1, 302)))
 
