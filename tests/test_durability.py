@@ -443,6 +443,75 @@ def test_a_segment_deleted_between_two_others_is_reported_not_silently_skipped(e
     server.kill()
 
 
+@pytest.mark.parametrize("lost", ["first", "last"])
+def test_a_lost_first_or_last_segment_is_reported_and_the_rest_served(erq_factory, impl, lost):
+    # Nothing after the last segment or before the first vouches for it: the journal's range
+    # file does (erq/journal/segrange.py).
+    server = erq_factory()
+    values = [kib_value(n) for n in range(3000)]  # several segments
+    client = server.client()
+    set_many(client, "q", values)
+    client.close()
+    server.kill()
+    files = segment_files(server.data_dir / "q")
+    assert len(files) >= 3
+    gone, neighbour, where = (
+        (files[0], files[1], "before") if lost == "first" else (files[-1], files[-2], "after")
+    )
+    gone.unlink()
+    report = f"segment {gone.name} missing {where} {neighbour.name}, the {lost} one left"
+    check = erq_tool(impl, "check", str(server.data_dir))
+    assert check.returncode == 1 and report in check.stdout, check
+    dump = erq_tool(impl, "dump", str(server.data_dir / "q"))
+    assert dump.returncode == 1 and report in dump.stdout, dump.stderr
+
+    log = start_logged(server)
+    [warning] = warnings_naming(log, gone.name)
+    assert f"{server.data_dir / 'q'}: {report}: what it held is lost" in warning, log
+    [(count, _)] = ready_counts(log)
+    client = server.client()
+    kept = drain(client, "q")
+    assert 0 < count == len(kept) < len(values)
+    assert kept == (values[-len(kept) :] if lost == "first" else values[: len(kept)])
+    client.close()
+    server.kill()
+
+
+def test_sigkill_while_segments_rotate_and_compact_raises_no_false_alarm(erq_factory, impl):
+    # Segments of 64 KiB (a quarter of max_journal_size), rotated and compacted (released,
+    # drained, rewritten) all the time under the load: wherever the kill lands, the next start
+    # reports nothing missing and check finds the journal clean, and nothing acked is lost.
+    server = erq_factory('[queues.default]\nmax_journal_size = "256KiB"\n')
+    ledger = Ledger()
+    rng = random.Random(20261130)
+    for cycle in range(10):
+        log = start_logged(server) if cycle else server.read_log()
+        assert warnings_naming(log, "missing") == [], log
+        assert warnings_naming(log, ".range") == [], log
+        ledger.run_cycle(
+            server.client,
+            server.kill,
+            queue="q",
+            producers=8,
+            consumers=8,
+            load_seconds=rng.uniform(0.1, 0.4),
+        )
+        check = erq_tool(impl, "check", str(server.data_dir))
+        assert check.returncode == 0, (cycle, check.stdout)
+    log = start_logged(server)
+    assert warnings_naming(log, "missing") == [], log
+    client = server.client()
+    ledger.drained(drain(client, "q"))
+    client.close()
+    server.kill()
+    verdict = ledger.verdict()
+    assert (verdict["lost"], verdict["corrupt"], verdict["bad_duplicates"]) == (0, 0, 0), verdict
+    # The run really rotated and gave segments back: the range moved far on both ends.
+    [stated] = (server.data_dir / "q").glob("*.range")
+    first, last = (int(n, 16) for n in stated.stem.split("-"))
+    assert 10 < first <= last, (stated.name, verdict)
+
+
 def test_a_journal_of_another_format_version_stops_the_start_in_one_line(erq_factory, impl):
     server = erq_factory()
     client = server.client()
