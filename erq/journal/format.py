@@ -13,9 +13,12 @@ sequence number is superseded. Bit 1 (AFTER_SNAPSHOT) marks the segment a compac
 for the appends made while it writes its snapshot, numbered one past the snapshot's: if that
 compaction never finished (a crash, a failure), the number before this segment's is missing,
 and nothing is lost, since the segments the snapshot would have superseded are all still
-there. Any other number missing between the segments replay reads is a lost file. ``id_floor``
-is greater than every id in earlier segments, so ids stay monotonic even after every segment
-that named them was deleted.
+there. Any other number missing between the segments replay reads is a lost file, and so is
+one missing at either end of the range the directory's range file states
+(``<first:016x>-<last:016x>.range``, see ``segrange.py``; a directory without one, as erq
+wrote them before, is read as it is, so the format version stays 1). ``id_floor`` is greater
+than every id in earlier segments, so ids stay monotonic even after every segment that named
+them was deleted.
 
 Bodies (after the opcode byte):
     ADD       id u64 | flags u32 | add_time_ms u64 | expiry_ms u64 (0 = none) | data
