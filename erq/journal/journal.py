@@ -217,7 +217,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         # never have been (its server was killed before its first sync): the first sync
         # after the start makes sure of it and of the names of its segments.
         journal._dirs_unsynced.append(directory.parent)
-        if not created:
+        if not created and directory not in journal._dirs_unsynced:
             journal._dirs_unsynced.append(directory)
         try:
             for id in reversed(result.open_ids):
@@ -285,6 +285,8 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             )
             return False
         self._range = new
+        if self.directory not in self._dirs_unsynced:
+            self._dirs_unsynced.append(self.directory)  # the rename, with the next sync
         return True
 
     # ---- appends ---------------------------------------------------------------------------
