@@ -29,7 +29,7 @@ import os
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -51,7 +51,7 @@ from .format import (
     segment_name,
 )
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
-from .segrange import RANGE_SUFFIX, SegmentRange, parse_range_name, pick_range
+from .segrange import RANGE_SUFFIX, SegmentRange, parse_range_name, pick_range, several_ranges
 
 log = logging.getLogger("erq.journal")
 
@@ -221,17 +221,26 @@ class Listing(NamedTuple):
 
 
 def _list_directory(directory: Path) -> Listing:
+    """What ``directory`` holds (see ``classify``); leftovers of interrupted writes are
+    deleted."""
+    entries = []
+    for entry in os.scandir(directory):
+        if entry.name.endswith(LEFTOVER_SUFFIXES):
+            os.unlink(entry.path)
+        else:
+            entries.append((entry.name, entry.is_file()))
+    return classify(directory, entries)
+
+
+def classify(directory: Path, entries: Iterable[tuple[str, bool]]) -> Listing:
     """The segment files, the highest number in use, the numbers set aside and the range
-    files; leftovers of interrupted writes are deleted."""
+    files among a directory's ``entries`` ((name, is a file) pairs); other names are not the
+    journal's."""
     found: list[tuple[int, Path]] = []
     max_seq = 0
     aside: set[int] = set()
     ranges: list[SegmentRange] = []
-    for entry in os.scandir(directory):
-        name = entry.name
-        if name.endswith(LEFTOVER_SUFFIXES):
-            os.unlink(entry.path)
-            continue
+    for name, is_file in entries:
         if name.endswith(DAMAGED_SUFFIX):
             seq = parse_segment_name(name[: -len(DAMAGED_SUFFIX)])
             if seq is not None:
@@ -244,10 +253,11 @@ def _list_directory(directory: Path) -> Listing:
                 ranges.append(stated)
             continue
         seq = parse_segment_name(name)
-        if seq is not None and entry.is_file():
-            found.append((seq, Path(entry.path)))
+        if seq is not None and is_file:
+            found.append((seq, directory / name))
             max_seq = max(max_seq, seq)
     found.sort()
+    ranges.sort()
     return Listing(found, max_seq, aside, ranges)
 
 
@@ -420,9 +430,9 @@ def replay(
     warnings: list[str] = []
     found, max_seq, aside, ranges = _list_directory(directory)
     expected = pick_range(ranges)
-    if len(ranges) > 1:
-        names = ", ".join(sorted(r.name for r in ranges))
-        warnings.append(f"{directory}: several range files ({names}): {expected.name} is kept")
+    several = several_ranges(directory, ranges)
+    if several is not None:
+        warnings.append(several)
     segments, damaged_headers = _open_segments(found, warnings)
     accounted = aside.union(seq for seq, _ in found)  # the files set aside just now too
     gaps = missing_segments(directory, segments, accounted, expected)

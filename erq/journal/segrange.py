@@ -69,6 +69,14 @@ def pick_range(found: list[SegmentRange]) -> SegmentRange | None:
     return max(found, default=None)
 
 
+def several_ranges(directory: Path, ranges: list[SegmentRange]) -> str | None:
+    """The report of more than one range file in ``directory``, or None."""
+    if len(ranges) < 2:
+        return None
+    names = ", ".join(r.name for r in sorted(ranges))
+    return f"{directory}: several range files ({names}): {pick_range(ranges).name} is kept"
+
+
 def write_range(directory: Path, old: SegmentRange | None, new: SegmentRange) -> None:
     """Replace the range file ``old`` (None: there is none yet) by ``new``: one rename, or
     a creation when ``old`` is None or was deleted. Raises OSError."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import TextIO
 
 from .. import datadir
 from ..datadir import DELETING_PREFIX, DataDirBusy
@@ -24,9 +24,16 @@ from .format import (
     segment_name,
 )
 from .journal import QueueJournal
-from .recovery import DAMAGED_SUFFIX, HEADER_SUFFIX, SegmentScan, missing_segments
+from .recovery import (
+    DAMAGED_SUFFIX,
+    HEADER_SUFFIX,
+    Listing,
+    SegmentScan,
+    classify,
+    missing_segments,
+)
 from .segment import Segment, SegmentHeaderError, SegmentVersionError
-from .segrange import RANGE_SUFFIX, SegmentRange, parse_range_name, pick_range
+from .segrange import RANGE_SUFFIX, pick_range, several_ranges
 
 _REPR_BYTES = 32
 
@@ -40,46 +47,20 @@ def _segment_paths(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-class _QueueFiles(NamedTuple):
-    paths: list[Path]  # the segment files, in number order
-    aside: set[int]  # the numbers of the segments recovery set aside
-    ranges: list[SegmentRange]  # the range files (segrange.py): one, or none in an old journal
-
-
 _LISTINGS = 20
 
 
-def _queue_files(directory: Path) -> _QueueFiles:
-    """One consistent look at a queue's directory. On the directory of a running server, a
-    rotation or a release renames the range file and creates or deletes segments while it is
-    listed: it is listed again until two listings in a row agree."""
+def _queue_files(directory: Path) -> Listing:
+    """One consistent look at a queue's directory (read only). On the directory of a running
+    server, a rotation or a release renames the range file and creates or deletes segments
+    while it is listed: it is listed again until two listings in a row agree."""
     entries = None
     for _ in range(_LISTINGS):
         again = sorted((entry.name, entry.is_file()) for entry in os.scandir(directory))
         if again == entries:
             break
         entries = again
-    found, aside, ranges = [], set(), []
-    for name, is_file in entries:
-        seq = parse_segment_name(name)
-        if seq is not None and is_file:
-            found.append((seq, directory / name))
-        elif name.endswith(DAMAGED_SUFFIX):
-            seq = parse_segment_name(name[: -len(DAMAGED_SUFFIX)])
-            if seq is not None:
-                aside.add(seq)
-        else:
-            stated = parse_range_name(name)
-            if stated is not None:
-                ranges.append(stated)
-    return _QueueFiles([path for _, path in sorted(found)], aside, sorted(ranges))
-
-
-def _range_problems(directory: Path, ranges: list[SegmentRange]) -> list[str]:
-    if len(ranges) < 2:
-        return []
-    names = ", ".join(r.name for r in ranges)
-    return [f"{directory}: several range files ({names}): recovery keeps {pick_range(ranges).name}"]
+    return classify(directory, entries)
 
 
 def _not_a_directory(path: Path, err: TextIO) -> bool:
@@ -167,7 +148,8 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
     directory = Path(queue_dir)
     if _not_a_directory(directory, err):
         return 2
-    paths, aside, ranges = _queue_files(directory)
+    found, _, aside, ranges = _queue_files(directory)
+    paths = [path for _, path in found]
     if not paths and not ranges:
         err.write(
             f"{directory}: no journal segments here (dump takes a queue's directory, "
@@ -208,8 +190,9 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
                 f"# {expected.name}: the journal holds segments "
                 f"{segment_name(expected.first)} to {segment_name(expected.last)}\n"
             )
-        for problem in _range_problems(directory, ranges):
-            out.write(f"# {problem}\n")
+        several = several_ranges(directory, ranges)
+        if several is not None:
+            out.write(f"# {several}\n")
             damaged += 1
         gaps = missing_segments(directory, segments[first:], aside, expected)
         for gap in gaps:
@@ -244,8 +227,8 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
             elif path.name.endswith(DAMAGED_SUFFIX):
                 out.write(f"{path}: segment set aside by recovery (bad header)\n")
                 problems += 1
-        paths, aside, ranges = _queue_files(directory)
-        segments, bad = _open_all(paths, out)
+        found, _, aside, ranges = _queue_files(directory)
+        segments, bad = _open_all([path for _, path in found], out)
         problems += bad
         try:
             live = segments[_live_from(segments) :]
@@ -256,8 +239,9 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
                     out.write(_describe(problem, seg.path) + "\n")
                 problems += len(scan.problems)
                 checked += 1
-            for problem in _range_problems(directory, ranges):
-                out.write(problem + "\n")
+            several = several_ranges(directory, ranges)
+            if several is not None:
+                out.write(several + "\n")
                 problems += 1
             for gap in missing_segments(directory, live, aside, pick_range(ranges)):
                 out.write(gap.describe() + "\n")
