@@ -217,8 +217,11 @@ class Reclaiming:
                     "next start deletes them)"
                 )
                 return job.size
+            # The snapshot is the whole journal now: the range states it alone (segrange.py;
+            # until this rename the snapshot's flag says where the journal starts).
+            self._set_range(job.segment.seq, job.segment.seq)
             try:
-                fsync_directory(self.directory)  # the deletions
+                fsync_directory(self.directory)  # the deletions and the range's rename
             except OSError as exc:
                 self.last_compaction_error = JournalError(
                     f"{self.directory}: packed, but the deletion of the old segments may not "
