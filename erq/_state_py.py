@@ -170,6 +170,8 @@ class ServerState:
         self.started = time.time()
         self.connections: set = set()  # MemcacheProtocol objects
         self.ready = False
+        # The server is stopping: work spread over loop passes (erq.sliced) runs to its end.
+        self.stopping = False
         self.shutdown_requested = None  # set by the server: a callable that stops it
         self.reload_requested = None  # set by the server: returns the reply line
         self._status_file = (

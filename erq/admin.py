@@ -21,12 +21,12 @@ import asyncio
 import json
 import logging
 import re
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .server_commands import general_stats
+from .sliced import each_queue_stats
 from .state import STATUSES
 
 log = logging.getLogger("erq.admin")
@@ -38,7 +38,6 @@ LINGER = 2.0  # seconds to drain a client still sending when it was answered 408
 # has waited longest for its request head: a probe sends its head at once, so 64 stalled or
 # idle clients cannot lock the probes out (an orchestrator would restart a healthy server).
 MAX_CONNECTIONS = 64
-SLICE = 0.002  # seconds of gathering queue stats before the loop serves its sockets again
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -81,18 +80,14 @@ def readyz(state: Any) -> Reply:
 
 
 async def every_queue_stats(state: Any) -> dict[str, dict[str, Any]]:
-    """``queue_stats`` of every queue, gathered SLICE seconds at a time, the loop serving its
-    sockets in between (a queue deleted meanwhile is left out)."""
-    queues = state.queues
+    """``queue_stats`` of every queue, gathered a slice of time at a time (erq.sliced), the
+    loop serving its sockets in between (a queue deleted meanwhile is left out)."""
     out: dict[str, dict[str, Any]] = {}
-    deadline = time.perf_counter() + SLICE
-    for name in queues.names():
-        stats = queues.queue_stats(name)
-        if stats is not None:
-            out[name] = stats
-        if time.perf_counter() >= deadline:
+    for entry in each_queue_stats(state.queues):
+        if entry is None:
             await asyncio.sleep(0)
-            deadline = time.perf_counter() + SLICE
+        else:
+            out[entry[0]] = entry[1]
     return out
 
 

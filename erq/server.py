@@ -26,6 +26,7 @@ from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
 from .queues import QueueCollection, RecoveryStopped
 from .ring import ITEM_OVERHEAD
+from .sliced import finish_now
 from .state import ServerState
 
 log = logging.getLogger("erq.server")
@@ -414,6 +415,12 @@ class Server:
         if state is None:
             self._release_lock()
             return
+        # A stats or flush_expired that runs in slices finishes now, while the journals are
+        # open, and answers; so does one pipelined behind it or behind a woken get.
+        state.stopping = True
+        for proto in list(state.connections):
+            if proto.session is not None:
+                finish_now(proto.session)
         for queue in state.queues:
             queue.wake_all()
         await asyncio.sleep(0)  # let woken sessions run their pipelines

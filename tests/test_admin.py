@@ -494,13 +494,13 @@ def test_a_scrape_of_many_queues_lets_the_loop_serve_others_meanwhile(monkeypatc
     are gathered a slice of time at a time and its text made on a thread, so the loop serves
     its clients meanwhile (an audit: 4,000 queues held every memcache client ~0.7 s per
     scrape). A queue deleted during the scrape is left out, not an error."""
-    from erq import admin as admin_module
+    from erq import sliced
     from erq.admin import AdminServer
     from erq.config import Config
     from erq.queues import QueueCollection
     from erq.state import ServerState
 
-    monkeypatch.setattr(admin_module, "SLICE", 0.0)  # a pass of the loop after every queue
+    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
     queues = QueueCollection(Config(), None)
     state = ServerState(Config(), queues, None)
     state.ready = True

@@ -42,6 +42,7 @@ cdef class ServerState:
     cdef public double started
     cdef public set connections
     cdef public bint ready
+    cdef public bint stopping
     cdef public object shutdown_requested
     cdef public object reload_requested
     cdef object _status_file
