@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from erq import __version__
 from erq._compat import IMPLEMENTATION
@@ -30,6 +30,7 @@ from erq.replies import (
     READ_ONLY,
     journal_failed,
 )
+from erq.sliced import Work, answer_in_slices, each_found, each_queue_stats
 
 if TYPE_CHECKING:
     from erq.session import Session
@@ -188,20 +189,28 @@ def cmd_stats(session: Session, args: list[bytes]) -> None:
     if args:
         session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
         return
-    state = session.state
+    answer_in_slices(session, _stats(session.state))
+
+
+def _stats(state: ServerState) -> Work:
+    """``stats``' reply, its queues' lines gathered in slices (a queue deleted meanwhile is
+    left out)."""
     lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(state)]
-    queues = state.queues
-    for name in queues.names():
-        for field, value in queues.queue_stats(name).items():
+    for entry in each_queue_stats(state.queues):
+        if entry is None:
+            yield
+            continue
+        name, stats = entry
+        for field, value in stats.items():
             lines.append(
                 b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
             )
     lines.append(END)
-    session.add_long_reply(b"".join(lines))
+    return b"".join(lines)
 
 
 def _dump(
-    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]]]
+    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]] | None]
 ) -> None:
     for arg in args:
         if not valid_queue_name(arg):
@@ -209,26 +218,44 @@ def _dump(
             return
     queues = session.state.queues
     names = [a.decode("ascii") for a in args] if args else queues.names()
+    answer_in_slices(session, _dump_blocks(names, fields))
+
+
+def _dump_blocks(names: list[str], fields: Callable[[str], Any]) -> Work:
+    """``dump_*``'s reply, a block per queue of ``names`` that exists (``fields`` gives None
+    for one that does not, or was deleted meanwhile), in slices."""
     lines = []
-    for name in names:
-        if name not in queues:
+    for entry in each_found(names, fields):
+        if entry is None:
+            yield
             continue
+        name, found = entry
         lines.append(b"queue '%s' {\r\n" % name.encode())
-        for field, value in fields(name):
+        for field, value in found:
             lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
         lines.append(b"}\r\n")
     lines.append(END)
-    session.add_long_reply(b"".join(lines))
+    return b"".join(lines)
 
 
 def cmd_dump_stats(session: Session, args: list[bytes]) -> None:
     queues = session.state.queues
-    _dump(session, args, lambda name: list(queues.queue_stats(name).items()))
+
+    def fields(name: str) -> Any:
+        stats = queues.queue_stats(name)
+        return stats.items() if stats is not None else None
+
+    _dump(session, args, fields)
 
 
 def cmd_dump_config(session: Session, args: list[bytes]) -> None:
     queues = session.state.queues
-    _dump(session, args, lambda name: queues.get(name).config.canonical())
+
+    def fields(name: str) -> Any:
+        queue = queues.get(name)
+        return queue.config.canonical() if queue is not None else None
+
+    _dump(session, args, fields)
 
 
 def cmd_status(session: Session, args: list[bytes]) -> None:
