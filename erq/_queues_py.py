@@ -331,25 +331,13 @@ class QueueCollection:
             raise failed
         return last
 
-    def flush_expired(self, name: str) -> int:
-        """Remove the expired items at ``name``'s head; how many (JournalError when the
-        journal refuses a removal: that item and those after it stay)."""
+    def flush_expired(self, name: str, limit: int | None = None) -> int:
+        """Remove the expired items at ``name``'s head, ``limit`` at most; how many
+        (JournalError when the journal refuses a removal: that item and those after it
+        stay). The ``flush_expired`` commands remove them EXPIRY_BATCH at a time, between
+        which the loop may serve its sockets (erq.sliced)."""
         queue = self._queues.get(name)
-        return queue.discard_expired() if queue is not None else 0
-
-    def flush_all_expired(self) -> int:
-        """flush_expired on every queue; a JournalError of one is raised once the others
-        are done."""
-        n = 0
-        failed = None
-        for queue in list(self):
-            try:
-                n += queue.discard_expired()
-            except JournalError as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-        return n
+        return queue.discard_expired(None, limit) if queue is not None else 0
 
     def sweep(self, expire: bool = True) -> None:
         """Periodic work on every queue at once (see sweep_queue)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from erq import __version__
@@ -20,6 +20,7 @@ from erq._compat import IMPLEMENTATION
 from erq.journal_api import JournalError
 from erq.monitor import cmd_confirm, cmd_monitor
 from erq.names import valid_queue_name
+from erq.queue import EXPIRY_BATCH
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,
@@ -30,9 +31,10 @@ from erq.replies import (
     READ_ONLY,
     journal_failed,
 )
-from erq.sliced import Work, answer_in_slices, each_found, each_queue_stats
+from erq.sliced import Work, answer_in_slices, each_found, each_queue_stats, in_slices
 
 if TYPE_CHECKING:
+    from erq.queues import QueueCollection
     from erq.session import Session
     from erq.state import ServerState
 
@@ -84,9 +86,14 @@ def _named_write(
 def _refused(session: Session, what: str, exc: JournalError, noreply: bool = False) -> None:
     """A command whose journal record could not be written (disk full, say): SERVER_ERROR,
     as for a set, and the connection goes on."""
-    JOURNAL_FAILED_LOG.log("%s: %s", what, exc)
+    reply = _refusal(what, exc)
     if not noreply:
-        session.out.append(journal_failed(exc))
+        session.out.append(reply)
+
+
+def _refusal(what: str, exc: JournalError) -> bytes:
+    JOURNAL_FAILED_LOG.log("%s: %s", what, exc)
+    return journal_failed(exc)
 
 
 def cmd_delete(session: Session, args: list[bytes]) -> None:
@@ -125,14 +132,10 @@ def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
     name = _one_name(session, args)
     if name is None:
         return
-    state = session.state
-    if state.status != "UP":
+    if session.state.status != "UP":
         session.out.append(READ_ONLY)
         return
-    try:
-        session.out.append(b"%d\r\n" % state.queues.flush_expired(name))
-    except JournalError as exc:
-        _refused(session, f"flush_expired {name}", exc)
+    answer_in_slices(session, _flush_expired(session.state.queues, [name], f"flush_expired {name}"))
 
 
 def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
@@ -143,10 +146,42 @@ def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
     if state.status != "UP":
         session.out.append(READ_ONLY)
         return
-    try:
-        session.out.append(b"%d\r\n" % state.queues.flush_all_expired())
-    except JournalError as exc:
-        _refused(session, "flush_all_expired", exc)
+    answer_in_slices(
+        session, _flush_expired(state.queues, state.queues.names(), "flush_all_expired")
+    )
+
+
+def _expired_batches(queues: QueueCollection, names: list[str]) -> Iterator[int | JournalError]:
+    """Remove the expired items at the head of each queue of ``names``, EXPIRY_BATCH at a
+    time: each batch's count, or the JournalError that ends a queue's (the item it could not
+    journal, and those after it, stay). A queue deleted meanwhile has nothing left to expire."""
+    for name in names:
+        while True:
+            try:
+                removed = queues.flush_expired(name, EXPIRY_BATCH)
+            except JournalError as exc:
+                yield exc
+                break
+            yield removed
+            if removed < EXPIRY_BATCH:
+                break
+
+
+def _flush_expired(queues: QueueCollection, names: list[str], what: str) -> Work:
+    """``flush_expired``'s work, in slices: the number of items removed, or SERVER_ERROR if a
+    queue's journal refused a removal (the other queues are done all the same)."""
+    count = 0
+    failed = None
+    for step in in_slices(_expired_batches(queues, names)):
+        if step is None:
+            yield
+        elif isinstance(step, JournalError):
+            failed = failed or step
+        else:
+            count += step
+    if failed is not None:
+        return _refusal(what, failed)
+    return b"%d\r\n" % count
 
 
 # ---- server commands ---------------------------------------------------------------------

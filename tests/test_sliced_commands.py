@@ -1,12 +1,14 @@
 """Commands whose work grows with the data run a slice of loop time at a time, the loop serving
 other connections in between: ``stats`` and ``dump_stats`` over thousands of queues (4,000 held
-every client ~0.1 s compiled, ~0.4 s pure). The connection's later requests wait, as behind a
-blocked get, and their replies come after its own. Both implementations.
+every client ~0.1 s compiled, ~0.4 s pure), ``flush_expired`` and ``flush_all_expired`` over
+deep queues of expired items (200,000: ~0.1 s compiled, ~3 s pure). The connection's later
+requests wait, as behind a blocked get, and their replies come after its own. Both
+implementations.
 
 Each check runs a server in its own process (the build is chosen at import) with its clients on
 the server's loop, over real sockets, so that what the loop did between two replies can be seen.
 Where the exact shape matters, erq.sliced.SLICE is set to 0: each pass of the loop then does
-one queue.
+one queue (or one batch of expired items).
 """
 
 from __future__ import annotations
@@ -246,4 +248,150 @@ def test_a_stats_in_progress_at_shutdown_is_answered_whole_with_what_follows(imp
     result = run_stats(impl, tmp_path, "shutdown")
     assert result["queue_lines"] == 300, result
     assert result["version_after_it"], result
+    assert result["errors"] == [], result
+
+
+FLUSH_SCRIPT = (
+    COMMON
+    + r"""
+from erq.journal.journal import QueueJournal
+from erq.journal_api import JournalError
+
+DEEP = 200_000
+
+
+async def main(data_dir, case):
+    server = await start(data_dir)
+    queues = server.state.queues
+    names = ["deep"] if case != "all" else ["deep1", "deep2", "deep3", "deep4"]
+    per_queue = DEEP // len(names)
+    expiry = now_ms() + 50
+    for name in names:
+        for _ in range(per_queue):
+            queues.add(name, b"x", 0, expiry, None)
+        queues.add(name, b"live", 0, 0, None)  # behind them: kept
+    await asyncio.sleep(0.1)
+    left = lambda: sum(queues.get(name).items for name in names)
+    a_reader, a_writer = await connect(server)
+    b_reader, b_writer = await connect(server)
+    request = b"flush_all_expired\r\n" if case == "all" else b"flush_expired deep\r\n"
+    result = {}
+    if case in ("flush", "all"):
+        a_writer.write(request)
+        await passes(3)  # the server has read it
+        b_writer.write(b"version\r\n")
+        result["version"] = (await b_reader.readline()).decode()
+        result["left_when_version_answered"] = left()
+        result["reply"] = (await a_reader.readline()).decode()
+    elif case == "disconnect":
+        a_writer.write(request)
+        await passes(3)
+        reset(a_writer)
+        for _ in range(200):
+            if session_of(server, a_writer) is None:
+                break
+            await asyncio.sleep(0.001)
+        await passes(10)
+        result["left_after_it_left"] = left()
+        await passes(DEEP // 256)  # what it had left would have run by now
+        result["left_later"] = left()
+        b_writer.write(request)
+        result["reply"] = (await b_reader.readline()).decode()
+    elif case == "shutdown":
+        a_writer.write(request + b"version\r\n")
+        await passes(3)
+        await stop(server)
+        result["reply"] = (await a_reader.read()).decode()
+    elif case == "journal_error":
+        real_remove = QueueJournal.remove
+        removals = 0
+
+        def remove(journal, *args):
+            nonlocal removals
+            removals += 1
+            if removals > 50_000:
+                raise JournalError("no space left on the device (injected)")
+            return real_remove(journal, *args)
+
+        QueueJournal.remove = remove
+        a_writer.write(request + b"version\r\n")
+        result["reply"] = (await a_reader.readline()).decode()
+        result["next"] = (await a_reader.readline()).decode()
+        result["left"] = left()
+        QueueJournal.remove = real_remove
+    if case != "shutdown":
+        a_writer.close()
+        await stop(server)
+    # What the journal says: a restart finds the live items and what was not removed.
+    server = await start(data_dir)
+    queues = server.state.queues
+    result["after_restart"] = left()
+    result["expired_after_restart"] = sum(
+        queues.queue_stats(name)["expired_items"] for name in names
+    )
+    reader, writer = await connect(server)
+    writer.write(b"get " + names[0].encode() + b"\r\n")
+    result["get_after_restart"] = (await reader.readuntil(b"END\r\n")).decode()
+    result["errors"] = [e for e in errors if "injected" not in e]
+    await stop(server)
+    print(json.dumps(result))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+)
+
+
+def run_flush(impl: str, tmp_path: Path, case: str) -> dict:
+    return run_script(impl, FLUSH_SCRIPT, str(tmp_path / "data"), case, timeout=120.0)
+
+
+DEEP = 200_000  # the script's
+
+
+def test_flush_expired_over_200000_items_is_sliced_and_survives_a_restart(impl, tmp_path):
+    result = run_flush(impl, tmp_path, "flush")
+    # Another client was answered while most of the expired items were still there.
+    assert result["version"].startswith("VERSION "), result
+    assert 0 < result["left_when_version_answered"] - 1 < DEEP, result
+    assert result["reply"] == "200000\r\n", result
+    # Every removal was journaled: the restart finds the live item only.
+    assert result["after_restart"] == 1 and result["expired_after_restart"] == 0, result
+    assert result["get_after_restart"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
+    assert result["errors"] == [], result
+
+
+def test_flush_all_expired_over_deep_queues_is_sliced_and_counts_them_all(impl, tmp_path):
+    result = run_flush(impl, tmp_path, "all")
+    assert 0 < result["left_when_version_answered"] - 4 < DEEP, result
+    assert result["reply"] == "200000\r\n", result
+    assert result["after_restart"] == 4 and result["expired_after_restart"] == 0, result
+    assert result["get_after_restart"] == "VALUE deep1 0 4\r\nlive\r\nEND\r\n", result
+
+
+def test_a_client_that_leaves_during_flush_expired_stops_it_and_loses_nothing(impl, tmp_path):
+    result = run_flush(impl, tmp_path, "disconnect")
+    left = result["left_after_it_left"]
+    assert 1 < left < DEEP + 1, result  # it stopped part way
+    assert result["left_later"] == left, result
+    assert result["reply"] == f"{left - 1}\r\n", result  # the rest, counted once
+    assert result["after_restart"] == 1, result
+    assert result["get_after_restart"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
+    assert result["errors"] == [], result
+
+
+def test_flush_expired_in_progress_at_shutdown_finishes_and_answers(impl, tmp_path):
+    result = run_flush(impl, tmp_path, "shutdown")
+    assert result["reply"].startswith("200000\r\nVERSION "), result
+    assert result["after_restart"] == 1, result
+    assert result["errors"] == [], result
+
+
+def test_a_journal_error_part_way_through_flush_expired_answers_server_error(impl, tmp_path):
+    """The removals journaled before the error stand; the item that could not be journaled,
+    and those after it, stay (as the one-call flush_expired did)."""
+    result = run_flush(impl, tmp_path, "journal_error")
+    assert result["reply"] == "SERVER_ERROR no space left on the device (injected)\r\n", result
+    assert result["next"].startswith("VERSION "), result
+    assert result["left"] == DEEP + 1 - 50_000, result
+    assert result["after_restart"] == DEEP + 1 - 50_000, result
     assert result["errors"] == [], result
