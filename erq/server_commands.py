@@ -244,9 +244,7 @@ def _stats(state: ServerState) -> Work:
     return b"".join(lines)
 
 
-def _dump(
-    session: Session, args: list[bytes], fields: Callable[[str], list[tuple[str, object]] | None]
-) -> None:
+def _dump(session: Session, args: list[bytes], fields: Callable[[str], Any]) -> None:
     for arg in args:
         if not valid_queue_name(arg):
             session.out.append(BAD_NAME)

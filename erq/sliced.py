@@ -2,9 +2,9 @@
 
 ``stats`` and ``dump_stats`` over thousands of queues, ``flush_expired`` over a deep queue of
 expired items, and the admin port's stats documents would each hold the event loop, and with
-it every client, for as long as they take (4,000 queues: ~0.1 s compiled, ~0.4 s pure; 200,000
-expired items: ~0.1 s compiled, ~3 s pure). Here such work runs SLICE seconds at a time and
-the loop serves its sockets in between.
+it every client, for as long as they take (4,000 queues: ~0.15 s compiled, ~0.4 s pure;
+200,000 expired items: ~0.1 s compiled, ~2.7 s pure). Here such work runs SLICE seconds at a
+time and the loop serves its sockets in between.
 
 A command's work is a generator that yields each time its slice is used up and returns its
 reply. ``answer_in_slices`` runs the first slice at once, so work that fits in one answers as
