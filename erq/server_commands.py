@@ -31,7 +31,14 @@ from erq.replies import (
     READ_ONLY,
     journal_failed,
 )
-from erq.sliced import Work, answer_in_slices, each_found, each_queue_stats, in_slices
+from erq.sliced import (
+    LongText,
+    Work,
+    answer_in_slices,
+    each_found,
+    each_queue_stats,
+    in_slices,
+)
 
 if TYPE_CHECKING:
     from erq.queues import QueueCollection
@@ -230,18 +237,21 @@ def cmd_stats(session: Session, args: list[bytes]) -> None:
 def _stats(state: ServerState) -> Work:
     """``stats``' reply, its queues' lines gathered in slices (a queue deleted meanwhile is
     left out)."""
-    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in general_stats(state)]
+    text = LongText()
+    for k, v in general_stats(state):
+        text.append(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()))
     for entry in each_queue_stats(state.queues):
         if entry is None:
+            text.seal()
             yield
             continue
         name, stats = entry
         for field, value in stats.items():
-            lines.append(
+            text.append(
                 b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
             )
-    lines.append(END)
-    return b"".join(lines)
+    text.append(END)
+    return text.joined()
 
 
 def _dump(session: Session, args: list[bytes], fields: Callable[[str], Any]) -> None:
@@ -257,18 +267,19 @@ def _dump(session: Session, args: list[bytes], fields: Callable[[str], Any]) -> 
 def _dump_blocks(names: list[str], fields: Callable[[str], Any]) -> Work:
     """``dump_*``'s reply, a block per queue of ``names`` that exists (``fields`` gives None
     for one that does not, or was deleted meanwhile), in slices."""
-    lines = []
+    text = LongText()
     for entry in each_found(names, fields):
         if entry is None:
+            text.seal()
             yield
             continue
         name, found = entry
-        lines.append(b"queue '%s' {\r\n" % name.encode())
+        text.append(b"queue '%s' {\r\n" % name.encode())
         for field, value in found:
-            lines.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
-        lines.append(b"}\r\n")
-    lines.append(END)
-    return b"".join(lines)
+            text.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
+        text.append(b"}\r\n")
+    text.append(END)
+    return text.joined()
 
 
 def cmd_dump_stats(session: Session, args: list[bytes]) -> None:

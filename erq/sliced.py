@@ -66,6 +66,29 @@ def each_queue_stats(
     return each_found(queues.names() if names is None else names, queues.queue_stats)
 
 
+class LongText:
+    """A long reply made a slice at a time. ``append`` its pieces; ``seal`` at the end of each
+    slice joins that slice's pieces into one chunk, so that the whole is at last one join of a
+    few dozen chunks rather than of every line (68,000 lines, 4,000 queues' stats, took the
+    loop ~10 ms to join)."""
+
+    __slots__ = ("_pieces", "_chunks", "append")
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._chunks: list[bytes] = []
+        self.append = self._pieces.append
+
+    def seal(self) -> None:
+        if self._pieces:
+            self._chunks.append(b"".join(self._pieces))
+            self._pieces.clear()
+
+    def joined(self) -> bytes:
+        self.seal()
+        return b"".join(self._chunks)
+
+
 class SlicedReply:
     """A command whose work runs a slice at a time, as its connection's blocked operation."""
 
