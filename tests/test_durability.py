@@ -414,13 +414,19 @@ def test_a_damaged_segment_header_costs_no_item_and_is_written_again(erq_factory
     server.kill()
 
 
-def test_a_segment_deleted_between_two_others_is_reported_not_silently_skipped(erq_factory, impl):
+def killed_after_several_segments(erq_factory):
+    """A server killed after 3,000 items of 1 KiB went into queue q (several segments)."""
     server = erq_factory()
-    values = [kib_value(n) for n in range(3000)]  # several segments
+    values = [kib_value(n) for n in range(3000)]
     client = server.client()
     set_many(client, "q", values)
     client.close()
     server.kill()
+    return server, values
+
+
+def test_a_segment_deleted_between_two_others_is_reported_not_silently_skipped(erq_factory, impl):
+    server, values = killed_after_several_segments(erq_factory)
     first, middle, after, *_ = segment_files(server.data_dir / "q")
     middle.unlink()
     check = erq_tool(impl, "check", str(server.data_dir))
@@ -447,12 +453,7 @@ def test_a_segment_deleted_between_two_others_is_reported_not_silently_skipped(e
 def test_a_lost_first_or_last_segment_is_reported_and_the_rest_served(erq_factory, impl, lost):
     # Nothing after the last segment or before the first vouches for it: the journal's range
     # file does (erq/journal/segrange.py).
-    server = erq_factory()
-    values = [kib_value(n) for n in range(3000)]  # several segments
-    client = server.client()
-    set_many(client, "q", values)
-    client.close()
-    server.kill()
+    server, values = killed_after_several_segments(erq_factory)
     files = segment_files(server.data_dir / "q")
     assert len(files) >= 3
     gone, neighbour, where = (
