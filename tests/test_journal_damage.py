@@ -10,6 +10,7 @@ import pytest
 from test_journal_support import (
     KiB,
     Model,
+    added_ids,
     all_items,
     item,
     record_spans,
@@ -292,21 +293,12 @@ def test_a_segment_too_short_for_a_record_or_named_for_another_is_set_aside(code
     journal.close()
 
 
-def _added_ids(path) -> set[int]:
-    raw = path.read_bytes()
-    return {
-        struct.unpack_from("<Q", raw, start + 9)[0]
-        for start, _ in record_spans(raw)
-        if raw[start + 8] == OP_ADD
-    }
-
-
 def test_segments_missing_between_others_are_reported_and_the_rest_recovered(codec, tmp_path):
     # Deleted by hand or by another program: what they held is lost, and that is said.
     directory = tmp_path / "q"
     files = _journal_of_segments(directory, n_items=300)
     assert len(files) >= 6
-    lost = _added_ids(files[1]) | _added_ids(files[3]) | _added_ids(files[4])
+    lost = added_ids(files[1]) | added_ids(files[3]) | added_ids(files[4])
     for path in (files[1], files[3], files[4]):
         path.unlink()
     journal, rec = QueueJournal.open(directory, fsync="never", segment_size=SEGMENT)

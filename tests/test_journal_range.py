@@ -6,13 +6,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import struct
 
 import pytest
-from test_journal_support import KiB, all_items, record_spans, segment_files, use_codec
+from test_journal_support import KiB, added_ids, all_items, segment_files, use_codec
 
 from erq.journal import QueueJournal, compaction, tool
-from erq.journal.format import OP_ADD
 from erq.journal.segrange import RANGE_SUFFIX, SegmentRange, parse_range_name
 
 SEGMENT = 4 * KiB
@@ -46,15 +44,6 @@ def range_files(directory) -> list[str]:
 def stated(directory) -> SegmentRange:
     [name] = range_files(directory)
     return parse_range_name(name)
-
-
-def added_ids(path) -> set[int]:
-    raw = path.read_bytes()
-    return {
-        struct.unpack_from("<Q", raw, start + 9)[0]
-        for start, _ in record_spans(raw)
-        if raw[start + 8] == OP_ADD
-    }
 
 
 def reopened(directory) -> tuple[list[str], list[int]]:

@@ -167,6 +167,16 @@ def record_spans(data: bytes) -> list[tuple[int, int]]:
     return spans
 
 
+def added_ids(path) -> set[int]:
+    """The ids of the ADD records in the segment file ``path``."""
+    raw = path.read_bytes()
+    return {
+        struct.unpack_from("<Q", raw, start + 9)[0]
+        for start, _ in record_spans(raw)
+        if raw[start + 8] == OP_ADD
+    }
+
+
 class MiniQueue:
     """A FIFO over a journal with erq's read-behind rule: items stay in RAM while the
     memory budget allows and nothing is on disk; past it they stay in the journal."""
