@@ -478,6 +478,27 @@ def test_a_lost_first_or_last_segment_is_reported_and_the_rest_served(erq_factor
     server.kill()
 
 
+def clean_but_a_torn_tail(check: subprocess.CompletedProcess, queue_dir: Path) -> bool:
+    """``erq journal check`` found nothing wrong, or only the record a SIGKILL cut short: a
+    record's length is written last, so a kill that lands while one is half written (a page
+    fault on the next page of the mapping makes that window wide) leaves it at the end of the
+    newest segment, where recovery truncates it. Anything else is a false alarm."""
+    if check.returncode == 0:
+        return True
+    *problems, summary = check.stdout.strip().splitlines()
+    newest = segment_files(queue_dir)[-1]
+    return (
+        check.returncode == 1
+        and summary.endswith(": 1 problem(s)")
+        and len(problems) == 1
+        and re.fullmatch(
+            rf"{re.escape(str(newest))}: torn record at offset \d+ \(recovery truncates it\)",
+            problems[0],
+        )
+        is not None
+    )
+
+
 def test_sigkill_while_segments_rotate_and_compact_raises_no_false_alarm(erq_factory, impl):
     # Segments of 64 KiB (a quarter of max_journal_size), rotated and compacted (released,
     # drained, rewritten) all the time under the load: wherever the kill lands, the next start
@@ -498,7 +519,7 @@ def test_sigkill_while_segments_rotate_and_compact_raises_no_false_alarm(erq_fac
             load_seconds=rng.uniform(0.1, 0.4),
         )
         check = erq_tool(impl, "check", str(server.data_dir))
-        assert check.returncode == 0, (cycle, check.stdout)
+        assert clean_but_a_torn_tail(check, server.data_dir / "q"), (cycle, check.stdout)
     log = start_logged(server)
     assert warnings_naming(log, "missing") == [], log
     client = server.client()
