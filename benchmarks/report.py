@@ -233,25 +233,38 @@ def _render_disk_ceiling(res: Results) -> list[str]:
     sets = bandwidth / record
     runs = " / ".join(f"{b / 1e6:,.0f}" for b in c.disk)
     out += [
-        f"- This disk made {bandwidth / 1e6:,.0f} MB/s durable (runs: {runs} MB/s): 64 KiB "
-        "blocks written into a preallocated, mapped file, fdatasync every 100 ms.",
+        f"- Through the page cache, as a journal keeps it: {bandwidth / 1e6:,.0f} MB/s made "
+        f"durable (runs: {runs} MB/s): 64 KiB blocks written into a preallocated, mapped "
+        "file, fdatasync every 100 ms.",
         f"- At {record:,} journal bytes per set (the 64 KiB value + the {ADD_OVERHEAD}-byte "
         f"ADD record header), that is at most {fmt_ops(sets)} sets/s.",
     ]
+    reused = median(c.disk_reused)
+    if reused is not None:
+        runs = " / ".join(f"{b / 1e6:,.0f}" for b in c.disk_reused)
+        out.append(
+            f"- The same writer dropping each synced range from the page cache, so that new "
+            f"pages reuse its memory: {reused / 1e6:,.0f} MB/s (runs: {runs} MB/s), "
+            f"{fmt_ops(reused / record)} sets/s. The gap is what growing the page cache into "
+            "memory not touched lately costs here (on a VM, memory the host must back again), "
+            "not the disk's speed (benchmarks/PROFILE.md, scenario 7)."
+        )
     per = res.runs.get("set_64k", {})
     ref = med(per.get(MEMCACHED, []), "ops_per_s")
     if ref:
         bar = next(b for b in BARS if b.key == "set_64k")
         out.append(
-            f"- Ceiling for any journal that syncs every 100 ms on this disk: {fmt_ratio(sets / ref)} "
-            f"memcached ({fmt_ops(ref)} sets/s); the bar asks {bar.threshold:.2f}×."
+            f"- Ceiling for a journal that syncs every 100 ms and keeps its pages cached: "
+            f"{fmt_ratio(sets / ref)} memcached ({fmt_ops(ref)} sets/s)"
+            + (f"; dropping them: {fmt_ratio(reused / record / ref)}" if reused else "")
+            + f"; the bar asks {bar.threshold:.2f}×."
         )
     above = [b for b in res.erq_builds if (med(per.get(b, []), "ops_per_s") or 0) > sets]
     if above:
         out.append(
-            f"\nerq ({', '.join(above)}) measured above that: within a run of "
+            f"\nerq ({', '.join(above)}) measured above the first: within a run of "
             f"{res.plan.seconds:g} s, data the periodic fdatasync has not yet written can wait "
-            "in the page cache; a sustained load is bounded by the disk."
+            "in the page cache, and the writer's memory may be warm from the run before."
         )
     return out
 

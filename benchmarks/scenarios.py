@@ -312,6 +312,8 @@ class Ceilings:
     disk_seconds: float  # length of each disk bandwidth run
     sync_seconds: float  # length of each fdatasync rate run
     disk: list[float] = field(default_factory=list)  # bytes/s, fdatasync every 100 ms
+    # bytes/s, the same with each synced range dropped from the page cache (memory reused)
+    disk_reused: list[float] = field(default_factory=list)
     syncs: list[float] = field(default_factory=list)  # fdatasync/s of one writer
     disk_failure: str = ""
     sync_failure: str = ""
