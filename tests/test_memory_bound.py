@@ -120,6 +120,20 @@ def test_zero_length_items_fit_an_exhausted_budget(codec):
     assert take_ids(disk, 10) == [4, 5]
 
 
+def test_max_items_bounds_a_take_across_windows_and_segments(codec):
+    # Zero-length items all fit any budget: only the count stops a take of them.
+    segments = [BufferSegment("a"), BufferSegment("b")]
+    disk = DiskItems()
+    fill(codec, disk, segments, [0] * 6000 + [7] * 10)
+    taken = [it.id for it in disk.take(10**9, RecoveredItem, 5000)]
+    assert taken == list(range(1, 5001))  # past a 4,096-offset window
+    taken = [it.id for it in disk.take(10**9, RecoveredItem, 1005)]
+    assert taken == list(range(5001, 6006))  # into the second segment
+    assert [it.id for it in disk.take(0, RecoveredItem, 0)] == [6006]  # at least one
+    assert [it.id for it in disk.take(14, RecoveredItem, 100)] == [6007, 6008]  # bytes first
+    assert disk.count == 2
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -112,10 +112,11 @@ class DiskItems:
         self.nbytes += nbytes
         return nbytes
 
-    def take(self, max_bytes: int, cls: type) -> list:
+    def take(self, max_bytes: int, cls: type, max_items: int = -1) -> list:
         """Read the head items back, in order, as ``cls`` tuples (see codec.read_adds): as
-        many as fit in ``max_bytes`` of data, and at least one if any remain. Raises
-        ValueError (after taking what it read) at a position without a valid ADD record."""
+        many as fit in ``max_bytes`` of data and, with ``max_items`` >= 0, no more than
+        that many; at least one if any remain. Raises ValueError (after taking what it
+        read) at a position without a valid ADD record."""
         out: list = []
         runs = self._runs
         while runs:
@@ -125,7 +126,10 @@ class DiskItems:
             # read_adds sees where the budget ends; a window that ends first means one more
             # turn, and the cap bounds the work wasted when the head items are larger.
             want = max(max_bytes, 0) // max(self.nbytes // self.count, 1) + 1
-            stop = min(len(offsets), start + min(max(want, _WINDOW[0]), _WINDOW[1]))
+            width = min(max(want, _WINDOW[0]), _WINDOW[1])
+            if max_items >= 0:
+                width = min(width, max(max_items - len(out), 1))
+            stop = min(len(offsets), start + width)
             window = _window(offsets, start, stop)
             try:
                 n, got, ok = codec.read_adds(segment.mm, window, 0, max_bytes, cls, out)
@@ -152,7 +156,7 @@ class DiskItems:
                 del offsets[:end]
                 end = 0
             run[2] = end
-            if n < stop - start or max_bytes < 0:
+            if n < stop - start or max_bytes < 0 or 0 <= max_items <= len(out):
                 break  # the budget is spent
         return out
 

@@ -1,0 +1,71 @@
+"""Read-behind reads items back a step at a time as the head drains (both builds).
+
+A queue past max_memory_size keeps its newest items only in the journal. Reading half the
+budget back at once, in one loop callback, stalled every client for ~0.4 s on a queue of
+small items; a take now reads back at most one REFILL_STEP of memory, and only once that
+much of the budget is free.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from erq.config import QueueConfig
+from erq.journal import QueueJournal
+from erq.ring import ITEM_OVERHEAD
+
+from conftest import impl_module
+
+SIZE = 100  # data bytes per item
+
+
+def value(i: int) -> bytes:
+    return b"%0*d" % (SIZE, i)
+
+
+@pytest.fixture
+def deep_queue(impl, tmp_path):
+    """A queue holding three memory budgets of items (two of them only on disk)."""
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 16 * queue_mod.REFILL_STEP
+    journal, _ = QueueJournal.open(
+        tmp_path / "q", fsync="never", segment_size=256 * 1024, max_memory_size=memory
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    count = 3 * memory // (SIZE + ITEM_OVERHEAD)
+    for i in range(count):
+        queue.add(value(i), 0, 0)
+    yield queue_mod, queue, memory, count
+    queue.close()
+
+
+def test_a_take_reads_back_at_most_a_step_and_the_order_stays_fifo(deep_queue):
+    queue_mod, queue, memory, count = deep_queue
+    assert queue.mem_items < count // 2 < queue.items  # most of it is on disk
+    step_items = queue_mod.REFILL_STEP // (SIZE + ITEM_OVERHEAD)
+    taken, reads = [], 0
+    while True:
+        before = queue.mem_items
+        item = queue.take(False)
+        if item is None:
+            break
+        taken.append(item.data)
+        read_back = queue.mem_items - (before - 1)
+        assert 0 <= read_back <= step_items
+        reads += read_back > 0
+        assert queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items <= memory
+    assert taken == [value(i) for i in range(count)]
+    # The reading was spread over many takes: about one in step_items of them.
+    assert reads >= (count - memory // (SIZE + ITEM_OVERHEAD)) // step_items
+
+
+def test_memory_is_refilled_to_the_budget_not_only_to_half(deep_queue):
+    _, queue, memory, _ = deep_queue
+    full = queue.mem_items
+    for _ in range(full * 3 // 4):  # well past half of what memory held
+        queue.take(False)
+    # Each take read back what it freed, a step at a time: memory is within a step of full.
+    cost = queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
+    assert memory - cost < 2 * (SIZE + ITEM_OVERHEAD) + 32 * 1024
