@@ -62,10 +62,10 @@ def test_a_take_reads_back_at_most_a_step_and_the_order_stays_fifo(deep_queue):
 
 
 def test_memory_is_refilled_to_the_budget_not_only_to_half(deep_queue):
-    _, queue, memory, _ = deep_queue
+    queue_mod, queue, memory, _ = deep_queue
     full = queue.mem_items
     for _ in range(full * 3 // 4):  # well past half of what memory held
         queue.take(False)
     # Each take read back what it freed, a step at a time: memory is within a step of full.
     cost = queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
-    assert memory - cost < 2 * (SIZE + ITEM_OVERHEAD) + 32 * 1024
+    assert memory - cost < queue_mod.REFILL_STEP + 2 * (SIZE + ITEM_OVERHEAD)
