@@ -188,7 +188,8 @@ class Session:
         self.state.loop.call_soon(self._resume_next_pass, op)
 
     def _resume_next_pass(self, op: Any) -> None:
-        if self.blocked is op:
+        # Not when the pass found it run already (sliced.finish_now, at shutdown).
+        if self.blocked is op and self.resumes_next_pass:
             self.resumes_next_pass = False
             if self.closed:
                 return

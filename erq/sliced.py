@@ -12,7 +12,8 @@ before, with no loop pass more. Otherwise the rest runs as the connection's bloc
 (``Session.resume_next_pass``, as a get that meets expired items does): the requests the client
 pipelined behind it wait, and their replies come after its own; a client that leaves ends it
 (``cancel``: what was done stays done); once the server is stopping, what is left runs at once
-(``finish_now``), so that the reply goes out before the journals close.
+(``finish_now``, which finishes a get that gave way to expired items too), so that the reply
+goes out before the journals close.
 
 Plain Python in both builds: none of it is on the per-request hot path.
 """
@@ -129,10 +130,12 @@ def answer_in_slices(session: Session, work: Work) -> None:
 
 
 def finish_now(session: Session) -> None:
-    """The server is stopping (``state.stopping``): a sliced command this connection is in the
-    middle of does the rest of its work now and answers, and its pipeline goes on."""
-    op = session.blocked
-    if isinstance(op, SlicedReply) and not session.closed:
-        session.resumes_next_pass = False  # the pass it waits for finds it done
-        if op.run():
+    """The server is stopping (``state.stopping``): what this connection waits on the loop's
+    next pass for (a sliced command, or a get or monitor behind expired items) runs now, until
+    it answers or waits for something else, and so does its pipeline: its replies go out and
+    what it removed is journaled before the journals close."""
+    while session.resumes_next_pass and not session.closed:
+        session.resumes_next_pass = False  # the pass it waits for finds nothing to do
+        op = session.blocked
+        if op is not None and op.run():
             session.unblock()

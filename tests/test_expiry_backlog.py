@@ -73,6 +73,7 @@ import erq.server as server_module
 from erq.clock import now_ms
 from erq.config import load_config
 from erq.queue import EXPIRY_BATCH
+from erq.sliced import finish_now
 
 DEEP = 5120  # 20 batches
 
@@ -85,8 +86,11 @@ async def main(data_dir, case):
     queues = server.state.queues
     stats = lambda: queues.get("deep").stats(now_ms())
 
+    async def connect_to(port):
+        return await asyncio.open_connection("127.0.0.1", port)
+
     async def connect():
-        return await asyncio.open_connection("127.0.0.1", server.port)
+        return await connect_to(server.port)
 
     async def backlog(first=()):
         for data in first:  # live items ahead of the expired ones
@@ -138,6 +142,35 @@ async def main(data_dir, case):
         await backlog()
         writer.write(b"monitor deep 5 1\r\n")
         result["reply"] = (await reader.readuntil(b"END\r\nEND\r\n")).decode()
+    elif case == "shutdown":
+        await backlog()
+        errors = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: errors.append(repr(context)))
+        writer.write(b"get deep\r\n")
+        while stats()["expired_items"] < EXPIRY_BATCH:  # it gave way once, at least
+            await asyncio.sleep(0)
+        [session] = [proto.session for proto in server.state.connections]
+        result["gave_way"] = session.resumes_next_pass
+        server.state.stopping = True  # what shutdown does first, then finish_now for each
+        finish_now(session)  # no loop pass in between: the get is done when this returns
+        result["waits_after_finish_now"] = session.blocked is not None
+        server.request_shutdown("test")
+        await server.shutdown()
+        for _ in range(3 * DEEP // EXPIRY_BATCH):  # whatever the loop still had to run
+            await asyncio.sleep(0)
+        result["reply"] = (await reader.read()).decode()
+        result["errors"] = errors
+        again = server_module.Server(config)
+        await again.start()
+        again._sweeper.cancel()
+        r2, w2 = await connect_to(again.port)
+        w2.write(b"get deep\r\n")
+        result["after_restart"] = (await r2.readuntil(b"END\r\n")).decode()
+        again.request_shutdown("test")
+        await again.shutdown()
+        print(json.dumps(result))
+        return
     result["expired_items"] = stats()["expired_items"]
     server.request_shutdown("test")
     await server.shutdown()
@@ -187,6 +220,18 @@ def test_a_client_that_leaves_during_the_backlog_takes_nothing(impl, tmp_path):
     result = run_case(impl, tmp_path, "gone")
     assert result["next_get"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
     assert int(result["expired_items"]) == DEEP, result
+
+
+def test_a_get_behind_expired_items_at_shutdown_finishes_while_the_journal_is_open(
+    impl, tmp_path
+):
+    result = run_case(impl, tmp_path, "shutdown")
+    # The get went on removing expired items and answered the live one before the journals
+    # closed; its removal is journaled, so a restart does not hand the item out again.
+    assert result["gave_way"] and not result["waits_after_finish_now"], result
+    assert result["reply"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
+    assert result["errors"] == [], result
+    assert result["after_restart"] == "END\r\n", result
 
 
 def test_a_monitor_behind_expired_items_streams_the_live_one(impl, tmp_path):
