@@ -220,6 +220,12 @@ def _ceiling_head(figures: list[float], seconds: float, failure: str) -> list[st
     return out
 
 
+def _mb_runs(figures: list[float]) -> str:
+    """The median bandwidth and each run's, in MB/s."""
+    runs = " / ".join(f"{b / 1e6:,.0f}" for b in figures)
+    return f"{median(figures) / 1e6:,.0f} MB/s (runs: {runs} MB/s)"
+
+
 def _render_disk_ceiling(res: Results) -> list[str]:
     """Under the 64 KiB scenario: the most sets/s a journal synced every 100 ms can sustain."""
     c = res.ceilings
@@ -231,23 +237,28 @@ def _render_disk_ceiling(res: Results) -> list[str]:
         return out
     record = 64 * KIB + ADD_OVERHEAD
     sets = bandwidth / record
-    runs = " / ".join(f"{b / 1e6:,.0f}" for b in c.disk)
     out += [
-        f"- Through the page cache, as a journal keeps it: {bandwidth / 1e6:,.0f} MB/s made "
-        f"durable (runs: {runs} MB/s): 64 KiB blocks written into a preallocated, mapped "
-        "file, fdatasync every 100 ms.",
+        f"- Through the page cache, as a journal keeps it: {_mb_runs(c.disk)} made durable: "
+        "64 KiB blocks written into a preallocated, mapped file, fdatasync every 100 ms.",
         f"- At {record:,} journal bytes per set (the 64 KiB value + the {ADD_OVERHEAD}-byte "
         f"ADD record header), that is at most {fmt_ops(sets)} sets/s.",
     ]
     reused = median(c.disk_reused)
     if reused is not None:
-        runs = " / ".join(f"{b / 1e6:,.0f}" for b in c.disk_reused)
         out.append(
             f"- The same writer dropping each synced range from the page cache, so that new "
-            f"pages reuse its memory: {reused / 1e6:,.0f} MB/s (runs: {runs} MB/s), "
+            f"pages reuse its memory: {_mb_runs(c.disk_reused)}, "
             f"{fmt_ops(reused / record)} sets/s. The gap is what growing the page cache into "
             "memory not touched lately costs here (on a VM, memory the host must back again), "
             "not the disk's speed (benchmarks/PROFILE.md, scenario 7)."
+        )
+    direct = median(c.disk_direct)
+    if direct is not None:
+        out.append(
+            f"- The disk itself, written around the page cache (`O_DIRECT`, 1 MiB blocks, "
+            f"fdatasync every 100 ms): {_mb_runs(c.disk_direct)}, "
+            f"{fmt_ops(direct / record)} sets/s: no journal that makes every byte durable can "
+            "sustain more, however it writes, even at no cost in CPU."
         )
     per = res.runs.get("set_64k", {})
     ref = med(per.get(MEMCACHED, []), "ops_per_s")
@@ -257,6 +268,7 @@ def _render_disk_ceiling(res: Results) -> list[str]:
             f"- Ceiling for a journal that syncs every 100 ms and keeps its pages cached: "
             f"{fmt_ratio(sets / ref)} memcached ({fmt_ops(ref)} sets/s)"
             + (f"; dropping them: {fmt_ratio(reused / record / ref)}" if reused else "")
+            + (f"; the disk's own: {fmt_ratio(direct / record / ref)}" if direct else "")
             + f"; the bar asks {bar.threshold:.2f}×."
         )
     above = [b for b in res.erq_builds if (med(per.get(b, []), "ops_per_s") or 0) > sets]
