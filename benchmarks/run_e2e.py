@@ -567,8 +567,8 @@ def report_header(
             "one's writeback). erq runs its default configuration "
             "(journal on, fsync every 100 ms) unless a section says otherwise and keeps qload's "
             "loss/duplicate checks on; memcached runs `-t 1 -m 2048` with `--no-verify` (it is not "
-            "a queue). Server CPU = the server's user+sys time over qload's wall time (100% = one "
-            "core); server RSS = VmRSS right after the run. A ratio is erq's median over "
+            "a queue). Server CPU = the server's user+sys time during the qload run over the "
+            "interval qload measured (its `elapsed_s`; 100% = one core); server RSS = VmRSS right after the run. A ratio is erq's median over "
             "memcached's from this sitting.",
         ]
     )

@@ -191,7 +191,7 @@ class Run:
     """One qload run against one server, with the server's CPU and memory around it."""
 
     data: dict = field(default_factory=dict)  # qload's JSON line
-    cpu_pct: float | None = None  # server user+sys over qload's wall time; 100 = one core
+    cpu_pct: float | None = None  # server user+sys over qload's measured interval; 100 = a core
     rss_mib: float | None = None  # server VmRSS right after the run
     failure: str = ""
 
