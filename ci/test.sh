@@ -7,12 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's libmemcached-tools (memccp, memccat, memcstat) are driven by the client tests.
-if ! command -v memccp >/dev/null 2>&1; then
+# Debian's libmemcached-tools (memccp, memccat, memcstat) are driven by the client tests;
+# strace shows which system calls the fsync worker makes (test_fsync_worker.py).
+missing=""
+command -v memccp >/dev/null 2>&1 || missing+=" libmemcached-tools"
+command -v strace >/dev/null 2>&1 || missing+=" strace"
+if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmemcached-tools >/dev/null
+        # shellcheck disable=SC2086
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     else
-        echo "ci/test.sh: libmemcached-tools is missing; install it (apt-get install libmemcached-tools)" >&2
+        echo "ci/test.sh: missing:$missing; install (apt-get install$missing)" >&2
         exit 1
     fi
 fi

@@ -8,6 +8,8 @@ import errno
 import gc
 import os
 import selectors
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -143,6 +145,72 @@ def test_a_bad_descriptor_reports_its_errno_without_disturbing_the_others(
     worker.submit(fds, dirs)
     assert worker.collect(wait=True) == [0, errno.EINVAL, 0, errno.EBADF, 0, errno.EINVAL, 0]
     assert not any(is_open(fd) for fd in fds + dirs)
+
+
+def test_a_file_or_directory_deleted_before_its_sync_reports_enoent(make_worker, tmp_path):
+    """Synced, but no restart can find it: not durable. A name that merely ends like the
+    kernel's mark of a deleted file (" (deleted)") is still a name."""
+    worker = make_worker()
+    gone = tmp_path / "gone"
+    gone.write_bytes(b"data")
+    named = tmp_path / "f (deleted)"
+    named.write_bytes(b"data")
+    gone_dir = tmp_path / "d (deleted)"
+    gone_dir.mkdir()
+    named_dir = tmp_path / "kept (deleted)"
+    named_dir.mkdir()
+    fds = [os.open(gone, os.O_RDWR), os.open(named, os.O_RDWR)]
+    dirs = [dir_fd(gone_dir), dir_fd(named_dir)]
+    gone.unlink()
+    gone_dir.rmdir()
+    worker.submit(fds, dirs)
+    assert worker.collect(wait=True) == [errno.ENOENT, 0, errno.ENOENT, 0]
+
+
+# Runs jobs on one named file under strace, between two marker stats, in a fresh process.
+_TRACED_SYNCS = """
+import importlib, os, sys
+name = "erq._fast._fsync" if sys.argv[1] == "c" else "erq.journal._fsync_py"
+worker = importlib.import_module(name).FsyncWorker()
+fd = os.open(sys.argv[2], os.O_RDWR)
+print(fd, flush=True)
+for marker in ("begin", "end"):
+    try:
+        os.stat("/erq-trace-" + marker)
+    except FileNotFoundError:
+        pass
+    if marker == "begin":
+        for _ in range(5):
+            worker.submit([os.dup(fd)], [])
+            assert worker.collect(wait=True) == [0]
+worker.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (ci/test.sh installs it)")
+def test_the_deletion_check_after_a_sync_does_not_stat_a_named_file(impl, tmp_path):
+    """An fstat reads the timestamps; with multigrain timestamps (Linux 6.13 on) that makes
+    the next write through a mapping dirty the inode, and fdatasync on ext4 without a journal
+    then writes the inode block too: a third I/O per sync (erq/journal/unlinked.py). The
+    check reads /proc/self/fd instead, and asks the inode only to confirm a deletion."""
+    path = tmp_path / "segment"
+    path.write_bytes(b"data")
+    log = tmp_path / "trace"
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=%%stat,readlink,readlinkat",
+         sys.executable, "-c", _TRACED_SYNCS, impl, str(path)],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    begin = next(i for i, line in enumerate(lines) if "/erq-trace-begin" in line)
+    end = next(i for i, line in enumerate(lines) if "/erq-trace-end" in line)
+    traced = lines[begin + 1 : end]
+    links = [line for line in traced if "/proc/self/fd/" in line]
+    assert len(links) == 5, traced  # the check ran once a sync, on the dup'd descriptor
+    stats = [line for line in traced if "stat" in line and "/proc/self/fd/" not in line]
+    assert stats == [], traced
 
 
 def test_fileno_turns_readable_when_the_job_ends_and_collect_drains_it(make_worker, files):

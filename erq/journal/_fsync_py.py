@@ -26,6 +26,7 @@ import threading
 import weakref
 
 from ..startsignals import in_worker_thread
+from .unlinked import unlinked
 
 _IDLE, _PENDING, _RUNNING, _DONE = range(4)
 _EVENTFD = hasattr(os, "eventfd")
@@ -93,7 +94,7 @@ def _sync(fd: int, sync) -> int:
     directory deleted under the server syncs, but no restart can find it: ENOENT."""
     try:
         sync(fd)
-        if os.fstat(fd).st_nlink == 0:
+        if unlinked(fd):
             return errno.ENOENT
     except OSError as exc:
         return exc.errno or 5  # EIO: an OSError without an errno is still a failure

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..journal_api import JournalError
 from . import codec
 from .format import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, SEGMENT_SUFFIX, segment_name
+from .unlinked import unlinked
 
 PAGE = mmap.PAGESIZE
 _HEADER_TAIL = struct.Struct("<II")  # crc32c of the first 24 bytes, reserved zero
@@ -246,7 +247,7 @@ class Segment:
         if fd < 0:
             return False
         try:
-            return os.fstat(fd).st_nlink == 0
+            return unlinked(fd)
         except OSError:
             return False
 
