@@ -246,10 +246,7 @@ class Segment:
         fd = self._fd
         if fd < 0:
             return False
-        try:
-            return unlinked(fd)
-        except OSError:
-            return False
+        return unlinked(fd)
 
     def sync(self) -> None:
         """Make the written records durable (raises OSError)."""

@@ -21,11 +21,16 @@ _DELETED = " (deleted)"
 
 
 def unlinked(fd: int) -> bool:
-    """True when ``fd``'s file or directory has no name left. Raises OSError only from
-    ``fstat``, when a confirmation is needed and fails."""
+    """True when ``fd``'s file or directory has no name left; False also when it cannot be
+    told (``fstat`` failing on a descriptor that was just synced), as in the C twin."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc (not Linux, or not mounted): ask the inode
-        return os.fstat(fd).st_nlink == 0
+        target = None
     # A name that merely ends so (a data directory called "x (deleted)") is confirmed too.
-    return target.endswith(_DELETED) and os.fstat(fd).st_nlink == 0
+    if target is not None and not target.endswith(_DELETED):
+        return False
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
