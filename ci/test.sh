@@ -8,10 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian's libmemcached-tools (memccp, memccat, memcstat) are driven by the client tests;
-# strace shows which system calls the fsync worker makes (test_fsync_worker.py).
+# strace shows which system calls the fsync worker makes (test_fsync_worker.py); fuse3 mounts
+# the file system whose writes fail on demand (test_sync_errors.py).
 missing=""
 command -v memccp >/dev/null 2>&1 || missing+=" libmemcached-tools"
 command -v strace >/dev/null 2>&1 || missing+=" strace"
+command -v fusermount3 >/dev/null 2>&1 || missing+=" fuse3"
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         # shellcheck disable=SC2086

@@ -681,4 +681,5 @@ class Queue:
             "total_flushes": self.total_flushes,
             "journal_rewrites": journal.rewrites if journal is not None else 0,
             "journal_rotations": journal.rotations if journal is not None else 0,
+            "journal_sync_errors": journal.sync_errors if journal is not None else 0,
         }

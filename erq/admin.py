@@ -136,6 +136,7 @@ _QUEUE_COUNTERS = frozenset(
         "total_flushes",
         "journal_rewrites",
         "journal_rotations",
+        "journal_sync_errors",
     }
 )
 _UNITS = {"uptime": "uptime_seconds", "age": "age_milliseconds"}
@@ -179,6 +180,8 @@ _QUEUE_HELP = {
     "total_flushes": "Flushes of the queue.",
     "journal_rewrites": "Compactions of the queue's journal.",
     "journal_rotations": "Times the queue's journal moved on to a new segment.",
+    "journal_sync_errors": "fsyncs of the queue's journal that failed (the next one writes "
+    "the data again).",
 }
 
 

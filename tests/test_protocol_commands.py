@@ -55,6 +55,7 @@ PER_QUEUE_FIELDS = {
     "total_flushes",
     "journal_rewrites",
     "journal_rotations",
+    "journal_sync_errors",
 }
 GENERAL_FIELDS = {
     "pid",

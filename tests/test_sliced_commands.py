@@ -183,7 +183,7 @@ def run_stats(impl: str, tmp_path: Path, case: str) -> dict:
     return run_script(impl, STATS_SCRIPT, str(tmp_path / "data"), case, str(config))
 
 
-FIELDS = 16  # a queue's stats fields (PROTOCOL.md §8), none of them `children` here
+FIELDS = 17  # a queue's stats fields (PROTOCOL.md §8, and journal_sync_errors), no `children` here
 
 
 def test_other_clients_are_answered_while_a_stats_over_4000_queues_runs(impl, tmp_path):

@@ -14,11 +14,11 @@ loop resolves this batch's tickets and starts the next batch once it has read it
 again, so that the clients just answered can join it (see ``_start_after_next_pass``).
 
 A :class:`Ticket` is shared by the appends of one journal in one batch. It resolves after the
-sync, or fails with JournalError (the data stays pending and the next sync retries it). The
-end of a batch settles all of its tickets first, then calls the callbacks waiting on them
-(the sessions holding replies) right there, in the order they registered: no task, future or
-``call_soon`` per waiter. Batches finish in the order they started, so when a ticket is done,
-every ticket taken before it is too.
+sync, or fails with JournalError (the data stays pending, and the next sync writes it again
+before it syncs: see ``Segment``). The end of a batch settles all of its tickets first, then
+calls the callbacks waiting on them (the sessions holding replies) right there, in the order
+they registered: no task, future or ``call_soon`` per waiter. Batches finish in the order
+they started, so when a ticket is done, every ticket taken before it is too.
 
 Where fdatasync does not cover the mapped pages (not Linux), a segment needs ``msync`` before
 its ``fsync``, which takes the mapping, not a descriptor: there each batch runs
@@ -228,7 +228,10 @@ class GroupCommit:
         self._pending = {}
         self._running = batch
         self.batches += 1
-        if self._use_worker and (self._worker is not None or self._start_worker()):
+        # The worker only syncs descriptors; data to be written again first (an earlier sync
+        # failed) goes to the executor, whose sync writes it.
+        redo = any(targets.redo for _, targets in batch.work)
+        if not redo and self._use_worker and (self._worker is not None or self._start_worker()):
             self._submit(batch)
         else:
             self._submit_to_executor(batch)
@@ -353,11 +356,12 @@ class GroupCommit:
         if batch is not self._running:
             return  # close() answered it already
         self._running = None
-        if errors:
-            for journal, targets in batch.work:
-                if journal in errors:
-                    journal.restore_dirty(targets)
-                    journal.check_current()  # deleted under the server? heal it now
+        for journal, targets in batch.work:
+            if journal in errors:
+                journal.restore_dirty(targets)
+                journal.check_current()  # deleted under the server? heal it now
+            else:
+                targets.synced()
         if not self._closed:
             self._start_after_next_pass()
         # Settle every ticket of the batch before calling any waiter: a session waits only

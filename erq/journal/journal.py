@@ -63,17 +63,29 @@ def _spare_allocator() -> ThreadPoolExecutor:
 
 
 class SyncWork:
-    """Segments and directories with changes not yet on disk, taken for one sync."""
+    """Segments and directories with changes not yet on disk, taken for one sync; ``ends``:
+    how far each segment was written when taken (what its sync covers)."""
 
-    __slots__ = ("segments", "directories")
+    __slots__ = ("segments", "ends", "directories")
 
-    def __init__(self, segments: list[Segment], directories: list[Path]) -> None:
+    def __init__(self, segments: list[Segment], ends: list[int], directories: list[Path]) -> None:
         self.segments = segments
+        self.ends = ends
         self.directories = directories
 
     @property
     def empty(self) -> bool:
         return not self.segments and not self.directories
+
+    @property
+    def redo(self) -> bool:
+        """Some segment must be written again before its sync (an earlier one failed)."""
+        return any(segment.redo_from >= 0 for segment in self.segments)
+
+    def synced(self) -> None:
+        """The fsync worker synced this work: its segments are durable up to their ends."""
+        for segment, end in zip(self.segments, self.ends, strict=True):
+            segment.synced(end)
 
 
 def _parse_fsync(fsync: str | int) -> tuple[str, float]:
@@ -162,6 +174,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._closed = False
         self.rotations = 0  # segments sealed because they were full or for a compaction
         self.periodic_sync_failures = 0  # in a row: the first is logged, then the recovery
+        self.sync_errors = 0  # syncs that failed (stats: journal_sync_errors)
         self._init_reclaiming()
         self._init_healing(directory)
 
@@ -507,18 +520,20 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         caller syncs it with :meth:`sync_work` (any thread) or gives it back with
         :meth:`restore_dirty`."""
         segments, self._unsynced = self._unsynced, []
+        ends = [segment.used for segment in segments]  # sealed: written to the end
         writer = self._writer
         if writer is not self._null_writer and writer.position > self._synced_pos:
             segments.append(self._segments[-1])
+            ends.append(writer.position)
             self._synced_pos = writer.position
         directories, self._dirs_unsynced = self._dirs_unsynced, []
-        return SyncWork(segments, directories)
+        return SyncWork(segments, ends, directories)
 
     def sync_work(self, work: SyncWork) -> None:
         """fdatasync the segments and fsync the directories of ``work``; thread-safe."""
         try:
-            for segment in work.segments:
-                segment.sync()
+            for segment, end in zip(work.segments, work.ends, strict=True):
+                segment.sync(end)
             for directory in work.directories:
                 with contextlib.suppress(FileNotFoundError):  # deleted: nothing of it to keep
                     fsync_directory(directory)
@@ -526,9 +541,12 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             raise JournalError(f"fsync of {self.directory} failed: {exc.strerror or exc}") from exc
 
     def restore_dirty(self, work: SyncWork) -> None:
-        """A sync failed: keep its segments pending for the next one."""
+        """A sync failed: keep its segments pending for the next one, which writes them again
+        from their last good sync (see Segment)."""
+        self.sync_errors += 1
         current = self._segments[-1] if self._writer is not self._null_writer else None
         for segment in work.segments:
+            segment.sync_failed()
             if segment is current:
                 self._synced_pos = 0
             elif not segment.closed and segment not in self._unsynced:

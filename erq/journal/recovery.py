@@ -516,7 +516,7 @@ def _replay(
             damaged = True
         if index == last and scan.problems and scan.problems[-1].resume < 0:
             seg.zero(scan.end)
-        seg.used = scan.end
+        seg.used = seg.durable_to = scan.end  # read back from the file: a restart had it
         seg.drop_pages()  # the scan read every page: give them back to the page cache
         if seg in damaged_headers:
             _repair_header(seg, damaged_headers[seg], warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import struct
@@ -13,8 +14,18 @@ from pathlib import Path
 
 from ..journal_api import JournalError
 from . import codec
-from .format import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, SEGMENT_SUFFIX, segment_name
+from .format import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    REC_VALID,
+    SEGMENT_SUFFIX,
+    segment_name,
+)
 from .unlinked import unlinked
+
+log = logging.getLogger("erq.journal")
 
 PAGE = mmap.PAGESIZE
 _HEADER_TAIL = struct.Struct("<II")  # crc32c of the first 24 bytes, reserved zero
@@ -123,9 +134,26 @@ class Segment:
 
     The lock serialises ``sync`` (run in fsync threads) with ``close`` (on the loop thread),
     so a file descriptor is never synced after it was closed.
+
+    ``durable_to``: the bytes before it were written by a sync that succeeded. ``redo_from``
+    (-1 when none): a sync failed, and the next one must write again from there. A failed
+    fdatasync does not leave its pages dirty (Linux marks them clean, data unwritten and still
+    in the page cache), so a second fdatasync would report success without writing them.
     """
 
-    __slots__ = ("path", "seq", "flags", "id_floor", "size", "used", "mm", "_fd", "_lock")
+    __slots__ = (
+        "path",
+        "seq",
+        "flags",
+        "id_floor",
+        "size",
+        "used",
+        "mm",
+        "durable_to",
+        "redo_from",
+        "_fd",
+        "_lock",
+    )
 
     def __init__(
         self, path: Path, seq: int, flags: int, id_floor: int, fd: int, mm: mmap.mmap
@@ -137,6 +165,8 @@ class Segment:
         self.size = len(mm)
         self.used = HEADER_SIZE
         self.mm = mm
+        self.durable_to = 0
+        self.redo_from = -1
         self._fd = fd
         self._lock = threading.Lock()
 
@@ -248,11 +278,15 @@ class Segment:
             return False
         return unlinked(fd)
 
-    def sync(self) -> None:
-        """Make the written records durable (raises OSError)."""
+    def sync(self, end: int) -> None:
+        """Make the records before ``end`` durable (raises OSError); after a failed sync,
+        write them again from ``redo_from`` first."""
         with self._lock:
             if self._fd < 0:
                 return
+            redo_from = self.redo_from
+            if 0 <= redo_from < end:
+                self._write_again(redo_from, end)
             if _FDATASYNC_COVERS_MMAP:
                 os.fdatasync(self._fd)
             else:
@@ -260,6 +294,66 @@ class Segment:
                 os.fsync(self._fd)
             if self.unlinked():  # synced, but no restart can find it
                 raise FileNotFoundError(errno.ENOENT, "deleted while the server runs", self.path)
+            if redo_from >= 0 and self.redo_from == redo_from:
+                self.redo_from = -1
+            if end > self.durable_to:
+                self.durable_to = end
+
+    def _first_bad_record(self, start: int, end: int) -> int:
+        """The offset of the first record in [start, end) (whole records, from a sync's end)
+        that is not valid in the mapping, or -1; a damaged header counts as offset 0."""
+        mm = self.mm
+        if start < HEADER_SIZE:
+            try:
+                decode_header(mm[:HEADER_SIZE])
+            except SegmentHeaderError:
+                return 0
+            start = HEADER_SIZE
+        while start < end:
+            status, nxt = codec.check_record(mm, start, end)
+            if status != REC_VALID:
+                return start
+            start = nxt
+        return -1
+
+    def sync_failed(self) -> None:
+        """A sync of this segment failed: the next one writes everything since the last
+        good sync again (on the loop thread, or under the lock)."""
+        if self.redo_from < 0 or self.durable_to < self.redo_from:
+            self.redo_from = self.durable_to
+
+    def synced(self, end: int) -> None:
+        """The fsync worker synced [0, ``end``) (it does not write again: a segment with a
+        ``redo_from`` is synced by :meth:`sync` instead)."""
+        if self.redo_from < 0 and end > self.durable_to:
+            self.durable_to = end
+
+    def _write_again(self, start: int, end: int) -> None:
+        """Copy [start, end) from the mapping onto the file, which dirties its pages again:
+        the data a failed writeback left in the page cache, clean, is written by the next
+        fdatasync. In steps of a megabyte, which bounds the copy held at once.
+
+        Should the kernel have dropped those pages meanwhile (clean pages can be reclaimed),
+        the mapping reads back what the disk holds instead: the records there then fail their
+        CRC, and the loss is logged here rather than found by the next start only."""
+        mm, fd = self.mm, self._fd
+        lost = self._first_bad_record(start, end)
+        if lost >= 0:
+            log.error(
+                "%s: the records from offset %d to %d were lost by a failed fsync (the page "
+                "cache no longer held them; what they held stays queued only until a restart, "
+                "which reports them damaged)",
+                self.path,
+                lost,
+                end,
+            )
+        while start < end:
+            stop = min(end, start + len(_ZERO_CHUNK))
+            data = mm[start:stop]
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:] if done else data, start + done)
+            start = stop
 
     def close(self) -> None:
         """Unmap and close. Writers and readers of ``mm`` must have released it."""
