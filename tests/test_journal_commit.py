@@ -660,6 +660,32 @@ def test_a_segment_deleted_while_it_syncs_fails_the_batch_unless_erq_deleted_it(
     run(main())
 
 
+def test_a_failed_final_sync_is_tried_again_by_close_which_writes_the_data_again(
+    codec, tmp_path, monkeypatch, run, caplog
+):
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journal = QueueJournal.open(tmp_path / "p", fsync=60_000, commit=commit)[0]
+        journal.add(1, 0, 0, 0, b"a")
+        end = journal._writer.position
+        segment = segment_identity(journal)
+        direct = FdatasyncSpy(monkeypatch, fail=True)
+        await commit.drain()
+        assert journal.sync_errors == 1
+        direct.fail = False
+        written = PwriteSpy(monkeypatch)
+        commit.close()
+        assert len(direct.calls) == 2
+        assert [call for call in written.calls if call[0] == segment] == [(segment, 0, end)]
+        journal.close()  # nothing left to sync
+        assert len(direct.calls) == 2
+
+    with caplog.at_level("ERROR", logger="erq.journal"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and "final fsync" in lines[0] and "trying once more" in lines[0]
+
+
 def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(
     codec, impl, tmp_path, monkeypatch, run
 ):

@@ -462,8 +462,11 @@ class GroupCommit:
         if self._closed or not work:
             return
         errors = await self.loop.run_in_executor(self._executor, _sync_all, work)
-        for journal, exc in errors.items():
-            log.error("final fsync of %s failed: %s", journal.directory, exc)
+        for journal, targets in work:
+            exc = errors.get(journal)
+            if exc is not None:  # close() syncs it once more, writing it again first
+                log.error("final fsync of %s failed: %s (trying once more)", journal.directory, exc)
+                journal.restore_dirty(targets)
 
     def close(self) -> None:
         """Answer the batch in flight (once its fsync ends), sync every registered journal
