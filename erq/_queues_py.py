@@ -375,9 +375,17 @@ class QueueCollection:
         for queue in self:
             queue.configure(config.queue_config(queue.name))
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Close every queue (its journal syncs a last time); the names of those whose last
+        sync failed, each logged. One failure does not keep the other queues from theirs."""
+        failed = []
         for queue in self:
-            queue.close()
+            try:
+                queue.close()
+            except JournalError as exc:
+                log.error("queue %s: %s (its last, at shutdown)", queue.name, exc)
+                failed.append(queue.name)
+        return failed
 
     # ---- stats -------------------------------------------------------------------------
     def curr_items(self) -> int:

@@ -164,6 +164,7 @@ class Server:
         self._reload_after_recovery = False  # a SIGHUP came during recovery
         self._commit = None
         self._lock: datadir.DataDirLock | None = None  # held until the process ends
+        self.unsynced_at_exit: list[str] = []  # queues whose last fsync at shutdown failed
 
     # ---- start -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -437,12 +438,20 @@ class Server:
                 proto.session.flush()
             if proto.transport is not None:
                 proto.transport.close()
-        state.queues.close()
+        self.unsynced_at_exit = state.queues.close()
         state.deadlines.close()  # blocked gets were answered above: only empty buckets left
         if self._commit is not None:
             self._commit.close()
         self._release_lock()  # after the journals are closed
-        log.info("stopped")
+        if self.unsynced_at_exit:
+            log.error(
+                "stopped, but the last writes of %d queue(s) may not be on disk (their fsync "
+                "failed; see above): %s",
+                len(self.unsynced_at_exit),
+                ", ".join(self.unsynced_at_exit),
+            )
+        else:
+            log.info("stopped")
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -526,7 +535,7 @@ async def _run(server: Server) -> int:
         await server.wait_stopped()
     finally:
         await server.shutdown()
-    return 0
+    return 1 if server.unsynced_at_exit else 0
 
 
 def run(config: Config, cli: dict | None = None) -> int:

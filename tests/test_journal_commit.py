@@ -683,7 +683,9 @@ def test_a_failed_final_sync_is_tried_again_by_close_which_writes_the_data_again
     with caplog.at_level("ERROR", logger="erq.journal"):
         run(main())
     lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(lines) == 1 and "final fsync" in lines[0] and "trying once more" in lines[0]
+    assert (
+        len(lines) == 1 and "fsync of" in lines[0] and "at shutdown; trying once more" in lines[0]
+    )
 
 
 def test_drain_waits_for_the_batch_in_flight_and_the_one_behind_it(

@@ -28,7 +28,7 @@ from test_journal_support import use_codec
 from erq.journal import JournalError, QueueJournal
 
 from conftest import ErqProcess, RawClient
-from support import config, poll
+from support import STORED, config, poll
 
 HERE = Path(__file__).resolve().parent
 BIG = 10_000  # below the journal's pwrite threshold (written through the mapping), > 2 pages
@@ -275,3 +275,26 @@ def test_an_item_whose_sync_failed_is_kept_and_written_again(fs_server, failing_
     client = power_cut(server, failing_fs)
     assert drain(client, "q") == [b"first", big, b"third", b"fourth"]
     assert "damaged" not in server.read_log()
+
+
+@needs_fuse
+def test_a_stop_whose_last_fsync_fails_closes_every_queue_and_exits_1(fs_server, failing_fs):
+    """The last fsync of a graceful stop fails for two queues: both are closed (the first
+    failure used to end the shutdown with a traceback, the other queue never closed), the
+    log names them, and the exit status tells a supervisor the last writes may be lost."""
+    server = fs_server()
+    client = server.client()
+    for queue in ("a", "b"):
+        assert client.set(queue, b"synced") == STORED
+    time.sleep(0.3)  # their periodic syncs (100 ms) work
+    failing_fs.fail_writes(True)
+    for queue in ("a", "b"):
+        assert client.set(queue, b"not synced") == STORED
+    assert server.stop(signal.SIGTERM) == 1
+    log = server.read_log()
+    assert "the last writes of 2 queue(s) may not be on disk" in log and ": a, b" in log, log
+    assert "Traceback" not in log, log
+    failing_fs.fail_writes(False)
+
+    client = power_cut(server, failing_fs)  # (the server is stopped already)
+    assert drain(client, "a")[:1] == [b"synced"] and drain(client, "b")[:1] == [b"synced"]

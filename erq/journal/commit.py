@@ -465,7 +465,7 @@ class GroupCommit:
         for journal, targets in work:
             exc = errors.get(journal)
             if exc is not None:  # close() syncs it once more, writing it again first
-                log.error("final fsync of %s failed: %s (trying once more)", journal.directory, exc)
+                log.error("%s (at shutdown; trying once more)", exc)
                 journal.restore_dirty(targets)
 
     def close(self) -> None:
@@ -494,7 +494,7 @@ class GroupCommit:
             try:
                 journal.sync()
             except JournalError as exc:
-                log.error("final fsync of %s failed: %s", journal.directory, exc)
+                log.error("%s (at shutdown)", exc)
         self._executor.shutdown(wait=True)
         if self._housekeeping is not None:
             self._housekeeping.shutdown(wait=True)
