@@ -151,6 +151,7 @@ class Segment:
         "mm",
         "durable_to",
         "redo_from",
+        "_checked_to",
         "_fd",
         "_lock",
     )
@@ -167,6 +168,7 @@ class Segment:
         self.mm = mm
         self.durable_to = 0
         self.redo_from = -1
+        self._checked_to = 0  # records before it were checked by an earlier _write_again
         self._fd = fd
         self._lock = threading.Lock()
 
@@ -337,7 +339,9 @@ class Segment:
         the mapping reads back what the disk holds instead: the records there then fail their
         CRC, and the loss is logged here rather than found by the next start only."""
         mm, fd = self.mm, self._fd
-        lost = self._first_bad_record(start, end)
+        # A disk that keeps failing brings this back every period: check each record once.
+        lost = self._first_bad_record(max(start, self._checked_to), end)
+        self._checked_to = max(self._checked_to, end)
         if lost >= 0:
             log.error(
                 "%s: the records from offset %d to %d were lost by a failed fsync (the page "
