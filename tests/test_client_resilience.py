@@ -208,7 +208,16 @@ def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_clie
         assert mq.get(QUEUE) == b"one"
 
 
-def test_an_interrupted_call_leaves_no_reply_for_the_next_one():
+@pytest.fixture
+def ctrl_c_raises():
+    """Python leaves SIGINT ignored when it was ignored at its start (a suite run in the
+    background by a shell without job control): Ctrl-C's own handler, for one test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupted_call_leaves_no_reply_for_the_next_one(ctrl_c_raises):
     # A reply still on its way when Ctrl-C hits would otherwise answer the next request.
     replies = [b"VALUE jobs 0 5\r\nfirst\r\nEND\r\n", b"END\r\n"]
     main = threading.get_ident()
