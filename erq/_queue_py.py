@@ -111,6 +111,7 @@ class Queue:
         "_open",
         "_open_bytes",
         "_waiters",
+        "_serving",
         "next_id",
         "deleted",
         "created_at",
@@ -154,6 +155,7 @@ class Queue:
         self._open: dict[int, OpenRead] = {}
         self._open_bytes = 0
         self._waiters: deque[Waiter] = deque()
+        self._serving = False  # _serve_waiters is running (see there)
         self.next_id = next_id
         self.deleted = False
         now = clock()
@@ -553,6 +555,21 @@ class Queue:
             pass
 
     def _serve_waiters(self) -> None:
+        # Not again from within: a waiter's fetch may itself put items back at the head (a
+        # read past its open_timeout, returned by take), and a woken get may go on to this
+        # queue's next key or abort a read. An inner round would serve the waiter this round
+        # is serving, which then took a second item for it and popped another waiter (or
+        # none: IndexError, the item lost). This round looks at the line and the head again
+        # after each hand-out, so it serves whatever they put back.
+        if self._serving:
+            return
+        self._serving = True
+        try:
+            self._serve_waiters_now()
+        finally:
+            self._serving = False
+
+    def _serve_waiters_now(self) -> None:
         waiters = self._waiters
         while waiters:
             waiter = waiters[0]

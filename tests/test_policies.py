@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ErqProcess, RawClient
+from conftest import ErqProcess, RawClient, impl_module
 from support import (
     DEFAULT_CONFIG,
     DELETED,
@@ -546,6 +546,64 @@ def test_open_timeout_returns_a_read_to_the_head_by_the_timer_and_at_a_fetch(erq
     assert qint(a, "t", "canceled_transactions") == 2  # counted once, whoever returned it
     stats = qstats(a, "t")
     assert (stats["items"], stats["open_transactions"]) == ("0", "0")
+
+
+class _Waiter:
+    """A blocked get as the queue sees it (erq.commands.KeyWaiter): it records what it got."""
+
+    peek = False
+
+    def __init__(self, reliable: bool = False) -> None:
+        self.active = True
+        self.reliable = reliable
+        self.got: list = []
+
+    def wake(self, item) -> None:
+        self.active = False
+        self.got.append(item)
+
+    def gone(self) -> bool:
+        return False
+
+
+def test_a_set_that_finds_a_timed_out_read_serves_a_waiter_once_and_keeps_its_item(impl):
+    """A set serves the blocked gets; the waiter's fetch returns a read whose open_timeout has
+    passed (not yet by the timer), and putting it back serves the waiters too. That inner
+    round handed the returned item to the waiter, then the outer one took the new item for the
+    same waiter: IndexError from an empty waiter line, the set unanswered and its item gone."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    now = [1_000]
+    queue = queue_mod.Queue("t", QueueConfig(open_timeout=100), None, clock=lambda: now[0])
+    queue.add(b"x", 0, 0)
+    read = queue.take(True)
+    assert read.data == b"x"
+    waiter = _Waiter()
+    queue.add_waiter(waiter)
+    now[0] = 1_200  # x's read is 200 ms old: timed out, and no timer has returned it yet
+    assert queue.add(b"y", 0, 0)[0] == queue_mod.STORED
+    assert [item.data for item in waiter.got] == [b"x"]  # once, the returned read first
+    assert (queue.items, queue.open_count, queue.canceled_transactions) == (1, 0, 1)
+    assert queue.take(False).data == b"y"
+
+
+def test_a_set_meeting_a_timed_out_read_and_a_blocked_get_keeps_both_items(erq_factory):
+    """End to end: the timed-out read goes to the blocked get, the new item stays queued and
+    the set is answered (the race with the once-a-second timer ends the same either way)."""
+    proc, a = start(erq_factory, '[queues."t"]\nopen_timeout = "100ms"\n')
+    waiter, setter = proc.client(), proc.client()
+    for round_ in range(3):
+        assert a.set("t", b"x%d" % round_) == STORED
+        assert a.get("t/open") == one("t/open", b"x%d" % round_)
+        waiter.send(b"get t/t=5000\r\n")
+        time.sleep(0.15)  # past open_timeout; the timer usually has not run yet
+        assert setter.set("t", b"y%d" % round_) == STORED
+        assert waiter.until() == one("t/t=5000", b"x%d" % round_)
+        assert setter.get("t") == one("t", b"y%d" % round_)
+        assert a.get("t/close") == END  # used up by the timed-out read
+    assert qint(setter, "t", "items") == 0
+    assert "Traceback" not in proc.read_log()
 
 
 def _time_out_and_reopen(proc: ErqProcess) -> tuple[RawClient, RawClient]:

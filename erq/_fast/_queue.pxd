@@ -34,6 +34,7 @@ cdef class Queue:
     cdef dict _open
     cdef long long _open_bytes
     cdef object _waiters
+    cdef bint _serving
     cdef public long long next_id
     cdef public bint deleted
     cdef public long long created_at
@@ -83,3 +84,4 @@ cdef class Queue:
     cpdef long long unremove_all(self, list reads) except -1
     cdef bint _put_back(self, OpenRead read) except -1
     cdef void _serve_waiters(self) except *
+    cdef void _serve_waiters_now(self) except *
