@@ -400,12 +400,21 @@ class Queue:
             now = self._now()
         n = 0
         while (limit is None or n < limit) and self._head_expired(now):
-            head = self._ring.peek()
-            # A move to expire_to_queue first: it may journal the removal itself, later.
+            # Out of the ring before the move to expire_to_queue: the move may wake a get
+            # blocked there whose next key fetches from this queue at once, which must find
+            # the item gone (not move it again, nor have its own item popped below).
+            last_removed = self._last_removed_add_time
+            head = self._pop_head()
+            # The move first: it may journal the removal itself, later.
             moved = self._on_expired is not None and self._on_expired(self, head)
             if self._journal is not None and not moved:
-                self._journal.remove(head.id)  # JournalError leaves it at the head
-            self._pop_head()
+                try:
+                    self._journal.remove(head.id)
+                except JournalError:  # it stays at the head, as an aborted read goes back
+                    self._push_head(head)
+                    self._mem_bytes += len(head.data)
+                    self._last_removed_add_time = last_removed
+                    raise
             self.expired_items += 1
             n += 1
         return n

@@ -32,6 +32,7 @@ from support import (
     parse_blocks,
     poll,
     set_req,
+    value,
 )
 
 QUIET_SWEEP = '[server]\nexpiry_sweep = "1d"\n'
@@ -474,6 +475,51 @@ expire_to_queue = "dead"
     assert c.set("dead", b"gone", exptime=-1) == STORED
     assert flush_expired(c, "dead") == 1
     assert (qint(c, "dead", "items"), qint(c, "dead", "expired_items")) == (0, 1)
+
+
+def test_an_expiry_move_whose_woken_get_fetches_from_the_source_loses_and_doubles_nothing(impl):
+    """The move of an expired item to expire_to_queue can wake a get blocked there, whose next
+    key fetches from the source queue at once, while the source is still removing that item.
+    The fetch met the item again (moved a second time) and took the next one, and the removal
+    then dropped the item after it: one item doubled, one lost."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    moves: list[bytes] = []
+    fetched: list = []
+
+    def on_expired(queue, item) -> bool:  # the move, and the woken get's next key
+        moves.append(item.data)
+        fetched.append(queue.take(False))
+        return False
+
+    now = [1_000]
+    queue = queue_mod.Queue("src", QueueConfig(), None, clock=lambda: now[0], on_expired=on_expired)
+    queue.add(b"x", 0, 1_500)
+    queue.add(b"y", 0, 0)
+    queue.add(b"z", 0, 0)
+    now[0] = 2_000
+    assert queue.discard_expired() == 1
+    assert moves == [b"x"]  # moved once
+    assert [item.data for item in fetched] == [b"y"]
+    assert (queue.items, queue.expired_items) == (1, 1)
+    assert queue.take(False).data == b"z"  # not lost
+
+
+def test_a_get_woken_by_an_expiry_move_fetches_from_the_source_without_loss(erq_factory):
+    config = QUIET_SWEEP + '[queues."src"]\nexpire_to_queue = "dst"\n'
+    proc, c = start(erq_factory, config)
+    quiet_sweep(c)
+    assert pipeline_sets(c, "src", [b"x"], exptime=-1) == [STORED]
+    assert pipeline_sets(c, "src", [b"y", b"z"]) == [STORED] * 2
+    waiter = proc.client()
+    waiter.send(b"get dst/t=5000 src\r\n")
+    poll(lambda: (qstats(c, "dst") or {}).get("waiters") == "1", "the get to block on dst")
+    assert flush_expired(c, "src") == 1  # x moves to dst: the get takes it, then y from src
+    assert waiter.until() == value("dst/t=5000", b"x") + value("src", b"y") + END
+    assert drain(c, "src") == [b"z"]
+    assert drain(c, "dst") == []  # moved once
+    assert (qint(c, "src", "expired_items"), qint(c, "dst", "total_items")) == (1, 1)
 
 
 def test_expired_item_refused_by_a_full_expire_to_queue_is_not_counted_as_stored(erq_factory):

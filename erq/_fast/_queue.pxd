@@ -68,7 +68,7 @@ cdef class Queue:
     cdef long long _mem_cost(self)
     @cython.locals(item=c_ring.Item)
     cdef c_ring.Item _pop_head(self)
-    @cython.locals(head=c_ring.Item, item=c_ring.Item)
+    @cython.locals(head=c_ring.Item, item=c_ring.Item, last_removed=cython.longlong)
     cpdef long long discard_expired(self, object now=*, object limit=*) except -1
     cdef bint _head_expired(self, long long now) except -1
     cpdef journal_removal(self, unsigned long long item_id)
