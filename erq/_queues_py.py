@@ -295,7 +295,6 @@ class QueueCollection:
             return False
         self.by_raw_name.pop(name.encode("ascii"), None)
         memory_only = queue.journal is None
-        queue.delete()
         if memory_only and self._journal_factory is not None and self.data_dir is not None:
             remove_queue_dir(self.data_dir / name, self._background, durable_now=False)
         parent, plus, _ = name.partition("+")
@@ -306,6 +305,10 @@ class QueueCollection:
             if not kids:
                 del self._children[parent]
         self.queue_deletes += 1
+        # Last: it answers the queue's blocked gets, and a get's next key may make the queue
+        # again at once. That one must find the collection, the fanout registry and the data
+        # directory without this queue, not be unregistered or lose its directory after.
+        queue.delete()
         return True
 
     def flush(self, name: str) -> Any:

@@ -893,6 +893,27 @@ journal = false
     assert c.get("j+a") == one("j+a", b"after")
 
 
+@pytest.mark.parametrize("journal", ["true", "false"])
+def test_a_child_made_again_by_a_get_its_delete_woke_stays_registered(erq_factory, journal):
+    """``delete`` answers a get blocked on the child END, and that get's next key names the
+    child again, which makes it anew at once, inside the delete. The delete then unregistered
+    the new child (and, memory only, removed its directory): it got no copies from its
+    parent until a restart registered it again."""
+    proc, c = start(erq_factory, f'[queues."k+c"]\njournal = {journal}\n')
+    waiter = proc.client()
+    assert c.get("k+c") == END
+    waiter.send(b"get k+c/t=5000 k+c\r\n")
+    poll(lambda: qint(c, "k+c", "waiters") == 1, "the get to block on the child")
+    assert c.call(b"delete k+c\r\n") == DELETED
+    assert waiter.until() == END  # the blocked key ended; the next one made the child again
+    assert c.set("k", b"x") == STORED
+    assert c.stats()["queue_k_children"] == "k+c"
+    assert c.get("k+c") == one("k+c", b"x")
+    c = restart(proc, crash=False)
+    assert c.set("k", b"y") == STORED
+    assert c.get("k+c") == one("k+c", b"y")
+
+
 # ---- journal, fsync, max_memory_size -----------------------------------------------------------
 def test_journal_false_keeps_a_queue_in_memory_only_and_others_durable(erq_factory):
     config = """
