@@ -134,10 +134,12 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
                 counters.cmd_peek += 1  # a refused peek counts nowhere (PROTOCOL §10)
             if not spec.peek:
                 if spec.open:
-                    if session.at_open_limit(name, state.config.server.max_open_reads):
+                    if session.at_open_limit(
+                        name, state.config.server.max_open_reads
+                    ) and _still_held(session, state, name, True):
                         session.close_after(ERROR)
                         return True
-                elif session.has_open(name):
+                elif session.has_open(name) and _still_held(session, state, name, False):
                     session.close_after(ERROR)
                     return True
         try:
@@ -174,6 +176,20 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             return False
     _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
     return True
+
+
+def _still_held(session: Session, state, name: str, opening: bool) -> bool:
+    """The reads this connection holds on ``name`` refuse a fetch (``max_open_reads`` of them
+    an /open, any a plain get, PROTOCOL §5): do they still, once the reads past the queue's
+    open_timeout are returned? open_timeout is enforced at every fetch (§10), so such a read
+    is held no more, whether or not the once-a-second timer came first. Asked only when the
+    count refuses: a fetch it lets through pays nothing for it."""
+    queue = state.queues.get(name)
+    if queue is None or not queue.expire_open_reads(now_ms()):
+        return True
+    if opening:
+        return session.at_open_limit(name, state.config.server.max_open_reads)
+    return session.has_open(name)
 
 
 def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:

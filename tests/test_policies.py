@@ -652,6 +652,29 @@ def test_a_set_meeting_a_timed_out_read_and_a_blocked_get_keeps_both_items(erq_f
     assert "Traceback" not in proc.read_log()
 
 
+def test_a_read_past_its_open_timeout_is_returned_before_the_checks_of_a_fetch(erq_factory):
+    """open_timeout is enforced at every fetch (PROTOCOL §10): a read past it is no longer
+    held when the connection's next get is checked, so neither a plain get (ERROR and close
+    while a read is held) nor an /open at max_open_reads is refused for it. The outcome
+    depended on whether the once-a-second timer had come first."""
+    config = '[server]\nmax_open_reads = 2\n[queues."t"]\nopen_timeout = "100ms"\n'
+    proc, c = start(erq_factory, config)
+    for round_ in range(3):
+        worker = proc.client()
+        assert pipeline_sets(c, "t", [b"a", b"b", b"c"]) == [STORED] * 3
+        assert worker.get("t/open") == one("t/open", b"a")
+        time.sleep(0.15)  # past open_timeout; the timer usually has not run yet
+        assert worker.get("t") == one("t", b"a"), round_
+        assert worker.get("t/open") == one("t/open", b"b")
+        assert worker.get("t/open") == one("t/open", b"c")  # the limit: two reads held
+        time.sleep(0.15)
+        assert worker.get("t/open") == one("t/open", b"b"), round_  # both back, oldest first
+        worker.close()  # its open read of b goes back
+        poll(lambda: qint(c, "t", "items") == 2, "the worker's read to come back")
+        assert drain(c, "t") == [b"b", b"c"]
+    assert "Traceback" not in proc.read_log()
+
+
 def _time_out_and_reopen(proc: ErqProcess) -> tuple[RawClient, RawClient]:
     """``a`` opened "x", the read timed out and ``b`` holds "x" open now, with an open_timeout
     (reloaded) long enough that ``b``'s read stays open whatever the test's pace."""
