@@ -158,7 +158,9 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             JOURNAL_FAILED_LOG.log("get %s: %s", name, exc)
             session.out.append(journal_failed(exc))
             return True
-        if item is None and spec.timeout:
+        # Not once the server is stopping: it answered the blocked gets END, and a later key
+        # (or a get pipelined behind) that waited anew would go unanswered (PROTOCOL §6).
+        if item is None and spec.timeout and not state.stopping:
             if op is None:
                 op = GetOperation(session, specs, gets)
             op.index = index

@@ -71,7 +71,8 @@ class MonitorOperation:
                 break
             if item is None:
                 delay = self.deadline - time.monotonic()
-                if delay <= 0 or self.queue.deleted:
+                # A stopping server answered the blocked gets and monitors: none waits anew.
+                if delay <= 0 or self.queue.deleted or session.state.stopping:
                     break
                 if not self.expires:  # first: nothing is left behind if it raises
                     self.expires = session.state.deadlines.add(self, delay)

@@ -900,6 +900,28 @@ def test_shutdown_closes_the_connection_without_reply_and_the_server_exits_zero(
     assert idle.is_closed()
 
 
+def test_shutdown_answers_every_blocked_get_and_the_waits_behind_it_end(server):
+    """Graceful shutdown answers blocked gets END and finishes in-flight requests (PROTOCOL
+    §6): a later key of a multi-key get, or a pipelined get, that would wait again once its
+    blocked key was answered ends at once, as does a pipelined monitor. They waited anew,
+    unanswered, and the connection closed without a reply."""
+    watcher = server.client()
+    same, other, piped = server.client(), server.client(), server.client()
+    block_on(same, "sa/t=60000 sa/t=60000", watcher, "sa")
+    assert watcher.get("sb") == END  # made before sz: shutdown answers sb's gets first
+    block_on(other, "sz/t=60000 sb/t=60000", watcher, "sz")
+    block_on(piped, "sc/t=60000", watcher, "sc")
+    piped.send(b"get sc/t=60000\r\nmonitor sd 60\r\nversion\r\n")
+    watcher.send(b"shutdown\r\n")
+    assert same.until() == END
+    assert other.until() == END
+    assert [piped.until() for _ in range(3)] == [END] * 3  # the gets, then the monitor's END
+    assert piped.line() == VERSION_LINE
+    for c in (same, other, piped):
+        assert_closed(c)
+    assert server.proc.wait(20) == 0
+
+
 # ---- section 10: which requests create a queue ----------------------------------------------------------
 def test_only_accepted_set_fetch_peek_and_monitor_create_a_queue(erq_factory):
     server = start(erq_factory, server="max_item_size = 1024")
