@@ -14,11 +14,11 @@ import weakref
 import pytest
 import uvloop
 from test_fsync_worker import started_thread, thread_ended, worker_class, worker_threads
-from test_journal_support import use_codec
+from test_journal_support import item, use_codec
 
 import erq.journal.fsync_worker as fsync_worker
 from erq.config import Config
-from erq.journal import GroupCommit, JournalError, QueueJournal
+from erq.journal import GroupCommit, JournalError, QueueJournal, compaction
 from erq.journal.commit import Ticket
 
 from conftest import impl_module
@@ -660,6 +660,62 @@ def test_a_segment_deleted_while_it_syncs_fails_the_batch_unless_erq_deleted_it(
     run(main())
 
 
+def unlink_held_by_compaction(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Compaction jobs stop after deleting an old segment: (deleted, go on)."""
+    unlinked = threading.Event()
+    go_on = threading.Event()
+    real_unlink = compaction._unlink
+
+    def unlink(path):
+        real_unlink(path)
+        unlinked.set()
+        go_on.wait(30)
+
+    monkeypatch.setattr(compaction, "_unlink", unlink)
+    return unlinked, go_on
+
+
+async def compacted_under_the_sync(journal, release, ticket, unlinked, go_on) -> None:
+    """A compaction seals the segment whose sync is held and deletes it (its snapshot in
+    place) before the loop swaps the snapshot in; then the sync goes on: it fails nothing."""
+    old = journal._segments[-1]
+    journal.compact([], [item(1, 1), item(2, 1)])
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, unlinked.wait, 30)
+    assert not old.closed and not os.path.exists(old.path)
+    release()
+    try:
+        await settled(ticket)
+    finally:
+        go_on.set()
+    assert ticket.error is None, ticket.error
+    journal.wait_compaction()
+    assert journal.last_compaction_error is None and journal.sync_errors == 0
+
+
+def test_a_segment_a_compaction_deleted_while_it_synced_fails_nothing(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    """A compaction deletes the old segments on its own thread once its snapshot is durable,
+    before the loop swaps it in: a batch syncing one of them meanwhile found it deleted and
+    failed its writes, which the snapshot holds (SERVER_ERROR journal sync failed for sets
+    that were stored, and for every set fanned out to that queue)."""
+    unlinked, go_on = unlink_held_by_compaction(monkeypatch)
+
+    async def main():
+        commit, journal, spy, ticket = await second_batch_held(tmp_path, monkeypatch, impl)
+
+        def release():
+            spy.hold = False
+            spy.release()
+
+        await compacted_under_the_sync(journal, release, ticket, unlinked, go_on)
+        commit.close()
+        journal.close()
+
+    run(main())
+
+
 def test_a_failed_final_sync_is_tried_again_by_close_which_writes_the_data_again(
     codec, tmp_path, monkeypatch, run, caplog
 ):
@@ -832,6 +888,30 @@ def test_executor_path_close_answers_the_batch_in_flight(codec, tmp_path, monkey
         spy.release()
         commit.close()
         assert ticket.done and ticket.error is None
+        journal.close()
+
+    run(main())
+
+
+def test_executor_path_a_segment_a_compaction_deleted_while_it_synced_fails_nothing(
+    codec, tmp_path, monkeypatch, run
+):
+    unlinked, go_on = unlink_held_by_compaction(monkeypatch)
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop(), use_worker=False)
+        (journal,) = open_journals(tmp_path, commit, 1)
+        await settled(journal.add(1, 0, 0, 0, b"a"))
+        spy = FdatasyncSpy(monkeypatch, hold=True)
+        ticket = journal.add(2, 0, 0, 0, b"b")
+        await spy.wait_entered()
+
+        def release():
+            spy.hold = False
+            spy.release()
+
+        await compacted_under_the_sync(journal, release, ticket, unlinked, go_on)
+        commit.close()
         journal.close()
 
     run(main())

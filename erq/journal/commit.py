@@ -311,10 +311,11 @@ class GroupCommit:
             for index in (*range(f0, f1), *range(ndata + d0, ndata + d1)):
                 err = errnos[index]
                 if err == errno.ENOENT and (
-                    segments[index].closed if index < ndata else journal.closed
+                    journal.superseded(segments[index]) if index < ndata else journal.closed
                 ):
                     # Deleted, but by erq: a segment released or replaced while it synced (its
-                    # records were consumed, or are in the snapshot that replaced it).
+                    # records were consumed, or are in the snapshot that replaced it, which a
+                    # compaction deletes it after).
                     continue
                 if err:
                     errors[journal] = JournalError(

@@ -533,12 +533,26 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         """fdatasync the segments and fsync the directories of ``work``; thread-safe."""
         try:
             for segment, end in zip(work.segments, work.ends, strict=True):
-                segment.sync(end)
+                try:
+                    segment.sync(end)
+                except FileNotFoundError:
+                    if not self.superseded(segment):
+                        raise
             for directory in work.directories:
                 with contextlib.suppress(FileNotFoundError):  # deleted: nothing of it to keep
                     fsync_directory(directory)
         except OSError as exc:
             raise JournalError(f"fsync of {self.directory} failed: {exc.strerror or exc}") from exc
+
+    def superseded(self, segment: Segment) -> bool:
+        """Whether erq itself may have deleted ``segment``, so that its sync owes nothing:
+        released or replaced (closed), or an old segment of the running compaction once its
+        snapshot is in place (the job deletes them on its thread, after the snapshot and
+        the directory are synced, before the loop swaps the snapshot in)."""
+        if segment.closed:
+            return True
+        job = self._job
+        return job is not None and job.segment is not None and segment in job.old_segments
 
     def restore_dirty(self, work: SyncWork) -> None:
         """A sync failed: keep its segments pending for the next one, which writes them again
