@@ -126,6 +126,8 @@ class SnapshotJob:
                 # on disk (a restart deletes them, superseded) rather than risk both.
                 log.warning("compaction of %s: directory fsync failed (%s)", self.directory, exc)
             else:
+                for segment in self.old_segments:
+                    segment.replaced = True  # before the unlink a sync may find (journal.py)
                 for path in self._old_paths:
                     try:
                         _unlink(path)

@@ -545,14 +545,12 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             raise JournalError(f"fsync of {self.directory} failed: {exc.strerror or exc}") from exc
 
     def superseded(self, segment: Segment) -> bool:
-        """Whether erq itself may have deleted ``segment``, so that its sync owes nothing:
-        released or replaced (closed), or an old segment of the running compaction once its
-        snapshot is in place (the job deletes them on its thread, after the snapshot and
-        the directory are synced, before the loop swaps the snapshot in)."""
-        if segment.closed:
-            return True
-        job = self._job
-        return job is not None and job.segment is not None and segment in job.old_segments
+        """Whether erq itself deleted ``segment``, so that its sync owes nothing: released or
+        replaced (closed), or an old segment of a compaction whose snapshot is in place (the
+        job deletes them on its thread, before the loop swaps the snapshot in and closes
+        them; a sync running meanwhile finds them deleted, and may even end while the loop
+        closes them). Thread-safe."""
+        return segment.closed or segment.replaced
 
     def restore_dirty(self, work: SyncWork) -> None:
         """A sync failed: keep its segments pending for the next one, which writes them again

@@ -152,6 +152,7 @@ class Segment:
         "durable_to",
         "redo_from",
         "_checked_to",
+        "replaced",
         "_fd",
         "_lock",
     )
@@ -169,6 +170,9 @@ class Segment:
         self.durable_to = 0
         self.redo_from = -1
         self._checked_to = 0  # records before it were checked by an earlier _write_again
+        # A compaction's snapshot holds its records and is in place: the job deletes it next,
+        # from its thread, so a sync that finds it deleted owes nothing (set before the unlink).
+        self.replaced = False
         self._fd = fd
         self._lock = threading.Lock()
 
