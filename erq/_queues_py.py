@@ -232,14 +232,16 @@ class QueueCollection:
             queue = self._queues.get(name)
             if queue is None:
                 queue, created = self.get_or_create(name), True
-        result, ticket = queue.add(data, flags, expiry, now)
+        try:
+            result, ticket = queue.add(data, flags, expiry, now)
+        except JournalError:
+            if created:  # its first segment could not be made (disk full, no descriptors)
+                self._unmake(name)
+            raise
         if result is STORED:
             self.total_items += 1
         elif created:
-            # PROTOCOL §10: a refused request creates no queue.
-            self.delete(name)
-            self.queue_creates -= 1
-            self.queue_deletes -= 1
+            self._unmake(name)
         children = self._children
         if not children or name not in children:
             if ticket is None:  # the usual case: no fanout, no fsync = "always"
@@ -256,6 +258,13 @@ class QueueCollection:
                 if child_ticket is not None:
                     tickets.append(child_ticket)
         return result, tickets
+
+    def _unmake(self, name: str) -> None:
+        """PROTOCOL §10: a refused request creates no queue. The one ``add`` made for it goes,
+        directory included, and counts neither as created nor as deleted."""
+        self.delete(name)
+        self.queue_creates -= 1
+        self.queue_deletes -= 1
 
     def _expired(self, queue: Queue, item: Item) -> bool:
         """An expired item leaves ``queue``'s head: to its expire_to_queue, if any, first.

@@ -172,6 +172,53 @@ def test_an_expired_item_the_full_disk_keeps_from_its_expire_to_queue_is_logged_
     queues.close()
 
 
+def test_a_set_whose_new_queue_gets_no_first_segment_makes_no_queue(impl, tmp_path, monkeypatch):
+    """A set that creates its queue, on a full disk: the first segment cannot be made, the set
+    is refused (JournalError: SERVER_ERROR) and, refused, it creates no queue (PROTOCOL §10),
+    neither in the collection (max_queues, stats) nor on disk, where a restart would find it.
+    Once space is back the same set makes it. (Both builds of QueueCollection.)"""
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+    config = load_config(None)
+
+    def open_journal(directory, qcfg):
+        return QueueJournal.open(directory, fsync="never")
+
+    data = tmp_path / "data"
+    queues = queues_mod.QueueCollection(config, data, journal_factory=open_journal)
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_space)
+        with pytest.raises(JournalError, match="disk full"):
+            queues.add("fresh", b"item", 0, 0)
+    assert "fresh" not in queues and len(queues) == 0
+    assert (queues.queue_creates, queues.queue_deletes, queues.total_items) == (0, 0, 0)
+    assert not (data / "fresh").exists()
+    queues.add("fresh", b"item", 0, 0)
+    assert queues.get("fresh").items == 1 and queues.queue_creates == 1
+    queues.close()
+
+
+def test_a_set_refused_by_a_full_disk_creates_no_queue_in_the_server(erq_factory, small_tmpfs):
+    """Through a server on a full file system: every set to a new queue is SERVER_ERROR, and
+    none of them leaves a queue behind, in stats or after a restart."""
+    server = erq_factory(start=False)
+    server.args = ["--data-dir", str(small_tmpfs / "data")]
+    server.start()
+    c = server.client()
+    item = b"f" * (60 * KiB)
+    while c.call(b"set fill 0 0 %d\r\n%s\r\n" % (len(item), item)) == b"STORED\r\n":
+        pass
+    for name in (b"new1", b"new2"):
+        reply = c.call(b"set %s 0 0 3\r\nabc\r\n" % name)
+        assert reply.startswith(b"SERVER_ERROR ") and b"disk full" in reply, reply
+    stats = c.stats()
+    assert stats["queue_creates"] == "1"
+    assert not any(key.startswith("queue_new") for key in stats), stats
+    assert sorted(p.name for p in (small_tmpfs / "data").iterdir() if p.is_dir()) == ["fill"]
+    c.close()
+    server.restart()
+    assert not any(key.startswith("queue_new") for key in server.client().stats())
+
+
 def test_a_journal_that_cannot_be_opened_is_a_journal_error_and_leaves_no_directory(
     codec, tmp_path, monkeypatch
 ):
