@@ -244,9 +244,22 @@ class MemcacheProtocol:
         if session is not None and session.waits_for_an_item():
             session.end_of_input()
 
-    def close_idle(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def close_idle(self, stalled: bool = False) -> None:
+        """client_timeout: nothing was read from the client for that long. The connection
+        runs no more requests: those held back behind replies the client has not taken are
+        dropped unrun (a get among them would take an item that the close then loses), its
+        open reads go back, and what was already answered is sent before the close.
+        ``stalled``: idle twice that long, and those replies are still not taken (a close
+        waits for them): the connection is dropped at once."""
+        session = self.session
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        if not session.closing:
+            session.close_after(None)
+            session.flush()
+        elif stalled:
+            transport.abort()
 
 
 __all__ = ["MemcacheProtocol"]

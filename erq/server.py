@@ -339,14 +339,16 @@ class Server:
             timeout = state.config.server.client_timeout
             if timeout:
                 now = state.loop.time()
+                limit = timeout / 1000
                 for proto in list(state.connections):
                     session = proto.session
-                    if (
-                        session is not None
-                        and session.blocked is None
-                        and now - proto.last_active >= timeout / 1000
-                    ):
-                        proto.close_idle()
+                    # A get waiting for an item is not idle; one stopped between its keys
+                    # because the client does not take its replies is.
+                    if session is None or session.waits_for_an_item():
+                        continue
+                    idle = now - proto.last_active
+                    if idle >= limit:
+                        proto.close_idle(idle >= 2 * limit)
         except Exception:  # pragma: no cover - a bug; keep the server alive
             log.exception("periodic sweep failed")
         self._schedule_sweep()

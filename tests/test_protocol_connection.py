@@ -627,6 +627,76 @@ def test_an_idle_connection_is_closed_after_client_timeout_but_a_blocked_one_is_
     assert blocked.until() == one("q/t=60000", b"late")
 
 
+def slow_reader(port: int) -> socket.socket:
+    """A client socket with a small receive buffer (set before it connects, so the window it
+    offers is small from the start): a server's replies back up quickly behind it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    got = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+@pytest.mark.parametrize("shape", ["pipelined", "one multi-key get"])
+def test_an_idle_close_runs_no_more_requests_so_no_item_is_lost(erq_factory, shape):
+    """A client pipelines gets of big items and does not read for a while: its replies back
+    up, the rest of its requests wait, and client_timeout closes the connection. The close
+    must not run what was waiting: each get would take an item whose reply the closing
+    connection then drops (lost although the client reads everything it is sent). Every
+    item is either received whole or still in the queue."""
+    server = start(erq_factory, server='client_timeout = "1s"\nexpiry_sweep = "50ms"')
+    item = b"i" * (1 << 20)
+    count = 20
+    c = server.client()
+    for _ in range(count):
+        assert c.set("q", item) == STORED
+    c.close()
+    sock = slow_reader(server.port)
+    if shape == "pipelined":
+        sock.sendall(b"get q\r\n" * count)
+    else:
+        sock.sendall(b"get " + b" ".join([b"q"] * count) + b"\r\n")
+    time.sleep(1.5)  # closed for idleness after 1 s to 1.05 s; dropped at 2 s (stalled)
+    got = read_to_end(sock)
+    sock.close()
+    received = got.count(b"VALUE q 0 %d\r\n%s\r\n" % (len(item), item))
+    left = int(wait_for_stat(server.client(), "curr_connections", 1)["queue_q_items"])
+    assert 0 < received < count
+    assert received + left == count
+
+
+def test_an_idle_client_that_never_takes_its_replies_is_dropped(erq_factory):
+    """The idle close sends what was answered before it closes; a client that does not read
+    would hold its connection (and those replies) forever. Idle twice client_timeout, it is
+    dropped, whether its replies wait between requests or between the keys of one get; a
+    get waiting for an item is still left alone."""
+    server = start(erq_factory, server='client_timeout = "300ms"\nexpiry_sweep = "50ms"')
+    item = b"i" * (1 << 20)
+    c = server.client()
+    for _ in range(10):
+        assert c.set("big", item) == STORED
+    blocked = server.client(timeout=20)
+    blocked.send(b"get w/t=60000\r\n")
+    stalled = [slow_reader(server.port) for _ in range(2)]
+    stalled[0].sendall(b"get big/peek\r\n" * 10)
+    stalled[1].sendall(b"get " + b" ".join([b"big/peek"] * 10) + b"\r\n")
+    wait_for_stat(server.client(), "curr_connections", 2, timeout=20)  # blocked and the asker
+    for sock in stalled:
+        sock.close()
+    assert server.client().set("w", b"late") == STORED
+    assert blocked.until() == one("w/t=60000", b"late")
+
+
 def test_replies_held_for_a_sync_past_the_budget_hold_the_pipeline_until_they_go_out(erq_factory):
     """fsync = "always": the STORED of a write waits for its sync, and the replies behind it
     with it. Once they pass OUT_BUDGET the requests after them wait too, and they run as soon
