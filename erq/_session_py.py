@@ -231,8 +231,11 @@ class Session:
             self.state.loop.call_soon(self.run)
 
     def _resume_output(self, op: Any) -> None:
-        if self.blocked is op and not self.closed and op.run():
-            self.unblock()
+        if self.blocked is op and not self.closed:
+            if op.run():
+                self.unblock()
+            else:
+                self.flush()  # what it answered so far (a monitor streams its items)
 
     def hold_for(self, tickets: list, reply: bytes | None) -> None:
         """Queue a reply that must wait for these commit tickets.

@@ -81,6 +81,12 @@ class MonitorOperation:
                 session.blocked = self
                 return False
             self._deliver(item)
+            if session.out_room < 0 and self.remaining > 0 and session.output_full():
+                # The client is not taking its items: the next ones are read when it does,
+                # so that they cost OUT_BUDGET, not max items of read-behind's disk data.
+                session.blocked = self
+                session.blocked_on_output = True
+                return False
         self._finish()
         return True
 
@@ -90,6 +96,7 @@ class MonitorOperation:
         counters.cmd_get += 1
         counters.get_hits += 1
         session.open_deque(self.name).append((self.queue, self.queue.open_read(item.id)))
+        session.out_room -= len(item.data)
         prefix = b"VALUE " + self.name.encode("ascii") + b" "
         flags = 0 if session.state.kestrel else item.flags  # Kestrel sends no flags
         _wire.append_value(session.out, prefix, flags, item.data, -1)

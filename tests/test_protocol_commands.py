@@ -573,6 +573,40 @@ def test_monitor_streams_open_reads_until_max_or_timeout_and_confirm_closes_them
     assert setter.get("q") == one("q", b"g")
 
 
+def test_a_monitor_whose_client_does_not_read_takes_no_more_items_until_it_does(erq_factory):
+    """A monitor's items are replies like a get's: once the client stops taking them, the
+    monitor waits (a client that does not read costs OUT_BUDGET, not up to max items, read
+    back from disk past max_memory_size). It goes on as the client reads: every item comes,
+    in order, each an open read, then the final END; the queue ends empty."""
+    count = 60
+    server = start(
+        erq_factory,
+        server=f"max_open_reads = {count}",
+        queues='[queues.default]\nmax_memory_size = "1MiB"',
+    )
+    items = [bytes([65 + i % 26]) * (1 << 20) for i in range(count)]
+    c = server.client()
+    for item in items:
+        assert c.set("q", item) == STORED
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(b"monitor q 60 %d\r\n" % count)
+    time.sleep(0.5)
+    stats = c.stats()
+    assert int(stats["queue_q_open_transactions"]) < count // 2, stats
+    reader = RawClient.__new__(RawClient)
+    reader.sock, reader.buf = sock, b""
+    for item in items:
+        assert reader.until() == one("q", item)
+    assert reader.line() == END
+    stats = c.stats()
+    assert (stats["queue_q_open_transactions"], stats["queue_q_items"]) == (str(count), "0")
+    assert reader.call(b"confirm q %d\r\n" % count) == END
+    assert c.stats()["queue_q_open_transactions"] == "0"
+
+
 @pytest.mark.parametrize("compat", ["erq", "kestrel"])
 def test_monitor_sends_the_items_flags_or_kestrels_zero_for_items_queued_and_awaited(
     erq_factory, compat
