@@ -25,6 +25,7 @@ from erq.item import Item
 from erq.journal_api import JournalError, RecoveryStopped, TooManyQueues
 from erq.names import valid_queue_name
 from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, Queue
+from erq.throttle import Throttle
 
 if TYPE_CHECKING:
     from erq.config import Config
@@ -86,6 +87,10 @@ class QueueCollection:
         self.recovered_items = 0
         self.recovered_bytes = 0
         self.warnings: list[str] = []
+        # Expired items that their expire_to_queue refuses (full, disk full): one line per
+        # 10 s with the count of the others, not one per item (a full disk would take one
+        # line for each of millions of items, on the disk that is full).
+        self._dropped = Throttle(log, logging.WARNING)
 
     # ---- lookup and creation -----------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -288,7 +293,7 @@ class QueueCollection:
                     return True
             else:
                 # Kestrel drops it too; a log line makes the loss visible.
-                log.warning(
+                self._dropped.log(
                     "queue %s: expired item %d dropped, %s refused it: %s",
                     queue.name,
                     item.id,

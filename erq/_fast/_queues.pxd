@@ -23,6 +23,7 @@ cdef class QueueCollection:
     cdef public long long recovered_items
     cdef public long long recovered_bytes
     cdef public list warnings
+    cdef object _dropped
 
     cpdef object get_or_create(self, object name)
     @cython.locals(queue=c_queue.Queue, child=c_queue.Queue)
