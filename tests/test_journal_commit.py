@@ -675,15 +675,16 @@ def unlink_held_by_compaction(monkeypatch) -> tuple[threading.Event, threading.E
     return unlinked, go_on
 
 
-async def compacted_under_the_sync(journal, release, ticket, unlinked, go_on) -> None:
-    """A compaction seals the segment whose sync is held and deletes it (its snapshot in
-    place) before the loop swaps the snapshot in; then the sync goes on: it fails nothing."""
+async def compacted_under_the_sync(journal, spy, ticket, unlinked, go_on) -> None:
+    """A compaction seals the segment whose sync ``spy`` holds and deletes it (its snapshot
+    in place) before the loop swaps the snapshot in; then the sync goes on: it fails nothing."""
     old = journal._segments[-1]
     journal.compact([], [item(1, 1), item(2, 1)])
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, unlinked.wait, 30)
     assert not old.closed and not os.path.exists(old.path)
-    release()
+    spy.hold = False
+    spy.release()
     try:
         await settled(ticket)
     finally:
@@ -705,11 +706,7 @@ def test_a_segment_a_compaction_deleted_while_it_synced_fails_nothing(
     async def main():
         commit, journal, spy, ticket = await second_batch_held(tmp_path, monkeypatch, impl)
 
-        def release():
-            spy.hold = False
-            spy.release()
-
-        await compacted_under_the_sync(journal, release, ticket, unlinked, go_on)
+        await compacted_under_the_sync(journal, spy, ticket, unlinked, go_on)
         commit.close()
         journal.close()
 
@@ -936,11 +933,7 @@ def test_executor_path_a_segment_a_compaction_deleted_while_it_synced_fails_noth
         ticket = journal.add(2, 0, 0, 0, b"b")
         await spy.wait_entered()
 
-        def release():
-            spy.hold = False
-            spy.release()
-
-        await compacted_under_the_sync(journal, release, ticket, unlinked, go_on)
+        await compacted_under_the_sync(journal, spy, ticket, unlinked, go_on)
         commit.close()
         journal.close()
 
