@@ -254,9 +254,9 @@ def test_disk_stays_within_twice_live_plus_two_segments(codec, tmp_path):
     journal.close()
 
 
-def test_appends_reads_and_aborts_go_on_during_compaction(codec, tmp_path, monkeypatch):
-    journal, _ = open_journal(tmp_path / "q")
-    q, model = run_scenario(journal, MEMORY, seed=8, steps=500)
+def compacting_held(journal, q, monkeypatch) -> threading.Event:
+    """Start a compaction of ``q`` and hold it at its snapshot's fsync; set the returned
+    event to let it go on."""
     entered, gate = threading.Event(), threading.Event()
     real = compaction._fsync_file
 
@@ -266,9 +266,16 @@ def test_appends_reads_and_aborts_go_on_during_compaction(codec, tmp_path, monke
         real(fd)
 
     monkeypatch.setattr(compaction, "_fsync_file", held)
-    old = segment_files(tmp_path / "q")
     journal.compact(list(q.open.values()), list(q.ring))
     assert entered.wait(30)
+    return gate
+
+
+def test_appends_reads_and_aborts_go_on_during_compaction(codec, tmp_path, monkeypatch):
+    journal, _ = open_journal(tmp_path / "q")
+    q, model = run_scenario(journal, MEMORY, seed=8, steps=500)
+    old = segment_files(tmp_path / "q")
+    gate = compacting_held(journal, q, monkeypatch)
     assert not journal.wants_compaction  # one at a time
     for i in range(10_000, 10_030):
         it = item(i, 300)
@@ -288,16 +295,26 @@ def test_appends_reads_and_aborts_go_on_during_compaction(codec, tmp_path, monke
     assert_recovers(tmp_path / "q", restarted(model))
 
 
+@pytest.mark.parametrize("end", ["delete", "close"])
+def test_a_compaction_stopped_by_a_delete_or_close_is_no_failure(
+    codec, tmp_path, monkeypatch, caplog, end
+):
+    """Deleting a queue (or closing its journal) while it compacts stops the job: nothing
+    failed, nothing to log (it logged 'compaction of ... failed (retry in 1s): ' with no
+    reason)."""
+    journal, _ = open_journal(tmp_path / "q")
+    q, _ = run_scenario(journal, MEMORY, seed=10, steps=300)
+    gate = compacting_held(journal, q, monkeypatch)
+    threading.Timer(0.2, gate.set).start()  # after the stop has asked the job to give up
+    getattr(journal, end)()
+    assert journal.last_compaction_error is None
+    assert "compaction" not in caplog.text, caplog.text
+
+
 def test_flush_during_compaction(codec, tmp_path, monkeypatch):
     journal, _ = open_journal(tmp_path / "q")
     q, model = run_scenario(journal, MEMORY, seed=9, steps=500)
-    entered, gate = threading.Event(), threading.Event()
-    real = compaction._fsync_file
-    monkeypatch.setattr(
-        compaction, "_fsync_file", lambda fd: (entered.set(), gate.wait(30), real(fd))
-    )
-    journal.compact(list(q.open.values()), list(q.ring))
-    assert entered.wait(30)
+    gate = compacting_held(journal, q, monkeypatch)
     journal.flush()
     model.apply(OP_FLUSH)
     gate.set()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..datadir import fsync_directory
 from ..journal_api import JournalError
-from .compaction import SnapshotJob
+from .compaction import CompactionAborted, SnapshotJob
 from .format import ADD_OVERHEAD, HEADER_FLAG_AFTER_SNAPSHOT, HEADER_SIZE
 from .segment import INITIAL_SEGMENT_SIZE, Segment
 
@@ -383,6 +383,8 @@ class Reclaiming:
             self._healed()
 
     def _compaction_failed(self, exc: BaseException | None) -> None:
+        if isinstance(exc, CompactionAborted):
+            return  # stopped by erq (close, delete, heal): no failure, nothing to say
         self.last_compaction_error = exc
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
