@@ -18,6 +18,7 @@ from erq import keys as _keys
 from erq import wire as _wire
 from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec
+from erq.monitor import reads_still_held
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import ExpiryBacklog, Queue
@@ -136,10 +137,10 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
                 if spec.open:
                     if session.at_open_limit(
                         name, state.config.server.max_open_reads
-                    ) and _still_held(session, state, name, True):
+                    ) and reads_still_held(session, name, True):
                         session.close_after(ERROR)
                         return True
-                elif session.has_open(name) and _still_held(session, state, name, False):
+                elif session.has_open(name) and reads_still_held(session, name, False):
                     session.close_after(ERROR)
                     return True
         try:
@@ -178,20 +179,6 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             return False
     _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
     return True
-
-
-def _still_held(session: Session, state, name: str, opening: bool) -> bool:
-    """The reads this connection holds on ``name`` refuse a fetch (``max_open_reads`` of them
-    an /open, any a plain get, PROTOCOL §5): do they still, once the reads past the queue's
-    open_timeout are returned? open_timeout is enforced at every fetch (§10), so such a read
-    is held no more, whether or not the once-a-second timer came first. Asked only when the
-    count refuses: a fetch it lets through pays nothing for it."""
-    queue = state.queues.get(name)
-    if queue is None or not queue.expire_open_reads(now_ms()):
-        return True
-    if opening:
-        return session.at_open_limit(name, state.config.server.max_open_reads)
-    return session.has_open(name)
 
 
 def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:

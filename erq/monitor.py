@@ -14,6 +14,7 @@ from erq import wire as _wire
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
 from erq.queue import ExpiryBacklog
+from erq.queues import now_ms as _now_ms
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,
@@ -41,6 +42,21 @@ def decimal(token: bytes) -> int | None:
     return int(digits) if len(digits) <= 18 else _SATURATED
 
 
+def reads_still_held(session: Session, name: str, opening: bool) -> bool:
+    """The reads this connection holds on ``name`` refuse a fetch (``max_open_reads`` of them
+    an /open, any a plain get, PROTOCOL §5): do they still, once the reads past the queue's
+    open_timeout are returned? open_timeout is enforced at every fetch (§10), so such a read
+    is held no more, whether or not the once-a-second timer came first. Asked only when the
+    count refuses: a fetch it lets through pays nothing for it."""
+    state = session.state
+    queue = state.queues.get(name)
+    if queue is None or not queue.expire_open_reads(_now_ms()):
+        return True
+    if opening:
+        return session.at_open_limit(name, state.config.server.max_open_reads)
+    return session.has_open(name)
+
+
 class MonitorOperation:
     """``monitor q <seconds> [max]``: stream open reads until max items or the deadline."""
 
@@ -59,7 +75,9 @@ class MonitorOperation:
         session = self.session
         limit = session.state.config.server.max_open_reads
         while self.remaining > 0 and session.state.status != "QUIESCENT":
-            if session.at_open_limit(self.name, limit):
+            if session.at_open_limit(self.name, limit) and reads_still_held(
+                session, self.name, True
+            ):
                 break
             try:
                 item = self.queue.take(True)

@@ -672,6 +672,17 @@ def test_a_read_past_its_open_timeout_is_returned_before_the_checks_of_a_fetch(e
         worker.close()  # its open read of b goes back
         poll(lambda: qint(c, "t", "items") == 2, "the worker's read to come back")
         assert drain(c, "t") == [b"b", b"c"]
+    # monitor stops at max_open_reads the same way: not for reads past open_timeout.
+    worker = proc.client()
+    assert pipeline_sets(c, "t", [b"a", b"b"]) == [STORED] * 2
+    assert worker.get("t/open") == one("t/open", b"a")
+    assert worker.get("t/open") == one("t/open", b"b")
+    time.sleep(0.15)
+    assert worker.call(b"monitor t 0 2\r\n", END) == one("t", b"a")
+    assert worker.until(END) == one("t", b"b")
+    assert worker.line() == END
+    assert worker.call(b"confirm t 2\r\n") == END
+    assert qint(c, "t", "items") == 0
     assert "Traceback" not in proc.read_log()
 
 
