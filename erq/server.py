@@ -372,6 +372,7 @@ class Server:
         self.config = new
         state.config = new
         state.queues.reconfigure(new)
+        _raise_fd_limit(new.server.max_connections, new.server.max_queues)
         # A shorter expiry_sweep applies from now, not once the old period has run out.
         sooner = state.loop.time() + new.server.expiry_sweep / 1000.0 - 0.001
         self._next_expiry = min(self._next_expiry, sooner)

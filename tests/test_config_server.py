@@ -236,6 +236,10 @@ def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfa
     )
     assert _open_files_limit(enough.proc.pid) == 1000 + 2 * 500 + 256
     assert "open files" not in enough.read_log()
+    # max_connections and max_queues apply on a reload: so does the limit they need.
+    enough.write_config(config(server="max_connections = 1500\nmax_queues = 500"))
+    assert enough.client().call(b"reload\r\n") == RELOADED
+    assert _open_files_limit(enough.proc.pid) == 1500 + 2 * 500 + 256
     short = erq_factory(
         config=config(server="max_connections = 3000"), preexec_fn=limits, name="short"
     )
