@@ -383,7 +383,8 @@ def test_out_of_descriptors_clients_wait_and_are_served_once_some_close(tmp_path
                 served.append(client)
             except TimeoutError:  # not accepted: out of descriptors
                 waiting.append(client)
-        assert "cannot accept a client" in server.read_log()
+        # One line, not one per retry: the accept is tried again every second (5 s here).
+        assert 1 <= server.read_log().count("cannot accept a client") < 3, server.read_log()
         first.send(b"set q 0 0 2\r\nho\r\n")  # the clients it has are served
         assert first.line() == STORED
         for client in served[-10:]:

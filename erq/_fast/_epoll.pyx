@@ -23,6 +23,8 @@ import logging
 import os as _os
 import socket as _socket
 
+from erq.throttle import Throttle
+
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, ECONNRESET, EINTR, ENOTCONN, errno
@@ -90,6 +92,8 @@ cdef extern from "<errno.h>":
 
 
 log = logging.getLogger("erq.protocol")
+# Out of descriptors, the retry each second would log a line each second.
+_accept_failed = Throttle(log, logging.ERROR)
 
 cdef enum:
     READ_SIZE = 256 * 1024  # bytes one recv may take (uvloop reads into a buffer of this size)
@@ -522,7 +526,7 @@ cdef class Listener:
             except OSError as exc:
                 if exc.errno in _ACCEPT_ERRORS_PAUSE:
                     # Out of descriptors or memory: asyncio's answer, pause accepting a second.
-                    log.error("cannot accept a client (%s); not accepting for 1 s", exc)
+                    _accept_failed.log("cannot accept a client (%s); not accepting for 1 s", exc)
                     self._loop.remove_reader(listening.fileno())
                     self._loop.call_later(1.0, self._resume_accepting, listening)
                     return
