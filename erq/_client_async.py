@@ -213,7 +213,7 @@ class AsyncClient(_ClientCore):
         return await self._finish(item, "/abort", ABORTED)
 
     async def _finish(self, item: AsyncItem, option: str, state: str) -> bool:
-        items = oldest_check(item, AsyncItem)
+        items = oldest_check(item, self)
         if items is None:
             return False
         found = await self._fetch_one(item._node, item.queue + option, 0, True, acts=True)

@@ -192,10 +192,12 @@ class _Pool:
         node.no_reads_until = time.monotonic() + self.retry_after
 
 
-def oldest_check(item: _ItemBase, expected: type) -> deque[_ItemBase] | None:
-    """The open-read list ``item`` belongs to, after checking it may be confirmed or aborted now;
-    None when the item was lost. Raises ValueError on misuse."""
-    if not isinstance(item, expected):
+def oldest_check(item: _ItemBase, client: Any) -> deque[_ItemBase] | None:
+    """The open-read list ``item`` belongs to, after checking it may be confirmed or aborted now
+    by ``client``; None when the item was lost. Raises TypeError for anything but an item of
+    ``client`` (another client's is held on that client's connection, which this one neither
+    uses nor tracks), ValueError on misuse."""
+    if not isinstance(item, client._item_class) or item._client is not client:
         raise TypeError(f"not an item of this client: {item!r}")
     if item.state == LOST:
         return None
@@ -425,9 +427,9 @@ class _ClientCore:
         """``get_reliable(confirm=...)``: check the item and take it off this client's open
         reads (whatever happens now, it is no longer open here); the node to send
         ``q/close/open`` to, or None when the item was lost already."""
+        items = oldest_check(confirm, self)  # before any use of it: it may be no item at all
         if confirm.queue != queue:
             raise ValueError("confirm= must be an item of the same queue")
-        items = oldest_check(confirm, self._item_class)
         if items is None:
             return None
         items.popleft()

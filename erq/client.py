@@ -263,7 +263,7 @@ class Client(_ClientCore):
         return self._finish(item, "/abort", ABORTED)
 
     def _finish(self, item: Item, option: str, state: str) -> bool:
-        items = oldest_check(item, Item)
+        items = oldest_check(item, self)
         if items is None:
             return False
         found = self._fetch_one(item._node, item.queue + option, 0, True, acts=True)

@@ -286,3 +286,38 @@ def test_a_quiescent_server_refuses_reads_while_the_reads_held_there_confirm(
     time.sleep(0.3)  # the refusal kept the client off the server for retry_after
     assert [mq.get(QUEUE), mq.get(QUEUE), mq.get(QUEUE)] == [b"held 2", b"left", None]
     raw.close()
+
+
+def finish(view, name: str, item):
+    """``view``'s own confirm or abort (``AsyncView``'s go through the item, to its client)."""
+    if isinstance(view, AsyncView):
+        return view._run(getattr(view._client, name)(item))
+    return getattr(view, name)(item)
+
+
+def test_an_item_of_another_client_or_no_item_is_refused_before_any_request(
+    erq_factory, make_client
+):
+    # Another client's item is open on that client's connection: this one can neither close it
+    # there nor track the next read it would open there (it was held, unseen, until a close).
+    proc = erq_factory()
+    raw = proc.client()
+    for data in (b"a", b"b", b"c"):
+        assert raw.set(QUEUE, data) == STORED
+    holder = make_client([address(proc)])
+    other = make_client([address(proc)])
+    held = holder.get_reliable(QUEUE)
+    for call in (
+        lambda: other.get_reliable(QUEUE, confirm=held),
+        lambda: finish(other, "confirm", held),
+        lambda: finish(other, "abort", held),
+        lambda: other.get_reliable(QUEUE, confirm="not an item"),
+    ):
+        with pytest.raises(TypeError, match="not an item of this client"):
+            call()
+    assert held.state == "open"
+    after = holder.get_reliable(QUEUE, confirm=held)  # still its holder's, oldest first
+    assert (held.state, after.data) == ("confirmed", b"b")
+    assert other.get(QUEUE) == b"c"  # nothing else was opened out of sight
+    assert other.get(QUEUE) is None
+    raw.close()
