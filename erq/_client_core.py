@@ -44,7 +44,15 @@ def status_refusal(error: Exception) -> bool:
 
 
 def parse_server(spec: ServerSpec) -> Address:
-    """``"host:port"``, ``"host"`` (port 22133) or ``(host, port)`` -> ``(host, port)``."""
+    """``"host:port"``, ``"host"`` (port 22133) or ``(host, port)`` -> ``(host, port)``;
+    ValueError for a port outside 1-65535 (the resolver would take 99999 for 34463)."""
+    host, port = _split_server(spec)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in server {spec!r}")
+    return host, port
+
+
+def _split_server(spec: ServerSpec) -> Address:
     if isinstance(spec, tuple):
         host, port = spec
         return str(host), int(port)

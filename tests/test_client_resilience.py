@@ -201,6 +201,11 @@ def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_clie
     assert parse_server("fe80::1:2") == ("fe80::1:2", 22133)
     assert parse_server("host:7000") == ("host", 7000)
     assert parse_server("host") == ("host", 22133)
+    for bad in ("host:0", "host:65536", "host:99999", "[::1]:70000", ("host", -1)):
+        with pytest.raises(ValueError, match="bad port"):
+            parse_server(bad)  # the resolver took 99999 for 34463, asyncio raised OverflowError
+        with pytest.raises(ValueError, match="bad port"):
+            make_client(["127.0.0.1:1", bad])
     proc = erq_factory()
     for alone in (address(proc), f"127.0.0.1:{proc.port}"):
         mq = make_client(alone)
