@@ -37,10 +37,12 @@ class ErqError(Exception):
 
 def status_refusal(error: Exception) -> bool:
     """A ``SERVER_ERROR`` that refuses everything of its kind for a while (READONLY, QUIESCENT,
-    a server still starting): skip that server for ``retry_after``. Others (item too large,
-    journal error) concern one request only."""
+    a server still starting, one at its ``max_connections``): skip that server for
+    ``retry_after``. Others (item too large, journal error) concern one request only."""
     text = str(error)
-    return any(word in text for word in ("read only", "quiescent", "starting"))
+    return any(
+        word in text for word in ("read only", "quiescent", "starting", "too many open connections")
+    )
 
 
 def parse_server(spec: ServerSpec) -> Address:

@@ -326,3 +326,36 @@ def test_an_item_of_another_client_or_no_item_is_refused_before_any_request(
     assert other.get(QUEUE) == b"c"  # nothing else was opened out of sight
     assert other.get(QUEUE) is None
     raw.close()
+
+
+def test_a_server_at_its_connection_limit_is_skipped_for_retry_after(erq_factory, make_client):
+    # It answers every new connection "SERVER_ERROR too many open connections" and closes it:
+    # each request sent there connected again, to be refused again, before moving on.
+    proc = erq_factory()
+    accepted = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.settimeout(0.2)
+
+        def serve() -> None:
+            while len(accepted) < 16:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                accepted.append(conn)
+                conn.sendall(b"SERVER_ERROR too many open connections\r\n")
+                conn.shutdown(socket.SHUT_WR)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        full = listener.getsockname()
+        mq = make_client([full, address(proc)], write_policy="round_robin", retry_after=60)
+        assert all(mq.put(QUEUE, b"%d" % i) is True for i in range(6))
+        assert [mq.get(QUEUE) for _ in range(7)] == [b"%d" % i for i in range(6)] + [None]
+        assert mq.get_reliable(QUEUE, timeout_ms=200) is None
+        thread.join(10)
+        for conn in accepted:
+            conn.close()
+    assert len(accepted) == 2, f"{len(accepted)} connections to a server at its limit"
