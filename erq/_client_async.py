@@ -177,9 +177,11 @@ class AsyncClient(_ClientCore):
                 pool.mark_down(node)
                 continue
             except _Refused as exc:
+                pool.reached(node)  # it answered
                 if status_refusal(exc):
                     pool.mark_no_writes(node)
                 continue
+            pool.reached(node)  # back from its back-off for reads too
             if stored:
                 return True
         return False
@@ -249,9 +251,11 @@ class AsyncClient(_ClientCore):
             self._pool.mark_down(node)
             return _FAILED
         except _Refused as exc:
+            self._pool.reached(node)
             if status_refusal(exc):
                 self._pool.mark_no_reads(node)
             return _REFUSED
+        self._pool.reached(node)
         return _EMPTY if found is None else found
 
     async def close(self) -> None:

@@ -192,6 +192,10 @@ class _Pool:
         """``index`` was empty: the next read of ``queue`` starts at the server after it."""
         self.cursor[queue] = (index + 1) % len(self.nodes)
 
+    def reached(self, node: _Node) -> None:
+        """``node`` answered: it is no longer unreachable (its refusals' back-offs stay)."""
+        node.down_until = 0.0
+
     def mark_down(self, node: _Node) -> None:
         node.down_until = time.monotonic() + self.retry_after
 

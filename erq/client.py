@@ -214,9 +214,11 @@ class Client(_ClientCore):
                 pool.mark_down(node)
                 continue
             except _Refused as exc:  # read only, too large, journal error
+                pool.reached(node)  # it answered
                 if status_refusal(exc):
                     pool.mark_no_writes(node)
                 continue
+            pool.reached(node)  # back from its back-off for reads too
             if stored:
                 return True
             # NOT_STORED: this server's queue is full or its item limit is lower; try another.
@@ -302,9 +304,11 @@ class Client(_ClientCore):
             self._pool.mark_down(node)
             return _FAILED
         except _Refused as exc:  # quiescent, starting, journal error
+            self._pool.reached(node)
             if status_refusal(exc):
                 self._pool.mark_no_reads(node)
             return _REFUSED
+        self._pool.reached(node)
         return _EMPTY if found is None else found
 
     # ---- lifetime -------------------------------------------------------------------------

@@ -359,3 +359,21 @@ def test_a_server_at_its_connection_limit_is_skipped_for_retry_after(erq_factory
         for conn in accepted:
             conn.close()
     assert len(accepted) == 2, f"{len(accepted)} connections to a server at its limit"
+
+
+def test_a_server_that_answered_a_write_is_read_again_at_once(erq_factory, make_client):
+    # A request during a restart put the server in back-off; once it stores a put again, the
+    # reads of that same client must not go on taking it for unreachable until retry_after.
+    proc = erq_factory()
+    mq = make_client([address(proc)], retry_after=60)
+    proc.stop()
+    assert mq.put(QUEUE, b"while down") is False
+    assert mq.get(QUEUE) is None
+    proc.start()
+    assert mq.put(QUEUE, b"back") is True  # tried although in back-off: the only server
+    started = time.monotonic()
+    assert mq.get(QUEUE) == b"back"
+    assert mq.get_reliable(QUEUE, timeout_ms=300) is None
+    assert mq.put(QUEUE, b"again") is True
+    assert mq.get_reliable(QUEUE).data == b"again"
+    assert time.monotonic() - started < 4.0
