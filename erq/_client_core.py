@@ -93,6 +93,8 @@ def peer_closed(sock: Any) -> bool:
 
 def check_queue_name(queue: str) -> bytes:
     """The protocol's name rule (PROTOCOL §1), checked here so a bad name fails before any I/O."""
+    if not isinstance(queue, str):
+        raise TypeError(f"a queue name is a str, not {type(queue).__name__}")
     try:
         raw = queue.encode("ascii")
     except UnicodeEncodeError:

@@ -377,3 +377,15 @@ def test_a_server_that_answered_a_write_is_read_again_at_once(erq_factory, make_
     assert mq.put(QUEUE, b"again") is True
     assert mq.get_reliable(QUEUE).data == b"again"
     assert time.monotonic() - started < 4.0
+
+
+def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_client):
+    mq = make_client([("127.0.0.1", 1)])  # never reached: every call fails first
+    for call in (
+        lambda: mq.put(b"jobs", b"x"),
+        lambda: mq.put(None, b"x"),
+        lambda: mq.get(b"jobs"),
+        lambda: mq.get_reliable(7, timeout_ms=100),
+    ):
+        with pytest.raises(TypeError, match="queue name is a str"):
+            call()  # was AttributeError: 'bytes' object has no attribute 'encode'
