@@ -6,11 +6,15 @@ Its connections are asyncio streams; what it sends and how it reads the replies 
 Cancelling a call (``asyncio.wait_for``, ``Task.cancel``) closes the connection it was using,
 whose state is then unknown: when that was a server's reliable connection, the reads this client
 held open there go back to that server's queue (their state turns to "lost").
+
+A client may serve one event loop after another (``asyncio.run`` after ``asyncio.run``): the
+connections of the earlier loop are dropped, as if the server had closed them, and opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Sequence
 
 from erq._client_core import (
@@ -62,19 +66,38 @@ class _Connection(_Replies):
         self.reliable = reliable
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one the streams belong to
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        writer = self.writer
+        if writer is not None:
             self.reader = self.writer = None
+            if self._on_this_loop():
+                writer.close()
+            else:  # an earlier loop's (closed, maybe): shut the socket, the server sees EOF
+                sock = writer.get_extra_info("socket")
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except (OSError, AttributeError):
+                    pass
             if self.reliable:
                 self.node.lose_open()
 
+    def _on_this_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # no loop running
+            return False
+
     def drop_if_closed(self) -> bool:
-        """See ``erq.client._Connection.drop_if_closed``."""
+        """See ``erq.client._Connection.drop_if_closed``. A connection opened under another
+        event loop (an earlier ``asyncio.run``) is dropped too: its streams cannot be used
+        here, and a request sent on it went out before failing."""
         writer = self.writer
         if writer is not None and (
-            writer.is_closing() or peer_closed(writer.get_extra_info("socket"))
+            not self._on_this_loop()
+            or writer.is_closing()
+            or peer_closed(writer.get_extra_info("socket"))
         ):
             self.close()
             return True
@@ -89,6 +112,7 @@ class _Connection(_Replies):
                 self.reader, self.writer = await asyncio.wait_for(
                     asyncio.open_connection(*node.address), node.connect_timeout
                 )
+                self.loop = asyncio.get_running_loop()
             return await asyncio.wait_for(self._exchange(data), node.timeout + wait_s)
         except BaseException:
             self.close()

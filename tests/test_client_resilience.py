@@ -389,3 +389,28 @@ def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_c
     ):
         with pytest.raises(TypeError, match="queue name is a str"):
             call()  # was AttributeError: 'bytes' object has no attribute 'encode'
+
+
+def test_an_async_client_used_again_under_a_new_event_loop_reconnects(erq_factory):
+    # One asyncio.run() after another: the connections of the first loop (closed by then) were
+    # used again, and a put whose bytes went out raised "Event loop is closed" afterwards.
+    proc = erq_factory()
+    mq = AsyncClient([address(proc)])
+    first = asyncio.Runner()
+    assert first.run(mq.put(QUEUE, b"one")) is True
+    assert first.run(mq.put(QUEUE, b"two")) is True
+    held = first.run(mq.get_reliable(QUEUE))
+    assert held.data == b"one"
+    first.close()
+    second = asyncio.Runner()
+    try:
+        assert second.run(mq.put(QUEUE, b"three")) is True
+        assert second.run(held.confirm()) is False  # its connection went with the old loop
+        assert held.state == "lost"
+        again = second.run(mq.get_reliable(QUEUE, timeout_ms=2000))
+        assert again is not None and again.data == b"one"  # back at the head
+        assert second.run(again.confirm()) is True
+        assert [second.run(mq.get(QUEUE)) for _ in range(3)] == [b"two", b"three", None]
+        second.run(mq.close())
+    finally:
+        second.close()
