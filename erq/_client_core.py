@@ -70,9 +70,12 @@ def _split_server(spec: ServerSpec) -> Address:
 
 
 def server_list(servers: Sequence[ServerSpec] | ServerSpec) -> list[ServerSpec]:
-    """One server given alone (``"host:port"`` or ``(host, port)``) or a sequence of them."""
+    """One server given alone (``"host:port"`` or ``(host, port)``, the port an int or its
+    digits, as ``parse_server`` takes it) or a sequence of them."""
     if isinstance(servers, str) or (
-        isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int)
+        isinstance(servers, tuple)
+        and len(servers) == 2
+        and (isinstance(servers[1], int) or (isinstance(servers[1], str) and servers[1].isdigit()))
     ):
         return [servers]
     return list(servers)

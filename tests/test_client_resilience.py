@@ -32,6 +32,10 @@ class AsyncView:
         self._runner = asyncio.Runner()
         self._client = AsyncClient(*args, **kwargs)
 
+    @property
+    def servers(self):
+        return self._client.servers
+
     def _run(self, coro):
         return self._runner.run(coro)
 
@@ -207,8 +211,9 @@ def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_clie
         with pytest.raises(ValueError, match="bad port"):
             make_client(["127.0.0.1:1", bad])
     proc = erq_factory()
-    for alone in (address(proc), f"127.0.0.1:{proc.port}"):
-        mq = make_client(alone)
+    for alone in (address(proc), f"127.0.0.1:{proc.port}", ("127.0.0.1", str(proc.port))):
+        mq = make_client(alone)  # ("host", "port") was two servers, "host" and "port"
+        assert mq.servers == [("127.0.0.1", proc.port)]
         assert mq.put(QUEUE, b"one") is True
         assert mq.get(QUEUE) == b"one"
 
