@@ -160,6 +160,20 @@ def test_pack_of_one_queues_directory_takes_its_data_directorys_lock(data_dir):
     assert not (data_dir / "jobs" / datadir.LOCK_FILE).exists()
 
 
+def test_pack_of_a_queue_whose_segments_are_all_lost_takes_its_data_directorys_lock(data_dir):
+    """Its range file is left: still a queue's directory, not a data directory to lock."""
+    for segment in segment_files(data_dir / "jobs"):
+        segment.unlink()
+    held = datadir.lock(data_dir, who="erq serve")  # as a running server does
+    out, err = io.StringIO(), io.StringIO()
+    assert tool.pack(data_dir / "jobs", out, err) == 2
+    assert f"{data_dir} is in use by erq serve" in err.getvalue() and out.getvalue() == ""
+    held.release()
+    assert tool.pack(data_dir / "jobs", out, err) == 1  # the loss is reported
+    assert "missing and no segment of this journal is left" in out.getvalue()
+    assert not (data_dir / "jobs" / datadir.LOCK_FILE).exists()
+
+
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):
     out = io.StringIO()
     assert tool.dump(data_dir, out) == 2  # the data directory, not a queue's

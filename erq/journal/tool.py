@@ -74,15 +74,17 @@ def _not_a_directory(path: Path, err: TextIO) -> bool:
 
 def _queue_dirs(data_dir: Path) -> list[Path]:
     """Every directory under ``data_dir`` holding journal files (``data_dir`` itself too)."""
-    dirs = []
     subdirs = sorted(
         p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(DELETING_PREFIX)
     )
-    for directory in [data_dir, *subdirs]:
-        names = os.listdir(directory)
-        if any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX, RANGE_SUFFIX)) for name in names):
-            dirs.append(directory)
-    return dirs
+    return [directory for directory in [data_dir, *subdirs] if _holds_journal(directory)]
+
+
+def _holds_journal(directory: Path) -> bool:
+    """Whether ``directory`` is a queue's: it holds a segment, one set aside, or a range file
+    (a queue whose segments are all lost keeps its range file)."""
+    names = os.listdir(directory)
+    return any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX, RANGE_SUFFIX)) for name in names)
 
 
 def _live_from(segments: list[Segment]) -> int:
@@ -267,7 +269,9 @@ def pack(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) ->
         return 2
     # A queue's directory is packed under its data directory's lock, the one a server holds:
     # a lock taken in the queue's directory would stop nobody.
-    one_queue = bool(_segment_paths(root))  # a data directory holds queues' directories
+    # A data directory holds queues' directories; a queue's holds journal files, if only its
+    # range file (its segments all lost): it is still a queue's, under its parent's lock.
+    one_queue = _holds_journal(root)
     lock_dir = root.resolve().parent if one_queue else root
     try:
         held = datadir.lock(lock_dir, who="erq journal pack")
