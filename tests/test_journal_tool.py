@@ -174,6 +174,35 @@ def test_pack_of_a_queue_whose_segments_are_all_lost_takes_its_data_directorys_l
     assert not (data_dir / "jobs" / datadir.LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("run", ["check", "dump"])
+def test_check_and_dump_on_a_live_directory_list_again_a_segment_released_meanwhile(
+    data_dir, monkeypatch, run
+):
+    """A running server deletes a segment its queue's head has passed (and renames the range
+    file) between the tool's listing and its open of that segment: the tool looks again, as
+    it does for a listing that changes, instead of failing with exit 2."""
+    jobs = data_dir / "jobs"
+    first, second, *_ = segment_files(jobs)
+    (range_file,) = jobs.glob("*.range")
+    real_open = tool.Segment.open
+
+    def released_meanwhile(path, **kwargs):
+        if path == first and first.exists():  # the server gives the first segment back now
+            first.unlink()
+            last = range_file.name.split("-")[1]
+            range_file.rename(jobs / f"{second.name.removesuffix('.seg')}-{last}")
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(tool.Segment, "open", released_meanwhile)
+    target = data_dir if run == "check" else jobs
+    out, err = io.StringIO(), io.StringIO()
+    status = getattr(tool, run)(target, out, err)
+    assert err.getvalue() == "" and status == 0
+    again = io.StringIO()
+    assert getattr(tool, run)(target, again) == 0
+    assert out.getvalue() == again.getvalue()  # what the directory holds now, said once
+
+
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):
     out = io.StringIO()
     assert tool.dump(data_dir, out) == 2  # the data directory, not a queue's

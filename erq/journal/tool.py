@@ -7,6 +7,7 @@ cannot do its work at all (exit status 2), says why on ``err`` (``out`` if not g
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TextIO
@@ -98,37 +99,66 @@ def _live_from(segments: list[Segment]) -> int:
 def _open_all(paths: list[Path], out: TextIO) -> tuple[list[Segment], int]:
     """Every segment mapped, one with a damaged header as recovery reads it (a plain segment
     numbered by its file name), and the number of bad headers (each reported)."""
-    segments, bad = [], 0
-    for path in paths:
-        try:
-            seg = Segment.open(path, writable=False)
-        except SegmentVersionError as exc:
-            out.write(f"{path}: {exc}: not read\n")
-            bad += 1
-            continue
-        except SegmentHeaderError as exc:
-            out.write(f"{path}: bad segment header ({exc})\n")
-            bad += 1
-        else:
-            if seg.seq == parse_segment_name(path.name):
-                segments.append(seg)
-                continue
-            # A sound header naming another segment: a misplaced file, which recovery sets
-            # aside unread (a copy of another segment would replay its records twice).
-            out.write(
-                f"{path}: bad segment header (header names segment {seg.seq}): a misplaced "
-                "file, which recovery sets aside unread\n"
-            )
+    segments: list[Segment] = []
+    bad = 0
+    try:
+        for path in paths:
+            bad += _open_one(path, segments, out)
+    except BaseException:
+        for seg in segments:
             seg.close()
-            bad += 1
-            continue
-        try:
-            segments.append(
-                Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
-            )
-        except SegmentHeaderError:
-            pass  # no room for a record: nothing more to say
+        raise
     return segments, bad
+
+
+def _open_one(path: Path, segments: list[Segment], out: TextIO) -> int:
+    """Map one segment into ``segments`` as ``_open_all`` says; 1 if its header is bad."""
+    try:
+        seg = Segment.open(path, writable=False)
+    except SegmentVersionError as exc:
+        out.write(f"{path}: {exc}: not read\n")
+        return 1
+    except SegmentHeaderError as exc:
+        out.write(f"{path}: bad segment header ({exc})\n")
+    else:
+        if seg.seq == parse_segment_name(path.name):
+            segments.append(seg)
+            return 0
+        # A sound header naming another segment: a misplaced file, which recovery sets
+        # aside unread (a copy of another segment would replay its records twice).
+        out.write(
+            f"{path}: bad segment header (header names segment {seg.seq}): a misplaced "
+            "file, which recovery sets aside unread\n"
+        )
+        seg.close()
+        return 1
+    try:
+        segments.append(
+            Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
+        )
+    except SegmentHeaderError:
+        pass  # no room for a record: nothing more to say
+    return 1
+
+
+def _list_and_open(directory: Path, out: TextIO) -> tuple[Listing, list[Segment], int]:
+    """The queue's files (``_queue_files``) and its segments mapped (``_open_all``), as one
+    consistent look. On the directory of a running server a segment listed can be gone before
+    it is opened (released as the head passed it, or replaced by a compaction's snapshot): the
+    directory is then listed again, so that a live check or dump does not fail on it. Raises
+    FileNotFoundError only if the directory keeps changing under it."""
+    for attempt in range(_LISTINGS):
+        listing = _queue_files(directory)
+        said = io.StringIO()  # the bad headers of this attempt: said once it has worked
+        try:
+            segments, bad = _open_all([path for _, path in listing.found], said)
+        except FileNotFoundError:
+            if attempt == _LISTINGS - 1:
+                raise
+            continue
+        out.write(said.getvalue())
+        return listing, segments, bad
+    raise AssertionError("unreachable")
 
 
 def _skim(mm, start: int, end: int) -> tuple[int, int]:
@@ -150,15 +180,13 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
     directory = Path(queue_dir)
     if _not_a_directory(directory, err):
         return 2
-    found, _, aside, ranges = _queue_files(directory)
-    paths = [path for _, path in found]
-    if not paths and not ranges:
+    (found, _, aside, ranges), segments, damaged = _list_and_open(directory, out)
+    if not found and not ranges:
         err.write(
             f"{directory}: no journal segments here (dump takes a queue's directory, "
             "DATA_DIR/QUEUE)\n"
         )
         return 2
-    segments, damaged = _open_all(paths, out)
     try:
         first = _live_from(segments)
         for index, seg in enumerate(segments):
@@ -229,8 +257,7 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
             elif path.name.endswith(DAMAGED_SUFFIX):
                 out.write(f"{path}: segment set aside by recovery (bad header)\n")
                 problems += 1
-        found, _, aside, ranges = _queue_files(directory)
-        segments, bad = _open_all([path for _, path in found], out)
+        (_, _, aside, ranges), segments, bad = _list_and_open(directory, out)
         problems += bad
         try:
             live = segments[_live_from(segments) :]
