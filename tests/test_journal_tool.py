@@ -203,6 +203,29 @@ def test_check_and_dump_on_a_live_directory_list_again_a_segment_released_meanwh
     assert out.getvalue() == again.getvalue()  # what the directory holds now, said once
 
 
+def test_check_on_a_live_directory_leaves_out_a_queue_deleted_meanwhile(data_dir, monkeypatch):
+    """A running server deletes a queue (renames its directory deleting.<random>, removes its
+    files) while check reads it: the queue is left out, as stats leaves it out, instead of the
+    whole check failing with exit 2."""
+    import shutil
+
+    shutil.copytree(data_dir / "jobs", data_dir / "other")
+    real = tool._list_and_open
+
+    def deleted_meanwhile(directory, out):
+        if directory.name == "jobs":
+            gone = directory.with_name(datadir.DELETING_PREFIX + "x")
+            directory.rename(gone)
+            shutil.rmtree(gone)
+        return real(directory, out)
+
+    monkeypatch.setattr(tool, "_list_and_open", deleted_meanwhile)
+    out, err = io.StringIO(), io.StringIO()
+    assert tool.check(data_dir, out, err) == 0
+    assert err.getvalue() == ""
+    assert re.fullmatch(r"checked \d+ segment\(s\) of 1 queue\(s\): clean\n", out.getvalue())
+
+
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):
     out = io.StringIO()
     assert tool.dump(data_dir, out) == 2  # the data directory, not a queue's

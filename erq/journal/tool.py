@@ -84,7 +84,10 @@ def _queue_dirs(data_dir: Path) -> list[Path]:
 def _holds_journal(directory: Path) -> bool:
     """Whether ``directory`` is a queue's: it holds a segment, one set aside, or a range file
     (a queue whose segments are all lost keeps its range file)."""
-    names = os.listdir(directory)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:  # a queue deleted meanwhile (on a live directory)
+        return False
     return any(name.endswith((SEGMENT_SUFFIX, DAMAGED_SUFFIX, RANGE_SUFFIX)) for name in names)
 
 
@@ -248,41 +251,61 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
     if _not_a_directory(root, err):
         return 2
     problems = checked = 0
-    queues = _queue_dirs(root)
-    for directory in queues:
-        for path in directory.iterdir():
-            if path.name.endswith(HEADER_SUFFIX):
-                out.write(f"{path}: a damaged header, replaced by recovery and kept here\n")
-                problems += 1
-            elif path.name.endswith(DAMAGED_SUFFIX):
-                out.write(f"{path}: segment set aside by recovery (bad header)\n")
-                problems += 1
-        (_, _, aside, ranges), segments, bad = _list_and_open(directory, out)
-        problems += bad
+    queues = []
+    for directory in _queue_dirs(root):
+        said = io.StringIO()  # said once the queue is seen whole
         try:
-            live = segments[_live_from(segments) :]
-            for seg in live:
-                scan = SegmentScan(seg.mm)
-                scan.run(lambda start, end, mm=seg.mm: _skim(mm, start, end))
-                for problem in scan.problems:
-                    out.write(_describe(problem, seg.path) + "\n")
-                problems += len(scan.problems)
-                checked += 1
-            several = several_ranges(directory, ranges)
-            if several is not None:
-                out.write(several + "\n")
-                problems += 1
-            for gap in missing_segments(directory, live, aside, pick_range(ranges)):
-                out.write(gap.describe() + "\n")
-                problems += 1
-        finally:
-            for seg in segments:
-                seg.close()
+            found = _check_queue(directory, said)
+        except FileNotFoundError:
+            if directory.exists():
+                raise
+            found = None
+        if found is None or not directory.exists():
+            continue  # a queue deleted while it was checked (on a live directory)
+        out.write(said.getvalue())
+        problems += found[0]
+        checked += found[1]
+        queues.append(directory)
     if not queues:
         out.write(f"{root}: no queue journals here (check takes a data directory)\n")
     verdict = "clean" if not problems else f"{problems} problem(s)"
     out.write(f"checked {checked} segment(s) of {len(queues)} queue(s): {verdict}\n")
     return 1 if problems else 0
+
+
+def _check_queue(directory: Path, out: TextIO) -> tuple[int, int]:
+    """Check one queue's journal: the problems found (each said on ``out``) and the segments
+    read. FileNotFoundError if the directory goes away meanwhile."""
+    problems = checked = 0
+    for path in directory.iterdir():
+        if path.name.endswith(HEADER_SUFFIX):
+            out.write(f"{path}: a damaged header, replaced by recovery and kept here\n")
+            problems += 1
+        elif path.name.endswith(DAMAGED_SUFFIX):
+            out.write(f"{path}: segment set aside by recovery (bad header)\n")
+            problems += 1
+    (_, _, aside, ranges), segments, bad = _list_and_open(directory, out)
+    problems += bad
+    try:
+        live = segments[_live_from(segments) :]
+        for seg in live:
+            scan = SegmentScan(seg.mm)
+            scan.run(lambda start, end, mm=seg.mm: _skim(mm, start, end))
+            for problem in scan.problems:
+                out.write(_describe(problem, seg.path) + "\n")
+            problems += len(scan.problems)
+            checked += 1
+        several = several_ranges(directory, ranges)
+        if several is not None:
+            out.write(several + "\n")
+            problems += 1
+        for gap in missing_segments(directory, live, aside, pick_range(ranges)):
+            out.write(gap.describe() + "\n")
+            problems += 1
+    finally:
+        for seg in segments:
+            seg.close()
+    return problems, checked
 
 
 def pack(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -> int:
