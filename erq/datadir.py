@@ -73,6 +73,23 @@ def lock(data_dir: Path, who: str = "erq") -> DataDirLock:
     return DataDirLock(fd, path)
 
 
+def in_use(data_dir: Path) -> bool:
+    """Whether a process (a server, ``erq journal pack``) holds ``data_dir``'s lock now. Read
+    only: the lock file is neither made nor written, and a shared lock on it is held for an
+    instant only (the read-only tools ask, to know that a server may be appending)."""
+    try:
+        fd = os.open(Path(data_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: no server has run here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # and the shared lock with it
+    return False
+
+
 def remove_queue_dir(
     directory: Path,
     background: Callable[[Callable[[], None]], object] | None = None,
@@ -168,6 +185,7 @@ __all__ = [
     "LOCK_FILE",
     "fsync_directory",
     "DataDirBusy",
+    "in_use",
     "DataDirLock",
     "lock",
     "remove_leftovers",

@@ -226,6 +226,50 @@ def test_check_on_a_live_directory_leaves_out_a_queue_deleted_meanwhile(data_dir
     assert re.fullmatch(r"checked \d+ segment\(s\) of 1 queue\(s\): clean\n", out.getvalue())
 
 
+def test_check_of_a_live_directory_waits_out_a_record_being_written_at_the_end(
+    data_dir, monkeypatch
+):
+    """A running server appends at the end of a queue's last segment: a check that reads the
+    record it is writing must not report a torn record (exit 1 on a healthy server); it looks
+    again until the record is whole. Offline the same bytes are a torn tail, said at once."""
+    last = segment_files(data_dir / "jobs")[-1]
+    raw = last.read_bytes()
+    start, end = record_spans(raw)[-1]  # the ADD of item 101, the journal's last record
+    with open(last, "r+b") as f:
+        f.seek(start + 10)
+        f.write(bytes(end - start - 10))  # its first bytes are there, the rest not yet
+    waits = []
+
+    def server_writes_on(seconds):
+        waits.append(seconds)
+        with open(last, "r+b") as f:
+            f.seek(start)
+            f.write(raw[start:end])
+
+    monkeypatch.setattr(tool.time, "sleep", server_writes_on)
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1  # no server: a torn tail, said without a wait
+    assert f"{last}: torn record at offset {start}" in out.getvalue() and waits == []
+    with open(last, "r+b") as f:
+        f.seek(start + 10)
+        f.write(bytes(end - start - 10))
+    held = datadir.lock(data_dir, who="erq serve")  # a server runs
+    try:
+        out = io.StringIO()
+        assert tool.check(data_dir, out) == 0
+        assert out.getvalue().endswith(": clean\n") and len(waits) == 1
+        with open(last, "r+b") as f:  # torn for good (the server's write failed): said
+            f.seek(start + 10)
+            f.write(bytes(end - start - 10))
+        monkeypatch.setattr(tool.time, "sleep", waits.append)
+        out = io.StringIO()
+        assert tool.check(data_dir, out) == 1
+        assert f"{last}: torn record at offset {start}" in out.getvalue()
+        assert len(waits) == 1 + tool._SETTLE_TRIES
+    finally:
+        held.release()
+
+
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):
     out = io.StringIO()
     assert tool.dump(data_dir, out) == 2  # the data directory, not a queue's

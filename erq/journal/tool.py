@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -18,6 +19,7 @@ from ..journal_api import JournalError
 from . import codec
 from .format import (
     HEADER_FLAG_SNAPSHOT,
+    HEADER_SIZE,
     OP_ADD,
     OPCODE_NAMES,
     SEGMENT_SUFFIX,
@@ -29,6 +31,7 @@ from .recovery import (
     DAMAGED_SUFFIX,
     HEADER_SUFFIX,
     Listing,
+    Problem,
     SegmentScan,
     classify,
     missing_segments,
@@ -252,10 +255,13 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
         return 2
     problems = checked = 0
     queues = []
+    # A running server appends to these journals (check works on a live directory): the end
+    # of a queue's last segment may hold a record being written.
+    live_server = datadir.in_use(root.resolve().parent if _holds_journal(root) else root)
     for directory in _queue_dirs(root):
         said = io.StringIO()  # said once the queue is seen whole
         try:
-            found = _check_queue(directory, said)
+            found = _check_queue(directory, said, live_server)
         except FileNotFoundError:
             if directory.exists():
                 raise
@@ -273,9 +279,33 @@ def check(data_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
     return 1 if problems else 0
 
 
-def _check_queue(directory: Path, out: TextIO) -> tuple[int, int]:
+def _scan(seg: Segment, start: int) -> list[Problem]:
+    """The damage in ``seg`` from ``start`` on."""
+    scan = SegmentScan(seg.mm, start=start)
+    scan.run(lambda begin, end, mm=seg.mm: _skim(mm, begin, end))
+    return scan.problems
+
+
+_SETTLE_TRIES = 100  # looks, 10 ms apart, at a torn record ending a live journal
+
+
+def _unless_being_written(seg: Segment, found: list[Problem]) -> list[Problem]:
+    """``found`` in the last segment of a journal a running server appends to, without a torn
+    record at its end that was a write in progress: the end is looked at again until the
+    record there is whole (the server's start truncated any torn tail a crash had left, so a
+    torn record there is one being written, unless it stays torn)."""
+    for _ in range(_SETTLE_TRIES):
+        if not found or found[-1].resume >= 0:
+            break
+        time.sleep(0.01)
+        found = found[:-1] + _scan(seg, found[-1].offset)
+    return found
+
+
+def _check_queue(directory: Path, out: TextIO, live_server: bool) -> tuple[int, int]:
     """Check one queue's journal: the problems found (each said on ``out``) and the segments
-    read. FileNotFoundError if the directory goes away meanwhile."""
+    read. FileNotFoundError if the directory goes away meanwhile. ``live_server``: a server
+    holds the data directory, and may be writing a record at the end of the last segment."""
     problems = checked = 0
     for path in directory.iterdir():
         if path.name.endswith(HEADER_SUFFIX):
@@ -289,11 +319,12 @@ def _check_queue(directory: Path, out: TextIO) -> tuple[int, int]:
     try:
         live = segments[_live_from(segments) :]
         for seg in live:
-            scan = SegmentScan(seg.mm)
-            scan.run(lambda start, end, mm=seg.mm: _skim(mm, start, end))
-            for problem in scan.problems:
+            found = _scan(seg, HEADER_SIZE)
+            if live_server and seg is live[-1]:
+                found = _unless_being_written(seg, found)
+            for problem in found:
                 out.write(_describe(problem, seg.path) + "\n")
-            problems += len(scan.problems)
+            problems += len(found)
             checked += 1
         several = several_ranges(directory, ranges)
         if several is not None:
