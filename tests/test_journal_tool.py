@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from pathlib import Path
 
 import pytest
 from test_journal_support import KiB, all_items, item, record_spans, segment_files, use_codec
@@ -268,6 +269,18 @@ def test_check_of_a_live_directory_waits_out_a_record_being_written_at_the_end(
         assert len(waits) == 1 + tool._SETTLE_TRIES
     finally:
         held.release()
+
+
+def test_pack_names_the_queue_when_given_its_directory_as_dot(data_dir, monkeypatch):
+    """``cd DATA/jobs && erq journal pack .`` said ': 2 item(s), ...' (the name of '.')."""
+    monkeypatch.chdir(data_dir / "jobs")
+    out = io.StringIO()
+    assert tool.pack(".", out) == 0
+    assert out.getvalue().startswith("jobs: 2 item(s)")
+    monkeypatch.chdir(data_dir / "jobs" / "..")
+    out = io.StringIO()
+    assert tool.pack(Path("jobs") / ".." / "jobs", out) == 0
+    assert out.getvalue().startswith("jobs: 2 item(s)")
 
 
 def test_tools_say_so_when_pointed_at_a_directory_without_journals(data_dir, tmp_path):

@@ -402,7 +402,7 @@ def _pack_all(root: Path, out: TextIO) -> int:
             status = 1
         after = sum(path.stat().st_size for path in _segment_paths(directory))
         out.write(
-            f"{directory.name}: {items} item(s), records {records_before:,} -> "
+            f"{os.path.basename(os.path.abspath(directory))}: {items} item(s), records {records_before:,} -> "
             f"{records_after:,} bytes, files {before:,} -> {after:,} bytes\n"
         )
     return status
