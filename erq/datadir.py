@@ -75,12 +75,33 @@ def lock(data_dir: Path, who: str = "erq") -> DataDirLock:
 
 def in_use(data_dir: Path) -> bool:
     """Whether a process (a server, ``erq journal pack``) holds ``data_dir``'s lock now. Read
-    only: the lock file is neither made nor written, and a shared lock on it is held for an
-    instant only (the read-only tools ask, to know that a server may be appending)."""
+    only, for the read-only tools (to know that a server may be appending): the lock file is
+    neither made nor written. On Linux the answer is read from /proc/locks, which takes no
+    lock; elsewhere a shared lock is taken for an instant (a server starting in that instant
+    would find the directory busy)."""
+    path = Path(data_dir) / LOCK_FILE
     try:
-        fd = os.open(Path(data_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
     except OSError:
         return False  # no lock file: no server has run here
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            table = locks.read()
+    except OSError:
+        return _held(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode
+        for fields in (line.split() for line in table.splitlines())
+    )
+
+
+def _held(path: Path) -> bool:
+    """Whether ``path`` is flock-ed, told by a shared lock taken and dropped at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:

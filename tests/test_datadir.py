@@ -199,3 +199,19 @@ def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Pat
     assert f"erq test (pid {os.getpid()})" in busy.value.strerror
     held.release()
     datadir.lock(tmp_path).release()
+
+
+def test_in_use_tells_a_held_data_directory_without_taking_its_lock(tmp_path):
+    """For the read-only journal tools: a server's lock is seen (from /proc/locks on Linux,
+    else by a shared lock dropped at once), and asking neither makes nor writes erq.lock."""
+    assert not datadir.in_use(tmp_path) and not (tmp_path / datadir.LOCK_FILE).exists()
+    held = datadir.lock(tmp_path, who="erq serve")
+    before = (tmp_path / datadir.LOCK_FILE).read_bytes()
+    try:
+        assert datadir.in_use(tmp_path)
+        assert datadir._held(tmp_path / datadir.LOCK_FILE)
+    finally:
+        held.release()
+    assert not datadir.in_use(tmp_path)
+    assert not datadir._held(tmp_path / datadir.LOCK_FILE)
+    assert (tmp_path / datadir.LOCK_FILE).read_bytes() == before
