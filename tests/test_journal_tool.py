@@ -271,6 +271,33 @@ def test_check_of_a_live_directory_waits_out_a_record_being_written_at_the_end(
         held.release()
 
 
+def test_dump_of_a_live_queue_waits_out_a_record_being_written_at_the_end(data_dir, monkeypatch):
+    """As check: dump lists the record being written once it is whole, exit 0."""
+    jobs = data_dir / "jobs"
+    whole = io.StringIO()
+    assert tool.dump(jobs, whole) == 0
+    last = segment_files(jobs)[-1]
+    raw = last.read_bytes()
+    start, end = record_spans(raw)[-1]  # the ADD of item 101, the journal's last record
+    with open(last, "r+b") as f:
+        f.seek(start + 10)
+        f.write(bytes(end - start - 10))  # its first bytes are there, the rest not yet
+
+    def server_writes_on(seconds):
+        with open(last, "r+b") as f:
+            f.seek(start)
+            f.write(raw[start:end])
+
+    monkeypatch.setattr(tool.time, "sleep", server_writes_on)
+    held = datadir.lock(data_dir, who="erq serve")  # a server runs
+    try:
+        out = io.StringIO()
+        assert tool.dump(jobs, out) == 0
+    finally:
+        held.release()
+    assert out.getvalue() == whole.getvalue()
+
+
 def test_pack_names_the_queue_when_given_its_directory_as_dot(data_dir, monkeypatch):
     """``cd DATA/jobs && erq journal pack .`` said ': 2 item(s), ...' (the name of '.')."""
     monkeypatch.chdir(data_dir / "jobs")

@@ -193,6 +193,9 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
             "DATA_DIR/QUEUE)\n"
         )
         return 2
+    # A running server may be writing a record at the end of the last segment (dump works on
+    # a live directory): a torn record there is looked at again, as check does.
+    live_server = datadir.in_use(directory.resolve().parent)
     try:
         first = _live_from(segments)
         for index, seg in enumerate(segments):
@@ -203,9 +206,11 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
                 f"size={seg.size}{note}\n"
             )
             scan = SegmentScan(seg.mm, data=True)
+            records, problems = list(scan), scan.problems
+            if live_server and index == len(segments) - 1:
+                records, problems = _records_unless_being_written(seg, records, problems)
             reported = 0
-            for offset, op, id, flags, add_time, expiry, data in scan:
-                problems = scan.problems
+            for offset, op, id, flags, add_time, expiry, data in records:
                 while reported < len(problems) and problems[reported].offset < offset:
                     out.write(_describe(problems[reported], seg.path) + "\n")
                     reported += 1
@@ -217,9 +222,9 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
                     )
                 else:
                     out.write(f"{offset:>10} {name:<8} id={id}\n")
-            for problem in scan.problems[reported:]:
+            for problem in problems[reported:]:
                 out.write(_describe(problem, seg.path) + "\n")
-            damaged += len(scan.problems)
+            damaged += len(problems)
         expected = pick_range(ranges)
         if expected is not None:
             out.write(
@@ -300,6 +305,21 @@ def _unless_being_written(seg: Segment, found: list[Problem]) -> list[Problem]:
         time.sleep(0.01)
         found = found[:-1] + _scan(seg, found[-1].offset)
     return found
+
+
+def _records_unless_being_written(
+    seg: Segment, records: list[tuple], found: list[Problem]
+) -> tuple[list[tuple], list[Problem]]:
+    """``_unless_being_written`` for dump: the records read past the torn end once it is
+    whole are added to ``records``."""
+    for _ in range(_SETTLE_TRIES):
+        if not found or found[-1].resume >= 0:
+            break
+        time.sleep(0.01)
+        tail = SegmentScan(seg.mm, data=True, start=found[-1].offset)
+        records = records + list(tail)
+        found = found[:-1] + tail.problems
+    return records, found
 
 
 def _check_queue(directory: Path, out: TextIO, live_server: bool) -> tuple[int, int]:
