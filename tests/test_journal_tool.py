@@ -298,6 +298,28 @@ def test_dump_of_a_live_queue_waits_out_a_record_being_written_at_the_end(data_d
     assert out.getvalue() == whole.getvalue()
 
 
+def test_check_reports_a_segment_too_short_for_a_record_once_as_recovery_does(data_dir):
+    """Recovery sets such a file aside (one warning) and counts it as no missing segment:
+    check said 'bad segment header' and also 'segment ... missing between ...' (2 problems
+    for one file, which is there)."""
+    segments = segment_files(data_dir / "jobs")
+    short = segments[len(segments) // 2]
+    os.truncate(short, 0)
+    out = io.StringIO()
+    assert tool.check(data_dir, out) == 1
+    report = out.getvalue().splitlines()
+    assert report[-1].endswith(": 1 problem(s)") and "missing" not in out.getvalue()
+    assert report[0] == (
+        f"{short}: bad segment header (0 bytes, shorter than a header; 0 bytes, no room for a "
+        f"record): recovery sets the file aside as {short.name}.damaged, what it held is lost"
+    )
+    out = io.StringIO()
+    assert tool.dump(data_dir / "jobs", out) == 1 and "missing" not in out.getvalue()
+    journal, recovery = QueueJournal.open(data_dir / "jobs", fsync="never")
+    journal.close()
+    assert len(recovery.warnings) == 1 and "set aside" in recovery.warnings[0]
+
+
 def test_pack_names_the_queue_when_given_its_directory_as_dot(data_dir, monkeypatch):
     """``cd DATA/jobs && erq journal pack .`` said ': 2 item(s), ...' (the name of '.')."""
     monkeypatch.chdir(data_dir / "jobs")

@@ -125,7 +125,18 @@ def _open_one(path: Path, segments: list[Segment], out: TextIO) -> int:
         out.write(f"{path}: {exc}: not read\n")
         return 1
     except SegmentHeaderError as exc:
-        out.write(f"{path}: bad segment header ({exc})\n")
+        try:
+            segments.append(
+                Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
+            )
+        except SegmentHeaderError as short:  # no room for a record: nothing to read in it
+            out.write(
+                f"{path}: bad segment header ({exc}; {short}): recovery sets the file aside "
+                f"as {path.name}{DAMAGED_SUFFIX}, what it held is lost\n"
+            )
+        else:
+            out.write(f"{path}: bad segment header ({exc})\n")
+        return 1
     else:
         if seg.seq == parse_segment_name(path.name):
             segments.append(seg)
@@ -138,13 +149,6 @@ def _open_one(path: Path, segments: list[Segment], out: TextIO) -> int:
         )
         seg.close()
         return 1
-    try:
-        segments.append(
-            Segment.open(path, writable=False, damaged_as=parse_segment_name(path.name))
-        )
-    except SegmentHeaderError:
-        pass  # no room for a record: nothing more to say
-    return 1
 
 
 def _list_and_open(directory: Path, out: TextIO) -> tuple[Listing, list[Segment], int]:
@@ -235,7 +239,9 @@ def dump(queue_dir: str | os.PathLike, out: TextIO, err: TextIO | None = None) -
         if several is not None:
             out.write(f"# {several}\n")
             damaged += 1
-        gaps = missing_segments(directory, segments[first:], aside, expected)
+        # As recovery: a file there is no missing segment, even one it sets aside unread.
+        accounted = aside.union(seq for seq, _ in found)
+        gaps = missing_segments(directory, segments[first:], accounted, expected)
         for gap in gaps:
             out.write(f"# {gap.describe()}\n")
         damaged += len(gaps)
@@ -334,7 +340,8 @@ def _check_queue(directory: Path, out: TextIO, live_server: bool) -> tuple[int, 
         elif path.name.endswith(DAMAGED_SUFFIX):
             out.write(f"{path}: segment set aside by recovery (bad header)\n")
             problems += 1
-    (_, _, aside, ranges), segments, bad = _list_and_open(directory, out)
+    (found, _, aside, ranges), segments, bad = _list_and_open(directory, out)
+    accounted = aside.union(seq for seq, _ in found)  # as recovery: a file there is not missing
     problems += bad
     try:
         live = segments[_live_from(segments) :]
@@ -350,7 +357,7 @@ def _check_queue(directory: Path, out: TextIO, live_server: bool) -> tuple[int, 
         if several is not None:
             out.write(several + "\n")
             problems += 1
-        for gap in missing_segments(directory, live, aside, pick_range(ranges)):
+        for gap in missing_segments(directory, live, accounted, pick_range(ranges)):
             out.write(gap.describe() + "\n")
             problems += 1
     finally:
