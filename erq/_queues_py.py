@@ -253,7 +253,9 @@ class QueueCollection:
                 return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
             return result, [ticket]
         tickets = [] if ticket is None else [ticket]
-        for child_name in children[name]:
+        # The children as they were when the set came: a copy's add may wake a get whose next
+        # key makes a new child, which exists only from after this set (PROTOCOL §7).
+        for child_name in tuple(children[name]):
             child = self._queues.get(child_name)
             if child is None:
                 continue

@@ -869,6 +869,22 @@ max_items = 0
     assert (qint(c, "s", "items"), qint(c, "s+c", "items")) == (1, 0)
 
 
+def test_a_fanout_child_made_by_a_get_the_set_wakes_gets_no_copy_of_that_set(erq_factory):
+    # A set's copy to f+a wakes a get blocked there whose next key makes f+new: the child
+    # exists only from after that set, so it gets no copy of it (PROTOCOL §7), only later ones.
+    proc, c = start(erq_factory)
+    w = proc.client()
+    assert c.get("f+a") == END
+    w.send(b"get f+a/t=3000 f+new\r\n")
+    time.sleep(0.2)  # w is blocked on f+a
+    assert c.set("f", b"one") == STORED
+    assert w.until() == one("f+a/t=3000", b"one")
+    assert c.stats()["queue_f_children"] == "f+a,f+new"
+    assert (qint(c, "f+new", "items"), qint(c, "f+new", "total_items")) == (0, 0)
+    assert c.set("f", b"two") == STORED
+    assert drain(c, "f+new") == [b"two"]
+
+
 def test_fanout_children_inherit_the_parents_config(erq_factory):
     config = """
 [queues."p"]
