@@ -237,6 +237,11 @@ class QueueCollection:
             queue = self._queues.get(name)
             if queue is None:
                 queue, created = self.get_or_create(name), True
+        # The children as they are when the set comes, taken before any add: an add may wake
+        # a get whose next key makes a new child, which exists only from after this set
+        # (PROTOCOL §7) and gets no copy of it.
+        children = self._children
+        kids = tuple(children[name]) if children and name in children else ()
         try:
             result, ticket = queue.add(data, flags, expiry, now)
         except JournalError:
@@ -247,15 +252,12 @@ class QueueCollection:
             self.total_items += 1
         elif created:
             self._unmake(name)
-        children = self._children
-        if not children or name not in children:
+        if not kids:
             if ticket is None:  # the usual case: no fanout, no fsync = "always"
                 return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
             return result, [ticket]
         tickets = [] if ticket is None else [ticket]
-        # The children as they were when the set came: a copy's add may wake a get whose next
-        # key makes a new child, which exists only from after this set (PROTOCOL §7).
-        for child_name in tuple(children[name]):
+        for child_name in kids:
             child = self._queues.get(child_name)
             if child is None:
                 continue

@@ -885,6 +885,20 @@ def test_a_fanout_child_made_by_a_get_the_set_wakes_gets_no_copy_of_that_set(erq
     assert drain(c, "f+new") == [b"two"]
 
 
+def test_a_fanout_child_made_by_a_get_the_parents_set_wakes_gets_no_copy_of_it(erq_factory):
+    # The same when the get woken is the parent's own and f had no child before.
+    proc, c = start(erq_factory)
+    w = proc.client()
+    w.send(b"get f/t=3000 f+new\r\n")
+    time.sleep(0.2)  # w is blocked on f
+    assert c.set("f", b"one") == STORED
+    assert w.until() == one("f/t=3000", b"one")
+    assert c.stats()["queue_f_children"] == "f+new"
+    assert (qint(c, "f+new", "items"), qint(c, "f+new", "total_items")) == (0, 0)
+    assert c.set("f", b"two") == STORED
+    assert drain(c, "f+new") == [b"two"]
+
+
 def test_fanout_children_inherit_the_parents_config(erq_factory):
     config = """
 [queues."p"]
