@@ -89,9 +89,12 @@ def in_use(data_dir: Path) -> bool:
             table = locks.read()
     except OSError:
         return _held(path)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    # By inode number alone: the device /proc/locks names is the file system's, which is not
+    # always the st_dev stat gives (btrfs subvolumes). A lock on another device's file of
+    # that number only makes a read-only tool wait a little for records being written.
+    inode = f":{st.st_ino}"
     return any(
-        len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(inode)
         for fields in (line.split() for line in table.splitlines())
     )
 
