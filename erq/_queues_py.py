@@ -240,18 +240,17 @@ class QueueCollection:
         # The children as they are when the set comes, taken before any add: an add may wake
         # a get whose next key makes a new child, which exists only from after this set
         # (PROTOCOL §7) and gets no copy of it.
-        children = self._children
-        kids = tuple(children[name]) if children and name in children else ()
-        try:
+        kids = ()
+        if self._children:
+            found = self._children.get(name)
+            if found is not None:
+                kids = tuple(found)
+        if created:
+            result, ticket = self._add_to_new(queue, data, flags, expiry, now)
+        else:
             result, ticket = queue.add(data, flags, expiry, now)
-        except JournalError:
-            if created:  # its first segment could not be made (disk full, no descriptors)
-                self._unmake(name)
-            raise
         if result is STORED:
             self.total_items += 1
-        elif created:
-            self._unmake(name)
         if not kids:
             if ticket is None:  # the usual case: no fanout, no fsync = "always"
                 return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
@@ -267,6 +266,19 @@ class QueueCollection:
                 if child_ticket is not None:
                     tickets.append(child_ticket)
         return result, tickets
+
+    def _add_to_new(self, queue: Queue, data: bytes, flags: int, expiry: int, now: int) -> tuple:
+        """``queue.add`` to a queue made for it. PROTOCOL §10: a refused request creates no
+        queue, whether the queue refused it (full, too large) or its first segment could not
+        be made (disk full, no descriptors). Apart from ``add``: its ``try`` costs every set."""
+        try:
+            result, ticket = queue.add(data, flags, expiry, now)
+        except JournalError:
+            self._unmake(queue.name)
+            raise
+        if result is not STORED:
+            self._unmake(queue.name)
+        return result, ticket
 
     def _unmake(self, name: str) -> None:
         """PROTOCOL §10: a refused request creates no queue. The one ``add`` made for it goes,

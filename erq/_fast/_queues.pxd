@@ -26,5 +26,5 @@ cdef class QueueCollection:
     cdef object _dropped
 
     cpdef object get_or_create(self, object name)
-    @cython.locals(queue=c_queue.Queue, child=c_queue.Queue)
+    @cython.locals(queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=list)
     cpdef tuple add(self, object name, object data, object flags, long long expiry, object queue=*)
