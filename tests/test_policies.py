@@ -869,31 +869,26 @@ max_items = 0
     assert (qint(c, "s", "items"), qint(c, "s+c", "items")) == (1, 0)
 
 
-def test_a_fanout_child_made_by_a_get_the_set_wakes_gets_no_copy_of_that_set(erq_factory):
-    # A set's copy to f+a wakes a get blocked there whose next key makes f+new: the child
-    # exists only from after that set, so it gets no copy of it (PROTOCOL §7), only later ones.
+@pytest.mark.parametrize(
+    "blocked, children",
+    [("f+a", "f+a,f+new"), ("f", "f+new")],
+    ids=["woken-on-a-child", "woken-on-the-parent"],
+)
+def test_a_fanout_child_made_by_a_get_the_set_wakes_gets_no_copy_of_that_set(
+    erq_factory, blocked, children
+):
+    # A set wakes a get blocked on f+a (by its copy there) or on f itself (f had no child yet)
+    # whose next key makes f+new: the child exists only from after that set, so it gets no
+    # copy of it (PROTOCOL §7), only later ones.
     proc, c = start(erq_factory)
     w = proc.client()
-    assert c.get("f+a") == END
-    w.send(b"get f+a/t=3000 f+new\r\n")
-    time.sleep(0.2)  # w is blocked on f+a
+    if blocked != "f":
+        assert c.get(blocked) == END
+    w.send(b"get %s/t=3000 f+new\r\n" % blocked.encode())
+    time.sleep(0.2)  # w is blocked
     assert c.set("f", b"one") == STORED
-    assert w.until() == one("f+a/t=3000", b"one")
-    assert c.stats()["queue_f_children"] == "f+a,f+new"
-    assert (qint(c, "f+new", "items"), qint(c, "f+new", "total_items")) == (0, 0)
-    assert c.set("f", b"two") == STORED
-    assert drain(c, "f+new") == [b"two"]
-
-
-def test_a_fanout_child_made_by_a_get_the_parents_set_wakes_gets_no_copy_of_it(erq_factory):
-    # The same when the get woken is the parent's own and f had no child before.
-    proc, c = start(erq_factory)
-    w = proc.client()
-    w.send(b"get f/t=3000 f+new\r\n")
-    time.sleep(0.2)  # w is blocked on f
-    assert c.set("f", b"one") == STORED
-    assert w.until() == one("f/t=3000", b"one")
-    assert c.stats()["queue_f_children"] == "f+new"
+    assert w.until() == one(f"{blocked}/t=3000", b"one")
+    assert c.stats()["queue_f_children"] == children
     assert (qint(c, "f+new", "items"), qint(c, "f+new", "total_items")) == (0, 0)
     assert c.set("f", b"two") == STORED
     assert drain(c, "f+new") == [b"two"]
