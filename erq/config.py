@@ -301,6 +301,8 @@ def _at_least(
 def _text(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"expected a non-empty string, got {_show(value)}", key=key)
+    if "\0" in value:  # the system's calls end a name there: the rest would be dropped unsaid
+        raise ConfigError(f"must not contain a NUL character, got {_show(value)}", key=key)
     return value
 
 
