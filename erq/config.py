@@ -286,16 +286,18 @@ def _integer(low: int, high: int | None, expected: str) -> Callable[[object, str
     return parse_integer
 
 
-def _at_least(
-    low: int, parse: Callable[[object, str], int], unit: str
-) -> Callable[[object, str], int]:
-    def parse_at_least(value: object, key: str) -> int:
-        result = parse(value, key)
+def _size_between(low: int, high: int, high_shown: str) -> Callable[[object, str], int]:
+    def parse_size_between(value: object, key: str) -> int:
+        result = parse_size(value, key)
         if result < low:
-            raise ConfigError(f"expected at least {low} {unit}, got {_show(value)}", key=key)
+            raise ConfigError(f"expected at least {low} bytes, got {_show(value)}", key=key)
+        if result > high:
+            raise ConfigError(
+                f"expected at most {high_shown} ({high} bytes), got {_show(value)}", key=key
+            )
         return result
 
-    return parse_at_least
+    return parse_size_between
 
 
 def _text(value: object, key: str) -> str:
@@ -342,6 +344,11 @@ def _fsync(value: object, key: str) -> str | int:
     return period
 
 
+# A connection holds up to max_line bytes of a line it has not finished: without a ceiling, a
+# client sending no newline could make the server hold as much as the setting says (1TiB was
+# taken). 64 MiB, the default max_item_size, is a thousand times the longest get of 250 keys.
+MAX_LINE = 64 * MiB
+
 _count = _integer(0, MAX_SETTING, "a non-negative integer")
 _port = _integer(0, 65535, "a port number from 0 to 65535")
 _positive_count = _integer(1, MAX_SETTING, "a positive integer")
@@ -353,7 +360,7 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "port": _port,
     "admin_port": _port,
     "data_dir": _text,
-    "max_line": _at_least(1024, parse_size, "bytes"),
+    "max_line": _size_between(1024, MAX_LINE, "64MiB"),
     "max_item_size": parse_size,
     "max_open_reads": _positive_count,
     "max_connections": _positive_count,

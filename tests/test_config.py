@@ -154,6 +154,14 @@ def test_counts_past_2_to_the_62_are_refused_up_front(tmp_path):
         load_text(tmp_path, "[queues.default]\nmax_items = 4611686018427387905\n")
 
 
+def test_max_line_takes_1024_bytes_to_64_mib_from_the_file_and_the_environment(tmp_path):
+    """A connection may hold max_line bytes of an unfinished line: 1TiB was taken."""
+    assert load_text(tmp_path, "[server]\nmax_line = 1024\n").server.max_line == 1024
+    assert load_text(tmp_path, '[server]\nmax_line = "64MiB"\n').server.max_line == 64 * MiB
+    with pytest.raises(ConfigError, match=r"ERQ_MAX_LINE: expected at most 64MiB"):
+        load_config(None, env={"ERQ_MAX_LINE": "1TiB"})
+
+
 def test_parse_size_names_the_unknown_unit():
     with pytest.raises(ConfigError, match=r'unknown size unit "MB" in "64MB" \(units: B, KiB'):
         parse_size("64MB", "max_size")
@@ -555,6 +563,8 @@ BAD_FILES = [
     ("port too large", "[server]\nport = 65536\n", 2, ["[server] port", "65536"]),
     ("negative admin port", "[server]\nadmin_port = -1\n", 2, ["admin_port"]),
     ("max_line too small", "[server]\nmax_line = 100\n", 2, ["max_line", "1024"]),
+    ("max_line too large", '[server]\nmax_line = "1TiB"\n', 2, ["max_line", "at most 64MiB"]),
+    ("max_line just over", "[server]\nmax_line = 67108865\n", 2, ["max_line", "67108864"]),
     ("max_open_reads zero", "[server]\nmax_open_reads = 0\n", 2, ["max_open_reads"]),
     ("max_connections zero", "[server]\nmax_connections = 0\n", 2, ["max_connections"]),
     ("max_queues zero", "[server]\nmax_queues = 0\n", 2, ["max_queues"]),

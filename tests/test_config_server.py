@@ -186,6 +186,8 @@ BAD_FILES = {
     ),
     "boolean as a duration": ("[server]\nexpiry_sweep = true\n", "expiry_sweep", 2),
     "bad fsync": ('[queues."jobs"]\n\n\nfsync = "sometimes"\n', "fsync", 4),
+    # A server that holds this much of an unfinished line for every connection: 1TiB was taken.
+    "max_line too large": ('[server]\nmax_line = "1TiB"\n', "max_line", 2),
     # The address was cut at the NUL: the server listened on 127.0.0.1 and said nothing.
     "NUL in host": ('[server]\nhost = "127.0.0.1\\u0000.example"\n', "host", 2),
 }
