@@ -148,6 +148,21 @@ async def _probe_port(loop: asyncio.AbstractEventLoop, host: str, port: int) -> 
             sock.bind(address)
 
 
+async def _probe_ports(
+    loop: asyncio.AbstractEventLoop, host: str, admin_port: int, port: int
+) -> None:
+    """StartError if the server could not listen where it is told to: a host that does not
+    resolve or is not this machine's, a port taken. Asked before the data directory is made or
+    locked, so that a refused start leaves nothing behind, and before a long replay. The
+    memcache port is tried even as 0 (any free port): the host is tried with it."""
+    admin = [("admin HTTP", admin_port)] if admin_port else []  # 0: no admin listener
+    for what, number in [*admin, ("memcache", port)]:
+        try:
+            await _probe_port(loop, host, number)
+        except OSError as exc:
+            raise StartError(f"cannot open the {what} port {host}:{number}: {exc}") from None
+
+
 class Server:
     """One erq server process: owns the loop-side objects and their lifecycle."""
 
@@ -172,6 +187,7 @@ class Server:
         cfg = self.config.server
         await _start_resolver_threads(loop)
         _raise_fd_limit(cfg.max_connections, cfg.max_queues)
+        await _probe_ports(loop, cfg.host, cfg.admin_port, cfg.port)
         data_dir = Path(cfg.data_dir)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -237,13 +253,6 @@ class Server:
                     f"cannot open the admin HTTP port {cfg.host}:{cfg.admin_port}: {exc}"
                 ) from None
             log.info("admin HTTP port on %s:%d", cfg.host, self._admin.port)
-        if cfg.port:  # a taken port fails the start now, not after a long replay
-            try:
-                await _probe_port(loop, cfg.host, cfg.port)
-            except OSError as exc:
-                raise StartError(
-                    f"cannot open the memcache port {cfg.host}:{cfg.port}: {exc}"
-                ) from None
         # Recovery happens before the memcache port is opened: nobody can talk to a half-loaded
         # queue. The journals are replayed on a worker thread, so that the loop answers the
         # admin port meanwhile (a liveness probe must not kill a server that is only slow to

@@ -4,6 +4,7 @@ directory is removed all at once, and an unusable directory fails the start in o
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,29 @@ def test_an_unusable_data_directory_fails_the_start_in_one_line(tmp_path, impl, 
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and f"cannot use the data directory {data_dir}" in errors[0], errors
+
+
+@pytest.mark.parametrize("where", ["host not here", "memcache port taken", "admin port taken"])
+def test_a_start_refused_for_its_address_makes_no_data_directory(tmp_path, impl, where):
+    """The data directory was made (and its lock file written) before the ports were tried."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    args = {
+        "host not here": ["--host", "192.0.2.1", "--port", "0", "--admin-port", "0"],
+        "memcache port taken": ["--port", port, "--admin-port", "0"],
+        "admin port taken": ["--port", "0", "--admin-port", port],
+    }[where]
+    data_dir = tmp_path / "data"
+    try:
+        done = run_erq("serve", *args, "--data-dir", str(data_dir), impl=impl)
+    finally:
+        taken.close()
+    assert done.returncode == 1, done
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot open the" in errors[0], done.stderr
+    assert not data_dir.exists()
 
 
 def test_remove_queue_dir_renames_first_and_tolerates_a_missing_directory(tmp_path):
