@@ -505,6 +505,17 @@ def _from_text(key: str, value: object, shown: str) -> object:
     return _SERVER_SETTINGS[key](value, shown)
 
 
+def _check_ports_differ(server: ServerConfig) -> None:
+    """The admin listener opens first: on the memcache port it would fail the start only
+    after the journals' replay. Either may come from the file, the environment or a flag."""
+    if server.admin_port and server.admin_port == server.port:
+        raise ConfigError(
+            f"{server.admin_port} is the memcache port too: the admin HTTP port needs its own "
+            "(0 = off)",
+            key="admin_port",
+        )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     cli: Mapping[str, object] | None = None,
@@ -535,10 +546,12 @@ def load_config(
         if value is not None:
             server[key] = _from_text(key, value, f"command-line option {flag}")
 
+    server_config = ServerConfig(**server)  # type: ignore[arg-type]
+    _check_ports_differ(server_config)
     queues = dict(file.queues)
     default_queue = QueueConfig(**queues.pop("default", {}))  # type: ignore[arg-type]
     return Config(
-        server=ServerConfig(**server),  # type: ignore[arg-type]
+        server=server_config,
         default_queue=default_queue,
         queue_overrides=MappingProxyType(
             {name: MappingProxyType(values) for name, values in queues.items()}

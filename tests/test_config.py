@@ -434,6 +434,18 @@ def test_bad_environment_value_names_the_variable(env, message):
     assert str(info.value).startswith(message)
 
 
+def test_admin_port_equal_to_port_is_refused_wherever_each_comes_from(tmp_path):
+    path = write(tmp_path, "[server]\nadmin_port = 22133\n")
+    for where in (
+        lambda: load_config(path, env={}),
+        lambda: load_config(None, env={"ERQ_PORT": "2223"}),
+        lambda: load_config(None, cli={"port": 9000, "admin_port": 9000}, env={}),
+    ):
+        with pytest.raises(ConfigError, match=r"^admin_port: \d+ is the memcache port too"):
+            where()
+    assert load_config(None, cli={"port": 0, "admin_port": 0}, env={}).server.port == 0
+
+
 def test_bad_command_line_value_names_the_flag():
     with pytest.raises(ConfigError, match=r"^command-line option --admin-port: expected a port"):
         load_config(cli={"admin_port": -1}, env={})

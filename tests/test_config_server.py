@@ -209,6 +209,19 @@ def test_bad_config_file_stops_the_server_at_start_with_one_line_naming_key_and_
     assert not answers(proc.port)
 
 
+def test_an_admin_port_equal_to_the_memcache_port_is_refused_before_anything_starts(erq_factory):
+    """It opened the admin listener, replayed the journals, and only then failed to listen."""
+    proc = erq_factory(start=False)
+    proc.args = ["--admin-port", str(proc.port)]  # after the fixture's --admin-port 0: it wins
+    proc.start(wait=False)
+    code = proc.proc.wait(30)
+    proc.stop()
+    assert code == 2
+    out = proc.read_log().strip()
+    assert len(out.splitlines()) == 1 and "admin_port" in out and str(proc.port) in out, out
+    assert not (proc.data_dir / "erq.lock").exists()
+
+
 def test_bad_environment_value_stops_the_server_naming_the_variable(erq_factory):
     proc = erq_factory(env={"ERQ_MAX_OPEN_READS": "many"}, start=False)
     proc.start(wait=False)
