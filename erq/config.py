@@ -217,13 +217,22 @@ def _with_unit_unchecked(
         raise ConfigError(f"expected {hint}, got {_show(value)}", key=key)
     number, unit = match.groups()
     if not unit:
-        return int(number)
+        return _decimal(number, value, key)
     if unit not in units:
         raise ConfigError(
             f"unknown {kind} unit {_show(unit)} in {_show(value)} (units: {', '.join(units)})",
             key=key,
         )
-    return int(number) * units[unit]
+    return _decimal(number, value, key) * units[unit]
+
+
+def _decimal(digits: str, value: object, key: str) -> int:
+    """``int(digits)``; past Python's limit of 4,300 digits (far past every setting's range)
+    int() raises ValueError, which would end a start with a traceback and a reload unanswered."""
+    try:
+        return int(digits)
+    except ValueError:
+        raise ConfigError(f"{_show(value)} has too many digits to be a setting", key=key) from None
 
 
 def parse_size(value: object, key: str) -> int:
@@ -430,6 +439,8 @@ def _read_file(path: str) -> _FileSettings:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(str(e), text, path) from None
+    except ValueError:  # int() refusing an integer of over 4,300 digits: tomllib lets it out
+        raise _long_number_error(text, path) from None
     return _validate_document(document, TomlLocator(text), path)
 
 
@@ -443,6 +454,12 @@ def _syntax_error(message: str, text: str, path: str) -> ConfigError:
     reason = message.removesuffix(" (at end of document)")
     last_line = text.rstrip().count("\n") + 1
     return ConfigError(f"TOML syntax error at end of file: {reason}", source=path, line=last_line)
+
+
+def _long_number_error(text: str, path: str) -> ConfigError:
+    found = re.search(r"[0-9_]{4301,}", text)
+    line = None if found is None else text.count("\n", 0, found.start()) + 1
+    return ConfigError("an integer has too many digits to be a setting", source=path, line=line)
 
 
 def _validate_document(document: dict, locator: TomlLocator, path: str) -> _FileSettings:
@@ -501,7 +518,7 @@ def _from_text(key: str, value: object, shown: str) -> object:
     if isinstance(value, str) and key in _SERVER_INTEGER_KEYS:
         if re.fullmatch(r"[+-]?[0-9]+", value) is None:
             raise ConfigError(f"expected an integer, got {_show(value)}", key=shown)
-        value = int(value)
+        value = _decimal(value, value, shown)
     return _SERVER_SETTINGS[key](value, shown)
 
 

@@ -162,6 +162,21 @@ def test_max_line_takes_1024_bytes_to_64_mib_from_the_file_and_the_environment(t
         load_config(None, env={"ERQ_MAX_LINE": "1TiB"})
 
 
+def test_numbers_past_4300_digits_are_refused_in_one_line_wherever_they_come_from(tmp_path):
+    """int() refuses them with ValueError, which escaped: a traceback at start."""
+    digits = "9" * 5000
+    for text, message in (
+        (f"[server]\n\nport = {digits}\n", r"line 3: an integer has too many digits"),
+        (f'[queues.x]\nmax_size = "{digits}KiB"\n', r"line 2: \[queues.x\] max_size: \"9+\.\.\."),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_text(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"ERQ_PORT: \"9+\.\.\.\" has too many digits"):
+        load_config(None, env={"ERQ_PORT": digits})
+    with pytest.raises(ConfigError, match=r"--max-line: \"9+\.\.\.\" has too many digits"):
+        load_config(None, cli={"max_line": digits}, env={})
+
+
 def test_parse_size_names_the_unknown_unit():
     with pytest.raises(ConfigError, match=r'unknown size unit "MB" in "64MB" \(units: B, KiB'):
         parse_size("64MB", "max_size")

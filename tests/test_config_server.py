@@ -334,6 +334,21 @@ def test_reload_and_sighup_apply_new_queue_settings_live_and_refuse_a_bad_file(e
     assert c.set("q", b"x") == STORED and c.set("other", b"y") == STORED
 
 
+def test_a_reload_of_a_file_with_a_number_past_4300_digits_is_refused_and_answered(erq_factory):
+    """int()'s ValueError escaped the reload: the connection was dropped, nothing answered."""
+    proc = erq_factory(config='[queues."q"]\nmax_items = 1\n')
+    c = proc.client()
+    assert c.set("q", b"x") == STORED
+    proc.write_config(f'[queues."q"]\nmax_items = 2\nmax_size = "{"9" * 5000}"\n')
+    reply = c.call(b"reload\r\n")
+    assert reply.startswith(b"SERVER_ERROR reload refused: ") and b"max_size" in reply, reply
+    proc.write_config(f'[queues."q"]\nmax_items = {"9" * 5000}\n')
+    reply = c.call(b"reload\r\n")
+    assert reply.startswith(b"SERVER_ERROR reload refused: ") and b"line 2" in reply, reply
+    assert queue_config(c, "q")["max_items"] == "1"
+    assert "Traceback" not in proc.read_log()
+
+
 def test_a_queue_keeps_its_journal_setting_until_a_restart_and_says_so(erq_factory):
     """``journal`` is fixed when a queue is made: a reload that flips it applies to queues
     made afterwards, and to the others at the next start; dump_config shows what runs."""
