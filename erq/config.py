@@ -441,6 +441,8 @@ def _read_file(path: str) -> _FileSettings:
         raise _syntax_error(str(e), text, path) from None
     except ValueError:  # int() refusing an integer of over 4,300 digits: tomllib lets it out
         raise _long_number_error(text, path) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError("arrays or inline tables nested too deeply", source=path) from None
     return _validate_document(document, TomlLocator(text), path)
 
 

@@ -177,6 +177,13 @@ def test_numbers_past_4300_digits_are_refused_in_one_line_wherever_they_come_fro
         load_config(None, cli={"max_line": digits}, env={})
 
 
+def test_a_file_nested_too_deeply_is_refused_in_one_line(tmp_path):
+    """tomllib's RecursionError escaped: a traceback at start."""
+    for nested in ("[" * 1000 + "]" * 1000, "{a = " * 1000 + "1" + "}" * 1000):
+        path, error = config_error(tmp_path, f"[server]\nhost = {nested}\n")
+        assert str(error) == f"{path}: arrays or inline tables nested too deeply"
+
+
 def test_parse_size_names_the_unknown_unit():
     with pytest.raises(ConfigError, match=r'unknown size unit "MB" in "64MB" \(units: B, KiB'):
         parse_size("64MB", "max_size")

@@ -349,6 +349,17 @@ def test_a_reload_of_a_file_with_a_number_past_4300_digits_is_refused_and_answer
     assert "Traceback" not in proc.read_log()
 
 
+def test_a_reload_of_a_file_nested_too_deeply_is_refused_and_answered(erq_factory):
+    """tomllib's RecursionError escaped the reload: the connection was dropped unanswered."""
+    proc = erq_factory(config="")
+    c = proc.client()
+    proc.write_config("[server]\nhost = " + "[" * 1000 + "]" * 1000 + "\n")
+    reply = c.call(b"reload\r\n")
+    assert reply.startswith(b"SERVER_ERROR reload refused: ") and b"nested" in reply, reply
+    assert c.call(b"version\r\n").startswith(b"VERSION ")
+    assert "Traceback" not in proc.read_log()
+
+
 def test_a_queue_keeps_its_journal_setting_until_a_restart_and_says_so(erq_factory):
     """``journal`` is fixed when a queue is made: a reload that flips it applies to queues
     made afterwards, and to the others at the next start; dump_config shows what runs."""
