@@ -12,7 +12,10 @@ from . import __version__
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c", help="TOML configuration file (default: none, embedded defaults)"
+        "--config",
+        "-c",
+        help="TOML configuration file (default: $ERQ_CONFIG; without either, the embedded "
+        "defaults)",
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", "-p", type=int, help="memcache-protocol port (default 22133)")
@@ -43,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"erq {__version__} ({_implementation()})"
     )
     sub = parser.add_subparsers(dest="command")
-    _serve_args(sub.add_parser("serve", help="run the server (default)"))
+    _serve_args(
+        sub.add_parser(
+            "serve",
+            help="run the server (default)",
+            description="Run the server. Its flags override the ERQ_<KEY> environment "
+            "variables (ERQ_HOST, ERQ_PORT, ...), which override the configuration file.",
+        )
+    )
     stats = sub.add_parser(
         "stats",
         help="print a running server's stats (found as erq serve would listen: flags, then "

@@ -90,6 +90,14 @@ def test_a_bad_log_level_is_refused_and_help_points_to_serve_flags(impl):
     assert "--data-dir" in erq("serve", "--help", impl=impl, capture_output=True).stdout
 
 
+def test_serve_help_says_erq_config_is_read_and_what_overrides_what(impl):
+    """--config said "default: none, embedded defaults", though $ERQ_CONFIG names a file."""
+    text = " ".join(erq("serve", "--help", impl=impl, capture_output=True).stdout.split())
+    assert "(default: $ERQ_CONFIG; without either, the embedded defaults)" in text, text
+    assert "flags override the ERQ_<KEY> environment variables" in text, text
+    assert "which override the configuration file" in text, text
+
+
 def test_journal_dump_into_a_closed_pipe_ends_quietly(erq_factory, impl):
     server = erq_factory()
     c = server.client()
