@@ -550,6 +550,8 @@ def load_config(
     if path is None:
         path = env.get("ERQ_CONFIG") or None
     path = None if path is None else os.fspath(path)
+    if path == "":  # --config "$UNSET": an error that names no file would say nothing
+        raise ConfigError('the name is empty ("")', key="configuration file")
 
     file = _read_file(path) if path is not None else _FileSettings()
     server = dict(file.server)

@@ -419,6 +419,13 @@ def test_erq_config_names_the_file_when_no_path_is_given(tmp_path):
     assert (config.path, config.server.port) == (given, 2)
 
 
+def test_an_empty_file_name_is_refused_saying_so():
+    """It read "": the message began ": cannot read the config file", naming nothing."""
+    with pytest.raises(ConfigError) as info:
+        load_config("", env={"ERQ_CONFIG": "ignored.toml"})
+    assert str(info.value) == 'configuration file: the name is empty ("")'
+
+
 def test_path_may_be_a_pathlike(tmp_path):
     path = Path(write(tmp_path, "[server]\nport = 9\n"))
     assert load_config(path, env={}).path == str(path)
