@@ -295,7 +295,7 @@ class QueueCollection:
         target = queue.config.expire_to_queue
         if target and target != queue.name and valid_queue_name(target.encode()):
             try:
-                result, ticket = self.get_or_create(target).add(item.data, item.flags, 0)
+                result, ticket = self._move(target, item)
             except JournalError as exc:  # the removal is journaled next: say what is lost
                 result, ticket, why = None, None, str(exc)
             else:
@@ -317,6 +317,16 @@ class QueueCollection:
                     why,
                 )
         return False
+
+    def _move(self, target: str, item: Item) -> tuple:
+        """Add an expired item, without its expiry, to ``target``. A target made for it goes
+        again if it refuses the item (full, too large, disk full): PROTOCOL §10, a queue is
+        made only for what it accepts, and no queue nobody asked for outlives the move."""
+        queue = self._queues.get(target)
+        if queue is not None:
+            return queue.add(item.data, item.flags, 0)
+        queue = self.get_or_create(target)
+        return self._add_to_new(queue, item.data, item.flags, 0, self._clock())
 
     # ---- whole queues ------------------------------------------------------------------
     def delete(self, name: str) -> bool:

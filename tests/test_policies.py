@@ -522,7 +522,7 @@ def test_a_get_woken_by_an_expiry_move_fetches_from_the_source_without_loss(erq_
     assert (qint(c, "src", "expired_items"), qint(c, "dst", "total_items")) == (1, 1)
 
 
-def test_expired_item_refused_by_a_full_expire_to_queue_is_not_counted_as_stored(erq_factory):
+def test_expired_item_refused_by_an_expire_to_queue_is_not_counted_and_makes_no_queue(erq_factory):
     config = (
         QUIET_SWEEP
         + """
@@ -535,14 +535,26 @@ max_items = 0
     proc, c = start(erq_factory, config)
     quiet_sweep(c)
     assert c.set("src", b"x", exptime=-1) == STORED
-    before = int(c.stats()["total_items"])
+    before = c.stats()
     assert flush_expired(c, "src") == 1
     assert qint(c, "src", "expired_items") == 1
-    assert qint(c, "full", "items") == 0 and qint(c, "full", "total_items") == 0
     # "Counts are exact": an item the target refused was stored nowhere.
-    assert int(c.stats()["total_items"]) == before
+    after = c.stats()
+    assert after["total_items"] == before["total_items"]
     # ... and the loss is logged (Kestrel drops it silently).
     assert "queue src: expired item 1 dropped, full refused it: it is full" in proc.read_log()
+    # The target made for the move went again (PROTOCOL §10: a queue is made only for what it
+    # accepts): it does not count against max_queues, nor come back after a restart.
+    assert qstats(c, "full") is None
+    assert after["queue_creates"] == before["queue_creates"]
+    assert after["queue_deletes"] == before["queue_deletes"]
+    c = restart(proc, crash=False)
+    assert qstats(c, "full") is None
+    # A target that exists already stays when it refuses: someone made it.
+    assert c.get("full") == END
+    assert c.set("src", b"y", exptime=-1) == STORED
+    assert flush_expired(c, "src") == 1
+    assert qint(c, "full", "total_items") == 0
 
 
 # ---- max_queue_age -----------------------------------------------------------------------------
