@@ -145,7 +145,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
                     return True
         try:
             queue = state.queues.get_or_create(name)
-            item = queue.head() if spec.peek else queue.take(spec.open)
+            item = queue.peek() if spec.peek else queue.take(spec.open)
         except ExpiryBacklog:
             # Expired items fill the head: the loop serves its other sockets, then this key
             # fetches again (the batch it removed stays removed).

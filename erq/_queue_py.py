@@ -444,6 +444,16 @@ class Queue:
             return None
         return self._ring.peek()
 
+    def peek(self, now: int | None = None) -> Item | None:
+        """The head, left in place: what a fetch would take now. Reads past open_timeout go
+        back first, as at a fetch (PROTOCOL §10), so a peek does not miss (or wait up to a
+        second for the timer over) an item a get at the same moment is handed."""
+        if now is None:
+            now = self._now()
+        if self._open and self.config.open_timeout is not None:
+            self.expire_open_reads(now)
+        return self.head(now)
+
     def take(self, reliable: bool, now: int | None = None) -> Item | None:
         """Remove and return the head; with ``reliable`` it becomes an open read."""
         if now is None:
@@ -592,7 +602,7 @@ class Queue:
                 waiters.popleft()
                 continue
             try:
-                item = self.head() if waiter.peek else self.take(waiter.reliable)
+                item = self.peek() if waiter.peek else self.take(waiter.reliable)
             except JournalError:
                 return  # the hand-out cannot be journaled (disk full): waiters wait on
             except ExpiryBacklog:

@@ -698,6 +698,30 @@ def test_a_read_past_its_open_timeout_is_returned_before_the_checks_of_a_fetch(e
     assert "Traceback" not in proc.read_log()
 
 
+def test_a_peek_returns_a_read_past_its_open_timeout_as_a_get_does(erq_factory):
+    """A peek shows the item a fetch at that moment would take: a read past open_timeout goes
+    back to the head first (PROTOCOL §10). A peek missed it until the once-a-second timer
+    came, while a get in the same request was handed it; a blocked peek woken by a set was
+    shown the new item, behind the returned one."""
+    proc, a = start(erq_factory, '[queues."t"]\nopen_timeout = "100ms"\n')
+    peeker, setter = proc.client(), proc.client()
+    for round_ in range(3):
+        x = b"x%d" % round_
+        assert a.set("t", x) == STORED
+        assert a.get("t/open") == one("t/open", x)
+        time.sleep(0.15)  # past open_timeout; the timer usually has not run yet
+        assert peeker.get("t/peek t") == value("t/peek", x) + one("t", x), round_
+        assert a.set("t", x) == STORED
+        assert a.get("t/open") == one("t/open", x)
+        peeker.send(b"get t/peek/t=5000\r\n")
+        time.sleep(0.15)
+        assert setter.set("t", b"y") == STORED
+        assert peeker.until() == one("t/peek/t=5000", x), round_
+        assert drain(setter, "t") == [x, b"y"]
+        assert a.get("t/close t/close") == END  # used up by the timed-out reads
+    assert "Traceback" not in proc.read_log()
+
+
 def _time_out_and_reopen(proc: ErqProcess) -> tuple[RawClient, RawClient]:
     """``a`` opened "x", the read timed out and ``b`` holds "x" open now, with an open_timeout
     (reloaded) long enough that ``b``'s read stays open whatever the test's pace."""

@@ -73,6 +73,7 @@ cdef class Queue:
     cdef bint _head_expired(self, long long now) except -1
     cpdef journal_removal(self, unsigned long long item_id)
     cpdef object head(self, object now=*)
+    cpdef object peek(self, object now=*)
     @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
                    journal=c_journal.AppendCore)
     cpdef object take(self, bint reliable, object now=*)
