@@ -116,6 +116,12 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
         name = spec.name
         if op is not None and op.refetch:
             op.refetch = False  # this key's close, abort and checks ran before it gave way
+            if state.status == "QUIESCENT":
+                # QUIESCENT came while it removed expired items: it ends as a blocked get
+                # does (PROTOCOL §3), without an item, and the keys after it are refused.
+                answer_key(session, spec, None, None, gets)
+                index += 1
+                continue
         else:
             if spec.abort:
                 session.abort_oldest(name)

@@ -142,6 +142,19 @@ async def main(data_dir, case):
         await backlog()
         writer.write(b"monitor deep 5 1\r\n")
         result["reply"] = (await reader.readuntil(b"END\r\nEND\r\n")).decode()
+    elif case == "quiescent":
+        await backlog()
+        writer.write(b"get deep/t=5000\r\nget deep/t=5000 deep\r\n")
+        while stats()["expired_items"] < EXPIRY_BATCH:  # it gave way once, at least
+            await asyncio.sleep(0)
+        [session] = [proto.session for proto in server.state.connections]
+        result["gave_way"] = session.resumes_next_pass
+        server.state.set_status("QUIESCENT")  # what `status QUIESCENT` does
+        result["get"] = (await reader.readuntil(b"END\r\n")).decode()
+        result["next"] = (await reader.readline()).decode()
+        server.state.set_status("UP")
+        writer.write(b"get deep\r\n")
+        result["after"] = (await reader.readuntil(b"END\r\n")).decode()
     elif case == "shutdown":
         await backlog()
         errors = []
@@ -232,6 +245,18 @@ def test_a_get_behind_expired_items_at_shutdown_finishes_while_the_journal_is_op
     assert result["reply"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
     assert result["errors"] == [], result
     assert result["after_restart"] == "END\r\n", result
+
+
+def test_quiescent_ends_a_get_that_gave_way_without_an_item(impl, tmp_path):
+    result = run_case(impl, tmp_path, "quiescent")
+    # PROTOCOL §3: QUIESCENT answers blocked gets END. A get working through expired items
+    # when it came went on and was handed the live item (or, had there been none, waited out
+    # its t=); the get behind it is refused, and the live item stays for later.
+    assert result["gave_way"], result
+    assert result["get"] == "END\r\n", result
+    assert result["next"] == "SERVER_ERROR quiescent\r\n", result
+    assert result["after"] == "VALUE deep 0 4\r\nlive\r\nEND\r\n", result
+    assert int(result["expired_items"]) == DEEP, result
 
 
 def test_a_monitor_behind_expired_items_streams_the_live_one(impl, tmp_path):
