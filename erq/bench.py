@@ -9,6 +9,7 @@ and RSS. Every reply is checked: the run fails (exit 1) on any wrong one.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from . import datadir
 from .loadgen import (
     BenchError,
     GetLoad,
@@ -71,6 +73,10 @@ Exit status: 0 when every reply was right; 1 on a wrong value, an error reply, a
 connection, a timeout, or a server of its own that did not start or stop cleanly (with a
 message on stderr); 2 on bad arguments."""
 
+# A self-started server's temporary directory: SCRATCH_PREFIX<random>, holding SCRATCH_LOCK,
+# which its bench keeps locked (make_scratch).
+SCRATCH_PREFIX = "erq-bench-"
+SCRATCH_LOCK = "bench.lock"
 PREFILL_FACTOR = 2.0  # pre-fill for twice the time the set rate would need: gets may be faster
 PREFILL_MAX_ITEMS = 2_000_000
 PREFILL_MAX_BYTES = 256 << 20
@@ -87,9 +93,9 @@ def _stop_with_parent(parent: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that has Linux send the server SIGTERM when the bench dies.
 
     The bench stops its server itself, but a bench that is SIGKILLed cannot: without this its
-    server would serve on, orphaned. (Its temporary directory is still left behind: only the
-    bench knew it was temporary.) None where there is no prctl: there the server outlives a
-    killed bench, as any child would."""
+    server would serve on, orphaned. (Its temporary directory is left behind, for the next
+    bench to remove: see remove_stale_scratch.) None where there is no prctl: there the server
+    outlives a killed bench, as any child would."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -107,15 +113,60 @@ def _stop_with_parent(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
+def make_scratch() -> tuple[str, int]:
+    """A new temporary directory for one bench, and the descriptor of the lock on its
+    SCRATCH_LOCK, held for the bench's life: the kernel lets go of it however the bench ends,
+    SIGKILL included. The lock file is locked before it takes its name, so a lock file that
+    another bench can lock belongs to a bench that is gone."""
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    lock = os.path.join(scratch, SCRATCH_LOCK)
+    fd = os.open(lock + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(lock + ".new", lock)
+    return scratch, fd
+
+
+def remove_stale_scratch(tmp: str | None = None) -> int:
+    """Remove the temporary directories that killed benches left (SIGKILL gives a bench no
+    chance to): those whose SCRATCH_LOCK no process holds and whose server has let go of its
+    data directory. Another bench's live directory, and one without a lock file (another
+    erq's, or not a bench's at all), are left alone. Returns how many were removed."""
+    tmp = tmp if tmp is not None else tempfile.gettempdir()
+    try:
+        entries = [e for e in os.scandir(tmp) if e.name.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        try:
+            fd = os.open(os.path.join(entry.path, SCRATCH_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # no lock file (or not ours to read)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its bench is running
+        try:
+            if not datadir.in_use(Path(entry.path, "data")):  # its server is still stopping
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
 class LocalServer:
     """An erq server for one bench run: a subprocess on a free loopback port with a temporary
-    data directory and embedded defaults; ``close`` stops it with SIGTERM and removes it all."""
+    data directory and embedded defaults; ``close`` stops it with SIGTERM and removes it all.
+    What killed benches left in the temporary directory goes first."""
 
     def __init__(self) -> None:
         self.host = "127.0.0.1"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        self.scratch = tempfile.mkdtemp(prefix="erq-bench-")
+        remove_stale_scratch()
+        self.scratch, self._scratch_lock = make_scratch()
         self.log_path = os.path.join(self.scratch, "server.log")
 
     def start(self) -> LocalServer:
@@ -219,6 +270,9 @@ class LocalServer:
                     raise BenchError(f"the erq server {problem}{self.log_tail()}")
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if self._scratch_lock >= 0:
+                os.close(self._scratch_lock)
+                self._scratch_lock = -1
 
 
 # ---- scenarios ---------------------------------------------------------------------------------

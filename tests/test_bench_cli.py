@@ -246,6 +246,31 @@ def test_a_killed_bench_does_not_leave_its_server_running(tmp_path: Path) -> Non
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_the_next_bench_removes_what_a_killed_bench_left_and_nothing_else(tmp_path: Path) -> None:
+    """SIGKILL gives the bench no chance to remove its temporary directory (its server's data,
+    journal segments included): each killed bench left one behind for good."""
+    with long_bench(tmp_path, stderr=subprocess.DEVNULL) as (proc, _port):
+        [killed] = list(tmp_path.iterdir())
+        server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        proc.kill()
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while not _exited(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _exited(server), "the server outlived the killed bench"
+    not_a_bench = tmp_path / "erq-bench-by-hand"  # no lock file: not known to be a bench's
+    not_a_bench.mkdir()
+    with long_bench(tmp_path, stderr=subprocess.DEVNULL):
+        [running] = set(tmp_path.iterdir()) - {killed, not_a_bench}
+        proc = run_bench(
+            "--seconds", "0.2", "--scenario", "pingpong", env={"TMPDIR": str(tmp_path)}
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert set(tmp_path.iterdir()) == {running, not_a_bench}
+        assert (running / "data").is_dir()
+
+
 # ---- a target that misbehaves ------------------------------------------------------------------
 class FakeQueue:
     """A small memcache queue server in threads that can be told to go wrong in one way."""
