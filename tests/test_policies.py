@@ -423,6 +423,22 @@ max_age = "1d"
     assert qint(c, "m", "items") == 0
 
 
+def test_max_age_is_written_into_items_as_they_are_set_so_a_reload_caps_later_ones(erq_factory):
+    """As in Kestrel (adjustExpiry at add), and as example.toml says: the cap goes into the
+    item's expiry at its set. A reload that sets max_age caps the items set after it; an item
+    queued before keeps its own expiry, through a restart too."""
+    proc, c = start(erq_factory, QUIET_SWEEP)
+    assert c.set("m", b"before", exptime=0) == STORED
+    proc.write_config(QUIET_SWEEP + '[queues."m"]\nmax_age = "200ms"\n')
+    assert c.call(b"reload\r\n") == RELOADED
+    assert c.set("m", b"after", exptime=0) == STORED
+    time.sleep(0.3)  # past the cap of both items, had it applied to both
+    c = restart(proc, crash=True)
+    assert c.get("m") == one("m", b"before")
+    assert c.get("m") == END
+    assert qint(c, "m", "expired_items") == 1 and qint(c, "m", "items") == 0
+
+
 def test_expire_to_queue_moves_expired_items_with_flags_and_without_expiry(erq_factory):
     config = (
         QUIET_SWEEP
