@@ -69,3 +69,29 @@ def test_memory_is_refilled_to_the_budget_not_only_to_half(deep_queue):
     # Each take read back what it freed, a step at a time: memory is within a step of full.
     cost = queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
     assert memory - cost < queue_mod.REFILL_STEP + 2 * (SIZE + ITEM_OVERHEAD)
+
+
+def test_items_larger_than_the_disk_mean_are_read_back_within_the_budget(impl, tmp_path):
+    # 200-byte items ahead of many empty ones: the mean on disk is a few bytes, so a step
+    # counted in items at that mean allows many; their data bytes alone filled the step,
+    # and their overhead went past the budget (85,936 of 65,536 compiled).
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 2 * queue_mod.REFILL_STEP
+    journal, _ = QueueJournal.open(
+        tmp_path / "q", fsync="never", segment_size=256 * 1024, max_memory_size=memory
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    large = 2 * memory // (200 + ITEM_OVERHEAD)
+    added = [b"%0200d" % i for i in range(large)] + [b""] * (20 * large)
+    for data in added:
+        queue.add(data, 0, 0)
+    taken = []
+    try:
+        while (item := queue.take(False)) is not None:
+            taken.append(item.data)
+            assert queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items <= memory
+    finally:
+        queue.close()
+    assert taken == added
