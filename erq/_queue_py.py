@@ -331,8 +331,16 @@ class Queue:
         # alone, their overhead on top (200-byte items ahead of empty ones: 31% past).
         step = min(budget, REFILL_STEP)
         overhead = self._item_overhead
+        # With items in the ring, the next one is read only if it fits the free budget: a
+        # large one read early would sit in memory beside the limit's worth ahead of it.
+        # (An empty ring takes it whatever its size.)
+        first_max = -1
+        if self._ring:
+            first_max = budget - overhead
+            if first_max < 0:
+                return
         max_items = max(1, step // (self._disk_bytes // self._disk_items + overhead))
-        batch = self._journal.read_behind(max(1, step - max_items * overhead), max_items)
+        batch = self._journal.read_behind(max(1, step - max_items * overhead), max_items, first_max)
         for rec in batch:
             item = _item.new_item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
             self._push_tail(item)

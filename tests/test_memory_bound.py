@@ -112,6 +112,16 @@ def test_take_stops_at_the_budget_when_the_head_items_are_larger(codec):
     assert disk.count == 0
 
 
+def test_take_with_first_max_reads_nothing_when_the_head_item_is_larger(codec):
+    segment = BufferSegment("a")
+    disk = DiskItems()
+    fill(codec, disk, [segment], [5000, 10, 10])
+    assert disk.take(10_000, RecoveredItem, -1, 4999) == []
+    assert disk.count == 3
+    assert [it.id for it in disk.take(10, RecoveredItem, -1, 5000)] == [1]  # it fits
+    assert [it.id for it in disk.take(0, RecoveredItem, -1, 10)] == [2]  # then the budget
+
+
 def test_zero_length_items_fit_an_exhausted_budget(codec):
     segment = BufferSegment("a")
     disk = DiskItems()

@@ -95,3 +95,58 @@ def test_items_larger_than_the_disk_mean_are_read_back_within_the_budget(impl, t
     finally:
         queue.close()
     assert taken == added
+
+
+def test_a_large_item_on_disk_is_read_back_only_once_the_items_ahead_are_taken(impl, tmp_path):
+    # Memory holds small items; behind them on disk a large one. It was read back as soon
+    # as a step of the budget was free, and sat in memory beside the items ahead of it:
+    # 1,032,732 bytes held for a limit of 65,536. Now it is read when the ring is empty
+    # (at least one item whatever the limit), alone.
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 2 * queue_mod.REFILL_STEP
+    journal, _ = QueueJournal.open(
+        tmp_path / "q", fsync="never", segment_size=256 * 1024, max_memory_size=memory
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    small = memory // (SIZE + ITEM_OVERHEAD)
+    added = [value(i) for i in range(2 * small)] + [b"L" * (4 * memory)] + [value(0)] * 10
+    for data in added:
+        queue.add(data, 0, 0)
+    taken = []
+    try:
+        while (item := queue.take(False)) is not None:
+            taken.append(item.data)
+            cost = queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
+            assert cost <= memory or queue.mem_items == 1
+    finally:
+        queue.close()
+    assert taken == added
+
+
+def test_items_larger_than_a_step_are_still_read_back_up_to_the_budget(impl, tmp_path):
+    # An item is read back early only if it fits the free budget, not the step: items
+    # larger than a step still keep memory full rather than being read one at a time.
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 16 * queue_mod.REFILL_STEP
+    size = 2 * queue_mod.REFILL_STEP
+    journal, _ = QueueJournal.open(
+        tmp_path / "q", fsync="never", segment_size=1 << 20, max_memory_size=memory
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    added = [b"%0*d" % (size, i) for i in range(40)]
+    for data in added:
+        queue.add(data, 0, 0)
+    full = queue.mem_items
+    assert full == memory // (size + ITEM_OVERHEAD)
+    taken = []
+    try:
+        while (item := queue.take(False)) is not None:
+            taken.append(item.data)
+            assert queue.mem_items == min(full, len(added) - len(taken))
+    finally:
+        queue.close()
+    assert taken == added

@@ -112,13 +112,16 @@ class DiskItems:
         self.nbytes += nbytes
         return nbytes
 
-    def take(self, max_bytes: int, cls: type, max_items: int = -1) -> list:
+    def take(self, max_bytes: int, cls: type, max_items: int = -1, first_max: int = -1) -> list:
         """Read the head items back, in order, as ``cls`` tuples (see codec.read_adds): as
         many as fit in ``max_bytes`` of data and, with ``max_items`` >= 0, no more than
-        that many; at least one if any remain. Raises ValueError (after taking what it
-        read) at a position without a valid ADD record."""
+        that many; at least one if any remain, unless ``first_max`` >= 0 and the first has
+        more data than that. Raises ValueError (after taking what it read) at a position
+        without a valid ADD record."""
         out: list = []
         runs = self._runs
+        if first_max >= 0 and runs and self._head_bytes() > first_max:
+            return out
         while runs:
             run = runs[0]
             segment, offsets, start = run
@@ -159,6 +162,16 @@ class DiskItems:
             if n < stop - start or max_bytes < 0 or 0 <= max_items <= len(out):
                 break  # the budget is spent
         return out
+
+    def _head_bytes(self) -> int:
+        """The data bytes of the head item, from its record's length (ValueError if its
+        position holds no ADD record)."""
+        segment, offsets, start = self._runs[0]
+        window = _window(offsets, start, start + 1)
+        try:
+            return codec.add_data_bytes(segment.mm, window)
+        finally:
+            window.release()
 
     def clear(self) -> None:
         self._runs.clear()

@@ -447,13 +447,15 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         return max(self._id_floor, c[2] + 1 if c[0] else 0)
 
     # ---- read-behind -----------------------------------------------------------------------
-    def read_behind(self, max_bytes: int, max_items: int = -1) -> list[RecoveredItem]:
+    def read_behind(
+        self, max_bytes: int, max_items: int = -1, first_max: int = -1
+    ) -> list[RecoveredItem]:
         """The next not-in-memory items in FIFO order: as many as fit in ``max_bytes`` of
         data and, with ``max_items`` >= 0, no more than that many; at least one if any
-        remain."""
+        remain, unless ``first_max`` >= 0 and the first has more data than that."""
         self._poll_compaction()
         try:
-            return self._disk.take(max_bytes, RecoveredItem, max_items)
+            return self._disk.take(max_bytes, RecoveredItem, max_items, first_max)
         except ValueError as exc:
             raise JournalError(f"cannot read an item back: {exc}") from exc
 
