@@ -129,6 +129,7 @@ class Queue:
         "_zone_end",
         "_zone_min",
         "_last_id",
+        "_spill_due",
     )
 
     def __init__(
@@ -182,6 +183,7 @@ class Queue:
         self._zone_end = 0
         self._zone_min = 0
         self._last_id = 0  # the greatest id ever pushed at the tail
+        self._spill_due = False  # a reload lowered max_memory_size: see _spill
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -348,6 +350,48 @@ class Queue:
             self._mem_bytes += n
             self._disk_items -= 1
             self._disk_bytes -= n
+
+    def _spill(self) -> None:
+        """Send the newest in-memory items back to read-behind until the rest fit
+        max_memory_size (a reload lowered it), keeping the head at least, as _refill does.
+        They are in the journal already, which finds their records: memory is freed, nothing
+        is written. While the journal writes a snapshot, the sweep tries again later."""
+        journal = self._journal
+        if journal is None or self._mem_cost() <= self._max_memory_size:
+            self._spill_due = False
+            return
+        items = self._ring.to_list()
+        keep = self._items_within(items, self._max_memory_size)
+        moved = journal.spill(items[keep:])
+        if moved is None:
+            return
+        self._spill_due = False
+        if not moved:
+            return
+        kept = len(items) - moved
+        ring = self._ring
+        ring.clear()
+        for i in range(kept):
+            ring.push(items[i])
+        nbytes = 0
+        for i in range(kept, len(items)):
+            nbytes += len(items[i].data)
+        self._mem_bytes -= nbytes
+        self._disk_items += moved
+        self._disk_bytes += nbytes
+        if self._pops >= self._zone_end:  # ascending: the tail has the greatest id left
+            self._last_id = ring.peek_tail().id
+
+    def _items_within(self, items: list, limit: int) -> int:
+        """How many of ``items`` from the first fit in ``limit`` bytes of memory; one at least."""
+        cost = 0
+        n = 0
+        for item in items:
+            cost += len(item.data) + self._item_overhead
+            if cost > limit:
+                break
+            n += 1
+        return max(n, 1)
 
     def _mem_cost(self) -> int:
         """What the in-memory items really cost: their bytes plus a fixed overhead each."""
@@ -679,6 +723,8 @@ class Queue:
         journal = self._journal
         if journal is None:
             return
+        if self._spill_due:
+            self._spill()
         if journal.files_lost():
             journal.heal([read.item for read in self._open.values()], self._ring.to_list())
             return
@@ -690,8 +736,9 @@ class Queue:
             journal.compact(opens, self._ring.to_list())
 
     def configure(self, config: QueueConfig) -> None:
-        """A reload's settings, at once; except ``journal``, which a queue has from its
-        creation: a change applies at the next start, and ``dump_config`` says so meanwhile."""
+        """A reload's settings, at once (a lowered ``max_memory_size`` frees the memory of
+        the items past it: _spill); except ``journal``, which a queue has from its creation:
+        a change applies at the next start, and ``dump_config`` says so meanwhile."""
         journaled = self._config.journal
         if config.journal != journaled:
             log.warning(
@@ -701,6 +748,7 @@ class Queue:
                 "true" if journaled else "false",
             )
             config = dataclasses.replace(config, journal=journaled)
+        lowered = config.max_memory_size < self._max_memory_size
         self.config = config
         if self._journal is not None:
             self._journal.update_policy(
@@ -708,6 +756,9 @@ class Queue:
                 max_memory_size=config.max_memory_size,
                 max_journal_size=config.max_journal_size,
             )
+            if lowered:
+                self._spill_due = True
+                self._spill()
 
     def stats(self, now: int) -> dict[str, int | str]:
         journal = self._journal

@@ -785,6 +785,39 @@ def test_read_behind_keeps_memory_bounded_and_order_strict_across_a_restart(erq_
     assert produced == 2000 + 12 * 90
 
 
+def test_a_reload_lowering_max_memory_size_sends_the_items_past_it_to_disk_at_once(erq_factory):
+    """A reload to a lower max_memory_size only applied to new items: 600 KiB of items stayed
+    in memory under a 64 KiB limit until they were read. Now they go back to read-behind at
+    the reload (nothing written), in order, in fanout children too, and a crash finds the same
+    queues."""
+    server = erq_factory('[queues.default]\nmax_memory_size = "1MiB"\n')
+    client = server.client()
+    assert client.get("q+copy") == b"END\r\n"  # a fanout child: it gets a copy of each set
+    values = [kib_value(i) for i in range(600)]
+    set_many(client, "q", values)
+    reader = server.client()
+    reader.send(b"get q/open\r\n")
+    assert read_values(reader) == values[:1]
+    assert queue_stats(client, "q")["mem_bytes"] == 599 * KiB
+    server.write_config(READ_BEHIND_CONFIG)
+    assert client.call(b"reload\r\n") == b"Reloaded config.\r\n"
+    stats = queue_stats(client, "q")
+    assert 0 < stats["mem_bytes"] <= MEMORY_CAP and stats["items"] == 599, stats
+    child = queue_stats(client, "q+copy")
+    assert 0 < child["mem_bytes"] <= MEMORY_CAP and child["items"] == 600, child
+    assert reader.call(b"get q/abort\r\n", b"END\r\n") == b"END\r\n"  # back at the head
+    set_many(client, "q", [kib_value(600)])
+    assert get_many(client, "q", 300) == values[:300]
+    assert queue_stats(client, "q")["mem_bytes"] <= MEMORY_CAP
+    client.close()
+    reader.close()
+    server.kill()
+    server.start()
+    client = server.client()
+    assert drain(client, "q") == values[300:] + [kib_value(600)]
+    assert drain(client, "q+copy") == values + [kib_value(600)]
+
+
 # ---- 7. compaction -------------------------------------------------------------------------------
 def big_value(n: int) -> bytes:
     return (b"%06d:" % n) * (32 * KiB // 7)

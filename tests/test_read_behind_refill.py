@@ -8,10 +8,12 @@ much of the budget is free.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from erq.config import QueueConfig
-from erq.journal import QueueJournal
+from erq.journal import QueueJournal, RecoveredItem, compaction
 from erq.ring import ITEM_OVERHEAD
 
 from conftest import impl_module
@@ -150,3 +152,111 @@ def test_items_larger_than_a_step_are_still_read_back_up_to_the_budget(impl, tmp
     finally:
         queue.close()
     assert taken == added
+
+
+# ---- a reload that lowers max_memory_size --------------------------------------------------
+def open_queue(queue_mod, directory, memory: int):
+    """The queue as a start finds it in ``directory`` (the journal replayed)."""
+    journal, rec = QueueJournal.open(
+        directory,
+        fsync="never",
+        segment_size=256 * 1024,
+        max_memory_size=memory,
+        item_overhead=ITEM_OVERHEAD,
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    queue.restore(rec.items, rec.disk_items, rec.disk_bytes, rec.next_id)
+    return queue
+
+
+def drain(queue) -> list[bytes]:
+    out = []
+    while (item := queue.take(False)) is not None:
+        out.append(item.data)
+    return out
+
+
+def mem_cost(queue) -> int:
+    return queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
+
+
+@pytest.fixture
+def queue_in_memory(impl, tmp_path):
+    """A queue whose items all fit in memory (over several segments), and the smaller limit a
+    reload gives it: a quarter of what they cost."""
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 16 * queue_mod.REFILL_STEP
+    queue = open_queue(queue_mod, tmp_path / "q", memory)
+    count = memory // (SIZE + ITEM_OVERHEAD) * 3 // 4
+    for i in range(count):
+        queue.add(value(i), 0, 0)
+    assert queue.mem_items == count and queue.journal.segment_count > 1
+    yield queue_mod, queue, count, mem_cost(queue) // 4
+    queue.close()
+
+
+def test_a_lowered_max_memory_size_frees_the_memory_of_the_items_past_it_at_once(
+    queue_in_memory, tmp_path
+):
+    """A reload to a lower max_memory_size only applied to new items: the items in memory
+    stayed there until they were read."""
+    queue_mod, queue, count, lower = queue_in_memory
+    opened = queue.take(True)  # an open read, aborted after the reload: back at the head
+    queue.configure(QueueConfig(max_memory_size=lower, fsync="never"))
+    assert mem_cost(queue) <= lower < mem_cost(queue) + SIZE + ITEM_OVERHEAD
+    assert queue.items == count - 1 and queue.bytes == (count - 1) * SIZE
+    queue.unremove(queue.open_read(opened.id))
+    for i in range(count, count + 10):  # new items go to disk, behind the ones sent there
+        queue.add(value(i), 0, 0)
+    assert queue.mem_items <= count // 4 + 1  # the aborted read is back in memory
+    head = [queue.take(False).data for _ in range(count // 2)]
+    assert head == [value(i) for i in range(count // 2)]
+    assert mem_cost(queue) <= lower
+    # A crash: the journal states the same queue, whatever memory held.
+    queue.journal._release()
+    again = open_queue(queue_mod, tmp_path / "q", lower)
+    try:
+        assert drain(again) == [value(i) for i in range(count // 2, count + 10)]
+    finally:
+        again.close()
+
+
+def test_a_lowered_max_memory_size_waits_for_a_running_compaction_and_survives_the_next(
+    queue_in_memory, tmp_path, monkeypatch
+):
+    """A snapshot being written moves the records: the items leave memory at the next sweep
+    once it is in place; the next compaction moves them again, and nothing is lost."""
+    queue_mod, queue, count, lower = queue_in_memory
+    journal = queue.journal
+    entered, gate = threading.Event(), threading.Event()
+    real = compaction._fsync_file
+
+    def held(fd):
+        entered.set()
+        assert gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(compaction, "_fsync_file", held)
+    journal.compact([], in_memory(count))  # the queue's state: items 1..count in memory
+    assert entered.wait(30)
+    queue.configure(QueueConfig(max_memory_size=lower, fsync="never"))
+    assert queue.mem_items == count  # not while the snapshot is written
+    gate.set()
+    journal.wait_compaction()
+    queue.maybe_compact()  # the sweep
+    assert mem_cost(queue) <= lower and queue.items == count
+    journal.compact([], in_memory(queue.mem_items), wait=True)
+    assert journal.rewrites == 2
+    queue.journal._release()  # a crash
+    again = open_queue(queue_mod, tmp_path / "q", lower)
+    try:
+        assert drain(again) == [value(i) for i in range(count)]
+    finally:
+        again.close()
+
+
+def in_memory(n: int) -> list[RecoveredItem]:
+    """The first ``n`` items of queue_in_memory's queue, as a compaction snapshot takes them."""
+    return [RecoveredItem(i + 1, 0, 1_000, 0, value(i)) for i in range(n)]

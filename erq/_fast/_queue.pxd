@@ -52,6 +52,7 @@ cdef class Queue:
     cdef long long _zone_end
     cdef unsigned long long _zone_min
     cdef unsigned long long _last_id
+    cdef bint _spill_due
 
     cpdef bint is_full(self)
     cdef long long _now(self) except? -1
@@ -66,6 +67,11 @@ cdef class Queue:
     cdef void _push_head(self, c_ring.Item item) except *
     cdef unsigned long long _lowest_in_ring(self)
     cdef long long _mem_cost(self)
+    @cython.locals(ring=c_ring.Ring, kept=cython.Py_ssize_t, i=cython.Py_ssize_t,
+                   nbytes=cython.longlong)
+    cdef void _spill(self) except *
+    @cython.locals(cost=cython.longlong, n=cython.Py_ssize_t)
+    cdef Py_ssize_t _items_within(self, list items, long long limit) except -1
     @cython.locals(item=c_ring.Item)
     cdef c_ring.Item _pop_head(self)
     @cython.locals(head=c_ring.Item, item=c_ring.Item, last_removed=cython.longlong)

@@ -5,7 +5,8 @@ Four bytes per item: the offsets of a run of consecutive items in the same segme
 to the 64-bit offsets ``codec.read_adds`` takes a window at a time, as they are read back.
 Items enter at the tail (``push``, or ``extend`` for a run of them: recovery's) and are read
 back from the head (``take``), in FIFO order, as the queue's head drains; nothing else ever
-removes one (``clear`` is FLUSH).
+removes one (``clear`` is FLUSH). Items the queue held in memory enter at the head
+(``push_front``) when a reload lowers its ``max_memory_size``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ class DiskItems:
             offsets = array(_typecode(segment), (offset,))
             runs.append([segment, offsets, 0])
         self.count += 1
+        self.nbytes += nbytes
+
+    def push_front(self, positions: list[tuple[Segment, int]], nbytes: int) -> None:
+        """Put items at the head, in order: ``positions`` are the (segment, offset) of their
+        ADD records, ``nbytes`` their data bytes (the queue's newest in-memory items, which
+        a lowered ``max_memory_size`` sends back to disk)."""
+        runs: list[list] = []
+        for segment, offset in positions:
+            if runs and runs[-1][0] is segment:
+                runs[-1][1].append(offset)
+            else:
+                runs.append([segment, array(_typecode(segment), (offset,)), 0])
+        self._runs.extendleft(reversed(runs))
+        self.count += len(positions)
         self.nbytes += nbytes
 
     def extend(self, segment: Segment, offsets: array) -> int:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..journal_api import JournalError
 from ..startsignals import block_in_this_thread
 from . import codec
 from .diskitems import DiskItems
-from .format import HEADER_FLAG_SNAPSHOT, HEADER_SIZE, OP_FLUSH, OP_UNREMOVE
+from .format import HEADER_FLAG_SNAPSHOT, HEADER_SIZE, OP_ADD, OP_FLUSH, OP_UNREMOVE
 from .healing import Healing
 from .reclaim import Reclaiming
 from .recovery import RecoveredItem, Recovery, replay
@@ -466,6 +467,48 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
     @property
     def disk_bytes(self) -> int:
         return self._disk.nbytes
+
+    def spill(self, items: Sequence) -> int | None:
+        """Keep ``items`` only here from now on, at the head of the not-in-memory ones: the
+        queue's newest in-memory items, in queue order (a reload lowered max_memory_size).
+        Their ADD records are found in the segments; nothing is written, so a restart finds
+        the same queue. Returns how many of the last ones it took: all, or fewer should a
+        record not be found (the rest stay in memory). None while a snapshot is being
+        written (compaction, heal): it will move the records, so the queue asks again later."""
+        self._poll_compaction()
+        if self._job is not None or self._closed or self._lost:
+            return None
+        found = self._find_adds({item.id for item in items})
+        n = 0
+        while n < len(items) and items[len(items) - 1 - n].id in found:
+            n += 1
+        taken = items[len(items) - n :]
+        self._disk.push_front(
+            [found[item.id] for item in taken], sum(len(item.data) for item in taken)
+        )
+        return n
+
+    def _find_adds(self, ids: set[int]) -> dict[int, tuple[Segment, int]]:
+        """Where the ADD records of ``ids`` are: (segment, offset) by id. Segments that hold
+        none of them are skipped as release_head skips them: a segment's successor has an
+        id_floor greater than every id added in it."""
+        found: dict[int, tuple[Segment, int]] = {}
+        segments = self._segments
+        if not ids or not segments:
+            return found
+        lowest = min(ids)
+        first = 0
+        while first + 1 < len(segments) and segments[first + 1].id_floor <= lowest:
+            first += 1
+        current = segments[-1] if self._writer is not self._null_writer else None
+        for segment in segments[first:]:
+            end = self._writer.position if segment is current else segment.used
+            for record in codec.iter_records(segment.mm, HEADER_SIZE, end, False):
+                if record[1] == OP_ADD and record[2] in ids:
+                    found.setdefault(record[2], (segment, record[0]))  # the first, as replay
+            if segment is not current:
+                segment.drop_pages()  # the walk mapped its pages
+        return found
 
     # ---- policy and sizes ------------------------------------------------------------------
     def update_policy(
