@@ -20,22 +20,46 @@ from conftest import FAST_MODULES
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Directories that a build or a test run leaves in a source tree (ci/test.sh's .venv-test, an
+# in-place build's build/ and erq.egg-info, ...): no source lives there.
+LEFT_BY_BUILDS = {"build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
+
+
+def source_files(root: Path) -> list[str]:
+    """The source files under root, relative to it.
+
+    In a git checkout, what git tracks or would track. An unpacked sdist has no git, and its
+    suite must run too (MANIFEST.in ships it for that): there, every file outside the
+    directories builds and test runs leave.
+    """
+    if (root / ".git").exists():
+        return subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    names = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [
+            d
+            for d in subdirs
+            if d not in LEFT_BY_BUILDS and not d.endswith(".egg-info") and not d.startswith(".venv")
+        ]
+        names += [str(Path(directory, f).relative_to(root)) for f in files]
+    return names
+
+
 @pytest.fixture
 def source_tree(tmp_path_factory) -> Path:
     """A fresh copy of the sources per test: builds never touch the working tree or share objects."""
     dest = tmp_path_factory.mktemp("src")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
+    for name in source_files(ROOT):
         src = ROOT / name
         if (
             not src.is_file()
-            or name.endswith((".so", ".c"))
+            or name.endswith((".so", ".c", ".pyc"))
             or name.startswith("benchmarks/RESULTS")
         ):
             continue
@@ -135,6 +159,30 @@ def test_the_source_distribution_carries_the_example_config_and_a_runnable_suite
     # wheel built from this sdist must make its own from the .pyx.
     assert not [n for n in names if n.endswith((".so", ".pyc", ".c"))]
     assert "erq/_fast/_parser.pyx" in names and "erq/_fast/crc32c.h" in names
+
+
+def test_an_unpacked_sdist_lists_its_sources_without_git(tmp_path):
+    """The sdist's suite builds from its own files: no `git ls-files` there, no build products."""
+    for name in (
+        "setup.py",
+        "PKG-INFO",
+        "erq/_fast/_parser.pyx",
+        "erq/_fast/_parser.c",  # left out by source_tree, as in a checkout
+        "tests/conftest.py",
+        "build/lib/erq/cli.py",
+        "erq.egg-info/SOURCES.txt",
+        ".venv-test/bin/python",
+        "tests/__pycache__/conftest.cpython-311.pyc",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert sorted(source_files(tmp_path)) == [
+        "PKG-INFO",
+        "erq/_fast/_parser.c",
+        "erq/_fast/_parser.pyx",
+        "setup.py",
+        "tests/conftest.py",
+    ]
 
 
 def pyproject() -> dict:
