@@ -26,11 +26,14 @@ COMPILED_TWINS = sorted(
 NO_COMPILER_HELP = """
 erq: building the Cython extensions failed ({error}).
 erq needs a C compiler (gcc or clang) and the Python headers for its fast build.
-To install the portable pure-Python build instead, set ERQ_NO_EXTENSIONS=1, with the same
-command as before, e.g.:
+To install the portable pure-Python build instead, set ERQ_NO_EXTENSIONS=1 for the install:
 
-    ERQ_NO_EXTENSIONS=1 pip install .        (in a checkout)
-    ERQ_NO_EXTENSIONS=1 pip install erq      (from an index)
+    ERQ_NO_EXTENSIONS=1 pip install .                     (in a checkout)
+    ERQ_NO_EXTENSIONS=1 pip install --no-cache-dir erq    (from an index)
+
+(--no-cache-dir: pip keeps a wheel it built from an index's sdist and installs it again for
+the same version, whatever the switch says: a pure wheel would go to later installs that
+could build the extensions, and a compiled one kept earlier would come instead of this.)
 """
 
 

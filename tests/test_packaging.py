@@ -121,6 +121,8 @@ def test_no_compiler_stops_with_the_pure_python_switch(source_tree, tmp_path):
     result = build_wheel(source_tree, tmp_path, CC="/bin/false", LDSHARED="/bin/false")
     assert result.returncode != 0
     assert "ERQ_NO_EXTENSIONS=1" in result.stdout + result.stderr
+    # From an index pip would cache the pure wheel and give it to later installs of the version.
+    assert "ERQ_NO_EXTENSIONS=1 pip install --no-cache-dir erq" in result.stdout + result.stderr
 
 
 def test_pure_python_build_has_no_extensions(source_tree, tmp_path):
