@@ -13,6 +13,11 @@ from setuptools.command.build_ext import build_ext
 
 NO_EXTENSIONS = os.environ.get("ERQ_NO_EXTENSIONS", "") not in ("", "0")
 DEBUG = os.environ.get("ERQ_CYTHON_DEBUG", "") not in ("", "0")
+# The mode the C in erq/_fast was last generated in. cythonize and build_ext judge by timestamps
+# alone: after a build in the other mode they kept its C (with or without line tracing) and its
+# -O0 or -O3 objects. A change of mode generates all the C again, and the newer C compiles again.
+BUILD_MODE = "debug" if DEBUG else "release"
+MODE_STAMP = Path("erq/_fast/.cython-mode")
 FAST_MODULES = ["_parser", "_ring", "_records", "_replay", "_append", "_fsync", "_clock", "_wire"]
 if sys.platform.startswith("linux"):
     FAST_MODULES.append("_epoll")  # the client sockets' epoll set (erq.listener)
@@ -53,6 +58,15 @@ class BuildExt(build_ext):
             raise SystemExit(NO_COMPILER_HELP.format(error=exc)) from exc
 
 
+def mode_changed() -> bool:
+    """True unless the C in erq/_fast was last generated in this build's mode (a fresh tree has
+    no C to keep: generating it all costs nothing more there)."""
+    try:
+        return MODE_STAMP.read_text() != BUILD_MODE
+    except FileNotFoundError:
+        return True
+
+
 def extensions():
     if NO_EXTENSIONS:
         print("erq: ERQ_NO_EXTENSIONS set, installing the pure-Python build", file=sys.stderr)
@@ -74,12 +88,15 @@ def extensions():
         for name, source in sources.items()
     ]
     print("erq: building the Cython extensions (accelerated build)", file=sys.stderr)
-    return cythonize(
+    built = cythonize(
         exts,
+        force=mode_changed(),
         language_level=3,
         annotate=DEBUG,
         compiler_directives={"linetrace": DEBUG, "embedsignature": True},
     )
+    MODE_STAMP.write_text(BUILD_MODE)
+    return built
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -113,8 +113,8 @@ def test_wheel_contains_the_compiled_extensions(source_tree, tmp_path):
     assert "erq/example.toml" in names  # for `erq example-config`
     for module in COMPILED_TWINS:  # the pure source of each compiled twin ships too
         assert f"erq/{module}_py.py" in names, names
-    # Cython's generated C is a build product, not part of the installed package.
-    assert not [n for n in names if n.endswith(".c")]
+    # Cython's generated C, and the note of its mode, are build products, not the package's.
+    assert not [n for n in names if n.endswith((".c", ".cython-mode"))]
 
 
 def test_no_compiler_stops_with_the_pure_python_switch(source_tree, tmp_path):
@@ -131,6 +131,29 @@ def test_pure_python_build_has_no_extensions(source_tree, tmp_path):
     names = wheel_names(tmp_path)
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     assert "erq/_fast/_parser.pyx" in names  # sources travel for reference; nothing compiled
+
+
+def test_a_change_of_cython_debug_mode_generates_the_c_again(source_tree):
+    """ERQ_CYTHON_DEBUG=1 (line tracing, -O0) and back: cythonize judges by timestamps alone,
+    so the C of the other mode stayed, and with it the objects compiled from it."""
+    ring_c = source_tree / "erq" / "_fast" / "_ring.c"
+
+    def traced(**env_overrides: str) -> bool:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ERQ_")}
+        done = subprocess.run(
+            [sys.executable, "setup.py", "--name"],  # cythonizes, as every setup.py command
+            cwd=source_tree,
+            env={**env, **env_overrides},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return "__Pyx_TraceLine" in ring_c.read_text()
+
+    assert not traced()
+    assert traced(ERQ_CYTHON_DEBUG="1")
+    assert not traced()
 
 
 def test_the_source_distribution_carries_the_example_config_and_a_runnable_suite(
