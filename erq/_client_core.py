@@ -69,6 +69,13 @@ def _split_server(spec: ServerSpec) -> Address:
     return host, int(port)
 
 
+def server_text(address: Address) -> str:
+    """``host:port``, an IPv6 host in brackets (``[::1]:22133``): ``::1:22133`` could be
+    host ``::1`` port 22133 or host ``::1:22133`` on the default port."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def server_list(servers: Sequence[ServerSpec] | ServerSpec) -> list[ServerSpec]:
     """One server given alone (``"host:port"`` or ``(host, port)``, the port an int or its
     digits, as ``parse_server`` takes it) or a sequence of them."""
@@ -252,7 +259,7 @@ class _ItemBase:
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} {self.queue} from {self.server[0]}:{self.server[1]} "
+            f"<{type(self).__name__} {self.queue} from {server_text(self.server)} "
             f"{self.state} {len(self.data)} bytes>"
         )
 

@@ -218,6 +218,30 @@ def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_clie
         assert mq.get(QUEUE) == b"one"
 
 
+def test_an_item_from_an_ipv6_server_names_it_in_brackets(make_client):
+    # "::1:22133" could be host ::1 port 22133 or host ::1:22133 on the default port.
+    try:
+        listener = socket.socket(socket.AF_INET6)
+        listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with listener:
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"VALUE jobs/open 0 1\r\nx\r\nEND\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        item = make_client(f"[::1]:{port}", timeout=5).get_reliable(QUEUE)
+        assert f"from [::1]:{port} open" in repr(item), repr(item)
+        thread.join(10)
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """Python leaves SIGINT ignored when it was ignored at its start (a suite run in the
