@@ -51,11 +51,11 @@ class AsyncItem(_ItemBase):
 
     async def confirm(self) -> bool:
         """Confirm on the server that handed it out; False when that connection broke."""
-        return await self._client.confirm(self)
+        return await self._holder().confirm(self)
 
     async def abort(self) -> bool:
         """Put the item back at the head of its server's queue; False when already lost."""
-        return await self._client.abort(self)
+        return await self._holder().abort(self)
 
 
 class _Connection(_Replies):

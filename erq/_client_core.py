@@ -223,7 +223,7 @@ def oldest_check(item: _ItemBase, client: Any) -> deque[_ItemBase] | None:
     by ``client``; None when the item was lost. Raises TypeError for anything but an item of
     ``client`` (another client's is held on that client's connection, which this one neither
     uses nor tracks), ValueError on misuse."""
-    if not isinstance(item, client._item_class) or item._client is not client:
+    if not isinstance(item, client._item_class) or item._holder() is not client:
         raise TypeError(f"not an item of this client: {item!r}")
     if item.state == LOST:
         return None
@@ -240,7 +240,12 @@ def oldest_check(item: _ItemBase, client: Any) -> deque[_ItemBase] | None:
 
 
 class _ItemBase:
-    """A reliable read: data plus the server (and connection) that handed it out."""
+    """A reliable read: data plus the server (and connection) that handed it out.
+
+    A pickle (or a copy) carries the queue, data, flags, state (as it was) and server, not the
+    read itself: that stays open on the connection of the client that got it, which cannot
+    travel. A copy's ``confirm()`` and ``abort()`` raise TypeError: the original does them, in
+    the process that read it."""
 
     __slots__ = ("queue", "data", "flags", "state", "_node", "_client")
 
@@ -257,11 +262,33 @@ class _ItemBase:
         """The server that handed the item out; only it can confirm or abort it."""
         return self._node.address
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        fields = (self.queue, self.data, self.flags, self.state, self.server)
+        return _copy_of_item, (type(self), *fields)
+
+    def _holder(self) -> Any:
+        """The client holding the read open; TypeError for a copy, which none holds."""
+        if self._client is None:
+            raise TypeError(
+                f"{self!r} is a copy (pickled or copied): only the original item, in the "
+                "process that read it, can confirm or abort the read"
+            )
+        return self._client
+
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self.queue} from {server_text(self.server)} "
             f"{self.state} {len(self.data)} bytes>"
         )
+
+
+def _copy_of_item(
+    cls: type[_ItemBase], queue: str, data: bytes, flags: int, state: str, server: Address
+) -> _ItemBase:
+    """What a pickled or copied item becomes: its fields and server, held by no client."""
+    item = cls(queue, data, flags, _Node(server), None)
+    item.state = state
+    return item
 
 
 class Item(_ItemBase):
@@ -275,11 +302,11 @@ class Item(_ItemBase):
         delivered again) or no reply came in time (a hung server may yet confirm it). True
         too for a read the server's ``open_timeout`` had already put back, which the server
         does not tell apart in its answer: that item comes again."""
-        return self._client.confirm(self)
+        return self._holder().confirm(self)
 
     def abort(self) -> bool:
         """Put the item back at the head of its server's queue; False when already lost."""
-        return self._client.abort(self)
+        return self._holder().abort(self)
 
 
 class _Refused(Exception):

@@ -8,7 +8,9 @@ asyncio twin, against real servers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+import pickle
 import resource
 import signal
 import socket
@@ -355,6 +357,32 @@ def test_an_item_of_another_client_or_no_item_is_refused_before_any_request(
     assert other.get(QUEUE) == b"c"  # nothing else was opened out of sight
     assert other.get(QUEUE) is None
     raw.close()
+
+
+def test_an_item_pickles_to_a_copy_that_only_its_original_can_confirm(erq_factory, make_client):
+    # A worker process gets the item's data (multiprocessing pickles it); the read stays open
+    # on the connection of the client that got it. Pickling raised "cannot pickle 'socket'".
+    proc = erq_factory()
+    mq = make_client([address(proc)])
+    assert mq.put(QUEUE, b"job", flags=7) is True
+    held = mq.get_reliable(QUEUE)
+    for copied in (pickle.loads(pickle.dumps(held)), copy.copy(held)):
+        assert type(copied) is type(held) and copied is not held
+        fields = (copied.queue, copied.data, copied.flags, copied.state, copied.server)
+        assert fields == (QUEUE, b"job", 7, "open", address(proc))
+        with pytest.raises(TypeError, match="is a copy"):
+            mq.confirm(copied)  # the item's own (AsyncView) or the client's (SyncView)
+        for name in ("confirm", "abort"):
+            with pytest.raises(TypeError, match="is a copy"):
+                finish(mq, name, copied)  # the client's
+        if isinstance(mq, SyncView):
+            with pytest.raises(TypeError, match="is a copy"):
+                copied.abort()
+        with pytest.raises(TypeError, match="is a copy"):
+            mq.get_reliable(QUEUE, confirm=copied)
+    assert held.state == "open"
+    assert mq.confirm(held) is True
+    assert mq.get(QUEUE) is None
 
 
 def test_a_server_at_its_connection_limit_is_skipped_for_retry_after(erq_factory, make_client):
