@@ -32,6 +32,8 @@ from erq._client_core import (
     _Refused,
     _Replies,
     check_queue_name,
+    expiry_seconds,
+    item_flags,
     oldest_check,
     parse_server,
     payload,
@@ -188,15 +190,16 @@ class AsyncClient(_ClientCore):
         ]
         super().__init__(nodes, write_policy, retry_after, seed)
 
-    async def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
+    async def put(self, queue: str, data: bytes, *, expiry: float = 0, flags: int = 0) -> bool:
         """See ``Client.put``."""
         check_queue_name(queue)
         data = payload(data)
+        exptime, flags = expiry_seconds(expiry), item_flags(flags)
         pool = self._pool
         for node in pool.write_order():
             node.plain.drop_if_closed()
             try:
-                stored = await node.plain.set(queue, data, int(expiry), int(flags))
+                stored = await node.plain.set(queue, data, exptime, flags)
             except _CONNECTION_ERRORS:
                 pool.mark_down(node)
                 continue

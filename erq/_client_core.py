@@ -6,6 +6,8 @@ blocking or awaited; their behaviour is described in ``erq.client``.
 
 from __future__ import annotations
 
+import math
+import operator
 import random
 import select
 import time
@@ -324,6 +326,41 @@ def payload(data: Any) -> bytes:
         raise TypeError(
             f"an item's data is bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
         ) from None
+
+
+_MAX_EXPIRY = (1 << 63) - 1  # the protocol's largest exptime (a signed 64-bit integer)
+_MAX_FLAGS = (1 << 32) - 1
+
+
+def expiry_seconds(expiry: Any) -> int:
+    """``put``'s ``expiry`` as the exptime sent (PROTOCOL §6: 0 never, up to 30 days relative
+    seconds, larger an absolute Unix time). A float rounds up, so that a fraction of a second
+    never becomes 0 (never). Negative is refused: the server would answer STORED for an item
+    already expired, gone before any read. A bool is no number of seconds."""
+    if isinstance(expiry, float):
+        seconds = math.ceil(expiry) if math.isfinite(expiry) and expiry >= 0 else -1
+    else:
+        seconds = _whole_number("expiry", expiry, "an int or a float")
+    if not 0 <= seconds <= _MAX_EXPIRY:
+        raise ValueError(f"expiry must be from 0 (never) to 2**63 - 1 seconds, not {expiry!r}")
+    return seconds
+
+
+def item_flags(flags: Any) -> int:
+    """``put``'s ``flags`` as sent: the protocol's unsigned 32-bit number, kept with the item."""
+    value = _whole_number("flags", flags, "an int")
+    if not 0 <= value <= _MAX_FLAGS:
+        raise ValueError(f"flags must be from 0 to 2**32 - 1, not {flags!r}")
+    return value
+
+
+def _whole_number(name: str, value: Any, kinds: str) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} is {kinds}, not {type(value).__name__}")
 
 
 def set_request(queue: str, data: bytes, expiry: int, flags: int) -> bytes:

@@ -64,6 +64,8 @@ from erq._client_core import (
     _Refused,
     _Replies,
     check_queue_name,
+    expiry_seconds,
+    item_flags,
     oldest_check,
     parse_server,
     payload,
@@ -198,18 +200,26 @@ class Client(_ClientCore):
         super().__init__(nodes, write_policy, retry_after, seed)
 
     # ---- writes ---------------------------------------------------------------------------
-    def put(self, queue: str, data: bytes, *, expiry: int = 0, flags: int = 0) -> bool:
+    def put(self, queue: str, data: bytes, *, expiry: float = 0, flags: int = 0) -> bool:
         """Enqueue on one server (per the write policy), moving on to the next while servers
         fail or refuse (READONLY, full queue). True only after a ``STORED``; False when every
         server failed or refused. A write whose reply was lost may have been stored there and
-        is tried elsewhere too: delivery is at least once."""
+        is tried elsewhere too: delivery is at least once.
+
+        ``expiry``: seconds the item lives, 0 for ever; up to 30 days (2,592,000; 1,000,000
+        in Kestrel's wire mode) relative, larger an absolute Unix time (PROTOCOL §6); a
+        fraction rounds up. ``flags``: a number
+        from 0 to 2**32 - 1 kept with the item. Either out of range (a negative expiry, which
+        the server would store already expired) raises ValueError, a bool or a non-number
+        TypeError, before any request."""
         check_queue_name(queue)
         data = payload(data)
+        exptime, flags = expiry_seconds(expiry), item_flags(flags)
         pool = self._pool
         for node in pool.write_order():
             node.plain.drop_if_closed()
             try:
-                stored = node.plain.set(queue, data, int(expiry), int(flags))
+                stored = node.plain.set(queue, data, exptime, flags)
             except _CONNECTION_ERRORS:
                 pool.mark_down(node)
                 continue

@@ -22,7 +22,7 @@ import pytest
 from erq.client import AsyncClient, Client, ErqError, parse_server, peer_closed
 
 from conftest import ErqProcess
-from support import STORED, start
+from support import STORED, poll, start
 
 QUEUE = "jobs"
 
@@ -160,6 +160,39 @@ def test_put_stores_the_bytes_of_any_buffer_and_refuses_text(erq_factory, make_c
     with pytest.raises(TypeError):
         mq.put(QUEUE, "text")
     assert [mq.get(QUEUE), mq.get(QUEUE), mq.get(QUEUE)] == [b"abc", b"efg", None]
+
+
+def test_put_refuses_an_expiry_or_flags_out_of_range_before_any_request(make_client):
+    # A negative expiry was sent: the server answered STORED for an item already expired,
+    # gone before any read. expiry=True was 1 second, "10" 10 seconds, 10**30 a CLIENT_ERROR.
+    mq = make_client([("127.0.0.1", 1)])  # never reached: every call fails first
+    for expiry in (-1, -0.5, float("nan"), float("inf"), 2**63, 10**30):
+        with pytest.raises(ValueError, match="expiry must be"):
+            mq.put(QUEUE, b"x", expiry=expiry)
+    for flags in (-1, 2**32):
+        with pytest.raises(ValueError, match="flags must be"):
+            mq.put(QUEUE, b"x", flags=flags)
+    for expiry in (True, "10", None):
+        with pytest.raises(TypeError, match="expiry is an int or a float"):
+            mq.put(QUEUE, b"x", expiry=expiry)
+    for flags in (False, 1.0, "1"):
+        with pytest.raises(TypeError, match="flags is an int"):
+            mq.put(QUEUE, b"x", flags=flags)
+
+
+def test_put_rounds_a_fraction_of_a_second_of_expiry_up_not_to_never(erq_factory, make_client):
+    proc = erq_factory()
+    mq = make_client([address(proc)])
+    assert mq.put(QUEUE, b"brief", expiry=0.4) is True  # int(0.4) was 0: never expire
+    assert mq.put(QUEUE, b"kept", expiry=2**63 - 1, flags=2**32 - 1) is True
+    raw = proc.client()
+
+    def head_once_brief_expired() -> bytes | None:
+        head = raw.get(QUEUE + "/peek").split(b"\r\n")[1]
+        return None if head == b"brief" else head
+
+    assert poll(head_once_brief_expired, "the brief item to expire", 10) == b"kept"
+    raw.close()
 
 
 def test_kestrel_wire_mode_works_for_every_call(erq_factory, make_client):
