@@ -60,6 +60,10 @@ class AsyncItem(_ItemBase):
         return await self._holder().abort(self)
 
 
+# A large request goes out in pieces this big, each given the timeout to drain.
+_PIECE = 1 << 16
+
+
 class _Connection(_Replies):
     """One connection to one server: a request and its reply at a time."""
 
@@ -115,12 +119,26 @@ class _Connection(_Replies):
                     asyncio.open_connection(*node.address), node.connect_timeout
                 )
                 self.loop = asyncio.get_running_loop()
-            return await asyncio.wait_for(self._exchange(data), node.timeout + wait_s)
+            last = await self._send_all_but_the_last_piece(data)
+            return await asyncio.wait_for(self._exchange(last), node.timeout + wait_s)
         except BaseException:
             self.close()
             raise
 
-    async def _exchange(self, data: bytes) -> bytes:
+    async def _send_all_but_the_last_piece(self, data: bytes) -> memoryview:
+        """Write a large request a piece at a time, each piece given ``timeout`` to drain: the
+        timeout bounds a stall, not the whole transfer (a 64 MiB put failed on a link slower
+        than about 13 MB/s with the default 5 s). Returns the last piece, sent with the reply
+        awaited under the request's own timeout."""
+        assert self.writer is not None
+        view = memoryview(data)
+        while len(view) > _PIECE:
+            self.writer.write(view[:_PIECE])
+            view = view[_PIECE:]
+            await asyncio.wait_for(self.writer.drain(), self.node.timeout)
+        return view
+
+    async def _exchange(self, data: bytes | memoryview) -> bytes:
         assert self.writer is not None
         self.writer.write(data)
         await self.writer.drain()
@@ -130,6 +148,19 @@ class _Connection(_Replies):
         assert self.reader is not None
         line = await self.reader.readuntil(b"\r\n")
         return line[:-2]
+
+    async def _exactly(self, size: int) -> bytes:
+        """``size`` bytes, ``timeout`` bounding each wait for more of them, not the whole
+        transfer (the twin of ``erq.client._Connection._exactly``)."""
+        assert self.reader is not None
+        parts = []
+        while size:
+            part = await asyncio.wait_for(self.reader.read(size), self.node.timeout)
+            if not part:
+                raise EOFError("the server closed the connection")
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
 
     async def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
         """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
@@ -143,8 +174,7 @@ class _Connection(_Replies):
         if flags < 0:
             return None
         try:
-            assert self.reader is not None
-            block = await asyncio.wait_for(self.reader.readexactly(size + 2), self.node.timeout)
+            block = await self._exactly(size + 2)
             end = await asyncio.wait_for(self._line(), self.node.timeout)
         except BaseException:
             self.close()

@@ -132,6 +132,15 @@ class _Connection(_Replies):
         block, self.buf = self.buf[:size], self.buf[size:]
         return block
 
+    def _send(self, data: bytes) -> None:
+        """``sendall``, but the socket's timeout bounds each wait for room, not the whole
+        transfer (``sendall``'s covers it all: a 64 MiB put failed on a link slower than
+        about 13 MB/s with the default 5 s)."""
+        assert self.sock is not None
+        view = memoryview(data)
+        while view:
+            view = view[self.sock.send(view) :]
+
     def _request(self, data: bytes, wait_s: float) -> bytes:
         """Send ``data``, return the first reply line (without CRLF)."""
         node = self.node
@@ -140,7 +149,7 @@ class _Connection(_Replies):
                 self.sock = socket.create_connection(node.address, node.connect_timeout)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.settimeout(node.timeout + wait_s)
-            self.sock.sendall(data)
+            self._send(data)
             return self._line()
         except BaseException:  # failed, timed out or interrupted: a reply still due must
             self.close()  # not be read as the next request's
@@ -193,7 +202,9 @@ class Client(_ClientCore):
         retry_after: float = 5.0,
         seed: int | None = None,
     ) -> None:
-        """``timeout`` bounds each reply (a blocking read adds its own wait to it);
+        """``timeout`` bounds each wait on a server: for a reply (a blocking read adds its
+        own wait to it), and for room to send or more bytes while an item moves, so that a
+        large item on a slow link takes as long as it needs while it makes progress;
         ``retry_after`` is how long a server that failed or refused is skipped; ``seed`` makes
         the random write policy repeatable."""
         nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)]

@@ -233,6 +233,45 @@ def test_a_reply_naming_another_key_raises_erq_error(make_client):
         thread.join(10)
 
 
+@pytest.mark.parametrize("call", ["put", "get"])
+def test_a_large_item_on_a_slow_link_takes_longer_than_the_timeout(make_client, call):
+    # The timeout bounded the whole transfer (sendall; the async client's wait_for around
+    # its write and around readexactly): a 64 MiB item needed more than 13 MB/s in 5 s.
+    size, piece = 48 << 20, 2 << 20  # moved at about 20 MiB/s, in over 2 s
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # not 48 MiB
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                if call == "put":
+                    head, _, data = conn.recv(1024).partition(b"\r\n")
+                    left = int(head.split()[-1]) + len(b"\r\n") - len(data)
+                    while left > 0 and (chunk := conn.recv(piece)):
+                        left -= len(chunk)
+                        time.sleep(0.1)
+                    conn.sendall(b"STORED\r\n")
+                else:
+                    conn.recv(1024)
+                    reply = b"VALUE jobs 0 %d\r\n%s\r\nEND\r\n" % (size, b"x" * size)
+                    for start in range(0, len(reply), piece):
+                        conn.sendall(reply[start : start + piece])
+                        time.sleep(0.1)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        mq = make_client([listener.getsockname()], timeout=1.0)
+        started = time.monotonic()
+        if call == "put":
+            assert mq.put(QUEUE, b"x" * size) is True
+        else:
+            assert mq.get(QUEUE) == b"x" * size
+        assert time.monotonic() - started > 1.0  # or the test shows nothing
+        thread.join(10)
+
+
 def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_client):
     assert parse_server("::1") == ("::1", 22133)
     assert parse_server("[::1]") == ("::1", 22133)
