@@ -23,6 +23,7 @@ from erq._client_core import (
     _REFUSED,
     ABORTED,
     CONFIRMED,
+    MAX_REPLY_LINE,
     Address,
     ServerSpec,
     WritePolicy,
@@ -116,7 +117,8 @@ class _Connection(_Replies):
         try:
             if self.writer is None:
                 self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(*node.address), node.connect_timeout
+                    asyncio.open_connection(*node.address, limit=MAX_REPLY_LINE),
+                    node.connect_timeout,
                 )
                 self.loop = asyncio.get_running_loop()
             last = await self._send_all_but_the_last_piece(data)
@@ -146,7 +148,10 @@ class _Connection(_Replies):
 
     async def _line(self) -> bytes:
         assert self.reader is not None
-        line = await self.reader.readuntil(b"\r\n")
+        try:
+            line = await self.reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise self._line_too_long() from None
         return line[:-2]
 
     async def _exactly(self, size: int) -> bytes:
@@ -197,7 +202,7 @@ class _AsyncNode(_Node):
 
 
 # A connection that failed or broke (asyncio.TimeoutError is TimeoutError, an OSError).
-_CONNECTION_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+_CONNECTION_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError)
 
 
 class AsyncClient(_ClientCore):

@@ -400,6 +400,12 @@ def value_head(line: bytes, key: str) -> tuple[int, int] | None:
     return int(parts[2]), int(parts[3])
 
 
+# The longest reply line either client reads, far beyond any the server sends it (a VALUE line
+# of a 250-byte name and its options, a SERVER_ERROR): a server that sends a line without end
+# is answered ErqError, not with memory until it stops.
+MAX_REPLY_LINE = 1 << 16
+
+
 class _Replies:
     """What both clients' connections make of a reply, whatever their I/O. A ``SERVER_ERROR``
     leaves the connection open, as the server does; anything else but a finished exchange
@@ -413,6 +419,10 @@ class _Replies:
     def _fail(self, request: str, line: bytes) -> ErqError:
         self.close()
         return ErqError(f"{request} on {self.node.address} answered {line[:200]!r}")
+
+    def _line_too_long(self) -> ErqError:
+        self.close()
+        return ErqError(f"{self.node.address} answered a line longer than {MAX_REPLY_LINE} bytes")
 
     def _stored(self, queue: str, line: bytes) -> bool:
         stored = set_reply(line)

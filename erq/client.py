@@ -54,6 +54,7 @@ from erq._client_core import (
     _REFUSED,
     ABORTED,
     CONFIRMED,
+    MAX_REPLY_LINE,
     Address,
     ErqError,
     Item,
@@ -115,6 +116,8 @@ class _Connection(_Replies):
     def _line(self) -> bytes:
         assert self.sock is not None
         while (end := self.buf.find(b"\r\n")) < 0:
+            if len(self.buf) > MAX_REPLY_LINE:
+                raise self._line_too_long()
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise EOFError("the server closed the connection")

@@ -272,6 +272,31 @@ def test_a_large_item_on_a_slow_link_takes_longer_than_the_timeout(make_client, 
         thread.join(10)
 
 
+def test_a_reply_line_without_end_raises_erq_error_at_its_cap(make_client):
+    # Client kept every byte of the line (100 MiB: 223 MiB of memory and 309 s of copying);
+    # AsyncClient stopped at its stream's 64 KiB limit and took the server for down (None).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                try:
+                    for _ in range(64):  # 16 MiB of one line
+                        conn.sendall(b"A" * (256 << 10))
+                except OSError:  # the client gave up on the line
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        mq = make_client([listener.getsockname()], timeout=5)
+        with pytest.raises(ErqError, match="line longer than 65536 bytes"):
+            mq.get(QUEUE)
+        thread.join(10)
+
+
 def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_client):
     assert parse_server("::1") == ("::1", 22133)
     assert parse_server("[::1]") == ("::1", 22133)
