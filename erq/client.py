@@ -94,13 +94,15 @@ class _Connection(_Replies):
         self.node = node
         self.reliable = reliable
         self.sock: socket.socket | None = None
-        self.buf = b""
+        # What came and is not read yet: a bytearray grows in place (bytes += copied it all
+        # for each recv, quadratic over a large value).
+        self.buf = bytearray()
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            self.buf = b""
+            self.buf = bytearray()
             if self.reliable:
                 self.node.lose_open()
 
@@ -122,7 +124,8 @@ class _Connection(_Replies):
             if not chunk:
                 raise EOFError("the server closed the connection")
             self.buf += chunk
-        line, self.buf = self.buf[:end], self.buf[end + 2 :]
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
         return line
 
     def _exactly(self, size: int) -> bytes:
@@ -132,7 +135,8 @@ class _Connection(_Replies):
             if not chunk:
                 raise EOFError("the server closed the connection")
             self.buf += chunk
-        block, self.buf = self.buf[:size], self.buf[size:]
+        block = bytes(self.buf[:size])
+        del self.buf[:size]
         return block
 
     def _send(self, data: bytes) -> None:
