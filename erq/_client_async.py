@@ -32,6 +32,7 @@ from erq._client_core import (
     _Node,
     _Refused,
     _Replies,
+    check_durations,
     check_queue_name,
     expiry_seconds,
     item_flags,
@@ -220,6 +221,7 @@ class AsyncClient(_ClientCore):
         retry_after: float = 5.0,
         seed: int | None = None,
     ) -> None:
+        check_durations(connect_timeout, timeout, retry_after)
         nodes = [
             _AsyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)
         ]

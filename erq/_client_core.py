@@ -71,6 +71,22 @@ def _split_server(spec: ServerSpec) -> Address:
     return host, int(port)
 
 
+def check_durations(connect_timeout: float, timeout: float, retry_after: float) -> None:
+    """A client's durations in seconds, checked when it is made: a timeout of 0 made each
+    socket non-blocking (every server taken for down, every call False or None), a negative
+    or NaN one failed in the middle of a request on one client and not on the other."""
+    _seconds("connect_timeout", connect_timeout, "above")
+    _seconds("timeout", timeout, "above")
+    _seconds("retry_after", retry_after, "at least")
+
+
+def _seconds(name: str, value: Any, bound: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} is a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 if bound == "above" else value >= 0)):
+        raise ValueError(f"{name} must be a finite number of seconds {bound} 0, not {value!r}")
+
+
 def server_text(address: Address) -> str:
     """``host:port``, an IPv6 host in brackets (``[::1]:22133``): ``::1:22133`` could be
     host ``::1`` port 22133 or host ``::1:22133`` on the default port."""

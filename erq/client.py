@@ -64,6 +64,7 @@ from erq._client_core import (
     _Node,
     _Refused,
     _Replies,
+    check_durations,
     check_queue_name,
     expiry_seconds,
     item_flags,
@@ -214,6 +215,7 @@ class Client(_ClientCore):
         large item on a slow link takes as long as it needs while it makes progress;
         ``retry_after`` is how long a server that failed or refused is skipped; ``seed`` makes
         the random write policy repeatable."""
+        check_durations(connect_timeout, timeout, retry_after)
         nodes = [_SyncNode(parse_server(s), connect_timeout, timeout) for s in server_list(servers)]
         super().__init__(nodes, write_policy, retry_after, seed)
 

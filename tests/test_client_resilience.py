@@ -533,6 +533,28 @@ def test_a_server_that_answered_a_write_is_read_again_at_once(erq_factory, make_
     assert time.monotonic() - started < 4.0
 
 
+def test_a_timeout_or_back_off_that_is_no_duration_is_refused_when_the_client_is_made(
+    erq_factory, make_client
+):
+    # timeout=0 made the sockets non-blocking: every put False, the server taken for down;
+    # timeout=-1 raised ValueError from Client mid-request and was False on AsyncClient.
+    proc = erq_factory()
+    for name in ("connect_timeout", "timeout"):
+        for bad in (0, -1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                make_client([address(proc)], **{name: bad})
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="retry_after must be a finite number"):
+            make_client([address(proc)], retry_after=bad)
+    for name in ("connect_timeout", "timeout", "retry_after"):
+        for bad in (None, "5", True):
+            with pytest.raises(TypeError, match=f"{name} is a number of seconds"):
+                make_client([address(proc)], **{name: bad})
+    mq = make_client([address(proc)], connect_timeout=1, timeout=0.5, retry_after=0)
+    assert mq.put(QUEUE, b"x") is True
+    assert mq.get(QUEUE) == b"x"
+
+
 def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_client):
     mq = make_client([("127.0.0.1", 1)])  # never reached: every call fails first
     for call in (
