@@ -87,6 +87,11 @@ __all__ = ["AsyncClient", "Client", "ErqError", "Item", "ServerSpec", "WritePoli
 ErqError.__module__ = Item.__module__ = __name__
 
 
+# The most one recv asks for: it allocates that much first, and a VALUE line may declare any
+# size (one of 1 TiB raised MemoryError before a byte of it came).
+_MOST_PER_RECV = 1 << 20
+
+
 class _Connection(_Replies):
     """One connection to one server, a request and its reply at a time, on a blocking socket
     (twin of ``erq._client_async._Connection``)."""
@@ -132,7 +137,7 @@ class _Connection(_Replies):
     def _exactly(self, size: int) -> bytes:
         assert self.sock is not None
         while len(self.buf) < size:
-            chunk = self.sock.recv(max(65536, size - len(self.buf)))
+            chunk = self.sock.recv(min(max(65536, size - len(self.buf)), _MOST_PER_RECV))
             if not chunk:
                 raise EOFError("the server closed the connection")
             self.buf += chunk

@@ -297,6 +297,28 @@ def test_a_reply_line_without_end_raises_erq_error_at_its_cap(make_client):
         thread.join(10)
 
 
+def test_a_value_of_any_declared_size_is_read_as_it_comes(make_client):
+    # Client asked recv for the whole declared size at once: a VALUE line of 1 TiB raised
+    # MemoryError before a byte came. Now, like AsyncClient, it reads what comes, and a
+    # server that stops sending is a failed server once the timeout passes.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"VALUE jobs 0 %d\r\nabc" % (1 << 40))
+                conn.recv(1024)  # until the client gives up
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        mq = make_client([listener.getsockname()], timeout=0.5)
+        assert mq.get(QUEUE) is None
+        thread.join(10)
+
+
 def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_client):
     assert parse_server("::1") == ("::1", 22133)
     assert parse_server("[::1]") == ("::1", 22133)
