@@ -6,6 +6,7 @@ blocking or awaited; their behaviour is described in ``erq.client``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import operator
 import random
@@ -48,27 +49,59 @@ def status_refusal(error: Exception) -> bool:
 
 
 def parse_server(spec: ServerSpec) -> Address:
-    """``"host:port"``, ``"host"`` (port 22133) or ``(host, port)`` -> ``(host, port)``;
-    ValueError for a port outside 1-65535 (the resolver would take 99999 for 34463)."""
+    """``"host:port"``, ``"host"`` (port 22133), ``"[v6]:port"``, a bare IPv6 address or
+    ``(host, port)`` -> ``(host, port)``. ValueError for a port outside 1-65535 (the resolver
+    would take 99999 for 34463) and for a server no address can name (an empty host, a space,
+    colons that make no IPv6 address: ``"::1:22133"`` is not ``"[::1]:22133"``): such a
+    server would be taken for down on every request, and nothing would say why."""
     host, port = _split_server(spec)
     if not 0 < port < 65536:
         raise ValueError(f"bad port in server {spec!r}")
+    if not _possible_host(host):
+        raise ValueError(f"bad host in server {spec!r}")
     return host, port
 
 
 def _split_server(spec: ServerSpec) -> Address:
     if isinstance(spec, tuple):
         host, port = spec
-        return str(host), int(port)
-    if spec.startswith("[") and "]" in spec:  # "[::1]:22133" or "[::1]"
-        host, _, rest = spec[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
+        return str(host), _port(port, spec)
+    if spec.startswith("["):  # "[::1]:22133" or "[::1]"
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):
+            raise ValueError(f"bad server {spec!r}")
+        return host, _port(rest[1:], spec) if rest else DEFAULT_PORT
     if spec.count(":") > 1:  # a bare IPv6 address: its colons are not a port
         return spec, DEFAULT_PORT
     host, sep, port = spec.rpartition(":")
     if not sep:
         return spec, DEFAULT_PORT
-    return host, int(port)
+    return host, _port(port, spec)
+
+
+def _port(port: Any, spec: ServerSpec) -> int:
+    """A port given as an int or as its digits (``int()`` took 22133.9 for 22133)."""
+    if isinstance(port, str):
+        if port.isascii() and port.isdigit():
+            return int(port)
+    elif not isinstance(port, bool):
+        try:
+            return operator.index(port)
+        except TypeError:
+            pass
+    raise ValueError(f"bad port in server {spec!r}")
+
+
+def _possible_host(host: str) -> bool:
+    """A name or an address a server can have; one with colons is an IPv6 address."""
+    if not host or not host.isprintable() or " " in host:
+        return False
+    if ":" not in host:
+        return True
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def check_durations(connect_timeout: float, timeout: float, retry_after: float) -> None:

@@ -363,6 +363,27 @@ def test_an_item_from_an_ipv6_server_names_it_in_brackets(make_client):
         thread.join(10)
 
 
+def test_a_server_no_address_can_name_is_refused_when_the_client_is_made(make_client):
+    # Each was a server taken for down on every request (put False, get None), nothing said:
+    # "::1:23400" is no IPv6 address (it is not "[::1]:23400"), "[::1]x" dropped its "x".
+    for bad in ("::1:23400", "host:7000:", "", ":7000", "a host", ("", 7000)):
+        with pytest.raises(ValueError, match="bad host in server"):
+            make_client(["127.0.0.1:1", bad])
+    for bad in ("[::1]x", "[::1"):
+        with pytest.raises(ValueError, match="bad server"):
+            make_client(["127.0.0.1:1", bad])
+    for bad in ("host:", "[::1]:", ("host", 7000.5), ("host", True)):
+        with pytest.raises(ValueError, match="bad port in server"):
+            make_client(["127.0.0.1:1", bad])  # int() took 7000.5 for 7000
+    specs = ["fe80::1%eth0", "[fe80::1%eth0]:7000", "[::ffff:10.0.0.1]", ("host", "7000")]
+    assert make_client(specs).servers == [
+        ("fe80::1%eth0", 22133),
+        ("fe80::1%eth0", 7000),
+        ("::ffff:10.0.0.1", 22133),
+        ("host", 7000),
+    ]
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """Python leaves SIGINT ignored when it was ignored at its start (a suite run in the
