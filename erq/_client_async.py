@@ -34,6 +34,7 @@ from erq._client_core import (
     _Replies,
     check_durations,
     check_queue_name,
+    check_timeout_ms,
     expiry_seconds,
     item_flags,
     oldest_check,
@@ -260,6 +261,7 @@ class AsyncClient(_ClientCore):
     ) -> AsyncItem | None:
         """See ``Client.get_reliable``."""
         check_queue_name(queue)
+        check_timeout_ms(timeout_ms)
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:

@@ -104,6 +104,22 @@ def _possible_host(host: str) -> bool:
         return False
 
 
+_MAX_WAIT_MS = (1 << 31) - 1  # Kestrel's t= is a 32-bit int
+
+
+def check_timeout_ms(timeout_ms: Any) -> None:
+    """A read's ``timeout_ms``: None (no wait) or 0 to 2**31 - 1 ms, checked before any
+    request. An infinite, NaN or huge one raised after a first round of reads (on Client
+    by closing the connection, which lost the reliable reads it held) or, huge on
+    AsyncClient, waited for ever; a negative one is no wait to some, for ever to others."""
+    if timeout_ms is None:
+        return
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float):
+        raise TypeError(f"timeout_ms is a number of milliseconds, not {type(timeout_ms).__name__}")
+    if not 0 <= timeout_ms <= _MAX_WAIT_MS:  # NaN too
+        raise ValueError(f"timeout_ms must be from 0 to 2**31 - 1, not {timeout_ms!r}")
+
+
 def check_durations(connect_timeout: float, timeout: float, retry_after: float) -> None:
     """A client's durations in seconds, checked when it is made: a timeout of 0 made each
     socket non-blocking (every server taken for down, every call False or None), a negative
@@ -544,6 +560,7 @@ class _ClientCore:
         With ``timeout_ms`` the rounds of reads (``_read_plan``) go on until a server waited
         out the rest of it or the time is up: while every server is in back-off, it sleeps
         until the first one leaves it."""
+        check_timeout_ms(timeout_ms)
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else None
         while True:
             waited = False

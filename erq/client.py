@@ -66,6 +66,7 @@ from erq._client_core import (
     _Replies,
     check_durations,
     check_queue_name,
+    check_timeout_ms,
     expiry_seconds,
     item_flags,
     oldest_check,
@@ -265,7 +266,9 @@ class Client(_ClientCore):
 
         Without ``timeout_ms``: None once every reachable server was found empty. With it: when
         every server is empty, one blocking read (``/t=``) on the next server in turn, so the
-        call returns within about ``timeout_ms`` plus one round trip per server.
+        call returns within about ``timeout_ms`` plus one round trip per server. It is from 0
+        to 2**31 - 1 (Kestrel's limit): another raises ValueError (a non-number TypeError)
+        before any request.
         """
         found = self._fetch(queue, "", timeout_ms, reliable=False)
         return None if found is None else found[1][0]
@@ -281,6 +284,7 @@ class Client(_ClientCore):
         whether that worked ("confirmed") or its connection had broken ("lost").
         """
         check_queue_name(queue)
+        check_timeout_ms(timeout_ms)
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:

@@ -598,6 +598,28 @@ def test_a_timeout_or_back_off_that_is_no_duration_is_refused_when_the_client_is
     assert mq.get(QUEUE) == b"x"
 
 
+def test_a_read_timeout_out_of_range_is_refused_before_any_request(erq_factory, make_client):
+    # inf, NaN and 10**20 raised after a round of reads, on Client by closing the reliable
+    # connection: the read held there was lost. AsyncClient waited for ever on 10**20.
+    proc = erq_factory()
+    mq = make_client([address(proc)])
+    assert mq.put(QUEUE, b"held") is True
+    held = mq.get_reliable(QUEUE)
+    for bad in (-1, float("inf"), float("nan"), 2**31, 10**20):
+        for read in (mq.get, mq.get_reliable):
+            with pytest.raises(ValueError, match="timeout_ms must be from 0"):
+                read("other", timeout_ms=bad)
+        with pytest.raises(ValueError, match="timeout_ms must be from 0"):
+            mq.get_reliable(QUEUE, timeout_ms=bad, confirm=held)
+    for bad in ("100", True):
+        with pytest.raises(TypeError, match="timeout_ms is a number of milliseconds"):
+            mq.get("other", timeout_ms=bad)
+    assert held.state == "open"
+    assert mq.get_reliable("other", timeout_ms=0) is None
+    assert mq.get("other", timeout_ms=50.5) is None
+    assert mq.confirm(held) is True
+
+
 def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_client):
     mq = make_client([("127.0.0.1", 1)])  # never reached: every call fails first
     for call in (
