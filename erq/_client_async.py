@@ -281,11 +281,10 @@ class AsyncClient(_ClientCore):
         return await self._finish(item, "/abort", ABORTED)
 
     async def _finish(self, item: AsyncItem, option: str, state: str) -> bool:
-        items = oldest_check(item, self)
-        if items is None:
+        if oldest_check(item, self) is None:
             return False
         found = await self._fetch_one(item._node, item.queue + option, 0, True, acts=True)
-        return self._finished(item, items, option, state, found)
+        return self._finished(item, option, state, found)
 
     async def _fetch(
         self, queue: str, options: str, timeout_ms: int | None, reliable: bool

@@ -193,6 +193,15 @@ class _Node:
         # protocol confirms and aborts the oldest, so the client keeps the same order.
         self.open: dict[str, deque[_ItemBase]] = {}
 
+    def drop_oldest(self, queue: str) -> None:
+        """The oldest open read of ``queue`` here is confirmed, aborted or on its way: off the
+        list, and an emptied list off ``open`` (a client reading a new queue for each request,
+        a reply queue, kept one for every queue it ever read)."""
+        items = self.open[queue]
+        items.popleft()
+        if not items:
+            del self.open[queue]
+
     def lose_open(self) -> None:
         """The reliable connection broke: the server put its open reads back; forget them."""
         for items in self.open.values():
@@ -201,6 +210,7 @@ class _Node:
         self.open.clear()
 
 
+_CURSORS_KEPT = 1024  # queues whose sticky server a client remembers (_Pool._point)
 _MIN_PAUSE = 0.05  # a blocking read retries a server that refused it without back-off this often
 
 
@@ -265,11 +275,21 @@ class _Pool:
         return max(min(_MIN_PAUSE, left), min(deadline, back) - now)
 
     def stick(self, queue: str, index: int) -> None:
-        self.cursor[queue] = index
+        self._point(queue, index)
 
     def move_on(self, queue: str, index: int) -> None:
         """``index`` was empty: the next read of ``queue`` starts at the server after it."""
-        self.cursor[queue] = (index + 1) % len(self.nodes)
+        self._point(queue, (index + 1) % len(self.nodes))
+
+    def _point(self, queue: str, index: int) -> None:
+        """Where the next read of ``queue`` starts. Only the ``_CURSORS_KEPT`` queues read
+        last are remembered (a client reading a new queue for each request, a reply queue,
+        kept one for every queue it ever read); a forgotten one starts at the first server."""
+        cursor = self.cursor
+        cursor.pop(queue, None)  # back in as the most recent
+        if len(cursor) >= _CURSORS_KEPT:
+            del cursor[next(iter(cursor))]
+        cursor[queue] = index
 
     def reached(self, node: _Node) -> None:
         """``node`` answered: it is no longer unreachable (its refusals' back-offs stay)."""
@@ -598,7 +618,7 @@ class _ClientCore:
             raise ValueError("confirm= must be an item of the same queue")
         if items is None:
             return None
-        items.popleft()
+        confirm._node.drop_oldest(queue)
         confirm.state = LOST  # until the server answered
         return confirm._node
 
@@ -612,7 +632,7 @@ class _ClientCore:
             return self._opened(queue, node, found)
         return None
 
-    def _finished(self, item: Any, items: deque, option: str, state: str, found: object) -> bool:
+    def _finished(self, item: Any, option: str, state: str, found: object) -> bool:
         """The reply to ``q/close`` or ``q/abort``. A broken connection (the node forgot the
         item: LOST) or a refusal (cannot happen: close and abort always work; if it did, the
         item is still open on a live connection) is False."""
@@ -620,6 +640,6 @@ class _ClientCore:
             return False
         if found != _EMPTY:
             raise ErqError(f"get {item.queue}{option} on {item.server} answered {found!r}")
-        items.popleft()
+        item._node.drop_oldest(item.queue)
         item.state = state
         return True

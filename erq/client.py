@@ -304,11 +304,10 @@ class Client(_ClientCore):
         return self._finish(item, "/abort", ABORTED)
 
     def _finish(self, item: Item, option: str, state: str) -> bool:
-        items = oldest_check(item, self)
-        if items is None:
+        if oldest_check(item, self) is None:
             return False
         found = self._fetch_one(item._node, item.queue + option, 0, True, acts=True)
-        return self._finished(item, items, option, state, found)
+        return self._finished(item, option, state, found)
 
     def _fetch(
         self, queue: str, options: str, timeout_ms: int | None, reliable: bool
