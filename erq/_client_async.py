@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Sequence
 
 from erq._client_core import (
@@ -76,6 +77,7 @@ class _Connection(_Replies):
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the one the streams belong to
+        self._busy = threading.Lock()  # never waited on: see _Replies._alone
 
     def close(self) -> None:
         writer = self.writer
@@ -101,12 +103,17 @@ class _Connection(_Replies):
     def drop_if_closed(self) -> bool:
         """See ``erq.client._Connection.drop_if_closed``. A connection opened under another
         event loop (an earlier ``asyncio.run``) is dropped too: its streams cannot be used
-        here, and a request sent on it went out before failing."""
+        here, and a request sent on it went out before failing. Not while another task's
+        request is under way."""
         writer = self.writer
-        if writer is not None and (
-            not self._on_this_loop()
-            or writer.is_closing()
-            or peer_closed(writer.get_extra_info("socket"))
+        if (
+            writer is not None
+            and not self._busy.locked()
+            and (
+                not self._on_this_loop()
+                or writer.is_closing()
+                or peer_closed(writer.get_extra_info("socket"))
+            )
         ):
             self.close()
             return True
@@ -171,22 +178,24 @@ class _Connection(_Replies):
 
     async def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
         """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
-        line = await self._request(set_request(queue, data, expiry, flags), 0.0)
-        return self._stored(queue, line)
+        with self._alone():
+            line = await self._request(set_request(queue, data, expiry, flags), 0.0)
+            return self._stored(queue, line)
 
     async def get(self, key: str, wait_s: float) -> tuple[bytes, int] | None:
         """A single-key get: ``(data, flags)`` or None; raises ``_Refused`` on ``SERVER_ERROR``."""
-        line = await self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
-        flags, size = self._head(key, line)
-        if flags < 0:
-            return None
-        try:
-            block = await self._exactly(size + 2)
-            end = await asyncio.wait_for(self._line(), self.node.timeout)
-        except BaseException:
-            self.close()
-            raise
-        return self._value(key, line, block, end, flags)
+        with self._alone():
+            line = await self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
+            flags, size = self._head(key, line)
+            if flags < 0:
+                return None
+            try:
+                block = await self._exactly(size + 2)
+                end = await asyncio.wait_for(self._line(), self.node.timeout)
+            except BaseException:
+                self.close()
+                raise
+            return self._value(key, line, block, end, flags)
 
 
 class _AsyncNode(_Node):

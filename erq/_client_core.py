@@ -11,9 +11,11 @@ import math
 import operator
 import random
 import select
+import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from erq.names import valid_queue_name
@@ -497,9 +499,25 @@ class _Replies:
     closes it (its state is unknown), and garbage raises ErqError."""
 
     node: _Node
+    _busy: threading.Lock  # held from a request's first byte sent to its reply's last read
 
     def close(self) -> None:
         raise NotImplementedError
+
+    @contextmanager
+    def _alone(self) -> Iterator[None]:
+        """One request at a time on a connection: another thread's or task's request gets
+        RuntimeError before it sends a byte (it would have read the reply to the first, and the
+        first its reply: items taken and stored with no caller told)."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"a request to {server_text(self.node.address)} is under way from another "
+                "thread or task: a client serves one at a time, give each its own"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _fail(self, request: str, line: bytes) -> ErqError:
         self.close()

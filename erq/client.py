@@ -37,12 +37,14 @@ the client's reads while the reads it holds open there can still be confirmed, w
 server is drained.
 
 Neither client is safe to share between threads (or, for ``AsyncClient``, between tasks that call
-it at the same time): give each worker its own.
+it at the same time): give each worker its own. A request to a server while another thread's or
+task's is under way on that connection raises RuntimeError before it is sent.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -101,6 +103,7 @@ class _Connection(_Replies):
         self.node = node
         self.reliable = reliable
         self.sock: socket.socket | None = None
+        self._busy = threading.Lock()
         # What came and is not read yet: a bytearray grows in place (bytes += copied it all
         # for each recv, quadratic over a large value).
         self.buf = bytearray()
@@ -116,8 +119,9 @@ class _Connection(_Replies):
     def drop_if_closed(self) -> bool:
         """Close the socket if the server has closed its end (a restart, ``client_timeout``):
         an idle connection is never readable otherwise, and a request sent on a dead one
-        would count as the server failing. The next request connects again."""
-        if self.sock is not None and peer_closed(self.sock):
+        would count as the server failing. The next request connects again. Not while another
+        thread's request is under way: its reply makes the socket readable."""
+        if self.sock is not None and not self._busy.locked() and peer_closed(self.sock):
             self.close()
             return True
         return False
@@ -171,20 +175,23 @@ class _Connection(_Replies):
 
     def set(self, queue: str, data: bytes, expiry: int, flags: int) -> bool:
         """True on ``STORED``, False on ``NOT_STORED``; raises ``_Refused`` on ``SERVER_ERROR``."""
-        return self._stored(queue, self._request(set_request(queue, data, expiry, flags), 0.0))
+        with self._alone():
+            line = self._request(set_request(queue, data, expiry, flags), 0.0)
+            return self._stored(queue, line)
 
     def get(self, key: str, wait_s: float) -> tuple[bytes, int] | None:
         """A single-key get: ``(data, flags)`` or None; raises ``_Refused`` on ``SERVER_ERROR``."""
-        line = self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
-        flags, size = self._head(key, line)
-        if flags < 0:
-            return None
-        try:
-            block, end = self._exactly(size + 2), self._line()
-        except BaseException:
-            self.close()
-            raise
-        return self._value(key, line, block, end, flags)
+        with self._alone():
+            line = self._request(b"get %s\r\n" % key.encode("ascii"), wait_s)
+            flags, size = self._head(key, line)
+            if flags < 0:
+                return None
+            try:
+                block, end = self._exactly(size + 2), self._line()
+            except BaseException:
+                self.close()
+                raise
+            return self._value(key, line, block, end, flags)
 
 
 class _SyncNode(_Node):

@@ -648,6 +648,48 @@ def test_reading_a_new_queue_per_request_keeps_the_client_s_memory_bounded(
     assert kept < 600 << 10, f"{kept} bytes kept after reading 2,500 queues"
 
 
+def test_a_request_while_another_task_s_is_under_way_is_refused_before_it_is_sent(erq_factory):
+    # Both went out on one connection and each read the other's reply: the get's item was
+    # taken with no caller told (RuntimeError from readuntil), the second put stored, yet
+    # raised.
+    proc = erq_factory()
+    mq = AsyncClient([address(proc)])
+
+    async def main() -> list:
+        assert await mq.put(QUEUE, b"first") is True
+        done = await asyncio.gather(
+            mq.put(QUEUE, b"x"), mq.get(QUEUE), mq.put(QUEUE, b"y"), return_exceptions=True
+        )
+        rest = [await mq.get(QUEUE), await mq.get(QUEUE), await mq.get(QUEUE)]
+        await mq.close()
+        return done + rest
+
+    put_x, got, put_y, *rest = asyncio.run(main())
+    assert put_x is True
+    for refused in (got, put_y):
+        assert isinstance(refused, RuntimeError) and "under way" in str(refused), refused
+    assert rest == [b"first", b"x", None]
+
+
+def test_a_request_while_another_thread_s_is_under_way_is_refused_before_it_is_sent(
+    erq_factory,
+):
+    proc = erq_factory()
+    with Client([address(proc)]) as mq:
+        waiting: list = []
+        reader = threading.Thread(target=lambda: waiting.append(mq.get(QUEUE, timeout_ms=3000)))
+        reader.start()
+        raw = proc.client()
+        poll(lambda: raw.stats().get(f"queue_{QUEUE}_waiters") == "1", "the blocked get")
+        with pytest.raises(RuntimeError, match="under way from another thread"):
+            mq.put(QUEUE, b"x")  # was sent: its STORED answered the get, garbage, ErqError
+        assert raw.set(QUEUE, b"for the reader") == STORED
+        reader.join(10)
+        assert waiting == [b"for the reader"]
+        assert mq.get(QUEUE) is None
+        raw.close()
+
+
 def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_client):
     mq = make_client([("127.0.0.1", 1)])  # never reached: every call fails first
     for call in (
