@@ -380,7 +380,7 @@ class AdminServer:
         Closed at once with its bytes unread, the socket would send a reset, and a client
         that reads after it writes can lose the answer to it. So: end our side, then read
         and drop what still comes, for at most LINGER seconds, before the close."""
-        if not writer.can_write_eof():
+        if writer.is_closing() or not writer.can_write_eof():
             return
         writer.write_eof()
         try:
@@ -424,6 +424,8 @@ class AdminServer:
                 reply = await answer(self.state, head)
                 whole = True
             self._waiting.pop(writer, None)
+            if writer.is_closing():  # the client reset the connection: nobody to answer
+                return
             writer.write(reply)
             async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
                 await writer.drain()

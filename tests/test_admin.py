@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import socket
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -315,6 +316,23 @@ def test_an_oversized_request_head_is_refused_and_the_port_stays_usable(erq_fact
         assert 400 <= Reply(raw).status < 500, raw[:200]
     assert http(port, "/healthz").status == 200
     assert proc.client().call(b"version\r\n").startswith(b"VERSION ")
+
+
+def test_a_client_that_resets_after_its_request_leaves_no_traceback(erq_factory):
+    """A client that sends a request and resets the connection (SO_LINGER 0) before the
+    answer: the answer was written to the closed transport, and uvloop's RuntimeError was
+    logged with a traceback (124 of 400 such requests)."""
+    proc, port = admin_server(erq_factory)
+    reset_on_close = struct.pack("ii", 1, 0)
+    for path in ("/healthz", "/stats.json", "/metrics"):
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset_on_close)
+                sock.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+    assert http(port, "/healthz").status == 200
+    assert proc.stop() == 0
+    log = proc.read_log()
+    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 def _listening_ports(pid: int) -> set[int]:
