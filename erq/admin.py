@@ -348,7 +348,7 @@ class AdminServer:
         self.max_connections = max_connections
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
+        self._open: dict[asyncio.StreamWriter, asyncio.Task] = {}  # each with its handler
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # no whole head yet, oldest first
 
     async def start(self, host: str, port: int) -> int:
@@ -360,12 +360,14 @@ class AdminServer:
         return self.port
 
     def close(self) -> None:
-        """Stop listening and drop the connections still open."""
+        """Stop listening and drop the connections still open, their handlers cancelled: a
+        stats document being made stops touching the queues, whose journals close next."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer in list(self._open):
+        for writer, handler in self._open.items():
             writer.transport.abort()
+            handler.cancel()
         self._open.clear()
         self._waiting.clear()
 
@@ -398,9 +400,9 @@ class AdminServer:
                 return False
             oldest = next(iter(self._waiting))
             del self._waiting[oldest]
-            self._open.discard(oldest)
+            del self._open[oldest]
             oldest.transport.abort()
-        self._open.add(writer)
+        self._open[writer] = asyncio.current_task()
         self._waiting[writer] = None
         return True
 
@@ -435,7 +437,9 @@ class AdminServer:
                 await writer.wait_closed()
         except (OSError, TimeoutError):
             pass  # the client went away or stalled: nothing left to tell it
+        except asyncio.CancelledError:
+            pass  # close(): the server stops (raised on, the loop would log a traceback)
         finally:
-            self._open.discard(writer)
+            self._open.pop(writer, None)
             self._waiting.pop(writer, None)
             writer.transport.abort()  # a no-op once closed; else frees what a stall holds

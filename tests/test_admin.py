@@ -558,6 +558,55 @@ def test_a_scrape_of_many_queues_lets_the_loop_serve_others_meanwhile(monkeypatc
     _run(scenario)
 
 
+def test_a_scrape_in_flight_when_the_admin_port_closes_stops_and_logs_nothing(monkeypatch):
+    """At a graceful stop a /stats.json being made went on reading the queues while their
+    journals closed, and the loop's end cancelled its handler, which asyncio logged as an
+    "Exception in callback ... CancelledError" traceback. close() now cancels the handlers,
+    and a handler cancelled so ends quietly."""
+    from erq import admin as admin_module
+    from erq import sliced
+    from erq.admin import AdminServer
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
+    queues = QueueCollection(Config(), None)
+    state = ServerState(Config(), queues, None)
+    state.ready = True
+    for i in range(300):
+        queues.add(f"q{i:04d}", b"x", 0, 0)
+    looked_at = []
+    each_queue_stats = admin_module.each_queue_stats
+
+    def counted(collection):
+        for entry in each_queue_stats(collection):
+            looked_at.append(entry)
+            yield entry
+
+    monkeypatch.setattr(admin_module, "each_queue_stats", counted)
+    logged = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: logged.append(context))
+        admin = AdminServer(state)
+        port = await admin.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /stats.json HTTP/1.1\r\n\r\n")
+        while len(looked_at) < 10:
+            await asyncio.sleep(0)
+        admin.close()
+        seen = len(looked_at)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(looked_at) == seen  # the document stopped with the close
+        assert await reader.read() == b""
+        writer.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert logged == []
+
+
 def test_a_head_of_bare_lf_lines_is_answered_and_a_head_of_many_lines_has_a_limit():
     """RFC 9112 lets a server take a bare LF for CRLF (``printf 'GET /healthz HTTP/1.0\\n\\n' |
     nc``): it used to wait for its 10 s timeout and a 408. The head's limit holds across its
