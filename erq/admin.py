@@ -35,8 +35,9 @@ MAX_HEAD = 8192  # bytes of request line and headers; a longer head gets 431 and
 TIMEOUT = 10.0  # seconds to send a whole request head, and again to take the whole reply
 LINGER = 2.0  # seconds to drain a client still sending when it was answered 408 or 431
 # Open at once (probes and scrapers need few). One more takes the place of the connection that
-# has waited longest for its request head: a probe sends its head at once, so 64 stalled or
-# idle clients cannot lock the probes out (an orchestrator would restart a healthy server).
+# has waited longest on its client, for its request head or to take its answer: a probe sends
+# its head and reads at once, so 64 idle clients, or clients that asked for a large document
+# and do not read it, cannot lock the probes out (an orchestrator would restart a healthy server).
 MAX_CONNECTIONS = 64
 
 TEXT = "text/plain; charset=utf-8"
@@ -349,7 +350,8 @@ class AdminServer:
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._open: dict[asyncio.StreamWriter, asyncio.Task] = {}  # each with its handler
-        self._waiting: dict[asyncio.StreamWriter, None] = {}  # no whole head yet, oldest first
+        # Waiting on its client, for its head or to take its answer: longest first.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port. OSError if taken."""
@@ -393,8 +395,8 @@ class AdminServer:
             pass
 
     def _admit(self, writer: asyncio.StreamWriter) -> bool:
-        """Room for ``writer``: at the limit, the connection that has waited longest for its
-        head is closed for it; when every one is being answered, ``writer`` is refused."""
+        """Room for ``writer``: at the limit, the connection that has waited longest on its
+        client is closed for it; when every one's answer is being made, ``writer`` is refused."""
         if len(self._open) >= self.max_connections:
             if not self._waiting:
                 return False
@@ -429,6 +431,7 @@ class AdminServer:
             if writer.is_closing():  # the client reset the connection: nobody to answer
                 return
             writer.write(reply)
+            self._waiting[writer] = None  # until the client has taken the answer
             async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
                 await writer.drain()
                 if not whole:

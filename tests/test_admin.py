@@ -482,6 +482,59 @@ def test_past_the_limit_a_probe_takes_the_place_of_the_longest_idle_connection()
     _run(scenario)
 
 
+def test_past_the_limit_a_probe_takes_the_place_of_a_client_that_does_not_read_its_answer(
+    monkeypatch,
+):
+    """Clients that ask for a document larger than the socket buffers hold and never read it
+    held every admin slot until their 10 s deadline, and a probe meanwhile was refused (64
+    such /metrics clients of a 4,000-queue server: the probes timed out, then were reset).
+    Waiting on such a client is waiting on it as for its head: the probe takes its place."""
+    from erq import admin as admin_module
+    from erq.admin import TEXT, AdminServer
+
+    big = b"x" * 16_000_000  # more than the socket buffers hold (tcp_wmem's 4 MiB)
+    monkeypatch.setitem(admin_module.ROUTES, "/big", lambda state: (200, TEXT, big))
+
+    async def stalled(port: int):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big HTTP/1.1\r\n\r\n")
+        assert (await reader.read(100)).startswith(b"HTTP/1.1 200 OK")  # then no more reads
+        return reader, writer
+
+    async def read_all(reader: asyncio.StreamReader) -> bytes:
+        out = b""
+        try:
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+    async def scenario() -> None:
+        admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=2)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            held = [await stalled(port), await stalled(port)]
+            try:
+                raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            except ConnectionResetError:
+                raw = b"reset"
+            assert raw.startswith(b"HTTP/1.1 200 OK"), raw  # answered, at the limit
+            assert len(await read_all(held[0][0])) < len(big)  # closed for it
+            whole = await read_all(held[1][0])  # the younger one still gets all of its answer
+            assert whole.endswith(big) and len(whole) < len(big) + 200
+            for _, writer in held:
+                writer.close()
+        finally:
+            admin.close()
+
+    _run(scenario)
+
+
 def test_a_failing_stats_source_answers_500_and_the_listener_stays():
     from erq.admin import AdminServer
 
