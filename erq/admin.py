@@ -35,9 +35,11 @@ MAX_HEAD = 8192  # bytes of request line and headers; a longer head gets 431 and
 TIMEOUT = 10.0  # seconds to send a whole request head, and again to take the whole reply
 LINGER = 2.0  # seconds to drain a client still sending when it was answered 408 or 431
 # Open at once (probes and scrapers need few). One more takes the place of the connection that
-# has waited longest on its client, for its request head or to take its answer: a probe sends
-# its head and reads at once, so 64 idle clients, or clients that asked for a large document
-# and do not read it, cannot lock the probes out (an orchestrator would restart a healthy server).
+# has waited longest on its client, for its request head or to take its answer, or if none
+# does, of the one whose answer has been in the making longest: a probe sends its head and
+# reads at once, so 64 idle clients, clients that asked for a large document and do not read
+# it, or 64 asking for documents at once cannot lock the probes out (an orchestrator would
+# restart a healthy server).
 MAX_CONNECTIONS = 64
 
 TEXT = "text/plain; charset=utf-8"
@@ -349,9 +351,11 @@ class AdminServer:
         self.max_connections = max_connections
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
-        self._open: dict[asyncio.StreamWriter, asyncio.Task] = {}  # each with its handler
-        # Waiting on its client, for its head or to take its answer: longest first.
+        self._handlers: dict[asyncio.StreamWriter, asyncio.Task] = {}
+        # The open connections, each in one of these, longest there first: waiting on its
+        # client (for its head, or to take its answer), or its answer being made.
         self._waiting: dict[asyncio.StreamWriter, None] = {}
+        self._making: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port. OSError if taken."""
@@ -367,16 +371,17 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer, handler in self._open.items():
+        for writer, handler in self._handlers.items():
             writer.transport.abort()
             handler.cancel()
-        self._open.clear()
+        self._handlers.clear()
         self._waiting.clear()
+        self._making.clear()
 
     @property
     def connections(self) -> int:
         """Connections open now."""
-        return len(self._open)
+        return len(self._waiting) + len(self._making)
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Close gently after answering a client that is still sending its head (408, 431).
@@ -394,24 +399,20 @@ class AdminServer:
         except (TimeoutError, OSError):
             pass
 
-    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
         """Room for ``writer``: at the limit, the connection that has waited longest on its
-        client is closed for it; when every one's answer is being made, ``writer`` is refused."""
-        if len(self._open) >= self.max_connections:
-            if not self._waiting:
-                return False
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
-            del self._open[oldest]
+        client is closed for it, or if none does, the one whose answer has been in the making
+        longest (its handler finds it closed when the answer is made)."""
+        if self.connections >= self.max_connections:
+            giving_way = self._waiting or self._making
+            oldest = next(iter(giving_way))
+            del giving_way[oldest]
             oldest.transport.abort()
-        self._open[writer] = asyncio.current_task()
+        self._handlers[writer] = asyncio.current_task()
         self._waiting[writer] = None
-        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._admit(writer):
-            writer.transport.abort()
-            return
+        self._admit(writer)
         try:
             whole = False
             try:
@@ -424,10 +425,14 @@ class AdminServer:
             except asyncio.IncompleteReadError:
                 return  # closed before a whole head: nobody to answer
             else:
-                self._waiting.pop(writer, None)  # being answered: not one to make room for
+                if writer.is_closing():  # reset, or closed for a newer connection meanwhile
+                    return
+                del self._waiting[writer]
+                self._making[writer] = None
                 reply = await answer(self.state, head)
                 whole = True
             self._waiting.pop(writer, None)
+            self._making.pop(writer, None)
             if writer.is_closing():  # the client reset the connection: nobody to answer
                 return
             writer.write(reply)
@@ -443,6 +448,7 @@ class AdminServer:
         except asyncio.CancelledError:
             pass  # close(): the server stops (raised on, the loop would log a traceback)
         finally:
-            self._open.pop(writer, None)
+            self._handlers.pop(writer, None)
             self._waiting.pop(writer, None)
+            self._making.pop(writer, None)
             writer.transport.abort()  # a no-op once closed; else frees what a stall holds

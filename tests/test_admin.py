@@ -535,6 +535,56 @@ def test_past_the_limit_a_probe_takes_the_place_of_a_client_that_does_not_read_i
     _run(scenario)
 
 
+def test_past_the_limit_a_probe_takes_the_place_of_a_client_whose_answer_is_being_made(
+    monkeypatch,
+):
+    """When every connection's answer was being made (64 clients asking for /metrics of a
+    large server at once), a probe was refused. Now the one whose answer has been in the
+    making longest gives way; the others still get theirs."""
+    from erq import admin as admin_module
+    from erq.admin import TEXT, AdminServer
+
+    made = asyncio.Event()
+    asked = []
+
+    async def slow(state):
+        asked.append(state)
+        await made.wait()
+        return 200, TEXT, b"made"
+
+    monkeypatch.setitem(admin_module.ROUTES, "/slow", slow)
+
+    async def scenario() -> None:
+        admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=2)
+        port = await admin.start("127.0.0.1", 0)
+        try:
+            held = []
+            for _ in range(2):  # one after the other
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+                held[-1][1].write(b"GET /slow HTTP/1.1\r\n\r\n")
+                while len(asked) < len(held):  # its answer is in the making
+                    await asyncio.sleep(0.001)
+            try:
+                raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            except ConnectionResetError:
+                raw = b"reset"
+            assert raw.startswith(b"HTTP/1.1 200 OK"), raw
+            made.set()
+            try:
+                oldest = await asyncio.wait_for(held[0][0].read(), 5)
+            except ConnectionResetError:
+                oldest = b""
+            assert oldest == b""  # closed for the probe
+            reply = Reply(await asyncio.wait_for(held[1][0].read(), 5))
+            assert (reply.status, reply.body) == (200, b"made")
+            for _, writer in held:
+                writer.close()
+        finally:
+            admin.close()
+
+    _run(scenario)
+
+
 def test_a_failing_stats_source_answers_500_and_the_listener_stays():
     from erq.admin import AdminServer
 
