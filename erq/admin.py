@@ -33,7 +33,7 @@ log = logging.getLogger("erq.admin")
 
 MAX_HEAD = 8192  # bytes of request line and headers; a longer head gets 431 and a close
 TIMEOUT = 10.0  # seconds to send a whole request head, and again to take the whole reply
-LINGER = 2.0  # seconds to drain a client still sending when it was answered 408 or 431
+LINGER = 2.0  # seconds to drain a client still sending when it was answered (a body, a head)
 # Open at once (probes and scrapers need few). One more takes the place of the connection that
 # has waited longest on its client, for its request head or to take its answer, or if none
 # does, of the one whose answer has been in the making longest: a probe sends its head and
@@ -417,7 +417,8 @@ class AdminServer:
         return len(self._waiting) + len(self._making)
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Close gently after answering a client that is still sending its head (408, 431).
+        """Close gently after answering a client that may still be sending: its head (408,
+        431), or a body or more requests, which are not read (one request per connection).
 
         Closed at once with its bytes unread, the socket would send a reset, and a client
         that reads after it writes can lose the answer to it. So: end our side, then read
@@ -447,7 +448,6 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._admit(writer)
         try:
-            whole = False
             try:
                 async with asyncio.timeout(self.timeout):
                     head = await read_head(reader, self.max_head)
@@ -463,7 +463,6 @@ class AdminServer:
                 del self._waiting[writer]
                 self._making[writer] = None
                 reply = await answer(self.state, head, self.routes)
-                whole = True
             self._waiting.pop(writer, None)
             self._making.pop(writer, None)
             if writer.is_closing():  # the client reset the connection: nobody to answer
@@ -472,8 +471,7 @@ class AdminServer:
             self._waiting[writer] = None  # until the client has taken the answer
             async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
                 await writer.drain()
-                if not whole:
-                    await self._linger(reader, writer)
+                await self._linger(reader, writer)
                 writer.close()
                 await writer.wait_closed()
         except (OSError, TimeoutError):

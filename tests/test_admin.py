@@ -305,6 +305,22 @@ def test_unknown_paths_get_404_other_methods_405_and_broken_requests_400(erq_fac
     assert proc.client().call(b"version\r\n").startswith(b"VERSION ")
 
 
+def test_a_request_with_a_body_gets_its_answer_not_a_reset(erq_factory):
+    """A body is not read (nothing takes one): the server closed with it unread, the socket
+    sent a reset, and a client still sending lost its answer (a POST of 1 MB got
+    ConnectionResetError instead of its 405)."""
+    _, port = admin_server(erq_factory)
+    body = b"x" * 1_000_000
+    for method, status in (("POST", 405), ("GET", 200)):
+        head = f"{method} /healthz HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n"
+        reply = Reply(send(port, head.encode() + body))
+        assert reply.status == status, method
+    chunked = b"POST /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    reply = Reply(send(port, chunked))
+    assert (reply.status, reply.headers["allow"]) == (405, "GET, HEAD")
+
+
 def test_an_oversized_request_head_is_refused_and_the_port_stays_usable(erq_factory):
     proc, port = admin_server(erq_factory)
     request = b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 64_000 + b"\r\n\r\n"
