@@ -12,7 +12,9 @@ thread): /healthz says ok, every other endpoint 503 ``starting`` until the queue
 
 With thousands of queues a stats document is megabytes of text: its per-queue numbers are
 gathered on the loop a slice of time at a time (the loop serves its sockets in between), and
-the text is made on a worker thread, so that a scrape does not hold every client back.
+its text made with them (/stats.json) or on a worker thread in pure Python, which hands the
+GIL back to the loop every few milliseconds (/metrics), so that a scrape does not hold every
+client back.
 """
 
 from __future__ import annotations
@@ -94,19 +96,27 @@ async def every_queue_stats(state: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def stats_document(state: Any) -> dict[str, Any]:
-    """The memcache ``stats`` reply as one object: the general fields, then ``queues``."""
-    document: dict[str, Any] = dict(general_stats(state))
-    document["queues"] = await every_queue_stats(state)
-    return document
+async def every_queue_json(state: Any) -> str:
+    """The JSON object of every queue's ``queue_stats``, each queue made text as its numbers
+    are gathered, within their slice of time. One json.dumps of the whole, even on a worker
+    thread, holds the GIL and so the loop all along (~15 ms for 4,000 queues, ~250 ms for
+    40,000); a queue at a time costs the same in all."""
+    parts: list[str] = []
+    for entry in each_queue_stats(state.queues):
+        if entry is None:
+            await asyncio.sleep(0)
+        else:
+            parts.append(f"{json.dumps(entry[0])}: {json.dumps(entry[1])}")
+    return "{" + ", ".join(parts) + "}"
 
 
 async def stats_json(state: Any) -> Reply:
+    """The memcache ``stats`` reply as one object: the general fields, then ``queues``."""
     if not state.ready:
         return STARTING
-    document = await stats_document(state)
-    body = await asyncio.to_thread(lambda: json.dumps(document).encode("utf-8"))
-    return 200, JSON, body
+    general = json.dumps(dict(general_stats(state)))
+    queues = await every_queue_json(state)
+    return 200, JSON, f'{general[:-1]}, "queues": {queues}}}'.encode()
 
 
 # How the numeric stats fields are exported. The fields themselves come from ``general_stats``
