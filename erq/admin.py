@@ -355,9 +355,9 @@ async def answer(state: Any, head: bytes, routes: dict[str, Endpoint] = ROUTES) 
     if match is None:
         return response(400, TEXT, b"bad request")
     method = match[1].decode("ascii")
-    if match[3] != b"1":
-        return response(505, TEXT, b"HTTP/1.x only")
     is_head = method == "HEAD"
+    if match[3] != b"1":
+        return response(505, TEXT, b"HTTP/1.x only", head=is_head)
     path = request_path(match[2])
     endpoint = routes.get(path)
     if endpoint is None:

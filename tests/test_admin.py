@@ -301,6 +301,9 @@ def test_unknown_paths_get_404_other_methods_405_and_broken_requests_400(erq_fac
     ):
         assert Reply(send(port, request)).status == 400, request
     assert Reply(send(port, b"GET /healthz HTTP/2.0\r\n\r\n")).status == 505
+    reply = Reply(send(port, b"HEAD /healthz HTTP/2.0\r\n\r\n"))  # HEAD: never a body
+    assert (reply.status, reply.body) == (505, b"")
+    assert int(reply.headers["content-length"]) > 0
     assert http(port, "/healthz").status == 200
     assert proc.client().call(b"version\r\n").startswith(b"VERSION ")
 
