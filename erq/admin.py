@@ -20,6 +20,7 @@ client back.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import re
@@ -312,9 +313,11 @@ class OneAtATime:
 # ---- HTTP ----------------------------------------------------------------------------------
 def response(status: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
     """A whole HTTP/1.1 response that closes the connection; ``head`` leaves out the body
-    (HEAD: the headers, Content-Length included, are those of the GET)."""
+    (HEAD: the headers, Content-Length included, are those of the GET). It is dated, as RFC
+    9110 has a server with a clock date its responses."""
     lines = [
         f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",

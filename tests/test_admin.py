@@ -9,10 +9,12 @@ what a subprocess cannot show: the not-yet-recovered answer and the read deadlin
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +59,8 @@ def send(port: int, request: bytes, timeout: float = 10.0) -> bytes:
 def http(port: int, path: str, method: str = "GET") -> Reply:
     reply = Reply(send(port, f"{method} {path} HTTP/1.1\r\nHost: erq\r\n\r\n".encode()))
     assert reply.headers["connection"] == "close"
+    dated = email.utils.parsedate_to_datetime(reply.headers["date"])  # RFC 9110: dated
+    assert abs(dated.timestamp() - time.time()) < 60, reply.headers["date"]
     if method != "HEAD":
         assert int(reply.headers["content-length"]) == len(reply.body)
     return reply
