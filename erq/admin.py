@@ -311,10 +311,12 @@ class OneAtATime:
 
 
 # ---- HTTP ----------------------------------------------------------------------------------
-def response(status: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection; ``head`` leaves out the body
-    (HEAD: the headers, Content-Length included, are those of the GET). It is dated, as RFC
-    9110 has a server with a clock date its responses."""
+def response(status: int, content_type: str, body: bytes, *, head: bool = False) -> list[bytes]:
+    """A whole HTTP/1.1 response that closes the connection, as its head and its body, the
+    body not copied: the clients asking at once for a document share it while they read it
+    (64 that did not read a 3.2 MB /metrics held a copy each, 200 MB). ``head`` leaves out
+    the body (HEAD: the headers, Content-Length included, are those of the GET). It is
+    dated, as RFC 9110 has a server with a clock date its responses."""
     lines = [
         f"HTTP/1.1 {status} {_REASONS[status]}",
         f"Date: {email.utils.formatdate(usegmt=True)}",
@@ -326,7 +328,7 @@ def response(status: int, content_type: str, body: bytes, *, head: bool = False)
     if status == 405:
         lines.append("Allow: " + ", ".join(_METHODS))
     header = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-    return header if head else header + body
+    return [header] if head else [header, body]
 
 
 def request_path(target: bytes) -> str:
@@ -352,7 +354,7 @@ async def read_head(reader: asyncio.StreamReader, limit: int) -> bytes:
             raise asyncio.LimitOverrunError("request head too large", len(head))
 
 
-async def answer(state: Any, head: bytes, routes: dict[str, Endpoint] = ROUTES) -> bytes:
+async def answer(state: Any, head: bytes, routes: dict[str, Endpoint] = ROUTES) -> list[bytes]:
     """The response to one request head (request line and headers, without the blank line)."""
     match = _REQUEST_LINE.fullmatch(head.split(b"\n", 1)[0].removesuffix(b"\r"))
     if match is None:
@@ -480,7 +482,7 @@ class AdminServer:
             self._making.pop(writer, None)
             if writer.is_closing():  # the client reset the connection: nobody to answer
                 return
-            writer.write(reply)
+            writer.writelines(reply)
             self._waiting[writer] = None  # until the client has taken the answer
             async with asyncio.timeout(self.timeout):  # a client that does not read is dropped
                 await writer.drain()

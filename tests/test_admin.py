@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import os
 import re
 import socket
 import struct
@@ -607,6 +608,52 @@ def test_past_the_limit_a_probe_takes_the_place_of_a_client_whose_answer_is_bein
             admin.close()
 
     _run(scenario)
+
+
+def test_clients_that_do_not_read_a_shared_document_do_not_each_hold_a_copy(monkeypatch):
+    """The answer was made as one bytes, head and body, for each client: 64 clients that
+    asked at once for /metrics of 4,000 queues (3.2 MB) and did not read it held a copy
+    each, and the server's RSS grew from 61 MB to 275 MB. The body is now handed to the
+    transport as it is: uvloop, the server's loop, keeps it without a copy."""
+    import uvloop
+
+    from erq import admin as admin_module
+    from erq.admin import TEXT, AdminServer
+
+    body = b"x" * 8_000_000
+
+    async def big(state):
+        return 200, TEXT, body
+
+    monkeypatch.setitem(admin_module.ROUTES, "/big", big)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    async def scenario() -> None:
+        admin = AdminServer(SimpleNamespace(ready=True, status="UP"))
+        port = await admin.start("127.0.0.1", 0)
+        held = []
+        try:
+            before = rss()
+            for _ in range(8):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(b"GET /big HTTP/1.1\r\n\r\n")
+                assert (await reader.read(100)).startswith(b"HTTP/1.1 200 OK")  # then no more
+                held.append(writer)
+            grown = rss() - before
+            assert grown < 3 * len(body), grown  # 8 copies were 8 times the body
+        finally:
+            for writer in held:
+                writer.close()
+            admin.close()
+
+    uvloop.run(asyncio.wait_for(scenario(), 30))
 
 
 def test_a_failing_stats_source_answers_500_and_the_listener_stays():
