@@ -271,9 +271,6 @@ class Server:
             log.debug(
                 "free heap released after recovery in %.3fs", time.perf_counter() - trim_started
             )
-        state.ready = True
-        if self._reload_after_recovery:
-            self.reload()
         try:
             self._listener = await listen(
                 loop, cfg.host, cfg.port, lambda: MemcacheProtocol(state), backlog=1024
@@ -282,6 +279,12 @@ class Server:
             raise StartError(
                 f"cannot open the memcache port {cfg.host}:{cfg.port}: {exc}"
             ) from None
+        # Ready once the port is open (/readyz said UP while it was still shut), and with no
+        # await in between: the reload a SIGHUP during recovery asked for comes before the
+        # first request is read.
+        state.ready = True
+        if self._reload_after_recovery:
+            self.reload()
         self._schedule_sweep()
         port = self._listener.sockets[0].getsockname()[1] if self._listener.sockets else cfg.port
         self.port = port

@@ -213,6 +213,66 @@ def test_a_sighup_during_recovery_reloads_the_configuration_once_it_ends(erq_fac
         proc.stop(signal.SIGKILL)
 
 
+# ``erq serve`` whose opening of the memcache port, after recovery, waits for a line on stdin.
+GATED_LISTEN = """
+import asyncio
+import sys
+import erq.server as server
+from erq.cli import main
+
+listen = server.listen
+
+async def gated_listen(*args, **kwargs):
+    print("memcache port held", flush=True)
+    await asyncio.to_thread(sys.stdin.buffer.readline)
+    return await listen(*args, **kwargs)
+
+server.listen = gated_listen
+sys.exit(main())
+"""
+
+
+class GatedListenErq(GatedErq):
+    """An erq server, with an admin port, whose memcache port opens at :meth:`release`."""
+
+    launcher = ("-c", GATED_LISTEN)
+
+
+def test_readiness_waits_for_the_memcache_port_to_open(tmp_path, impl):
+    """/readyz said 200 UP, and /stats.json answered, before the memcache port was open (the
+    server was made ready, then opened it): 8 starts in 10 of the pure-Python build had a
+    client that connected on the first 200 refused. A SIGHUP meanwhile still reloads."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    proc = GatedListenErq(impl, data_dir, config='[queues."jobs"]\nmax_items = 5\n').start()
+    port = proc.admin_port
+    try:
+        poll(
+            lambda: proc.proc.poll() is not None or "memcache port held" in proc.read_log(),
+            "the memcache port to be held",
+        )
+        assert proc.proc.poll() is None, proc.read_log()
+        for path in ("/readyz", "/stats.json", "/metrics"):
+            reply = http(port, path)
+            assert (reply.status, reply.body) == (503, b"starting"), path
+        assert http(port, "/healthz").status == 200
+        proc.write_config('[queues."jobs"]\nmax_items = 2\n')
+        proc.proc.send_signal(signal.SIGHUP)
+        poll(lambda: "reloaded when it ends" in proc.read_log(), "the SIGHUP to be handled")
+        assert not accepts(proc.port)
+        proc.release()
+        reply = poll(lambda: (r := http(port, "/readyz")).status == 200 and r, "readiness")
+        assert reply.body == b"UP" and accepts(proc.port)
+        c = proc.client()
+        assert [c.set("jobs", data) for data in (b"a", b"b", b"c")] == [STORED] * 2 + [NOT_STORED]
+        assert queue_config(c, "jobs")["max_items"] == "2"
+        c.close()
+        assert proc.stop() == 0
+        assert "Traceback" not in proc.read_log()
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
 def test_a_taken_memcache_port_fails_the_start_before_the_journals_are_replayed(erq_factory, impl):
     first = erq_factory()
     assert first.client().set("jobs", b"one") == STORED
