@@ -129,8 +129,11 @@ def _stats(ns: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
 
+    # With both flags, where to look is said in full: a broken $ERQ_CONFIG or ERQ_PORT (one
+    # meant for another server, say) must not stop the look.
+    env = {} if ns.host and ns.port and not ns.config else None
     try:
-        server = load_config(ns.config, cli={"host": ns.host, "port": ns.port}).server
+        server = load_config(ns.config, cli={"host": ns.host, "port": ns.port}, env=env).server
     except ConfigError as exc:
         print(f"erq stats: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,33 @@ def test_stats_finds_the_server_as_serve_would_and_prints_plain_stat_lines(
         assert f"STAT pid {server.proc.pid}" in lines and "STAT queue_q_items 1" in lines
 
 
+def test_stats_with_host_and_port_reads_no_configuration(erq_factory, impl, tmp_path):
+    """--host and --port say where the server is in full: a broken $ERQ_CONFIG or ERQ_PORT
+    in the environment (another server's, say) does not stop the look."""
+    server = erq_factory()
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    env = dict(env_for(impl), ERQ_CONFIG=str(broken), ERQ_PORT="not a port")
+    done = subprocess.run(
+        [sys.executable, "-m", "erq", "stats", "--host", "127.0.0.1", "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stderr == "", done
+    assert f"STAT pid {server.proc.pid}" in done.stdout.splitlines()
+    # With one flag only, the rest comes from the configuration, which is then reported.
+    done = subprocess.run(
+        [sys.executable, "-m", "erq", "stats", "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "bad configuration" in done.stderr, done
+
+
 def test_stats_fails_on_a_reply_that_is_not_stats(impl):
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
