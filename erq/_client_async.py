@@ -1,7 +1,7 @@
 """``AsyncClient``: the asyncio twin of ``erq.client.Client``, same API as coroutines.
 
-Its connections are asyncio streams; what it sends and how it reads the replies are
-``erq.client``'s (``set_request``, ``set_reply``, ``value_head``).
+Its connections are asyncio streams; what it sends and how it reads the replies are shared
+with ``Client`` in ``erq._client_core`` (``set_request``, ``set_reply``, ``value_head``).
 
 Cancelling a call (``asyncio.wait_for``, ``Task.cancel``) closes the connection it was using,
 whose state is then unknown: when that was a server's reliable connection, the reads this client
