@@ -43,9 +43,24 @@ class DataDirLock:
     """An exclusive lock on a data directory, held until ``release`` or the process ends
     (SIGKILL included: the kernel drops a dead process's locks)."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, who: str) -> None:
         self._fd = fd
         self.path = path
+        self.who = who
+        st = os.fstat(fd)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def lost(self) -> bool:
+        """Whether the lock file has lost its name (deleted by hand or by a tmp cleaner, to
+        which an erq.lock never written since the start looks old): a process that opens the
+        name then makes and locks a new file, so this lock keeps nobody out any more."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:  # cannot tell (permissions changed): no alarm
+            return False
+        return (st.st_dev, st.st_ino) != self._identity
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -70,7 +85,7 @@ def lock(data_dir: Path, who: str = "erq") -> DataDirLock:
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{who} (pid {os.getpid()})\n".encode(), 0)
-    return DataDirLock(fd, path)
+    return DataDirLock(fd, path, who)
 
 
 def in_use(data_dir: Path) -> bool:

@@ -28,6 +28,7 @@ from .queues import QueueCollection, RecoveryStopped
 from .ring import ITEM_OVERHEAD
 from .sliced import finish_now
 from .state import ServerState
+from .throttle import Throttle
 
 log = logging.getLogger("erq.server")
 
@@ -179,6 +180,7 @@ class Server:
         self._reload_after_recovery = False  # a SIGHUP came during recovery
         self._commit = None
         self._lock: datadir.DataDirLock | None = None  # held until the process ends
+        self._lock_lost = Throttle(log, logging.ERROR)  # retried each sweep: a line per 10 s
         self.unsynced_at_exit: list[str] = []  # queues whose last fsync at shutdown failed
 
     # ---- start -------------------------------------------------------------------------
@@ -361,9 +363,27 @@ class Server:
                     idle = now - proto.last_active
                     if idle >= limit:
                         proto.close_idle(idle >= 2 * limit)
+            self._keep_lock()
         except Exception:  # pragma: no cover - a bug; keep the server alive
             log.exception("periodic sweep failed")
         self._schedule_sweep()
+
+    def _keep_lock(self) -> None:
+        """A lock file deleted under the server keeps nobody out: a second server or an
+        ``erq journal pack`` would make and lock a new one, and write over the journals this
+        server appends to. Take the lock again under its name (once the data directory is
+        there again, if it went too)."""
+        lock = self._lock
+        if lock is None or not lock.lost():
+            return
+        try:
+            again = datadir.lock(lock.path.parent, who=lock.who)
+        except OSError as exc:  # DataDirBusy included: too late, another process has it
+            self._lock_lost.log("%s was deleted and cannot be taken again yet: %s", lock.path, exc)
+            return
+        lock.release()
+        self._lock = again
+        log.warning("%s was deleted while the server runs: made and locked again", lock.path)
 
     # ---- reload ------------------------------------------------------------------------
     def reload(self) -> str:

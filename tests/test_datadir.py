@@ -4,6 +4,7 @@ directory is removed all at once, and an unusable directory fails the start in o
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,6 +52,29 @@ def test_a_second_server_on_the_same_data_directory_is_refused(erq_factory):
     assert c.get("q") == one("q", b"first")
     assert c.get("q") == one("q", b"second")
     other.stop()
+
+
+def test_a_lock_file_deleted_under_the_server_is_made_and_locked_again(erq_factory):
+    """A tmp cleaner deletes an old erq.lock (it is never written after the start), or an
+    rm -r the whole data directory, which the next new queue makes again: a second server
+    then made a lock file of its own and started on the journals the first was appending to."""
+    first = erq_factory()
+    c = first.client()
+    assert c.set("q", b"first") == STORED
+    for lost in ("the lock file", "the data directory"):
+        if lost == "the lock file":
+            (first.data_dir / datadir.LOCK_FILE).unlink()
+        else:
+            shutil.rmtree(first.data_dir)
+            assert c.set("new", b"x") == STORED  # makes the data directory again
+        poll(lambda: datadir.in_use(first.data_dir), f"the lock taken again after {lost}")
+        other = second_server(first)
+        other.start(wait=False)
+        assert other.proc.wait(30) == 1
+        log = other.read_log()
+        assert "cannot use the data directory" in log and f"pid {first.proc.pid}" in log, log
+    assert "was deleted while the server runs: made and locked again" in first.read_log()
+    assert c.set("q", b"second") == STORED
 
 
 def test_journal_pack_refuses_a_directory_a_server_holds(erq_factory, impl):
