@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from erq.datadir import fsync_directory
+from erq.throttle import Throttle
 
 if TYPE_CHECKING:
     import asyncio
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from erq.queues import QueueCollection
 
 log = logging.getLogger("erq.state")
+_STATUS_NOT_SAVED = Throttle(log, logging.ERROR)  # retried each sweep: a line per 10 s
 
 STATUSES = ("UP", "READONLY", "QUIESCENT")
 # The status file in data_dir. Its dot keeps it apart from the queues' directories: a queue
@@ -218,6 +220,20 @@ class ServerState:
             os.close(fd)
         os.replace(tmp, path)
         fsync_directory(path.parent)
+
+    def keep_status_file(self) -> None:
+        """Write the status file again if it was deleted under the server (a tmp cleaner
+        takes a file not written since the status was set; an rm -r takes it too): a drained
+        server would otherwise come back UP at its next start. UP needs no file."""
+        path = self._status_file
+        if path is None or self.status == "UP" or path.exists():
+            return
+        try:
+            self._save_status(self.status)
+        except OSError as exc:
+            _STATUS_NOT_SAVED.log("%s was deleted and cannot be written again yet: %s", path, exc)
+            return
+        log.warning("%s was deleted while the server runs: written again (%s)", path, self.status)
 
     def set_status(self, word: str) -> None:
         """Change the status and persist it (it survives a restart). OSError when it cannot

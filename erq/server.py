@@ -363,6 +363,7 @@ class Server:
                     idle = now - proto.last_active
                     if idle >= limit:
                         proto.close_idle(idle >= 2 * limit)
+            state.keep_status_file()  # first: it makes the data directory again, if need be
             self._keep_lock()
         except Exception:  # pragma: no cover - a bug; keep the server alive
             log.exception("periodic sweep failed")

@@ -31,6 +31,7 @@ from support import (
     config,
     one,
     parse_blocks,
+    poll,
     queue_names,
     set_req,
     start,
@@ -704,6 +705,22 @@ def test_status_words_are_case_insensitive_and_survive_a_restart(server):
     assert c.call(b"status\r\n") == b"QUIESCENT\r\n"
     assert c.call(b"status up\r\n") == END
     assert c.set("q", b"x") == STORED
+
+
+def test_a_status_file_deleted_under_the_server_is_written_again(server):
+    """A tmp cleaner takes an erq.status not written since the status was set: the drained
+    server came back UP at its next start, taking writes again."""
+    c = server.client()
+    assert c.call(b"status readonly\r\n") == END
+    status_file = server.data_dir / "erq.status"
+    status_file.unlink()
+    poll(status_file.exists, "the status file written again")
+    assert status_file.read_text() == "READONLY\n"
+    assert "erq.status was deleted while the server runs: written again" in server.read_log()
+    c.close()
+    server.restart()
+    c = server.client()
+    assert c.call(b"status\r\n") == b"READONLY\r\n"
 
 
 # ---- stats, dump_stats, dump_config -------------------------------------------------------------------
