@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", "-c", help="the server's TOML configuration file")
     stats.add_argument("--host", help="default 127.0.0.1")
     stats.add_argument("--port", "-p", help="default 22133")
-    journal = sub.add_parser("journal", help="offline journal tools")
+    journal = sub.add_parser(
+        "journal",
+        help="journal tools: dump and check only read (a running server's directory too); "
+        "pack needs the server stopped",
+    )
     jsub = journal.add_subparsers(dest="journal_command", required=True)
     jsub.add_parser("dump", help="print every record of one queue's journal").add_argument(
         "queue_dir"

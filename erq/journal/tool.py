@@ -1,7 +1,9 @@
-"""Offline journal tools behind ``erq journal dump|check|pack`` (the server must be stopped).
+"""The journal tools behind ``erq journal dump|check|pack``.
 
-``dump`` and ``check`` only read; ``pack`` opens each queue's journal exactly as the server
-would (recovery included) and compacts it. Each writes its report to ``out`` and, when it
+``dump`` and ``check`` only read, and work on the directory of a running server too (a
+record it is appending is looked at again); ``pack`` needs the server stopped (it takes the
+data directory's lock), opens each queue's journal exactly as the server would (recovery
+included) and compacts it. Each writes its report to ``out`` and, when it
 cannot do its work at all (exit status 2), says why on ``err`` (``out`` if not given).
 """
 
