@@ -701,8 +701,15 @@ class Queue:
         self.wake_all()
 
     def close(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
+        """Close the journal (JournalError if what the queue holds may not be on disk). One
+        whose files were deleted and not yet written again gets a last try first, as the
+        sweep would have made: a graceful stop must not leave the live state unwritten."""
+        journal = self._journal
+        if journal is None:
+            return
+        if journal.files_lost():
+            journal.heal([read.item for read in self._open.values()], self._ring.to_list())
+        journal.close()
 
     def idle_expired(self, now: int) -> bool:
         limit = self.config.max_queue_age

@@ -482,7 +482,7 @@ class Server:
         if self.unsynced_at_exit:
             log.error(
                 "stopped, but the last writes of %d queue(s) may not be on disk (their fsync "
-                "failed; see above): %s",
+                "failed, or their deleted journal could not be written again; see above): %s",
                 len(self.unsynced_at_exit),
                 ", ".join(self.unsynced_at_exit),
             )

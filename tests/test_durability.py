@@ -1100,6 +1100,45 @@ def test_a_journal_that_cannot_be_written_again_refuses_writes_until_it_can(erq_
     assert drain(server.client(), "q") == stored
 
 
+def test_a_graceful_stop_writes_a_deleted_journal_again_or_exits_1_naming_the_queue(
+    erq_factory,
+):
+    """A stop gives a journal whose files were deleted a last try at writing its live state
+    again, as the sweep would have; if it cannot (the data directory is gone), the queue's
+    items are lost with the process: the log says so and the exit status is 1. It exited 0,
+    its last line "stopped", and a restore of the directory just before the stop was lost."""
+    server = erq_factory()
+
+    def delete_all_under(client: RawClient) -> None:
+        failed = len(errors_naming(server.read_log(), "cannot write its deleted journal"))
+        shutil.rmtree(server.data_dir)
+        wait_for(
+            lambda: len(errors_naming(server.read_log(), "cannot write its deleted")) > failed,
+            "a failed rewrite",
+            5,
+        )
+        client.close()
+
+    client = server.client()
+    set_many(client, "q", [b"kept"])
+    delete_all_under(client)
+    assert server.stop() == 1
+    log = server.read_log()
+    [lost] = errors_naming(log, "queue q: its journal was deleted and could not be written")
+    assert "what it held is lost" in lost, log
+    assert errors_naming(log, "stopped, but the last writes of 1 queue(s)", "see above): q"), log
+
+    server.data_dir.mkdir()
+    server.start()
+    client = server.client()
+    set_many(client, "q", [b"again"])
+    delete_all_under(client)
+    server.data_dir.mkdir()  # restored: the stop writes the live state there
+    assert server.stop() == 0
+    server.start()
+    assert drain(server.client(), "q") == [b"again"]
+
+
 # ---- 10. offline tools on a real data dir ----------------------------------------------------------
 def test_journal_dump_prints_every_record_the_server_wrote(erq_factory, impl):
     server = erq_factory()

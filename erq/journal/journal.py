@@ -636,7 +636,8 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
     def close(self) -> None:
         """Stop any compaction, fsync, unmap and close. Raises JournalError if the final
         fsync fails (the files are closed anyway). A journal whose files were deleted first
-        finishes writing its live state again (heal): stopped, it would lose it."""
+        finishes writing its live state again (heal): stopped, it would lose it; if it could
+        not (its data directory is gone, say), JournalError says that what it held is lost."""
         if self._closed:
             return
         heal = self._heal_job
@@ -649,6 +650,11 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             self.sync()
         except JournalError as exc:
             error = exc
+        if self._lost:
+            error = JournalError(
+                f"its journal was deleted and could not be written again in {self.directory}: "
+                "what it held is lost"
+            )
         self._release()
         if error is not None:
             raise error
