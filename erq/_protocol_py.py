@@ -130,11 +130,32 @@ class MemcacheProtocol:
             state,
             dispatch,
             write,
-            transport.close,  # type: ignore[attr-defined]
+            self._close_transport,
             self._pause_pipeline,
         )
         self.session.gone = _gone_check(transport)
         state.connections.add(self)
+
+    def _close_transport(self) -> None:
+        """The session is done. While the server stops, the close of a client that is not
+        taking its replies as fast as it sends lingers: its requests would be unread at the
+        close, and the kernel would then reset the connection and destroy the replies still
+        on their way to it (the items of its gets with them). So the server ends its side
+        after them and reads, dropping it, what the client sends until it closes
+        (eof_received); the server's stop aborts it after a bound. An idle client's
+        connection closes at once."""
+        transport = self.transport
+        if (
+            not self.state.stopping
+            or not (self._reading_paused or transport.get_write_buffer_size())
+            or not transport.can_write_eof()
+        ):
+            transport.close()
+            return
+        transport.write_eof()
+        self._reading_paused = 0
+        self._unwatch_paused()
+        transport.resume_reading()
 
     def _refuse(self, transport) -> None:
         global _lingering

@@ -32,6 +32,8 @@ from .throttle import Throttle
 
 log = logging.getLogger("erq.server")
 
+# A graceful stop waits this long at most for its clients to take the replies already made.
+SHUTDOWN_SEND_SECONDS = 5.0
 SWEEP_SLICE = 0.002  # seconds of periodic sweeping before the loop serves its sockets again
 
 try:  # pragma: no cover - depends on the platform
@@ -470,10 +472,15 @@ class Server:
         for queue in state.queues:
             queue.unremove_every_open()
         for proto in list(state.connections):
-            if proto.session is not None:
-                proto.session.flush()
-            if proto.transport is not None:
-                proto.transport.close()
+            session = proto.session
+            if session is not None:
+                # What was answered goes out, then the connection closes (a lingering close,
+                # MemcacheProtocol._close_transport); requests held back behind replies the
+                # client has not taken yet are dropped unrun (a get among them would take an
+                # item).
+                session.close_after(None)
+                session.flush()
+        await self._send_replies_made(state)
         self.unsynced_at_exit = state.queues.close()
         state.deadlines.close()  # blocked gets were answered above: only empty buckets left
         if self._commit is not None:
@@ -488,6 +495,25 @@ class Server:
             )
         else:
             log.info("stopped")
+
+    async def _send_replies_made(self, state: ServerState) -> None:
+        """Let the closing connections send the replies they hold (up to OUT_BUDGET and a
+        transport's buffer each) and end before the process exits: a reply dropped unsent
+        loses the item its get took. A client that has not taken them and closed after
+        SHUTDOWN_SEND_SECONDS is dropped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_SEND_SECONDS
+        while state.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if state.connections:
+            log.warning(
+                "%d client(s) did not take their last replies and close in %g s; dropping them",
+                len(state.connections),
+                SHUTDOWN_SEND_SECONDS,
+            )
+            for proto in list(state.connections):
+                if proto.transport is not None:
+                    proto.transport.abort()
 
     def _release_lock(self) -> None:
         if self._lock is not None:

@@ -12,9 +12,12 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -599,6 +602,59 @@ def test_reads_open_on_several_connections_at_a_graceful_stop_return_in_the_orde
     assert server.stop() == 0  # the connections are still open
     server.start()
     assert drain(server.client(), "q") == values
+
+
+@pytest.mark.parametrize("still_sending", [False, True], ids=["all-read", "still-sending"])
+def test_a_graceful_stop_sends_the_replies_it_made_before_it_exits(erq_factory, still_sending):
+    """A client that pipelined gets of large items and reads slowly: at SIGTERM the server
+    holds replies it has not sent yet (up to 1 MiB, its transport's buffer, the kernel's).
+    They reach the client before the server's end of stream, so every item taken does. They
+    were dropped at the exit, and with them the items their gets had taken (110 of 2,000
+    10 KB items); and a client still sending requests the server had not read was reset at
+    the close, which destroyed the replies still in the kernel's buffers (~300 items)."""
+    server = erq_factory()
+    values = [b"%06d" % i + bytes(10 * KiB - 6) for i in range(2000)]
+    set_many(server.client(), "q", values)
+    reader = server.client(timeout=20.0)
+    gets = b"get q\r\n" * len(values)
+    if still_sending:  # more than the server reads ahead (4,096 requests): some stay unread
+        gets += b"version\r\n" * 100_000
+    sender = threading.Thread(target=_send_until_closed, args=(reader, gets))
+    sender.start()
+    watcher = server.client()
+    left = poll(lambda: _stable_stat(watcher, "queue_q_items"), "the gets to stop on back-pressure")
+    assert left > 0, "every get ran: nothing was held back behind unread replies"
+    server.proc.send_signal(signal.SIGTERM)
+    received = []
+    while True:  # slowly: a client busy with each item it takes
+        chunk = reader.sock.recv(64 * KiB)
+        if not chunk:
+            break
+        reader.buf += chunk
+        time.sleep(0.01)
+    reader.sock.shutdown(socket.SHUT_WR)  # the client's end: the server's close follows
+    sender.join(10)
+    while reader.buf.startswith(b"VALUE "):
+        received.extend(read_values(reader))
+    assert server.stop() == 0
+    server.start()
+    rest = drain(server.client(), "q")
+    assert received + rest == values
+
+
+def _send_until_closed(client: RawClient, data: bytes) -> None:
+    try:
+        client.send(data)
+    except OSError:  # the server closed (the test looks at what it received)
+        pass
+
+
+def _stable_stat(client: RawClient, name: str) -> int | None:
+    """The stat's value once it is the same twice 0.3 s apart, else None."""
+    before = client.stats()[name]
+    time.sleep(0.3)
+    after = client.stats()[name]
+    return int(after) if after == before else None
 
 
 # ---- 5. full disk -----------------------------------------------------------------------------------
