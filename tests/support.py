@@ -13,12 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import uvloop
 
 import erq
+from erq.journal import compaction
 
 from conftest import ErqProcess, RawClient
 
@@ -246,3 +248,20 @@ async def close_listener(listener, layer: str) -> None:
     await listener.wait_closed()
     if layer.startswith("epoll"):
         listener.close_clients()
+
+
+def compacting_held(journal, opens: list, items: list, monkeypatch) -> threading.Event:
+    """Start a compaction of ``journal`` to the state ``opens`` (open reads) and ``items``
+    (queued) and hold it at its snapshot's fsync; set the returned event to let it go on."""
+    entered, gate = threading.Event(), threading.Event()
+    real = compaction._fsync_file
+
+    def held(fd):
+        entered.set()
+        assert gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(compaction, "_fsync_file", held)
+    journal.compact(opens, items)
+    assert entered.wait(30)
+    return gate

@@ -29,6 +29,8 @@ import erq.journal.codec as codec_selector
 from erq.journal import QueueJournal, compaction, reclaim
 from erq.journal.format import ADD_OVERHEAD, OP_ADD, OP_FLUSH, OP_OPEN, OP_REMOVE, OP_UNREMOVE
 
+from support import compacting_held
+
 SEGMENT = 16 * KiB
 MiB, GiB = 1 << 20, 1 << 30
 MEMORY = 3000
@@ -254,28 +256,16 @@ def test_disk_stays_within_twice_live_plus_two_segments(codec, tmp_path):
     journal.close()
 
 
-def compacting_held(journal, q, monkeypatch) -> threading.Event:
-    """Start a compaction of ``q`` and hold it at its snapshot's fsync; set the returned
-    event to let it go on."""
-    entered, gate = threading.Event(), threading.Event()
-    real = compaction._fsync_file
-
-    def held(fd):
-        entered.set()
-        assert gate.wait(30)
-        real(fd)
-
-    monkeypatch.setattr(compaction, "_fsync_file", held)
-    journal.compact(list(q.open.values()), list(q.ring))
-    assert entered.wait(30)
-    return gate
+def compacting_q_held(journal, q, monkeypatch) -> threading.Event:
+    """compacting_held, to ``q``'s state."""
+    return compacting_held(journal, list(q.open.values()), list(q.ring), monkeypatch)
 
 
 def test_appends_reads_and_aborts_go_on_during_compaction(codec, tmp_path, monkeypatch):
     journal, _ = open_journal(tmp_path / "q")
     q, model = run_scenario(journal, MEMORY, seed=8, steps=500)
     old = segment_files(tmp_path / "q")
-    gate = compacting_held(journal, q, monkeypatch)
+    gate = compacting_q_held(journal, q, monkeypatch)
     assert not journal.wants_compaction  # one at a time
     for i in range(10_000, 10_030):
         it = item(i, 300)
@@ -304,7 +294,7 @@ def test_a_compaction_stopped_by_a_delete_or_close_is_no_failure(
     reason)."""
     journal, _ = open_journal(tmp_path / "q")
     q, _ = run_scenario(journal, MEMORY, seed=10, steps=300)
-    gate = compacting_held(journal, q, monkeypatch)
+    gate = compacting_q_held(journal, q, monkeypatch)
     threading.Timer(0.2, gate.set).start()  # after the stop has asked the job to give up
     getattr(journal, end)()
     assert journal.last_compaction_error is None
@@ -314,7 +304,7 @@ def test_a_compaction_stopped_by_a_delete_or_close_is_no_failure(
 def test_flush_during_compaction(codec, tmp_path, monkeypatch):
     journal, _ = open_journal(tmp_path / "q")
     q, model = run_scenario(journal, MEMORY, seed=9, steps=500)
-    gate = compacting_held(journal, q, monkeypatch)
+    gate = compacting_q_held(journal, q, monkeypatch)
     journal.flush()
     model.apply(OP_FLUSH)
     gate.set()

@@ -8,21 +8,51 @@ much of the budget is free.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from erq.config import QueueConfig
-from erq.journal import QueueJournal, RecoveredItem, compaction
+from erq.journal import QueueJournal, RecoveredItem
 from erq.ring import ITEM_OVERHEAD
 
 from conftest import impl_module
+from support import compacting_held
 
 SIZE = 100  # data bytes per item
 
 
 def value(i: int) -> bytes:
     return b"%0*d" % (SIZE, i)
+
+
+def open_queue(queue_mod, directory, memory: int, segment_size: int = 256 * 1024):
+    """The queue as a start finds it in ``directory`` (the journal replayed; a new one is
+    empty), with ``memory`` as its max_memory_size."""
+    journal, rec = QueueJournal.open(
+        directory,
+        fsync="never",
+        segment_size=segment_size,
+        max_memory_size=memory,
+        item_overhead=ITEM_OVERHEAD,
+    )
+    queue = queue_mod.Queue(
+        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
+    )
+    queue.restore(rec.items, rec.disk_items, rec.disk_bytes, rec.next_id)
+    return queue
+
+
+def drain(queue, after_each=None) -> list[bytes]:
+    """Every item by plain takes, in order; ``after_each()`` checks the queue after each."""
+    out = []
+    while (item := queue.take(False)) is not None:
+        out.append(item.data)
+        if after_each is not None:
+            after_each()
+    return out
+
+
+def mem_cost(queue) -> int:
+    return queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
 
 
 @pytest.fixture
@@ -79,24 +109,19 @@ def test_items_larger_than_the_disk_mean_are_read_back_within_the_budget(impl, t
     # and their overhead went past the budget (85,936 of 65,536 compiled).
     queue_mod = impl_module(impl, "_queue", "_queue_py")
     memory = 2 * queue_mod.REFILL_STEP
-    journal, _ = QueueJournal.open(
-        tmp_path / "q", fsync="never", segment_size=256 * 1024, max_memory_size=memory
-    )
-    queue = queue_mod.Queue(
-        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
-    )
+    queue = open_queue(queue_mod, tmp_path / "q", memory)
     large = 2 * memory // (200 + ITEM_OVERHEAD)
     added = [b"%0200d" % i for i in range(large)] + [b""] * (20 * large)
     for data in added:
         queue.add(data, 0, 0)
-    taken = []
+
+    def within_budget() -> None:
+        assert mem_cost(queue) <= memory
+
     try:
-        while (item := queue.take(False)) is not None:
-            taken.append(item.data)
-            assert queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items <= memory
+        assert drain(queue, within_budget) == added
     finally:
         queue.close()
-    assert taken == added
 
 
 def test_a_large_item_on_disk_is_read_back_only_once_the_items_ahead_are_taken(impl, tmp_path):
@@ -106,25 +131,19 @@ def test_a_large_item_on_disk_is_read_back_only_once_the_items_ahead_are_taken(i
     # (at least one item whatever the limit), alone.
     queue_mod = impl_module(impl, "_queue", "_queue_py")
     memory = 2 * queue_mod.REFILL_STEP
-    journal, _ = QueueJournal.open(
-        tmp_path / "q", fsync="never", segment_size=256 * 1024, max_memory_size=memory
-    )
-    queue = queue_mod.Queue(
-        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
-    )
+    queue = open_queue(queue_mod, tmp_path / "q", memory)
     small = memory // (SIZE + ITEM_OVERHEAD)
     added = [value(i) for i in range(2 * small)] + [b"L" * (4 * memory)] + [value(0)] * 10
     for data in added:
         queue.add(data, 0, 0)
-    taken = []
+
+    def within_budget_or_alone() -> None:
+        assert mem_cost(queue) <= memory or queue.mem_items == 1
+
     try:
-        while (item := queue.take(False)) is not None:
-            taken.append(item.data)
-            cost = queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
-            assert cost <= memory or queue.mem_items == 1
+        assert drain(queue, within_budget_or_alone) == added
     finally:
         queue.close()
-    assert taken == added
 
 
 def test_items_larger_than_a_step_are_still_read_back_up_to_the_budget(impl, tmp_path):
@@ -133,55 +152,26 @@ def test_items_larger_than_a_step_are_still_read_back_up_to_the_budget(impl, tmp
     queue_mod = impl_module(impl, "_queue", "_queue_py")
     memory = 16 * queue_mod.REFILL_STEP
     size = 2 * queue_mod.REFILL_STEP
-    journal, _ = QueueJournal.open(
-        tmp_path / "q", fsync="never", segment_size=1 << 20, max_memory_size=memory
-    )
-    queue = queue_mod.Queue(
-        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
-    )
+    queue = open_queue(queue_mod, tmp_path / "q", memory, segment_size=1 << 20)
     added = [b"%0*d" % (size, i) for i in range(40)]
     for data in added:
         queue.add(data, 0, 0)
     full = queue.mem_items
     assert full == memory // (size + ITEM_OVERHEAD)
-    taken = []
+    taken = 0
+
+    def memory_kept_full() -> None:
+        nonlocal taken
+        taken += 1
+        assert queue.mem_items == min(full, len(added) - taken)
+
     try:
-        while (item := queue.take(False)) is not None:
-            taken.append(item.data)
-            assert queue.mem_items == min(full, len(added) - len(taken))
+        assert drain(queue, memory_kept_full) == added
     finally:
         queue.close()
-    assert taken == added
 
 
 # ---- a reload that lowers max_memory_size --------------------------------------------------
-def open_queue(queue_mod, directory, memory: int):
-    """The queue as a start finds it in ``directory`` (the journal replayed)."""
-    journal, rec = QueueJournal.open(
-        directory,
-        fsync="never",
-        segment_size=256 * 1024,
-        max_memory_size=memory,
-        item_overhead=ITEM_OVERHEAD,
-    )
-    queue = queue_mod.Queue(
-        "q", QueueConfig(max_memory_size=memory, fsync="never"), journal, clock=lambda: 1_000
-    )
-    queue.restore(rec.items, rec.disk_items, rec.disk_bytes, rec.next_id)
-    return queue
-
-
-def drain(queue) -> list[bytes]:
-    out = []
-    while (item := queue.take(False)) is not None:
-        out.append(item.data)
-    return out
-
-
-def mem_cost(queue) -> int:
-    return queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
-
-
 @pytest.fixture
 def queue_in_memory(impl, tmp_path):
     """A queue whose items all fit in memory (over several segments), and the smaller limit a
@@ -230,17 +220,7 @@ def test_a_lowered_max_memory_size_waits_for_a_running_compaction_and_survives_t
     once it is in place; the next compaction moves them again, and nothing is lost."""
     queue_mod, queue, count, lower = queue_in_memory
     journal = queue.journal
-    entered, gate = threading.Event(), threading.Event()
-    real = compaction._fsync_file
-
-    def held(fd):
-        entered.set()
-        assert gate.wait(30)
-        real(fd)
-
-    monkeypatch.setattr(compaction, "_fsync_file", held)
-    journal.compact([], in_memory(count))  # the queue's state: items 1..count in memory
-    assert entered.wait(30)
+    gate = compacting_held(journal, [], in_memory(count), monkeypatch)  # the queue's state
     queue.configure(QueueConfig(max_memory_size=lower, fsync="never"))
     assert queue.mem_items == count  # not while the snapshot is written
     gate.set()
