@@ -681,21 +681,29 @@ def test_a_failing_stats_source_answers_500_and_the_listener_stays():
     _run(scenario)
 
 
+def sliced_server_state(monkeypatch):
+    """A ready server's queues and state, in process, with no queue yet; sliced work gives
+    the loop a pass after every queue."""
+    from erq import sliced
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    monkeypatch.setattr(sliced, "SLICE", 0.0)
+    queues = QueueCollection(Config(), None)
+    state = ServerState(Config(), queues, None)
+    state.ready = True
+    return queues, state
+
+
 def test_a_scrape_of_many_queues_lets_the_loop_serve_others_meanwhile(monkeypatch):
     """With thousands of queues a /metrics or /stats.json document is megabytes: its numbers
     are gathered a slice of time at a time and its text made on a thread, so the loop serves
     its clients meanwhile (an audit: 4,000 queues held every memcache client ~0.7 s per
     scrape). A queue deleted during the scrape is left out, not an error."""
-    from erq import sliced
     from erq.admin import AdminServer
-    from erq.config import Config
-    from erq.queues import QueueCollection
-    from erq.state import ServerState
 
-    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
-    queues = QueueCollection(Config(), None)
-    state = ServerState(Config(), queues, None)
-    state.ready = True
+    queues, state = sliced_server_state(monkeypatch)
     names = [f"q{i:04d}" for i in range(300)]
     for name in names:
         queues.add(name, b"x", 0, 0)
@@ -737,16 +745,9 @@ def test_the_stats_json_text_is_made_a_queue_at_a_time_in_the_slices(monkeypatch
     holds the GIL, and so the loop, all along (a 28 ms pause of the loop for 4,000 queues
     where its slices of numbers took 2 ms). Each queue is now made text with its numbers."""
     from erq import admin as admin_module
-    from erq import sliced
     from erq.admin import AdminServer
-    from erq.config import Config
-    from erq.queues import QueueCollection
-    from erq.state import ServerState
 
-    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
-    queues = QueueCollection(Config(), None)
-    state = ServerState(Config(), queues, None)
-    state.ready = True
+    queues, state = sliced_server_state(monkeypatch)
     for i in range(300):
         queues.add(f"q{i:04d}", b"x", 0, 0)
     ticks = 0
@@ -791,16 +792,9 @@ def test_a_scrape_in_flight_when_the_admin_port_closes_stops_and_logs_nothing(mo
     "Exception in callback ... CancelledError" traceback. close() now cancels the handlers,
     and a handler cancelled so ends quietly."""
     from erq import admin as admin_module
-    from erq import sliced
     from erq.admin import AdminServer
-    from erq.config import Config
-    from erq.queues import QueueCollection
-    from erq.state import ServerState
 
-    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
-    queues = QueueCollection(Config(), None)
-    state = ServerState(Config(), queues, None)
-    state.ready = True
+    queues, state = sliced_server_state(monkeypatch)
     for i in range(300):
         queues.add(f"q{i:04d}", b"x", 0, 0)
     looked_at = []
@@ -840,16 +834,9 @@ def test_clients_asking_at_once_share_one_document_made_after_their_request(monk
     requests that come while one is being made now share the next, and only that: what a
     client did before it asked is in its answer."""
     from erq import admin as admin_module
-    from erq import sliced
     from erq.admin import AdminServer
-    from erq.config import Config
-    from erq.queues import QueueCollection
-    from erq.state import ServerState
 
-    monkeypatch.setattr(sliced, "SLICE", 0.0)  # a pass of the loop after every queue
-    queues = QueueCollection(Config(), None)
-    state = ServerState(Config(), queues, None)
-    state.ready = True
+    queues, state = sliced_server_state(monkeypatch)
     for i in range(1000):
         queues.add(f"q{i:04d}", b"x", 0, 0)
     made = []
