@@ -229,19 +229,25 @@ def _exited(pid: int) -> bool:
         return True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
-def test_a_killed_bench_does_not_leave_its_server_running(tmp_path: Path) -> None:
-    """SIGKILL gives the bench no chance to stop its server: the kernel sends it SIGTERM."""
-    with long_bench(tmp_path, stderr=subprocess.DEVNULL) as (proc, port):
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        assert len(children) == 1, children
-        server = int(children[0])
-        proc.kill()
-        proc.wait(timeout=10)
+def kill_and_see_its_server_stop(bench: subprocess.Popen) -> None:
+    """SIGKILL the bench, then wait for the one server it started to exit (the parent-death
+    signal's SIGTERM)."""
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    server = int(children[0])
+    bench.kill()
+    bench.wait(timeout=10)
     deadline = time.monotonic() + 20
     while not _exited(server) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _exited(server), "the server outlived the killed bench"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_a_killed_bench_does_not_leave_its_server_running(tmp_path: Path) -> None:
+    """SIGKILL gives the bench no chance to stop its server: the kernel sends it SIGTERM."""
+    with long_bench(tmp_path, stderr=subprocess.DEVNULL) as (proc, port):
+        kill_and_see_its_server_stop(proc)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -252,13 +258,7 @@ def test_the_next_bench_removes_what_a_killed_bench_left_and_nothing_else(tmp_pa
     journal segments included): each killed bench left one behind for good."""
     with long_bench(tmp_path, stderr=subprocess.DEVNULL) as (proc, _port):
         [killed] = list(tmp_path.iterdir())
-        server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        proc.kill()
-        proc.wait(timeout=10)
-    deadline = time.monotonic() + 20
-    while not _exited(server) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _exited(server), "the server outlived the killed bench"
+        kill_and_see_its_server_stop(proc)
     not_a_bench = tmp_path / "erq-bench-by-hand"  # no lock file: not known to be a bench's
     not_a_bench.mkdir()
     with long_bench(tmp_path, stderr=subprocess.DEVNULL):
