@@ -8,6 +8,7 @@ asyncio twin, against real servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import pickle
@@ -214,24 +215,37 @@ def test_kestrel_wire_mode_works_for_every_call(erq_factory, make_client):
     assert mq.get_reliable(QUEUE, timeout_ms=50) is None
 
 
-def test_a_reply_naming_another_key_raises_erq_error(make_client):
+@contextlib.contextmanager
+def one_connection_server(handle, rcvbuf: int = 0):
+    """A listener whose first connection ``handle(conn)`` serves on a thread; yields its
+    address, and waits for the thread at the end."""
     with socket.socket() as listener:
+        if rcvbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         listener.bind(("127.0.0.1", 0))
         listener.listen()
 
         def serve() -> None:
             conn, _ = listener.accept()
             with conn:
-                conn.recv(1024)
-                conn.sendall(b"VALUE other 0 1\r\nx\r\nEND\r\n")
-                conn.recv(1024)
+                handle(conn)
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        mq = make_client([listener.getsockname()], timeout=5)
+        yield listener.getsockname()
+        thread.join(10)
+
+
+def test_a_reply_naming_another_key_raises_erq_error(make_client):
+    def handle(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(b"VALUE other 0 1\r\nx\r\nEND\r\n")
+        conn.recv(1024)
+
+    with one_connection_server(handle) as server:
+        mq = make_client([server], timeout=5)
         with pytest.raises(ErqError, match="other"):
             mq.get(QUEUE)
-        thread.join(10)
 
 
 @pytest.mark.parametrize("call", ["put", "get"])
@@ -239,85 +253,61 @@ def test_a_large_item_on_a_slow_link_takes_longer_than_the_timeout(make_client, 
     # The timeout bounded the whole transfer (sendall; the async client's wait_for around
     # its write and around readexactly): a 64 MiB item needed more than 13 MB/s in 5 s.
     size, piece = 48 << 20, 2 << 20  # moved at about 20 MiB/s, in over 2 s
-    with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # not 48 MiB
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
 
-        def serve() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                if call == "put":
-                    head, _, data = conn.recv(1024).partition(b"\r\n")
-                    left = int(head.split()[-1]) + len(b"\r\n") - len(data)
-                    while left > 0 and (chunk := conn.recv(piece)):
-                        left -= len(chunk)
-                        time.sleep(0.1)
-                    conn.sendall(b"STORED\r\n")
-                else:
-                    conn.recv(1024)
-                    reply = b"VALUE jobs 0 %d\r\n%s\r\nEND\r\n" % (size, b"x" * size)
-                    for start in range(0, len(reply), piece):
-                        conn.sendall(reply[start : start + piece])
-                        time.sleep(0.1)
+    def handle(conn: socket.socket) -> None:
+        if call == "put":
+            head, _, data = conn.recv(1024).partition(b"\r\n")
+            left = int(head.split()[-1]) + len(b"\r\n") - len(data)
+            while left > 0 and (chunk := conn.recv(piece)):
+                left -= len(chunk)
+                time.sleep(0.1)
+            conn.sendall(b"STORED\r\n")
+        else:
+            conn.recv(1024)
+            reply = b"VALUE jobs 0 %d\r\n%s\r\nEND\r\n" % (size, b"x" * size)
+            for start in range(0, len(reply), piece):
+                conn.sendall(reply[start : start + piece])
+                time.sleep(0.1)
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        mq = make_client([listener.getsockname()], timeout=1.0)
+    with one_connection_server(handle, rcvbuf=1 << 20) as server:  # not 48 MiB
+        mq = make_client([server], timeout=1.0)
         started = time.monotonic()
         if call == "put":
             assert mq.put(QUEUE, b"x" * size) is True
         else:
             assert mq.get(QUEUE) == b"x" * size
         assert time.monotonic() - started > 1.0  # or the test shows nothing
-        thread.join(10)
 
 
 def test_a_reply_line_without_end_raises_erq_error_at_its_cap(make_client):
     # Client kept every byte of the line (100 MiB: 223 MiB of memory and 309 s of copying);
     # AsyncClient stopped at its stream's 64 KiB limit and took the server for down (None).
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
+    def handle(conn: socket.socket) -> None:
+        conn.recv(1024)
+        try:
+            for _ in range(64):  # 16 MiB of one line
+                conn.sendall(b"A" * (256 << 10))
+        except OSError:  # the client gave up on the line
+            pass
 
-        def serve() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(1024)
-                try:
-                    for _ in range(64):  # 16 MiB of one line
-                        conn.sendall(b"A" * (256 << 10))
-                except OSError:  # the client gave up on the line
-                    pass
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        mq = make_client([listener.getsockname()], timeout=5)
+    with one_connection_server(handle) as server:
+        mq = make_client([server], timeout=5)
         with pytest.raises(ErqError, match="line longer than 65536 bytes"):
             mq.get(QUEUE)
-        thread.join(10)
 
 
 def test_a_value_of_any_declared_size_is_read_as_it_comes(make_client):
     # Client asked recv for the whole declared size at once: a VALUE line of 1 TiB raised
     # MemoryError before a byte came. Now, like AsyncClient, it reads what comes, and a
     # server that stops sending is a failed server once the timeout passes.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
+    def handle(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(b"VALUE jobs 0 %d\r\nabc" % (1 << 40))
+        conn.recv(1024)  # until the client gives up
 
-        def serve() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(1024)
-                conn.sendall(b"VALUE jobs 0 %d\r\nabc" % (1 << 40))
-                conn.recv(1024)  # until the client gives up
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        mq = make_client([listener.getsockname()], timeout=0.5)
+    with one_connection_server(handle) as server:
+        mq = make_client([server], timeout=0.5)
         assert mq.get(QUEUE) is None
-        thread.join(10)
 
 
 def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_client):
