@@ -506,6 +506,19 @@ def test_past_the_limit_a_probe_takes_the_place_of_the_longest_idle_connection()
     _run(scenario)
 
 
+async def asked_and_not_reading(port: int):
+    """A client that asked for /big with a small receive buffer, read the first bytes of the
+    answer and no more: (reader, writer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /big HTTP/1.1\r\n\r\n")
+    assert (await reader.read(100)).startswith(b"HTTP/1.1 200 OK")  # then no more reads
+    return reader, writer
+
+
 def test_past_the_limit_a_probe_takes_the_place_of_a_client_that_does_not_read_its_answer(
     monkeypatch,
 ):
@@ -518,16 +531,6 @@ def test_past_the_limit_a_probe_takes_the_place_of_a_client_that_does_not_read_i
 
     big = b"x" * 16_000_000  # more than the socket buffers hold (tcp_wmem's 4 MiB)
     monkeypatch.setitem(admin_module.ROUTES, "/big", lambda state: (200, TEXT, big))
-
-    async def stalled(port: int):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"GET /big HTTP/1.1\r\n\r\n")
-        assert (await reader.read(100)).startswith(b"HTTP/1.1 200 OK")  # then no more reads
-        return reader, writer
 
     async def read_all(reader: asyncio.StreamReader) -> bytes:
         out = b""
@@ -542,7 +545,7 @@ def test_past_the_limit_a_probe_takes_the_place_of_a_client_that_does_not_read_i
         admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=2)
         port = await admin.start("127.0.0.1", 0)
         try:
-            held = [await stalled(port), await stalled(port)]
+            held = [await asked_and_not_reading(port), await asked_and_not_reading(port)]
             try:
                 raw = await _exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
             except ConnectionResetError:
@@ -638,13 +641,7 @@ def test_clients_that_do_not_read_a_shared_document_do_not_each_hold_a_copy(monk
         try:
             before = rss()
             for _ in range(8):
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-                reader, writer = await asyncio.open_connection(sock=sock)
-                writer.write(b"GET /big HTTP/1.1\r\n\r\n")
-                assert (await reader.read(100)).startswith(b"HTTP/1.1 200 OK")  # then no more
+                _reader, writer = await asked_and_not_reading(port)
                 held.append(writer)
             grown = rss() - before
             assert grown < 3 * len(body), grown  # 8 copies were 8 times the body
