@@ -30,6 +30,9 @@ SHAPES = {
     "set1": (1, SET),
     "get64": (64, b"get q\r\n"),
     "get1": (1, b"get q\r\n"),
+    # get1 on a queue past max_memory_size (1 MiB here): the items come back from the journal
+    # (read-behind) in steps as the head drains, as when a deep queue outgrows memory.
+    "drain1": (1, b"get q\r\n"),
     "open1": (1, b"get q/close/open\r\n"),
     # A consumer blocked in get q/t=1000 on an empty queue, woken by a producer's set: per
     # item, the set, the wake-up with its VALUE, and the consumer's next (blocking) get.
@@ -85,7 +88,12 @@ async def _drive(shape: str, requests: int) -> None:
     loop = asyncio.get_running_loop()
     data_dir = tempfile.mkdtemp(prefix="erq-instructions-")
     try:
-        config = load_config(None, cli={"data_dir": data_dir}, env={})
+        path = None
+        if shape == "drain1":
+            path = os.path.join(data_dir, "erq.toml")
+            with open(path, "w") as f:
+                f.write('[queues.default]\nmax_memory_size = "1MiB"\n')
+        config = load_config(path, cli={"data_dir": data_dir}, env={})
         commit = GroupCommit(loop)
 
         def open_journal(directory, qcfg):
@@ -105,7 +113,7 @@ async def _drive(shape: str, requests: int) -> None:
         consumer = MemcacheProtocol(state)
         consumer.connection_made(_Transport())
         per_read, request = SHAPES[shape]
-        prefill = PREFILL_READS if shape.startswith(("get", "open")) else 20
+        prefill = PREFILL_READS if shape.startswith(("get", "open", "drain")) else 20
         if shape == "wake1":
             prefill = 0  # the consumer must find the queue empty
         for _ in range(prefill):

@@ -342,11 +342,16 @@ class Queue:
             if first_max < 0:
                 return
         max_items = max(1, step // (self._disk_bytes // self._disk_items + overhead))
-        batch = self._journal.read_behind(max(1, step - max_items * overhead), max_items, first_max)
+        batch = self._journal.read_behind(
+            max(1, step - max_items * overhead), max_items, first_max, tuple
+        )
         for rec in batch:
-            item = _item.new_item(rec.id, rec.data, rec.flags, rec.add_time, rec.expiry)
-            self._push_tail(item)
-            n = len(item.data)
+            # Plain tuples, unpacked by position: the compiled build reads their fields in C
+            # (RecoveredItem's attributes, looked up per access, cost ~1,000 instructions an
+            # item).
+            item_id, flags, add_time, expiry, data = rec
+            self._push_tail(_item.new_item(item_id, data, flags, add_time, expiry))
+            n = len(data)
             self._mem_bytes += n
             self._disk_items -= 1
             self._disk_bytes -= n

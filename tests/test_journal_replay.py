@@ -176,6 +176,22 @@ def test_recovery_holds_at_most_max_memory_size_and_leaves_the_rest_on_disk(reop
     assert [it.id for it in rest] == list(range(16, 201)) and journal.disk_bytes == 0
 
 
+def test_read_behind_as_plain_tuples_gives_the_same_fields(reopen):
+    """The queue's refill asks for plain tuples (unpacked in C by the compiled queue)."""
+    journal, _ = reopen()
+    for i in range(1, 41):
+        journal.add(i, i % 3, 1000 + i, 2000 + i, bytes([i]) * i)
+    journal, rec = reopen(max_memory_size=100)
+    plain = journal.read_behind(200, 5, -1, tuple)
+    assert [type(it) for it in plain] == [tuple] * len(plain) and plain
+    named = journal.read_behind(10**9)
+    assert [it.id for it in named] == list(range(plain[-1][0] + 1, 41))
+    first = len(rec.items) + 1
+    assert plain == [
+        (i, i % 3, 1000 + i, 2000 + i, bytes([i]) * i) for i in range(first, first + len(plain))
+    ]
+
+
 def test_recovery_charges_the_per_item_overhead_against_max_memory_size(reopen):
     journal, _ = reopen()
     for i in range(1, 201):

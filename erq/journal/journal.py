@@ -449,14 +449,16 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
 
     # ---- read-behind -----------------------------------------------------------------------
     def read_behind(
-        self, max_bytes: int, max_items: int = -1, first_max: int = -1
+        self, max_bytes: int, max_items: int = -1, first_max: int = -1, cls: type = RecoveredItem
     ) -> list[RecoveredItem]:
         """The next not-in-memory items in FIFO order: as many as fit in ``max_bytes`` of
         data and, with ``max_items`` >= 0, no more than that many; at least one if any
-        remain, unless ``first_max`` >= 0 and the first has more data than that."""
+        remain, unless ``first_max`` >= 0 and the first has more data than that. ``cls``
+        may be ``tuple`` (the queue's refill: the compiled build unpacks a plain tuple in C,
+        a NamedTuple through an iterator)."""
         self._poll_compaction()
         try:
-            return self._disk.take(max_bytes, RecoveredItem, max_items, first_max)
+            return self._disk.take(max_bytes, cls, max_items, first_max)
         except ValueError as exc:
             raise JournalError(f"cannot read an item back: {exc}") from exc
 
