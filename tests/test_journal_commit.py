@@ -18,8 +18,7 @@ from test_journal_support import item, use_codec
 
 import erq.journal.fsync_worker as fsync_worker
 from erq.config import Config
-from erq.journal import GroupCommit, JournalError, QueueJournal, compaction
-from erq.journal.commit import Ticket
+from erq.journal import GroupCommit, JournalError, QueueJournal, Ticket, compaction
 
 from conftest import impl_module
 
@@ -150,6 +149,35 @@ def segment_identity(journal) -> tuple[int, int]:
     return identity(journal._segments[-1].fileno())
 
 
+def test_a_ticket_calls_its_waiters_in_order_once_and_survives_a_broken_one(codec, caplog):
+    ticket = codec.Ticket()
+    assert (
+        not ticket.done and ticket.error is None and repr(ticket) == "<Ticket pending, 0 waiting>"
+    )
+    calls = []
+
+    def broken(t):
+        calls.append("broken")
+        raise RuntimeError("a waiter's bug")
+
+    ticket.add_waiter(lambda t: calls.append(("first", t)))
+    ticket.add_waiter(broken)
+    ticket.add_waiter(lambda t: calls.append(("last", t.error)))
+    assert repr(ticket) == "<Ticket pending, 3 waiting>" and calls == []
+    error = JournalError("disk gone")
+    ticket.resolve(error)
+    assert calls == [("first", ticket), "broken", ("last", error)]
+    assert "a commit ticket's waiter failed" in caplog.text
+    assert ticket.done and ticket.error is error and ticket.waiters == []
+    ticket.notify()  # once: the waiters were taken
+    assert len(calls) == 3 and repr(ticket) == "<Ticket failed, 0 waiting>"
+    ticket.add_waiter(lambda t: calls.append("late"))  # a settled ticket calls it at once
+    assert calls[-1] == "late"
+    synced = codec.Ticket()
+    synced.resolve(None)
+    assert repr(synced) == "<Ticket synced, 0 waiting>"
+
+
 def test_appends_in_one_iteration_share_one_fsync_job(codec, impl, tmp_path, monkeypatch, run):
     async def main():
         commit = GroupCommit(asyncio.get_running_loop())
@@ -163,7 +191,7 @@ def test_appends_in_one_iteration_share_one_fsync_job(codec, impl, tmp_path, mon
         for j in journals:
             tickets.append(j.remove(1))
         assert len({id(t) for t in tickets}) == 3  # one ticket per journal and batch
-        assert all(isinstance(t, Ticket) and not t.done for t in tickets)
+        assert all(isinstance(t, codec.Ticket) and not t.done for t in tickets)
         for t in set(tickets):
             t.add_waiter(lambda _: synced_before_resolve.append(spy.jobs))
         await settled(*tickets)

@@ -28,6 +28,18 @@ cdef class SegmentWriter:
     cpdef release(self)
 
 
+cdef class Ticket:
+    # fsync = always: the durability of one journal's appends in one batch (the compiled
+    # session reads these in C).
+    cdef public bint done
+    cdef public object error
+    cdef public list waiters
+
+    cpdef add_waiter(self, object callback)
+    cpdef resolve(self, object error)
+    cpdef notify(self)
+
+
 cdef class AppendCore:
     # The current segment's writer: any object with SegmentWriter's API (a SegmentWriter of
     # this module is called in C, another through Python). Assigned by the subclass.
@@ -36,7 +48,7 @@ cdef class AppendCore:
     cdef public bint _quiet
     # fsync = always: the commit ticket of the batch that has not started yet, which every
     # append joins until it starts (GroupCommit sets and clears it); None otherwise.
-    cdef public object _ticket
+    cdef public Ticket _ticket
 
     # Segments sealed because they were full or for a compaction (the queue compares it after
     # each add: a struct field, not an instance-dict lookup). Counted by the subclass.

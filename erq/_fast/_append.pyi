@@ -1,5 +1,6 @@
 """The journal's append path (C); same API as erq/journal/_append_py.py."""
 
+from collections.abc import Callable
 from typing import Any
 
 from _typeshed import ReadableBuffer, WriteableBuffer
@@ -21,13 +22,23 @@ class SegmentWriter:
     def remaining(self) -> int: ...
     def release(self) -> None: ...
 
+class Ticket:
+    """fsync = always: the durability of one journal's appends in one batch."""
+
+    done: bool
+    error: Exception | None  # the JournalError of a failed sync
+    waiters: list[Callable[[Ticket], object]]
+    def add_waiter(self, callback: Callable[[Ticket], object]) -> None: ...
+    def resolve(self, error: Exception | None) -> None: ...
+    def notify(self) -> None: ...
+
 class AppendCore:
     """QueueJournal's base: the per-append path (the subclass supplies the slow paths)."""
 
     _writer: Any  # a SegmentWriter of either implementation (None until assigned)
     _quiet: bool
     rotations: int
-    _ticket: Any  # fsync = always: the ticket of the batch to come (set by GroupCommit)
+    _ticket: Ticket | None  # fsync = always: the ticket of the batch to come (set by GroupCommit)
     def add(
         self,
         id: int,

@@ -5,6 +5,7 @@ of erq/journal/_append_py.py (same names, same behaviour; the pure-Python module
 reference).
 """
 
+import logging
 from mmap import mmap
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -29,6 +30,8 @@ from erq._fast._records cimport (
     _pwrite_add,
     _write_failed,
 )
+
+_log = logging.getLogger("erq.journal")
 
 # A trimming writer drops the pages behind it from the process every this many bytes, so a
 # journal's resident memory stays small however much is written through the mapping.
@@ -185,6 +188,44 @@ cdef inline long long _writer_op(object writer, int opcode, uint64_t id) except 
     if isinstance(writer, SegmentWriter):
         return (<SegmentWriter>writer).append_op(opcode, id)
     return writer.append_op(opcode, id)
+
+
+cdef class Ticket:
+    """The durability of one journal's appends in one batch (fsync = always; see
+    ``erq.journal.commit``). Same API as the pure twin's: ``done``, ``error`` (None or the
+    JournalError of a failed sync), ``waiters`` (callables run in order when it resolves)."""
+
+    def __cinit__(self):
+        self.done = False
+        self.error = None
+        self.waiters = []
+
+    cpdef add_waiter(self, object callback):
+        """Call ``callback(ticket)`` once the ticket resolves (now if it has)."""
+        if self.done:
+            callback(self)
+        else:
+            self.waiters.append(callback)
+
+    cpdef resolve(self, object error):
+        """Settle the ticket and call its waiters."""
+        self.done = True
+        self.error = error
+        self.notify()
+
+    cpdef notify(self):
+        """Call the waiters of a settled ticket (once)."""
+        cdef list waiters = self.waiters
+        self.waiters = []
+        for waiter in waiters:
+            try:
+                waiter(self)
+            except Exception:  # one broken waiter must not keep the others' replies back
+                _log.exception("a commit ticket's waiter failed")
+
+    def __repr__(self):
+        state = "pending" if not self.done else "failed" if self.error else "synced"
+        return f"<Ticket {state}, {len(self.waiters)} waiting>"
 
 
 cdef class AppendCore:

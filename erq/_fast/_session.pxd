@@ -2,6 +2,9 @@
 # docstring). The Python source is the behaviour; this file makes its attributes struct fields
 # and its methods C calls for the compiled commands module, which cimports it.
 
+cimport cython
+
+cimport erq._fast._append as c_append
 cimport erq._fast._state as c_state
 
 
@@ -19,7 +22,7 @@ cdef class Session:
     cdef public bint closed
     cdef public dict open_reads
     cdef Py_ssize_t _names_bound
-    cdef object _hold
+    cdef c_append.Ticket _hold  # the commit ticket the held replies wait for (fsync = always)
     cdef list _held
     cdef object _write
     cdef object _close
@@ -39,6 +42,7 @@ cdef class Session:
     cpdef bint waits_for_an_item(self) except -1
     cpdef resume_next_pass(self, object op)
     cdef _close_once_answered(self)
+    @cython.locals(ticket=c_append.Ticket)
     cpdef hold_for(self, list tickets, object reply)
     cpdef wait_for_sync(self, object ticket)
     cpdef add_long_reply(self, bytes reply)
@@ -46,6 +50,7 @@ cdef class Session:
     cpdef bint output_full(self) except -1
     cpdef writing_paused(self, bint paused)
     cdef _output_taken(self)
+    @cython.locals(held=list, ticket=c_append.Ticket)
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)

@@ -5,8 +5,8 @@ The journal knows nothing of sockets or the protocol; a queue drives it through
 """
 
 from ..journal_api import JournalError
-from .codec import CRC32C_IMPLEMENTATION
-from .commit import GroupCommit, Ticket
+from .codec import CRC32C_IMPLEMENTATION, Ticket
+from .commit import GroupCommit
 from .journal import GiB, MiB, QueueJournal
 from .recovery import RecoveredItem, Recovery
 

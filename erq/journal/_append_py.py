@@ -7,8 +7,10 @@ the same behaviour (``erq.journal.codec`` picks one). Record layout: see ``forma
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
+from collections.abc import Callable
 
 import google_crc32c
 
@@ -25,7 +27,9 @@ from .format import (
     OP_UNREMOVE,
 )
 
-__all__ = ["PWRITE_THRESHOLD", "AppendCore", "SegmentWriter"]
+__all__ = ["PWRITE_THRESHOLD", "AppendCore", "SegmentWriter", "Ticket"]
+
+_log = logging.getLogger("erq.journal")
 
 _TRIM_STEP = 1 << 20  # a trimming writer drops the pages behind it every this many bytes
 # A writer given the segment's fd writes an ADD whose data is at least this long with pwritev()
@@ -193,6 +197,50 @@ class SegmentWriter:
             self._mv = None
             self._mapping = None
             self._fd = -1
+
+
+class Ticket:
+    """The durability of one journal's appends in one batch (fsync = always; see
+    ``erq.journal.commit``).
+
+    ``done`` turns True once the batch's sync ended; ``error`` is then None or the
+    JournalError of a failed sync. Until then, ``waiters`` holds callables taken with the
+    ticket: they run, in order, when it resolves (check ``done`` before adding one). Here
+    with the append path because every append under ``always`` returns one, and the compiled
+    session reads its fields in C."""
+
+    __slots__ = ("done", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: JournalError | None = None
+        self.waiters: list[Callable[[Ticket], object]] = []
+
+    def add_waiter(self, callback: Callable[[Ticket], object]) -> None:
+        """Call ``callback(ticket)`` once the ticket resolves (now if it has)."""
+        if self.done:
+            callback(self)
+        else:
+            self.waiters.append(callback)
+
+    def resolve(self, error: JournalError | None) -> None:
+        """Settle the ticket and call its waiters."""
+        self.done = True
+        self.error = error
+        self.notify()
+
+    def notify(self) -> None:
+        """Call the waiters of a settled ticket (once)."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            try:
+                waiter(self)
+            except Exception:  # one broken waiter must not keep the others' replies back
+                _log.exception("a commit ticket's waiter failed")
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done else "failed" if self.error else "synced"
+        return f"<Ticket {state}, {len(self.waiters)} waiting>"
 
 
 class AppendCore:

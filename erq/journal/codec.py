@@ -1,7 +1,7 @@
 """Journal codec selector: the Cython modules when built and allowed, else the pure twins.
 
 Three modules, each with its twin: the records (``_records``: CRC, encode, check, read), the
-replay state (``_replay``) and the append path (``_append``).
+replay state (``_replay``) and the append path (``_append``, with the group commit's ``Ticket``).
 """
 
 import importlib
@@ -12,7 +12,7 @@ from .._compat import USE_EXTENSIONS
 MODULES = ("_records", "_replay", "_append")  # erq._fast.<name>, twin erq.journal.<name>_py
 
 if USE_EXTENSIONS:
-    from .._fast._append import PWRITE_THRESHOLD, AppendCore, SegmentWriter
+    from .._fast._append import PWRITE_THRESHOLD, AppendCore, SegmentWriter, Ticket
     from .._fast._records import (
         CRC32C_IMPLEMENTATION,
         RecordIterator,
@@ -29,7 +29,7 @@ if USE_EXTENSIONS:
     )
     from .._fast._replay import ReplayTail, replay_records
 else:
-    from ._append_py import PWRITE_THRESHOLD, AppendCore, SegmentWriter
+    from ._append_py import PWRITE_THRESHOLD, AppendCore, SegmentWriter, Ticket
     from ._records_py import (
         CRC32C_IMPLEMENTATION,
         RecordIterator,
@@ -65,6 +65,7 @@ __all__ = [
     "RecordIterator",
     "ReplayTail",
     "SegmentWriter",
+    "Ticket",
     "add_data_bytes",
     "check_record",
     "crc32c",

@@ -44,56 +44,16 @@ from typing import TYPE_CHECKING
 
 from ..journal_api import JournalError
 from ..startsignals import block_in_this_thread
-from . import fsync_worker
+from . import codec, fsync_worker
 from .segment import _FDATASYNC_COVERS_MMAP
 
 if TYPE_CHECKING:
+    from .codec import Ticket
     from .journal import QueueJournal, SyncWork
 
 log = logging.getLogger("erq.journal")
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-
-
-class Ticket:
-    """The durability of one journal's appends in one batch (fsync = always).
-
-    ``done`` turns True once the batch's sync ended; ``error`` is then None or the
-    JournalError of a failed sync. Until then, ``waiters`` holds callables taken with the
-    ticket: they run, in order, when it resolves (check ``done`` before adding one)."""
-
-    __slots__ = ("done", "error", "waiters")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.error: JournalError | None = None
-        self.waiters: list[Callable[[Ticket], object]] = []
-
-    def add_waiter(self, callback: Callable[[Ticket], object]) -> None:
-        """Call ``callback(ticket)`` once the ticket resolves (now if it has)."""
-        if self.done:
-            callback(self)
-        else:
-            self.waiters.append(callback)
-
-    def resolve(self, error: JournalError | None) -> None:
-        """Settle the ticket and call its waiters."""
-        self.done = True
-        self.error = error
-        self.notify()
-
-    def notify(self) -> None:
-        """Call the waiters of a settled ticket (once)."""
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            try:
-                waiter(self)
-            except Exception:  # one broken waiter must not keep the others' replies back
-                log.exception("a commit ticket's waiter failed")
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done else "failed" if self.error else "synced"
-        return f"<Ticket {state}, {len(self.waiters)} waiting>"
 
 
 def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, JournalError]:
@@ -199,7 +159,7 @@ class GroupCommit:
         """A ticket that resolves once ``journal``'s appends so far are on disk."""
         ticket = self._pending.get(journal)
         if ticket is None:
-            ticket = Ticket()
+            ticket = codec.Ticket()  # the codec's: the compiled journal and session type it
             if self._closed:
                 self._sync_now(journal, ticket)
                 return ticket
