@@ -342,16 +342,14 @@ class Queue:
             if first_max < 0:
                 return
         max_items = max(1, step // (self._disk_bytes // self._disk_items + overhead))
+        # Items made from their records as they are read (the compiled ring's maker does it
+        # in C: no tuple and no int objects per item).
         batch = self._journal.read_behind(
-            max(1, step - max_items * overhead), max_items, first_max, tuple
+            max(1, step - max_items * overhead), max_items, first_max, _item.ITEM_MAKER
         )
-        for rec in batch:
-            # Plain tuples, unpacked by position: the compiled build reads their fields in C
-            # (RecoveredItem's attributes, looked up per access, cost ~1,000 instructions an
-            # item).
-            item_id, flags, add_time, expiry, data = rec
-            self._push_tail(_item.new_item(item_id, data, flags, add_time, expiry))
-            n = len(data)
+        for item in batch:
+            self._push_tail(item)
+            n = len(item.data)
             self._mem_bytes += n
             self._disk_items -= 1
             self._disk_bytes -= n

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from .journal._records_py import ItemMaker
+
 # RAM a queued item costs beyond its data (see the Cython twin): a slots object tracked by the
 # cyclic GC is larger than the C Item, so the same max_memory_size holds fewer items here.
 ITEM_OVERHEAD = 216
@@ -38,6 +40,14 @@ class Item:
 # The compiled build's C-call constructor (erq/_fast/_ring.pyx); here the class call is the
 # fastest way.
 new_item = Item
+
+
+def _item_of_record(id: int, flags: int, add_time: int, expiry: int, data: bytes) -> Item:
+    return Item(id, data, flags, add_time, expiry)
+
+
+# For the journal's read_behind: items read back come out of their records as Items.
+ITEM_MAKER = ItemMaker(_item_of_record)
 
 
 class Ring:

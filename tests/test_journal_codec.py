@@ -531,6 +531,29 @@ def test_read_adds_reads_a_run_within_a_byte_budget(codec):
         codec.read_adds(buf, offsets, 6, 10, tuple, [])
 
 
+def test_read_adds_makes_the_rings_items_with_its_item_maker(codec, impl):
+    """The queue's refill: items made from their records (the compiled maker in C)."""
+    ring = importlib.import_module("erq._fast._ring" if impl == "c" else "erq._ring_py")
+    recs = [
+        codec.encode_add(i, i % 3, 1_000 + i, 0 if i % 2 else 9_000 + i, b"v%d" % i)
+        for i in range(1, 6)
+    ]
+    buf = segment_image(codec, recs)
+    offsets = array("Q", [HEADER_SIZE + sum(len(r) for r in recs[:i]) for i in range(5)])
+    out: list = []
+    assert codec.read_adds(buf, offsets, 0, 6, ring.ITEM_MAKER, out) == (3, 6, True)
+    assert [type(it) for it in out] == [ring.Item] * 3
+    got = [(it.id, it.flags, it.add_time, it.expiry, it.data) for it in out]
+    assert got == [codec.read_add(buf, offsets[i]) for i in range(3)]
+    assert got[1] == (2, 2, 1_002, 9_002, b"v2")
+    offsets[4] += 1  # not a record: what came before it is taken
+    assert codec.read_adds(buf, offsets, 3, 10**9, ring.ITEM_MAKER, out) == (4, 2, False)
+    assert [it.id for it in out] == [1, 2, 3, 4]
+    for wrong in (list, object(), codec.ItemMaker.__new__(codec.ItemMaker)):
+        with pytest.raises((TypeError, AttributeError)):
+            codec.read_adds(buf, offsets, 0, 10, wrong, [])
+
+
 def test_writer_counts_what_it_appends(codec):
     w = codec.SegmentWriter(bytearray(4096), HEADER_SIZE)
     assert w.counters() == (0, 0, 0, 0, 0, 0, 0, 0)

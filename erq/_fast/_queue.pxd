@@ -62,8 +62,7 @@ cdef class Queue:
     cdef object _append(self, c_ring.Item item)
     @cython.locals(limit=cython.longlong, budget=cython.longlong, step=cython.longlong,
                    overhead=cython.longlong, first_max=cython.longlong, max_items=cython.longlong,
-                   batch=list, rec=tuple, item_id=cython.ulonglong, flags=cython.uint,
-                   add_time=cython.longlong, expiry=cython.longlong, n=cython.Py_ssize_t)
+                   batch=list, item=c_ring.Item, n=cython.Py_ssize_t)
     cdef void _refill(self) except *
     @cython.locals(ring=c_ring.Ring)
     cdef void _push_tail(self, c_ring.Item item) except *

@@ -54,6 +54,15 @@ cdef int _write_failed(int err, Py_ssize_t got, Py_ssize_t want, Py_ssize_t at) 
 cdef void _fill_op(unsigned char *p, int opcode, uint64_t id) noexcept nogil
 
 
+# How read_adds makes an object of an ADD record without a tuple (the compiled ring's items).
+ctypedef object (*make_item_t)(uint64_t id, uint32_t flags, uint64_t add_time, uint64_t expiry,
+                               object data)
+
+
+cdef class ItemMaker:
+    cdef make_item_t make
+
+
 cdef class RecordIterator:
     # A read-only buffer export, released as soon as iteration stops.
     cdef Py_buffer _view

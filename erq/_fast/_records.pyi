@@ -16,12 +16,15 @@ def check_record(buffer: ReadableBuffer, offset: int, end: int = -1) -> tuple[in
 def first_nonzero(buffer: ReadableBuffer, start: int = 0, end: int = -1) -> int: ...
 def resync(buffer: ReadableBuffer, start: int, end: int = -1) -> int: ...
 def read_add(buffer: ReadableBuffer, offset: int, cls: type[tuple] = ...) -> tuple: ...
+class ItemMaker:
+    """read_adds makes its items with the C function a cimporting module set (the ring's)."""
+
 def read_adds(
     buffer: ReadableBuffer,
     offsets: array[int],
     start: int,
     max_bytes: int,
-    cls: type[tuple],
+    cls: type[tuple] | ItemMaker,
     out: list,
 ) -> tuple[int, int, bool]: ...
 def add_data_bytes(

@@ -357,22 +357,34 @@ def read_add(buffer, Py_ssize_t offset, type cls=tuple):
     return out
 
 
+cdef class ItemMaker:
+    """Makes the items read_adds appends straight from each record, for a module that
+    cimports this one and sets ``make`` (the compiled ring: erq._fast._ring.ITEM_MAKER): no
+    tuple and no int objects per item on the way to the queue."""
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def read_adds(buffer, const unsigned long long[:] offsets, Py_ssize_t start,
-              Py_ssize_t max_bytes, type cls, list out):
+              Py_ssize_t max_bytes, object cls, list out):
     """Append to ``out`` the ADD records at ``offsets[start:]``, in order, each as a ``cls``
-    (see read_add), while their data fits in ``max_bytes``; if ``out`` is empty the first
-    one is taken whatever its size. Returns (index of the first offset not read, data bytes
-    read, True), or with False when it stopped at an offset holding no valid ADD record.
+    (see read_add) or, with an ItemMaker, as what it makes of (id, flags, add_time, expiry,
+    data), while their data fits in ``max_bytes``; if ``out`` is empty the first one is taken
+    whatever its size. Returns (index of the first offset not read, data bytes read, True),
+    or with False when it stopped at an offset holding no valid ADD record.
     """
     cdef Py_buffer view
     cdef Py_ssize_t i = start, n = offsets.shape[0], got = 0, end, offset, nxt, size
     cdef const unsigned char *buf
     cdef object item
     cdef bint ok = True
-    if cls is not tuple and not _plain_tuple_type(cls):
-        raise TypeError(f"{cls.__name__} is not a plain tuple subclass")
+    cdef ItemMaker maker = None
+    if isinstance(cls, ItemMaker):
+        maker = <ItemMaker>cls
+        if maker.make is NULL:
+            raise TypeError("an ItemMaker without its C function")
+    elif not isinstance(cls, type) or (cls is not tuple and not _plain_tuple_type(cls)):
+        raise TypeError(f"{cls!r} is not a plain tuple subclass or an ItemMaker")
     if not 0 <= start <= n:
         raise ValueError(f"start {start} outside {n} offsets")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
@@ -388,13 +400,18 @@ def read_adds(buffer, const unsigned long long[:] offsets, Py_ssize_t start,
             size = nxt - offset - ADD_OVERHEAD
             if got + size > max_bytes and (got or len(out)):
                 break
-            item = erq_alloc_tuple(cls, 5)
-            _set_item(item, 0, erq_load64(buf + offset + 9))
-            _set_item(item, 1, erq_load32(buf + offset + 17))
-            _set_item(item, 2, erq_load64(buf + offset + 21))
-            _set_item(item, 3, erq_load64(buf + offset + 29))
-            _set_item(item, 4, PyBytes_FromStringAndSize(<const char *>buf + offset + ADD_OVERHEAD,
-                                                         size))
+            data = PyBytes_FromStringAndSize(<const char *>buf + offset + ADD_OVERHEAD, size)
+            if maker is not None:
+                item = maker.make(erq_load64(buf + offset + 9), erq_load32(buf + offset + 17),
+                                  erq_load64(buf + offset + 21), erq_load64(buf + offset + 29),
+                                  data)
+            else:
+                item = erq_alloc_tuple(<type>cls, 5)
+                _set_item(item, 0, erq_load64(buf + offset + 9))
+                _set_item(item, 1, erq_load32(buf + offset + 17))
+                _set_item(item, 2, erq_load64(buf + offset + 21))
+                _set_item(item, 3, erq_load64(buf + offset + 29))
+                _set_item(item, 4, data)
             out.append(item)
             got += size
             i += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 
 import google_crc32c
 
@@ -31,6 +32,7 @@ from .format import (
 
 __all__ = [
     "CRC32C_IMPLEMENTATION",
+    "ItemMaker",
     "RecordIterator",
     "add_data_bytes",
     "check_record",
@@ -276,14 +278,28 @@ def read_add(buffer, offset: int, cls: type = tuple) -> tuple:
     return fields if cls is tuple else tuple.__new__(cls, fields)
 
 
-def read_adds(buffer, offsets, start: int, max_bytes: int, cls: type, out: list) -> tuple:
+class ItemMaker:
+    """Makes the items read_adds appends straight from each record: ``make(id, flags,
+    add_time, expiry, data)`` (the ring's ITEM_MAKER; the compiled one is a C function)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[int, int, int, int, bytes], object]) -> None:
+        self.make = make
+
+
+def read_adds(buffer, offsets, start: int, max_bytes: int, cls, out: list) -> tuple:
     """Append to ``out`` the ADD records at ``offsets[start:]``, in order, each as a ``cls``
-    (see read_add), while their data fits in ``max_bytes``; if ``out`` is empty the first
-    one is taken whatever its size. Returns (index of the first offset not read, data bytes
-    read, True), or with False when it stopped at an offset holding no valid ADD record.
+    (see read_add) or, with an ItemMaker, as what it makes of (id, flags, add_time, expiry,
+    data), while their data fits in ``max_bytes``; if ``out`` is empty the first one is taken
+    whatever its size. Returns (index of the first offset not read, data bytes read, True),
+    or with False when it stopped at an offset holding no valid ADD record.
     """
-    if cls is not tuple and not _plain_tuple_type(cls):
-        raise TypeError(f"{cls.__name__} is not a plain tuple subclass")
+    make = cls.make if isinstance(cls, ItemMaker) else None
+    if make is None and (
+        not isinstance(cls, type) or (cls is not tuple and not _plain_tuple_type(cls))
+    ):
+        raise TypeError(f"{cls!r} is not a plain tuple subclass or an ItemMaker")
     n = len(offsets)
     if not 0 <= start <= n:
         raise ValueError(f"start {start} outside {n} offsets")
@@ -302,7 +318,10 @@ def read_adds(buffer, offsets, start: int, max_bytes: int, cls: type, out: list)
             if got + size > max_bytes and (got or out):
                 break
             fields = _decode(mv, offset, nxt, True)[2:]
-            out.append(fields if cls is tuple else tuple.__new__(cls, fields))
+            if make is not None:
+                out.append(make(*fields))
+            else:
+                out.append(fields if cls is tuple else tuple.__new__(cls, fields))
             got += size
             i += 1
     return i, got, True

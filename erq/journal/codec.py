@@ -15,6 +15,7 @@ if USE_EXTENSIONS:
     from .._fast._append import PWRITE_THRESHOLD, AppendCore, SegmentWriter, Ticket
     from .._fast._records import (
         CRC32C_IMPLEMENTATION,
+        ItemMaker,
         RecordIterator,
         add_data_bytes,
         check_record,
@@ -32,6 +33,7 @@ else:
     from ._append_py import PWRITE_THRESHOLD, AppendCore, SegmentWriter, Ticket
     from ._records_py import (
         CRC32C_IMPLEMENTATION,
+        ItemMaker,
         RecordIterator,
         add_data_bytes,
         check_record,
@@ -62,6 +64,7 @@ __all__ = [
     "CRC32C_IMPLEMENTATION",
     "PWRITE_THRESHOLD",
     "AppendCore",
+    "ItemMaker",
     "RecordIterator",
     "ReplayTail",
     "SegmentWriter",

@@ -127,12 +127,12 @@ class DiskItems:
         self.nbytes += nbytes
         return nbytes
 
-    def take(self, max_bytes: int, cls: type, max_items: int = -1, first_max: int = -1) -> list:
-        """Read the head items back, in order, as ``cls`` tuples (see codec.read_adds): as
-        many as fit in ``max_bytes`` of data and, with ``max_items`` >= 0, no more than
-        that many; at least one if any remain, unless ``first_max`` >= 0 and the first has
-        more data than that. Raises ValueError (after taking what it read) at a position
-        without a valid ADD record."""
+    def take(self, max_bytes: int, cls, max_items: int = -1, first_max: int = -1) -> list:
+        """Read the head items back, in order, as ``cls`` tuples or made by an ItemMaker (see
+        codec.read_adds): as many as fit in ``max_bytes`` of data and, with ``max_items``
+        >= 0, no more than that many; at least one if any remain, unless ``first_max`` >= 0
+        and the first has more data than that. Raises ValueError (after taking what it read)
+        at a position without a valid ADD record."""
         out: list = []
         runs = self._runs
         if first_max >= 0 and runs and self._head_bytes() > first_max:

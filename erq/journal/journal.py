@@ -449,13 +449,13 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
 
     # ---- read-behind -----------------------------------------------------------------------
     def read_behind(
-        self, max_bytes: int, max_items: int = -1, first_max: int = -1, cls: type = RecoveredItem
-    ) -> list[RecoveredItem]:
+        self, max_bytes: int, max_items: int = -1, first_max: int = -1, cls=RecoveredItem
+    ) -> list:
         """The next not-in-memory items in FIFO order: as many as fit in ``max_bytes`` of
         data and, with ``max_items`` >= 0, no more than that many; at least one if any
         remain, unless ``first_max`` >= 0 and the first has more data than that. ``cls``
-        may be ``tuple`` (the queue's refill: the compiled build unpacks a plain tuple in C,
-        a NamedTuple through an iterator)."""
+        may be another plain tuple class, or a codec ItemMaker: the queue's refill has its
+        items made from their records (``erq.item.ITEM_MAKER``)."""
         self._poll_compaction()
         try:
             return self._disk.take(max_bytes, cls, max_items, first_max)
