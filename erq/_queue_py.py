@@ -130,6 +130,7 @@ class Queue:
         "_zone_min",
         "_last_id",
         "_spill_due",
+        "_ticketed",
     )
 
     def __init__(
@@ -184,6 +185,9 @@ class Queue:
         self._zone_min = 0
         self._last_id = 0  # the greatest id ever pushed at the tail
         self._spill_due = False  # a reload lowered max_memory_size: see _spill
+        # add's last answer with a commit ticket (fsync = always): the appends of one batch
+        # share its ticket, and so their answer, which then costs a set no tuple.
+        self._ticketed: tuple | None = None
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -268,7 +272,12 @@ class Queue:
         self.last_activity = now
         if self._waiters:
             self._serve_waiters()
-        return _STORED_UNTICKETED if ticket is None else (STORED, ticket)
+        if ticket is None:
+            return _STORED_UNTICKETED
+        answer = self._ticketed
+        if answer is None or answer[1] is not ticket:
+            answer = self._ticketed = (STORED, ticket)
+        return answer
 
     def _now(self) -> int:
         """The queue's clock: the default one called directly (a C call when compiled)."""

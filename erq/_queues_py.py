@@ -81,6 +81,10 @@ class QueueCollection:
         ] = {}  # the wire's bytes -> queue: no decode per request
         self._children: dict[str, list[str]] = {}  # fanout parent -> child names
         self.total_items = 0
+        # add's last answer with a commit ticket and no fanout (fsync = always): the sets of
+        # one batch to a queue share its ticket, and so this answer (its list is never
+        # changed), which then costs a set neither a tuple nor a list.
+        self._ticketed: tuple | None = None
         self.queue_creates = 0
         self.queue_deletes = 0
         self.queue_expires = 0
@@ -254,7 +258,10 @@ class QueueCollection:
         if not kids:
             if ticket is None:  # the usual case: no fanout, no fsync = "always"
                 return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
-            return result, [ticket]
+            answer = self._ticketed
+            if answer is None or answer[1][0] is not ticket or answer[0] is not result:
+                answer = self._ticketed = (result, [ticket])
+            return answer
         tickets = [] if ticket is None else [ticket]
         for child_name in kids:
             child = self._queues.get(child_name)

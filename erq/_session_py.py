@@ -87,8 +87,10 @@ class Session:
         self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
         self._names_bound = OPEN_NAMES_SLACK  # open_reads' size that drops its empty lines
         self._hold: Any = None  # latest commit ticket; replies wait for it
-        # Replies in out that wait for commit tickets (fsync = always): (index, tickets).
-        self._held: list = []
+        # Replies in out that wait for commit tickets (fsync = always): their indexes in out,
+        # and the tickets of each (two lists: no tuple per held reply).
+        self._held_at: list[int] = []
+        self._held_tickets: list[list] = []
         self._write = write
         self._close = close
         self._pause = pause
@@ -249,7 +251,8 @@ class Session:
             if not ticket.done:
                 ticket.waiters.append(self._held_done)
         if reply is not None:
-            self._held.append((len(self.out), tickets))
+            self._held_at.append(len(self.out))
+            self._held_tickets.append(tickets)  # shared by the batch's sets: never changed
             self.out.append(reply)
 
     def wait_for_sync(self, ticket: Any) -> None:
@@ -280,7 +283,7 @@ class Session:
         if self.out:
             out = self.out
             self.out = []
-            if self._held:
+            if self._held_at:
                 self._fail_unsynced(out)
             self.out_room = OUT_BUDGET
             data = b"".join(out)
@@ -293,12 +296,14 @@ class Session:
     def _fail_unsynced(self, out: list) -> None:
         """Every held reply is due (its last ticket is done, and tickets resolve in order):
         the one whose sync failed says so instead of its STORED."""
-        held, self._held = self._held, []
-        for index, tickets in held:
-            for ticket in tickets:
+        at, held = self._held_at, self._held_tickets
+        for i in range(len(at)):
+            for ticket in held[i]:
                 if ticket.error is not None:
-                    out[index] = SYNC_FAILED
+                    out[at[i]] = SYNC_FAILED
                     break
+        at.clear()
+        held.clear()
 
     def close_after(self, reply: bytes | None) -> None:
         """Send ``reply`` (if any), then close; open reads go back at once."""

@@ -53,6 +53,7 @@ cdef class Queue:
     cdef unsigned long long _zone_min
     cdef unsigned long long _last_id
     cdef bint _spill_due
+    cdef tuple _ticketed
 
     cpdef bint is_full(self)
     cdef long long _now(self) except? -1

@@ -17,6 +17,7 @@ cdef class QueueCollection:
     cdef public dict by_raw_name
     cdef dict _children
     cdef public long long total_items
+    cdef tuple _ticketed
     cdef public long long queue_creates
     cdef public long long queue_deletes
     cdef public long long queue_expires

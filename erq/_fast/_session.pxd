@@ -23,7 +23,8 @@ cdef class Session:
     cdef public dict open_reads
     cdef Py_ssize_t _names_bound
     cdef c_append.Ticket _hold  # the commit ticket the held replies wait for (fsync = always)
-    cdef list _held
+    cdef list _held_at
+    cdef list _held_tickets
     cdef object _write
     cdef object _close
     cdef object _pause
@@ -50,7 +51,7 @@ cdef class Session:
     cpdef bint output_full(self) except -1
     cpdef writing_paused(self, bint paused)
     cdef _output_taken(self)
-    @cython.locals(held=list, ticket=c_append.Ticket)
+    @cython.locals(at=list, held=list, i=cython.Py_ssize_t, ticket=c_append.Ticket)
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
