@@ -334,13 +334,16 @@ class Queue:
             return
         limit = self._max_memory_size
         budget = limit - self._mem_cost()
-        if self._ring and budget < min(REFILL_STEP, limit // 2):
+        # REFILL_STEP as a local: a C integer in the compiled build (every take of a queue
+        # with items on disk comes here, most of them only to return).
+        step = REFILL_STEP
+        if self._ring and budget < min(step, limit // 2):
             return
         # The step in items at the mean size of those on disk; read_behind also stops at
         # the step's data bytes less the overhead of that many items, whichever comes first:
         # head items larger than the mean would otherwise fill the step with their data
         # alone, their overhead on top (200-byte items ahead of empty ones: 31% past).
-        step = min(budget, REFILL_STEP)
+        step = min(budget, step)
         overhead = self._item_overhead
         # With items in the ring, the next one is read only if it fits the free budget: a
         # large one read early would sit in memory beside the limit's worth ahead of it.
