@@ -112,6 +112,7 @@ class MemcacheProtocol:
         counters = state.counters
         counters.total_connections += 1
         if counters.curr_connections >= state.config.server.max_connections:
+            counters.rejected_connections += 1
             _REFUSED.log(
                 "max_connections (%d) reached; refusing a client from %s",
                 state.config.server.max_connections,

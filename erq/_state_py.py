@@ -55,6 +55,7 @@ class Counters:
         "bytes_written",
         "curr_connections",
         "total_connections",
+        "rejected_connections",
     )
 
     def __init__(self) -> None:
@@ -67,6 +68,7 @@ class Counters:
         self.bytes_written = 0
         self.curr_connections = 0
         self.total_connections = 0
+        self.rejected_connections = 0  # refused past max_connections (memcached's name)
 
 
 class Deadlines:

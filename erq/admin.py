@@ -127,6 +127,7 @@ async def stats_json(state: Any) -> Reply:
 _COUNTERS = frozenset(
     {
         "total_connections",
+        "rejected_connections",
         "cmd_get",
         "cmd_set",
         "cmd_peek",
@@ -162,6 +163,7 @@ _HELP = {
     "uptime": "Seconds since the server started.",
     "curr_connections": "Open memcache connections.",
     "total_connections": "Memcache connections made (those refused by max_connections too).",
+    "rejected_connections": "Memcache connections refused because max_connections were open.",
     "cmd_get": "Keys of get requests that reached a fetch or were refused (misses included, "
     "peeks not).",
     "cmd_set": "set requests.",

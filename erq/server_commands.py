@@ -210,6 +210,7 @@ def general_stats(state: ServerState) -> list[tuple[str, object]]:
         ("implementation", IMPLEMENTATION),
         ("curr_connections", c.curr_connections),
         ("total_connections", c.total_connections),
+        ("rejected_connections", c.rejected_connections),
         ("cmd_get", c.cmd_get),
         ("cmd_set", c.cmd_set),
         ("cmd_peek", c.cmd_peek),

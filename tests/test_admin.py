@@ -232,6 +232,7 @@ def test_metrics_parse_and_agree_with_stats_json(erq_factory):
         "erq_bytes_read_total": "bytes_read",
         "erq_bytes_written_total": "bytes_written",
         "erq_connections_total": "total_connections",
+        "erq_rejected_connections_total": "rejected_connections",
         "erq_added_items_total": "total_items",
         "erq_queue_creates_total": "queue_creates",
         "erq_queue_deletes_total": "queue_deletes",

@@ -65,6 +65,7 @@ GENERAL_FIELDS = {
     "version",
     "curr_connections",
     "total_connections",
+    "rejected_connections",
     "cmd_get",
     "cmd_set",
     "get_hits",

@@ -139,6 +139,7 @@ def test_a_client_beyond_max_connections_is_refused_and_closed(loop, layer, prot
         assert await reader2.read() == REFUSAL  # the refusal, then end of file
         await until(lambda: state.counters.total_connections == 2, "the refusal")
         assert state.counters.curr_connections == 1
+        assert state.counters.rejected_connections == 1
         assert len(state.connections) == 1
         assert state.queues.get_or_create("q").items == 0  # the refused set never ran
         writer1.write(b"get q\r\n")

@@ -255,11 +255,13 @@ def test_clients_repeating_a_refused_request_make_one_log_line_not_one_each(erq_
         return None
 
     holder = poll(served, "a connection under max_connections")
+    rejected = int(holder.stats()["rejected_connections"])
     for _ in range(20):
         refused = server.client()
         assert refused.line() == b"SERVER_ERROR too many open connections\r\n"
         refused.close()
     assert holder.call(b"version\r\n") == VERSION_LINE  # served all along
+    assert int(holder.stats()["rejected_connections"]) == rejected + 20  # counted, every one
     assert server.read_log().count("refusing a client from 127.0.0.1:") == 1
     other = start(erq_factory, name="other")
     noop = struct.pack(">BBHBBHIIQ", 0x80, 0x0A, 0, 0, 0, 0, 0, 0, 0)

@@ -16,6 +16,7 @@ cdef class Counters:
     cdef public unsigned long long bytes_written
     cdef public long long curr_connections
     cdef public unsigned long long total_connections
+    cdef public unsigned long long rejected_connections
 
 
 cdef class Deadlines:
