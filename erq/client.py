@@ -276,6 +276,10 @@ class Client(_ClientCore):
         call returns within about ``timeout_ms`` plus one round trip per server. It is from 0
         to 2**31 - 1 (Kestrel's limit): another raises ValueError (a non-number TypeError)
         before any request.
+
+        A plain get takes the item off the server before its reply is sent: if the connection
+        breaks, or the call is interrupted, after the server took it and before the value was
+        read here, the item is gone. Use ``get_reliable`` for items that must not be lost.
         """
         found = self._fetch(queue, "", timeout_ms, reliable=False)
         return None if found is None else found[1][0]
