@@ -51,6 +51,17 @@ def drain(queue, after_each=None) -> list[bytes]:
     return out
 
 
+def add_then_drain(queue, added: list[bytes], after_each) -> None:
+    """Add ``added``, then take every item, calling ``after_each`` after each take: the queue
+    gives them back in order. Closes the queue."""
+    for data in added:
+        queue.add(data, 0, 0)
+    try:
+        assert drain(queue, after_each) == added
+    finally:
+        queue.close()
+
+
 def mem_cost(queue) -> int:
     return queue.mem_bytes + ITEM_OVERHEAD * queue.mem_items
 
@@ -112,16 +123,11 @@ def test_items_larger_than_the_disk_mean_are_read_back_within_the_budget(impl, t
     queue = open_queue(queue_mod, tmp_path / "q", memory)
     large = 2 * memory // (200 + ITEM_OVERHEAD)
     added = [b"%0200d" % i for i in range(large)] + [b""] * (20 * large)
-    for data in added:
-        queue.add(data, 0, 0)
 
     def within_budget() -> None:
         assert mem_cost(queue) <= memory
 
-    try:
-        assert drain(queue, within_budget) == added
-    finally:
-        queue.close()
+    add_then_drain(queue, added, within_budget)
 
 
 def test_a_large_item_on_disk_is_read_back_only_once_the_items_ahead_are_taken(impl, tmp_path):
@@ -134,16 +140,11 @@ def test_a_large_item_on_disk_is_read_back_only_once_the_items_ahead_are_taken(i
     queue = open_queue(queue_mod, tmp_path / "q", memory)
     small = memory // (SIZE + ITEM_OVERHEAD)
     added = [value(i) for i in range(2 * small)] + [b"L" * (4 * memory)] + [value(0)] * 10
-    for data in added:
-        queue.add(data, 0, 0)
 
     def within_budget_or_alone() -> None:
         assert mem_cost(queue) <= memory or queue.mem_items == 1
 
-    try:
-        assert drain(queue, within_budget_or_alone) == added
-    finally:
-        queue.close()
+    add_then_drain(queue, added, within_budget_or_alone)
 
 
 def test_items_larger_than_a_step_are_still_read_back_up_to_the_budget(impl, tmp_path):
