@@ -177,6 +177,15 @@ BARS: tuple[Bar, ...] = (
 # Results
 
 
+def rotated(names: list[str], turn: int) -> list[str]:
+    """``names`` turned left by ``turn``: the servers' order in repetition ``turn``, so that
+    over as many repetitions as servers each runs once in each place."""
+    if not names:
+        return []
+    k = turn % len(names)
+    return names[k:] + names[:k]
+
+
 def median(values: list[float | None]) -> float | None:
     """Median of the values that exist (an even count averages the middle two)."""
     vals = sorted(v for v in values if v is not None)
