@@ -7,16 +7,16 @@ reports no positions for values, so :class:`TomlLocator` re-reads the text to fi
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from .toml_lines import TomlLocator, key_name, table_name
+if TYPE_CHECKING:
+    from .toml_lines import TomlLocator
 
 __all__ = [
     "KiB",
@@ -408,6 +408,8 @@ def _unknown_key(key: str, known: Mapping[str, object], elsewhere: Mapping[str, 
             if elsewhere is _QUEUE_SETTINGS
             else "is a server setting: put it in [server]"
         )
+    import difflib  # only for a mistake: the server on its defaults does without it
+
     close = difflib.get_close_matches(key, known, n=1)
     if close:
         return f'unknown key (did you mean "{close[0]}"?)'
@@ -425,6 +427,12 @@ class _FileSettings:
 
 
 def _read_file(path: str) -> _FileSettings:
+    # Imported only when there is a file to read: tomllib is ~0.6 MiB of the RSS of a server
+    # on its embedded defaults.
+    import tomllib
+
+    from .toml_lines import TomlLocator
+
     try:
         with open(path, "rb") as file:
             data = file.read()
@@ -465,6 +473,8 @@ def _long_number_error(text: str, path: str) -> ConfigError:
 
 
 def _validate_document(document: dict, locator: TomlLocator, path: str) -> _FileSettings:
+    from .toml_lines import key_name, table_name  # loaded already by _read_file
+
     def error(problem: str, where: tuple[str, ...], key: str) -> ConfigError:
         return ConfigError(problem, key=key, source=path, line=locator.line_of(where))
 

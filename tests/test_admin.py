@@ -887,3 +887,15 @@ def test_a_head_of_bare_lf_lines_is_answered_and_a_head_of_many_lines_has_a_limi
             admin.close()
 
     _run(scenario)
+
+
+def test_the_date_header_is_the_imf_fixdate_email_utils_would_give():
+    """``http_date`` stands in for ``email.utils.formatdate(usegmt=True)``: the same text for
+    every day of a leap year and its edges, and English day and month names in any locale."""
+    from erq.admin import http_date
+
+    start = 1_704_067_200  # 2024-01-01 00:00:00 UTC, a leap year
+    moments = [0, 951_782_400, 2_147_483_647, 4_102_444_799.9]
+    moments += [start + day * 86_400 + day * 3_607 % 86_400 for day in range(367)]
+    for t in moments:
+        assert http_date(t) == email.utils.formatdate(t, usegmt=True), t

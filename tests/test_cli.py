@@ -153,3 +153,25 @@ def test_example_config_prints_the_shipped_file_which_starts_a_server(erq_factor
     c.send(b"set q 0 0 2\r\nok\r\n")
     assert c.line() == b"STORED\r\n"
     c.close()
+
+
+def test_the_server_does_not_load_modules_only_rare_paths_need(impl):
+    """What a server on its embedded defaults imports is RSS it keeps for its whole life (the
+    memory bar leaves it ~1 MiB): the config file's parser, the did-you-mean helper, the tree
+    removal and the email package (once there for the admin port's Date header) load only
+    when used. ``-S``, so that the site's own imports do not hide one of ours."""
+    code = (
+        "import sys\n"
+        "import erq.cli, erq.server, erq.admin, erq.datadir, erq.config\n"
+        "erq.config.load_config()\n"
+        "rare = {'email', 'tomllib', 'difflib', 'shutil', 'uuid'}\n"
+        "print(sorted(rare & set(sys.modules)))\n"
+    )
+    env = env_for(impl)
+    env.pop("ERQ_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -220,10 +220,8 @@ def test_removals_waiting_for_the_background_share_one_sync_of_their_parent(tmp_
     events = []
     real = datadir.fsync_directory
     monkeypatch.setattr(datadir, "fsync_directory", lambda d: (events.append("sync"), real(d)))
-    real_rmtree = datadir.shutil.rmtree
-    monkeypatch.setattr(
-        datadir.shutil, "rmtree", lambda p, **kw: (events.append("rm"), real_rmtree(p, **kw))
-    )
+    real_remove = datadir._remove_tree
+    monkeypatch.setattr(datadir, "_remove_tree", lambda p: (events.append("rm"), real_remove(p)))
     later = []
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()

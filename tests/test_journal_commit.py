@@ -1006,14 +1006,14 @@ def test_deleting_a_journal_leaves_its_files_to_a_thread(codec, tmp_path, monkey
         if ticket is not None:
             await settled(ticket)
         synced_on, removed_on = [], []
-        sync, rmtree = datadir.fsync_directory, datadir.shutil.rmtree
+        sync, remove = datadir.fsync_directory, datadir._remove_tree
         monkeypatch.setattr(
             datadir, "fsync_directory", lambda d: (synced_on.append(threading.get_ident()), sync(d))
         )
         monkeypatch.setattr(
-            datadir.shutil,
-            "rmtree",
-            lambda d, **kw: (removed_on.append(threading.current_thread().name), rmtree(d, **kw)),
+            datadir,
+            "_remove_tree",
+            lambda d: (removed_on.append(threading.current_thread().name), remove(d)),
         )
         journal.delete()
         assert not (tmp_path / "q").exists()
