@@ -28,6 +28,9 @@ SET = b"set q 0 0 10\r\n0123456789\r\n"
 SHAPES = {
     "set64": (64, SET),
     "set1": (1, SET),
+    # set1 on a queue past max_memory_size (1 MiB here): each item is kept only in the
+    # journal (read-behind), its position noted for the gets that will read it back.
+    "spill1": (1, SET),
     "get64": (64, b"get q\r\n"),
     "get1": (1, b"get q\r\n"),
     # get1 on a queue past max_memory_size (1 MiB here): the items come back from the journal
@@ -89,7 +92,7 @@ async def _drive(shape: str, requests: int) -> None:
     data_dir = tempfile.mkdtemp(prefix="erq-instructions-")
     try:
         path = None
-        if shape == "drain1":
+        if shape in ("drain1", "spill1"):
             path = os.path.join(data_dir, "erq.toml")
             with open(path, "w") as f:
                 f.write('[queues.default]\nmax_memory_size = "1MiB"\n')
@@ -113,7 +116,7 @@ async def _drive(shape: str, requests: int) -> None:
         consumer = MemcacheProtocol(state)
         consumer.connection_made(_Transport())
         per_read, request = SHAPES[shape]
-        prefill = PREFILL_READS if shape.startswith(("get", "open", "drain")) else 20
+        prefill = PREFILL_READS if shape.startswith(("get", "open", "drain", "spill")) else 20
         if shape == "wake1":
             prefill = 0  # the consumer must find the queue empty
         for _ in range(prefill):
