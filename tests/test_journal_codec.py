@@ -642,6 +642,37 @@ def test_add_data_bytes_sums_the_data_of_the_add_records_at_offsets(codec):
             codec.add_data_bytes(buf, adds, start, end)
 
 
+def test_record_offsets_walks_records_laid_end_to_end_by_their_lengths(codec):
+    """Read-behind's spans: the offsets of records back to back, from the first one's."""
+    records = [
+        codec.encode_add(1, 0, 0, 0, b"x" * 10),
+        codec.encode_op(OP_REMOVE, 1),
+        codec.encode_add(2, 0, 0, 0, b""),
+        codec.encode_add(3, 0, 0, 0, b"y" * 1000),
+    ]
+    starts = [HEADER_SIZE]
+    for rec in records:
+        starts.append(starts[-1] + len(rec))
+    buf = segment_image(codec, records, size=starts[-1])  # the last record ends the buffer
+    out = array("Q", bytes(8 * 6))
+    assert codec.record_offsets(buf, HEADER_SIZE, out) == 5  # and where the next would be
+    assert list(out[:5]) == starts
+    few = array("Q", bytes(8 * 2))
+    assert codec.record_offsets(buf, starts[2], few) == 2
+    assert list(few) == starts[2:4]
+    assert codec.record_offsets(buf, HEADER_SIZE, array("Q")) == 0
+    # A length past the end: filled, and the walk stops there (the reader refuses it).
+    damaged = bytearray(buf)
+    damaged[starts[2] : starts[2] + 4] = (1 << 30).to_bytes(4, "little")
+    assert codec.record_offsets(damaged, HEADER_SIZE, out) == 3
+    assert list(out[:3]) == starts[:3]
+    # An offset whose length cannot be read: filled, then no further.
+    assert codec.record_offsets(buf, len(buf) - 4, out) == 1
+    assert out[0] == len(buf) - 4
+    with pytest.raises(ValueError):
+        codec.record_offsets(buf, -1, out)
+
+
 @settings(max_examples=300)
 @given(
     ops=st.lists(

@@ -1,8 +1,12 @@
 """What read-behind and the C heap cost in memory (both codecs).
 
 The memory bar (1,000,000 queued 1 KiB items at max_memory_size = 64 MiB in <= 100 MiB RSS)
-leaves a few MiB for the positions of the items kept only on disk: they must cost 4 bytes
-each, and reading them back must stay the exact FIFO it was with 8-byte positions.
+leaves little for the positions of the items kept only on disk. Items whose records lie back
+to back (a queue past its budget with no get in between) must cost nothing each: a span of
+them is its first offset and its count. Items with other records between them must cost 4
+bytes each. Either way reading them back must stay the exact FIFO it was with 8-byte
+positions; the behaviour tests run on both layouts (``spaced``: a REMOVE record after each
+ADD, as a get of an item in memory would write).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from test_journal_support import use_codec
 
 from erq import server
 from erq.journal import RecoveredItem
-from erq.journal.diskitems import DiskItems
+from erq.journal.diskitems import _SPAN_MIN, DiskItems, Span
+from erq.journal.format import OP_REMOVE
 
 from support import SERVES_ON_THEN_STOP, run_script, served_on
 
@@ -42,29 +47,44 @@ class BufferSegment:
         self.mm = bytearray(HEADER)
         self.dropped: list[tuple[int, int]] = []
 
-    def add(self, codec, id: int, nbytes: int) -> int:
-        """Append an ADD record of ``nbytes`` of data; returns its offset."""
+    def add(self, codec, id: int, nbytes: int, spaced: bool = False) -> int:
+        """Append an ADD record of ``nbytes`` of data (then, ``spaced``, a REMOVE of another
+        id, so that the next ADD is not right after it); returns its offset."""
         offset = len(self.mm)
         self.mm += codec.encode_add(id, 0, 1000 + id, 0, bytes([id % 251 + 1]) * nbytes)
+        if spaced:
+            self.mm += codec.encode_op(OP_REMOVE, 10**9 + id)
         return offset
 
     def drop_pages(self, start: int = 0, end: int | None = None) -> None:
         self.dropped.append((start, end))
 
 
-def fill(codec, disk: DiskItems, segments: list[BufferSegment], sizes: list[int]) -> None:
-    """Push items 1..len(sizes) with these data sizes, spread evenly over ``segments``."""
+def fill(
+    codec, disk: DiskItems, segments: list[BufferSegment], sizes: list[int], spaced=False
+) -> None:
+    """Push items 1..len(sizes) with these data sizes, spread evenly over ``segments``;
+    ``spaced``: True for a record between each two, or every how many items one goes."""
     per = -(-len(sizes) // len(segments))
+    every = 1 if spaced is True else int(spaced)
     for i, nbytes in enumerate(sizes):
         segment = segments[i // per]
-        disk.push(segment, segment.add(codec, i + 1, nbytes), nbytes)
+        gap = bool(every) and (i + 1) % every == 0
+        disk.push(segment, segment.add(codec, i + 1, nbytes, gap), nbytes)
 
 
 def take_ids(disk: DiskItems, max_bytes: int) -> list[int]:
     return [it.id for it in disk.take(max_bytes, RecoveredItem)]
 
 
-def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
+def every_offset(disk: DiskItems) -> list[int]:
+    return [offset for _, offsets in disk.runs() for offset in offsets]
+
+
+LAYOUTS = pytest.mark.parametrize("spaced", [False, True], ids=["back_to_back", "spaced"])
+
+
+def test_items_pushed_back_to_back_cost_no_memory_each(codec):
     segment = BufferSegment("a", size=4 * GiB)
     n = 40_000
     offsets = [segment.add(codec, i, 10) for i in range(1, n + 1)]
@@ -77,64 +97,91 @@ def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
         cost = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+    assert cost <= 1024  # one span, whatever its length
+    [(run_segment, span)] = disk.runs()
+    assert run_segment is segment and isinstance(span, Span) and len(span) == n
+    assert list(span) == offsets  # walked from the records' lengths
+    assert take_ids(disk, 10**9) == list(range(1, n + 1))
+
+
+def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
+    segment = BufferSegment("a", size=4 * GiB)
+    n = 40_000
+    offsets = [segment.add(codec, i, 10, spaced=True) for i in range(1, n + 1)]
+    disk = DiskItems()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset in offsets:
+            disk.push(segment, offset, 10)
+        cost = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
     assert cost <= 4 * n * 1.08 + 4096  # the array's growth slack is 1/16
-    assert [offs.itemsize for _, offs in disk.runs()] == [4]
+    # The first is a span until the second shows a record between them.
+    assert [len(offs) for _, offs in disk.runs()] == [1, n - 1]
+    assert disk.runs()[1][1].itemsize == 4
     assert take_ids(disk, 10**9) == list(range(1, n + 1))
 
 
 def test_a_segment_over_4_gib_keeps_8_byte_positions_and_reads_them_back(codec):
     small, big = BufferSegment("small"), BufferSegment("big", size=5 * GiB)
     disk = DiskItems()
-    fill(codec, disk, [small, big], [100] * 40)
-    assert [offs.itemsize for _, offs in disk.runs()] == [4, 8]
+    fill(codec, disk, [small, big], [100] * 40, spaced=True)
+    assert [getattr(offs, "itemsize", 0) for _, offs in disk.runs()] == [0, 4, 0, 8]
     assert take_ids(disk, 1000) == list(range(1, 11))
     assert take_ids(disk, 10**9) == list(range(11, 41))
     assert (disk.count, disk.nbytes) == (0, 0)
 
 
-def test_take_reads_past_a_short_window_when_the_head_items_are_smaller(codec):
+@LAYOUTS
+def test_take_reads_past_a_short_window_when_the_head_items_are_smaller(codec, spaced):
     # The mean item is large, the head ones are tiny: the first window is too short for
     # the budget, and take goes on with the next one instead of stopping there.
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [1] * 100 + [100_000] * 10)
+    fill(codec, disk, [segment], [1] * 100 + [100_000] * 10, spaced)
     assert take_ids(disk, 100) == list(range(1, 101))
     assert take_ids(disk, 0) == [101]  # at least one, whatever the budget
 
 
-def test_take_stops_at_the_budget_when_the_head_items_are_larger(codec):
+@LAYOUTS
+def test_take_stops_at_the_budget_when_the_head_items_are_larger(codec, spaced):
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [5000] * 3 + [1] * 5000)
+    fill(codec, disk, [segment], [5000] * 3 + [1] * 5000, spaced)
     assert take_ids(disk, 9999) == [1]
     assert take_ids(disk, 10_000) == [2, 3]
     assert take_ids(disk, 5000) == list(range(4, 5004))
     assert disk.count == 0
 
 
-def test_take_with_first_max_reads_nothing_when_the_head_item_is_larger(codec):
+@LAYOUTS
+def test_take_with_first_max_reads_nothing_when_the_head_item_is_larger(codec, spaced):
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [5000, 10, 10])
+    fill(codec, disk, [segment], [5000, 10, 10], spaced)
     assert disk.take(10_000, RecoveredItem, -1, 4999) == []
     assert disk.count == 3
     assert [it.id for it in disk.take(10, RecoveredItem, -1, 5000)] == [1]  # it fits
     assert [it.id for it in disk.take(0, RecoveredItem, -1, 10)] == [2]  # then the budget
 
 
-def test_zero_length_items_fit_an_exhausted_budget(codec):
+@LAYOUTS
+def test_zero_length_items_fit_an_exhausted_budget(codec, spaced):
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [10, 0, 0, 10, 0])
+    fill(codec, disk, [segment], [10, 0, 0, 10, 0], spaced)
     assert take_ids(disk, 10) == [1, 2, 3]
     assert take_ids(disk, 10) == [4, 5]
 
 
-def test_max_items_bounds_a_take_across_windows_and_segments(codec):
+@LAYOUTS
+def test_max_items_bounds_a_take_across_windows_and_segments(codec, spaced):
     # Zero-length items all fit any budget: only the count stops a take of them.
     segments = [BufferSegment("a"), BufferSegment("b")]
     disk = DiskItems()
-    fill(codec, disk, segments, [0] * 6000 + [7] * 10)
+    fill(codec, disk, segments, [0] * 6000 + [7] * 10, spaced)
     taken = [it.id for it in disk.take(10**9, RecoveredItem, 5000)]
     assert taken == list(range(1, 5001))  # past a 4,096-offset window
     taken = [it.id for it in disk.take(10**9, RecoveredItem, 1005)]
@@ -152,15 +199,16 @@ def test_max_items_bounds_a_take_across_windows_and_segments(codec):
     n_segments=st.integers(1, 4),
     wide=st.lists(st.booleans(), min_size=4, max_size=4),
     budgets=st.lists(st.integers(0, 40_000), min_size=1, max_size=40),
+    spaced=st.sampled_from([0, 1, 2, 7, _SPAN_MIN + 3]),
 )
 def test_take_returns_the_fifo_prefix_that_fits_each_budget(
-    codec, sizes, n_segments, wide, budgets
+    codec, sizes, n_segments, wide, budgets, spaced
 ):
     segments = [
         BufferSegment(f"s{i}", size=5 * GiB if wide[i] else 1 << 20) for i in range(n_segments)
     ]
     disk = DiskItems()
-    fill(codec, disk, segments, sizes)
+    fill(codec, disk, segments, sizes, spaced)
     model = deque(enumerate(sizes, 1))
     for budget in budgets:
         expected, left = [], budget
@@ -173,10 +221,11 @@ def test_take_returns_the_fifo_prefix_that_fits_each_budget(
     assert take_ids(disk, 10**9) == [id for id, _ in model]
 
 
-def test_compaction_moves_the_unread_positions_to_4_byte_ones(codec):
+@LAYOUTS
+def test_compaction_moves_the_unread_positions_to_4_byte_ones(codec, spaced):
     old = [BufferSegment("old1"), BufferSegment("old2")]
     disk = DiskItems()
-    fill(codec, disk, old, [200] * 30)
+    fill(codec, disk, old, [200] * 30, spaced)
     assert take_ids(disk, 2000) == list(range(1, 11))
     snapshot = BufferSegment("snapshot")
     # The snapshot holds every item the compaction saw, in order; ten were read since.
@@ -187,22 +236,24 @@ def test_compaction_moves_the_unread_positions_to_4_byte_ones(codec):
     assert take_ids(disk, 10**9) == list(range(11, 31))
 
 
-def test_a_position_without_an_add_record_raises_after_taking_what_it_read(codec):
+@LAYOUTS
+def test_a_position_without_an_add_record_raises_after_taking_what_it_read(codec, spaced):
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [50] * 5)
-    bad = disk.runs()[0][1][3]
+    fill(codec, disk, [segment], [50] * 5, spaced)
+    bad = every_offset(disk)[3]
     segment.mm[bad + 8] ^= 0xFF  # not an ADD any more (and its CRC fails)
     with pytest.raises(ValueError, match=f"offset {bad}$"):
         disk.take(10**9, RecoveredItem)
     assert (disk.count, disk.nbytes) == (2, 100)  # the three read are gone
 
 
-def test_pages_read_back_are_dropped_behind_the_head(codec):
+@LAYOUTS
+def test_pages_read_back_are_dropped_behind_the_head(codec, spaced):
     segment = BufferSegment("a")
     disk = DiskItems()
-    fill(codec, disk, [segment], [4096] * 600)
-    offsets = list(disk.runs()[0][1])
+    fill(codec, disk, [segment], [4096] * 600, spaced)
+    offsets = every_offset(disk)
     while disk.count:
         disk.take(1 << 16, RecoveredItem)
     assert segment.dropped
@@ -220,15 +271,36 @@ def test_extend_pushes_runs_with_their_data_bytes_and_reads_back_in_order(codec)
     assert disk.extend(b, array("I")) == 0
     assert (disk.count, disk.nbytes) == (5999, 150 + sum(range(6, 6000)))
     runs = disk.runs()
-    assert [(seg, offs.itemsize, len(offs)) for seg, offs in runs] == [(a, 4, 5), (b, 4, 5994)]
+    # Back to back, each segment's records: one span each, the first one the pushed item's.
+    assert [(seg, type(offs), len(offs)) for seg, offs in runs] == [(a, Span, 5), (b, Span, 5994)]
     assert a.dropped and len(b.dropped) >= 2  # every few thousand lengths read
     assert take_ids(disk, 10**9) == list(range(1, 6000))
+
+
+def test_extend_makes_spans_of_the_windows_back_to_back_and_keeps_offsets_for_the_rest(codec):
+    # A restart's backlog: 5,000 records back to back, 100 with others between, 5,000 more.
+    segment = BufferSegment("a")
+    disk = DiskItems()
+    offsets = [segment.add(codec, id, 3) for id in range(1, 5001)]
+    offsets += [segment.add(codec, id, 3, spaced=True) for id in range(5001, 5101)]
+    offsets += [segment.add(codec, id, 3) for id in range(5101, 10101)]
+    assert disk.extend(segment, array("Q", offsets)) == 3 * 10100
+    shapes = [(getattr(offs, "itemsize", "span"), len(offs)) for _, offs in disk.runs()]
+    assert shapes == [("span", 4096), (4, 4096), ("span", 1908)]  # a window at a time
+    assert every_offset(disk) == offsets
+    # The next set, right after the last record, grows the last span.
+    disk.push(segment, segment.add(codec, 10101, 3), 3)
+    assert len(disk.runs()[-1][1]) == 1909
+    taken = []
+    while disk.count:
+        taken += take_ids(disk, 5000)
+    assert taken == list(range(1, 10102))
 
 
 def test_extend_keeps_8_byte_offsets_for_a_segment_over_4_gib(codec):
     big = BufferSegment("big", size=5 * GiB)
     disk = DiskItems()
-    offsets = array("I", [big.add(codec, id, 100) for id in range(1, 11)])
+    offsets = array("I", [big.add(codec, id, 100, spaced=True) for id in range(1, 11)])
     assert disk.extend(big, offsets) == 1000
     assert [offs.itemsize for _, offs in disk.runs()] == [8]
     assert take_ids(disk, 10**9) == list(range(1, 11))
@@ -310,3 +382,92 @@ def test_the_sweep_gives_back_the_ring_room_of_a_drained_burst(impl, tmp_path):
     result = run_script(impl, RING_SCRIPT, str(tmp_path / "data"), timeout=120)
     assert result["freed"] >= (65_536 - 64) * 8, result
     assert served_on(result["replies"]), result
+
+
+def test_records_back_to_back_leave_an_array_run_for_a_span_and_read_back_in_order(codec):
+    segment = BufferSegment("a")
+    disk = DiskItems()
+    runs = [(range(1, 11), True), (range(11, 211), False), (range(211, 216), True)]
+    for ids, spaced in runs:
+        for id in ids:
+            # The last of the back-to-back ones has a record after it, as the spaced ones do.
+            gap = spaced or id == ids[-1]
+            disk.push(segment, segment.add(codec, id, id % 7, gap), id % 7)
+    shapes = [(type(offs).__name__, len(offs)) for _, offs in disk.runs()]
+    # The first push starts a span; the second ends it. The 64th record pushed back to back
+    # moves those records from the array to a span, which the rest of them extend.
+    assert shapes == [("Span", 1), ("array", 9), ("Span", 200), ("array", 5)]
+    assert _SPAN_MIN == 64
+    taken = []
+    while disk.count:
+        taken += take_ids(disk, 37)  # budgets that end inside every kind of run
+    assert taken == list(range(1, 216))
+    assert disk.nbytes == 0
+
+
+@pytest.mark.parametrize("damage", ["outside", "inside"])
+def test_a_damaged_length_in_a_span_stops_its_read_at_that_record(codec, damage):
+    segment = BufferSegment("a")
+    disk = DiskItems()
+    fill(codec, disk, [segment], [50] * 6)
+    bad = every_offset(disk)[3]
+    # Too long for the segment, or short enough to lead into the next record's middle.
+    length = 1 << 30 if damage == "outside" else 20
+    segment.mm[bad : bad + 4] = length.to_bytes(4, "little")
+    with pytest.raises(ValueError, match=f"offset {bad}$"):
+        disk.take(10**9, RecoveredItem)
+    assert (disk.count, disk.nbytes) == (3, 150)  # the three read are gone
+    with pytest.raises(ValueError, match=f"offset {bad}$"):
+        disk.take(10**9, RecoveredItem)  # it stays at the head: nothing past it is skipped
+    if damage == "outside":  # a compaction's walk refuses it too, rather than end short
+        [(_, span)] = disk.runs()
+        with pytest.raises(ValueError, match=f"no record at offset {bad}$"):
+            list(span)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("push"),
+                st.integers(0, 300),  # data bytes
+                st.sampled_from([False, False, False, True]),  # a record after it
+                st.sampled_from([False] * 30 + [True]),  # a new segment before it
+                st.integers(1, 3 * _SPAN_MIN),  # how many such items
+            ),
+            st.tuples(st.just("take"), st.integers(0, 5000)),
+        ),
+        max_size=40,
+    )
+)
+def test_pushes_and_takes_interleaved_keep_the_fifo_and_its_counts(codec, ops):
+    """Sets and gets of a queue past its budget in any order: spans started, grown, read
+    from while they grow, emptied and started again, arrays split into spans."""
+    segments = [BufferSegment("s0")]
+    disk = DiskItems()
+    model: deque[tuple[int, int]] = deque()
+    next_id = 1
+    for op in ops:
+        if op[0] == "push":
+            _, nbytes, spaced, rotate, times = op
+            if rotate:
+                segments.append(BufferSegment(f"s{len(segments)}"))
+            for _ in range(times):
+                segment = segments[-1]
+                disk.push(segment, segment.add(codec, next_id, nbytes, spaced), nbytes)
+                model.append((next_id, nbytes))
+                next_id += 1
+        else:
+            expected, left = [], op[1]
+            while model and (not expected or model[0][1] <= left):
+                id, nbytes = model.popleft()
+                expected.append(id)
+                left -= nbytes
+            assert take_ids(disk, op[1]) == expected
+        assert (disk.count, disk.nbytes) == (len(model), sum(n for _, n in model))
+        assert sum(len(offsets) for _, offsets in disk.runs()) == len(model)
+    assert every_offset(disk) == every_offset(disk)  # walking a span changes nothing
+    assert take_ids(disk, 10**9) == [id for id, _ in model]

@@ -3,7 +3,7 @@
 from array import array
 from collections.abc import Iterator
 
-from _typeshed import ReadableBuffer
+from _typeshed import ReadableBuffer, WriteableBuffer
 
 CRC32C_IMPLEMENTATION: str
 
@@ -27,6 +27,7 @@ def read_adds(
     cls: type[tuple] | ItemMaker,
     out: list,
 ) -> tuple[int, int, bool]: ...
+def record_offsets(buffer: ReadableBuffer, offset: int, out: WriteableBuffer) -> int: ...
 def add_data_bytes(
     buffer: ReadableBuffer, offsets: array[int], start: int = 0, end: int = -1
 ) -> int: ...

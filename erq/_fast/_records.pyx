@@ -432,6 +432,38 @@ cdef bint _plain_tuple_type(type cls):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+def record_offsets(buffer, Py_ssize_t offset, unsigned long long[:] out):
+    """Fill ``out`` with the offsets of the records laid end to end from ``offset``, each
+    found from the length field of the one before: read-behind's items written back to back
+    need no offset of their own. Returns how many were filled. It stops after an offset whose
+    record's length cannot be read or runs past the buffer: that one is filled, for the
+    reader (which checks each record) to refuse."""
+    cdef Py_buffer view
+    cdef const unsigned char *buf
+    cdef Py_ssize_t cap = out.shape[0], filled = 0, size
+    cdef uint64_t at
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    at = <uint64_t>offset
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    try:
+        buf = <const unsigned char *>view.buf
+        size = view.len
+        while filled < cap:
+            out[filled] = at
+            filled += 1
+            if size < 9 or at > <uint64_t>(size - 9):
+                break
+            at += 8 + <uint64_t>erq_load32(buf + at)
+            if at > <uint64_t>size:
+                break
+    finally:
+        PyBuffer_Release(&view)
+    return filled
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def add_data_bytes(buffer, const unsigned long long[:] offsets, Py_ssize_t start=0,
                    Py_ssize_t end=-1):
     """The data bytes of the ADD records at ``offsets[start:end]`` (``end=-1``: to the end),

@@ -43,6 +43,7 @@ __all__ = [
     "iter_records",
     "read_add",
     "read_adds",
+    "record_offsets",
     "resync",
 ]
 
@@ -334,6 +335,30 @@ def _plain_tuple_type(cls: type) -> bool:
         and cls.__itemsize__ == tuple.__itemsize__
         and not cls.__dictoffset__
     )
+
+
+def record_offsets(buffer, offset: int, out) -> int:
+    """Fill ``out`` (64-bit unsigned ints) with the offsets of the records laid end to end
+    from ``offset``, each found from the length field of the one before: read-behind's items
+    written back to back need no offset of their own. Returns how many were filled. It stops
+    after an offset whose record's length cannot be read or runs past the buffer: that one is
+    filled, for the reader (which checks each record) to refuse."""
+    cap = len(out)
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    unpack = _U32.unpack_from
+    filled = 0
+    with memoryview(buffer) as mv:
+        size = len(mv)
+        while filled < cap:
+            out[filled] = offset
+            filled += 1
+            if offset > size - 9:
+                break
+            offset += 8 + unpack(mv, offset)[0]
+            if offset > size:
+                break
+    return filled
 
 
 def add_data_bytes(buffer, offsets, start: int = 0, end: int = -1) -> int:

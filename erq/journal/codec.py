@@ -26,6 +26,7 @@ if USE_EXTENSIONS:
         iter_records,
         read_add,
         read_adds,
+        record_offsets,
         resync,
     )
     from .._fast._replay import ReplayTail, replay_records
@@ -44,6 +45,7 @@ else:
         iter_records,
         read_add,
         read_adds,
+        record_offsets,
         resync,
     )
     from ._replay_py import ReplayTail, replay_records
@@ -78,6 +80,7 @@ __all__ = [
     "iter_records",
     "read_add",
     "read_adds",
+    "record_offsets",
     "replay_records",
     "resync",
 ]

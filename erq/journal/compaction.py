@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..datadir import fsync_directory
@@ -67,7 +67,7 @@ class SnapshotJob:
         id_floor: int,
         open_items: Sequence,
         memory_items: Sequence,
-        disk_runs: list[tuple[Segment, array]],
+        disk_runs: list[tuple[Segment, Iterable[int]]],
         old_segments: list[Segment],
         on_done: Callable[[], None] | None = None,
     ) -> None:
