@@ -615,13 +615,18 @@ def test_replay_records_applies_the_queue_semantics(codec):
     assert len(dups) == 1  # the second ADD of 4, while 4 was live
 
 
-def test_add_data_bytes_sums_the_data_of_the_add_records_at_offsets(codec):
-    records = [
+def four_records(codec) -> list[bytes]:
+    """ADDs of 10, 0 and 1,000 data bytes, a REMOVE after the first."""
+    return [
         codec.encode_add(1, 0, 0, 0, b"x" * 10),
         codec.encode_op(OP_REMOVE, 1),
         codec.encode_add(2, 0, 0, 0, b""),
         codec.encode_add(3, 0, 0, 0, b"y" * 1000),
     ]
+
+
+def test_add_data_bytes_sums_the_data_of_the_add_records_at_offsets(codec):
+    records = four_records(codec)
     buf = segment_image(codec, records)
     starts = [HEADER_SIZE]
     for rec in records:
@@ -644,12 +649,7 @@ def test_add_data_bytes_sums_the_data_of_the_add_records_at_offsets(codec):
 
 def test_record_offsets_walks_records_laid_end_to_end_by_their_lengths(codec):
     """Read-behind's spans: the offsets of records back to back, from the first one's."""
-    records = [
-        codec.encode_add(1, 0, 0, 0, b"x" * 10),
-        codec.encode_op(OP_REMOVE, 1),
-        codec.encode_add(2, 0, 0, 0, b""),
-        codec.encode_add(3, 0, 0, 0, b"y" * 1000),
-    ]
+    records = four_records(codec)
     starts = [HEADER_SIZE]
     for rec in records:
         starts.append(starts[-1] + len(rec))

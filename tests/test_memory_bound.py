@@ -84,20 +84,24 @@ def every_offset(disk: DiskItems) -> list[int]:
 LAYOUTS = pytest.mark.parametrize("spaced", [False, True], ids=["back_to_back", "spaced"])
 
 
-def test_items_pushed_back_to_back_cost_no_memory_each(codec):
-    segment = BufferSegment("a", size=4 * GiB)
-    n = 40_000
-    offsets = [segment.add(codec, i, 10) for i in range(1, n + 1)]
-    disk = DiskItems()
+def push_cost(disk: DiskItems, segment: BufferSegment, offsets: list[int]) -> int:
+    """Bytes the heap grew by while the items of 10 bytes at ``offsets`` were pushed."""
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for offset in offsets:
             disk.push(segment, offset, 10)
-        cost = tracemalloc.get_traced_memory()[0] - before
+        return tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert cost <= 1024  # one span, whatever its length
+
+
+def test_items_pushed_back_to_back_cost_no_memory_each(codec):
+    segment = BufferSegment("a", size=4 * GiB)
+    n = 40_000
+    offsets = [segment.add(codec, i, 10) for i in range(1, n + 1)]
+    disk = DiskItems()
+    assert push_cost(disk, segment, offsets) <= 1024  # one span, whatever its length
     [(run_segment, span)] = disk.runs()
     assert run_segment is segment and isinstance(span, Span) and len(span) == n
     assert list(span) == offsets  # walked from the records' lengths
@@ -109,15 +113,7 @@ def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
     n = 40_000
     offsets = [segment.add(codec, i, 10, spaced=True) for i in range(1, n + 1)]
     disk = DiskItems()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for offset in offsets:
-            disk.push(segment, offset, 10)
-        cost = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert cost <= 4 * n * 1.08 + 4096  # the array's growth slack is 1/16
+    assert push_cost(disk, segment, offsets) <= 4 * n * 1.08 + 4096  # the array's growth slack is 1/16
     # The first is a span until the second shows a record between them.
     assert [len(offs) for _, offs in disk.runs()] == [1, n - 1]
     assert disk.runs()[1][1].itemsize == 4
