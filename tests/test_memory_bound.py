@@ -11,6 +11,10 @@ ADD, as a get of an item in memory would write).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import tracemalloc
 from array import array
 from collections import deque
@@ -21,11 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_journal_support import use_codec
 
-from erq import server
+from erq import heap
 from erq.journal import RecoveredItem
 from erq.journal.diskitems import _SPAN_MIN, DiskItems, Span
 from erq.journal.format import OP_REMOVE
 
+from conftest import ROOT
 from support import SERVES_ON_THEN_STOP, run_script, served_on
 
 GiB = 1 << 30
@@ -113,7 +118,8 @@ def test_positions_in_segments_up_to_4_gib_cost_4_bytes_each(codec):
     n = 40_000
     offsets = [segment.add(codec, i, 10, spaced=True) for i in range(1, n + 1)]
     disk = DiskItems()
-    assert push_cost(disk, segment, offsets) <= 4 * n * 1.08 + 4096  # the array's growth slack is 1/16
+    cost = push_cost(disk, segment, offsets)
+    assert cost <= 4 * n * 1.08 + 4096  # the array's growth slack is 1/16
     # The first is a span until the second shows a record between them.
     assert [len(offs) for _, offs in disk.runs()] == [1, n - 1]
     assert disk.runs()[1][1].itemsize == 4
@@ -312,15 +318,20 @@ def test_extend_at_an_offset_without_an_add_record_pushes_nothing(codec):
     assert (disk.count, disk.nbytes, disk.runs()) == (0, 0, [])
 
 
-@pytest.mark.skipif(not server.release_free_memory(), reason="not glibc: no malloc_trim")
-def test_release_free_memory_hands_freed_heap_pages_back():
-    def rss_anon_kib() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-        pytest.skip("no RssAnon in /proc/self/status")
+@pytest.mark.skipif(not heap.release_free_memory(), reason="not glibc: no malloc_trim")
+def status_kib(pid: int | str, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    pytest.skip(f"no {field} in /proc/*/status")
 
-    server.release_free_memory()
+
+def rss_anon_kib(pid: int | str = "self") -> int:
+    return status_kib(pid, "RssAnon")
+
+
+def test_release_free_memory_hands_freed_heap_pages_back():
+    heap.release_free_memory()
     # 32 MiB of 1 KiB blocks (too big for pymalloc: malloc's heap), every 64th kept, so
     # the freed ones lie below live blocks where free() cannot give the pages back.
     blocks = [bytes(1024) + bytes([i % 256]) for i in range(32 * 1024)]
@@ -328,7 +339,7 @@ def test_release_free_memory_hands_freed_heap_pages_back():
     before = rss_anon_kib()
     del blocks
     freed = before - rss_anon_kib()
-    server.release_free_memory()
+    heap.release_free_memory()
     released = before - rss_anon_kib()
     assert len(kept) == 512
     assert released - freed >= 16 * 1024
@@ -467,3 +478,56 @@ def test_pushes_and_takes_interleaved_keep_the_fifo_and_its_counts(codec, ops):
         assert sum(len(offsets) for _, offsets in disk.runs()) == len(model)
     assert every_offset(disk) == every_offset(disk)  # walking a span changes nothing
     assert take_ids(disk, 10**9) == [id for id, _ in model]
+
+
+def test_one_arena_is_set_unless_the_operator_chose_with_malloc_arena_max(tmp_path):
+    code = "from erq import heap; print(heap.one_arena())"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MALLOC_ARENA_MAX", None)
+    chosen = dict(env, MALLOC_ARENA_MAX="4")
+    said = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for e in (env, chosen)
+    ]
+    assert said == [str(heap.release_free_memory()), "False"]  # True on glibc
+
+
+@pytest.mark.skipif(not heap.release_free_memory(), reason="not glibc: no malloc_trim")
+def test_a_queue_drained_after_a_restart_gives_its_memory_back(erq_factory):
+    """Recovery reads the queue's head into memory on a worker thread. Before one arena,
+    that memory stayed in the worker's arena, free and resident, while the drain's refills
+    took as much again from the main arena; and a drained queue's pages stayed resident
+    below longer-lived blocks until the sweep trimmed the heap (``Server._trim_after_drain``,
+    once the queues hold 32 MiB fewer than at their peak)."""
+    proc = erq_factory('[queues.default]\nmax_memory_size = "40MiB"\n')
+    n, value = 60_000, b"v" * 1024
+    client = proc.client(timeout=30)
+    for _batch in range(n // 1000):
+        client.send(b"".join(b"set q 0 0 1024\r\n%s\r\n" % value for _ in range(1000)))
+        for _ in range(1000):
+            assert client.line() == b"STORED\r\n"
+    client.close()
+    proc.kill()
+    proc.restart()
+    full = rss_anon_kib(proc.proc.pid)  # ~40 MiB of items in memory, the rest on disk
+    peak_at_start = status_kib(proc.proc.pid, "VmHWM")
+    client = proc.client(timeout=30)
+    for _batch in range(n // 1000):
+        client.send(b"get q\r\n" * 1000)
+        for _ in range(1000):
+            assert client.line() == b"VALUE q 0 1024\r\n"
+            assert client.read_exact(1026) == value + b"\r\n"
+            assert client.line() == b"END\r\n"
+    assert client.call(b"get q\r\n") == b"END\r\n"
+    # The refills reused the memory recovery's items had (without one arena: ~20-26 MiB more).
+    assert status_kib(proc.proc.pid, "VmHWM") - peak_at_start <= 8 * 1024
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the sweep runs once a second
+        empty = rss_anon_kib(proc.proc.pid)
+        if empty <= full - 24 * 1024:
+            break
+        time.sleep(0.2)
+    assert empty <= full - 24 * 1024, (full, empty)
+    assert client.set("q", b"after") == b"STORED\r\n"  # and it goes on
