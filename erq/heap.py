@@ -1,4 +1,5 @@
-"""The C heap under the server: one malloc arena, and free pages handed back.
+"""The server's memory: the C heap (one malloc arena, free pages handed back), and the
+cyclic GC paused over bursts of allocation.
 
 Items larger than pymalloc's 512 bytes live in glibc's heap, which keeps what is freed:
 
@@ -21,7 +22,10 @@ library's. Elsewhere than glibc (musl, macOS) there is no ``malloc_trim``, and b
 from __future__ import annotations
 
 import functools
+import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter for the number of arenas
@@ -61,3 +65,18 @@ def release_free_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic GC off meanwhile: for work that allocates container objects by the hundred
+    thousand and makes no cycles (recovery; a reload's spill, whose record tuples and
+    positions cost it half its time in collections that walked the queue's items). The
+    garbage goes by reference counting as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

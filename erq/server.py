@@ -21,7 +21,7 @@ from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
 from .datadir import DataDirBusy
-from .heap import one_arena, release_free_memory
+from .heap import one_arena, paused_gc, release_free_memory
 from .journal_api import JournalError
 from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
@@ -60,17 +60,12 @@ def _recover(queues: QueueCollection, stop: threading.Event) -> list:
     number triggers walks all of them holding the GIL (0.1-0.2 s per million): a quarter of the
     time it took to recover 10 million small items, in pauses where the loop thread could not
     answer the admin port."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with paused_gc():
         if queues.data_dir is not None:
             datadir.remove_leftovers(queues.data_dir)
         opened = queues.open_existing(stop)
         gc.collect()  # once: the recovered objects land in the oldest generation
         return opened
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # Descriptors beyond the connections and the queues: listeners, the epoll and eventfds, a

@@ -531,3 +531,20 @@ def test_a_queue_drained_after_a_restart_gives_its_memory_back(erq_factory):
         time.sleep(0.2)
     assert empty <= full - 24 * 1024, (full, empty)
     assert client.set("q", b"after") == b"STORED\r\n"  # and it goes on
+
+
+def test_paused_gc_turns_the_gc_off_and_back_to_what_it_was():
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), heap.paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("the work failed")
+    assert gc.isenabled()  # back on, the work's exception passed through
+    gc.disable()
+    try:
+        with heap.paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off: it stays off
+    finally:
+        gc.enable()

@@ -8,6 +8,8 @@ much of the budget is free.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from erq.config import QueueConfig
@@ -212,6 +214,41 @@ def test_a_lowered_max_memory_size_frees_the_memory_of_the_items_past_it_at_once
         assert drain(again) == [value(i) for i in range(count // 2, count + 10)]
     finally:
         again.close()
+
+
+def test_a_lowered_max_memory_size_sends_its_items_back_without_a_gc_collection(impl, tmp_path):
+    """The spill makes a tuple per record it reads and a position per item it sends back,
+    none of them in a cycle: with the GC on, its collections walked the queue's items and
+    took half of a reload's pause (a stop of every client: 0.59 -> 0.32 s for 480,000
+    items)."""
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    memory = 4 << 20
+    queue = open_queue(queue_mod, tmp_path / "q", memory, segment_size=1 << 20)
+    count = memory // (1 + ITEM_OVERHEAD) - 1
+    for _ in range(count):
+        queue.add(b"x", 0, 0)
+    assert queue.mem_items == count
+    collections = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(note)
+    try:
+        queue.configure(QueueConfig(max_memory_size=memory // 4, fsync="never"))
+    finally:
+        gc.callbacks.remove(note)
+    try:
+        assert queue.mem_items <= count // 4 + 1 and queue.items == count
+        # At most the one of the youngest generation that the allocations counted meanwhile
+        # start once the GC is back on (a few objects are still young: no walk of the items).
+        assert collections in ([], [0]), collections
+        assert gc.isenabled()
+        assert drain(queue) == [b"x"] * count
+    finally:
+        queue.close()
 
 
 def test_a_lowered_max_memory_size_waits_for_a_running_compaction_and_survives_the_next(

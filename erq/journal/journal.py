@@ -25,6 +25,7 @@ from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 from ..datadir import fsync_directory, remove_queue_dir
+from ..heap import paused_gc
 from ..journal_api import JournalError
 from ..startsignals import block_in_this_thread
 from . import codec
@@ -480,14 +481,16 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._poll_compaction()
         if self._job is not None or self._closed or self._lost:
             return None
-        found = self._find_adds({item.id for item in items})
-        n = 0
-        while n < len(items) and items[len(items) - 1 - n].id in found:
-            n += 1
-        taken = items[len(items) - n :]
-        self._disk.push_front(
-            [found[item.id] for item in taken], sum(len(item.data) for item in taken)
-        )
+        with paused_gc():
+            found = self._find_adds({item.id for item in items})
+            n = 0
+            while n < len(items) and items[len(items) - 1 - n].id in found:
+                n += 1
+            taken = items[len(items) - n :]
+            self._disk.push_front(
+                [found[item.id] for item in taken], sum(len(item.data) for item in taken)
+            )
+            del found, taken  # freed while the GC is off: no collection walks them first
         return n
 
     def _find_adds(self, ids: set[int]) -> dict[int, tuple[Segment, int]]:
