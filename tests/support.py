@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import uvloop
 
 import erq
@@ -220,6 +221,16 @@ def queue_config(c: RawClient, name: str) -> dict[str, str]:
     blocks = dump_config(c, name)
     assert list(blocks) == [name], blocks
     return blocks[name]
+
+
+# ---- process memory ----------------------------------------------------------------------------
+def status_kib(pid: int | str, field: str) -> int:
+    """A kB field of /proc/<pid>/status (``RssAnon``, ``RssFile``, ``VmHWM``...); the test is
+    skipped where the kernel does not report it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    pytest.skip(f"no {field} in /proc/*/status")
 
 
 # ---- connection layers -------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from test_journal_support import (
 from erq.journal import QueueJournal, RecoveredItem, Recovery
 from erq.journal.format import OP_ADD, OP_CONFIRM, OP_FLUSH, OP_OPEN, OP_REMOVE, OP_UNREMOVE
 
+from support import status_kib
+
 
 @pytest.fixture
 def codec(impl, monkeypatch):
@@ -340,11 +342,7 @@ def test_delete_removes_the_directory(reopen, tmp_path):
 
 def rss_file() -> int:
     """Bytes of file-backed pages mapped in this process (where mmap'd segments show up)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+    return status_kib("self", "RssFile") * 1024
 
 
 def test_journal_pages_do_not_stay_resident(reopen):

@@ -31,7 +31,7 @@ from erq.journal.diskitems import _SPAN_MIN, DiskItems, Span
 from erq.journal.format import OP_REMOVE
 
 from conftest import ROOT
-from support import SERVES_ON_THEN_STOP, run_script, served_on
+from support import SERVES_ON_THEN_STOP, run_script, served_on, status_kib
 
 GiB = 1 << 30
 HEADER = 32  # records start after the segment header, as in a real segment
@@ -319,13 +319,6 @@ def test_extend_at_an_offset_without_an_add_record_pushes_nothing(codec):
 
 
 @pytest.mark.skipif(not heap.release_free_memory(), reason="not glibc: no malloc_trim")
-def status_kib(pid: int | str, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    pytest.skip(f"no {field} in /proc/*/status")
-
-
 def rss_anon_kib(pid: int | str = "self") -> int:
     return status_kib(pid, "RssAnon")
 
