@@ -22,6 +22,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError, load_config
 from .datadir import DataDirBusy
 from .heap import one_arena, paused_gc, release_free_memory
+from .item import ITEM_MAKER
 from .journal_api import JournalError
 from .listener import CONNECTION_LAYER, listen
 from .protocol import MemcacheProtocol
@@ -187,6 +188,7 @@ class Server:
                 commit=self._commit,
                 item_overhead=ITEM_OVERHEAD,
                 stop=self._stop_recovery if recovering else None,  # a stop signal, at once
+                item_cls=ITEM_MAKER,  # the queue's own items, no tuple each
             )
 
         queues = QueueCollection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -203,6 +204,51 @@ def test_recovery_charges_the_per_item_overhead_against_max_memory_size(reopen):
     assert [it.id for it in rec.items] == [1, 2, 3, 4]
     assert (rec.disk_items, rec.disk_bytes) == (196, 19600)
     assert [it.id for it in journal.read_behind(10**9)] == list(range(5, 201))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_recovery_loads_exactly_the_items_that_fit_whatever_their_sizes(reopen, seed):
+    """The load reads the head from DiskItems a step at a time, each step's count from the
+    mean size: however the sizes vary, it ends where the first item that does not fit is,
+    as one item at a time would (open reads at the crash first)."""
+    rng = random.Random(seed)
+    journal, _ = reopen(segment_size=16 * KiB)
+    model = Model()
+    sizes = [rng.choice((0, 1, 7, 90, 600, 2500)) for _ in range(400)]
+    write_ops(journal, model, [(OP_ADD, item(i, size)) for i, size in enumerate(sizes, 1)])
+    write_ops(journal, model, [(OP_OPEN, i) for i in rng.sample(range(1, 401), 5)])
+    model.restarted()
+    overhead = rng.choice((0, 40, 128))
+    budget = rng.randrange(0, sum(len(it.data) + overhead for it in model.queued))
+    fit, used = 0, 0
+    for it in model.queued:
+        if used + len(it.data) + overhead > budget:
+            break
+        used += len(it.data) + overhead
+        fit += 1
+    journal, rec = reopen(segment_size=16 * KiB, max_memory_size=budget, item_overhead=overhead)
+    assert [it.id for it in rec.items] == [it.id for it in model.queued[:fit]]
+    assert rec.disk_items == len(model.queued) - fit
+    assert rec.disk_bytes == sum(len(it.data) for it in model.queued[fit:])
+    assert all_items(journal, rec) == model.queued
+
+
+def test_recovery_makes_the_items_of_its_item_cls(reopen, impl):
+    """The server has recovery make its ring's items (the ring's ItemMaker) rather than
+    tuples the queue would turn into items and free; the fields and order are the same."""
+    ring = importlib.import_module("erq._fast._ring" if impl == "c" else "erq._ring_py")
+    journal, _ = reopen(segment_size=8 * KiB)
+    model = Model()
+    write_ops(journal, model, [(OP_ADD, item(i, size=300)) for i in range(1, 61)])
+    write_ops(journal, model, [(OP_OPEN, 40), (OP_OPEN, 2), (OP_OPEN, 9), (OP_UNREMOVE, 9)])
+    model.restarted()
+    journal, tuples = reopen(segment_size=8 * KiB, max_memory_size=9000)
+    journal, made = reopen(segment_size=8 * KiB, max_memory_size=9000, item_cls=ring.ITEM_MAKER)
+    assert {type(it) for it in made.items} == {ring.Item} and len(made.items) == 30
+    fields = [(it.id, it.flags, it.add_time, it.expiry, it.data) for it in made.items]
+    assert fields == [tuple(it) for it in tuples.items] == model.queued[:30]
+    assert (made.disk_items, made.disk_bytes) == (tuples.disk_items, tuples.disk_bytes)
+    assert all_items(journal, tuples)[30:] == model.queued[30:]
 
 
 def test_read_behind_in_a_non_contiguous_disk_order(reopen):

@@ -193,12 +193,14 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         commit=None,
         item_overhead: int = 0,
         stop=None,
+        item_cls=RecoveredItem,
     ) -> tuple[QueueJournal, Recovery]:
         """Open (creating the directory if missing) and replay a queue's journal.
 
         Recovery reads items into memory up to ``max_memory_size``, counting their data plus
-        ``item_overhead`` bytes each (what the queue spends per item in RAM). ``stop``, a
-        ``threading.Event``, set meanwhile ends the replay with RecoveryStopped.
+        ``item_overhead`` bytes each (what the queue spends per item in RAM), each made of
+        ``item_cls`` (a plain tuple class, or the queue's ItemMaker: ``erq.item.ITEM_MAKER``).
+        ``stop``, a ``threading.Event``, set meanwhile ends the replay with RecoveryStopped.
 
         Reads that were open at the crash are back at the head of ``Recovery.items``; an
         UNREMOVE is journaled for each, so the journal states the same order from now on.
@@ -218,7 +220,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
                 max_journal_size=max_journal_size,
                 commit=commit,
             )
-            result = replay(directory, max_memory_size, item_overhead, stop)
+            result = replay(directory, max_memory_size, item_overhead, stop, item_cls)
         except OSError as exc:
             # Out of descriptors, disk full, no permission: a request that would create the
             # queue gets SERVER_ERROR, and a new queue's directory is not left behind.

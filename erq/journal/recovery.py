@@ -18,8 +18,9 @@ open ids go back to the head in the order of their OPEN records.
 
 Replay keeps only positions (segment, offset) per live id, never item data: the queued ids
 in a ``codec.ReplayTail`` (16 bytes per item), the few unremoved and open ones in dicts.
-Afterwards the first ``max_memory_size`` bytes of the queue are read back into memory and the
-rest stays on disk as positions (read-behind), handed to DiskItems a segment's run at a time.
+Afterwards every position goes to DiskItems, a segment's run at a time, and the first
+``max_memory_size`` bytes of the queue are read back from there, as a running queue's refill
+reads them; the rest stays on disk as positions (read-behind).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ _U32 = struct.Struct("<I")
 _POS_SHIFT = 40  # a replay position is segment index << 40 | offset
 _POS_MASK = (1 << _POS_SHIFT) - 1
 _DROP_BYTES = 4 << 20  # bytes read through a mapping between two drops of its pages
-# Items loaded into memory between two looks at the stop event: small items reach
-# _DROP_BYTES only after ~400,000 of them, seconds of the pure-Python build's loading.
+# Items loaded into memory between two looks at the stop event (the most one DiskItems.take
+# of the load reads): small items reach _DROP_BYTES only after ~400,000 of them, seconds of
+# the pure-Python build's loading.
 _LOAD_STOP_CHECK = 1 << 12
 LEFTOVER_SUFFIXES = (".seg.new", ".seg.tmp")  # interrupted creation or compaction
 DAMAGED_SUFFIX = ".damaged"
@@ -81,7 +83,7 @@ class RecoveredItem(NamedTuple):
 class Recovery:
     """What a queue gets back when its journal is opened."""
 
-    items: list[RecoveredItem]  # held in memory, queue order; reads open at the crash first
+    items: list  # held in memory (replay's item_cls), queue order; reads open at the crash first
     disk_items: int  # further items after ``items``, left on disk: QueueJournal.read_behind
     disk_bytes: int  # their data bytes
     next_id: int  # greater than every id this queue's journal ever held
@@ -417,11 +419,20 @@ def _stop_if_asked(halt: Any, seg: Segment) -> None:
 
 
 def replay(
-    directory: Path, max_memory_size: int, item_overhead: int = 0, stop: Any = None
+    directory: Path,
+    max_memory_size: int,
+    item_overhead: int = 0,
+    stop: Any = None,
+    item_cls: Any = RecoveredItem,
 ) -> ReplayResult:
     """Open and replay every segment of ``directory`` (see the module doc). Each item read
     into memory is charged its data plus ``item_overhead`` bytes against ``max_memory_size``
-    (what the queue holding it spends on it: the same budget as while it runs).
+    (what the queue holding it spends on it: the same budget as while it runs), and made as
+    ``codec.read_adds`` makes it of ``item_cls``: a plain tuple class, or the queue's own
+    ItemMaker (``erq.item.ITEM_MAKER``), which spares a restart a tuple and three ints per
+    item that the queue would turn into its item and free (a server restarted over a million
+    small items held ~90 MiB more once ready than the one that queued them: the freed
+    tuples' memory stays with the allocator, between the items).
 
     ``stop`` (a ``threading.Event``) set meanwhile raises RecoveryStopped at the next window
     of records (_DROP_BYTES) or, while items are loaded, the next _LOAD_STOP_CHECK items: a
@@ -447,6 +458,7 @@ def replay(
             item_overhead,
             damaged=bool(gaps),  # compacted soon: the report stays until then
             halt=stop,
+            item_cls=item_cls,
             expected=expected,
             ranges=ranges,
         )
@@ -467,6 +479,7 @@ def _replay(
     halt: Any = None,
     expected: SegmentRange | None = None,
     ranges: list[SegmentRange] | None = None,
+    item_cls: Any = RecoveredItem,
 ) -> ReplayResult:
     tail = codec.ReplayTail()  # queued ids in ADD order, with their positions
     head: dict[int, int] = {}  # ids put back by UNREMOVE; queue order is reversed insertion
@@ -525,9 +538,8 @@ def _replay(
     front = [*opened.values(), *reversed(head.values())]  # a few: open and unremoved reads
     opened.clear()
     head.clear()
-    queued = tail.take_positions()  # the bulk, in ADD order: the tail is left empty
     items, mem_bytes, record_bytes, disk = _load(
-        front, queued, segments, max_memory_size, item_overhead, halt
+        front, tail, segments, max_memory_size, item_overhead, halt, item_cls
     )
     recovery = Recovery(
         items=items,
@@ -551,61 +563,67 @@ def _replay(
 
 def _load(
     front: list[int],
-    queued: array,
+    tail: Any,
     segments: list[Segment],
     max_memory_size: int,
     item_overhead: int,
     halt: Any = None,
+    item_cls: Any = RecoveredItem,
 ):
-    """Read the head of the queue (the positions in ``front``, then those in ``queued``)
-    into memory up to ``max_memory_size`` bytes (data plus ``item_overhead`` per item); keep
-    only the positions of the rest. Returns (items, their data bytes, live record bytes,
-    disk).
+    """Read the head of the queue (the positions in ``front``, then those of ``tail``, a
+    ``codec.ReplayTail`` left empty) into memory up to ``max_memory_size`` bytes (data plus
+    ``item_overhead`` per item); keep only the positions of the rest. Returns (items, their
+    data bytes, live record bytes, disk).
 
-    ``queued`` is strictly increasing (ADD records are met in journal order), so the items
-    left on disk split into one run per segment by bisection, each handed to DiskItems at
-    once: no Python int is made per item there.
+    Every position goes to DiskItems first, and the head is read from there as a running
+    queue's refill reads it: the tail's positions (8 bytes per queued item) are released
+    before any item is read, so that they never sit in memory beside the items (a restart
+    over 1,000,000 items of 1 KiB with a 64 MiB budget peaked 18 MiB above what it held
+    once ready). ``tail``'s positions are strictly increasing (ADD records are met in
+    journal order), so they split into one run per segment by bisection, each handed to
+    DiskItems at once: no Python int is made per item.
     """
-    items: list[RecoveredItem] = []
-    unpack = _U32.unpack_from
-    read_add = codec.read_add
-    mem_bytes = record_bytes = dropped = 0
-    i = 0
-    for pos in chain(front, queued):
-        mm = segments[pos >> _POS_SHIFT].mm
-        offset = pos & _POS_MASK
-        size = unpack(mm, offset)[0] - ADD_FIXED_LENGTH
-        if mem_bytes + size + item_overhead * (i + 1) > max_memory_size:
-            break
-        items.append(read_add(mm, offset, RecoveredItem))
-        mem_bytes += size
-        record_bytes += size + ADD_OVERHEAD
-        i += 1
-        if not i % _LOAD_STOP_CHECK:
-            _stop_if_asked(halt, segments[0])
-        if mem_bytes - dropped >= _DROP_BYTES:
-            # The items are copied out: their pages need not stay mapped beside the copies.
-            dropped = mem_bytes
-            for seg in segments:
-                seg.drop_pages()
+    queued = tail.take_positions()  # the bulk, in ADD order: the only reference from here
     disk = DiskItems()
-    for pos in front[i:]:
+    for pos in front:
         segment = segments[pos >> _POS_SHIFT]
         offset = pos & _POS_MASK
-        size = unpack(segment.mm, offset)[0] - ADD_FIXED_LENGTH
-        disk.push(segment, offset, size)
-        record_bytes += size + ADD_OVERHEAD
-    start, n = max(i - len(front), 0), len(queued)
+        disk.push(segment, offset, _U32.unpack_from(segment.mm, offset)[0] - ADD_FIXED_LENGTH)
+    start, n = 0, len(queued)
     while start < n:
         index = queued[start] >> _POS_SHIFT
         stop = bisect_left(queued, (index + 1) << _POS_SHIFT, start)
         segment = segments[index]
-        nbytes = disk.extend(segment, _offsets(queued, start, stop, index, segment))
-        record_bytes += nbytes + (stop - start) * ADD_OVERHEAD
+        disk.extend(segment, _offsets(queued, start, stop, index, segment))
         start = stop
+    del queued
     for seg in segments:
         seg.drop_pages()
-    return items, mem_bytes, record_bytes, disk
+    record_bytes = disk.nbytes + disk.count * ADD_OVERHEAD
+    on_disk = disk.nbytes
+    items: list = []
+    left = max_memory_size
+    while disk.count:
+        # A step of items at their mean size, the overhead of as many set aside first: the
+        # budget holds however their sizes vary. One at a time once fewer fit, so that the
+        # load ends exactly where the next item would take the queue past its budget.
+        size = disk.nbytes // disk.count + item_overhead
+        width = min(_LOAD_STOP_CHECK, max(left // size if size else left, 1))
+        max_bytes = left - width * item_overhead
+        if max_bytes < 0:
+            width, max_bytes = 1, left - item_overhead
+            if max_bytes < 0:
+                break
+        before = disk.nbytes
+        step = disk.take(max_bytes, item_cls, width, max_bytes)
+        if not step:
+            break
+        items.extend(step)
+        left -= before - disk.nbytes + len(step) * item_overhead
+        _stop_if_asked(halt, segments[0])
+    for seg in segments:
+        seg.drop_pages()
+    return items, on_disk - disk.nbytes, record_bytes, disk
 
 
 def _offsets(queued: array, start: int, stop: int, index: int, segment: Segment) -> array:
