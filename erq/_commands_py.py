@@ -307,6 +307,22 @@ def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, ge
         _wire.append_value(session.out, prefix, item.flags, item.data, cas)
 
 
+def gets_asked(keys: list) -> int:
+    """What a get refused for its keys adds to cmd_get: its keys that fetch and do not peek
+    (PROTOCOL §8), as the keys of a get refused under QUIESCENT count, and each key refused
+    itself, whose options are unknown."""
+    asked = 0
+    for key in keys:
+        try:
+            spec = _keys.parse_key(key)
+        except KeyError_:
+            asked += 1
+        else:
+            if spec.fetches and not spec.peek:
+                asked += 1
+    return asked
+
+
 def cmd_get(session: Session, req: tuple) -> None:
     keys = req[1]
     if not keys:
@@ -320,7 +336,7 @@ def cmd_get(session: Session, req: tuple) -> None:
     except KeyError_ as exc:
         # Refused before any key ran: each key still counts as a get asked for (PROTOCOL §10:
         # refused requests count in cmd_get), as a get refused under QUIESCENT does.
-        session.state.counters.cmd_get += len(keys)
+        session.state.counters.cmd_get += gets_asked(keys)
         if exc.close:
             session.close_after(exc.reply)
         else:

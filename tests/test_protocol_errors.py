@@ -627,6 +627,9 @@ def test_a_get_refused_for_its_keys_counts_them_in_cmd_get_and_nowhere_else(serv
         (b"get q/t=x\r\n", 1),
         (b"get q/peek/open\r\n", 1),  # a forbidden combination: refused and closed
         (b"get ok bad.name\r\n", 2),  # the whole request is refused, both keys counted
+        # PROTOCOL §8: peeks and close- or abort-only keys are not gets, refused or not.
+        (b"get x/peek y/close w/abort z.bad\r\n", 1),
+        (b"get x/peek y/close/open v/t=abc\r\n", 2),
     ]
     for request, keys in refusals:
         before = observer.stats()
