@@ -795,6 +795,29 @@ def test_the_close_of_a_timed_out_read_is_used_up_by_it_not_by_the_next_read(erq
     assert drain(a, "t") == [b"x", b"z"]
 
 
+def test_the_close_of_a_read_a_delete_dropped_is_used_up_by_it_not_by_the_next_read(server):
+    """A delete drops the queue's open reads, but each keeps its place in its connection's
+    line as a timed-out one does: ``a``'s close for "x" must not confirm "y", the read it
+    opened on the queue made again, which it is still working on."""
+    a, b = server.client(), server.client()
+    assert a.set("t", b"x") == STORED
+    assert a.get("t/open") == one("t/open", b"x")
+    assert b.call(b"delete t\r\n") == DELETED
+    assert b.set("t", b"y") == STORED
+    assert a.get("t/open") == one("t/open", b"y")
+    assert a.get("t/close") == END  # used up by "x", which the delete dropped
+    assert qint(b, "t", "open_transactions") == 1  # "y" is still a's
+    a.close()  # a worker that dies with "y": it comes back
+    poll(lambda: qint(b, "t", "items") == 1, "a's read to return at its disconnect")
+    assert drain(b, "t") == [b"y"]
+    c = server.client()
+    assert c.set("t", b"z") == STORED
+    assert c.get("t/open") == one("t/open", b"z")
+    assert b.call(b"delete t\r\n") == DELETED
+    assert c.call(b"confirm t 1\r\n") == END  # the dropped read's confirm: nothing
+    assert c.call(b"confirm t 1\r\n") == ERROR  # the line is empty now
+
+
 def test_a_connections_line_of_reads_taken_back_stays_bounded(impl):
     """Reads taken back stay in the connection's line until their close, but a client that
     never closes cannot grow it without bound: at twice max_open_reads the oldest of them
