@@ -545,6 +545,7 @@ class Queue:
             else:
                 journal.remove(head.id)
         item = self._pop_head()
+        self.last_activity = now  # max_queue_age: a queue just emptied is not idle
         if reliable:
             self._open[item.id] = OpenRead(item, now)
             self._open_bytes += len(item.data)
@@ -573,6 +574,7 @@ class Queue:
         item_id = read.item.id
         del self._open[item_id]
         self._open_bytes -= len(read.item.data)
+        self.last_activity = self._now()
         if self._journal is not None:
             try:
                 self._journal.confirm(item_id)

@@ -597,6 +597,33 @@ max_queue_age = "300ms"
     assert qstats(c, "idle") is None and qint(c, "busy", "items") == 1
 
 
+def test_max_queue_age_counts_from_the_last_take_or_confirm_not_only_the_last_set(erq_factory):
+    """A queue a get has just emptied, or whose last read was just confirmed, is not idle:
+    it stays for max_queue_age from then (it was deleted at the next sweep when its last
+    set was older than that)."""
+    config = """
+[server]
+expiry_sweep = "100ms"
+
+[queues.default]
+max_queue_age = "1500ms"
+"""
+    proc, c = start(erq_factory, config)
+    assert c.set("taken", b"x") == STORED
+    assert c.set("confirmed", b"y") == STORED
+    assert c.get("confirmed/open") == one("confirmed/open", b"y")
+    time.sleep(1.0)
+    assert c.get("taken") == one("taken", b"x")  # empty from now on
+    time.sleep(0.8)  # 1.8 s after its set, 0.8 s after the get
+    assert qint(c, "taken", "total_items") == 1
+    assert c.get("confirmed/close") == END  # 1.8 s after the open: the last activity is now
+    time.sleep(0.8)
+    assert qint(c, "confirmed", "total_items") == 1
+    poll(lambda: qstats(c, "taken") is None, "the emptied queue to be deleted in its turn")
+    poll(lambda: qstats(c, "confirmed") is None, "the confirmed queue to be deleted in its turn")
+    assert c.stats()["queue_expires"] == "2"
+
+
 # ---- open_timeout ------------------------------------------------------------------------------
 OPEN_TIMEOUT = """
 [queues."t"]
