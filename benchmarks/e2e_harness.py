@@ -230,11 +230,13 @@ class Server:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile"):
+                if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                     values[key] = int(rest.split()[0]) / 1024
         except OSError:
             pass
-        return Memory(values.get("VmRSS"), values.get("RssAnon"), values.get("RssFile"))
+        return Memory(
+            values.get("VmRSS"), values.get("RssAnon"), values.get("RssFile"), values.get("VmHWM")
+        )
 
     def stats(self) -> dict[str, str]:
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:

@@ -43,6 +43,7 @@ def median_memory(samples: list[Memory]) -> Memory:
         median([m.rss for m in samples]),
         median([m.anon for m in samples]),
         median([m.file for m in samples]),
+        median([m.peak for m in samples]),
     )
 
 
@@ -315,6 +316,14 @@ def _render_sync_ceiling(res: Results) -> list[str]:
     return out
 
 
+def _fmt_restarted(r) -> str:
+    if not r.restarted_memory:
+        return "–"
+    m = median_memory(r.restarted_memory)
+    items = ", ".join(f"{n:,}" for n in r.restarted_items)
+    return f"{fmt_mem(m)}; peak {fmt_mib(m.peak)}; {items}"
+
+
 def _render_memory(res: Results) -> list[str]:
     if not res.memory:
         return []
@@ -327,6 +336,7 @@ def _render_memory(res: Results) -> list[str]:
                 label(build),
                 f"{fmt_ops(stored)} stored",
                 fmt_mem(median_memory(r.fill_memory)),
+                _fmt_restarted(r),
                 ", ".join(str(held) for _, _, held in r.idle) or "–",
                 fmt_mem(median_memory([b for b, _, _ in r.idle])),
                 fmt_mib(r.idle_extra()),
@@ -337,7 +347,9 @@ def _render_memory(res: Results) -> list[str]:
     return [
         f"\n### 9. Memory (erq only){scaled}\n",
         f'_{p.memory_items:,} items of 1 KiB queued with `max_memory_size = "64MiB"` (1 '
-        f"connection, pipeline 64), RSS read after the fill; then, on a fresh server, "
+        f"connection, pipeline 64), RSS read after the fill, and again once a restart after a "
+        "SIGKILL has read the same items back (with the restarted process's peak, VmHWM); then, "
+        "on a fresh server, "
         f"{p.idle_conns:,} connections opened and left idle. RSS is VmRSS; anon/file is its "
         "split (RssAnon, RssFile: mapped journal segments count as file)._\n",
         table(
@@ -345,6 +357,7 @@ def _render_memory(res: Results) -> list[str]:
                 "server",
                 "items",
                 "RSS after the fill",
+                "RSS after a SIGKILL and restart (peak; items back)",
                 "idle conns held",
                 "RSS before them",
                 "extra RSS with them",

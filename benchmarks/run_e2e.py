@@ -263,20 +263,37 @@ class Bench:
         for name in self.res.erq_builds:
             out = self.res.memory.setdefault(name, MemoryResult())
             for rep in range(self.plan.repeat):
-                server = self.fresh(name, config=fill_config)
+                root = tempdir(f"memory-{name}")
+                data_dir = os.path.join(root, "data")
+                server = self.fresh(name, config=fill_config, data_dir=data_dir)
                 if server is None:
+                    drop_dir(root)
                     continue
                 try:
                     run = self.qload.run(server, args, max_seconds=40 if self.plan.quick else 90)
                     time.sleep(0.3)  # past the fsync period, so the reading is the settled one
                     out.fill.append(run)
                     out.fill_memory.append(server.memory())
+                    # The same items read back by a restart: what recovery holds, and its peak.
+                    server.close(crash=True)
+                    server = self.launcher.start(
+                        name, config=fill_config, data_dir=data_dir, timeout=120.0
+                    )
+                    time.sleep(0.3)
+                    out.restarted_memory.append(server.memory())
+                    out.restarted_items.append(int(server.stats().get("curr_items", "-1")))
+                except (BenchError, OSError) as exc:
+                    self.res.notes.append(f"{name} memory restart failed: {exc}")
                 finally:
                     server.close()
+                    drop_dir(root)
+                restarted = out.restarted_memory[-1] if out.restarted_memory else Memory()
                 self.say(
                     "memory",
                     name,
-                    f"rep {rep + 1}: fill {short(run)}, RSS {fmt_mib(out.fill_memory[-1].rss)}",
+                    f"rep {rep + 1}: fill {short(run)}, RSS {fmt_mib(out.fill_memory[-1].rss)}; "
+                    f"after a SIGKILL and restart {fmt_mib(restarted.rss)} "
+                    f"(peak {fmt_mib(restarted.peak)})",
                 )
                 server = self.fresh(name, config=idle_config)
                 if server is None:

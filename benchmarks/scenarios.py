@@ -167,6 +167,9 @@ BARS: tuple[Bar, ...] = (
     ),
     Bar("fsync_always", 'fsync = "always": 50 conns / 1 conn set rate', ">=", 20.0),
     Bar("memory_fill", "RSS after the fill, max_memory_size = 64MiB", "<=", 100.0, "MiB"),
+    Bar(
+        "memory_restart", "RSS once ready after a SIGKILL and restart over them", "<=", 100.0, "MiB"
+    ),
     Bar("memory_idle", "extra RSS with the idle connections", "<=", 100.0, "MiB"),
     Bar("restart_ready", "restart: ready (answers version) within", "<=", 5.0, "s"),
     Bar("restart_disk", "journal on disk / (2 × live bytes + 2 segments)", "<=", 1.0),
@@ -232,6 +235,7 @@ class Memory:
     rss: float | None = None
     anon: float | None = None
     file: float | None = None
+    peak: float | None = None  # VmHWM: the most RSS the process has had
 
 
 @dataclass
@@ -248,10 +252,15 @@ class FsyncResult:
 class MemoryResult:
     fill: list[Run] = field(default_factory=list)
     fill_memory: list[Memory] = field(default_factory=list)
+    restarted_memory: list[Memory] = field(default_factory=list)  # after SIGKILL and restart
+    restarted_items: list[int] = field(default_factory=list)
     idle: list[tuple[Memory, Memory, int]] = field(default_factory=list)  # before, with, held
 
     def fill_rss(self) -> float | None:
         return median([m.rss for m in self.fill_memory])
+
+    def restarted_rss(self) -> float | None:
+        return median([m.rss for m in self.restarted_memory])
 
     def idle_extra(self) -> float | None:
         return median([w.rss - b.rss for b, w, _ in self.idle if w.rss is not None and b.rss])
@@ -392,6 +401,8 @@ class Results:
             return self.micro.speedup(PARSER_GROUP) if self.micro else None
         if bar.key == "memory_fill":
             return self.memory[build].fill_rss() if build in self.memory else None
+        if bar.key == "memory_restart":
+            return self.memory[build].restarted_rss() if build in self.memory else None
         if bar.key == "memory_idle":
             return self.memory[build].idle_extra() if build in self.memory else None
         r = self.restart.get(build)
