@@ -31,6 +31,7 @@ from support import (
     one,
     parse_blocks,
     poll,
+    queue_config,
     set_req,
     value,
 )
@@ -491,6 +492,9 @@ expire_to_queue = "dead"
     assert c.set("dead", b"gone", exptime=-1) == STORED
     assert flush_expired(c, "dead") == 1
     assert (qint(c, "dead", "items"), qint(c, "dead", "expired_items")) == (0, 1)
+    # dump_config gives the effective configuration (PROTOCOL §3): none for that queue.
+    assert queue_config(c, "dead")["expire_to_queue"] == "none"
+    assert queue_config(c, "e")["expire_to_queue"] == "dead"
 
 
 def test_an_expiry_move_whose_woken_get_fetches_from_the_source_loses_and_doubles_nothing(impl):
