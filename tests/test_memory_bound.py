@@ -318,11 +318,11 @@ def test_extend_at_an_offset_without_an_add_record_pushes_nothing(codec):
     assert (disk.count, disk.nbytes, disk.runs()) == (0, 0, [])
 
 
-@pytest.mark.skipif(not heap.release_free_memory(), reason="not glibc: no malloc_trim")
 def rss_anon_kib(pid: int | str = "self") -> int:
     return status_kib(pid, "RssAnon")
 
 
+@pytest.mark.skipif(not heap.release_free_memory(), reason="not glibc: no malloc_trim")
 def test_release_free_memory_hands_freed_heap_pages_back():
     heap.release_free_memory()
     # 32 MiB of 1 KiB blocks (too big for pymalloc: malloc's heap), every 64th kept, so
