@@ -299,8 +299,8 @@ class QueueCollection:
         True when the move took over the journaling of its removal from ``queue``: with
         fsync = "always" the removal is written only once the copy is synced, so that no
         power cut finds the one without the other (at worst both: a duplicate)."""
-        target = queue.config.expire_to_queue
-        if target and target != queue.name and valid_queue_name(target.encode()):
+        target = queue.config.expire_target(queue.name)
+        if target and valid_queue_name(target.encode()):
             try:
                 result, ticket = self._move(target, item)
             except JournalError as exc:  # the removal is journaled next: say what is lost

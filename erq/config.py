@@ -90,8 +90,16 @@ class QueueConfig:
     journal: bool = True
     max_journal_size: int = 1 * GiB
 
-    def canonical(self) -> list[tuple[str, str]]:
-        """The 12 keys in ``dump_config`` order with their canonical values (PROTOCOL section 10)."""
+    def expire_target(self, name: str) -> str | None:
+        """Where the expired items of the queue ``name`` go: ``expire_to_queue``, unless that
+        is the queue itself (a ``[queues.default]`` target inherits it), which drops them."""
+        target = self.expire_to_queue
+        return None if target == name else target
+
+    def canonical(self, name: str | None = None) -> list[tuple[str, str]]:
+        """The 12 keys in ``dump_config`` order with their canonical values (PROTOCOL section 10);
+        with the queue's ``name``, the values in effect for it (``expire_target``)."""
+        target = self.expire_to_queue if name is None else self.expire_target(name)
         return [
             ("max_items", _canonical(self.max_items)),
             ("max_size", _canonical(self.max_size)),
@@ -103,7 +111,7 @@ class QueueConfig:
             ("open_timeout", _canonical(self.open_timeout)),
             ("discard_old_when_full", _canonical(self.discard_old_when_full)),
             ("journal", _canonical(self.journal)),
-            ("expire_to_queue", _canonical(self.expire_to_queue)),
+            ("expire_to_queue", _canonical(target)),
             ("fsync", _canonical(self.fsync)),
         ]
 

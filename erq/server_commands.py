@@ -298,14 +298,7 @@ def cmd_dump_config(session: Session, args: list[bytes]) -> None:
 
     def fields(name: str) -> Any:
         queue = queues.get(name)
-        if queue is None:
-            return None
-        pairs = queue.config.canonical()
-        if queue.config.expire_to_queue == name:
-            # The effective value: a queue does not feed itself, its expired items are dropped
-            # (a [queues.default] expire_to_queue names the target, which inherits it too).
-            pairs = [(key, "none" if key == "expire_to_queue" else v) for key, v in pairs]
-        return pairs
+        return queue.config.canonical(name) if queue is not None else None
 
     _dump(session, args, fields)
 
