@@ -36,4 +36,5 @@ python -m pip install -q -e ".[test]"
 # The editable install builds erq/_fast in place; make sure it really did (no silent fallback).
 python -c "import erq, sys; print('erq', erq.__version__, 'implementation:', erq.IMPLEMENTATION); sys.exit(erq.IMPLEMENTATION != 'cython')"
 ruff check erq tests benchmarks setup.py
+ruff format --check erq tests benchmarks setup.py
 exec python -m pytest "$@"

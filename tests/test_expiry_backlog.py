@@ -235,9 +235,7 @@ def test_a_client_that_leaves_during_the_backlog_takes_nothing(impl, tmp_path):
     assert int(result["expired_items"]) == DEEP, result
 
 
-def test_a_get_behind_expired_items_at_shutdown_finishes_while_the_journal_is_open(
-    impl, tmp_path
-):
+def test_a_get_behind_expired_items_at_shutdown_finishes_while_the_journal_is_open(impl, tmp_path):
     result = run_case(impl, tmp_path, "shutdown")
     # The get went on removing expired items and answered the live one before the journals
     # closed; its removal is journaled, so a restart does not hand the item out again.

@@ -182,9 +182,7 @@ def test_expired_items_their_full_expire_to_queue_refuses_take_one_log_line_not_
     builds of QueueCollection.)"""
     queues_mod = impl_module(impl, "_queues", "_queues_py")
     config_file = tmp_path / "erq.toml"
-    config_file.write_text(
-        '[queues.src]\nexpire_to_queue = "dead"\n[queues.dead]\nmax_items = 0\n'
-    )
+    config_file.write_text('[queues.src]\nexpire_to_queue = "dead"\n[queues.dead]\nmax_items = 0\n')
     now = [1_000_000]
     queues = queues_mod.QueueCollection(load_config(config_file), None, clock=lambda: now[0])
     src = queues.get_or_create("src")
