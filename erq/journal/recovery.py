@@ -17,7 +17,7 @@ the head; FLUSH drops every queued (not open) id. Unknown ids are ignored. At th
 open ids go back to the head in the order of their OPEN records.
 
 Replay keeps only positions (segment, offset) per live id, never item data: the queued ids
-in a ``codec.ReplayTail`` (16 bytes per item), the few unremoved and open ones in dicts.
+in a ``codec.ReplayTail`` (about 4 bytes per item), the few unremoved and open ones in dicts.
 Afterwards every position goes to DiskItems, a segment's run at a time, and the first
 ``max_memory_size`` bytes of the queue are read back from there, as a running queue's refill
 reads them; the rest stays on disk as positions (read-behind).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any, NamedTuple
 
 from ..journal_api import JournalError, RecoveryStopped
 from . import codec
-from .diskitems import DiskItems, low_halves
+from .diskitems import DiskItems
 from .format import (
     ADD_FIXED_LENGTH,
     ADD_OVERHEAD,
@@ -576,27 +575,24 @@ def _load(
     data bytes, live record bytes, disk).
 
     Every position goes to DiskItems first, and the head is read from there as a running
-    queue's refill reads it: the tail's positions (8 bytes per queued item) are released
-    before any item is read, so that they never sit in memory beside the items (a restart
-    over 1,000,000 items of 1 KiB with a 64 MiB budget peaked 18 MiB above what it held
-    once ready). ``tail``'s positions are strictly increasing (ADD records are met in
-    journal order), so they split into one run per segment by bisection, each handed to
-    DiskItems at once: no Python int is made per item.
+    queue's refill reads it: the tail's positions are released before any item is read, so
+    that they never sit in memory beside the items (a restart over 1,000,000 items of 1 KiB
+    with a 64 MiB budget peaked 18 MiB above what it held once ready). The tail hands them
+    over a segment at a time, as the 32-bit offsets DiskItems keeps (``take_offsets``),
+    shrinking as it goes: no Python int is made per item, and the positions are never held
+    twice over.
     """
-    queued = tail.take_positions()  # the bulk, in ADD order: the only reference from here
     disk = DiskItems()
     for pos in front:
         segment = segments[pos >> _POS_SHIFT]
         offset = pos & _POS_MASK
         disk.push(segment, offset, _U32.unpack_from(segment.mm, offset)[0] - ADD_FIXED_LENGTH)
-    start, n = 0, len(queued)
-    while start < n:
-        index = queued[start] >> _POS_SHIFT
-        stop = bisect_left(queued, (index + 1) << _POS_SHIFT, start)
-        segment = segments[index]
-        disk.extend(segment, _offsets(queued, start, stop, index, segment))
-        start = stop
-    del queued
+    pieces = tail.take_offsets(_POS_SHIFT)  # the bulk, in ADD order: the only reference
+    pieces.reverse()
+    while pieces:
+        index, offsets = pieces.pop()
+        disk.extend(segments[index], offsets)
+        del offsets  # kept by DiskItems only where it keeps offsets, not spans
     for seg in segments:
         seg.drop_pages()
     record_bytes = disk.nbytes + disk.count * ADD_OVERHEAD
@@ -624,15 +620,6 @@ def _load(
     for seg in segments:
         seg.drop_pages()
     return items, on_disk - disk.nbytes, record_bytes, disk
-
-
-def _offsets(queued: array, start: int, stop: int, index: int, segment: Segment) -> array:
-    """The offsets of the positions ``queued[start:stop]`` in ``segment`` (number ``index``):
-    in a segment of 4 GiB at most, their low 32 bits (copied in C, no Python int each)."""
-    if segment.size <= 1 << 32:
-        return low_halves(queued, start, stop)
-    base = index << _POS_SHIFT
-    return array("Q", [pos - base for pos in queued[start:stop]])
 
 
 __all__ = ["Problem", "RecoveredItem", "Recovery", "ReplayResult", "SegmentScan", "replay"]
