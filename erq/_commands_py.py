@@ -28,6 +28,7 @@ from erq.replies import (
     BAD_NAME,
     ERROR,
     JOURNAL_FAILED_LOG,
+    NO_MEMORY,
     NOT_STORED,
     NOT_SUPPORTED,
     QUIESCENT,
@@ -74,9 +75,9 @@ def cmd_set(session: Session, req: tuple) -> None:
     if queue is None and not valid_queue_name(name):
         session.out.append(BAD_NAME)
         return
-    if data is None:
+    if data is None or data is False:  # over max_item_size, or NO_ROOM (max_pending_data)
         if not noreply:
-            session.out.append(TOO_LARGE)
+            session.out.append(TOO_LARGE if data is None else NO_MEMORY)
         return
     if state.status != "UP":
         if not noreply:

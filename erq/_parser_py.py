@@ -14,12 +14,14 @@ from __future__ import annotations
 import sys
 
 __all__ = [
+    "NO_ROOM",
     "REQ_BINARY",
     "REQ_CMD",
     "REQ_ERROR",
     "REQ_GET",
     "REQ_SET",
     "REQ_UNSUPPORTED",
+    "DataBudget",
     "Parser",
 ]
 
@@ -34,12 +36,14 @@ _ERR_FORMAT = (REQ_ERROR, b"CLIENT_ERROR bad command line format\r\n", True)
 _ERR_CHUNK = (REQ_ERROR, b"CLIENT_ERROR bad data chunk\r\n", True)
 _ERR_TOO_LONG = (REQ_ERROR, b"CLIENT_ERROR line too long\r\n", True)
 _BINARY = (REQ_BINARY,)
+# The data of a set refused for want of room in the DataBudget (its bytes were skipped).
+NO_ROOM = False
 
 # Parser states.
 _LINE = 0  # expecting a request line
 _DATA = 1  # collecting a data block that did not arrive in one piece
 _TRAILER = 2  # data block complete, waiting for its b"\r\n"
-_SKIP = 3  # discarding an oversized data block and its trailer
+_SKIP = 3  # discarding a data block (oversized, or no room for it) and its trailer
 
 # Results of _line().
 _DONE = 0  # request emitted
@@ -80,8 +84,38 @@ def _exptime(tok: bytes) -> int | None:
     return value if value <= _I64_MAX else None
 
 
+class DataBudget:
+    """The data that storage requests still arriving may hold, over every connection of a
+    server (``max_pending_data``). A request whose data does not come whole in one read holds
+    its declared size here until the last byte is in; one that does not fit is skipped as it
+    arrives and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
+    memcached's reply when it has no memory for an item). One is always let in while none
+    holds anything, so any item up to ``max_item_size`` can come through alone."""
+
+    __slots__ = ("limit", "held", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # bytes held for requests whose data is arriving
+        self.refused = 0  # requests refused for want of room
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` bytes for a request's data, if they fit (counted if not)."""
+        if self.held and self.held + size > self.limit:
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        """The data ``take`` held for is in, or will never come."""
+        self.held -= size
+
+
 class Parser:
-    """Stateful memcache text-protocol parser: bytes in, request tuples out."""
+    """Stateful memcache text-protocol parser: bytes in, request tuples out. With a
+    ``budget`` (a DataBudget shared by a server's connections), a data block that does not
+    arrive in one piece is read only if the budget has room for it."""
 
     __slots__ = (
         "_max_line",
@@ -100,14 +134,27 @@ class Parser:
         "_p_chunks",
         "_p_filled",
         "_skip_left",
+        "_no_room",
+        "_budget",
+        "_held",
     )
 
-    def __init__(self, max_line: int = 65536, max_item_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_line: int = 65536,
+        max_item_size: int = 64 * 1024 * 1024,
+        budget: DataBudget | None = None,
+    ) -> None:
         self.set_limits(max_line, max_item_size)
+        if budget is not None and not isinstance(budget, DataBudget):
+            raise TypeError(f"budget must be a DataBudget, not {type(budget).__name__}")
+        self._budget = budget
+        self._held = 0  # what the block being read holds in the budget
         self._buf = bytearray()
         self._state = _LINE
         self._closed = False
         self._skip_left = 0
+        self._no_room = False
         self._release()
 
     def set_limits(self, max_line: int, max_item_size: int) -> None:
@@ -173,15 +220,26 @@ class Parser:
                 buf += data[pos:]
         return out
 
-    def _close(self, out: list[tuple], reply: tuple) -> None:
-        # The closing reply is always the last element of out: callers return right after.
-        out.append(reply)
+    def discard(self) -> None:
+        """The connection is gone: take no more input, and give back what the data block
+        being read holds in the budget."""
         self._closed = True
         self._state = _LINE
         self._release()
         self._buf = bytearray()
 
+    def _close(self, out: list[tuple], reply: tuple) -> None:
+        # The closing reply is always the last element of out: callers return right after.
+        out.append(reply)
+        self.discard()
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._budget.give(self._held)
+            self._held = 0
+
     def _release(self) -> None:
+        self._give_back()
         self._p_set = False
         self._p_word = None
         self._p_name = None
@@ -233,7 +291,13 @@ class Parser:
                         self._p_block = buf[pos : pos + count]
                         pos += count
                         self._state = _TRAILER
+                    elif self._budget is not None and not self._budget.take(count):
+                        self._no_room = True
+                        self._skip_left = count + 2
+                        self._state = _SKIP
                     else:
+                        if self._budget is not None:
+                            self._held = count
                         self._p_chunks = [buf[pos:]]
                         self._p_filled = n - pos
                         pos = n
@@ -255,6 +319,7 @@ class Parser:
                 if self._p_filled == self._p_count:
                     self._p_block = b"".join(self._p_chunks)
                     self._p_chunks = None
+                    self._give_back()
                     self._state = _TRAILER
             else:  # _SKIP
                 if n - pos < self._skip_left:
@@ -262,7 +327,8 @@ class Parser:
                     return n
                 pos += self._skip_left
                 self._skip_left = 0
-                self._emit(out, None)
+                no_room, self._no_room = self._no_room, False
+                self._emit(out, NO_ROOM if no_room else None)
         return pos
 
     def _line(self, line: bytes, out: list[tuple]) -> int:

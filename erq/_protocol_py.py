@@ -97,7 +97,7 @@ class MemcacheProtocol:
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         server = state.config.server
-        self.parser = Parser(server.max_line, server.max_item_size)
+        self.parser = Parser(server.max_line, server.max_item_size, state.data_budget)
         self._counters = state.counters  # bytes_read is counted on every read
         # A read only sets _active; last_active turns it into a time when the sweep asks.
         self._active = False
@@ -198,6 +198,7 @@ class MemcacheProtocol:
                 _lingering -= 1
             return
         self.session = None
+        self.parser.discard()  # a set it was reading gives its room back
         self.state.counters.curr_connections -= 1
         self.state.connections.discard(self)
         self._unwatch_paused()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from erq.datadir import fsync_directory
+from erq.parser import DataBudget
 from erq.throttle import Throttle
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ class ServerState:
         self.loop = loop
         self.counters = Counters()
         self.deadlines = Deadlines(loop)
+        # What sets still arriving hold, over every connection (their parsers share it).
+        self.data_budget = DataBudget(config.server.max_pending_data)
         self.started = time.time()
         self.connections: set = set()  # MemcacheProtocol objects
         self.ready = False
@@ -191,6 +194,7 @@ class ServerState:
     def config(self, config: Config) -> None:
         self._config = config
         self.kestrel = config.server.compat == "kestrel"  # read on every VALUE: kept flat
+        self.data_budget.limit = config.server.max_pending_data  # sets held keep their room
 
     def _load_status(self) -> str:
         path = self._status_file

@@ -126,6 +126,7 @@ class ServerConfig:
     data_dir: str = "./erq-data"
     max_line: int = 65536
     max_item_size: int = 64 * MiB
+    max_pending_data: int = 256 * MiB
     max_open_reads: int = 100
     max_connections: int = 10000
     max_queues: int = 4096
@@ -379,6 +380,7 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "data_dir": _text,
     "max_line": _size_between(1024, MAX_LINE, "64MiB"),
     "max_item_size": parse_size,
+    "max_pending_data": parse_size,
     "max_open_reads": _positive_count,
     "max_connections": _positive_count,
     "max_queues": _positive_count,

@@ -18,6 +18,7 @@ BAD_NAME = b"CLIENT_ERROR bad queue name\r\n"
 READ_ONLY = b"SERVER_ERROR read only\r\n"
 QUIESCENT = b"SERVER_ERROR quiescent\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"  # max_pending_data: no room
 NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
 STARTING = b"SERVER_ERROR starting\r\n"
 

@@ -211,6 +211,8 @@ def general_stats(state: ServerState) -> list[tuple[str, object]]:
         ("curr_connections", c.curr_connections),
         ("total_connections", c.total_connections),
         ("rejected_connections", c.rejected_connections),
+        ("pending_data_bytes", state.data_budget.held),
+        ("pending_data_refusals", state.data_budget.refused),
         ("cmd_get", c.cmd_get),
         ("cmd_set", c.cmd_set),
         ("cmd_peek", c.cmd_peek),

@@ -6,6 +6,15 @@ cimport cython
 
 
 @cython.final
+cdef class DataBudget:
+    cdef public Py_ssize_t limit
+    cdef public Py_ssize_t held
+    cdef public unsigned long long refused
+
+    cdef bint _take(self, Py_ssize_t size) noexcept
+
+
+@cython.final
 cdef class Parser:
 
     cdef Py_ssize_t _max_line
@@ -27,6 +36,9 @@ cdef class Parser:
     cdef Py_ssize_t _p_filled
     cdef Py_ssize_t _p_size           # the block's final size (_p_block may be shorter yet)
     cdef unsigned long long _skip_left
+    cdef bint _no_room                # the block skipped is a set refused for want of room
+    cdef DataBudget _budget           # None: no limit
+    cdef Py_ssize_t _held             # what the block being read holds in the budget
     # The last set name and the last argument token made, handed out again while they repeat.
     cdef bytes _last_name
     cdef bytes _last_token
@@ -35,6 +47,7 @@ cdef class Parser:
     cdef int _append(self, const char* p, Py_ssize_t n) except -1
     cdef int _close(self, list out, tuple reply) except -1
     cdef void _release(self)
+    cdef void _give_back(self)
     cdef list _tokens(self, const char* s, Py_ssize_t i, Py_ssize_t n)
     cdef int _emit(self, list out, object data) except -1
     cdef int _grow_block(self, Py_ssize_t need) except -1

@@ -35,6 +35,8 @@ REQ_CMD = 3
 REQ_UNSUPPORTED = 4
 REQ_ERROR = 5
 REQ_BINARY = 6
+# The data of a set refused for want of room in the DataBudget (its bytes were skipped).
+NO_ROOM = False
 
 cdef enum:
     K_SET = 1
@@ -55,7 +57,7 @@ cdef enum:
     ST_LINE = 0     # expecting a request line
     ST_DATA = 1     # filling a data block that did not arrive in one piece
     ST_TRAILER = 2  # data block complete, waiting for its b"\r\n"
-    ST_SKIP = 3     # discarding an oversized data block and its trailer
+    ST_SKIP = 3     # discarding a data block (oversized, or no room for it) and its trailer
 
 # Results of _line().
 cdef enum:
@@ -226,8 +228,40 @@ cdef inline bytes _reuse(bytes last, const char* s, Py_ssize_t n):
 
 
 @cython.final
+cdef class DataBudget:
+    """The data that storage requests still arriving may hold, over every connection of a
+    server (``max_pending_data``). A request whose data does not come whole in one read holds
+    its declared size here until the last byte is in; one that does not fit is skipped as it
+    arrives and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
+    memcached's reply when it has no memory for an item). One is always let in while none
+    holds anything, so any item up to ``max_item_size`` can come through alone."""
+
+    def __init__(self, Py_ssize_t limit):
+        self.limit = limit
+        self.held = 0  # bytes held for requests whose data is arriving
+        self.refused = 0  # requests refused for want of room
+
+    def take(self, Py_ssize_t size):
+        """Hold ``size`` bytes for a request's data, if they fit (counted if not)."""
+        return self._take(size)
+
+    def give(self, Py_ssize_t size):
+        """The data ``take`` held for is in, or will never come."""
+        self.held -= size
+
+    cdef bint _take(self, Py_ssize_t size) noexcept:
+        if self.held and self.held + size > self.limit:
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+
+@cython.final
 cdef class Parser:
-    """Stateful memcache text-protocol parser: bytes in, request tuples out."""
+    """Stateful memcache text-protocol parser: bytes in, request tuples out. With a
+    ``budget`` (a DataBudget shared by a server's connections), a data block that does not
+    arrive in one piece is read only if the budget has room for it."""
 
     # Fields and C methods: declared in _parser.pxd (the compiled protocol cimports it).
 
@@ -237,9 +271,13 @@ cdef class Parser:
         self._bufcap = 0
         self._state = ST_LINE
         self._closed = False
+        self._no_room = False
+        self._held = 0
 
-    def __init__(self, max_line=65536, max_item_size=64 * 1024 * 1024):
+    def __init__(self, max_line=65536, max_item_size=64 * 1024 * 1024,
+                 DataBudget budget=None):
         self.set_limits(max_line, max_item_size)
+        self._budget = budget
 
     def set_limits(self, max_line, max_item_size):
         """The longest line and the largest data block from the next request line on (a
@@ -255,8 +293,20 @@ cdef class Parser:
         self._max_item = max_item_size
 
     def __dealloc__(self):
+        self._give_back()
         PyMem_Free(self._buf)
         self._buf = NULL
+
+    def discard(self):
+        """The connection is gone: take no more input, and give back what the data block
+        being read holds in the budget."""
+        self._closed = True
+        self._state = ST_LINE
+        self._release()
+        self._buflen = 0
+        PyMem_Free(self._buf)
+        self._buf = NULL
+        self._bufcap = 0
 
     @property
     def buffered(self):
@@ -342,16 +392,16 @@ cdef class Parser:
     cdef int _close(self, list out, tuple reply) except -1:
         # The closing reply is always the last element of out: callers return right after.
         out.append(reply)
-        self._closed = True
-        self._state = ST_LINE
-        self._release()
-        self._buflen = 0
-        PyMem_Free(self._buf)
-        self._buf = NULL
-        self._bufcap = 0
+        self.discard()
         return 0
 
+    cdef void _give_back(self):
+        if self._held:
+            self._budget.held -= self._held
+            self._held = 0
+
     cdef void _release(self):
+        self._give_back()
         self._p_word = None
         self._p_name = None
         self._p_flags = None
@@ -456,7 +506,13 @@ cdef class Parser:
                             self._p_block = PyBytes_FromStringAndSize(p + pos, size)
                             pos += size
                             self._state = ST_TRAILER
+                        elif self._budget is not None and not self._budget._take(size):
+                            self._no_room = True
+                            self._skip_left = self._p_count + 2
+                            self._state = ST_SKIP
                         else:
+                            if self._budget is not None:
+                                self._held = size
                             # Filled in place as it arrives, one copy per byte; allocated at
                             # its final size unless that is more than BLOCK_RESERVE and more
                             # than has come (then it grows, see _grow_block).
@@ -488,6 +544,7 @@ cdef class Parser:
                 self._p_filled += take
                 pos += take
                 if self._p_filled == size:
+                    self._give_back()
                     self._state = ST_TRAILER
             else:  # ST_SKIP
                 avail = n - pos
@@ -496,7 +553,11 @@ cdef class Parser:
                     return n
                 pos += <Py_ssize_t>self._skip_left
                 self._skip_left = 0
-                self._emit(out, None)
+                if self._no_room:
+                    self._no_room = False
+                    self._emit(out, NO_ROOM)
+                else:
+                    self._emit(out, None)
         return pos
 
     @cython.boundscheck(False)

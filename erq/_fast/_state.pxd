@@ -40,6 +40,7 @@ cdef class ServerState:
     cdef public object loop
     cdef public Counters counters
     cdef public Deadlines deadlines
+    cdef public object data_budget
     cdef public double started
     cdef public set connections
     cdef public bint ready

@@ -1,0 +1,165 @@
+"""``max_pending_data``: what sets still arriving may hold over all connections, so that many
+clients each sending part of a large item cannot take the server's memory. The parser twins
+share a DataBudget; the server refuses a set with no room after skipping its data, as memcached
+refuses one it has no memory for, and the connection goes on."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from support import (
+    NOT_SUPPORTED,
+    RELOADED,
+    STORED,
+    TOO_LARGE,
+    assert_open,
+    config,
+    set_req,
+    start,
+    wait_for_stat,
+)
+
+NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
+SET, UNSUPPORTED = 1, 4
+MODULES = {"py": "erq._parser_py", "c": "erq._fast._parser"}
+
+
+@pytest.fixture(params=["py", "c"])
+def mod(request: pytest.FixtureRequest):
+    return importlib.import_module(MODULES[request.param])
+
+
+# ---- the parser twins ------------------------------------------------------------------------
+def test_a_block_arriving_in_pieces_holds_its_declared_size_until_its_last_byte(mod):
+    budget = mod.DataBudget(100)
+    parser = mod.Parser(budget=budget)
+    assert parser.feed(b"set q 0 0 60\r\n" + b"a" * 10) == []
+    assert budget.held == 60
+    assert parser.feed(b"a" * 50) == [] and budget.held == 0  # all in: only the trailer waits
+    assert parser.feed(b"\r\n") == [(SET, b"q", 0, 0, b"a" * 60, False)]
+    # A block that comes whole in one read holds nothing, whatever its size.
+    assert parser.feed(b"set q 0 0 500\r\n" + b"b" * 500 + b"\r\n")[0][4] == b"b" * 500
+    assert budget.held == 0 and budget.refused == 0
+
+
+def test_a_block_with_no_room_is_skipped_and_refused_and_the_next_request_is_read(mod):
+    budget = mod.DataBudget(100)
+    first, second = mod.Parser(budget=budget), mod.Parser(budget=budget)
+    assert first.feed(b"set q 0 0 70\r\n" + b"a") == [] and budget.held == 70
+    # 70 + 40 > 100: the second connection's set is read and dropped, then refused.
+    assert second.feed(b"set q 1 0 40\r\nb") == [] and budget.held == 70
+    assert second.buffered == 0  # skipped bytes are never held
+    out = second.feed(b"b" * 39 + b"\r\nset q 0 0 2 noreply\r\nok\r\n")
+    assert out == [(SET, b"q", 1, 0, mod.NO_ROOM, False), (SET, b"q", 0, 0, b"ok", True)]
+    assert mod.NO_ROOM is False and budget.refused == 1
+    # Storage commands a queue does not support are skipped too, with their own reply.
+    assert second.feed(b"add q 0 0 40\r\nb") == []
+    assert second.feed(b"b" * 39 + b"\r\n") == [(UNSUPPORTED, b"add", False)]
+    assert budget.refused == 2
+    # Room once the first is in: the same size fits.
+    assert first.feed(b"a" * 69 + b"\r\n")[0][4] == b"a" * 70 and budget.held == 0
+    assert second.feed(b"set q 0 0 40\r\nb") == [] and budget.held == 40
+
+
+def test_one_block_is_let_in_when_none_holds_anything_whatever_the_limit(mod):
+    budget = mod.DataBudget(0)
+    parser, other = mod.Parser(budget=budget), mod.Parser(budget=budget)
+    assert parser.feed(b"set q 0 0 1000\r\nx") == [] and budget.held == 1000
+    assert other.feed(b"set q 0 0 5\r\nx") == [] and budget.refused == 1
+    assert parser.feed(b"x" * 999 + b"\r\n")[0][4] == b"x" * 1000
+
+
+def test_a_parser_discarded_mid_block_or_closed_by_an_error_gives_its_room_back(mod):
+    budget = mod.DataBudget(1 << 20)
+    parser = mod.Parser(budget=budget)
+    parser.feed(b"set q 0 0 5000\r\n" + b"x" * 100)
+    assert budget.held == 5000
+    parser.discard()
+    assert budget.held == 0 and parser.closed and parser.feed(b"version\r\n") == []
+    parser.discard()  # a second time gives nothing back twice
+    assert budget.held == 0
+    parser = mod.Parser(budget=budget)
+    parser.feed(b"set q 0 0 10\r\n" + b"x" * 5)
+    assert budget.held == 10
+    out = parser.feed(b"x" * 5 + b"XX")  # a bad trailer closes; the room went with the data
+    assert out[-1][0] == 5 and parser.closed and budget.held == 0
+    if mod.__name__.endswith("_fast._parser"):  # the C parser gives back when it is freed too
+        parser = mod.Parser(budget=budget)
+        parser.feed(b"set q 0 0 10\r\nx")
+        assert budget.held == 10
+        del parser
+        assert budget.held == 0
+
+
+def test_a_parser_without_a_budget_reads_every_block(mod):
+    parser = mod.Parser()
+    assert parser.feed(b"set q 0 0 3\r\na") == []
+    assert parser.feed(b"bc\r\n")[0][4] == b"abc"
+    with pytest.raises(TypeError):
+        mod.Parser(budget=object())
+
+
+# ---- over a socket, both builds --------------------------------------------------------------
+def test_a_set_with_no_room_gets_out_of_memory_after_its_data_and_the_connection_goes_on(
+    erq_factory,
+):
+    server = start(erq_factory, server='max_pending_data = "1MiB"\nmax_item_size = "4MiB"')
+    holder, refused, watcher = server.client(), server.client(), server.client()
+    holder.send(b"set q 0 0 800000\r\n" + b"h" * 1000)
+    wait_for_stat(watcher, "pending_data_bytes", 800000)
+    refused.send(b"set q 0 0 400000\r\n" + b"r" * 1000)
+    wait_for_stat(watcher, "pending_data_refusals", 1)
+    refused.send(b"r" * 399000 + b"\r\n")
+    assert refused.line() == NO_MEMORY
+    assert refused.call(set_req(b"q", b"small")) == STORED  # whole in one read: never held
+    refused.send(b"set q 0 0 400000 noreply\r\n" + b"r" * 1000)  # noreply: refused silently
+    wait_for_stat(watcher, "pending_data_refusals", 2)
+    refused.send(b"r" * 399000 + b"\r\n")
+    assert_open(refused)
+    holder.send(b"h" * 799000 + b"\r\n")
+    assert holder.line() == STORED
+    stats = wait_for_stat(watcher, "pending_data_bytes", 0)
+    assert stats["pending_data_refusals"] == "2" and stats["cmd_set"] == "4"
+    assert stats["curr_items"] == "2"  # the refused sets stored nothing
+    assert watcher.get("q") == b"VALUE q 0 5\r\nsmall\r\nEND\r\n"  # in the order stored
+    assert watcher.get("q") == b"VALUE q 0 800000\r\n" + b"h" * 800000 + b"\r\nEND\r\n"
+    # Past max_item_size the reply is still too large, whatever room there is.
+    refused.send(b"set q 0 0 5000000\r\n" + b"x" * 5000000 + b"\r\n")
+    assert refused.line() == TOO_LARGE
+    assert refused.call(b"add q 0 0 1\r\nx\r\n") == NOT_SUPPORTED
+
+
+def test_a_client_gone_mid_set_gives_its_room_back_and_one_set_always_gets_in(erq_factory):
+    server = start(erq_factory, server='max_pending_data = "64KiB"')
+    watcher = server.client()
+    gone = server.client()
+    gone.send(b"set q 0 0 500000\r\n" + b"g" * 100)  # alone: let in past the limit
+    wait_for_stat(watcher, "pending_data_bytes", 500000)
+    gone.close()
+    wait_for_stat(watcher, "pending_data_bytes", 0)
+    big = server.client()
+    assert big.call(b"set q 0 0 500000\r\n" + b"b" * 500000 + b"\r\n") == STORED
+    assert watcher.stats()["pending_data_refusals"] == "0"
+
+
+def test_a_reload_sets_the_limit_and_the_sets_already_let_in_keep_their_room(erq_factory):
+    server = erq_factory(config=config(server='max_pending_data = "1MiB"'))
+    holder, other, watcher = server.client(), server.client(), server.client()
+    holder.send(b"set q 0 0 600000\r\n" + b"h")
+    wait_for_stat(watcher, "pending_data_bytes", 600000)
+    server.write_config(config(server='max_pending_data = "512KiB"'))
+    assert watcher.call(b"reload\r\n") == RELOADED
+    other.send(b"set q 0 0 100\r\n" + b"o")  # 600000 + 100 > 512 KiB: no room now
+    wait_for_stat(watcher, "pending_data_refusals", 1)
+    other.send(b"o" * 99 + b"\r\n")
+    assert other.line() == NO_MEMORY
+    holder.send(b"h" * 599999 + b"\r\n")
+    assert holder.line() == STORED
+    # And a reload that raises it gives room at once.
+    server.write_config(config(server='max_pending_data = "2MiB"'))
+    assert watcher.call(b"reload\r\n") == RELOADED
+    holder.send(b"set q 0 0 600000\r\n" + b"h")
+    wait_for_stat(watcher, "pending_data_bytes", 600000)
+    assert other.call(b"set q 0 0 900000\r\n" + b"o" * 900000 + b"\r\n") == STORED
