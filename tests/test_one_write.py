@@ -44,6 +44,7 @@ def protocol_factory(impl, monkeypatch):
     monkeypatch.setattr(protocol, "Parser", parser.Parser)
     loop = asyncio.new_event_loop()
     state = ServerState(Config(), QueueCollection(Config(), None), loop)
+    state.data_budget = parser.DataBudget(Config().server.max_pending_data)  # the parser's own
     yield lambda: protocol.MemcacheProtocol(state)
     loop.close()
 
