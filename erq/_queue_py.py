@@ -710,6 +710,10 @@ class Queue:
         self.deleted = True
         self._ring.clear()
         self._zone_end = self._pops
+        for read in self._open.values():
+            # Gone with the queue. The read stays in its connection's line of reads until a
+            # close uses it up (or the connection ends): it need not keep the data.
+            read.item.data = b""
         self._open.clear()
         self._mem_bytes = self._disk_items = self._disk_bytes = self._open_bytes = 0
         if self._journal is not None:

@@ -570,3 +570,30 @@ def test_paused_gc_turns_the_gc_off_and_back_to_what_it_was():
         assert not gc.isenabled()  # it was off: it stays off
     finally:
         gc.enable()
+
+
+def test_reads_left_open_on_deleted_queues_keep_no_data(erq_factory):
+    """A read open when its queue is deleted stays in its connection's line of reads until a
+    close uses it up (the close then confirms nothing, never a newer read), and so until the
+    connection ends if no close comes. It held the item's data all that time: a long-lived
+    connection that left reads open on queues deleted under it grew by their items."""
+    proc = erq_factory()
+    holder, admin = proc.client(timeout=30), proc.client(timeout=30)
+    value = b"v" * (256 << 10)  # mapped blocks of its own: freed memory leaves the RSS at once
+    before = rss_anon_kib(proc.proc.pid)
+    for n in range(200):
+        name = b"reply%d" % n
+        assert admin.call(b"set %s 0 0 %d\r\n%s\r\n" % (name, len(value), value)) == b"STORED\r\n"
+        assert holder.call(b"get %s/open\r\n" % name, b"END\r\n").startswith(b"VALUE")
+        assert admin.call(b"delete %s\r\n" % name) == b"DELETED\r\n"
+    grown = rss_anon_kib(proc.proc.pid) - before
+    assert grown <= 16 * 1024, grown  # the 200 values take 50 MiB
+    # The line rule still holds: the close is used up by the deleted queue's read, and does
+    # not confirm the read of the queue made again under that name.
+    assert admin.call(b"set reply0 0 0 3\r\nnew\r\n") == b"STORED\r\n"
+    opened = holder.call(b"get reply0/open\r\n", b"END\r\n")
+    assert opened == b"VALUE reply0/open 0 3\r\nnew\r\nEND\r\n"
+    assert holder.call(b"get reply0/close\r\n", b"END\r\n") == b"END\r\n"
+    holder.close()  # the new read is still open: it goes back
+    admin.send(b"get reply0/t=5000\r\n")
+    assert admin.until(b"END\r\n") == b"VALUE reply0/t=5000 0 3\r\nnew\r\nEND\r\n"
