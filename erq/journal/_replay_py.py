@@ -187,20 +187,11 @@ class ReplayTail:
         return self._high[bisect_right(self._high_at, i) - 1] << 32 | self._low[i]
 
     def _entries(self, i: int):
-        """(index, id, position) of the live entries from ``i`` on, in order (walking the
-        id runs and the stretches of high bits beside the entries)."""
-        id_at, id_first, high_at, high = self._id_at, self._id_first, self._high_at, self._high
-        low, dead, n = self._low, self._dead, self._n
-        r = bisect_right(id_at, i) - 1
-        k = bisect_right(high_at, i) - 1
-        while i < n:
-            while r + 1 < len(id_at) and id_at[r + 1] <= i:
-                r += 1
-            while k + 1 < len(high_at) and high_at[k + 1] <= i:
-                k += 1
-            if not dead[i >> 3] >> (i & 7) & 1:
-                yield i, id_first[r] + i - id_at[r], high[k] << 32 | low[i]
-            i += 1
+        """(index, id, position) of the live entries from ``i`` on, in order."""
+        yield from _live_entries(
+            self._low, self._dead, self._n, self._id_at, self._id_first, self._high_at,
+            self._high, i,
+        )  # fmt: skip
 
     def _find(self, id: int) -> int:
         """Index of the live entry of ``id``, or -1."""
@@ -309,7 +300,11 @@ class ReplayTail:
                 self._high_at, self._high = _cut(self._high_at, self._high, cursor, False)
                 self._n = n - cursor
         else:
-            entries = list(self._entries(cursor))
+            # Walked from the old arrays as the new ones fill: no object held per entry.
+            entries = _live_entries(
+                self._low, self._dead, n, self._id_at, self._id_first, self._high_at,
+                self._high, cursor,
+            )  # fmt: skip
             self._reset()
             previous = -1
             for _, id, position in entries:
@@ -332,6 +327,21 @@ class ReplayTail:
                 runs.append(id_at[r])
         self._runs = runs
         self._index = None
+
+
+def _live_entries(low, dead, n, id_at, id_first, high_at, high, i):
+    """(index, id, position) of the live entries from ``i`` on, in order, walking the id runs
+    and the stretches of high bits beside the entries (the arrays are bound at the call)."""
+    r = bisect_right(id_at, i) - 1
+    k = bisect_right(high_at, i) - 1
+    while i < n:
+        while r + 1 < len(id_at) and id_at[r + 1] <= i:
+            r += 1
+        while k + 1 < len(high_at) and high_at[k + 1] <= i:
+            k += 1
+        if not dead[i >> 3] >> (i & 7) & 1:
+            yield i, id_first[r] + i - id_at[r], high[k] << 32 | low[i]
+        i += 1
 
 
 def _cut(starts: array, values: array, cursor: int, counting: bool) -> tuple[array, array]:
