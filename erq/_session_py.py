@@ -39,12 +39,36 @@ MAX_PENDING_BYTES = 8 << 20
 OUT_BUDGET = 1 << 20
 # A connection keeps a line of reads per queue name it read with /open; lines left empty are
 # dropped once there are this many names more than the last time they were (a pooled
-# connection reading a reply queue per request would otherwise keep one per name it met).
+# connection reading a reply queue per request would otherwise keep one per name it met),
+# and lines of reads all taken back become counts (_TakenBack).
 OPEN_NAMES_SLACK = 64
 
 
 # The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
 SYNC_FAILED = b"SERVER_ERROR journal sync failed\r\n"
+
+
+class _TakenBack:
+    """Stands in the line for a read taken back (by open_timeout or a delete) that a close
+    has yet to use up: it answers as its queue would, and holds neither the queue (deleted,
+    perhaps) nor the read."""
+
+    __slots__ = ()
+
+    def is_open(self, read: Any) -> bool:
+        return False
+
+    def confirm(self, read: Any) -> bool:
+        return False
+
+    def unremove(self, read: Any) -> bool:
+        return False
+
+    def unremove_all(self, reads: list) -> int:
+        return 0
+
+
+_TAKEN_BACK = (_TakenBack(), None)
 
 
 def _never_gone() -> bool:
@@ -86,6 +110,9 @@ class Session:
         self.closed = False
         self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
         self._names_bound = OPEN_NAMES_SLACK  # open_reads' size that drops its empty lines
+        # Lines of names whose reads were all taken back, as their lengths: the closes to use
+        # up before a read opened since (_compact_lines).
+        self._taken_back: dict[str, int] = {}
         self._hold: Any = None  # latest commit ticket; replies wait for it
         # Replies in out that wait for commit tickets (fsync = always): their indexes in out,
         # and the tickets of each (two lists: no tuple per held reply).
@@ -320,13 +347,31 @@ class Session:
         reads = self.open_reads.get(name)
         if reads is None:
             if len(self.open_reads) >= self._names_bound:
-                self._forget_empty_lines()
+                self._compact_lines()
             reads = self.open_reads[name] = deque()
+            if self._taken_back:
+                count = self._taken_back.pop(name, 0)
+                if count:
+                    reads.extend([_TAKEN_BACK] * count)
         return reads
 
-    def _forget_empty_lines(self) -> None:
-        self.open_reads = {name: reads for name, reads in self.open_reads.items() if reads}
-        self._names_bound = 2 * len(self.open_reads) + OPEN_NAMES_SLACK
+    def _compact_lines(self) -> None:
+        # A line whose reads were all taken back is kept as its length alone: a client that
+        # leaves reads open on queues deleted under it (a reply queue per request, say) holds
+        # no deleted Queue, OpenRead or Item for them, only a count per name.
+        kept = {}
+        taken_back = self._taken_back
+        for name, reads in self.open_reads.items():
+            if not reads:
+                continue
+            for queue, read in reads:
+                if queue.is_open(read):
+                    kept[name] = reads
+                    break
+            else:
+                taken_back[name] = len(reads)
+        self.open_reads = kept
+        self._names_bound = 2 * len(kept) + OPEN_NAMES_SLACK
 
     # A connection's reads of a queue form a line: each close, abort or confirm takes the
     # oldest one it opened. A read that open_timeout (or a delete) took back stays in the line
@@ -367,7 +412,9 @@ class Session:
         """The reads of ``name`` this connection opened and has not closed or aborted, those
         taken back since included: what ``confirm`` may confirm."""
         reads = self.open_reads.get(name)
-        return len(reads) if reads else 0
+        if reads is None:
+            return self._taken_back.get(name, 0)
+        return len(reads)
 
     def has_open(self, name: str) -> bool:
         reads = self.open_reads.get(name)
@@ -383,6 +430,8 @@ class Session:
         it was taken back (its close is used up all the same)."""
         reads = self.open_reads.get(name)
         if not reads:
+            if reads is None and self._taken_back:
+                self._use_up_taken_back(name)
             return False
         queue, read = reads.popleft()
         if not queue.confirm(read):
@@ -394,13 +443,21 @@ class Session:
         """Put this connection's oldest read of ``name`` back at the head (as close_oldest)."""
         reads = self.open_reads.get(name)
         if not reads:
+            if reads is None and self._taken_back:
+                self._use_up_taken_back(name)
             return False
         queue, read = reads.popleft()
         return queue.unremove(read)
 
+    def _use_up_taken_back(self, name: str) -> None:
+        count = self._taken_back.pop(name, 0)
+        if count > 1:
+            self._taken_back[name] = count - 1
+
     def abort_all(self) -> None:
         """Return every open read to the head of its queue, oldest at the head."""
         reads_by_name, self.open_reads = self.open_reads, {}
+        self._taken_back = {}
         for reads in reads_by_name.values():
             # Usually one queue per name (two once a queue was deleted and made again).
             by_queue: dict = {}

@@ -888,6 +888,9 @@ def test_a_connection_forgets_the_lines_of_queues_it_has_no_read_left_on(impl):
     from conftest import impl_module
 
     class Line:
+        def is_open(self, read) -> bool:
+            return True
+
         def confirm(self, read) -> bool:
             return True
 
@@ -907,6 +910,87 @@ def test_a_connection_forgets_the_lines_of_queues_it_has_no_read_left_on(impl):
         assert session.close_oldest(f"reply{i}") if i % 2 else session.abort_oldest(f"reply{i}")
     assert len(session.open_reads) <= 2 * session_mod.OPEN_NAMES_SLACK + 1
     assert session.unclosed_count("kept") == 1 and "reply4999" in session.open_reads
+
+
+def test_lines_of_reads_all_taken_back_keep_a_count_not_their_queues(impl):
+    """A connection that leaves a read open on each of many queues deleted under it (a reply
+    queue per request) keeps, per name, only how many closes it has yet to use up: neither
+    the deleted Queue nor its OpenRead. The rule holds all the same: the close of a read
+    taken back is used up, and never confirms a read opened since under that name."""
+    import gc
+    import weakref
+
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    class Deleted:  # a queue deleted under the connection: its reads were all taken back
+        def is_open(self, read) -> bool:
+            return False
+
+        def confirm(self, read) -> bool:
+            return False
+
+        def unremove(self, read) -> bool:
+            return False
+
+        def unremove_all(self, reads) -> int:
+            return 0
+
+    class Live:  # the queue made again under a name: its reads are open
+        def __init__(self) -> None:
+            self.confirmed, self.aborted = [], []
+
+        def is_open(self, read) -> bool:
+            return read not in self.confirmed and read not in self.aborted
+
+        def confirm(self, read) -> bool:
+            self.confirmed.append(read)
+            return True
+
+        def unremove(self, read) -> bool:
+            self.aborted.append(read)
+            return True
+
+        def unremove_all(self, reads) -> int:
+            self.aborted.extend(reads)
+            return len(reads)
+
+        def sync_ticket(self) -> None:
+            return None
+
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+    session = session_mod.Session(state, None, lambda data: None, lambda: None)
+    deleted = []
+    for i in range(3_000):
+        queue = Deleted()
+        deleted.append(weakref.ref(queue))
+        reads = session.open_deque(f"reply{i}")
+        reads.extend([(queue, "read")] * (1 + i % 3))
+        del queue, reads
+    gc.collect()
+    held = sum(ref() is not None for ref in deleted)
+    assert held <= session_mod.OPEN_NAMES_SLACK, held
+    assert len(session.open_reads) <= session_mod.OPEN_NAMES_SLACK
+    assert [session.unclosed_count(f"reply{i}") for i in range(6)] == [1, 2, 3, 1, 2, 3]
+    assert session.unclosed_count("never") == 0 and not session.has_open("reply1")
+    assert not session.close_oldest("reply0") and session.unclosed_count("reply0") == 0
+    assert not session.close_oldest("reply0")  # nothing left to use up
+    assert not session.abort_oldest("reply1") and session.unclosed_count("reply1") == 1
+
+    # reply2 is made again and read: its two closes taken back come first.
+    live = Live()
+    session.open_deque("reply2").append((live, "new"))
+    assert session.unclosed_count("reply2") == 4 and session.live_open_count("reply2") == 1
+    assert not session.close_oldest("reply2") and not session.abort_oldest("reply2")
+    assert not session.close_oldest("reply2") and live.confirmed == []
+    assert session.close_oldest("reply2") and live.confirmed == ["new"]
+
+    # A connection that ends gives back its live reads; the counts just go.
+    session.open_deque("reply5").append((live, "open at the end"))
+    session.abort_all()
+    assert live.aborted == ["open at the end"] and session.unclosed_count("reply4") == 0
 
 
 def test_timed_out_read_reopened_by_another_connection_does_not_fail_a_plain_get(erq_factory):

@@ -22,6 +22,7 @@ cdef class Session:
     cdef public bint closed
     cdef public dict open_reads
     cdef Py_ssize_t _names_bound
+    cdef dict _taken_back
     cdef c_append.Ticket _hold  # the commit ticket the held replies wait for (fsync = always)
     cdef list _held_at
     cdef list _held_tickets
@@ -55,9 +56,10 @@ cdef class Session:
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
-    cdef _forget_empty_lines(self)
+    cdef _compact_lines(self)
     cpdef bint at_open_limit(self, object name, long long limit) except -1
     cpdef bint has_open(self, object name) except -1
     cpdef bint close_oldest(self, object name) except -1
     cpdef bint abort_oldest(self, object name) except -1
+    cdef _use_up_taken_back(self, object name)
     cpdef abort_all(self)
