@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from erq import commands as _commands
 from erq.commands import dispatch
+from erq.keepalive import enable as enable_keepalive
 from erq.parser import Parser
 from erq.paused_sockets import watch_paused
 from erq.session import Session
@@ -121,6 +122,9 @@ class MemcacheProtocol:
             self._refuse(transport)
             return
         counters.curr_connections += 1
+        keepalive = state.config.server.tcp_keepalive
+        if keepalive is not None:
+            enable_keepalive(transport, keepalive)
         # erq's own connection layer writes with the system call itself; a loop's transport
         # gets a writer that does so while the transport has nothing queued.
         if getattr(transport, "writes_directly", False):

@@ -131,6 +131,7 @@ class ServerConfig:
     max_connections: int = 10000
     max_queues: int = 4096
     client_timeout: int | None = None  # None = idle connections are never closed
+    tcp_keepalive: int | None = 300_000  # None = no probes: a dead peer's connection stays
     expiry_sweep: int = 1000
     compat: str = "erq"  # "erq" | "kestrel"
 
@@ -318,6 +319,18 @@ def _size_between(low: int, high: int, high_shown: str) -> Callable[[object, str
     return parse_size_between
 
 
+def _duration_between(low: int, high: int, high_shown: str) -> Callable[[object, str], int]:
+    def parse_duration_between(value: object, key: str) -> int:
+        result = parse_duration(value, key)
+        if result < low:
+            raise ConfigError(f"expected at least {low} ms, got {_show(value)}", key=key)
+        if result > high:
+            raise ConfigError(f"expected at most {high_shown}, got {_show(value)}", key=key)
+        return result
+
+    return parse_duration_between
+
+
 def _text(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"expected a non-empty string, got {_show(value)}", key=key)
@@ -366,6 +379,8 @@ def _fsync(value: object, key: str) -> str | int:
 # client sending no newline could make the server hold as much as the setting says (1TiB was
 # taken). 64 MiB, the default max_item_size, is a thousand times the longest get of 250 keys.
 MAX_LINE = 64 * MiB
+# The longest idle time TCP keepalive takes (Linux's TCP_KEEPIDLE bound, 32,767 s).
+MAX_KEEPALIVE_IDLE = 32767 * 1000
 
 _count = _integer(0, MAX_SETTING, "a non-negative integer")
 _port = _integer(0, 65535, "a port number from 0 to 65535")
@@ -385,6 +400,7 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "max_connections": _positive_count,
     "max_queues": _positive_count,
     "client_timeout": _optional(_positive(parse_duration, "duration")),
+    "tcp_keepalive": _optional(_duration_between(1000, MAX_KEEPALIVE_IDLE, "32767s")),
     "expiry_sweep": _positive(parse_duration, "duration"),
     "compat": _compat,
 }

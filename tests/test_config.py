@@ -60,6 +60,7 @@ def test_no_file_gives_the_protocol_defaults():
         max_connections=10000,
         max_queues=4096,
         client_timeout=None,
+        tcp_keepalive=300_000,
         expiry_sweep=1000,
         compat="erq",
     )
@@ -232,6 +233,7 @@ max_open_reads = 7
 max_connections = 50
 max_queues = 70
 client_timeout = "30s"
+tcp_keepalive = "45s"
 expiry_sweep = 250
 compat = "kestrel"
 
@@ -264,6 +266,7 @@ def test_every_key_is_parsed_from_the_file(tmp_path):
         max_connections=50,
         max_queues=70,
         client_timeout=30_000,
+        tcp_keepalive=45_000,
         expiry_sweep=250,
         compat="kestrel",
     )
@@ -320,7 +323,7 @@ def test_fsync_accepts_always_never_and_a_period(tmp_path, value, stored, canoni
 
 def test_none_string_unsets_every_key_whose_default_is_none(tmp_path):
     text = (
-        "[server]\nclient_timeout = 'none'\n"
+        "[server]\nclient_timeout = 'none'\ntcp_keepalive = 'none'\n"
         "[queues.default]\nmax_items = 5\nmax_size = 5\nmax_item_size = 5\nmax_age = 5\n"
         "expire_to_queue = 'x'\nmax_queue_age = 5\nopen_timeout = 5\n"
         '[queues.q]\nmax_items = "none"\nmax_size = "none"\nmax_item_size = "none"\n'
@@ -328,7 +331,7 @@ def test_none_string_unsets_every_key_whose_default_is_none(tmp_path):
         'open_timeout = "none"\n'
     )
     config = load_text(tmp_path, text)
-    assert config.server.client_timeout is None
+    assert config.server.client_timeout is None and config.server.tcp_keepalive is None
     assert config.default_queue.max_items == 5
     assert config.queue_config("q") == QueueConfig()
 
@@ -611,6 +614,9 @@ BAD_FILES = [
     ("max_queues zero", "[server]\nmax_queues = 0\n", 2, ["max_queues"]),
     ("expiry_sweep zero", "[server]\nexpiry_sweep = 0\n", 2, ["expiry_sweep", "positive"]),
     ("client_timeout zero", "[server]\nclient_timeout = '0s'\n", 2, ["client_timeout"]),
+    ("tcp_keepalive zero", "[server]\ntcp_keepalive = 0\n", 2, ["tcp_keepalive", "1000 ms"]),
+    ("tcp_keepalive under 1s", "[server]\ntcp_keepalive = '999ms'\n", 2, ["tcp_keepalive"]),
+    ("tcp_keepalive too long", "[server]\ntcp_keepalive = '32768s'\n", 2, ["32767s"]),
     ("open_timeout zero", "[queues.x]\nopen_timeout = 0\n", 2, ["open_timeout"]),
     ("empty host", '[server]\nhost = ""\n', 2, ["[server] host"]),
     ("NUL in host", '[server]\nhost = "127.0.0.1\\u0000x"\n', 2, ["[server] host", "NUL"]),

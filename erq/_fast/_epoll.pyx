@@ -61,6 +61,7 @@ cdef extern from "<sys/epoll.h>" nogil:
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void *value, unsigned int size)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
     enum:
@@ -304,6 +305,14 @@ cdef class Connection:
 
     def get_write_buffer_limits(self):
         return LOW_WATER, HIGH_WATER
+
+    def set_socket_option(self, int level, int name, int value):
+        """setsockopt(2) on the client's socket (erq.keepalive: there is no socket object)."""
+        if self._closed:
+            return
+        if setsockopt(self._fd, level, name, &value, sizeof(int)) != 0:
+            code = errno
+            raise OSError(code, _os.strerror(code))
 
     def get_extra_info(self, name, default=None):
         if name == "peername":
