@@ -21,8 +21,10 @@ __all__ = [
     "REQ_GET",
     "REQ_SET",
     "REQ_UNSUPPORTED",
+    "FIRST_ROOM",
     "DataBudget",
     "Parser",
+    "next_room",
 ]
 
 REQ_SET = 1
@@ -38,6 +40,10 @@ _ERR_TOO_LONG = (REQ_ERROR, b"CLIENT_ERROR line too long\r\n", True)
 _BINARY = (REQ_BINARY,)
 # The data of a set refused for want of room in the DataBudget (its bytes were skipped).
 NO_ROOM = False
+# A data block still arriving takes room as its bytes come: what came first, at least this
+# much (its whole size if smaller), then twice its room, or what came if that is more, up to
+# its size. The C twin allocates the block so; this twin counts the same room.
+FIRST_ROOM = 4096
 
 # Parser states.
 _LINE = 0  # expecting a request line
@@ -84,13 +90,20 @@ def _exptime(tok: bytes) -> int | None:
     return value if value <= _I64_MAX else None
 
 
+def next_room(room: int, need: int, size: int) -> int:
+    """The room of a block of ``size`` bytes that holds ``room`` and must take ``need``."""
+    return min(size, max(2 * room, need, FIRST_ROOM))
+
+
 class DataBudget:
     """The data that storage requests still arriving may hold, over every connection of a
     server (``max_pending_data``). A request whose data does not come whole in one read holds
-    its declared size here until the last byte is in; one that does not fit is skipped as it
-    arrives and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
-    memcached's reply when it has no memory for an item). One is always let in while none
-    holds anything, so any item up to ``max_item_size`` can come through alone."""
+    the room its data takes as it arrives (``next_room``), until the last byte is in: the
+    memory a client can make the server hold is what it has sent, not what it says it will
+    send. A request whose next bytes find no room drops what it holds and is skipped to its
+    end, and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
+    memcached's reply when it has no memory for an item). A request whose room is the only
+    room held always gets more, so any item up to ``max_item_size`` can come through alone."""
 
     __slots__ = ("limit", "held", "refused")
 
@@ -99,9 +112,10 @@ class DataBudget:
         self.held = 0  # bytes held for requests whose data is arriving
         self.refused = 0  # requests refused for want of room
 
-    def take(self, size: int) -> bool:
-        """Hold ``size`` bytes for a request's data, if they fit (counted if not)."""
-        if self.held and self.held + size > self.limit:
+    def take(self, size: int, holding: int = 0) -> bool:
+        """Hold ``size`` more bytes for a request's data that holds ``holding`` already, if
+        they fit or nothing else is held (a refusal is counted)."""
+        if self.held != holding and self.held + size > self.limit:
             self.refused += 1
             return False
         self.held += size
@@ -291,13 +305,15 @@ class Parser:
                         self._p_block = buf[pos : pos + count]
                         pos += count
                         self._state = _TRAILER
-                    elif self._budget is not None and not self._budget.take(count):
+                    elif self._budget is not None and not self._budget.take(
+                        room := next_room(0, n - pos, count)
+                    ):
                         self._no_room = True
                         self._skip_left = count + 2
                         self._state = _SKIP
                     else:
                         if self._budget is not None:
-                            self._held = count
+                            self._held = room
                         self._p_chunks = [buf[pos:]]
                         self._p_filled = n - pos
                         pos = n
@@ -312,6 +328,18 @@ class Parser:
                 self._emit(out, self._p_block)
             elif state == _DATA:
                 take = min(self._p_count - self._p_filled, n - pos)
+                need = self._p_filled + take
+                if self._budget is not None and need > self._held:
+                    room = next_room(self._held, need, self._p_count)
+                    if not self._budget.take(room - self._held, self._held):
+                        # No room for more: what came is dropped, the rest skipped.
+                        self._give_back()
+                        self._p_chunks = None
+                        self._no_room = True
+                        self._skip_left = self._p_count - self._p_filled + 2
+                        self._state = _SKIP
+                        continue
+                    self._held = room
                 # Chunks are collected and joined once: no growing buffer re-copied per chunk.
                 self._p_chunks.append(buf if take == n else buf[pos : pos + take])
                 self._p_filled += take

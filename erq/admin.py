@@ -165,7 +165,7 @@ _HELP = {
     "curr_connections": "Open memcache connections.",
     "total_connections": "Memcache connections made (those refused by max_connections too).",
     "rejected_connections": "Memcache connections refused because max_connections were open.",
-    "pending_data_bytes": "Bytes held for sets whose data is still arriving (max_pending_data).",
+    "pending_data_bytes": "Bytes held by sets whose data is still arriving (max_pending_data).",
     "pending_data_refusals": "Storage requests refused because max_pending_data was held.",
     "cmd_get": "Keys of get requests that reached a fetch or were refused (misses included, "
     "peeks not).",

@@ -332,3 +332,40 @@ def test_both_parsers_agree_on_large_blocks_split_over_many_chunks(both, sc):
     if expected is not None:
         assert flat == expected
         assert py_trace[-1][1:] == (0, False)
+
+
+@st.composite
+def two_connections(draw):
+    """(limit, feeds): two streams of large sets cut into chunks, and the order in which the
+    two connections' chunks are fed, for parsers that share one DataBudget."""
+    streams = [draw(large_set_streams()) for _ in range(2)]
+    queues = [list(chunks) for _, _, chunks, _ in streams]
+    order = draw(st.lists(st.integers(0, 1), max_size=sum(len(q) for q in queues)))
+    feeds = []
+    for who in order + [0] * len(queues[0]) + [1] * len(queues[1]):
+        if queues[who]:
+            feeds.append((who, queues[who].pop(0)))
+    limit = draw(st.sampled_from([0, 4096, 20_000, 70_000, 1 << 20]))
+    return limit, feeds
+
+
+def run_shared(mod, limit: int, feeds: list[tuple[int, bytes]]) -> list[tuple]:
+    """Per-feed trace of two parsers sharing a budget: what the fed one returned and held,
+    and the budget's room held and refusals."""
+    budget = mod.DataBudget(limit)
+    parsers = [mod.Parser(budget=budget) for _ in range(2)]
+    trace = []
+    for who, chunk in feeds:
+        out = parsers[who].feed(chunk)
+        trace.append((who, out, parsers[who].buffered, budget.held, budget.refused))
+    return trace
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sc=two_connections())
+def test_both_parsers_agree_on_room_and_refusals_when_connections_share_a_budget(both, sc):
+    limit, feeds = sc
+    py, fast = both
+    py_trace = run_shared(py, limit, feeds)
+    assert repr(run_shared(fast, limit, feeds)) == repr(py_trace)
+    assert all(held >= 0 for *_, held, _ in py_trace)

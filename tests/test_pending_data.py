@@ -6,6 +6,7 @@ refuses one it has no memory for, and the connection goes on."""
 from __future__ import annotations
 
 import importlib
+import time
 
 import pytest
 
@@ -32,16 +33,45 @@ def mod(request: pytest.FixtureRequest):
 
 
 # ---- the parser twins ------------------------------------------------------------------------
-def test_a_block_arriving_in_pieces_holds_its_declared_size_until_its_last_byte(mod):
-    budget = mod.DataBudget(100)
+def test_a_block_arriving_in_pieces_holds_the_room_of_what_came_until_its_last_byte(mod):
+    budget = mod.DataBudget(1 << 20)
     parser = mod.Parser(budget=budget)
-    assert parser.feed(b"set q 0 0 60\r\n" + b"a" * 10) == []
-    assert budget.held == 60
-    assert parser.feed(b"a" * 50) == [] and budget.held == 0  # all in: only the trailer waits
-    assert parser.feed(b"\r\n") == [(SET, b"q", 0, 0, b"a" * 60, False)]
+    assert mod.FIRST_ROOM == 4096
+    assert parser.feed(b"set q 0 0 100000\r\n" + b"a" * 10) == []
+    assert budget.held == 4096  # what came, at least FIRST_ROOM: not the 100,000 declared
+    parser.feed(b"a" * 5_000)
+    assert budget.held == 8192  # twice the room
+    parser.feed(b"a" * 90_000)
+    assert budget.held == 95_010  # what came, when that is more
+    assert parser.feed(b"a" * 4_990) == [] and budget.held == 0  # all in: the trailer waits
+    assert parser.feed(b"\r\n") == [(SET, b"q", 0, 0, b"a" * 100_000, False)]
+    # A block smaller than FIRST_ROOM holds its size.
+    assert parser.feed(b"set q 0 0 60\r\n" + b"a" * 10) == [] and budget.held == 60
+    assert parser.feed(b"a" * 50 + b"\r\n")[0][4] == b"a" * 60 and budget.held == 0
     # A block that comes whole in one read holds nothing, whatever its size.
     assert parser.feed(b"set q 0 0 500\r\n" + b"b" * 500 + b"\r\n")[0][4] == b"b" * 500
     assert budget.held == 0 and budget.refused == 0
+    assert [mod.next_room(r, n, 10_000) for r, n in [(0, 1), (4096, 4097), (0, 9000)]] == [
+        4096,
+        8192,
+        9000,
+    ]
+    assert mod.next_room(8192, 8193, 10_000) == 10_000  # never past the block's size
+
+
+def test_a_block_whose_next_bytes_find_no_room_drops_what_came_and_is_refused(mod):
+    budget = mod.DataBudget(12_000)
+    first, second = mod.Parser(budget=budget), mod.Parser(budget=budget)
+    assert first.feed(b"set q 0 0 50000\r\n" + b"a" * 6_000) == [] and budget.held == 6_000
+    assert second.feed(b"set q 0 0 8000\r\n" + b"b" * 1_000) == [] and budget.held == 10_096
+    # The first's next bytes need 12,000 of room: 6,000 more do not fit beside the second's.
+    assert first.feed(b"a" * 2_000) == [] and budget.held == 4_096 and budget.refused == 1
+    assert first.buffered == 0  # what it held is dropped; the rest is skipped as it comes
+    out = first.feed(b"a" * 42_000 + b"\r\nset q 0 0 2\r\nok\r\n")
+    assert out == [(SET, b"q", 0, 0, mod.NO_ROOM, False), (SET, b"q", 0, 0, b"ok", False)]
+    # The second, alone now, gets its room past the limit.
+    assert second.feed(b"b" * 7_000 + b"\r\n") == [(SET, b"q", 0, 0, b"b" * 8_000, False)]
+    assert budget.held == 0 and budget.refused == 1
 
 
 def test_a_block_with_no_room_is_skipped_and_refused_and_the_next_request_is_read(mod):
@@ -74,7 +104,7 @@ def test_one_block_is_let_in_when_none_holds_anything_whatever_the_limit(mod):
 def test_a_parser_discarded_mid_block_or_closed_by_an_error_gives_its_room_back(mod):
     budget = mod.DataBudget(1 << 20)
     parser = mod.Parser(budget=budget)
-    parser.feed(b"set q 0 0 5000\r\n" + b"x" * 100)
+    parser.feed(b"set q 0 0 50000\r\n" + b"x" * 5000)
     assert budget.held == 5000
     parser.discard()
     assert budget.held == 0 and parser.closed and parser.feed(b"version\r\n") == []
@@ -102,23 +132,32 @@ def test_a_parser_without_a_budget_reads_every_block(mod):
 
 
 # ---- over a socket, both builds --------------------------------------------------------------
+def wait_for_pending(watcher, at_least: int, timeout: float = 10.0) -> int:
+    """Poll ``pending_data_bytes`` until it is at least ``at_least``: a set partly sent holds
+    between what came and twice that (its room grows as the server's reads bring it)."""
+    deadline = time.monotonic() + timeout
+    while (held := int(watcher.stats()["pending_data_bytes"])) < at_least:
+        assert time.monotonic() < deadline, f"pending_data_bytes stayed {held}, wanted {at_least}"
+        time.sleep(0.005)
+    return held
+
+
 def test_a_set_with_no_room_gets_out_of_memory_after_its_data_and_the_connection_goes_on(
     erq_factory,
 ):
     server = start(erq_factory, server='max_pending_data = "1MiB"\nmax_item_size = "4MiB"')
     holder, refused, watcher = server.client(), server.client(), server.client()
-    holder.send(b"set q 0 0 800000\r\n" + b"h" * 1000)
-    wait_for_stat(watcher, "pending_data_bytes", 800000)
+    holder.send(b"set q 0 0 800000\r\n" + b"h" * 700_000)
+    assert 700_000 <= wait_for_pending(watcher, 700_000) <= 800_000
+    # Let in (its first bytes fit), then refused as its room grows past what is left.
     refused.send(b"set q 0 0 400000\r\n" + b"r" * 1000)
-    wait_for_stat(watcher, "pending_data_refusals", 1)
     refused.send(b"r" * 399000 + b"\r\n")
     assert refused.line() == NO_MEMORY
     assert refused.call(set_req(b"q", b"small")) == STORED  # whole in one read: never held
-    refused.send(b"set q 0 0 400000 noreply\r\n" + b"r" * 1000)  # noreply: refused silently
+    refused.send(b"set q 0 0 400000 noreply\r\n" + b"r" * 400000 + b"\r\n")  # silently
     wait_for_stat(watcher, "pending_data_refusals", 2)
-    refused.send(b"r" * 399000 + b"\r\n")
     assert_open(refused)
-    holder.send(b"h" * 799000 + b"\r\n")
+    holder.send(b"h" * 100_000 + b"\r\n")
     assert holder.line() == STORED
     stats = wait_for_stat(watcher, "pending_data_bytes", 0)
     assert stats["pending_data_refusals"] == "2" and stats["cmd_set"] == "4"
@@ -131,12 +170,29 @@ def test_a_set_with_no_room_gets_out_of_memory_after_its_data_and_the_connection
     assert refused.call(b"add q 0 0 1\r\nx\r\n") == NOT_SUPPORTED
 
 
+def test_sets_that_say_much_and_send_little_hold_little(erq_factory):
+    """Room is taken as data comes, not as a request line says: clients that each declare a
+    64 MiB set and send a few bytes hold a few KiB apiece, and lock no other set out."""
+    server = start(erq_factory, server='max_pending_data = "1MiB"')
+    stalled = [server.client() for _ in range(20)]
+    for client in stalled:
+        client.send(b"set q 0 0 67108864\r\n" + b"s" * 100)
+    watcher = server.client()
+    assert wait_for_pending(watcher, 20 * 4096) == 20 * 4096  # FIRST_ROOM each
+    big = server.client()
+    assert big.call(b"set q 0 0 900000\r\n" + b"b" * 900000 + b"\r\n") == STORED
+    assert watcher.stats()["pending_data_refusals"] == "0"
+    for client in stalled:
+        client.close()
+    wait_for_stat(watcher, "pending_data_bytes", 0)
+
+
 def test_a_client_gone_mid_set_gives_its_room_back_and_one_set_always_gets_in(erq_factory):
     server = start(erq_factory, server='max_pending_data = "64KiB"')
     watcher = server.client()
     gone = server.client()
-    gone.send(b"set q 0 0 500000\r\n" + b"g" * 100)  # alone: let in past the limit
-    wait_for_stat(watcher, "pending_data_bytes", 500000)
+    gone.send(b"set q 0 0 500000\r\n" + b"g" * 200_000)  # alone: its room grows past the limit
+    wait_for_pending(watcher, 200_000)
     gone.close()
     wait_for_stat(watcher, "pending_data_bytes", 0)
     big = server.client()
@@ -147,19 +203,19 @@ def test_a_client_gone_mid_set_gives_its_room_back_and_one_set_always_gets_in(er
 def test_a_reload_sets_the_limit_and_the_sets_already_let_in_keep_their_room(erq_factory):
     server = erq_factory(config=config(server='max_pending_data = "1MiB"'))
     holder, other, watcher = server.client(), server.client(), server.client()
-    holder.send(b"set q 0 0 600000\r\n" + b"h")
-    wait_for_stat(watcher, "pending_data_bytes", 600000)
+    holder.send(b"set q 0 0 600000\r\n" + b"h" * 550_000)
+    wait_for_pending(watcher, 550_000)
     server.write_config(config(server='max_pending_data = "512KiB"'))
     assert watcher.call(b"reload\r\n") == RELOADED
-    other.send(b"set q 0 0 100\r\n" + b"o")  # 600000 + 100 > 512 KiB: no room now
+    other.send(b"set q 0 0 100\r\n" + b"o")  # 550,000 + 100 > 512 KiB: no room now
     wait_for_stat(watcher, "pending_data_refusals", 1)
     other.send(b"o" * 99 + b"\r\n")
     assert other.line() == NO_MEMORY
-    holder.send(b"h" * 599999 + b"\r\n")
+    holder.send(b"h" * 50_000 + b"\r\n")  # alone: it keeps its room and gets more
     assert holder.line() == STORED
     # And a reload that raises it gives room at once.
     server.write_config(config(server='max_pending_data = "2MiB"'))
     assert watcher.call(b"reload\r\n") == RELOADED
-    holder.send(b"set q 0 0 600000\r\n" + b"h")
-    wait_for_stat(watcher, "pending_data_bytes", 600000)
+    holder.send(b"set q 0 0 600000\r\n" + b"h" * 550_000)
+    wait_for_pending(watcher, 550_000)
     assert other.call(b"set q 0 0 900000\r\n" + b"o" * 900000 + b"\r\n") == STORED

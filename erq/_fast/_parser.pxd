@@ -11,7 +11,7 @@ cdef class DataBudget:
     cdef public Py_ssize_t held
     cdef public unsigned long long refused
 
-    cdef bint _take(self, Py_ssize_t size) noexcept
+    cdef bint _take(self, Py_ssize_t size, Py_ssize_t holding) noexcept
 
 
 @cython.final
@@ -50,6 +50,6 @@ cdef class Parser:
     cdef void _give_back(self)
     cdef list _tokens(self, const char* s, Py_ssize_t i, Py_ssize_t n)
     cdef int _emit(self, list out, object data) except -1
-    cdef int _grow_block(self, Py_ssize_t need) except -1
+    cdef int _grow_block(self, Py_ssize_t room) except -1
     cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1
     cdef int _line(self, const char* s, Py_ssize_t n, list out) except -1

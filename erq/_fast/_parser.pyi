@@ -7,13 +7,16 @@ REQ_UNSUPPORTED: Final[int]
 REQ_ERROR: Final[int]
 REQ_BINARY: Final[int]
 NO_ROOM: Final[bool]
+FIRST_ROOM: Final[int]
+
+def next_room(room: int, need: int, size: int) -> int: ...
 
 class DataBudget:
     limit: int
     held: int
     refused: int
     def __init__(self, limit: int) -> None: ...
-    def take(self, size: int) -> bool: ...
+    def take(self, size: int, holding: int = 0) -> bool: ...
     def give(self, size: int) -> None: ...
 
 class Parser:

@@ -5,10 +5,11 @@ One ``feed()`` per received chunk turns the bytes into a batch of request tuples
 found with memchr, tokenised by pointer scanning and their numbers parsed in C; the only
 Python objects made are the ones handed back (tokens, ints, data blocks, tuples), and a queue
 name or key that repeats the previous one is handed back as the same bytes object.
-A data block that is not complete in the chunk is filled in place as later chunks arrive: a
-block of up to ``BLOCK_RESERVE`` is allocated at its declared size, a larger one starts at that
-size and grows (doubling, a realloc that glibc does by remapping) as its bytes arrive, so a
-client that declares 64 MiB and sends little holds little, as in the pure twin.
+A data block that is not complete in the chunk is filled in place as later chunks arrive: it
+is allocated at what has come (at least ``FIRST_ROOM``, its whole size if smaller) and grows
+(doubling, or to what has come if that is more) as its bytes arrive, so a client that declares
+64 MiB and sends little holds little; the DataBudget counts that room (``next_room``, the same
+in the pure twin).
 
 Buffering invariant: the internal byte buffer ``_buf`` is non-empty only between feeds and
 only while the state is ST_LINE (it then holds one unfinished line, no newline, shorter than
@@ -84,9 +85,25 @@ cdef unsigned long long I64_POS_LIMIT = ((<unsigned long long>1) << 63) - 1
 cdef Py_ssize_t MAX_COUNT_DIGITS = 19
 cdef Py_ssize_t BUF_KEEP = 16384  # an emptied buffer larger than this is freed
 cdef Py_ssize_t REUSE_MAX = 256  # longest token kept for reuse (_reuse)
-# A data block still arriving is allocated at its declared size up to this, and grows past it
-# as its bytes come: a declared size is only a promise of the client's.
-cdef Py_ssize_t BLOCK_RESERVE = 1 << 20
+# A data block still arriving is allocated at what has come, at least this (its whole size if
+# smaller), and grows as its bytes come: a declared size is only a promise of the client's.
+cdef enum:
+    _FIRST_ROOM = 4096
+FIRST_ROOM = _FIRST_ROOM
+
+
+cdef inline Py_ssize_t _next_room(Py_ssize_t room, Py_ssize_t need, Py_ssize_t size) noexcept:
+    room *= 2
+    if room < need:
+        room = need
+    if room < _FIRST_ROOM:
+        room = _FIRST_ROOM
+    return size if room > size else room
+
+
+def next_room(Py_ssize_t room, Py_ssize_t need, Py_ssize_t size):
+    """The room of a block of ``size`` bytes that holds ``room`` and must take ``need``."""
+    return _next_room(room, need, size)
 
 cdef tuple _ERR_FORMAT = (K_ERROR, b"CLIENT_ERROR bad command line format\r\n", True)
 cdef tuple _ERR_CHUNK = (K_ERROR, b"CLIENT_ERROR bad data chunk\r\n", True)
@@ -241,16 +258,17 @@ cdef class DataBudget:
         self.held = 0  # bytes held for requests whose data is arriving
         self.refused = 0  # requests refused for want of room
 
-    def take(self, Py_ssize_t size):
-        """Hold ``size`` bytes for a request's data, if they fit (counted if not)."""
-        return self._take(size)
+    def take(self, Py_ssize_t size, Py_ssize_t holding=0):
+        """Hold ``size`` more bytes for a request's data that holds ``holding`` already, if
+        they fit or nothing else is held (a refusal is counted)."""
+        return self._take(size, holding)
 
     def give(self, Py_ssize_t size):
         """The data ``take`` held for is in, or will never come."""
         self.held -= size
 
-    cdef bint _take(self, Py_ssize_t size) noexcept:
-        if self.held and self.held + size > self.limit:
+    cdef bint _take(self, Py_ssize_t size, Py_ssize_t holding) noexcept:
+        if self.held != holding and self.held + size > self.limit:
             self.refused += 1
             return False
         self.held += size
@@ -445,15 +463,9 @@ cdef class Parser:
         self._state = ST_LINE
         return 0
 
-    cdef int _grow_block(self, Py_ssize_t need) except -1:
-        """Make the block being filled hold at least ``need`` bytes (at most its final size):
-        twice its room, or ``need`` if that is more. The block is referenced by the parser
-        alone, so it is resized in place."""
-        cdef Py_ssize_t room = PyBytes_GET_SIZE(self._p_block) * 2
-        if room < need:
-            room = need
-        if room > self._p_size:
-            room = self._p_size
+    cdef int _grow_block(self, Py_ssize_t room) except -1:
+        """Make the block being filled hold ``room`` bytes (``_next_room``). The block is
+        referenced by the parser alone, so it is resized in place."""
         cdef PyObject* raw = <PyObject*>self._p_block
         Py_INCREF(<object>raw)
         self._p_block = None  # the reference taken above is now the only one
@@ -472,7 +484,7 @@ cdef class Parser:
     @cython.wraparound(False)
     cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1:
         """Parse p[0:n]; return how many bytes were consumed (the rest must be kept)."""
-        cdef Py_ssize_t pos = 0, avail, lim, linelen, end, take, size
+        cdef Py_ssize_t pos = 0, avail, lim, linelen, end, take, size, room
         cdef const char* nl
         cdef int r
         while pos < n:
@@ -506,21 +518,20 @@ cdef class Parser:
                             self._p_block = PyBytes_FromStringAndSize(p + pos, size)
                             pos += size
                             self._state = ST_TRAILER
-                        elif self._budget is not None and not self._budget._take(size):
-                            self._no_room = True
-                            self._skip_left = self._p_count + 2
-                            self._state = ST_SKIP
                         else:
-                            if self._budget is not None:
-                                self._held = size
-                            # Filled in place as it arrives, one copy per byte; allocated at
-                            # its final size unless that is more than BLOCK_RESERVE and more
-                            # than has come (then it grows, see _grow_block).
                             take = n - pos
+                            room = _next_room(0, take, size)
+                            if self._budget is not None and not self._budget._take(room, 0):
+                                self._no_room = True
+                                self._skip_left = self._p_count + 2
+                                self._state = ST_SKIP
+                                continue
+                            if self._budget is not None:
+                                self._held = room
+                            # Filled in place as it arrives, one copy per byte; it grows as
+                            # more comes (_grow_block).
                             self._p_size = size
-                            self._p_block = PyBytes_FromStringAndSize(
-                                NULL, size if size <= BLOCK_RESERVE
-                                else (take if take > BLOCK_RESERVE else BLOCK_RESERVE))
+                            self._p_block = PyBytes_FromStringAndSize(NULL, room)
                             memcpy(PyBytes_AS_STRING(self._p_block), p + pos, take)
                             self._p_filled = take
                             pos = n
@@ -539,7 +550,18 @@ cdef class Parser:
                 if take > n - pos:
                     take = n - pos
                 if self._p_filled + take > PyBytes_GET_SIZE(self._p_block):
-                    self._grow_block(self._p_filled + take)
+                    room = _next_room(PyBytes_GET_SIZE(self._p_block), self._p_filled + take, size)
+                    if self._budget is not None:
+                        if not self._budget._take(room - self._held, self._held):
+                            # No room for more: what came is dropped, the rest skipped.
+                            self._give_back()
+                            self._p_block = None
+                            self._no_room = True
+                            self._skip_left = <unsigned long long>(size - self._p_filled) + 2
+                            self._state = ST_SKIP
+                            continue
+                        self._held = room
+                    self._grow_block(room)
                 memcpy(PyBytes_AS_STRING(self._p_block) + self._p_filled, p + pos, take)
                 self._p_filled += take
                 pos += take
