@@ -43,8 +43,8 @@ def enable(transport: Any, idle_ms: int) -> None:
     setter = getattr(transport, "set_socket_option", None)  # erq's epoll layer
     if setter is None:
         sock = transport.get_extra_info("socket")
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return
+        if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+            return  # none, or not TCP
         setter = sock.setsockopt
     idle_s = max(1, -(-idle_ms // 1000))  # config keeps it within Linux's 32,767 s
     try:
