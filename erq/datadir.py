@@ -11,7 +11,11 @@
   (unless the queue's fsync policy is ``always``) and the removal run on a worker thread,
   so that a client deleting queues does not hold every other client up for a disk flush.
   Renames waiting there are synced together, one sync of the data directory for all of them,
-  as group commit does for writes: a burst of deletes is not one flush per queue.
+  as group commit does for writes: a burst of deletes is not one flush per queue. The worker
+  shares the server's core and interpreter, and queues made and deleted faster than it
+  removes them (a reply queue per request, from many clients) would pile up without end, on
+  disk and in memory: past ``MAX_WAITING_REMOVALS`` waiting, each delete removes two of them
+  itself, so the deleters slow down to the rate the removals keep.
 
 Every name here holds a dot, which a queue name cannot (``erq.names``), so none can be taken
 for a queue.
@@ -31,6 +35,11 @@ log = logging.getLogger("erq.datadir")
 
 LOCK_FILE = "erq.lock"
 DELETING_PREFIX = "deleting."
+# Renamed queue directories that may wait for the worker; past it a delete removes the two
+# oldest itself. REMOVAL_BATCH: how many the worker takes at a time, so that what waits is
+# what the list holds.
+MAX_WAITING_REMOVALS = 1024
+REMOVAL_BATCH = 64
 
 
 class DataDirBusy(OSError):
@@ -161,8 +170,12 @@ def remove_queue_dir(
     with _waiting_lock:
         first = not _waiting
         _waiting.append((doomed, parent))
+        behind = _waiting[:2] if len(_waiting) > MAX_WAITING_REMOVALS else []
+        del _waiting[: len(behind)]
     if first:  # else the pass already asked for takes this one too
         background(_finish_waiting_removals)
+    if behind:
+        _finish_removals(behind)
 
 
 # Renamed directories waiting for the worker's next pass (any server's worker may take them).
@@ -171,10 +184,13 @@ _waiting_lock = threading.Lock()
 
 
 def _finish_waiting_removals() -> None:
-    with _waiting_lock:
-        batch = _waiting[:]
-        _waiting.clear()
-    _finish_removals(batch)
+    while True:
+        with _waiting_lock:
+            batch = _waiting[:REMOVAL_BATCH]
+            del _waiting[:REMOVAL_BATCH]
+        if not batch:
+            return
+        _finish_removals(batch)
 
 
 def _sync_rename(parent: Path) -> None:
@@ -229,6 +245,8 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 __all__ = [
     "DELETING_PREFIX",
     "LOCK_FILE",
+    "MAX_WAITING_REMOVALS",
+    "REMOVAL_BATCH",
     "fsync_directory",
     "DataDirBusy",
     "in_use",

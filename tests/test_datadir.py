@@ -238,6 +238,32 @@ def test_removals_waiting_for_the_background_share_one_sync_of_their_parent(tmp_
     assert events[-2:] == ["sync", "rm"] and list(tmp_path.iterdir()) == []
 
 
+def test_deletes_faster_than_the_worker_removes_help_it_and_keep_what_waits_bounded(
+    tmp_path, monkeypatch
+):
+    """Queues made and deleted faster than the worker removes their directories (it shares the
+    server's core) would pile up on disk and in memory without end: past MAX_WAITING_REMOVALS
+    waiting, each delete removes the two oldest itself, their renames synced first."""
+    monkeypatch.setattr(datadir, "MAX_WAITING_REMOVALS", 8)
+    monkeypatch.setattr(datadir, "REMOVAL_BATCH", 3)
+    events = []
+    real = datadir.fsync_directory
+    monkeypatch.setattr(datadir, "fsync_directory", lambda d: (events.append("sync"), real(d)))
+    real_remove = datadir._remove_tree
+    monkeypatch.setattr(datadir, "_remove_tree", lambda p: (events.append("rm"), real_remove(p)))
+    later = []  # the worker never gets to run meanwhile
+    for n in range(40):
+        (tmp_path / f"q{n}").mkdir()
+        (tmp_path / f"q{n}" / "00000001.seg").write_bytes(b"x")
+        datadir.remove_queue_dir(tmp_path / f"q{n}", later.append, durable_now=False)
+        assert len(datadir._waiting) <= 8
+        assert len(list(tmp_path.iterdir())) <= 8
+    assert len(later) == 1 and events[:3] == ["sync", "rm", "rm"]  # synced before removed
+    later[0]()  # the worker's pass takes what waits, REMOVAL_BATCH at a time
+    assert list(tmp_path.iterdir()) == [] and datadir._waiting == []
+    assert events.count("rm") == 40
+
+
 def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Path):
     held = datadir.lock(tmp_path, who="erq test")
     with pytest.raises(datadir.DataDirBusy) as busy:
