@@ -234,6 +234,12 @@ class Parser:
                 buf += data[pos:]
         return out
 
+    def __del__(self) -> None:
+        # A parser dropped without discard() gives its room back, as the C twin's dealloc
+        # does (one whose __init__ failed holds nothing).
+        if getattr(self, "_held", 0):
+            self._give_back()
+
     def discard(self) -> None:
         """The connection is gone: take no more input, and give back what the data block
         being read holds in the budget."""

@@ -15,6 +15,7 @@ cdef class DataBudget:
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class Parser:
 
     cdef Py_ssize_t _max_line

@@ -93,6 +93,8 @@ FIRST_ROOM = _FIRST_ROOM
 
 
 cdef inline Py_ssize_t _next_room(Py_ssize_t room, Py_ssize_t need, Py_ssize_t size) noexcept:
+    if room >= size - room:  # twice the room reaches the size (without overflowing)
+        return size
     room *= 2
     if room < need:
         room = need
@@ -275,7 +277,11 @@ cdef class DataBudget:
         return True
 
 
+# no_gc_clear: the collector must not set _budget to None before __dealloc__ gives the room
+# back (a parser dropped mid-set inside a garbage cycle would write through None). A parser
+# refers to nothing that can refer back to it, so it closes no cycle itself.
 @cython.final
+@cython.no_gc_clear
 cdef class Parser:
     """Stateful memcache text-protocol parser: bytes in, request tuples out. With a
     ``budget`` (a DataBudget shared by a server's connections), a data block that does not
@@ -414,9 +420,9 @@ cdef class Parser:
         return 0
 
     cdef void _give_back(self):
-        if self._held:
+        if self._held and self._budget is not None:
             self._budget.held -= self._held
-            self._held = 0
+        self._held = 0
 
     cdef void _release(self):
         self._give_back()
