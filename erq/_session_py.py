@@ -385,7 +385,11 @@ class Session:
         loop pays nothing; past twice the limit the oldest of them are forgotten, which
         bounds the line of a client that never closes."""
         reads = self.open_reads.get(name)
-        if reads is None or len(reads) < limit:
+        if reads is None:
+            if self._taken_back and self._taken_back.get(name, 0) >= 2 * limit:
+                self._taken_back[name] = limit  # none live: forgotten as from a line
+            return False
+        if len(reads) < limit:
             return False
         live = self.live_open_count(name)
         if len(reads) >= 2 * limit:

@@ -987,6 +987,12 @@ def test_lines_of_reads_all_taken_back_keep_a_count_not_their_queues(impl):
     assert not session.close_oldest("reply2") and live.confirmed == []
     assert session.close_oldest("reply2") and live.confirmed == ["new"]
 
+    # At twice max_open_reads, reads taken back are forgotten down to the limit, whether the
+    # line is kept as entries or as a count.
+    assert session.unclosed_count("reply5") == 3
+    assert not session.at_open_limit("reply5", 1) and session.unclosed_count("reply5") == 1
+    assert not session.at_open_limit("reply4", 2) and session.unclosed_count("reply4") == 2
+
     # A connection that ends gives back its live reads; the counts just go.
     session.open_deque("reply5").append((live, "open at the end"))
     session.abort_all()
