@@ -122,9 +122,6 @@ class MemcacheProtocol:
             self._refuse(transport)
             return
         counters.curr_connections += 1
-        keepalive = state.config.server.tcp_keepalive
-        if keepalive is not None:
-            enable_keepalive(transport, keepalive)
         # erq's own connection layer writes with the system call itself; a loop's transport
         # gets a writer that does so while the transport has nothing queued.
         if getattr(transport, "writes_directly", False):
@@ -140,6 +137,9 @@ class MemcacheProtocol:
         )
         self.session.gone = _gone_check(transport)
         state.connections.add(self)
+        keepalive = state.config.server.tcp_keepalive
+        if keepalive is not None:
+            enable_keepalive(transport, keepalive)
 
     def _close_transport(self) -> None:
         """The session is done. While the server stops, the close of a client that is not

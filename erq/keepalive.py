@@ -6,7 +6,13 @@ with its open reads reserved (PROTOCOL section 5 returns them on a disconnect, a
 the server would otherwise never see) and its set still arriving holding room in
 ``max_pending_data``. With keepalive the kernel probes a connection idle for the set time and,
 after PROBES unanswered probes a third of that apart, reports it gone: it then closes like any
-other and its reads go back to the head of their queues, within about twice the set time."""
+other and its reads go back to the head of their queues, within about twice the set time.
+
+Keepalive does not probe a connection with data in flight: there the kernel retransmits, for
+~15 min by default, before it gives up; a worker whose host died before it acknowledged the
+item it was handed would keep that read as long. ``TCP_USER_TIMEOUT`` bounds that wait by the
+same time (and so closes a client that has taken nothing sent to it for that long: it is
+gone, or stuck)."""
 
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ PROBES = 3
 
 def options(idle_s: int) -> list[tuple[int, int, int]]:
     """The socket options that probe a connection idle for ``idle_s`` seconds, PROBES times
-    a third of that apart (where the platform lets them be set)."""
+    a third of that apart, and give up on data unacknowledged as long (where the platform lets
+    them be set)."""
     interval = max(1, idle_s // PROBES)
     chosen = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     idle_option = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
@@ -34,6 +41,9 @@ def options(idle_s: int) -> list[tuple[int, int, int]]:
         chosen.append((socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval))
     if hasattr(socket, "TCP_KEEPCNT"):
         chosen.append((socket.IPPROTO_TCP, socket.TCP_KEEPCNT, PROBES))
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        gone_after_ms = (idle_s + PROBES * interval) * 1000
+        chosen.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, gone_after_ms))
     return chosen
 
 

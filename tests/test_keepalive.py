@@ -61,6 +61,8 @@ def test_the_options_probe_three_times_a_third_of_the_idle_time_apart():
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 300
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 100
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == keepalive.PROBES
+            # Data unacknowledged is given up on after as long as probes take: 300 + 3 x 100 s.
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 600_000
     assert keepalive.options(2)[2][2] == 1  # never an interval of 0
 
 
@@ -97,13 +99,17 @@ def _own_network_namespace() -> bool:
 @pytest.mark.skipif(
     not _own_network_namespace(), reason="needs unshare -rn (user and network namespaces) and ip"
 )
-def test_a_client_whose_host_vanished_is_closed_and_its_open_read_comes_back(impl, tmp_path):
+@pytest.mark.parametrize("mode", ["idle", "in-flight"])
+def test_a_client_whose_host_vanished_is_closed_and_its_open_read_comes_back(impl, tmp_path, mode):
     # In a network namespace of its own, so that taking its loopback down cuts the worker off
     # as a dead host or a lost network would: no FIN, no RST, nothing answers the probes.
+    # idle: the worker holds a read handed to it before; in-flight: it is handed the item
+    # once cut off, so the VALUE is never acknowledged (keepalive does not probe then: the
+    # kernel retransmits, ~15 min by default, unless TCP_USER_TIMEOUT says otherwise).
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(TESTS / "vanished_client.py"), impl, tmp_path],
+        ["unshare", "-rn", sys.executable, str(TESTS / "vanished_client.py"), impl, tmp_path, mode],
         capture_output=True,
         text=True,
         env=env,
@@ -111,7 +117,8 @@ def test_a_client_whose_host_vanished_is_closed_and_its_open_read_comes_back(imp
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    # tcp_keepalive = 1s: probed after 1 s idle, gone after three unanswered probes 1 s apart.
+    # tcp_keepalive = 1s: probed after 1 s idle, gone after three unanswered probes 1 s apart;
+    # in flight, gone 4 s after the VALUE went out (the item moves to q about 1 s in).
     assert 3 <= result["gone_after"] < 15, result
     assert result["reply"] == "VALUE q 0 4\r\nwork\r\nEND\r\n", result  # back at the head
     assert result["curr_connections"] == 1 and result["canceled"] == "1", result

@@ -2,7 +2,12 @@
 with ``tcp_keepalive = "1s"``, a worker holding an open read, then the loopback taken down,
 so that nothing the worker's host sends or is sent arrives any more, as when a host dies or
 drops off the network. Prints one JSON line: what the server did once its probes went
-unanswered."""
+unanswered.
+
+Two ways the worker is cut off: ``idle``, holding a read it was handed before (the server's
+keepalive probes go unanswered); ``in-flight``, blocked in a reliable get that is handed an
+item only once the network is gone (an item of another queue expires into its queue), so
+that the VALUE is never acknowledged and the kernel retransmits instead of probing."""
 
 from __future__ import annotations
 
@@ -32,14 +37,28 @@ def all_acked(port: int) -> bool:
     return all(row[4].startswith("00000000:") for row in server_sockets(port))
 
 
-def main(impl: str, tmp: str) -> None:
+CONFIG = """[server]
+tcp_keepalive = "1s"
+expiry_sweep = "100ms"
+[queues."later"]
+max_age = "1s"
+expire_to_queue = "q"
+"""
+
+
+def main(impl: str, tmp: str, mode: str) -> None:
     link("up")
     data = Path(tmp) / "data"
-    proc = ErqProcess(impl, data, config='[server]\ntcp_keepalive = "1s"\n').start()
+    proc = ErqProcess(impl, data, config=CONFIG).start()
     try:
         worker = proc.client()
-        assert worker.call(b"set q 0 0 4\r\nwork\r\n") == b"STORED\r\n"
-        assert worker.call(b"get q/open\r\n", b"END\r\n") == b"VALUE q/open 0 4\r\nwork\r\nEND\r\n"
+        if mode == "idle":
+            assert worker.call(b"set q 0 0 4\r\nwork\r\n") == b"STORED\r\n"
+            reply = worker.call(b"get q/open\r\n", b"END\r\n")
+            assert reply == b"VALUE q/open 0 4\r\nwork\r\nEND\r\n"
+        else:  # in a second, the item moves to q and goes to the blocked worker
+            assert worker.call(b"set later 0 0 4\r\nwork\r\n") == b"STORED\r\n"
+            worker.send(b"get q/t=30000/open\r\n")
         deadline = time.monotonic() + 10
         while not all_acked(proc.port) and time.monotonic() < deadline:
             time.sleep(0.01)  # the worker's delayed ACK of the value
@@ -64,6 +83,7 @@ def main(impl: str, tmp: str) -> None:
                     "reply": reply.decode(),
                     "curr_connections": int(stats["curr_connections"]),
                     "canceled": stats.get("queue_q_canceled_transactions"),
+                    "expired": stats.get("queue_later_expired_items"),
                 }
             )
         )
@@ -73,4 +93,4 @@ def main(impl: str, tmp: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
