@@ -628,11 +628,22 @@ class Queue:
         return True
 
     def expire_open_reads(self, now: int) -> int:
-        """Return open reads older than ``open_timeout`` to the head, oldest at the head."""
+        """Return open reads older than ``open_timeout`` to the head, oldest at the head.
+
+        _open holds the reads in the order they were opened, so those past the timeout come
+        first and the look stops at the first that is not: every fetch asks, and a scan of
+        every open read made a get cost ~0.2 ms per 10,000 reads held open on its queue. (A
+        wall clock set back delays the timeout of the reads opened before it, by as much.)"""
         timeout = self.config.open_timeout
         if timeout is None or not self._open:
             return 0
-        stale = [read for read in self._open.values() if now - read.opened_at >= timeout]
+        stale = []
+        for read in self._open.values():
+            if now - read.opened_at < timeout:
+                break
+            stale.append(read)
+        if not stale:
+            return 0
         return self.unremove_all(stale)
 
     # ---- waiters -----------------------------------------------------------------------

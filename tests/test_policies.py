@@ -693,6 +693,33 @@ def test_a_set_that_finds_a_timed_out_read_serves_a_waiter_once_and_keeps_its_it
     assert queue.take(False).data == b"y"
 
 
+def test_open_reads_past_their_timeout_are_the_oldest_and_go_back_oldest_at_the_head(impl):
+    """Every fetch returns the reads past open_timeout first. They are the oldest opened, so
+    the look stops at the first read that is not past it (a scan of every read open made each
+    get cost in proportion to the reads held open on its queue); those returned go back in
+    the order they were opened, the oldest at the head."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    now = [1_000]
+    queue = queue_mod.Queue("t", QueueConfig(open_timeout=100), None, clock=lambda: now[0])
+    for data in (b"a", b"b", b"c", b"d", b"e"):
+        queue.add(data, 0, 0)
+    opened = {}
+    for at, data in ((1_000, b"a"), (1_010, b"b"), (1_050, b"c"), (1_090, b"d")):
+        now[0] = at
+        opened[data] = queue.take(True)
+        assert opened[data].data == data
+    now[0] = 1_120  # a and b are past the timeout, c and d are not
+    assert queue.peek().data == b"a" and queue.canceled_transactions == 2
+    assert [queue.take(False).data for _ in range(3)] == [b"a", b"b", b"e"]
+    assert queue.open_count == 2 and queue.take(False) is None
+    now[0] = 1_160  # c now
+    assert queue.take(False).data == b"c" and queue.open_count == 1
+    assert queue.expire_open_reads(1_189) == 0 and queue.expire_open_reads(1_190) == 1
+    assert queue.take(False).data == b"d" and queue.open_count == 0
+
+
 def test_a_set_meeting_a_timed_out_read_and_a_blocked_get_keeps_both_items(erq_factory):
     """End to end: the timed-out read goes to the blocked get, the new item stays queued and
     the set is answered (the race with the once-a-second timer ends the same either way)."""
