@@ -250,10 +250,12 @@ cdef inline bytes _reuse(bytes last, const char* s, Py_ssize_t n):
 cdef class DataBudget:
     """The data that storage requests still arriving may hold, over every connection of a
     server (``max_pending_data``). A request whose data does not come whole in one read holds
-    its declared size here until the last byte is in; one that does not fit is skipped as it
-    arrives and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
-    memcached's reply when it has no memory for an item). One is always let in while none
-    holds anything, so any item up to ``max_item_size`` can come through alone."""
+    the room its data takes as it arrives (``next_room``), until the last byte is in: the
+    memory a client can make the server hold is what it has sent, not what it says it will
+    send. A request whose next bytes find no room drops what it holds and is skipped to its
+    end, and a set is refused (``NO_ROOM``: ``SERVER_ERROR out of memory storing object``,
+    memcached's reply when it has no memory for an item). A request whose room is the only
+    room held always gets more, so any item up to ``max_item_size`` can come through alone."""
 
     def __init__(self, Py_ssize_t limit):
         self.limit = limit
