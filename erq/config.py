@@ -305,30 +305,25 @@ def _integer(low: int, high: int | None, expected: str) -> Callable[[object, str
     return parse_integer
 
 
-def _size_between(low: int, high: int, high_shown: str) -> Callable[[object, str], int]:
-    def parse_size_between(value: object, key: str) -> int:
-        result = parse_size(value, key)
-        if result < low:
-            raise ConfigError(f"expected at least {low} bytes, got {_show(value)}", key=key)
-        if result > high:
+def _between(
+    parse: Callable[[object, str], int], low: str, high: str, unit: str
+) -> Callable[[object, str], int]:
+    """``parse``, then bounds given as values it reads (``"1KiB"``, ``"1s"``), in ``unit``."""
+    low_value, high_value = parse(low, "low"), parse(high, "high")
+
+    def parse_between(value: object, key: str) -> int:
+        result = parse(value, key)
+        if result < low_value:
             raise ConfigError(
-                f"expected at most {high_shown} ({high} bytes), got {_show(value)}", key=key
+                f"expected at least {low} ({low_value} {unit}), got {_show(value)}", key=key
+            )
+        if result > high_value:
+            raise ConfigError(
+                f"expected at most {high} ({high_value} {unit}), got {_show(value)}", key=key
             )
         return result
 
-    return parse_size_between
-
-
-def _duration_between(low: int, high: int, high_shown: str) -> Callable[[object, str], int]:
-    def parse_duration_between(value: object, key: str) -> int:
-        result = parse_duration(value, key)
-        if result < low:
-            raise ConfigError(f"expected at least {low} ms, got {_show(value)}", key=key)
-        if result > high:
-            raise ConfigError(f"expected at most {high_shown}, got {_show(value)}", key=key)
-        return result
-
-    return parse_duration_between
+    return parse_between
 
 
 def _text(value: object, key: str) -> str:
@@ -378,9 +373,9 @@ def _fsync(value: object, key: str) -> str | int:
 # A connection holds up to max_line bytes of a line it has not finished: without a ceiling, a
 # client sending no newline could make the server hold as much as the setting says (1TiB was
 # taken). 64 MiB, the default max_item_size, is a thousand times the longest get of 250 keys.
-MAX_LINE = 64 * MiB
-# The longest idle time TCP keepalive takes (Linux's TCP_KEEPIDLE bound, 32,767 s).
-MAX_KEEPALIVE_IDLE = 32767 * 1000
+MAX_LINE = "64MiB"
+# The longest idle time TCP keepalive takes (Linux's TCP_KEEPIDLE bound).
+MAX_KEEPALIVE_IDLE = "32767s"
 
 _count = _integer(0, MAX_SETTING, "a non-negative integer")
 _port = _integer(0, 65535, "a port number from 0 to 65535")
@@ -393,14 +388,14 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "port": _port,
     "admin_port": _port,
     "data_dir": _text,
-    "max_line": _size_between(1024, MAX_LINE, "64MiB"),
+    "max_line": _between(parse_size, "1KiB", MAX_LINE, "bytes"),
     "max_item_size": parse_size,
     "max_pending_data": parse_size,
     "max_open_reads": _positive_count,
     "max_connections": _positive_count,
     "max_queues": _positive_count,
     "client_timeout": _optional(_positive(parse_duration, "duration")),
-    "tcp_keepalive": _optional(_duration_between(1000, MAX_KEEPALIVE_IDLE, "32767s")),
+    "tcp_keepalive": _optional(_between(parse_duration, "1s", MAX_KEEPALIVE_IDLE, "ms")),
     "expiry_sweep": _positive(parse_duration, "duration"),
     "compat": _compat,
 }
