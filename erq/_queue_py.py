@@ -109,8 +109,10 @@ class Queue:
         "_disk_items",
         "_disk_bytes",
         "_open",
+        "_open_order",
         "_open_bytes",
         "_waiters",
+        "_dead_waiters",
         "_serving",
         "next_id",
         "deleted",
@@ -155,8 +157,17 @@ class Queue:
         self._disk_items = 0  # read-behind: items that are only in the journal
         self._disk_bytes = 0
         self._open: dict[int, OpenRead] = {}
+        # The reads in the order they were opened, those closed since included until they
+        # reach the front or the line is rebuilt (_forget_closed_reads): expire_open_reads
+        # looks from the front. (The dict's own order would do, but a dict iterated after
+        # deletes at its front walks their empty slots first, until it next grows.)
+        self._open_order: deque[OpenRead] = deque()
         self._open_bytes = 0
         self._waiters: deque[Waiter] = deque()
+        # Waiters removed (a get that timed out or whose client left) stay in the line,
+        # inactive, until they reach its front or there are enough of them to rebuild it: a
+        # removal from the middle of 10,000 waiters was a walk of the line each.
+        self._dead_waiters = 0
         self._serving = False  # _serve_waiters is running (see there)
         self.next_id = next_id
         self.deleted = False
@@ -547,7 +558,9 @@ class Queue:
         item = self._pop_head()
         self.last_activity = now  # max_queue_age: a queue just emptied is not idle
         if reliable:
-            self._open[item.id] = OpenRead(item, now)
+            read = OpenRead(item, now)
+            self._open[item.id] = read
+            self._open_order.append(read)
             self._open_bytes += len(item.data)
             self.transactions += 1
         return item
@@ -574,6 +587,7 @@ class Queue:
         item_id = read.item.id
         del self._open[item_id]
         self._open_bytes -= len(read.item.data)
+        self._forget_closed_reads()
         self.last_activity = self._now()
         if self._journal is not None:
             try:
@@ -616,6 +630,7 @@ class Queue:
         item_id = item.id
         del self._open[item_id]
         self._open_bytes -= len(item.data)
+        self._forget_closed_reads()
         if self._journal is not None:
             try:
                 self._journal.unremove(item_id)
@@ -637,24 +652,45 @@ class Queue:
         timeout = self.config.open_timeout
         if timeout is None or not self._open:
             return 0
+        opened = self._open
+        order = self._open_order
         stale = []
-        for read in self._open.values():
-            if now - read.opened_at < timeout:
+        while order:
+            read = order[0]
+            if opened.get(read.item.id) is not read:
+                order.popleft()  # closed (confirmed, aborted) since
+            elif now - read.opened_at < timeout:
                 break
-            stale.append(read)
+            else:
+                stale.append(order.popleft())
         if not stale:
             return 0
         return self.unremove_all(stale)
+
+    def _forget_closed_reads(self) -> None:
+        # The line of reads in open order keeps those closed since until they reach its
+        # front; rebuilt from the open ones once they are more than half of it.
+        if len(self._open_order) > 2 * len(self._open) + 64:
+            self._open_order = deque(self._open.values())
 
     # ---- waiters -----------------------------------------------------------------------
     def add_waiter(self, waiter: Waiter) -> None:
         self._waiters.append(waiter)
 
     def remove_waiter(self, waiter: Waiter) -> None:
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
-            pass
+        """Take an inactive waiter (its get timed out, or its client left) out of the line:
+        at its front, or once the inactive ones are more than half of it, all at once."""
+        waiter.active = False
+        waiters = self._waiters
+        if waiters and waiters[0] is waiter:
+            waiters.popleft()
+            return
+        self._dead_waiters += 1
+        if self._dead_waiters > 64 and 2 * self._dead_waiters > len(waiters):
+            live = [w for w in waiters if w.active]
+            waiters.clear()  # in place: a round serving the line holds it
+            waiters.extend(live)
+            self._dead_waiters = 0
 
     def _serve_waiters(self) -> None:
         # Not again from within: a waiter's fetch may itself put items back at the head (a
@@ -677,6 +713,8 @@ class Queue:
             waiter = waiters[0]
             if not waiter.active:
                 waiters.popleft()
+                if self._dead_waiters:
+                    self._dead_waiters -= 1
                 continue
             if not waiter.peek and waiter.gone():
                 # PROTOCOL §5: no item is lost to a dead client. Its reset (or end of stream)
@@ -698,6 +736,7 @@ class Queue:
     def wake_all(self) -> None:
         """Answer every blocked get with no item (delete, QUIESCENT, shutdown)."""
         waiters, self._waiters = self._waiters, deque()
+        self._dead_waiters = 0
         for waiter in waiters:
             if waiter.active:
                 waiter.wake(None)
@@ -726,6 +765,7 @@ class Queue:
             # close uses it up (or the connection ends): it need not keep the data.
             read.item.data = b""
         self._open.clear()
+        self._open_order.clear()
         self._mem_bytes = self._disk_items = self._disk_bytes = self._open_bytes = 0
         if self._journal is not None:
             self._journal.delete()

@@ -671,6 +671,73 @@ class _Waiter:
         return False
 
 
+def test_waiters_removed_from_anywhere_in_the_line_are_never_served_and_the_rest_keep_order(
+    impl,
+):
+    """Blocked gets that time out or whose client leaves are taken out of the line as they
+    reach its front, or all at once when they are more than half of it (a removal from the
+    middle of 10,000 waiters was a walk of the line each); the others are served first come,
+    first served, and a removal during a round of serving is safe."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    queue = queue_mod.Queue("t", QueueConfig(), None, clock=lambda: 1_000)
+
+    class Leaving(_Waiter):  # its hand-out makes a later waiter's client leave
+        def wake(self, item) -> None:
+            super().wake(item)
+            queue.remove_waiter(waiters[9])
+
+    waiters = [Leaving() if i == 3 else _Waiter() for i in range(300)]
+    for waiter in waiters:
+        queue.add_waiter(waiter)
+    gone = [w for i, w in enumerate(waiters) if i % 3 or i == 0]  # the front one included
+    for waiter in gone:
+        queue.remove_waiter(waiter)
+        assert not waiter.active
+    assert queue.waiter_count == 99
+    queue.remove_waiter(gone[5])  # twice: nothing more happens
+    live = [w for w in waiters if w not in gone]
+    for n in range(101):
+        queue.add(b"%d" % n, 0, 0)
+    served = [w for w in live if w.got]
+    assert served == [w for w in live if w is not waiters[9]]
+    assert [w.got[0].data for w in served] == [b"%d" % n for n in range(98)]
+    assert not any(w.got for w in gone) and not waiters[9].got
+    assert queue.items == 3 and queue.waiter_count == 0
+
+
+def test_reads_closed_out_of_order_leave_the_timeout_to_the_oldest_still_open(impl):
+    """The reads past open_timeout are found from the oldest opened; reads closed since
+    (confirmed, aborted) are passed over, in any order and any number."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    now = [1_000]
+    queue = queue_mod.Queue("t", QueueConfig(open_timeout=1_000), None, clock=lambda: now[0])
+    for n in range(500):
+        queue.add(b"%d" % n, 0, 0)
+    reads = []
+    for n in range(500):
+        now[0] = 1_000 + n
+        reads.append(queue.open_read(queue.take(True).id))
+    kept = reads[::50]  # opened at 1000, 1050, ...; the rest closed, newest first
+    aborted = 0
+    for read in reversed(reads):
+        if read not in kept:
+            if read.item.data[-1] % 2:
+                assert queue.confirm(read)
+            else:
+                assert queue.unremove(read)
+                aborted += 1
+    assert queue.open_count == 10 and queue.items == aborted  # the aborted went back
+    now[0] = 2_120  # past the timeout: those opened at 1000, 1050 and 1100
+    assert queue.expire_open_reads(now[0]) == 3 and queue.open_count == 7
+    assert [queue.take(False).data for _ in range(3)] == [b"0", b"50", b"100"]
+    now[0] = 3_000
+    assert queue.expire_open_reads(now[0]) == 7 and queue.open_count == 0
+
+
 def test_a_set_that_finds_a_timed_out_read_serves_a_waiter_once_and_keeps_its_item(impl):
     """A set serves the blocked gets; the waiter's fetch returns a read whose open_timeout has
     passed (not yet by the timer), and putting it back serves the waiters too. That inner

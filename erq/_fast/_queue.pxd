@@ -32,8 +32,10 @@ cdef class Queue:
     cdef public long long _disk_items
     cdef public long long _disk_bytes
     cdef dict _open
+    cdef object _open_order
     cdef long long _open_bytes
     cdef object _waiters
+    cdef Py_ssize_t _dead_waiters
     cdef bint _serving
     cdef public long long next_id
     cdef public bint deleted
