@@ -110,6 +110,7 @@ class Queue:
         "_disk_bytes",
         "_open",
         "_open_order",
+        "_timed_opens",
         "_open_bytes",
         "_waiters",
         "_dead_waiters",
@@ -146,6 +147,13 @@ class Queue:
         on_expired: Callable[[Queue, Item], bool] | None = None,
     ) -> None:
         self.name = name
+        self._open: dict[int, OpenRead] = {}
+        # With open_timeout, the reads in the order they were opened, those closed since
+        # included until they reach the front or the line is rebuilt (_forget_closed_reads):
+        # expire_open_reads looks from the front. (The dict's own order would do, but a dict
+        # iterated after deletes at its front walks their empty slots first, until it grows.)
+        self._open_order: deque[OpenRead] = deque()
+        self._timed_opens = False
         self.config = config
         self._journal = journal
         if journal is not None:
@@ -156,12 +164,6 @@ class Queue:
         self._mem_bytes = 0
         self._disk_items = 0  # read-behind: items that are only in the journal
         self._disk_bytes = 0
-        self._open: dict[int, OpenRead] = {}
-        # The reads in the order they were opened, those closed since included until they
-        # reach the front or the line is rebuilt (_forget_closed_reads): expire_open_reads
-        # looks from the front. (The dict's own order would do, but a dict iterated after
-        # deletes at its front walks their empty slots first, until it next grows.)
-        self._open_order: deque[OpenRead] = deque()
         self._open_bytes = 0
         self._waiters: deque[Waiter] = deque()
         # Waiters removed (a get that timed out or whose client left) stay in the line,
@@ -213,6 +215,10 @@ class Queue:
         self._max_age = config.max_age
         self._max_memory_size = config.max_memory_size
         self._limited = config.max_items is not None or config.max_size is not None
+        timed = config.open_timeout is not None
+        if timed != self._timed_opens:  # the reads open now, in the order they were opened
+            self._open_order = deque(self._open.values()) if timed else deque()
+            self._timed_opens = timed
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -560,7 +566,8 @@ class Queue:
         if reliable:
             read = OpenRead(item, now)
             self._open[item.id] = read
-            self._open_order.append(read)
+            if self._timed_opens:
+                self._open_order.append(read)
             self._open_bytes += len(item.data)
             self.transactions += 1
         return item
@@ -587,7 +594,8 @@ class Queue:
         item_id = read.item.id
         del self._open[item_id]
         self._open_bytes -= len(read.item.data)
-        self._forget_closed_reads()
+        if self._timed_opens:
+            self._forget_closed_reads()
         self.last_activity = self._now()
         if self._journal is not None:
             try:
@@ -630,7 +638,8 @@ class Queue:
         item_id = item.id
         del self._open[item_id]
         self._open_bytes -= len(item.data)
-        self._forget_closed_reads()
+        if self._timed_opens:
+            self._forget_closed_reads()
         if self._journal is not None:
             try:
                 self._journal.unremove(item_id)

@@ -738,6 +738,28 @@ def test_reads_closed_out_of_order_leave_the_timeout_to_the_oldest_still_open(im
     assert queue.expire_open_reads(now[0]) == 7 and queue.open_count == 0
 
 
+def test_an_open_timeout_set_by_a_reload_times_out_the_reads_already_open_oldest_first(impl):
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    now = [1_000]
+    queue = queue_mod.Queue("t", QueueConfig(), None, clock=lambda: now[0])
+    for n in range(4):
+        queue.add(b"%d" % n, 0, 0)
+    reads = [queue.open_read(queue.take(True).id) for _ in range(4)]
+    assert queue.confirm(reads[1])
+    queue.configure(QueueConfig(open_timeout=100))
+    now[0] = 1_100
+    assert queue.expire_open_reads(now[0]) == 3
+    assert [queue.take(True).data for _ in range(3)] == [b"0", b"2", b"3"]
+    queue.configure(QueueConfig())  # off, then on again: the reads open then, in order
+    now[0] = 1_200
+    assert queue.expire_open_reads(now[0]) == 0 and queue.open_count == 3
+    queue.configure(QueueConfig(open_timeout=50))
+    assert queue.expire_open_reads(now[0]) == 3
+    assert [queue.take(False).data for _ in range(3)] == [b"0", b"2", b"3"]
+
+
 def test_a_set_that_finds_a_timed_out_read_serves_a_waiter_once_and_keeps_its_item(impl):
     """A set serves the blocked gets; the waiter's fetch returns a read whose open_timeout has
     passed (not yet by the timer), and putting it back serves the waiters too. That inner

@@ -33,6 +33,7 @@ cdef class Queue:
     cdef public long long _disk_bytes
     cdef dict _open
     cdef object _open_order
+    cdef bint _timed_opens
     cdef long long _open_bytes
     cdef object _waiters
     cdef Py_ssize_t _dead_waiters
@@ -96,5 +97,6 @@ cdef class Queue:
     cpdef bint unremove(self, OpenRead read)
     cpdef long long unremove_all(self, list reads) except -1
     cdef bint _put_back(self, OpenRead read) except -1
+    cdef void _forget_closed_reads(self) except *
     cdef void _serve_waiters(self) except *
     cdef void _serve_waiters_now(self) except *
