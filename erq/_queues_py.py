@@ -79,7 +79,9 @@ class QueueCollection:
         self.by_raw_name: dict[
             bytes, Queue
         ] = {}  # the wire's bytes -> queue: no decode per request
-        self._children: dict[str, list[str]] = {}  # fanout parent -> child names
+        # fanout parent -> its children, in the order made (a dict as an ordered set: a child
+        # made or deleted among thousands finds its place at once)
+        self._children: dict[str, dict[str, None]] = {}
         self.total_items = 0
         # add's last answer with a commit ticket and no fanout (fsync = always): the sets of
         # one batch to a queue share its ticket, and so this answer (its list is never
@@ -113,7 +115,7 @@ class QueueCollection:
         return self._queues.get(name)
 
     def children(self, parent: str) -> list[str]:
-        return self._children.get(parent, [])
+        return list(self._children.get(parent, ()))
 
     def get_or_create(self, name: str) -> Queue:
         """``name``'s queue, made if it is new (TooManyQueues at ``max_queues``)."""
@@ -180,9 +182,7 @@ class QueueCollection:
         self.by_raw_name[name.encode("ascii")] = queue
         parent, plus, _child = name.partition("+")
         if plus:
-            kids = self._children.setdefault(parent, [])
-            if name not in kids:
-                kids.append(name)
+            self._children.setdefault(parent, {})[name] = None
 
     def open_existing(self, stop: Any = None) -> list[tuple[Queue, list[str]]]:
         """Open and replay every queue that has a directory and is not in the collection
@@ -347,8 +347,7 @@ class QueueCollection:
         parent, plus, _ = name.partition("+")
         if plus and parent in self._children:
             kids = self._children[parent]
-            if name in kids:
-                kids.remove(name)
+            kids.pop(name, None)
             if not kids:
                 del self._children[parent]
         self.queue_deletes += 1

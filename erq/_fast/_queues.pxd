@@ -27,5 +27,5 @@ cdef class QueueCollection:
     cdef object _dropped
 
     cpdef object get_or_create(self, object name)
-    @cython.locals(queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=list)
+    @cython.locals(queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=dict)
     cpdef tuple add(self, object name, object data, object flags, long long expiry, object queue=*)
