@@ -823,18 +823,14 @@ class Queue:
             opens = [read.item for read in self._open.values()]
             journal.compact(opens, self._ring.to_list())
 
-    def configure(self, config: QueueConfig) -> None:
+    def configure(self, config: QueueConfig) -> bool:
         """A reload's settings, at once (a lowered ``max_memory_size`` frees the memory of
         the items past it: _spill); except ``journal``, which a queue has from its creation:
-        a change applies at the next start, and ``dump_config`` says so meanwhile."""
+        a change applies at the next start, and ``dump_config`` says so meanwhile. True when
+        the queue keeps its journal setting so (the reload logs those queues together)."""
         journaled = self._config.journal
-        if config.journal != journaled:
-            log.warning(
-                "queue %s: journal = %s applies at the next restart; until then it stays %s",
-                self.name,
-                "true" if config.journal else "false",
-                "true" if journaled else "false",
-            )
+        kept = config.journal != journaled
+        if kept:
             config = dataclasses.replace(config, journal=journaled)
         lowered = config.max_memory_size < self._max_memory_size
         self.config = config
@@ -847,6 +843,7 @@ class Queue:
             if lowered:
                 self._spill_due = True
                 self._spill()
+        return kept
 
     def stats(self, now: int) -> dict[str, int | str]:
         journal = self._journal

@@ -97,6 +97,7 @@ class QueueCollection:
         # 10 s with the count of the others, not one per item (a full disk would take one
         # line for each of millions of items, on the disk that is full).
         self._dropped = Throttle(log, logging.WARNING)
+        self._journal_kept = Throttle(log, logging.WARNING)
 
     # ---- lookup and creation -----------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -421,8 +422,19 @@ class QueueCollection:
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
-        for queue in self:
-            queue.configure(config.queue_config(queue.name))
+        kept = [queue for queue in self if queue.configure(config.queue_config(queue.name))]
+        if kept:  # one line for them all, and not one per reload: any client may send reload
+            shown = ", ".join(
+                f"{queue.name} (journal = {'true' if queue.config.journal else 'false'})"
+                for queue in kept[:10]
+            )
+            self._journal_kept.log(
+                "journal changed for %d queue(s); each keeps its setting until the next start: "
+                "%s%s",
+                len(kept),
+                shown,
+                f" and {len(kept) - 10} more" if len(kept) > 10 else "",
+            )
 
     def close(self) -> list[str]:
         """Close every queue (its journal syncs a last time); the names of those whose last

@@ -151,6 +151,11 @@ class Server:
         self._commit = None
         self._lock: datadir.DataDirLock | None = None  # held until the process ends
         self._lock_lost = Throttle(log, logging.ERROR)  # retried each sweep: a line per 10 s
+        # Any client may send reload: its reloads log a line per reason per 10 s, not per
+        # request (a SIGHUP's always log: the log is all its sender hears).
+        self._reload_refused = Throttle(log, logging.ERROR)
+        self._reload_partial = Throttle(log, logging.WARNING)
+        self._reloaded = Throttle(log, logging.INFO)
         self.unsynced_at_exit: list[str] = []  # queues whose last fsync at shutdown failed
 
     # ---- start -------------------------------------------------------------------------
@@ -199,7 +204,7 @@ class Server:
         )
         self.state = state = ServerState(self.config, queues, loop)
         state.shutdown_requested = self.request_shutdown
-        state.reload_requested = self.reload
+        state.reload_requested = self._reload_for_a_client
         started = loop.time()
         self._stopped = asyncio.Event()
         # From here on SIGTERM and SIGINT stop the server the orderly way, recovery included:
@@ -386,19 +391,31 @@ class Server:
         log.warning("%s was deleted while the server runs: made and locked again", lock.path)
 
     # ---- reload ------------------------------------------------------------------------
-    def reload(self) -> str:
+    def _reload_for_a_client(self) -> str:
+        return self.reload(by_client=True)
+
+    def reload(self, by_client: bool = False) -> str:
         """Re-read the config file; queue settings change live. Returns the reply line."""
         state = self.state
         assert state is not None
+
+        def say(throttle: Throttle, msg: str, *args: object) -> None:
+            if by_client:
+                throttle.log(msg, *args)
+            else:
+                log.log(throttle.level, msg, *args)
+
         try:
             new = load_config(self.config.path, cli=self._cli)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            say(self._reload_refused, "reload refused, keeping the running configuration: %s", exc)
             return f"SERVER_ERROR reload refused: {exc}"
         restart = self.config.restart_required(new)
         if restart:
-            log.warning(
-                "reload: changes to %s need a restart and were not applied", ", ".join(restart)
+            say(
+                self._reload_partial,
+                "reload: changes to %s need a restart and were not applied",
+                ", ".join(restart),
             )
             new = _keep_restart_settings(new, self.config)
         self.config = new
@@ -411,9 +428,12 @@ class Server:
         for proto in state.connections:  # open connections too: a pool's may never close
             proto.parser.set_limits(new.server.max_line, new.server.max_item_size)
         if new.path is None:
-            log.info("configuration reloaded (no file: defaults, ERQ_* variables and flags)")
+            say(
+                self._reloaded,
+                "configuration reloaded (no file: defaults, ERQ_* variables and flags)",
+            )
         else:
-            log.info("configuration reloaded from %s", new.path)
+            say(self._reloaded, "configuration reloaded from %s", new.path)
         return "Reloaded config."
 
     def _sighup(self) -> None:

@@ -39,6 +39,7 @@ from erq.sliced import (
     each_queue_stats,
     in_slices,
 )
+from erq.throttle import Throttle
 
 if TYPE_CHECKING:
     from erq.queues import QueueCollection
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from erq.state import ServerState
 
 log = logging.getLogger("erq.commands")
+# Any client may ask for a status: a save that fails (a full or read-only disk) is logged once
+# per 10 s, not per request.
+_status_unsaved = Throttle(log, logging.ERROR)
 
 
 # ---- queue administration ---------------------------------------------------------------
@@ -320,7 +324,7 @@ def cmd_status(session: Session, args: list[bytes]) -> None:
     try:
         state.set_status(word)
     except OSError as exc:  # the status would not survive a restart: keep the old one
-        log.error("status %s: cannot save it: %s", word, exc)
+        _status_unsaved.log("status %s: cannot save it: %s", word, exc)
         session.out.append(
             f"SERVER_ERROR cannot save the status: {exc.strerror or exc}\r\n".encode()
         )

@@ -360,6 +360,27 @@ def test_a_reload_of_a_file_nested_too_deeply_is_refused_and_answered(erq_factor
     assert "Traceback" not in proc.read_log()
 
 
+def test_reloads_sent_by_clients_are_logged_once_per_reason_per_10_seconds(erq_factory):
+    """Any client may send reload: a flood of them (a broken file, or one that flips journal
+    for every queue) must not write a line per reload, or a line per queue per reload."""
+    proc = erq_factory(config="[queues.default]\njournal = false\n")
+    c = proc.client()
+    for n in range(50):
+        assert c.set(f"q{n}", b"x") == STORED
+    proc.write_config("[queues.default]\njournal = true\n")
+    c.send(b"reload\r\n" * 300)
+    for _ in range(300):
+        assert c.line() == RELOADED
+    log = proc.read_log()
+    assert log.count("configuration reloaded from") == 1, log[-2000:]
+    assert log.count("journal changed for 50 queue(s)") == 1 and "and 40 more" in log
+    proc.write_config("[server]\nmax_itemz = 1\n")
+    c.send(b"reload\r\n" * 300)
+    for _ in range(300):
+        assert c.line().startswith(b"SERVER_ERROR reload refused: ")
+    assert proc.read_log().count("reload refused") == 1
+
+
 def test_a_queue_keeps_its_journal_setting_until_a_restart_and_says_so(erq_factory):
     """``journal`` is fixed when a queue is made: a reload that flips it applies to queues
     made afterwards, and to the others at the next start; dump_config shows what runs."""
@@ -369,7 +390,10 @@ def test_a_queue_keeps_its_journal_setting_until_a_restart_and_says_so(erq_facto
     proc.write_config("[queues.default]\njournal = true\n")
     assert c.call(b"reload\r\n") == RELOADED
     assert queue_config(c, "mem")["journal"] == "false"
-    assert "queue mem: journal = true applies at the next restart" in proc.read_log()
+    assert (
+        "journal changed for 1 queue(s); each keeps its setting until the next start: "
+        "mem (journal = false)"
+    ) in proc.read_log()
     assert c.set("mem", b"m2") == STORED  # still memory only
     assert c.set("new", b"n1") == STORED  # made after the reload: journaled
     assert queue_config(c, "new")["journal"] == "true"

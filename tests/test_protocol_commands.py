@@ -682,6 +682,11 @@ def test_a_status_that_cannot_be_saved_is_refused_and_left_as_it_was(server):
     assert c.call(b"status\r\n") == b"UP\r\n"
     assert c.set("q", b"y") == STORED
     assert "cannot save it" in server.read_log()
+    # Asked again and again, it is refused each time and logged once per 10 s.
+    c.send(b"status readonly\r\n" * 200)
+    for _ in range(200):
+        assert c.line().startswith(b"SERVER_ERROR cannot save the status: ")
+    assert server.read_log().count("cannot save it") == 1
     (server.data_dir / "erq.status").rmdir()
     assert c.call(b"status readonly\r\n") == END
     assert c.call(b"status\r\n") == b"READONLY\r\n"
