@@ -40,6 +40,7 @@ replay = journal.replay
 
 def gated_replay(*args, **kwargs):
     result = replay(*args, **kwargs)
+    print("erq-test: replay held at the gate", file=sys.stderr, flush=True)
     sys.stdin.buffer.readline()
     return result
 
@@ -133,8 +134,15 @@ def test_probes_are_answered_while_the_journals_are_replayed(erq_factory, impl):
 
 
 def _recovering(proc: GatedErq) -> None:
-    """Wait until the gated server replays (its admin port answers), its memcache port shut."""
+    """Wait until the gated server replays (its admin port answers), its memcache port shut,
+    and its replay is held at the gate after the first journal. The admin port opens before
+    the replay starts: a signal sent then stopped the replay before any journal, and the
+    server was gone before a test could see it held."""
     poll(lambda: proc.proc.poll() is not None or accepts(proc.admin_port), "the admin port")
+    poll(
+        lambda: proc.proc.poll() is not None or "held at the gate" in proc.read_log(),
+        "the replay to reach its gate",
+    )
     assert proc.proc.poll() is None, proc.read_log()
     assert not accepts(proc.port)
 
