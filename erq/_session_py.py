@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from erq.parser import REQ_CMD, REQ_GET, REQ_SET
+from erq.parser import NO_ROOM, REQ_CMD, REQ_GET, REQ_SET
 
 if TYPE_CHECKING:
     from erq.queue import OpenRead, Queue
@@ -75,13 +75,23 @@ def _never_gone() -> bool:
     return False
 
 
+def set_data_size(request: tuple) -> int:
+    """The bytes of a set's data that a request holds: 0 for any other request, and for a set
+    refused as it came (over ``max_item_size``: None; no room in ``max_pending_data``:
+    ``NO_ROOM``), which holds none."""
+    if request[0] == REQ_SET:
+        data = request[4]
+        if data is not None and data is not False:
+            return len(data)
+    return 0
+
+
 def request_size(request: tuple) -> int:
     """The bytes a parsed request holds, roughly: its value, keys or arguments, and a little
     for the tuple (what a pipeline held back costs in memory)."""
     kind = request[0]
     if kind == REQ_SET:
-        data = request[4]
-        return 64 + len(request[1]) + (len(data) if data is not None else 0)
+        return 64 + len(request[1]) + set_data_size(request)
     if kind == REQ_GET:
         return 64 + sum([len(key) for key in request[1]])
     if kind == REQ_CMD:
@@ -105,6 +115,10 @@ class Session:
         self.out: list[Any] = []
         self.pending: deque = deque()
         self.pending_bytes = 0  # request_size of everything in pending
+        # The data of the sets in pending, held in the server's DataBudget (max_pending_data)
+        # until they run: data a client sent behind a blocked get is memory it makes the
+        # server hold, as much as data still arriving.
+        self.pending_data = 0
         self.blocked: Any = None  # the operation waiting for an item
         self.closing = False
         self.closed = False
@@ -138,9 +152,21 @@ class Session:
     def hold_back(self, requests: list) -> None:
         """Keep requests that cannot run yet (behind a blocked one, or while the client does
         not take its replies) for ``run``; stop reading from a client whose pipeline runs
-        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too)."""
-        self.pending.extend(requests)
+        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too).
+
+        A set's data held back keeps room in ``max_pending_data`` until it runs; a set that
+        finds none (unless nothing else holds any) drops its data here and is answered as a
+        set refused while it came: ``SERVER_ERROR out of memory storing object``."""
+        pending = self.pending
+        budget = self.state.data_budget
         for request in requests:
+            size = set_data_size(request)
+            if size:
+                if budget.take(size):
+                    self.pending_data += size
+                else:
+                    request = request[:4] + (NO_ROOM,) + request[5:]
+            pending.append(request)
             self.pending_bytes += request_size(request)
         if (
             self._pause is not None
@@ -159,6 +185,11 @@ class Session:
                 break
             request = pending.popleft()
             self.pending_bytes -= request_size(request)
+            if self.pending_data:
+                size = set_data_size(request)
+                if size:
+                    self.pending_data -= size
+                    self.state.data_budget.give(size)
             dispatch(self, request)
         if self.input_ended:
             self._close_once_answered()
@@ -337,8 +368,7 @@ class Session:
         if reply:
             self.out.append(reply)
         self.closing = True
-        self.pending.clear()
-        self.pending_bytes = 0
+        self._drop_pending()
         self._cancel_blocked()
         self.abort_all()
 
@@ -471,6 +501,13 @@ class Session:
                 queue.unremove_all(oldest_first)
 
     # ---- teardown ----------------------------------------------------------------------
+    def _drop_pending(self) -> None:
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.pending_data:
+            self.state.data_budget.give(self.pending_data)
+            self.pending_data = 0
+
     def _cancel_blocked(self) -> None:
         op, self.blocked = self.blocked, None
         if op is not None:
@@ -479,8 +516,7 @@ class Session:
     def connection_lost(self) -> None:
         self.closed = True
         self.closing = True
-        self.pending.clear()
-        self.pending_bytes = 0
+        self._drop_pending()
         self._cancel_blocked()
         self.abort_all()
 
@@ -493,4 +529,5 @@ __all__ = [
     "SYNC_FAILED",
     "Session",
     "request_size",
+    "set_data_size",
 ]

@@ -5,11 +5,18 @@ refuses one it has no memory for, and the connection goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 
 import pytest
 
+from erq.config import Config
+from erq.parser import REQ_CMD, REQ_SET
+from erq.queues import QueueCollection
+from erq.state import ServerState
+
+from conftest import impl_module
 from support import (
     NOT_SUPPORTED,
     RELOADED,
@@ -244,3 +251,107 @@ def test_a_reload_sets_the_limit_and_the_sets_already_let_in_keep_their_room(erq
     holder.send(b"set q 0 0 600000\r\n" + b"h" * 550_000)
     wait_for_pending(watcher, 550_000)
     assert other.call(b"set q 0 0 900000\r\n" + b"o" * 900000 + b"\r\n") == STORED
+
+
+# ---- data held back behind a blocked get -----------------------------------------------------
+def test_a_pipeline_held_back_keeps_room_for_its_sets_data_until_they_run(impl):
+    """Session.hold_back, on each build: a held set keeps room (one alone whatever the limit),
+    one that finds none lets its data go and is refused in its turn, a set refused as it came
+    holds none; running or dropping the pipeline gives the room back."""
+    session_mod = impl_module(impl, "_session", "_session_py")
+    parser = impl_module(impl, "_parser", "_parser_py")
+    loop = asyncio.new_event_loop()
+    try:
+        state = ServerState(Config(), QueueCollection(Config(), None), loop)
+        budget = state.data_budget = parser.DataBudget(1000)
+        ran: list[tuple] = []
+        session = session_mod.Session(
+            state, lambda s, r: ran.append(r), lambda d: None, lambda: None
+        )
+
+        def set_of(data):
+            return (REQ_SET, b"q", 0, 0, data, False)
+
+        alone, other = set_of(b"a" * 5000), set_of(b"b" * 10)
+        session.hold_back([alone, set_of(False), set_of(None), other, (REQ_CMD, b"version", [])])
+        assert budget.held == 5000 and session.pending_data == 5000  # alone: let in
+        assert budget.refused == 1  # the other found no room
+        assert [r[4] for r in list(session.pending)[:4]] == [b"a" * 5000, False, None, False]
+        session.run()
+        assert ran[0] is alone and [r[4] for r in ran[1:4]] == [False, None, False]
+        assert budget.held == 0 and session.pending_data == 0
+
+        session.hold_back([set_of(b"c" * 600), set_of(b"d" * 300), set_of(b"e" * 200)])
+        assert budget.held == 900 and budget.refused == 2
+        session.close_after(None)
+        assert budget.held == 0 and session.pending_data == 0 and not session.pending
+    finally:
+        loop.close()
+
+
+def test_a_set_held_back_behind_a_blocked_get_keeps_its_room_until_it_runs(erq_factory):
+    """Data a client sent behind a blocked get is memory it makes the server hold, as much as
+    data still arriving: such sets keep their room until they run, and one that finds none is
+    refused when its turn comes (each pipeline would otherwise hold max_item_size more)."""
+    server = start(erq_factory, server='max_pending_data = "64KiB"')
+    watcher = server.client()
+    first, second = server.client(), server.client()
+    first.send(b"get wake1/t=20000\r\nset q 0 0 40000\r\n" + b"a" * 40000 + b"\r\nversion\r\n")
+    wait_for_stat(watcher, "pending_data_bytes", "40000")
+    second.send(b"get wake2/t=20000\r\nset q 0 0 40000\r\n" + b"b" * 40000 + b"\r\nversion\r\n")
+    wait_for_stat(watcher, "pending_data_refusals", "1")
+    assert watcher.stats()["pending_data_bytes"] == "40000"  # the refused data is let go
+    assert watcher.set("wake2", b"2") == STORED
+    assert second.until() == b"VALUE wake2/t=20000 0 1\r\n2\r\nEND\r\n"
+    assert second.line() == NO_MEMORY
+    assert second.line().startswith(b"VERSION ")
+    assert watcher.set("wake1", b"1") == STORED
+    assert first.until() == b"VALUE wake1/t=20000 0 1\r\n1\r\nEND\r\n"
+    assert first.line() == STORED
+    assert first.line().startswith(b"VERSION ")
+    stats = wait_for_stat(watcher, "pending_data_bytes", "0")
+    assert stats["queue_q_items"] == "1"
+    assert watcher.get("q") == b"VALUE q 0 40000\r\n" + b"a" * 40000 + b"\r\nEND\r\n"
+
+
+def test_one_set_held_back_alone_is_let_in_whatever_the_limit(erq_factory):
+    server = start(erq_factory, server='max_pending_data = "64KiB"')
+    watcher, client = server.client(), server.client()
+    client.send(b"get wake/t=20000\r\nset q 0 0 200000\r\n" + b"a" * 200000 + b"\r\n")
+    wait_for_stat(watcher, "pending_data_bytes", "200000")
+    assert watcher.set("wake", b"1") == STORED
+    assert client.until() == b"VALUE wake/t=20000 0 1\r\n1\r\nEND\r\n"
+    assert client.line() == STORED
+    stats = wait_for_stat(watcher, "pending_data_bytes", "0")
+    assert stats["pending_data_refusals"] == "0"
+
+
+def test_a_client_gone_with_sets_held_back_gives_their_room_back(erq_factory):
+    server = start(erq_factory, server='max_pending_data = "1MiB"')
+    watcher, client = server.client(), server.client()
+    client.send(b"get wake/t=20000\r\nset q 0 0 100000\r\n" + b"a" * 100000 + b"\r\n")
+    client.send(b"set q 0 0 100000\r\n" + b"b" * 100000 + b"\r\n")
+    wait_for_stat(watcher, "pending_data_bytes", "200000")
+    client.close()
+    stats = wait_for_stat(watcher, "pending_data_bytes", "0")
+    assert stats["curr_items"] == "0"
+    assert watcher.call(b"set q 0 0 900000\r\n" + b"c" * 900000 + b"\r\n") == STORED
+
+
+def test_a_set_refused_as_it_came_waits_its_turn_behind_a_blocked_get(erq_factory):
+    """A set refused for want of room while its data came (NO_ROOM) behind a blocked get:
+    answered in its turn, and the connection goes on (it used to end with a TypeError)."""
+    server = start(erq_factory, server='max_pending_data = "1MiB"')
+    watcher, holder, client = server.client(), server.client(), server.client()
+    holder.send(b"set held 0 0 1000000\r\n" + b"h" * 900_000)
+    wait_for_pending(watcher, 900_000)
+    client.send(b"get wake/t=20000\r\nset q 0 0 400000\r\n" + b"r" * 1000)
+    client.send(b"r" * 399000 + b"\r\nversion\r\n")
+    wait_for_stat(watcher, "pending_data_refusals", "1")
+    assert watcher.set("wake", b"1") == STORED
+    assert client.until() == b"VALUE wake/t=20000 0 1\r\n1\r\nEND\r\n"
+    assert client.line() == NO_MEMORY
+    assert client.line().startswith(b"VERSION ")
+    holder.send(b"h" * 100_000 + b"\r\n")
+    assert holder.line() == STORED
+    wait_for_stat(watcher, "pending_data_bytes", "0")

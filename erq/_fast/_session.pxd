@@ -8,6 +8,7 @@ cimport erq._fast._append as c_append
 cimport erq._fast._state as c_state
 
 
+cpdef Py_ssize_t set_data_size(tuple request) except -1
 cpdef Py_ssize_t request_size(tuple request) except -1
 
 
@@ -17,6 +18,7 @@ cdef class Session:
     cdef public list out
     cdef public object pending
     cdef public Py_ssize_t pending_bytes
+    cdef public Py_ssize_t pending_data
     cdef public object blocked
     cdef public bint closing
     cdef public bint closed
