@@ -38,7 +38,7 @@ from erq.replies import (
     journal_failed,
 )
 from erq.server_commands import COMMANDS
-from erq.session import Session
+from erq.session import SLOW_OPS_PER_PASS, Session
 from erq.throttle import Throttle
 
 log = logging.getLogger("erq.commands")
@@ -358,6 +358,8 @@ def feed(session: Session, requests: list) -> None:
     if session.pending or session.blocked is not None or session.write_paused:
         session.hold_back(requests)
         return
+    queues = session.state.queues
+    slow_ops = queues.slow_ops
     for i, request in enumerate(requests):
         dispatch(session, request)
         if session.blocked is not None or session.closing:
@@ -367,6 +369,15 @@ def feed(session: Session, requests: list) -> None:
         if session.out_room < 0 and session.output_full():
             # The client is not taking its replies: the rest waits until it does.
             session.hold_back(requests[i + 1 :])
+            break
+        if (
+            queues.slow_ops != slow_ops
+            and queues.slow_ops - slow_ops >= SLOW_OPS_PER_PASS
+            and i + 1 < len(requests)
+        ):
+            # Work on the file system piles up: the other connections go first.
+            session.hold_back(requests[i + 1 :])
+            session.give_way()
             break
     session.flush()
 

@@ -243,8 +243,12 @@ class ServerState:
 
     def set_status(self, word: str) -> None:
         """Change the status and persist it (it survives a restart). OSError when it cannot
-        be saved: the status is then left as it was."""
+        be saved: the status is then left as it was. The status it has already is not saved
+        again (the sweep writes its file again should it be deleted)."""
+        if word == self.status:
+            return
         if self._status_file is not None:
+            self.queues.slow_ops += 1
             self._save_status(word)
         self.status = word
         if word == "QUIESCENT":

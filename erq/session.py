@@ -3,8 +3,29 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._session import MAX_PENDING, MAX_PENDING_BYTES, OUT_BUDGET, SYNC_FAILED, Session
+    from ._fast._session import (
+        MAX_PENDING,
+        MAX_PENDING_BYTES,
+        OUT_BUDGET,
+        SLOW_OPS_PER_PASS,
+        SYNC_FAILED,
+        Session,
+    )
 else:
-    from ._session_py import MAX_PENDING, MAX_PENDING_BYTES, OUT_BUDGET, SYNC_FAILED, Session
+    from ._session_py import (
+        MAX_PENDING,
+        MAX_PENDING_BYTES,
+        OUT_BUDGET,
+        SLOW_OPS_PER_PASS,
+        SYNC_FAILED,
+        Session,
+    )
 
-__all__ = ["MAX_PENDING", "MAX_PENDING_BYTES", "OUT_BUDGET", "SYNC_FAILED", "Session"]
+__all__ = [
+    "MAX_PENDING",
+    "MAX_PENDING_BYTES",
+    "OUT_BUDGET",
+    "SLOW_OPS_PER_PASS",
+    "SYNC_FAILED",
+    "Session",
+]

@@ -1,6 +1,7 @@
 """One transport.write per data_received, however many requests were pipelined in it."""
 
 import asyncio
+import importlib
 
 import pytest
 
@@ -71,3 +72,35 @@ def test_request_split_across_reads_writes_once_it_completes(protocol_factory):
     assert transport.writes == []
     proto.data_received(b"lo\r\nget q\r\nget q\r\n")
     assert transport.writes == [b"STORED\r\nVALUE q 0 5\r\nhello\r\nEND\r\nEND\r\n"]
+
+
+def test_a_pipeline_making_queue_after_queue_gives_the_loop_back_every_few(protocol_factory):
+    """Requests that work on the file system on the loop (a queue made or deleted, the status
+    saved) are run SLOW_OPS_PER_PASS at a time: the rest of the read waits a pass of the loop,
+    so that the other connections are served meanwhile, and answers in order."""
+    proto = protocol_factory()
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    per_pass = impl_module_session(proto).SLOW_OPS_PER_PASS
+    n = 3 * per_pass + 5
+    proto.data_received(b"".join(b"get new%d\r\n" % i for i in range(n)) + b"version\r\n")
+    assert transport.writes == [b"END\r\n" * per_pass]
+    other = protocol_factory()
+    other_transport = RecordingTransport()
+    other.connection_made(other_transport)
+    other.data_received(b"get new0\r\n")  # not held up by the pipeline above
+    assert other_transport.writes == [b"END\r\n"]
+    loop = proto.state.loop
+    for _ in range(10):
+        loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes[1:] == [
+        b"END\r\n" * per_pass,
+        b"END\r\n" * per_pass,
+        b"END\r\n" * 5 + b"VERSION %s\r\n" % erq.__version__.encode(),
+    ]
+    assert proto.state.queues.queue_creates == n
+
+
+def impl_module_session(proto):
+    """The session module the protocol under test runs (compiled or the twin)."""
+    return importlib.import_module(type(proto.session).__module__)

@@ -20,6 +20,7 @@ cdef class QueueCollection:
     cdef tuple _ticketed
     cdef public long long queue_creates
     cdef public long long queue_deletes
+    cdef public long long slow_ops
     cdef public long long queue_expires
     cdef public long long recovered_items
     cdef public long long recovered_bytes

@@ -5,6 +5,7 @@
 cimport cython
 
 cimport erq._fast._append as c_append
+cimport erq._fast._queues as c_queues
 cimport erq._fast._state as c_state
 
 
@@ -40,7 +41,9 @@ cdef class Session:
     cdef public object gone  # a callable: is the client gone (see MemcacheProtocol)
 
     cpdef hold_back(self, list requests)
+    @cython.locals(queues=c_queues.QueueCollection, slow_ops=cython.longlong)
     cpdef run(self)
+    cpdef give_way(self)
     cpdef unblock(self)
     cpdef end_of_input(self)
     cpdef bint waits_for_an_item(self) except -1
