@@ -109,6 +109,7 @@ def _serving(argv: list[str]) -> bool:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    import faulthandler
     import logging
 
     from .config import ConfigError, load_config
@@ -118,6 +119,9 @@ def _serve(ns: argparse.Namespace) -> int:
         level=getattr(logging, ns.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A fatal signal (SIGSEGV; SIGBUS, from a mapped journal segment truncated under the
+    # server) would end the process with nothing in its log: the log gets its stacks.
+    faulthandler.enable()
     cli = {k: getattr(ns, k) for k in ("host", "port", "admin_port", "data_dir", "compat")}
     try:
         config = load_config(ns.config, cli=cli)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,3 +176,23 @@ def test_the_server_does_not_load_modules_only_rare_paths_need(impl):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_fatal_signal_leaves_the_servers_stacks_in_its_log(erq_factory):
+    """A journal segment truncated under the server (an operator's mistake) makes its next
+    append a bus error: the process ends, and its log says so and where, instead of nothing.
+    The next start sets the damaged file aside and serves."""
+    server = erq_factory()
+    client = server.client()
+    assert client.set("q", b"x") == b"STORED\r\n"
+    (segment,) = (server.data_dir / "q").glob("*.seg")
+    os.truncate(segment, 0)
+    client.send(b"set q 0 0 1\r\ny\r\n")
+    assert server.proc.wait(20) == -signal.SIGBUS
+    log = server.read_log()
+    assert "Fatal Python error: Bus error" in log
+    assert "Current thread" in log or "Thread 0x" in log  # the stacks
+    server.stop()
+    server.start()
+    assert server.client().set("q", b"z") == b"STORED\r\n"
+    assert "set aside" in server.read_log()
