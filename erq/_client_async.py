@@ -9,6 +9,9 @@ held open there go back to that server's queue (their state turns to "lost").
 
 A client may serve one event loop after another (``asyncio.run`` after ``asyncio.run``): the
 connections of the earlier loop are dropped, as if the server had closed them, and opened again.
+Their sockets are shut down at once (the server sees them end and puts their reads back); their
+descriptors are freed when the earlier loop's transports are collected, which only that loop
+could close.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from erq._client_core import (
     CONFIRMED,
     MAX_REPLY_LINE,
     Address,
+    ConnectionBusy,
     ServerSpec,
     WritePolicy,
     _ClientCore,
@@ -274,7 +278,11 @@ class AsyncClient(_ClientCore):
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:
-                found = await self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
+                try:
+                    found = await self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
+                except ConnectionBusy:  # nothing sent: the item is still open, here too
+                    self._unchain(queue, confirm, node)
+                    raise
                 item = self._chained(queue, confirm, node, found)
                 if item is not None:
                     return item

@@ -55,7 +55,8 @@ def parse_server(spec: ServerSpec) -> Address:
     ``(host, port)`` -> ``(host, port)``. ValueError for a port outside 1-65535 (the resolver
     would take 99999 for 34463) and for a server no address can name (an empty host, a space,
     colons that make no IPv6 address: ``"::1:22133"`` is not ``"[::1]:22133"``): such a
-    server would be taken for down on every request, and nothing would say why."""
+    server would be taken for down on every request, and nothing would say why. TypeError for
+    a server that is neither a str nor a tuple (``Client(["host", 22133])`` means one server)."""
     host, port = _split_server(spec)
     if not 0 < port < 65536:
         raise ValueError(f"bad port in server {spec!r}")
@@ -68,6 +69,8 @@ def _split_server(spec: ServerSpec) -> Address:
     if isinstance(spec, tuple):
         host, port = spec
         return str(host), _port(port, spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"server {spec!r} is neither 'host:port' nor (host, port)")
     if spec.startswith("["):  # "[::1]:22133" or "[::1]"
         host, bracket, rest = spec[1:].partition("]")
         if not bracket or rest[:1] not in ("", ":"):
@@ -493,6 +496,11 @@ def value_head(line: bytes, key: str) -> tuple[int, int] | None:
 MAX_REPLY_LINE = 1 << 16
 
 
+class ConnectionBusy(RuntimeError):
+    """A request refused before a byte of it was sent: another thread's or task's request is
+    under way on that connection."""
+
+
 class _Replies:
     """What both clients' connections make of a reply, whatever their I/O. A ``SERVER_ERROR``
     leaves the connection open, as the server does; anything else but a finished exchange
@@ -510,7 +518,7 @@ class _Replies:
         RuntimeError before it sends a byte (it would have read the reply to the first, and the
         first its reply: items taken and stored with no caller told)."""
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
+            raise ConnectionBusy(
                 f"a request to {server_text(self.node.address)} is under way from another "
                 "thread or task: a client serves one at a time, give each its own"
             )
@@ -639,6 +647,12 @@ class _ClientCore:
         confirm._node.drop_oldest(queue)
         confirm.state = LOST  # until the server answered
         return confirm._node
+
+    def _unchain(self, queue: str, confirm: Any, node: Any) -> None:
+        """Undo ``_chain_close`` for a ``q/close/open`` refused before it was sent
+        (ConnectionBusy): the item is open here again, the oldest of its queue."""
+        node.open.setdefault(queue, deque()).appendleft(confirm)
+        confirm.state = OPEN
 
     def _chained(self, queue: str, confirm: Any, node: Any, found: object) -> Any:
         """The reply to ``q/close/open``: the confirmed item's state, and the next item of that

@@ -58,6 +58,7 @@ from erq._client_core import (
     CONFIRMED,
     MAX_REPLY_LINE,
     Address,
+    ConnectionBusy,
     ErqError,
     Item,
     ServerSpec,
@@ -299,7 +300,11 @@ class Client(_ClientCore):
         if confirm is not None:
             node = self._chain_close(queue, confirm)
             if node is not None:
-                found = self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
+                try:
+                    found = self._fetch_one(node, queue + "/close/open", 0, True, acts=True)
+                except ConnectionBusy:  # nothing sent: the item is still open, here too
+                    self._unchain(queue, confirm, node)
+                    raise
                 item = self._chained(queue, confirm, node, found)
                 if item is not None:
                     return item

@@ -322,6 +322,11 @@ def test_server_specs_take_ipv6_and_a_single_server_alone(erq_factory, make_clie
             parse_server(bad)  # the resolver took 99999 for 34463, asyncio raised OverflowError
         with pytest.raises(ValueError, match="bad port"):
             make_client(["127.0.0.1:1", bad])
+    for bad in (22133, None, b"host:7000"):  # ["host", 22133] is two servers, one of them 22133
+        with pytest.raises(TypeError, match="neither 'host:port' nor"):
+            parse_server(bad)
+        with pytest.raises(TypeError, match="neither 'host:port' nor"):
+            make_client(["127.0.0.1", bad])
     proc = erq_factory()
     for alone in (address(proc), f"127.0.0.1:{proc.port}", ("127.0.0.1", str(proc.port))):
         mq = make_client(alone)  # ("host", "port") was two servers, "host" and "port"
@@ -678,6 +683,63 @@ def test_a_request_while_another_thread_s_is_under_way_is_refused_before_it_is_s
         assert waiting == [b"for the reader"]
         assert mq.get(QUEUE) is None
         raw.close()
+
+
+def test_a_chained_confirm_refused_before_it_is_sent_leaves_its_item_open(erq_factory):
+    """get_reliable(confirm=x) while another thread's read is under way on that connection:
+    refused before a byte is sent, so x is still open, here as on the server. It was marked
+    lost and taken off the client's reads: the next item's confirm then closed x on the
+    server, and that item came back at the client's close."""
+    proc = erq_factory()
+    raw = proc.client()
+    assert raw.set(QUEUE, b"X") == STORED and raw.set(QUEUE, b"Y") == STORED
+    with Client([address(proc)]) as mq:
+        x = mq.get_reliable(QUEUE)
+        assert x.data == b"X"
+        other: list = []
+        reader = threading.Thread(
+            target=lambda: other.append(mq.get_reliable("other", timeout_ms=5000))
+        )
+        reader.start()
+        poll(lambda: raw.stats().get("queue_other_waiters") == "1", "the blocked read")
+        with pytest.raises(RuntimeError, match="under way"):
+            mq.get_reliable(QUEUE, confirm=x)
+        assert x.state == "open"
+        assert raw.set("other", b"o") == STORED
+        reader.join(10)
+        assert other[0].data == b"o" and other[0].confirm()
+        y = mq.get_reliable(QUEUE, confirm=x)  # now it goes
+        assert x.state == "confirmed" and y.data == b"Y" and y.confirm()
+    stats = raw.stats()
+    assert stats[f"queue_{QUEUE}_items"] == "0"
+    assert stats[f"queue_{QUEUE}_open_transactions"] == "0"
+    assert raw.get(QUEUE) == b"END\r\n"
+
+
+def test_a_chained_confirm_refused_before_it_is_sent_leaves_its_item_open_async(erq_factory):
+    proc = erq_factory()
+    raw = proc.client()
+    assert raw.set(QUEUE, b"X") == STORED and raw.set(QUEUE, b"Y") == STORED
+    mq = AsyncClient([address(proc)])
+
+    async def main() -> None:
+        x = await mq.get_reliable(QUEUE)
+        reader = asyncio.ensure_future(mq.get_reliable("other", timeout_ms=5000))
+        await asyncio.sleep(0.2)
+        with pytest.raises(RuntimeError, match="under way"):
+            await mq.get_reliable(QUEUE, confirm=x)
+        assert x.state == "open"
+        assert raw.set("other", b"o") == STORED
+        assert (await reader).data == b"o"
+        y = await mq.get_reliable(QUEUE, confirm=x)
+        assert x.state == "confirmed" and y.data == b"Y"
+        assert await y.confirm()
+        await mq.close()
+
+    asyncio.run(main())
+    stats = raw.stats()
+    assert stats[f"queue_{QUEUE}_items"] == "0"
+    assert raw.get(QUEUE) == b"END\r\n"
 
 
 def test_a_queue_name_that_is_no_str_raises_type_error_before_any_request(make_client):
