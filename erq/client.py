@@ -274,9 +274,11 @@ class Client(_ClientCore):
 
         Without ``timeout_ms``: None once every reachable server was found empty. With it: when
         every server is empty, one blocking read (``/t=``) on the next server in turn, so the
-        call returns within about ``timeout_ms`` plus one round trip per server. It is from 0
-        to 2**31 - 1 (Kestrel's limit): another raises ValueError (a non-number TypeError)
-        before any request.
+        call returns within about ``timeout_ms`` plus one round trip per server; a server that
+        takes connections but does not answer (stopped, hung) costs up to ``timeout`` more,
+        once per ``retry_after`` (then it counts as down). It is from 0 to 2**31 - 1
+        (Kestrel's limit): another raises ValueError (a non-number TypeError) before any
+        request.
 
         A plain get takes the item off the server before its reply is sent: if the connection
         breaks, or the call is interrupted, after the server took it and before the value was
