@@ -312,3 +312,24 @@ def test_a_server_gives_back_an_idle_drained_queues_segments_over_a_socket(impl,
     segments = [size for name, size in result["after_idle"] if name.endswith(".seg")]
     assert segments == [64 * 1024], result
     assert served_on(result["replies"]), result
+
+
+def test_a_lower_max_journal_size_drops_the_spare_made_for_the_old_cap(codec, tmp_path):
+    """A reload that lowers max_journal_size: the spare allocated for the old segment size
+    goes, and the next segment is of the new cap (it was the spare's: 32 MiB segments in a
+    journal capped at 2 MiB)."""
+    directory = tmp_path / "q"
+
+    async def body(commit):
+        journal = open_journal(directory, commit, segment_size=4 * SEGMENT)
+        journal.add(1, 0, 0, 0, RECORD)
+        assert journal._spare.result(timeout=30).size == 2 * SEGMENT
+        journal.update_policy(max_journal_size=4 * SEGMENT)  # segments of a quarter: SEGMENT
+        assert journal._spare is None
+        fill_until_rotation(journal, 2)
+        assert [p.stat().st_size for p in segment_files(directory)] == [SEGMENT, SEGMENT]
+        assert journal._spare.result(timeout=30).size == SEGMENT
+        journal.close()
+
+    run(body)
+    assert spare_files(directory) == []

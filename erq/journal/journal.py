@@ -399,7 +399,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         if pending.exception() is not None:  # a full disk, say: the rotation tries itself
             return None
         spare = pending.result()
-        if spare.size < size:
+        if spare.size != size:  # too small for the record, or made before a lower cap
             spare.discard()
             return None
         return spare
@@ -536,7 +536,10 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             self._max_memory_size = max_memory_size
         if max_journal_size is not _UNSET:
             self._max_journal_size = max_journal_size
-            self._next_size = min(self._next_size, self._segment_cap)
+            lower = min(self._next_size, self._segment_cap)
+            if lower < self._next_size:
+                self._next_size = lower
+                self._drop_spare()  # made for the old cap: the next rotation makes its own
 
     @property
     def _segment_cap(self) -> int:
