@@ -122,8 +122,13 @@ class DataBudget:
         return True
 
     def give(self, size: int) -> None:
-        """The data ``take`` held for is in, or will never come."""
+        """The data ``take`` or ``hold`` held for is in, or will never come."""
         self.held -= size
+
+    def hold(self, size: int) -> None:
+        """Count ``size`` bytes already in memory, room or not (a set's data that waits a
+        pass of the loop: it cannot be refused for the server's own pause)."""
+        self.held += size
 
 
 class Parser:

@@ -159,15 +159,23 @@ class Session:
         not take its replies) for ``run``; stop reading from a client whose pipeline runs
         MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too).
 
-        A set's data held back keeps room in ``max_pending_data`` until it runs; a set that
-        finds none (unless nothing else holds any) drops its data here and is answered as a
-        set refused while it came: ``SERVER_ERROR out of memory storing object``."""
+        A set's data held back keeps room in ``max_pending_data`` until it runs. While the
+        client holds the pipeline (a get waiting for an item, replies it does not take), for
+        as long as it likes, a set that finds no room (unless only this connection holds
+        any) drops its data here and is answered as a set refused while it came: ``SERVER_ERROR
+        out of memory storing object``. A pause of the server's own (give_way, a reply
+        waiting for its sync) lasts a pass of the loop or a sync: its sets are counted, never
+        refused."""
         pending = self.pending
         budget = self.state.data_budget
+        refusable = self.write_paused or self.blocked_on_output or self.waits_for_an_item()
         for request in requests:
             size = set_data_size(request)
             if size:
-                if budget.take(size):
+                if not refusable:
+                    budget.hold(size)
+                    self.pending_data += size
+                elif budget.take(size, self.pending_data):
                     self.pending_data += size
                 else:
                     request = request[:4] + (NO_ROOM,) + request[5:]

@@ -244,8 +244,9 @@ class ServerState:
     def set_status(self, word: str) -> None:
         """Change the status and persist it (it survives a restart). OSError when it cannot
         be saved: the status is then left as it was. The status it has already is not saved
-        again (the sweep writes its file again should it be deleted)."""
-        if word == self.status:
+        again when its file says so (a start that could not read the file runs UP, and an
+        operator's ``status UP`` must then reach the file)."""
+        if word == self.status and (self._status_file is None or _saved(self._status_file) == word):
             return
         if self._status_file is not None:
             self.queues.slow_ops += 1
@@ -254,6 +255,18 @@ class ServerState:
         if word == "QUIESCENT":
             for queue in self.queues:
                 queue.wake_all()  # blocked gets answer END, monitors finish
+
+
+def _saved(path: Path) -> str | None:
+    """The status a start would read from ``path`` (no file: UP), or None if it cannot
+    be told."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return "UP"
+    except OSError:
+        return None
+    return text.decode("ascii", "replace").strip().upper()
 
 
 def _read_status(path: Path) -> str:

@@ -74,3 +74,17 @@ def test_the_status_it_has_already_is_not_saved_again(erq_factory):
     assert (again.st_ino, again.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
     assert client.call(b"status UP\r\n") == END
     assert path.read_text() == "UP\n"
+
+
+def test_the_status_it_has_is_saved_again_when_its_file_says_otherwise(erq_factory):
+    """A start that cannot read the status file runs UP and leaves the file as it is: an
+    operator's `status UP` must then reach the file, or the next start reads the old one."""
+    server = erq_factory()
+    path = server.data_dir / "erq.status"
+    server.stop()
+    path.write_text("QUIESC\n")  # damaged: no status
+    server.start()
+    client = server.client()
+    assert client.call(b"status\r\n") == b"UP\r\n"
+    assert client.call(b"status UP\r\n") == END
+    assert path.read_text() == "UP\n"

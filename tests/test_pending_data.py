@@ -18,6 +18,7 @@ from erq.state import ServerState
 
 from conftest import impl_module
 from support import (
+    END,
     NOT_SUPPORTED,
     RELOADED,
     STORED,
@@ -255,9 +256,12 @@ def test_a_reload_sets_the_limit_and_the_sets_already_let_in_keep_their_room(erq
 
 # ---- data held back behind a blocked get -----------------------------------------------------
 def test_a_pipeline_held_back_keeps_room_for_its_sets_data_until_they_run(impl):
-    """Session.hold_back, on each build: a held set keeps room (one alone whatever the limit),
-    one that finds none lets its data go and is refused in its turn, a set refused as it came
-    holds none; running or dropping the pipeline gives the room back."""
+    """Session.hold_back, on each build. While the client holds the pipeline (here a get
+    waiting for an item), a held set keeps room: any amount while this connection is the only
+    one holding room, else only what fits; one that finds none lets its data go and is
+    refused in its turn; a set refused as it came holds none. A pause of the server's own
+    (give_way) counts its sets and refuses none. Running or dropping the pipeline gives the
+    room back."""
     session_mod = impl_module(impl, "_session", "_session_py")
     parser = impl_module(impl, "_parser", "_parser_py")
     loop = asyncio.new_event_loop()
@@ -272,19 +276,27 @@ def test_a_pipeline_held_back_keeps_room_for_its_sets_data_until_they_run(impl):
         def set_of(data):
             return (REQ_SET, b"q", 0, 0, data, False)
 
-        alone, other = set_of(b"a" * 5000), set_of(b"b" * 10)
-        session.hold_back([alone, set_of(False), set_of(None), other, (REQ_CMD, b"version", [])])
-        assert budget.held == 5000 and session.pending_data == 5000  # alone: let in
-        assert budget.refused == 1  # the other found no room
-        assert [r[4] for r in list(session.pending)[:4]] == [b"a" * 5000, False, None, False]
+        blocked_get = object()
+        session.blocked = blocked_get  # a get waiting for an item holds the pipeline
+        first, second = set_of(b"a" * 5000), set_of(b"b" * 10)
+        session.hold_back([first, set_of(False), set_of(None), second])
+        assert budget.held == 5010 and session.pending_data == 5010  # this connection alone
+        budget.hold(100)  # another connection's set, held back too
+        session.hold_back([set_of(b"c" * 10), (REQ_CMD, b"version", [])])
+        assert budget.held == 5110 and budget.refused == 1  # no room for it now
+        held = [r[4] for r in list(session.pending)[:5]]
+        assert held == [b"a" * 5000, False, None, b"b" * 10, False]
+        budget.give(100)
+        session.blocked = None
         session.run()
-        assert ran[0] is alone and [r[4] for r in ran[1:4]] == [False, None, False]
+        assert ran[0] is first and [r[4] for r in ran[1:5]] == [False, None, b"b" * 10, False]
         assert budget.held == 0 and session.pending_data == 0
 
-        session.hold_back([set_of(b"c" * 600), set_of(b"d" * 300), set_of(b"e" * 200)])
-        assert budget.held == 900 and budget.refused == 2
+        budget.take(900)  # another connection's
+        session.hold_back([set_of(b"d" * 600), set_of(b"e" * 300)])  # the server's own pause
+        assert budget.held == 1800 and budget.refused == 1  # counted, not refused
         session.close_after(None)
-        assert budget.held == 0 and session.pending_data == 0 and not session.pending
+        assert budget.held == 900 and session.pending_data == 0 and not session.pending
     finally:
         loop.close()
 
@@ -355,3 +367,16 @@ def test_a_set_refused_as_it_came_waits_its_turn_behind_a_blocked_get(erq_factor
     holder.send(b"h" * 100_000 + b"\r\n")
     assert holder.line() == STORED
     wait_for_stat(watcher, "pending_data_bytes", "0")
+
+
+def test_sets_that_wait_for_the_servers_own_pause_are_not_refused(erq_factory):
+    """A pipeline that gave way after 16 queues made: its sets wait a pass of the loop, which
+    is no reason to refuse them (the second was refused: the first, held, took the room)."""
+    server = start(erq_factory, server='max_pending_data = "64KiB"')
+    client, watcher = server.client(), server.client()
+    sets = (b"set q 0 0 40000\r\n" + b"s" * 40000 + b"\r\n") * 2
+    client.send(b"".join(b"get new%02d\r\n" % i for i in range(16)) + sets)
+    assert client.until(STORED) == END * 16 + STORED
+    assert client.line() == STORED
+    stats = wait_for_stat(watcher, "pending_data_bytes", "0")
+    assert stats["pending_data_refusals"] == "0" and stats["queue_q_items"] == "2"

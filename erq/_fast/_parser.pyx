@@ -268,8 +268,13 @@ cdef class DataBudget:
         return self._take(size, holding)
 
     def give(self, Py_ssize_t size):
-        """The data ``take`` held for is in, or will never come."""
+        """The data ``take`` or ``hold`` held for is in, or will never come."""
         self.held -= size
+
+    def hold(self, Py_ssize_t size):
+        """Count ``size`` bytes already in memory, room or not (a set's data that waits a
+        pass of the loop: it cannot be refused for the server's own pause)."""
+        self.held += size
 
     cdef bint _take(self, Py_ssize_t size, Py_ssize_t holding) noexcept:
         if self.held != holding and self.held + size > self.limit:

@@ -399,8 +399,8 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         if pending.exception() is not None:  # a full disk, say: the rotation tries itself
             return None
         spare = pending.result()
-        if spare.size != size:  # too small for the record, or made before a lower cap
-            spare.discard()
+        if spare.size < size or spare.size > max(size, self._segment_cap):
+            spare.discard()  # too small for the record, or made before a lower cap
             return None
         return spare
 
