@@ -52,12 +52,14 @@ MAX_EXPIRY_MS = (1 << 63) - 1
 
 
 def expiry_ms(exptime: int, now: int, kestrel: bool) -> int:
-    """memcached's rule (Kestrel's threshold under compat): 0 never, small relative, big absolute."""
+    """memcached's rule (Kestrel's under compat): 0 never, small relative, big absolute.
+    memcached takes up to 30 days as relative; Kestrel's MemcacheHandler, below 1,000,000
+    (``expiry < 1000000``): 1,000,000 itself is a time in 1970."""
     if exptime == 0:
         return 0
     if exptime < 0:
         return 1  # already expired
-    if exptime <= (KESTREL_THRESHOLD if kestrel else THIRTY_DAYS):
+    if (exptime < KESTREL_THRESHOLD) if kestrel else (exptime <= THIRTY_DAYS):
         return now + exptime * 1000
     return min(exptime * 1000, MAX_EXPIRY_MS)
 

@@ -339,8 +339,9 @@ def test_kestrel_compat_makes_one_million_seconds_the_absolute_threshold(erq_fac
     proc, c = start(erq_factory, args=["--compat", "kestrel"])
     now = int(time.time())
     _expiry_case(c, "zero", 0, alive=True, key="zero")
-    _expiry_case(c, "rel", 1_000_000, alive=True, key="rel")
-    _expiry_case(c, "abs", 1_000_001, alive=False)
+    _expiry_case(c, "rel", 999_999, alive=True, key="rel")
+    _expiry_case(c, "abs", 1_000_000, alive=False)  # Kestrel: relative below 1,000,000 only
+    _expiry_case(c, "abs1", 1_000_001, alive=False)
     _expiry_case(c, "k15", 1_500_000, alive=False)  # 1970 under Kestrel's rule
     _expiry_case(c, "future", now + 3600, alive=True, key="future")
     _expiry_case(c, "neg", -1, alive=False)
