@@ -121,8 +121,8 @@ class Session:
         self.pending: deque = deque()
         self.pending_bytes = 0  # request_size of everything in pending
         # The data of the sets in pending, held in the server's DataBudget (max_pending_data)
-        # until they run: data a client sent behind a blocked get is memory it makes the
-        # server hold, as much as data still arriving.
+        # until they run: data a client sent behind a blocked get, or while it does not read
+        # its replies, is memory it makes the server hold, as much as data still arriving.
         self.pending_data = 0
         self.blocked: Any = None  # the operation waiting for an item
         self.closing = False

@@ -246,7 +246,9 @@ class ServerState:
         be saved: the status is then left as it was. The status it has already is not saved
         again when its file says so (a start that could not read the file runs UP, and an
         operator's ``status UP`` must then reach the file)."""
-        if word == self.status and (self._status_file is None or _saved(self._status_file) == word):
+        if word == self.status and (
+            self._status_file is None or _file_says(self._status_file, word)
+        ):
             return
         if self._status_file is not None:
             self.queues.slow_ops += 1
@@ -257,29 +259,31 @@ class ServerState:
                 queue.wake_all()  # blocked gets answer END, monitors finish
 
 
-def _saved(path: Path) -> str | None:
-    """The status a start would read from ``path`` (no file: UP), or None if it cannot
-    be told."""
+def _saved(path: Path) -> tuple[str, bytes]:
+    """The word in ``path`` as a start reads it (no file: UP), and the bytes it was read
+    from; OSError if it cannot be read."""
     try:
         text = path.read_bytes()
     except FileNotFoundError:
-        return "UP"
+        return "UP", b""
+    return text.decode("ascii", "replace").strip().upper(), text
+
+
+def _file_says(path: Path, word: str) -> bool:
+    try:
+        return _saved(path)[0] == word
     except OSError:
-        return None
-    return text.decode("ascii", "replace").strip().upper()
+        return False
 
 
 def _read_status(path: Path) -> str:
     """The status saved in ``path``: UP if there is none, and if it cannot be read (said in
     the log: an operator who drained this server must hear that it takes writes again)."""
     try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return "UP"
+        word, text = _saved(path)
     except OSError as exc:
         log.warning("cannot read the saved status in %s (%s): starting UP", path, exc)
         return "UP"
-    word = text.decode("ascii", "replace").strip().upper()
     if word not in STATUSES:
         log.warning("%s holds no status (%r): starting UP", path, text[:40])
         return "UP"
