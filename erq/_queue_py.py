@@ -88,6 +88,27 @@ class OpenRead:
         self.opened_at = opened_at
 
 
+class ItemMemory:
+    """What the items held in RAM cost over all of a server's queues, and the most they may.
+
+    A queue's ``max_memory_size`` bounds its own items; this bounds them together (the
+    server's ``max_memory_size``), lest ``max_queues`` queues hold that many times a queue's
+    limit. Each queue charges an item's data plus ITEM_OVERHEAD as it enters the queue's ring
+    and gives it back as it leaves. Past ``limit``, new items stay only in the journal and are
+    read back as the head drains (read-behind), as past a queue's own limit; a queue without a
+    journal keeps them in memory, counted, having nowhere else to keep them."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+# A queue made without a server's ItemMemory (tests, tools) is bounded by its own limit only.
+UNBOUNDED = 1 << 62
+
+
 class Queue:
     """FIFO of :class:`Item` over an optional journal (``None`` = memory only)."""
 
@@ -106,6 +127,7 @@ class Queue:
         "_on_expired",
         "_ring",
         "_mem_bytes",
+        "_memory",
         "_disk_items",
         "_disk_bytes",
         "_open",
@@ -145,6 +167,7 @@ class Queue:
         clock: Callable[[], int],
         next_id: int = 1,
         on_expired: Callable[[Queue, Item], bool] | None = None,
+        memory: ItemMemory | None = None,
     ) -> None:
         self.name = name
         self._open: dict[int, OpenRead] = {}
@@ -162,6 +185,8 @@ class Queue:
         self._on_expired = on_expired
         self._ring = Ring()
         self._mem_bytes = 0
+        # The server's ItemMemory, charged what the ring holds (_mem_cost) as it changes.
+        self._memory = memory if memory is not None else ItemMemory(UNBOUNDED)
         self._disk_items = 0  # read-behind: items that are only in the journal
         self._disk_bytes = 0
         self._open_bytes = 0
@@ -302,9 +327,11 @@ class Queue:
         return _clock.now_ms() if clock is now_ms else clock()
 
     def _append(self, item: Item) -> Any:
+        cost = len(item.data) + self._item_overhead
         in_memory = (
             self._disk_items == 0
-            and self._mem_cost() + len(item.data) + self._item_overhead <= self._max_memory_size
+            and self._mem_cost() + cost <= self._max_memory_size
+            and self._memory.used + cost <= self._memory.limit
         )
         ticket = None
         journal = self._journal
@@ -318,6 +345,7 @@ class Queue:
             self._ring.push(item)
             self._last_id = item.id  # a new id: greater than any the queue has had
             self._mem_bytes += len(item.data)
+            self._memory.used += cost
         else:
             self._disk_items += 1
             self._disk_bytes += len(item.data)
@@ -338,6 +366,7 @@ class Queue:
             )
             self._push_tail(item)
             self._mem_bytes += len(item.data)
+            self._memory.used += len(item.data) + self._item_overhead
         self._disk_items = disk_items
         self._disk_bytes = disk_bytes
         self.next_id = max(self.next_id, next_id)
@@ -351,6 +380,9 @@ class Queue:
             return
         limit = self._max_memory_size
         budget = limit - self._mem_cost()
+        shared = self._memory.limit - self._memory.used  # the server's, over all queues
+        if shared < budget:
+            budget = shared
         # REFILL_STEP as a local: a C integer in the compiled build (every take of a queue
         # with items on disk comes here, most of them only to return).
         step = REFILL_STEP
@@ -380,6 +412,7 @@ class Queue:
             self._push_tail(item)
             n = len(item.data)
             self._mem_bytes += n
+            self._memory.used += n + overhead
             self._disk_items -= 1
             self._disk_bytes -= n
 
@@ -409,6 +442,7 @@ class Queue:
         for i in range(kept, len(items)):
             nbytes += len(items[i].data)
         self._mem_bytes -= nbytes
+        self._memory.used -= nbytes + self._item_overhead * moved
         self._disk_items += moved
         self._disk_bytes += nbytes
         if self._pops >= self._zone_end:  # ascending: the tail has the greatest id left
@@ -467,6 +501,7 @@ class Queue:
         item = self._ring.pop()
         self._pops += 1
         self._mem_bytes -= len(item.data)
+        self._memory.used -= len(item.data) + self._item_overhead
         self._last_removed_add_time = item.add_time
         if self._disk_items:
             self._refill()
@@ -500,6 +535,7 @@ class Queue:
                 except JournalError:  # it stays at the head, as an aborted read goes back
                     self._push_head(head)
                     self._mem_bytes += len(head.data)
+                    self._memory.used += len(head.data) + self._item_overhead
                     self._last_removed_add_time = last_removed
                     raise
             self.expired_items += 1
@@ -648,6 +684,7 @@ class Queue:
                 log.warning("queue %s: abort not journaled: %s", self.name, exc)
         self._push_head(item)
         self._mem_bytes += len(item.data)
+        self._memory.used += len(item.data) + self._item_overhead
         self.canceled_transactions += 1
         return True
 
@@ -756,6 +793,7 @@ class Queue:
         reply waits for (fsync = "always"), or None. The journal's record first: should it
         fail (JournalError), the queue keeps every item, as a restart would find it."""
         ticket = self._journal.flush() if self._journal is not None else None
+        self._memory.used -= self._mem_cost()
         self._ring.clear()
         self._zone_end = self._pops
         self._mem_bytes = 0
@@ -767,6 +805,7 @@ class Queue:
     def delete(self) -> None:
         """Drop items, open reads and journal files; blocked gets are answered END."""
         self.deleted = True
+        self._memory.used -= self._mem_cost()
         self._ring.clear()
         self._zone_end = self._pops
         for read in self._open.values():

@@ -11,6 +11,7 @@ One source compiled twice (like ``_queue_py.py``): setup.py compiles it through 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from erq.datadir import remove_queue_dir
 from erq.item import Item
 from erq.journal_api import JournalError, RecoveryStopped, TooManyQueues
 from erq.names import valid_queue_name
-from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, Queue
+from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, ItemMemory, Queue
 from erq.throttle import Throttle
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ class QueueCollection:
         self._clock = clock
         self._background = background  # runs work off the loop (a removal's disk work)
         self._queues: dict[str, Queue] = {}
+        # What the items in memory cost over every queue, bounded by the server's
+        # max_memory_size: each queue charges it (see ItemMemory).
+        self.memory = ItemMemory(config.server.max_memory_size)
         self.by_raw_name: dict[
             bytes, Queue
         ] = {}  # the wire's bytes -> queue: no decode per request
@@ -147,7 +151,16 @@ class QueueCollection:
         journal = None
         recovery = None
         if qcfg.journal and self._journal_factory is not None and self.data_dir is not None:
-            journal, recovery = self._journal_factory(self.data_dir / name, qcfg)
+            # Recovery reads items into memory up to the queue's limit, or up to what the
+            # queues replayed before it have left of the server's (the rest is read back as
+            # the head drains, as past the queue's own).
+            room = max(self.memory.limit - self.memory.used, 0)
+            replay_cfg = (
+                dataclasses.replace(qcfg, max_memory_size=room)
+                if room < qcfg.max_memory_size
+                else qcfg
+            )
+            journal, recovery = self._journal_factory(self.data_dir / name, replay_cfg)
         elif self._journal_factory is not None and self.data_dir is not None:
             # A memory-only queue keeps an empty directory so that the queue itself (and its
             # fanout registration) survives a restart; its items do not.
@@ -160,7 +173,9 @@ class QueueCollection:
                     name,
                     directory,
                 )
-        queue = Queue(name, qcfg, journal, clock=self._clock, on_expired=self._expired)
+        queue = Queue(
+            name, qcfg, journal, clock=self._clock, on_expired=self._expired, memory=self.memory
+        )
         if recovery is None:
             return queue, []
         items = recovery.items
@@ -428,6 +443,9 @@ class QueueCollection:
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        # A lower limit keeps new items on disk until the queues' takes bring memory under
+        # it; what is in memory stays (a queue's own lower max_memory_size frees its at once).
+        self.memory.limit = config.server.max_memory_size
         kept = [queue for queue in self if queue.configure(config.queue_config(queue.name))]
         if kept:  # one line for them all, and not one per reload: any client may send reload
             shown = ", ".join(

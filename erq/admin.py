@@ -178,6 +178,10 @@ _HELP = {
     "curr_items": "Items in all queues.",
     "total_items": "Items added to all queues.",
     "bytes": "Bytes of the items in all queues.",
+    "item_memory": "Memory the items held in RAM take over all queues: their data plus a "
+    "fixed overhead each (max_memory_size of [server]).",
+    "limit_maxbytes": "The most item_memory may reach before new items stay on disk only "
+    "([server] max_memory_size).",
     "queue_creates": "Queues created.",
     "queue_deletes": "Queues deleted.",
     "queue_expires": "Queues deleted because they stayed empty past max_queue_age.",

@@ -127,6 +127,7 @@ class ServerConfig:
     max_line: int = 65536
     max_item_size: int = 64 * MiB
     max_pending_data: int = 256 * MiB
+    max_memory_size: int = GiB  # items held in memory over all queues (each: its own too)
     max_open_reads: int = 100
     max_connections: int = 10000
     max_queues: int = 4096
@@ -391,6 +392,7 @@ _SERVER_SETTINGS: dict[str, Callable[[object, str], object]] = {
     "max_line": _between(parse_size, "1KiB", MAX_LINE, "bytes"),
     "max_item_size": parse_size,
     "max_pending_data": parse_size,
+    "max_memory_size": parse_size,
     "max_open_reads": _positive_count,
     "max_connections": _positive_count,
     "max_queues": _positive_count,

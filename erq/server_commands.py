@@ -227,6 +227,8 @@ def general_stats(state: ServerState) -> list[tuple[str, object]]:
         ("curr_items", queues.curr_items()),
         ("total_items", queues.total_items),
         ("bytes", queues.curr_bytes()),
+        ("item_memory", queues.memory.used),
+        ("limit_maxbytes", queues.memory.limit),
         ("queue_creates", queues.queue_creates),
         ("queue_deletes", queues.queue_deletes),
         ("queue_expires", queues.queue_expires),

@@ -10,6 +10,11 @@ cimport erq._fast._ring as c_ring
 cimport erq._fast._ring as _item
 
 
+cdef class ItemMemory:
+    cdef public long long limit
+    cdef public long long used
+
+
 cdef class OpenRead:
     cdef public c_ring.Item item
     cdef public long long opened_at
@@ -29,6 +34,7 @@ cdef class Queue:
     cdef object _on_expired
     cdef c_ring.Ring _ring
     cdef public long long _mem_bytes
+    cdef ItemMemory _memory
     cdef public long long _disk_items
     cdef public long long _disk_bytes
     cdef dict _open
@@ -62,9 +68,10 @@ cdef class Queue:
     cdef long long _now(self) except? -1
     @cython.locals(item=c_ring.Item)
     cpdef tuple add(self, object data, object flags, long long expiry, object now=*)
-    @cython.locals(journal=c_journal.AppendCore)
+    @cython.locals(journal=c_journal.AppendCore, cost=cython.longlong)
     cdef object _append(self, c_ring.Item item)
-    @cython.locals(limit=cython.longlong, budget=cython.longlong, step=cython.longlong,
+    @cython.locals(limit=cython.longlong, budget=cython.longlong, shared=cython.longlong,
+                   step=cython.longlong,
                    overhead=cython.longlong, first_max=cython.longlong, max_items=cython.longlong,
                    batch=list, item=c_ring.Item, n=cython.Py_ssize_t)
     cdef void _refill(self) except *

@@ -14,6 +14,7 @@ cdef class QueueCollection:
     cdef object _clock
     cdef object _background
     cdef dict _queues
+    cdef public c_queue.ItemMemory memory
     cdef public dict by_raw_name
     cdef dict _children
     cdef public long long total_items
