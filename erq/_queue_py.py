@@ -27,11 +27,15 @@ from erq.clock import now_ms
 from erq.item import Item
 from erq.journal_api import JournalError
 from erq.ring import ITEM_OVERHEAD, Ring
+from erq.throttle import Throttle
 
 if TYPE_CHECKING:
     from erq.config import QueueConfig
 
 log = logging.getLogger("erq.queue")
+# A record read-behind cannot read (damaged on disk) fails every refill until a restart
+# skips it: a line per 10 s, not one per take.
+_refill_failed = Throttle(log, logging.ERROR)
 
 
 class AddResult(enum.IntEnum):
@@ -504,7 +508,13 @@ class Queue:
         self._memory.used -= len(item.data) + self._item_overhead
         self._last_removed_add_time = item.add_time
         if self._disk_items:
-            self._refill()
+            try:
+                self._refill()
+            except JournalError as exc:
+                # The item is out of the queue (its removal journaled): it must reach the
+                # caller. A fetch that finds the ring empty reads back again, and refuses
+                # with nothing taken if the record at the head still cannot be read.
+                _refill_failed.log("queue %s: %s", self.name, exc)
         return item
 
     def _drop_head(self, *, discard: bool) -> None:

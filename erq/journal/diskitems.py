@@ -264,8 +264,9 @@ class DiskItems:
         """Read the head items back, in order, as ``cls`` tuples or made by an ItemMaker (see
         codec.read_adds): as many as fit in ``max_bytes`` of data and, with ``max_items``
         >= 0, no more than that many; at least one if any remain, unless ``first_max`` >= 0
-        and the first has more data than that. Raises ValueError (after taking what it read)
-        at a position without a valid ADD record."""
+        and the first has more data than that. At a position without a valid ADD record
+        (damaged on disk since it was written) it stops there: it returns the items read
+        before it, or raises ValueError if it is the first, so that no item read is lost."""
         out: list = []
         runs = self._runs
         if first_max >= 0 and runs and self._head_bytes() > first_max:
@@ -319,6 +320,8 @@ class DiskItems:
                     end = 0
                 run[2] = end
             if not ok:
+                if out:
+                    return out
                 raise ValueError(f"{segment.path}: no valid ADD record at offset {bad}")
             if n < width or max_bytes < 0 or 0 <= max_items <= len(out):
                 break  # the budget is spent
