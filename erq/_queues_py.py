@@ -106,6 +106,7 @@ class QueueCollection:
         # line for each of millions of items, on the disk that is full).
         self._dropped = Throttle(log, logging.WARNING)
         self._journal_kept = Throttle(log, logging.WARNING)
+        self._copy_failed = Throttle(log, logging.ERROR)  # fanout copies a child's journal refused
 
     # ---- lookup and creation -----------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -288,7 +289,14 @@ class QueueCollection:
             child = self._queues.get(child_name)
             if child is None:
                 continue
-            child_result, child_ticket = child.add(data, flags, expiry, now)
+            try:
+                child_result, child_ticket = child.add(data, flags, expiry, now)
+            except JournalError as exc:
+                # The parent has the item and the set's reply is the parent's (PROTOCOL §7):
+                # a child whose journal fails (its disk full, say) misses the copy, as one
+                # that refuses it, and the children after it still get theirs.
+                self._copy_failed.log("fanout copy to %s not stored: %s", child_name, exc)
+                continue
             if child_result is STORED:
                 self.total_items += 1
                 if child_ticket is not None:

@@ -387,3 +387,40 @@ def test_admin_commands_whose_journal_record_fails_answer_server_error_and_keep_
         "VALUE full 0 1\r\n", "c\r\n", "END\r\n",  # kept
         "END\r\n", "END\r\n",  # flushed by the flush_all that full refused
     ], out  # fmt: skip
+
+
+def test_a_fanout_child_on_a_full_disk_misses_its_copy_and_the_set_is_the_parents(
+    impl, tmp_path, monkeypatch
+):
+    """PROTOCOL §7: the set's reply reflects the parent only. A child whose journal cannot
+    take the copy (no room for its next segment) misses it, as one that refuses it; the
+    parent keeps the item and the children after it get theirs."""
+    queues_mod = impl_module(impl, "_queues", "_queues_py")
+
+    def open_journal(directory, qcfg):
+        return QueueJournal.open(directory, fsync="never", segment_size=8 * KiB)
+
+    queues = queues_mod.QueueCollection(
+        load_config(None, cli={}), tmp_path / "data", journal_factory=open_journal
+    )
+    for name in ("p", "p+full", "p+fine"):
+        queues.get_or_create(name)
+    full = queues.get("p+full")
+    for _ in range(7):  # the child's 8 KiB segment is nearly full
+        full.add(b"f" * 1000, 0, 0)
+
+    real_fallocate = os.posix_fallocate
+
+    def full_for_one_child(fd, offset, length):
+        if "p+full" in os.readlink(f"/proc/self/fd/{fd}"):
+            no_space(fd, offset, length)
+        return real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_for_one_child)
+    total = queues.total_items
+    result, _tickets = queues.add("p", b"x" * 1000, 0, 0)
+    assert result == queues_mod.STORED
+    assert [queues.get(n).items for n in ("p", "p+full", "p+fine")] == [1, 7, 1]
+    assert queues.total_items == total + 2  # the parent's and one copy
+    monkeypatch.undo()
+    queues.close()

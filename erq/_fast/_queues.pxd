@@ -28,6 +28,7 @@ cdef class QueueCollection:
     cdef public list warnings
     cdef object _dropped
     cdef object _journal_kept
+    cdef object _copy_failed
 
     cpdef object get_or_create(self, object name)
     @cython.locals(queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=dict)
