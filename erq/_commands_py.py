@@ -69,13 +69,18 @@ def cmd_set(session: Session, req: tuple) -> None:
     _, name, flags, exptime, data, noreply = req
     state = session.state
     state.counters.cmd_set += 1
+    # Errors of the request line are silenced by noreply too (PROTOCOL §10, as memcached):
+    # a client that sent it reads no reply, and a stray one would be taken for the answer
+    # to its next request (pymemcache's set sends noreply by default).
     if flags is None or exptime is None:
-        session.out.append(BAD_FORMAT)
+        if not noreply:
+            session.out.append(BAD_FORMAT)
         return
     queues = state.queues
     queue = queues.by_raw_name.get(name)  # a known queue's name is valid
     if queue is None and not valid_queue_name(name):
-        session.out.append(BAD_NAME)
+        if not noreply:
+            session.out.append(BAD_NAME)
         return
     if data is None or data is False:  # over max_item_size, or NO_ROOM (max_pending_data)
         if not noreply:

@@ -408,7 +408,8 @@ class Parser:
             else:
                 self._p_flags = _flags(tokens[2])
                 self._p_exptime = _exptime(tokens[3])
-            self._p_noreply = ntok > 5 and tokens[5] == b"noreply"
+            # noreply only as the last argument: a line with more is malformed, answered.
+            self._p_noreply = ntok == 6 and tokens[5] == b"noreply"
         else:
             self._p_word = word
             k = _UNSUPPORTED_NOREPLY[word]

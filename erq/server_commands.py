@@ -59,12 +59,16 @@ def _noreply(args: list[bytes]) -> tuple[list[bytes], bool]:
     return args, False
 
 
-def _one_name(session: Session, args: list[bytes]) -> str | None:
+def _one_name(session: Session, args: list[bytes], noreply: bool = False) -> str | None:
+    """The one queue name of ``args``, or None with the error answered (unless noreply:
+    PROTOCOL §10, a client that sent it reads no reply)."""
     if len(args) != 1:
-        session.out.append(BAD_FORMAT)
+        if not noreply:
+            session.out.append(BAD_FORMAT)
         return None
     if not valid_queue_name(args[0]):
-        session.out.append(BAD_NAME)
+        if not noreply:
+            session.out.append(BAD_NAME)
         return None
     return args[0].decode("ascii")
 
@@ -78,7 +82,7 @@ def _named_write(
 ) -> None:
     """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
     args, noreply = _noreply(args)
-    name = _one_name(session, args)
+    name = _one_name(session, args, noreply)
     if name is None:
         return
     if session.state.status != "UP":
@@ -108,6 +112,10 @@ def _refusal(what: str, exc: JournalError) -> bytes:
 
 
 def cmd_delete(session: Session, args: list[bytes]) -> None:
+    if len(args) > 1 and args[1] == b"0":
+        # memcached's "delete <key> 0 [noreply]": the old hold time, accepted only as 0
+        # (python-memcached's delete_multi(time=0) sends it).
+        args = [args[0], *args[2:]]
     _named_write("delete", session, args, session.state.queues.delete, DELETED)
 
 
@@ -123,7 +131,8 @@ def cmd_flush_all(session: Session, args: list[bytes]) -> None:
     if len(args) > 1 or (
         args and not (args[0].isdigit() or args[0][:1] == b"-" and args[0][1:].isdigit())
     ):
-        session.out.append(BAD_FORMAT)
+        if not noreply:
+            session.out.append(BAD_FORMAT)
         return
     state = session.state
     if state.status != "UP":

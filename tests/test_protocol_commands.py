@@ -469,6 +469,23 @@ def test_delete_drops_items_and_open_reads_answers_blocked_gets_and_creates_noth
     assert admin.get("q") == END
 
 
+def test_delete_takes_memcacheds_hold_time_of_zero_and_nothing_else(server):
+    c = server.client()
+    for request, silent in (
+        (b"delete q 0\r\n", False),
+        (b"delete q 0 noreply\r\n", True),
+    ):
+        assert c.set("q", b"x") == STORED
+        c.send(request)
+        if not silent:
+            assert c.line() == DELETED
+        assert queue_names(c) == set()
+    assert c.set("q", b"x") == STORED
+    for request in (b"delete q 5\r\n", b"delete q 0 0\r\n", b"delete q x\r\n"):
+        assert c.call(request) == b"CLIENT_ERROR bad command line format\r\n"
+    assert queue_names(c) == {"q"}
+
+
 def test_flush_drops_queued_items_but_not_open_reads_or_waiters(server):
     admin = server.client()
     admin.send(set_req(b"q", b"a") + set_req(b"q", b"b") + set_req(b"q", b"c"))

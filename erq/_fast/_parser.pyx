@@ -657,7 +657,8 @@ cdef class Parser:
             else:
                 self._p_flags = _flags(s + ts[1], tl[1])
                 self._p_exptime = _exptime(s + ts[2], tl[2])
-            self._p_noreply = nargs >= 5 and _is_noreply(s + ts[4], tl[4])
+            # noreply only as the last argument: a line with more is malformed, answered.
+            self._p_noreply = nargs == 5 and _is_noreply(s + ts[4], tl[4])
             return LINE_PENDING
         self._p_kind = K_UNSUPPORTED
         if kind == W_ADD:
