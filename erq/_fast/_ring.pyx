@@ -195,15 +195,19 @@ cdef class Ring:
         return <object>self._buf[(self._head + self._count - 1) & (self._cap - 1)]
 
     cpdef clear(self):
+        cdef PyObject** smaller
         self._release()
-        if self._cap != self._min_cap:
-            PyMem_Free(self._buf)
-            self._buf = <PyObject**>PyMem_Calloc(self._min_cap, sizeof(PyObject*))
-            if self._buf == NULL:
-                raise MemoryError()
-            self._cap = self._min_cap
         self._head = 0
         self._count = 0
+        if self._cap != self._min_cap:
+            # The smaller array first: should it not come, the ring keeps its larger one,
+            # empty and whole (freeing first left _buf NULL under the old _cap).
+            smaller = <PyObject**>PyMem_Calloc(self._min_cap, sizeof(PyObject*))
+            if smaller == NULL:
+                return
+            PyMem_Free(self._buf)
+            self._buf = smaller
+            self._cap = self._min_cap
 
     cpdef bint shrink(self) except -1:
         """Give back the room of a ring that grew for a burst and has drained: once a
