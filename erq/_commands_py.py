@@ -16,13 +16,14 @@ import logging
 
 from erq import keys as _keys
 from erq import wire as _wire
+from erq.clock import now_ms
 from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec
 from erq.monitor import reads_still_held
+from erq.names import valid_queue_name
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import ExpiryBacklog, Queue
-from erq.queues import now_ms, valid_queue_name
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,

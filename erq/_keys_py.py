@@ -7,7 +7,7 @@ One source compiled twice (like ``_queue_py.py``): setup.py compiles it through 
 
 from __future__ import annotations
 
-from erq.queues import valid_queue_name
+from erq.names import valid_queue_name
 
 _FORBIDDEN = (
     ("peek", "open"),

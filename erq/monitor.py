@@ -11,10 +11,10 @@ import time
 from typing import TYPE_CHECKING
 
 from erq import wire as _wire
+from erq.clock import now_ms as _now_ms
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
 from erq.queue import ExpiryBacklog
-from erq.queues import now_ms as _now_ms
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,

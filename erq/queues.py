@@ -3,18 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._queues import (
-        QueueCollection,
-        RecoveryStopped,
-        now_ms,
-        valid_queue_name,
-    )
+    from ._fast._queues import QueueCollection, RecoveryStopped
 else:
-    from ._queues_py import (
-        QueueCollection,
-        RecoveryStopped,
-        now_ms,
-        valid_queue_name,
-    )
+    from ._queues_py import QueueCollection, RecoveryStopped
 
-__all__ = ["QueueCollection", "RecoveryStopped", "now_ms", "valid_queue_name"]
+__all__ = ["QueueCollection", "RecoveryStopped"]
