@@ -11,6 +11,7 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 import google_crc32c
 
@@ -278,37 +279,27 @@ class AppendCore:
         ticket = self._ticket  # the batch to come covers this append too
         return ticket if ticket is not None else self._written()
 
-    def remove(self, id: int):
+    def remove(self, id: int) -> Any:
         """The item left the queue for good (plain get, expiry, discard)."""
-        if self._writer.append_op(OP_REMOVE, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_REMOVE, id)
-        if self._quiet:
-            return None
-        ticket = self._ticket  # the batch to come covers this append too
-        return ticket if ticket is not None else self._written()
+        return self._op(OP_REMOVE, id)
 
-    def open(self, id: int):
+    def open(self, id: int) -> Any:
         """The item was handed out as a reliable read."""
-        if self._writer.append_op(OP_OPEN, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_OPEN, id)
-        if self._quiet:
-            return None
-        ticket = self._ticket  # the batch to come covers this append too
-        return ticket if ticket is not None else self._written()
+        return self._op(OP_OPEN, id)
 
-    def confirm(self, id: int):
+    def confirm(self, id: int) -> Any:
         """An open read was confirmed: the item is gone for good."""
-        if self._writer.append_op(OP_CONFIRM, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_CONFIRM, id)
-        if self._quiet:
-            return None
-        ticket = self._ticket  # the batch to come covers this append too
-        return ticket if ticket is not None else self._written()
+        return self._op(OP_CONFIRM, id)
 
-    def unremove(self, id: int):
+    def unremove(self, id: int) -> Any:
         """An open read was aborted: the item is back at the head of the queue."""
-        if self._writer.append_op(OP_UNREMOVE, id) < 0:
-            self._rotate(OP_RECORD_SIZE).append_op(OP_UNREMOVE, id)
+        return self._op(OP_UNREMOVE, id)
+
+    def _op(self, opcode: int, id: int) -> Any:
+        """Journal a record of ``opcode`` about item ``id``; its ticket (``fsync="always"``)
+        or None. Raises JournalError when the record cannot be written."""
+        if self._writer.append_op(opcode, id) < 0:
+            self._rotate(OP_RECORD_SIZE).append_op(opcode, id)
         if self._quiet:
             return None
         ticket = self._ticket  # the batch to come covers this append too
