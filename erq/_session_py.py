@@ -91,17 +91,27 @@ def set_data_size(request: tuple) -> int:
     return 0
 
 
+# What a key or argument of a parsed request costs beyond its bytes: a bytes object's header
+# (33 bytes, rounded up by the allocator) and its slot in the request's list. Counting the
+# bytes alone made 5,000 gets of 340 short keys each, held behind a blocked get, count 2 KiB
+# apiece where they took 19 KiB: 74 MB for the 8 MiB bound.
+_PER_TOKEN = 48
+_REQUEST = 120  # the request's tuple and its list
+
+
 def request_size(request: tuple) -> int:
-    """The bytes a parsed request holds, roughly: its value, keys or arguments, and a little
-    for the tuple (what a pipeline held back costs in memory)."""
+    """The memory a parsed request holds, roughly: its value, keys or arguments as objects,
+    its tuple and list (what a pipeline held back costs)."""
     kind = request[0]
     if kind == REQ_SET:
-        return 64 + len(request[1]) + set_data_size(request)
+        return _REQUEST + len(request[1]) + set_data_size(request)
     if kind == REQ_GET:
-        return 64 + sum([len(key) for key in request[1]])
+        keys = request[1]
+        return _REQUEST + sum([len(key) for key in keys]) + _PER_TOKEN * len(keys)
     if kind == REQ_CMD:
-        return 64 + len(request[1]) + sum([len(arg) for arg in request[2]])
-    return 64
+        args = request[2]
+        return _REQUEST + len(request[1]) + sum([len(arg) for arg in args]) + _PER_TOKEN * len(args)
+    return _REQUEST
 
 
 class Session:

@@ -377,6 +377,40 @@ def test_reading_stops_once_the_pipeline_behind_a_blocked_get_holds_too_many_byt
     serve(loop, layer, protocol_class, body)
 
 
+def test_the_bytes_bound_behind_a_blocked_get_counts_what_many_keys_cost_as_objects(
+    loop, layer, protocol_class
+):
+    """Gets of hundreds of short keys: each key is a bytes object in a list, several times
+    its length in memory. The bound on what waits behind a blocked get counts that (5,000
+    such lines held 74 MB where their bytes counted 8 MiB)."""
+    import sys
+
+    from erq import parser
+    from erq.session import MAX_PENDING_BYTES
+
+    line = b"get " + b" ".join(b"k%05d" % i for i in range(340)) + b"\r\n"
+
+    async def body(state, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"get q/t=60000\r\n")
+        (proto,) = await until_connections(state)
+        await until(lambda: proto.session.blocked is not None, "the blocking get")
+        writer.write(line * 5000)
+        await until(lambda: not proto.transport.is_reading(), "the pipeline pause")
+        await asyncio.sleep(0.05)
+        held = [request for request in proto.session.pending if request[0] == parser.REQ_GET]
+        real = sum(
+            sys.getsizeof(request[1]) + sum(sys.getsizeof(key) for key in request[1])
+            for request in held
+        )
+        assert real <= proto.session.pending_bytes  # the count covers the objects
+        assert proto.session.pending_bytes <= MAX_PENDING_BYTES + (2 << 20)
+        assert len(held) < 1000
+        writer.close()
+
+    serve(loop, layer, protocol_class, body)
+
+
 @pytest.mark.parametrize("leave", ["close", "reset"])
 @pytest.mark.parametrize("pause", ["pipeline", "output"])
 def test_a_client_that_leaves_while_reading_is_paused_is_heard_at_once(
