@@ -260,8 +260,7 @@ def _stats(state: ServerState) -> Work:
         text.append(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()))
     for entry in each_queue_stats(state.queues):
         if entry is None:
-            text.seal()
-            yield
+            yield text.part()  # sent now: a reply nobody reads is not held whole
             continue
         name, stats = entry
         for field, value in stats.items():
@@ -288,8 +287,7 @@ def _dump_blocks(names: list[str], fields: Callable[[str], Any]) -> Work:
     text = LongText()
     for entry in each_found(names, fields):
         if entry is None:
-            text.seal()
-            yield
+            yield text.part()  # sent now: a reply nobody reads is not held whole
             continue
         name, found = entry
         text.append(b"queue '%s' {\r\n" % name.encode())

@@ -7,7 +7,11 @@ it every client, for as long as they take (4,000 queues: ~0.15 s compiled, ~0.4 
 time and the loop serves its sockets in between.
 
 A command's work is a generator that yields each time its slice is used up and returns its
-reply. ``answer_in_slices`` runs the first slice at once, so work that fits in one answers as
+reply, or the rest of it: a long reply yields what it has made so far (bytes) at the end of
+each slice, and that part goes out at once. While the client does not take it (its output past
+OUT_BUDGET and the transport's buffer full), the work waits as a get does between keys, so
+that a stats reply of 40,000 queues that nobody reads holds about OUT_BUDGET, not 16 MB (200
+clients each sending one stats to 4,096 queues and reading nothing held 326 MB). ``answer_in_slices`` runs the first slice at once, so work that fits in one answers as
 before, with no loop pass more. Otherwise the rest runs as the connection's blocked operation
 (``Session.resume_next_pass``, as a get that meets expired items does): the requests the client
 pipelined behind it wait, and their replies come after its own; a client that leaves ends it
@@ -35,8 +39,9 @@ SLICE = 0.002  # seconds of work before the loop serves its sockets again
 
 T = TypeVar("T")
 
-# What a command's work is: a generator that yields when its slice is up and returns the reply.
-Work = Generator[None, None, bytes]
+# What a command's work is: a generator that yields when its slice is up (None, or the part
+# of its reply made so far) and returns the reply, or its last part.
+Work = Generator[bytes | None, None, bytes]
 
 
 def in_slices(steps: Iterable[T]) -> Iterator[T | None]:
@@ -89,6 +94,12 @@ class LongText:
         self.seal()
         return b"".join(self._chunks)
 
+    def part(self) -> bytes:
+        """What was appended since the last part, joined: a long reply sent as it is made."""
+        done = self.joined()
+        self._chunks.clear()
+        return done
+
 
 class SlicedReply:
     """A command whose work runs a slice at a time, as its connection's blocked operation."""
@@ -101,13 +112,17 @@ class SlicedReply:
 
     def run(self) -> bool:
         """Run a slice of the work (all that is left once the server is stopping). True once
-        the reply is in ``session.out``; False when the rest waits for the loop's next pass."""
+        the reply is in ``session.out``; False when the rest waits for the loop's next pass,
+        or for the client to take the part sent (``Session.blocked_on_output``)."""
         session = self.session
         state = session.state
         try:
-            next(self.work)
-            while state.stopping:
-                next(self.work)
+            while True:
+                part = next(self.work)
+                if part:
+                    session.add_long_reply(part)
+                if not state.stopping:
+                    break
         except StopIteration as done:
             session.add_long_reply(done.value)
             return True
@@ -115,6 +130,13 @@ class SlicedReply:
             log.exception("a sliced command failed; closing its connection")
             session.close_after(None)
             return True
+        # Each pass sends its part (the session flushes after it), so the budget alone would
+        # never run out: a transport that holds more than it may (its client not reading)
+        # stops the work too.
+        if (session.write_paused or session.out_room < 0) and session.output_full():
+            session.blocked = self
+            session.blocked_on_output = True  # resumed by Session._output_taken
+            return False
         session.resume_next_pass(self)
         return False
 
