@@ -112,13 +112,24 @@ class MemcacheProtocol:
         state = self.state
         counters = state.counters
         counters.total_connections += 1
-        if counters.curr_connections >= state.config.server.max_connections:
+        limit = state.connection_limit()
+        if counters.curr_connections >= limit:
             counters.rejected_connections += 1
-            _REFUSED.log(
-                "max_connections (%d) reached; refusing a client from %s",
-                state.config.server.max_connections,
-                _peer(transport),
-            )
+            if limit < state.config.server.max_connections:
+                _REFUSED.log(
+                    "%d connections are what the open-file limit (%d) leaves the clients once "
+                    "the %d queues' journals have their room; refusing a client from %s",
+                    limit,
+                    state.open_file_limit,
+                    len(state.queues),
+                    _peer(transport),
+                )
+            else:
+                _REFUSED.log(
+                    "max_connections (%d) reached; refusing a client from %s",
+                    limit,
+                    _peer(transport),
+                )
             self._refuse(transport)
             return
         counters.curr_connections += 1

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import __version__, datadir, startsignals
+from . import __version__, datadir, open_files, startsignals
 from ._compat import IMPLEMENTATION
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config
@@ -67,41 +67,6 @@ def _recover(queues: QueueCollection, stop: threading.Event) -> list:
         opened = queues.open_existing(stop)
         gc.collect()  # once: the recovered objects land in the oldest generation
         return opened
-
-
-# Descriptors beyond the connections and the queues: listeners, the epoll and eventfds, a
-# queue's segments while it rotates or compacts, the admin port's clients.
-_FD_RESERVE = 256
-_FDS_PER_QUEUE = 2  # its current segment and its directory
-
-
-def _raise_fd_limit(max_connections: int, max_queues: int) -> None:
-    """Lift the soft limit on open files toward what max_connections and max_queues need (up
-    to the hard limit, as memcached does), and say so when even the hard limit is short: past
-    it every accept and every new queue's journal fails with EMFILE."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return
-    needed = max_connections + _FDS_PER_QUEUE * max_queues + _FD_RESERVE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        if target > soft:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-                soft = target
-            except (ValueError, OSError) as exc:
-                log.debug("cannot raise the open-file limit to %d: %s", target, exc)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning(
-            "max_connections = %d and max_queues = %d want %d open files, and the limit is "
-            "%d (ulimit -n): lower them or raise the limit",
-            max_connections,
-            max_queues,
-            needed,
-            soft,
-        )
 
 
 async def _probe_port(loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
@@ -164,7 +129,7 @@ class Server:
         cfg = self.config.server
         one_arena()  # before any thread of ours allocates (erq.heap: why)
         await _start_resolver_threads(loop)
-        _raise_fd_limit(cfg.max_connections, cfg.max_queues)
+        open_file_limit = open_files.raise_limit(cfg.max_connections, cfg.max_queues)
         await _probe_ports(loop, cfg.host, cfg.admin_port, cfg.port)
         data_dir = Path(cfg.data_dir)
         try:
@@ -203,6 +168,7 @@ class Server:
             background=self._commit.background,
         )
         self.state = state = ServerState(self.config, queues, loop)
+        state.open_file_limit = open_file_limit
         state.shutdown_requested = self.request_shutdown
         state.reload_requested = self._reload_for_a_client
         started = loop.time()
@@ -421,7 +387,9 @@ class Server:
         self.config = new
         state.config = new
         state.queues.reconfigure(new)
-        _raise_fd_limit(new.server.max_connections, new.server.max_queues)
+        state.open_file_limit = open_files.raise_limit(
+            new.server.max_connections, new.server.max_queues
+        )
         # A shorter expiry_sweep applies from now, not once the old period has run out.
         sooner = state.loop.time() + new.server.expiry_sweep / 1000.0 - 0.001
         self._next_expiry = min(self._next_expiry, sooner)

@@ -251,20 +251,63 @@ def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfa
     enough = erq_factory(
         config=config(server="max_connections = 1000\nmax_queues = 500"), preexec_fn=limits
     )
-    assert _open_files_limit(enough.proc.pid) == 1000 + 2 * 500 + 256
+    assert _open_files_limit(enough.proc.pid) == 1000 + 2 * 500 + 128
     assert "open files" not in enough.read_log()
     # max_connections and max_queues apply on a reload: so does the limit they need.
     enough.write_config(config(server="max_connections = 1500\nmax_queues = 500"))
     assert enough.client().call(b"reload\r\n") == RELOADED
-    assert _open_files_limit(enough.proc.pid) == 1500 + 2 * 500 + 256
+    assert _open_files_limit(enough.proc.pid) == 1500 + 2 * 500 + 128
     short = erq_factory(
         config=config(server="max_connections = 3000"), preexec_fn=limits, name="short"
     )
     assert _open_files_limit(short.proc.pid) == 4096
     assert (
-        "max_connections = 3000 and max_queues = 4096 want 11448 open files, and the limit "
+        "max_connections = 3000 and max_queues = 4096 want 11320 open files, and the limit "
         "is 4096" in short.read_log()
     )
+
+
+@pytest.mark.parametrize("fsync", ["always", "100ms"])
+def test_connections_may_not_take_the_descriptors_the_queues_journals_need(erq_factory, fsync):
+    """Under an open-file limit of 512 with 50 queues, 480 clients: those past what the limit
+    leaves once the journals have their room (erq.open_files) are refused as past
+    max_connections, and every write is still made durable (they took the descriptors the
+    syncs needed: with fsync = "always" half the sets were answered SERVER_ERROR)."""
+    import resource
+
+    from erq import open_files
+
+    def limits() -> None:  # in the child, before erq starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    queues = f'[queues.default]\nfsync = "{fsync}"'
+    server = erq_factory(config=config(queues=queues), preexec_fn=limits)
+    writer = server.client()
+    names = [f"q{i}" for i in range(50)]
+    for name in names:
+        assert writer.set(name, b"first") == STORED
+    clients, refused = [], 0
+    for _ in range(480):
+        c = server.client()
+        c.send(b"version\r\n")
+        line = c.line()
+        if line == b"SERVER_ERROR too many open connections\r\n":
+            refused += 1
+            c.close()
+        else:
+            assert line.startswith(b"VERSION "), line
+            clients.append(c)
+    # Those served: the room the limit leaves, less the writer.
+    assert len(clients) == open_files.connection_room(512, 50) - 1
+    assert refused == 480 - len(clients)
+    for _ in range(5):
+        for name in names:
+            assert writer.set(name, b"more") == STORED
+    time.sleep(0.3)  # a periodic sync or more
+    assert "failed" not in server.read_log(), server.read_log()
+    assert "open-file limit (512) leaves the clients" in server.read_log()
+    for c in clients:
+        c.close()
 
 
 def test_the_log_names_the_data_directory_the_file_and_why_the_server_stopped(erq_factory):

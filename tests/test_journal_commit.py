@@ -323,6 +323,47 @@ def test_a_failed_fsync_fails_its_tickets_and_the_retry_writes_the_data_again(
     run(main())
 
 
+def test_a_batch_with_no_descriptor_for_its_copies_syncs_in_the_executor(
+    codec, impl, tmp_path, monkeypatch, run
+):
+    """The worker syncs copies of the segments' descriptors; where the process has none left
+    (EMFILE), the batch goes to the executor, which syncs through the segments' own, and its
+    tickets succeed instead of failing (every set of that batch answered SERVER_ERROR)."""
+    import errno
+
+    async def main():
+        commit = GroupCommit(asyncio.get_running_loop())
+        journals = open_journals(tmp_path, commit, 3)
+        spy = WorkerSpy(monkeypatch, impl)
+        await settled(*[j.add(1, 0, 0, 0, b"a") for j in journals])  # the worker is running
+        assert spy.jobs == 1
+        copies = [0]
+
+        def dup(fd):
+            copies[0] += 1
+            if copies[0] == 2:  # the second journal's copy finds none left
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_dup(fd)
+
+        real_dup = os.dup
+        monkeypatch.setattr(os, "dup", dup)
+        tickets = [j.add(2, 0, 0, 0, b"b") for j in journals]
+        await settled(*tickets)
+        assert all(t.error is None for t in tickets)
+        assert copies[0] == 2, copies
+        assert spy.jobs == 1  # not the worker's: the executor's
+        open_before = len(os.listdir("/proc/self/fd"))
+        monkeypatch.undo()
+        for j in journals:
+            assert j.take_dirty().empty  # all of it synced
+        assert len(os.listdir("/proc/self/fd")) == open_before  # the first copy was closed
+        for j in journals:
+            j.close()
+        commit.close()
+
+    run(main())
+
+
 def test_a_failure_fails_only_the_journals_it_hit(codec, impl, tmp_path, monkeypatch, run):
     async def main():
         commit = GroupCommit(asyncio.get_running_loop())

@@ -47,5 +47,6 @@ cdef class ServerState:
     cdef public bint stopping
     cdef public object shutdown_requested
     cdef public object reload_requested
+    cdef public object open_file_limit
     cdef object _status_file
     cdef public str status

@@ -218,6 +218,15 @@ class GroupCommit:
                     except FileNotFoundError:  # deleted: nothing of it to keep (files_lost)
                         pass
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # No descriptor for a copy: the executor syncs each segment through its
+                    # own descriptor, and needs none more but a directory's for a moment.
+                    for fd in fds + dirs:
+                        os.close(fd)
+                    del batch.segments[:], spans[:]
+                    batch.failed.clear()
+                    self._submit_to_executor(batch)
+                    return
                 batch.failed[journal] = JournalError(
                     f"fsync of {journal.directory} failed: {exc.strerror or exc}"
                 )

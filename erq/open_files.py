@@ -1,0 +1,64 @@
+"""The process's open-file limit, and the room it keeps for the queues' journals.
+
+Every client connection and every queue's journal holds descriptors, and a journal needs a
+few more for a moment: a group commit's copies of its segments' descriptors, a directory
+opened to be synced, a segment made by a rotation or a compaction. Past the limit each of
+those fails with EMFILE, and a sync that fails leaves what it covered not durable (with
+``fsync = "always"`` the writes are answered ``SERVER_ERROR``). Connections are what clients
+can open at will, so they may not take that room: past what the limit leaves once the queues
+and RESERVE are counted, a new connection is refused as one past ``max_connections`` is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("erq.server")
+
+# Descriptors beyond the connections and the queues: listeners, the epoll and eventfds, the
+# log, the lock, refused clients lingering (64 at most), and the journals' passing needs
+# (a group commit's copies of segment descriptors, directories synced, rotations,
+# compactions; a commit that finds no descriptor for its copies syncs without them).
+RESERVE = 128
+PER_QUEUE = 2  # a queue's current segment and its spare
+
+
+def raise_limit(max_connections: int, max_queues: int) -> int | None:
+    """Lift the soft limit on open files toward what max_connections and max_queues need (up
+    to the hard limit, as memcached does), and say so when even the hard limit is short.
+    Returns the soft limit now in force (None: no limit, or none this platform tells)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    needed = max_connections + PER_QUEUE * max_queues + RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError) as exc:
+                log.debug("cannot raise the open-file limit to %d: %s", target, exc)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if soft < needed:
+        log.warning(
+            "max_connections = %d and max_queues = %d want %d open files, and the limit is "
+            "%d (ulimit -n): lower them or raise the limit (connections are refused past "
+            "what it leaves the queues' journals)",
+            max_connections,
+            max_queues,
+            needed,
+            soft,
+        )
+    return soft
+
+
+def connection_room(limit: int | None, queues: int) -> int | None:
+    """The connections the open-file limit ``limit`` leaves once ``queues`` journals and
+    RESERVE have their room (None: no limit)."""
+    if limit is None:
+        return None
+    return limit - RESERVE - PER_QUEUE * queues
