@@ -101,10 +101,13 @@ def test_real_full_disk_refuses_the_write_and_recovers_when_space_is_freed(codec
         while True:
             journal.add(stored + 1, 0, 0, 0, item)
             stored += 1
-    # Segments of 64, 128, 256 and 512 KiB fit in the 1.5 MiB left; the next, of 1 MiB, does not.
-    sizes = [64 * KiB << k for k in range(4)]
+    # Segments of 64, 128, 256 and 512 KiB fit in the 1.5 MiB left; the next, of 1 MiB, does
+    # not, so smaller ones take what is left, down to one that holds no item more.
+    sizes = [p.stat().st_size for p in sorted(directory.glob("*.seg"))]
+    assert sizes[:4] == [64 * KiB << k for k in range(4)]
+    assert len(sizes) > 4 and all(size < 1024 * KiB for size in sizes[4:])
     assert stored == sum((size - 32) // (len(item) + 37) for size in sizes)
-    assert [p.stat().st_size for p in sorted(directory.glob("*.seg"))] == sizes
+    assert stored > sum((64 * KiB << k) // (len(item) + 37) for k in range(4))
     ballast.unlink()
     journal.add(stored + 1, 0, 0, 0, item)  # space is back: the same write now succeeds
     journal.close()
@@ -232,6 +235,14 @@ def test_a_set_refused_by_a_full_disk_creates_no_queue_in_the_server(erq_factory
     item = b"f" * (60 * KiB)
     while c.call(b"set fill 0 0 %d\r\n%s\r\n" % (len(item), item)) == b"STORED\r\n":
         pass
+    fd = os.open(small_tmpfs / "ballast", os.O_WRONLY | os.O_CREAT)  # the last KiBs too
+    try:
+        while os.write(fd, b"b" * 1024):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     for name in (b"new1", b"new2"):
         reply = c.call(b"set %s 0 0 3\r\nabc\r\n" % name)
         assert reply.startswith(b"SERVER_ERROR ") and b"disk full" in reply, reply
@@ -424,3 +435,36 @@ def test_a_fanout_child_on_a_full_disk_misses_its_copy_and_the_set_is_the_parent
     assert queues.total_items == total + 2  # the parent's and one copy
     monkeypatch.undo()
     queues.close()
+
+
+def test_a_disk_short_of_the_next_segments_size_gets_a_smaller_one_that_holds_the_record(
+    codec, tmp_path, monkeypatch
+):
+    """Segments grow by doubling; where the disk has no room for the size the journal grew
+    to, the rotation asks for a quarter as much, down to one that holds the record, and the
+    journal grows again from there."""
+    journal, _ = QueueJournal.open(tmp_path / "q", fsync="never", segment_size=4 << 20)
+    item = b"x" * 60_000
+    for i in range(1, 60):  # past a few rotations: the next segment wants MiBs
+        journal.add(i, 0, 0, 0, item)
+    wanted = journal._next_size
+    assert wanted >= 1 << 20
+    real = os.posix_fallocate
+    asked = []
+
+    def short_disk(fd, offset, length):
+        asked.append(length)
+        if length > 256 * KiB:
+            no_space(fd, offset, length)
+        return real(fd, offset, length)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", short_disk)
+        n = 60
+        while not asked:  # until the current segment is full and a new one is made
+            journal.add(n, 0, 0, 0, item)
+            n += 1
+    assert asked[0] == wanted and asked[-1] <= 256 * KiB
+    journal.close()
+    _, rec = QueueJournal.open(tmp_path / "q", fsync="never")
+    assert len(rec.items) == n - 1  # every item, the one the smaller segment took too

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -110,6 +111,9 @@ class _JournalType(type):
     @property
     def open(cls):
         return cls._open_journal
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType):
@@ -348,20 +352,33 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             )
         if size is None:
             size = self._next_size
-        size = max(size, round_up(HEADER_SIZE + record_size))
-        try:
-            segment = Segment.create(
-                self.directory,
-                self._next_seq,
-                size,
-                flags=flags,
-                id_floor=self._id_floor_now(),
-                spare=self._take_spare(size),
-            )
-        except JournalError as exc:
-            if isinstance(exc.__cause__, (FileNotFoundError, NotADirectoryError)):
-                self._directory_gone()
-            raise
+        least = round_up(HEADER_SIZE + record_size)
+        size = max(size, least)
+        spare = self._take_spare(size)
+        while True:
+            try:
+                segment = Segment.create(
+                    self.directory,
+                    self._next_seq,
+                    size,
+                    flags=flags,
+                    id_floor=self._id_floor_now(),
+                    spare=spare,
+                )
+                break
+            except JournalError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, (FileNotFoundError, NotADirectoryError)):
+                    self._directory_gone()
+                    raise
+                if size <= least or getattr(cause, "errno", None) not in _DISK_FULL:
+                    raise
+                # No room for a segment of the size the journal grew to: a smaller one, down
+                # to one that holds the record, while the disk is short (a queue of 64 KiB
+                # items was refused with half the disk free: its next segment wanted 34 MiB).
+                size = max(least, round_up(size // 4))
+                self._next_size = size
+                spare = None
         self._next_seq += 1
         self._seal_current()
         # Named before the range grows to it, and before a record goes in (segrange.py). A
