@@ -121,7 +121,7 @@ class MemcacheProtocol:
                     "the %d queues' journals have their room; refusing a client from %s",
                     limit,
                     state.open_file_limit,
-                    len(state.queues),
+                    state.queues.journaled,
                     _peer(transport),
                 )
             else:

@@ -192,9 +192,9 @@ class ServerState:
 
     def connection_limit(self) -> int:
         """``max_connections``, or fewer when the open-file limit leaves less once the
-        queues' journals have their room (erq.open_files)."""
+        queues' journals have their room (erq.open_files; memory-only queues hold none)."""
         limit = self._config.server.max_connections
-        room = connection_room(self.open_file_limit, len(self.queues))
+        room = connection_room(self.open_file_limit, self.queues.journaled)
         return limit if room is None or room >= limit else max(room, 0)
 
     @property

@@ -280,12 +280,15 @@ def test_connections_may_not_take_the_descriptors_the_queues_journals_need(erq_f
     def limits() -> None:  # in the child, before erq starts
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
 
-    queues = f'[queues.default]\nfsync = "{fsync}"'
+    memory_only = "".join(f'[queues."m{i}"]\njournal = false\n' for i in range(300))
+    queues = f'[queues.default]\nfsync = "{fsync}"\n{memory_only}'
     server = erq_factory(config=config(queues=queues), preexec_fn=limits)
     writer = server.client()
     names = [f"q{i}" for i in range(50)]
     for name in names:
         assert writer.set(name, b"first") == STORED
+    for i in range(300):  # memory-only queues hold no descriptor: they take no room
+        assert writer.set(f"m{i}", b"kept in memory") == STORED
     clients, refused = [], 0
     for _ in range(480):
         c = server.client()
