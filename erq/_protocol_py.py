@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from erq import commands as _commands
 from erq.commands import dispatch
 from erq.keepalive import enable as enable_keepalive
+from erq.open_files import RESERVE, descriptor_of, leaves_room
 from erq.parser import Parser
 from erq.paused_sockets import watch_paused
 from erq.session import Session
@@ -44,7 +45,7 @@ REFUSAL = b"SERVER_ERROR too many open connections\r\n"
 # client's end of stream, then closes; after LINGER_SECONDS it closes anyway (abort). At most
 # MAX_LINGERING refused connections linger at once in the process (there is one server a
 # process); past that, one is closed at once, so that refused clients cannot hold many
-# descriptors (the open-file limit leaves 256 beyond max_connections, erq/server.py).
+# descriptors (the open-file limit keeps RESERVE for the server's own, erq/open_files.py).
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 64
 _lingering = 0
@@ -112,24 +113,28 @@ class MemcacheProtocol:
         state = self.state
         counters = state.counters
         counters.total_connections += 1
-        limit = state.connection_limit()
+        limit = state.config.server.max_connections
         if counters.curr_connections >= limit:
             counters.rejected_connections += 1
-            if limit < state.config.server.max_connections:
-                _REFUSED.log(
-                    "%d connections are what the open-file limit (%d) leaves the clients once "
-                    "the %d queues' journals have their room; refusing a client from %s",
-                    limit,
-                    state.open_file_limit,
-                    state.queues.journaled,
-                    _peer(transport),
-                )
-            else:
-                _REFUSED.log(
-                    "max_connections (%d) reached; refusing a client from %s",
-                    limit,
-                    _peer(transport),
-                )
+            _REFUSED.log(
+                "max_connections (%d) reached; refusing a client from %s",
+                limit,
+                _peer(transport),
+            )
+            self._refuse(transport)
+            return
+        files = state.open_file_limit
+        if files is not None and not leaves_room(
+            files, descriptor_of(transport), counters.curr_connections
+        ):
+            counters.rejected_connections += 1
+            _REFUSED.log(
+                "at least %d of the %d open files allowed (ulimit -n) are in use, and the rest "
+                "are kept for the queues' journals; refusing a client from %s",
+                files - RESERVE,
+                files,
+                _peer(transport),
+            )
             self._refuse(transport)
             return
         counters.curr_connections += 1

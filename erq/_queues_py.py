@@ -93,9 +93,6 @@ class QueueCollection:
         self._ticketed: tuple | None = None
         self.queue_creates = 0
         self.queue_deletes = 0
-        # Queues with a journal, which holds descriptors (memory-only ones hold none): the
-        # connections the open-file limit leaves depend on it (erq.open_files).
-        self.journaled = 0
         # Requests' work on the file system, done on the loop (a queue's directory made or
         # removed, the status saved): ~0.1-0.4 ms each. A pipeline that does much of it gives
         # the loop back every SLOW_OPS_PER_PASS (commands.feed, Session.run).
@@ -205,8 +202,6 @@ class QueueCollection:
         self.recovered_bytes += queue.bytes
         self._queues[name] = queue
         self.by_raw_name[name.encode("ascii")] = queue
-        if queue.journal is not None:
-            self.journaled += 1
         parent, plus, _child = name.partition("+")
         if plus:
             self._children.setdefault(parent, {})[name] = None
@@ -376,8 +371,6 @@ class QueueCollection:
             return False
         self.by_raw_name.pop(name.encode("ascii"), None)
         memory_only = queue.journal is None
-        if not memory_only:
-            self.journaled -= 1
         if memory_only and self._journal_factory is not None and self.data_dir is not None:
             remove_queue_dir(self.data_dir / name, self._background, durable_now=False)
         parent, plus, _ = name.partition("+")

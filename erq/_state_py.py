@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from erq.datadir import fsync_directory
-from erq.open_files import connection_room
 from erq.parser import DataBudget
 from erq.throttle import Throttle
 
@@ -183,19 +182,12 @@ class ServerState:
         self.shutdown_requested = None  # set by the server: a callable that stops it
         self.reload_requested = None  # set by the server: returns the reply line
         # The process's soft limit on open files (None: none), set by the server: connections
-        # may not take the room the queues' journals need (erq.open_files).
+        # may not take the descriptors the queues' journals need (erq.open_files).
         self.open_file_limit: int | None = None
         self._status_file = (
             Path(config.server.data_dir) / STATUS_FILE if config.server.data_dir else None
         )
         self.status = self._load_status()
-
-    def connection_limit(self) -> int:
-        """``max_connections``, or fewer when the open-file limit leaves less once the
-        queues' journals have their room (erq.open_files; memory-only queues hold none)."""
-        limit = self._config.server.max_connections
-        room = connection_room(self.open_file_limit, self.queues.journaled)
-        return limit if room is None or room >= limit else max(room, 0)
 
     @property
     def config(self) -> Config:  # a property: its setter keeps ``kestrel`` flat

@@ -1,12 +1,12 @@
 """The process's open-file limit, and the room it keeps for the queues' journals.
 
-Every client connection and every queue's journal holds descriptors, and a journal needs a
-few more for a moment: a group commit's copies of its segments' descriptors, a directory
-opened to be synced, a segment made by a rotation or a compaction. Past the limit each of
-those fails with EMFILE, and a sync that fails leaves what it covered not durable (with
-``fsync = "always"`` the writes are answered ``SERVER_ERROR``). Connections are what clients
-can open at will, so they may not take that room: past what the limit leaves once the queues
-and RESERVE are counted, a new connection is refused as one past ``max_connections`` is.
+Every client connection and every queue's journal holds descriptors (one per segment), and
+a journal needs a few more for a moment: a group commit's copies of its segments'
+descriptors, a directory opened to be synced, a segment made by a rotation or a compaction.
+Past the limit each of those fails with EMFILE, and a sync that fails leaves what it covered
+not durable (with ``fsync = "always"`` the writes are answered ``SERVER_ERROR``). Connections
+are what clients can open at will, so they may not take that room: a connection whose
+descriptor is within RESERVE of the limit is refused as one past ``max_connections`` is.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ log = logging.getLogger("erq.server")
 # (a group commit's copies of segment descriptors, directories synced, rotations,
 # compactions; a commit that finds no descriptor for its copies syncs without them).
 RESERVE = 128
-PER_QUEUE = 2  # a queue's current segment and its spare
+PER_QUEUE = 2  # a queue's current segment and its spare (more while it holds old segments)
+MIN_CONNECTIONS = 8
 
 
 def raise_limit(max_connections: int, max_queues: int) -> int | None:
@@ -56,9 +57,22 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
     return soft
 
 
-def connection_room(limit: int | None, queues: int) -> int | None:
-    """The connections the open-file limit ``limit`` leaves once ``queues`` journals and
-    RESERVE have their room (None: no limit)."""
-    if limit is None:
-        return None
-    return limit - RESERVE - PER_QUEUE * queues
+def leaves_room(limit: int | None, descriptor: int, connections: int) -> bool:
+    """Whether a connection just accepted on ``descriptor`` leaves the journals their room
+    under the open-file limit ``limit``. A new descriptor takes the lowest number free, so
+    every one below it is in use: past ``limit - RESERVE`` the journals may find none. The
+    first MIN_CONNECTIONS are let in whatever the limit, so that an operator can always
+    connect (to delete queues, say)."""
+    return limit is None or connections < MIN_CONNECTIONS or descriptor < limit - RESERVE
+
+
+def descriptor_of(transport: object) -> int:
+    """The descriptor of a transport's socket (-1 where the transport does not tell)."""
+    get = getattr(transport, "get_extra_info", None)
+    if get is None:
+        return -1
+    fd = get("fileno")  # erq's own connection layer
+    if fd is None:
+        sock = get("socket")
+        fd = sock.fileno() if sock is not None else -1
+    return fd

@@ -269,10 +269,10 @@ def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfa
 
 @pytest.mark.parametrize("fsync", ["always", "100ms"])
 def test_connections_may_not_take_the_descriptors_the_queues_journals_need(erq_factory, fsync):
-    """Under an open-file limit of 512 with 50 queues, 480 clients: those past what the limit
-    leaves once the journals have their room (erq.open_files) are refused as past
-    max_connections, and every write is still made durable (they took the descriptors the
-    syncs needed: with fsync = "always" half the sets were answered SERVER_ERROR)."""
+    """Under an open-file limit of 512 with 50 queues, 480 clients: those whose descriptor
+    falls within RESERVE of the limit (erq.open_files) are refused as past max_connections,
+    and every write is still made durable (they took the descriptors the syncs needed: with
+    fsync = "always" half the sets were answered SERVER_ERROR)."""
     import resource
 
     from erq import open_files
@@ -287,7 +287,7 @@ def test_connections_may_not_take_the_descriptors_the_queues_journals_need(erq_f
     names = [f"q{i}" for i in range(50)]
     for name in names:
         assert writer.set(name, b"first") == STORED
-    for i in range(300):  # memory-only queues hold no descriptor: they take no room
+    for i in range(300):  # memory-only queues hold no descriptor: they take no connection's
         assert writer.set(f"m{i}", b"kept in memory") == STORED
     clients, refused = [], 0
     for _ in range(480):
@@ -300,16 +300,41 @@ def test_connections_may_not_take_the_descriptors_the_queues_journals_need(erq_f
         else:
             assert line.startswith(b"VERSION "), line
             clients.append(c)
-    # Those served: the room the limit leaves, less the writer.
-    assert len(clients) == open_files.connection_room(512, 50) - 1
+    # Those served: the descriptors below the reserve that the queues left.
+    assert 100 < len(clients) < 512 - open_files.RESERVE - 50
     assert refused == 480 - len(clients)
     for _ in range(5):
         for name in names:
             assert writer.set(name, b"more") == STORED
     time.sleep(0.3)  # a periodic sync or more
     assert "failed" not in server.read_log(), server.read_log()
-    assert "open-file limit (512) leaves the clients" in server.read_log()
+    assert "of the 512 open files allowed (ulimit -n) are in use" in server.read_log()
     for c in clients:
+        c.close()
+
+
+def test_a_few_clients_are_let_in_when_the_journals_hold_the_reserve(erq_factory):
+    """The first MIN_CONNECTIONS clients are let in even when the queues' journals hold
+    descriptors into the reserve: a server with many queues can still be reached, to
+    delete some."""
+    import resource
+
+    from erq import open_files
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    server = erq_factory(preexec_fn=limits)
+    writer = server.client()
+    for i in range(90):  # two descriptors each: past 300 - RESERVE
+        assert writer.set(f"q{i}", b"x") == STORED
+    clients = [server.client() for _ in range(open_files.MIN_CONNECTIONS - 1)]
+    for c in clients:
+        assert c.call(b"version\r\n").startswith(b"VERSION ")
+    late = server.client()
+    assert late.call(b"version\r\n") == b"SERVER_ERROR too many open connections\r\n"
+    assert clients[0].call(b"delete q0\r\n") == DELETED
+    for c in [writer, *clients]:
         c.close()
 
 

@@ -319,6 +319,8 @@ cdef class Connection:
             return self._peername
         if name == "sockname":
             return self._sockname
+        if name == "fileno":  # the socket's descriptor (erq.open_files), -1 once closed
+            return self._fd
         return default
 
     # ---- inside ------------------------------------------------------------------------

@@ -21,7 +21,6 @@ cdef class QueueCollection:
     cdef tuple _ticketed
     cdef public long long queue_creates
     cdef public long long queue_deletes
-    cdef public Py_ssize_t journaled
     cdef public long long slow_ops
     cdef public long long queue_expires
     cdef public long long recovered_items
