@@ -284,7 +284,10 @@ class QueueCollection:
             if answer is None or answer[1][0] is not ticket or answer[0] is not result:
                 answer = self._ticketed = (result, [ticket])
             return answer
-        tickets = [] if ticket is None else [ticket]
+        # The reply's own ticket first (None: the parent's add took none), then the copies':
+        # the reply waits for them all, and fails only with its own (PROTOCOL §7: a set's
+        # reply is its parent's; Session._fail_unsynced).
+        tickets = [ticket]
         for child_name in kids:
             child = self._queues.get(child_name)
             if child is None:
@@ -301,6 +304,8 @@ class QueueCollection:
                 self.total_items += 1
                 if child_ticket is not None:
                     tickets.append(child_ticket)
+        if ticket is None and len(tickets) == 1:
+            return _STORED_NO_TICKETS if result is STORED else _NOT_STORED_NO_TICKETS
         return result, tickets
 
     def _add_to_new(self, queue: Queue, data: bytes, flags: int, expiry: int, now: int) -> tuple:

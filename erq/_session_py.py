@@ -386,13 +386,13 @@ class Session:
 
     def _fail_unsynced(self, out: list) -> None:
         """Every held reply is due (its last ticket is done, and tickets resolve in order):
-        the one whose sync failed says so instead of its STORED."""
+        the one whose own sync failed says so instead of its STORED. A reply's own ticket is
+        its first; those after it are a fanout set's copies, whose failure is the child's."""
         at, held = self._held_at, self._held_tickets
         for i in range(len(at)):
-            for ticket in held[i]:
-                if ticket.error is not None:
-                    out[at[i]] = SYNC_FAILED
-                    break
+            own = held[i][0]
+            if own is not None and own.error is not None:
+                out[at[i]] = SYNC_FAILED
         at.clear()
         held.clear()
 

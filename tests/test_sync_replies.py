@@ -165,3 +165,60 @@ def test_an_expired_item_leaves_its_queue_in_the_journal_once_its_moved_copy_is_
     assert result["removed_before_the_copy_synced"] == [], result
     assert result["removed_after"] == [1], result
     assert result["dst"] == "VALUE dst 0 1\r\nx\r\nEND\r\n", result
+
+
+FANOUT_SCRIPT = r"""
+import asyncio, json, sys
+import erq.server as server_module
+from erq.config import load_config
+from erq.journal import JournalError, QueueJournal
+
+real_sync_work = QueueJournal.sync_work
+
+
+def sync_work(journal, work):  # the child's disk fails its syncs
+    if journal.directory.name == "fan+bad":
+        raise JournalError("fsync of fan+bad failed: injected")
+    return real_sync_work(journal, work)
+
+
+QueueJournal.sync_work = sync_work
+
+
+async def main(data_dir, config_path):
+    config = load_config(config_path, cli={"port": 0, "admin_port": 0, "data_dir": data_dir})
+    server = server_module.Server(config)
+    await server.start()
+    server._commit._use_worker = False  # each batch through sync_work, in the executor
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def call(request, end=b"\r\n"):
+        writer.write(request)
+        return (await reader.readuntil(end)).decode()
+
+    result = {
+        "children": [await call(b"get fan+%s\r\n" % kid, b"END\r\n") for kid in (b"bad", b"ok")],
+        "set": await call(b"set fan 0 0 5\r\nhello\r\n"),
+        "direct": await call(b"set fan+bad 0 0 5\r\nhello\r\n"),
+        "items": {n: server.state.queues.get(n).items for n in ("fan", "fan+bad", "fan+ok")},
+    }
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_fanout_childs_failed_sync_does_not_fail_its_parents_set(impl, tmp_path):
+    """PROTOCOL §7: a set's reply is its parent's. Under fsync = "always" the reply waits for
+    the copies' syncs too, but one that fails is the child's (kept for its next sync), not a
+    SERVER_ERROR for a set whose item is durable in its queue (a retry duplicated it)."""
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.default]\nfsync = "always"\n')
+    result = run_script(impl, FANOUT_SCRIPT, str(tmp_path / "data"), str(config))
+    assert result["children"] == ["END\r\n", "END\r\n"], result
+    assert result["set"] == "STORED\r\n", result
+    assert result["direct"] == "SERVER_ERROR journal sync failed\r\n", result  # its own
+    assert result["items"] == {"fan": 1, "fan+bad": 2, "fan+ok": 1}, result

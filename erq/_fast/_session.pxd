@@ -57,7 +57,7 @@ cdef class Session:
     cpdef bint output_full(self) except -1
     cpdef writing_paused(self, bint paused)
     cdef _output_taken(self)
-    @cython.locals(at=list, held=list, i=cython.Py_ssize_t, ticket=c_append.Ticket)
+    @cython.locals(at=list, held=list, i=cython.Py_ssize_t)
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
     cpdef object open_deque(self, object name)
