@@ -155,9 +155,16 @@ def finish_now(session: Session) -> None:
     """The server is stopping (``state.stopping``): what this connection waits on the loop's
     next pass for (a sliced command, or a get or monitor behind expired items) runs now, until
     it answers or waits for something else, and so does its pipeline: its replies go out and
-    what it removed is journaled before the journals close."""
-    while session.resumes_next_pass and not session.closed:
-        session.resumes_next_pass = False  # the pass it waits for finds nothing to do
+    what it removed is journaled before the journals close. A long reply waiting for its
+    client to take the part sent is finished too: the rest joins what the client has yet to
+    read, which the stop gives it time to (else the reply was cut off mid-line)."""
+    while not session.closed:
         op = session.blocked
+        if session.resumes_next_pass:
+            session.resumes_next_pass = False  # the pass it waits for finds nothing to do
+        elif session.blocked_on_output and isinstance(op, SlicedReply):
+            session.blocked_on_output = False
+        else:
+            return
         if op is not None and op.run():
             session.unblock()

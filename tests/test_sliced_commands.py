@@ -87,8 +87,8 @@ import erq.sliced
 
 
 async def main(data_dir, case, config):
-    queue_count = {"real_slices": 4000, "unread": 12000}.get(case, 300)
-    if case not in ("real_slices", "unread"):
+    queue_count = {"real_slices": 4000, "unread": 12000, "unread_shutdown": 12000}.get(case, 300)
+    if case not in ("real_slices", "unread", "unread_shutdown"):
         erq.sliced.SLICE = 0.0  # a pass of the loop after every queue
     server = await start(data_dir, config)
     queues = server.state.queues
@@ -120,7 +120,7 @@ async def main(data_dir, case, config):
         result["queue_lines"] = reply.count("STAT queue_q")
         result["items_lines"] = reply.count("_total_items 1\r\n")
         result["ends_once"] = reply.endswith("\r\nEND\r\n") and reply.count("END\r\n") == 1
-    elif case == "unread":
+    elif case in ("unread", "unread_shutdown"):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -137,13 +137,28 @@ async def main(data_dir, case, config):
         await asyncio.sleep(0.05)
         proto = next(p for p in server.state.connections if p.session is session)
         result["held"] = proto.transport.get_write_buffer_size() + sum(map(len, session.out))
-        reply = b""
-        while not reply.endswith(b"VERSION " + erq_version + b"\r\n"):
-            reply += await loop.sock_recv(sock, 1 << 20)
+
+        async def read_all():
+            reply = b""
+            while not reply.endswith(b"VERSION " + erq_version + b"\r\n"):
+                part = await loop.sock_recv(sock, 1 << 20)
+                if not part:
+                    break
+                reply += part
+            return reply
+
+        if case == "unread_shutdown":  # the stop finishes the reply; the client reads it all
+            reading = asyncio.create_task(read_all())
+            await stop(server)
+            reply = await reading
+        else:
+            reply = await read_all()
         sock.close()
         result["stats_bytes"] = len(reply)
         result["items_lines"] = reply.count(b"_total_items 1\r\n")
         result["ends_once"] = reply.count(b"\r\nEND\r\n") == 1
+        result["version_after_it"] = reply.endswith(b"END\r\nVERSION " + erq_version + b"\r\n")
+        result["ends_with_end"] = reply.endswith(b"\r\nEND\r\n")
     elif case == "pipelined":
         a_writer.write(b"stats\r\ndump_stats\r\nget late\r\n")
         await passes(20)  # well inside the stats: another client adds to late
@@ -202,7 +217,7 @@ async def main(data_dir, case, config):
         result["queue_lines"] = reply.count("_total_items 1\r\n")
         result["version_after_it"] = reply.split("END\r\n", 1)[1].startswith("VERSION ")
     result["errors"] = errors
-    if case != "shutdown":
+    if case not in ("shutdown", "unread_shutdown"):
         await stop(server)
     print(json.dumps(result))
 
@@ -263,6 +278,17 @@ def test_a_stats_reply_its_client_does_not_read_holds_about_the_output_budget(im
     assert result["stats_bytes"] > 5_000_000, result
     assert result["held"] < 3 << 20, result  # ~0.5 MB; 3.6 MB when the reply was made whole
     assert result["items_lines"] == 12000 and result["ends_once"], result
+    assert result["errors"] == [], result
+
+
+def test_a_stats_reply_waiting_for_its_client_at_shutdown_is_sent_whole(impl, tmp_path):
+    """The stop finishes the reply and gives the client its time to read it (it was cut off
+    mid-line, with no END). What the client pipelined behind a reply it had not taken is
+    dropped unrun, as behind any such reply (a get among it would take an item)."""
+    result = run_stats(impl, tmp_path, "unread_shutdown")
+    assert result["waits_for_the_client"], result
+    assert result["items_lines"] == 12000 and result["ends_once"], result
+    assert result["ends_with_end"] and not result["version_after_it"], result
     assert result["errors"] == [], result
 
 
