@@ -53,8 +53,11 @@ _status_unsaved = Throttle(log, logging.ERROR)
 
 
 # ---- queue administration ---------------------------------------------------------------
-def _noreply(args: list[bytes]) -> tuple[list[bytes], bool]:
-    if args and args[-1] == b"noreply":
+def _noreply(args: list[bytes], named: bool = False) -> tuple[list[bytes], bool]:
+    """``args`` without a trailing ``noreply``, and whether there was one. For a command that
+    names a queue, only after the name: ``delete noreply`` deletes the queue "noreply", as
+    memcached reads it."""
+    if len(args) > named and args[-1] == b"noreply":
         return args[:-1], True
     return args, False
 
@@ -81,7 +84,7 @@ def _named_write(
     reply: bytes,
 ) -> None:
     """``delete``/``flush q [noreply]``: validate, refuse unless UP, apply, reply."""
-    args, noreply = _noreply(args)
+    args, noreply = _noreply(args, named=True)
     name = _one_name(session, args, noreply)
     if name is None:
         return

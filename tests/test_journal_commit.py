@@ -346,13 +346,13 @@ def test_a_batch_with_no_descriptor_for_its_copies_syncs_in_the_executor(
             return real_dup(fd)
 
         real_dup = os.dup
+        open_before = len(os.listdir("/proc/self/fd"))
         monkeypatch.setattr(os, "dup", dup)
         tickets = [j.add(2, 0, 0, 0, b"b") for j in journals]
         await settled(*tickets)
         assert all(t.error is None for t in tickets)
         assert copies[0] == 2, copies
         assert spy.jobs == 1  # not the worker's: the executor's
-        open_before = len(os.listdir("/proc/self/fd"))
         monkeypatch.undo()
         for j in journals:
             assert j.take_dirty().empty  # all of it synced

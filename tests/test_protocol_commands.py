@@ -469,7 +469,7 @@ def test_delete_drops_items_and_open_reads_answers_blocked_gets_and_creates_noth
     assert admin.get("q") == END
 
 
-def test_delete_takes_memcacheds_hold_time_of_zero_and_nothing_else(server):
+def test_delete_takes_memcacheds_hold_time_of_zero_and_a_queue_named_noreply(server):
     c = server.client()
     for request, silent in (
         (b"delete q 0\r\n", False),
@@ -480,6 +480,14 @@ def test_delete_takes_memcacheds_hold_time_of_zero_and_nothing_else(server):
         if not silent:
             assert c.line() == DELETED
         assert queue_names(c) == set()
+    # A queue named noreply: the word is the flag only after a name (as memcached reads it).
+    for request in (b"delete noreply\r\n", b"delete noreply 0\r\n", b"flush noreply\r\n"):
+        assert c.set("noreply", b"x") == STORED
+        assert c.call(request) == (END if request.startswith(b"flush") else DELETED)
+        assert c.get("noreply") == END
+    c.send(b"delete noreply noreply\r\n")
+    assert c.call(b"version\r\n").startswith(b"VERSION ")
+    assert c.call(b"delete noreply\r\n") == DELETED
     assert c.set("q", b"x") == STORED
     for request in (b"delete q 5\r\n", b"delete q 0 0\r\n", b"delete q x\r\n"):
         assert c.call(request) == b"CLIENT_ERROR bad command line format\r\n"
