@@ -25,6 +25,7 @@ from erq.datadir import remove_queue_dir
 from erq.item import Item
 from erq.journal_api import JournalError, RecoveryStopped, TooManyQueues
 from erq.names import valid_queue_name
+from erq.open_files import room_for_a_journal
 from erq.queue import EXPIRY_BATCH, NOT_STORED, STORED, AddResult, ItemMemory, Queue
 from erq.throttle import Throttle
 
@@ -93,6 +94,9 @@ class QueueCollection:
         self._ticketed: tuple | None = None
         self.queue_creates = 0
         self.queue_deletes = 0
+        # The process's soft limit on open files (None: none), set by the server: a new
+        # queue's journal may not take what the others' syncs need (erq.open_files).
+        self.open_file_limit: int | None = None
         # Requests' work on the file system, done on the loop (a queue's directory made or
         # removed, the status saved): ~0.1-0.4 ms each. A pipeline that does much of it gives
         # the loop back every SLOW_OPS_PER_PASS (commands.feed, Session.run).
@@ -134,6 +138,12 @@ class QueueCollection:
             limit = self.config.server.max_queues
             if len(self._queues) >= limit:
                 raise TooManyQueues(f"too many queues (max_queues = {limit})")
+            if (
+                self.open_file_limit is not None
+                and self.config.queue_config(name).journal
+                and not room_for_a_journal(self.open_file_limit)
+            ):
+                raise TooManyQueues("too many queues for the open-file limit (ulimit -n)")
             queue = self._create(name)
             self.queue_creates += 1
             self.slow_ops += 1

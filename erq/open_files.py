@@ -12,6 +12,7 @@ descriptor is within RESERVE of the limit is refused as one past ``max_connectio
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("erq.server")
 
@@ -22,6 +23,9 @@ log = logging.getLogger("erq.server")
 RESERVE = 128
 PER_QUEUE = 2  # a queue's current segment and its spare (more while it holds old segments)
 MIN_CONNECTIONS = 8
+# What new queues leave (of RESERVE) for the journals' passing needs and the first
+# connections: a queue whose descriptor number would fall within it is refused.
+JOURNAL_RESERVE = 64
 
 
 def raise_limit(max_connections: int, max_queues: int) -> int | None:
@@ -64,6 +68,20 @@ def leaves_room(limit: int | None, descriptor: int, connections: int) -> bool:
     first MIN_CONNECTIONS are let in whatever the limit, so that an operator can always
     connect (to delete queues, say)."""
     return limit is None or connections < MIN_CONNECTIONS or descriptor < limit - RESERVE
+
+
+def room_for_a_journal(limit: int | None) -> bool:
+    """Whether a new queue's journal leaves the other journals their passing needs under the
+    open-file limit ``limit``: the number a new descriptor gets says how many are in use, as
+    for a connection (a queue made past it would take the descriptors their syncs need)."""
+    if limit is None:
+        return True
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # none left at all
+        return False
+    os.close(fd)
+    return fd < limit - JOURNAL_RESERVE
 
 
 def descriptor_of(transport: object) -> int:

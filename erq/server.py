@@ -168,7 +168,7 @@ class Server:
             background=self._commit.background,
         )
         self.state = state = ServerState(self.config, queues, loop)
-        state.open_file_limit = open_file_limit
+        state.open_file_limit = queues.open_file_limit = open_file_limit
         state.shutdown_requested = self.request_shutdown
         state.reload_requested = self._reload_for_a_client
         started = loop.time()
@@ -387,7 +387,7 @@ class Server:
         self.config = new
         state.config = new
         state.queues.reconfigure(new)
-        state.open_file_limit = open_files.raise_limit(
+        state.open_file_limit = state.queues.open_file_limit = open_files.raise_limit(
             new.server.max_connections, new.server.max_queues
         )
         # A shorter expiry_sweep applies from now, not once the old period has run out.

@@ -338,6 +338,33 @@ def test_a_few_clients_are_let_in_when_the_journals_hold_the_reserve(erq_factory
         c.close()
 
 
+def test_new_queues_may_not_take_the_descriptors_the_other_journals_need(erq_factory):
+    """Queues made one after another under an open-file limit of 300: past what the limit
+    leaves (erq.open_files), a new queue is refused with SERVER_ERROR before its journal
+    takes the descriptors the others' syncs need, and every write to those is made durable
+    (fsync = "always": each reply waits for its sync). Memory-only queues hold none and are
+    still made."""
+    import resource
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    queues = '[queues.default]\nfsync = "always"\n[queues."volatile"]\njournal = false\n'
+    server = erq_factory(config=config(queues=queues), preexec_fn=limits)
+    c = server.client()
+    made = 0
+    while (reply := c.set(f"q{made}", b"x")) == STORED:
+        made += 1
+    assert reply == b"SERVER_ERROR too many queues for the open-file limit (ulimit -n)\r\n"
+    assert 50 < made < 150, made
+    for i in range(made):  # each one's sync still finds its descriptors
+        assert c.set(f"q{i}", b"more") == STORED
+    assert c.set("volatile", b"kept in memory") == STORED
+    assert "failed" not in server.read_log(), server.read_log()
+    assert c.call(b"delete q0\r\n") == DELETED
+    c.close()
+
+
 def test_the_log_names_the_data_directory_the_file_and_why_the_server_stopped(erq_factory):
     with_file = erq_factory(config=config(server="max_open_reads = 7"))
     assert with_file.client().call(b"reload\r\n") == RELOADED

@@ -21,6 +21,7 @@ cdef class QueueCollection:
     cdef tuple _ticketed
     cdef public long long queue_creates
     cdef public long long queue_deletes
+    cdef public object open_file_limit
     cdef public long long slow_ops
     cdef public long long queue_expires
     cdef public long long recovered_items
