@@ -51,8 +51,8 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
     if soft < needed:
         log.warning(
             "max_connections = %d and max_queues = %d want %d open files, and the limit is "
-            "%d (ulimit -n): lower them or raise the limit (connections are refused past "
-            "what it leaves the queues' journals)",
+            "%d (ulimit -n): lower them or raise the limit (connections and new queues are "
+            "refused short of it, to keep room for the journals)",
             max_connections,
             max_queues,
             needed,

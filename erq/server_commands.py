@@ -271,7 +271,7 @@ def _stats(state: ServerState) -> Work:
                 b"STAT queue_%s_%s %s\r\n" % (name.encode(), field.encode(), str(value).encode())
             )
     text.append(END)
-    return text.joined()
+    return text.part()
 
 
 def _dump(session: Session, args: list[bytes], fields: Callable[[str], Any]) -> None:
@@ -298,7 +298,7 @@ def _dump_blocks(names: list[str], fields: Callable[[str], Any]) -> Work:
             text.append(b"  %s=%s\r\n" % (field.encode(), str(value).encode()))
         text.append(b"}\r\n")
     text.append(END)
-    return text.joined()
+    return text.part()
 
 
 def cmd_dump_stats(session: Session, args: list[bytes]) -> None:

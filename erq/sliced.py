@@ -11,8 +11,10 @@ reply, or the rest of it: a long reply yields what it has made so far (bytes) at
 each slice, and that part goes out at once. While the client does not take it (its output past
 OUT_BUDGET and the transport's buffer full), the work waits as a get does between keys, so
 that a stats reply of 40,000 queues that nobody reads holds about OUT_BUDGET, not 16 MB (200
-clients each sending one stats to 4,096 queues and reading nothing held 326 MB). ``answer_in_slices`` runs the first slice at once, so work that fits in one answers as
-before, with no loop pass more. Otherwise the rest runs as the connection's blocked operation
+clients each sending one stats to 4,096 queues and reading nothing held 326 MB).
+
+``answer_in_slices`` runs the first slice at once, so work that fits in one answers as before,
+with no loop pass more. Otherwise the rest runs as the connection's blocked operation
 (``Session.resume_next_pass``, as a get that meets expired items does): the requests the client
 pipelined behind it wait, and their replies come after its own; a client that leaves ends it
 (``cancel``: what was done stays done); once the server is stopping, what is left runs at once
@@ -73,31 +75,19 @@ def each_queue_stats(
 
 
 class LongText:
-    """A long reply made a slice at a time. ``append`` its pieces; ``seal`` at the end of each
-    slice joins that slice's pieces into one chunk, so that the whole is at last one join of a
-    few dozen chunks rather than of every line (68,000 lines, 4,000 queues' stats, took the
-    loop ~10 ms to join)."""
+    """A long reply made a slice at a time: ``append`` its pieces, and take each slice's as
+    one ``part`` (sent then, see the module's docstring); the work returns the last part."""
 
-    __slots__ = ("_pieces", "_chunks", "append")
+    __slots__ = ("_pieces", "append")
 
     def __init__(self) -> None:
         self._pieces: list[bytes] = []
-        self._chunks: list[bytes] = []
         self.append = self._pieces.append
 
-    def seal(self) -> None:
-        if self._pieces:
-            self._chunks.append(b"".join(self._pieces))
-            self._pieces.clear()
-
-    def joined(self) -> bytes:
-        self.seal()
-        return b"".join(self._chunks)
-
     def part(self) -> bytes:
-        """What was appended since the last part, joined: a long reply sent as it is made."""
-        done = self.joined()
-        self._chunks.clear()
+        """The pieces appended since the last part, joined."""
+        done = b"".join(self._pieces)
+        self._pieces.clear()
         return done
 
 
