@@ -4,6 +4,7 @@ gets when its queue's journal fails: shared by every command module."""
 from __future__ import annotations
 
 import logging
+import re
 
 from erq.journal_api import JournalError
 from erq.throttle import Throttle
@@ -28,7 +29,15 @@ STARTING = b"SERVER_ERROR starting\r\n"
 JOURNAL_FAILED_LOG = Throttle(logging.getLogger("erq.commands"), logging.ERROR)
 
 
+# A path in a journal error, from its first slash: the client is told the file's name (a queue
+# directory or a segment), never where the server keeps its data; the log has it whole.
+# A quoted path (an OSError's filename) may hold spaces; an unquoted one ends at the first.
+_QUOTED_PATH = re.compile(r"'/(?:[^'/]*/)*")
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\":/]+/)*")
+
+
 def journal_failed(exc: JournalError) -> bytes:
     """The reply to a request its queue's journal could not take (disk full, I/O error, out
     of descriptors): nothing was stored or taken, and the connection stays usable."""
-    return b"SERVER_ERROR " + str(exc).encode("utf-8", "replace")[:200] + b"\r\n"
+    why = _PATH.sub("", _QUOTED_PATH.sub("'", str(exc)))
+    return b"SERVER_ERROR " + why.encode("utf-8", "replace")[:200] + b"\r\n"

@@ -246,6 +246,7 @@ def test_a_set_refused_by_a_full_disk_creates_no_queue_in_the_server(erq_factory
     for name in (b"new1", b"new2"):
         reply = c.call(b"set %s 0 0 3\r\nabc\r\n" % name)
         assert reply.startswith(b"SERVER_ERROR ") and b"disk full" in reply, reply
+        assert str(small_tmpfs).encode() not in reply, reply  # the client learns no path
     stats = c.stats()
     assert stats["queue_creates"] == "1"
     assert not any(key.startswith("queue_new") for key in stats), stats
@@ -285,7 +286,8 @@ def test_a_queue_whose_journal_cannot_be_opened_answers_server_error_and_the_con
     erq_factory,
 ):
     """Out of descriptors or no permission when a request creates a queue: the request gets
-    SERVER_ERROR, no queue is made, and the same connection goes on being served."""
+    SERVER_ERROR naming the queue but not the server's paths, no queue is made, and the same
+    connection goes on being served."""
     server = erq_factory(start=False)
     server.data_dir.mkdir(exist_ok=True)
     (server.data_dir / "blocked").write_bytes(b"")  # the queue's directory cannot be made
@@ -294,7 +296,9 @@ def test_a_queue_whose_journal_cannot_be_opened_answers_server_error_and_the_con
     for request in (b"set blocked 0 0 2\r\nhi\r\n", b"get blocked\r\n", b"get blocked/open\r\n"):
         c.send(request)
         reply = c.line()
-        assert reply.startswith(b"SERVER_ERROR cannot open the journal"), reply
+        assert reply.startswith(b"SERVER_ERROR cannot open the journal in blocked"), reply
+        # Where the server keeps its data is for its log, not its clients.
+        assert str(server.data_dir).encode() not in reply, reply
     c.send(b"set other 0 0 2\r\nhi\r\nget other\r\n")
     assert c.line() == b"STORED\r\n"
     assert c.line() + c.line() + c.line() == b"VALUE other 0 2\r\nhi\r\nEND\r\n"
