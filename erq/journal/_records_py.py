@@ -13,8 +13,14 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import google_crc32c
+
+if TYPE_CHECKING:
+    from array import array
+
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 from .format import (
     ADD_FIXED_LENGTH,
@@ -59,7 +65,7 @@ _ZERO_CHUNK = 1 << 20  # first_nonzero reads this much at a time
 _OPCODE_BYTE = re.compile(rb"[\x01-\x06]")
 
 
-def crc32c(data, crc: int = 0) -> int:
+def crc32c(data: ReadableBuffer, crc: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``crc`` (the result for the bytes before it)."""
     if not isinstance(data, bytes):
         data = bytes(data)
@@ -82,14 +88,14 @@ def _add_fixed(id: int, flags: int, add_time: int, expiry: int) -> bytes:
         raise _range_error((id, flags, add_time, expiry)) from None
 
 
-def _add_record(fixed: bytes, data) -> bytes:
+def _add_record(fixed: bytes, data: ReadableBuffer) -> bytes:
     body = fixed + data
     if len(body) > 0xFFFFFFFF:
         raise OverflowError("item too large for a journal record")
     return _REC_HEAD.pack(len(body), google_crc32c.value(body)) + body
 
 
-def encode_add(id: int, flags: int, add_time: int, expiry: int, data) -> bytes:
+def encode_add(id: int, flags: int, add_time: int, expiry: int, data: ReadableBuffer) -> bytes:
     """A complete ADD record."""
     return _add_record(_add_fixed(id, flags, add_time, expiry), data)
 
@@ -144,7 +150,7 @@ def _check(mv: memoryview, p: int, end: int) -> tuple[int, int]:
     return REC_VALID, nxt
 
 
-def check_record(buffer, offset: int, end: int = -1) -> tuple[int, int]:
+def check_record(buffer: ReadableBuffer, offset: int, end: int = -1) -> tuple[int, int]:
     """What lies at ``offset``: (REC_* status, offset after the record or ``offset``)."""
     with memoryview(buffer) as mv:
         end = _bounds(mv, offset, end)
@@ -162,7 +168,7 @@ def _first_nonzero(mv: memoryview, start: int, end: int) -> int:
     return -1
 
 
-def first_nonzero(buffer, start: int = 0, end: int = -1) -> int:
+def first_nonzero(buffer: ReadableBuffer, start: int = 0, end: int = -1) -> int:
     """Offset of the first non-zero byte in [start, end), or -1."""
     with memoryview(buffer) as mv:
         end = _bounds(mv, start, end)
@@ -178,7 +184,7 @@ def _accept(mv: memoryview, q: int, end: int) -> bool:
     return status == REC_VALID or (status == REC_END and _first_nonzero(mv, nxt, end) < 0)
 
 
-def resync(buffer, start: int, end: int = -1) -> int:
+def resync(buffer: ReadableBuffer, start: int, end: int = -1) -> int:
     """After a failure at ``start``, where records resume, or -1 (nothing valid follows).
 
     That is the first offset after ``start`` holding a valid record followed by another valid
@@ -216,7 +222,9 @@ class RecordIterator:
 
     __slots__ = ("_mv", "_pos", "_end", "_data", "status")
 
-    def __init__(self, buffer, start: int = HEADER_SIZE, end: int = -1, data: bool = True) -> None:
+    def __init__(
+        self, buffer: ReadableBuffer, start: int = HEADER_SIZE, end: int = -1, data: bool = True
+    ) -> None:
         mv = memoryview(buffer)
         try:
             self._end = _bounds(mv, start, end)
@@ -262,7 +270,7 @@ def iter_records(
     return RecordIterator(buffer, start, end, data)
 
 
-def read_add(buffer, offset: int, cls: type = tuple) -> tuple:
+def read_add(buffer: ReadableBuffer, offset: int, cls: type = tuple) -> tuple:
     """The ADD record at ``offset`` as a ``cls`` of (id, flags, add_time, expiry, data).
 
     ``cls`` is ``tuple`` or a tuple subclass without instance state (a NamedTuple such as
@@ -289,7 +297,14 @@ class ItemMaker:
         self.make = make
 
 
-def read_adds(buffer, offsets, start: int, max_bytes: int, cls, out: list) -> tuple:
+def read_adds(
+    buffer: ReadableBuffer,
+    offsets: array[int],
+    start: int,
+    max_bytes: int,
+    cls: type[tuple] | ItemMaker,
+    out: list,
+) -> tuple:
     """Append to ``out`` the ADD records at ``offsets[start:]``, in order, each as a ``cls``
     (see read_add) or, with an ItemMaker, as what it makes of (id, flags, add_time, expiry,
     data), while their data fits in ``max_bytes``; if ``out`` is empty the first one is taken
@@ -337,7 +352,7 @@ def _plain_tuple_type(cls: type) -> bool:
     )
 
 
-def record_offsets(buffer, offset: int, out) -> int:
+def record_offsets(buffer: ReadableBuffer, offset: int, out: WriteableBuffer) -> int:
     """Fill ``out`` (64-bit unsigned ints) with the offsets of the records laid end to end
     from ``offset``, each found from the length field of the one before: read-behind's items
     written back to back need no offset of their own. Returns how many were filled. It stops
@@ -361,7 +376,9 @@ def record_offsets(buffer, offset: int, out) -> int:
     return filled
 
 
-def add_data_bytes(buffer, offsets, start: int = 0, end: int = -1) -> int:
+def add_data_bytes(
+    buffer: ReadableBuffer, offsets: array[int], start: int = 0, end: int = -1
+) -> int:
     """The data bytes of the ADD records at ``offsets[start:end]`` (``end=-1``: to the end),
     from their length fields. Raises ValueError at an offset holding no ADD record there (its
     length, opcode and extent are checked, not its CRC: recovery's replay checked that)."""
