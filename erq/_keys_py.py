@@ -79,11 +79,19 @@ class KeySpec:
             elif opt == b"peek":
                 self.peek = True
             elif opt.startswith(b"t="):
+                # An integer, signed as Kestrel's toInt allows: a wait computed from a deadline
+                # already past (negative) waits not at all.
                 value = opt[2:]
+                negative = value[:1] == b"-"
+                if value[:1] in (b"-", b"+"):
+                    value = value[1:]
                 if not value or not value.isdigit():
                     raise KeyError_(BAD_FORMAT, False)
                 digits = value.lstrip(b"0") or b"0"  # int() of thousands of digits would raise
-                self.timeout = int(digits) if len(digits) <= 12 else MAX_WAIT_MS
+                if negative:
+                    self.timeout = 0
+                else:
+                    self.timeout = int(digits) if len(digits) <= 12 else MAX_WAIT_MS
             # unknown options are ignored (Kestrel)
         for a, b in _FORBIDDEN:
             if getattr(self, a) and getattr(self, b):

@@ -674,6 +674,27 @@ def test_waits_longer_than_any_clock_are_cut_short_not_refused(server):
     assert c.get("q/t=" + "0" * 5000) == END  # no int() of 5,000 digits
 
 
+def test_a_signed_wait_is_an_integer_and_a_negative_one_does_not_wait(server):
+    """``t=`` takes an integer as Kestrel's ``toInt`` does, sign included: a consumer that
+    computes its wait from a deadline already past asks for a negative one and is answered at
+    once (Kestrel's deadline in the past), not refused; a bare sign is still no integer."""
+    c = server.client()
+    setter = server.client()
+    started = time.monotonic()
+    assert c.get("q/t=-5") == END
+    assert c.get("q/t=-99999999999999999999/open") == END
+    assert time.monotonic() - started < 5  # neither waited (a blocked get would hold us)
+    assert setter.set("q", b"ready") == STORED
+    assert c.get("q/t=-5") == one("q/t=-5", b"ready")
+    key = "q/t=+60000"
+    block_on(c, key, setter, "q")
+    assert setter.set("q", b"woken") == STORED
+    assert c.until() == one(key, b"woken")
+    for bad in ("q/t=-", "q/t=+", "q/t=--5", "q/t=+-5", "q/t= 5"):
+        assert c.call(b"get %s\r\n" % bad.encode()) == b"CLIENT_ERROR bad command line format\r\n"
+    assert c.get("q/t=0") == END  # the connection stays usable
+
+
 # ---- status ------------------------------------------------------------------------------------------
 def test_a_queue_may_be_called_STATUS_and_an_earlier_status_file_is_taken_over(erq_factory):
     server = erq_factory(start=False)
