@@ -404,7 +404,7 @@ def dispatch(session: Session, req: tuple) -> None:
             session.close_after(b"CLIENT_ERROR\r\n")
         else:
             session.out.append(ERROR)
-    elif kind == REQ_UNSUPPORTED:  # add, replace, append, prepend, cas: refused
+    elif kind == REQ_UNSUPPORTED:  # add, replace, append, prepend, cas, ms: refused
         if not req[2]:  # with noreply silently, as cmd_not_supported
             session.out.append(NOT_SUPPORTED)
     elif kind == REQ_ERROR:

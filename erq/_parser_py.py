@@ -56,8 +56,17 @@ _DONE = 0  # request emitted
 _PENDING = 1  # storage command: a data block follows (_p_* fields set)
 _CLOSED = 2  # closing error emitted
 
-# Storage words other than set -> index (in the token list, word included) of noreply.
-_UNSUPPORTED_NOREPLY = {b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}
+# Storage words other than set -> the indexes (in the token list, word included) of the byte
+# count and of noreply. memcached's meta set (``ms <key> <datalen> <flags>*``) has a data block
+# too, which must be skipped, not run as requests; its quiet flag still lets errors through.
+_UNSUPPORTED_STORAGE = {
+    b"add": (4, 5),
+    b"replace": (4, 5),
+    b"append": (4, 5),
+    b"prepend": (4, 5),
+    b"cas": (4, 6),
+    b"ms": (2, 0),
+}
 _MAX_COUNT_DIGITS = 19
 _U32_MAX = 2**32 - 1
 _I64_MAX = 2**63 - 1
@@ -383,14 +392,18 @@ class Parser:
             out.append((REQ_GET, tokens[1:], word == b"gets"))
             return _DONE
         is_set = word == b"set"
-        if not is_set and word not in _UNSUPPORTED_NOREPLY:
+        if is_set:
+            at, k = 4, 5
+        elif word in _UNSUPPORTED_STORAGE:
+            at, k = _UNSUPPORTED_STORAGE[word]
+        else:
             out.append((REQ_CMD, word, tokens[1:]))
             return _DONE
         ntok = len(tokens)
-        if ntok < 5:
+        if ntok <= at:
             self._close(out, _ERR_FORMAT)
             return _CLOSED
-        count = tokens[4]
+        count = tokens[at]
         if not count.isdigit():
             self._close(out, _ERR_FORMAT)
             return _CLOSED
@@ -412,6 +425,5 @@ class Parser:
             self._p_noreply = ntok == 6 and tokens[5] == b"noreply"
         else:
             self._p_word = word
-            k = _UNSUPPORTED_NOREPLY[word]
-            self._p_noreply = ntok > k and tokens[k] == b"noreply"
+            self._p_noreply = k > 0 and ntok > k and tokens[k] == b"noreply"
         return _PENDING

@@ -7,7 +7,8 @@ Request tuples (see ``Parser.feed``):
   no room for it (its bytes were skipped either way);
 - ``(REQ_GET, keys, is_gets)``;
 - ``(REQ_CMD, word, args)``: any other line, word lowercased (b"" for an empty line);
-- ``(REQ_UNSUPPORTED, word, noreply)``: add/replace/append/prepend/cas, data block consumed;
+- ``(REQ_UNSUPPORTED, word, noreply)``: add/replace/append/prepend/cas and
+  memcached's meta set ``ms``, data block consumed;
 - ``(REQ_ERROR, reply, True)``: a closing error, the reply to send before closing;
 - ``(REQ_BINARY,)``: the binary protocol's magic byte, close without a reply.
 """

@@ -600,6 +600,26 @@ def test_storage_words_without_a_usable_byte_count_are_a_closing_error(mod, line
     assert parser.closed
 
 
+def test_meta_set_reads_its_data_block_and_is_unsupported(mod):
+    """memcached's ``ms <key> <datalen> <flags>*``: its data is skipped, never run as requests
+    (a value reading ``delete q`` deleted the queue); its quiet flag q does not silence the
+    error, and without a usable length the stream cannot be followed: a closing error."""
+    out, parser = parse(mod, b"ms q 13 T0 q\r\ndelete q\r\nget\r\nMS q 2\r\nab\r\nget q\r\n")
+    assert strict(out) == strict(
+        [(UNSUPPORTED, b"ms", False), (UNSUPPORTED, b"ms", False), (GET, [b"q"], False)]
+    )
+    assert not parser.closed
+    for line in (b"ms q", b"ms q x", b"ms q -1", b"ms"):
+        out, parser = parse(mod, line + b"\r\nab\r\n")
+        assert out == [ERR_FORMAT], line
+        assert parser.closed
+    out, parser = parse(mod, b"ms q 9\r\n123456789\r\nget q\r\n", max_item_size=8)
+    assert strict(out) == strict([(UNSUPPORTED, b"ms", False), (GET, [b"q"], False)])
+    for word in (b"mg", b"md", b"mn", b"m", b"mss"):  # no data block: other commands
+        out, parser = parse(mod, word + b" q 2\r\n")
+        assert out == [(CMD, word, [b"q", b"2"])], word
+
+
 def test_storage_words_check_the_trailer_and_skip_oversized_data(mod):
     out, parser = parse(mod, b"append q 0 0 9 noreply\r\n123456789\r\n", max_item_size=8)
     assert out == [(UNSUPPORTED, b"append", True)]

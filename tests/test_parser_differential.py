@@ -115,7 +115,11 @@ def line(draw, tokens: list[bytes]) -> bytes:
 def storage_request(draw) -> bytes:
     word = draw(
         cased(
-            draw(st.sampled_from([b"set", b"set", b"set", b"add", b"replace", b"cas", b"append"]))
+            draw(
+                st.sampled_from(
+                    [b"set", b"set", b"set", b"add", b"replace", b"cas", b"append", b"ms"]
+                )
+            )
         )
     )
     data = draw(st.binary(max_size=40))
@@ -128,6 +132,8 @@ def storage_request(draw) -> bytes:
         )
     )
     args = [draw(names), draw(flag_tokens), draw(exptime_tokens), count]
+    if word.lower() == b"ms":  # meta set: ms <key> <datalen> <flags>*
+        args = [args[0], count, *draw(st.lists(st.sampled_from([b"T0", b"F5", b"q"]), max_size=2))]
     if word.lower() == b"cas":
         args.append(draw(int_tokens))
     args += draw(st.lists(st.sampled_from([b"noreply", b"noreply", b"NOREPLY", b"x"]), max_size=2))
@@ -252,10 +258,13 @@ def valid_request(draw) -> tuple[bytes, tuple]:
         keys = draw(st.lists(valid_names, max_size=20))
         return draw(line([draw(cased(word)), *keys])), (GET, keys, word == b"gets")
     if kind == "unsupported":
-        word = draw(st.sampled_from([b"add", b"replace", b"append", b"prepend", b"cas"]))
+        word = draw(st.sampled_from([b"add", b"replace", b"append", b"prepend", b"cas", b"ms"]))
         data = draw(st.binary(max_size=30))
         noreply = draw(st.booleans())
         tokens = [draw(cased(word)), draw(valid_names), b"0", b"0", b"%d" % len(data)]
+        if word == b"ms":  # meta set: no noreply argument (its quiet flag lets errors through)
+            noreply = False
+            tokens = [tokens[0], tokens[1], tokens[4], b"T0"]
         if word == b"cas":
             tokens.append(b"12")
         if noreply:

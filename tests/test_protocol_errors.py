@@ -224,6 +224,9 @@ def test_cache_commands_are_not_supported_by_a_queue_and_stay_open(server):
         b"append q 0 0 16\r\n" + POISON + b"\r\n",
         b"prepend q 0 0 16\r\n" + POISON + b"\r\n",
         b"cas q 0 0 16 1\r\n" + POISON + b"\r\n",
+        # memcached's meta set, whose value was run as requests: it deleted the witness.
+        b"ms q 16\r\n" + POISON + b"\r\n",
+        b"ms q 16 T0 F5 q\r\n" + POISON + b"\r\n",  # quiet: errors are still sent
         b"incr q 1\r\n",
         b"decr q 1\r\n",
         b"touch q 10\r\n",

@@ -77,6 +77,7 @@ cdef enum:
     W_APPEND = 6
     W_PREPEND = 7
     W_CAS = 8
+    W_MS = 9
 
 cdef unsigned long long U32_MAX = 0xFFFFFFFF
 cdef unsigned long long U64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -117,6 +118,7 @@ cdef bytes _W_REPLACE = b"replace"
 cdef bytes _W_APPEND = b"append"
 cdef bytes _W_PREPEND = b"prepend"
 cdef bytes _W_CAS = b"cas"
+cdef bytes _W_MS = b"ms"
 
 
 @cython.boundscheck(False)
@@ -179,6 +181,7 @@ cdef inline unsigned long long _fold(const char* s, Py_ssize_t n) noexcept:
     return v
 
 
+cdef unsigned long long F_MS = _fold(b"ms", 2)
 cdef unsigned long long F_GET = _fold(b"get", 3)
 cdef unsigned long long F_SET = _fold(b"set", 3)
 cdef unsigned long long F_ADD = _fold(b"add", 3)
@@ -192,10 +195,13 @@ cdef unsigned long long F_PREPEND = _fold(b"prepend", 7)
 cdef int _classify(const char* s, Py_ssize_t n) noexcept:
     """Which command word ``s`` is, case-insensitively (only words of interest to the parser)."""
     cdef unsigned long long v
-    if n < 3 or n > 7:
+    if n < 2 or n > 7:
         return W_OTHER
     v = _fold(s, n)
-    if n == 3:
+    if n == 2:
+        if v == F_MS:
+            return W_MS
+    elif n == 3:
         if v == F_GET:
             return W_GET
         if v == F_SET:
@@ -599,7 +605,7 @@ cdef class Parser:
     @cython.wraparound(False)
     cdef int _line(self, const char* s, Py_ssize_t n, list out) except -1:
         """Handle one request line s[0:n] (terminator already removed)."""
-        cdef Py_ssize_t i = 0, ws, wl, end, nargs, k
+        cdef Py_ssize_t i = 0, ws, wl, end, nargs, k, at
         cdef Py_ssize_t ts[6]
         cdef Py_ssize_t tl[6]
         cdef int kind
@@ -635,12 +641,15 @@ cdef class Parser:
                 tl[nargs] = end - i
             nargs += 1
             i = end
-        if nargs >= 4:  # leading zeros are no reason to refuse
-            while tl[3] > 1 and s[ts[3]] == c'0':
-                ts[3] += 1
-                tl[3] -= 1
-        if (nargs < 4 or tl[3] > MAX_COUNT_DIGITS
-                or not _digits(s + ts[3], tl[3], U64_MAX, &count)):
+        # The byte count's argument: memcached's meta set (ms <key> <datalen> <flags>*) has a
+        # data block too, which must be skipped, not run as requests.
+        at = 1 if kind == W_MS else 3
+        if nargs > at:  # leading zeros are no reason to refuse
+            while tl[at] > 1 and s[ts[at]] == c'0':
+                ts[at] += 1
+                tl[at] -= 1
+        if (nargs <= at or tl[at] > MAX_COUNT_DIGITS
+                or not _digits(s + ts[at], tl[at], U64_MAX, &count)):
             self._close(out, _ERR_FORMAT)
             return LINE_CLOSED
         self._p_count = count
@@ -669,6 +678,10 @@ cdef class Parser:
             self._p_word = _W_APPEND
         elif kind == W_PREPEND:
             self._p_word = _W_PREPEND
+        elif kind == W_MS:
+            self._p_word = _W_MS
+            self._p_noreply = False  # its quiet flag (q) still lets errors through
+            return LINE_PENDING
         else:
             self._p_word = _W_CAS
         k = 5 if kind == W_CAS else 4  # index of the optional noreply argument
