@@ -248,7 +248,33 @@ def general_stats(state: ServerState) -> list[tuple[str, object]]:
     ]
 
 
+# What ``stats reset`` zeroes, as memcached's does: the server-wide counts of events since
+# the start (the gauges, such as curr_connections and curr_items, and each queue's own
+# fields stay as they are).
+_RESET_COUNTERS = (
+    "cmd_get",
+    "cmd_set",
+    "cmd_peek",
+    "get_hits",
+    "get_misses",
+    "bytes_read",
+    "bytes_written",
+    "total_connections",
+    "rejected_connections",
+)
+_RESET_QUEUE_COUNTS = ("total_items", "queue_creates", "queue_deletes", "queue_expires")
+
+
 def cmd_stats(session: Session, args: list[bytes]) -> None:
+    if args == [b"reset"]:
+        state = session.state
+        for name in _RESET_COUNTERS:
+            setattr(state.counters, name, 0)
+        for name in _RESET_QUEUE_COUNTS:
+            setattr(state.queues, name, 0)
+        state.data_budget.refused = 0
+        session.out.append(b"RESET\r\n")
+        return
     if args:
         session.out.append(END)  # memcached's sub-statistics do not exist for a queue server
         return

@@ -901,6 +901,42 @@ def test_stats_and_dump_stats_count_exactly_after_a_scripted_sequence(erq_factor
     assert (stats["queue_b_waiters"], stats["queue_b_items"], stats["cmd_set"]) == ("0", "0", "10")
 
 
+def test_stats_reset_zeroes_the_server_wide_counts_and_leaves_the_rest(server):
+    """memcached's ``stats reset``: the counts of events since the start go back to 0 (a
+    graph of their rate sees a counter reset), the gauges and each queue's fields stay; it
+    was answered END and reset nothing."""
+    c = server.client()
+    for data in (b"a", b"bb", b"ccc"):
+        assert c.set("q", data) == STORED
+    assert c.get("q") == one("q", b"a")
+    assert c.get("q/peek") == one("q/peek", b"bb")
+    assert c.get("empty") == END
+    assert c.call(b"delete empty\r\n") == DELETED
+    other = server.client()
+    assert other.call(b"version\r\n") == VERSION_LINE
+    before = c.stats()
+    assert before["cmd_get"] == "2" and int(before["total_connections"]) >= 2, before
+    assert c.call(b"stats reset\r\n") == b"RESET\r\n"
+    after = c.stats()
+    for field in ("cmd_get", "cmd_set", "cmd_peek", "get_hits", "get_misses", "total_items"):
+        assert after[field] == "0", (field, after[field])
+    for field in ("total_connections", "rejected_connections", "pending_data_refusals"):
+        assert after[field] == "0", (field, after[field])
+    for field in ("queue_creates", "queue_deletes", "queue_expires"):
+        assert after[field] == "0", (field, after[field])
+    assert after["bytes_read"] == str(len(b"stats\r\n"))  # counted again from the reset on
+    for field in ("curr_connections", "curr_items", "bytes", "item_memory", "uptime"):
+        assert after[field] == before[field], field
+    assert queue_stats(after, "q") == queue_stats(before, "q")  # a queue's own fields stay
+    assert c.set("q", b"dddd") == STORED
+    assert c.get("q") == one("q", b"bb")
+    again = c.stats()
+    assert (again["cmd_set"], again["cmd_get"], again["get_hits"]) == ("1", "1", "1")
+    assert again["total_items"] == "1" and again["curr_items"] == "2"
+    for other_request in (b"stats items\r\n", b"stats slabs\r\n", b"stats detail dump\r\n"):
+        assert c.call(other_request) == END  # memcached's other groups: nothing to show
+
+
 def test_bytes_read_and_written_count_every_byte_on_the_wire(server):
     c = server.client()
     sent = received = 0
