@@ -42,6 +42,7 @@ from erq._client_core import (
     check_timeout_ms,
     expiry_seconds,
     item_flags,
+    lose_reads,
     oldest_check,
     parse_server,
     payload,
@@ -336,6 +337,8 @@ class AsyncClient(_ClientCore):
             self._pool.reached(node)
             if status_refusal(exc):
                 self._pool.mark_no_reads(node)
+            elif acts:
+                return lose_reads(conn)
             return _REFUSED
         self._pool.reached(node)
         return _EMPTY if found is None else found

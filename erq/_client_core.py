@@ -564,6 +564,16 @@ _FAILED = "failed"  # connection failure: the node is in back-off
 _REFUSED = "refused"  # SERVER_ERROR: the node refuses reads for a while
 
 
+def lose_reads(conn: Any) -> str:
+    """A close its server refused for a reason other than its status (a confirm it could not
+    journal: disk full): whether it took effect is unknown, as ``q/close/open``'s close may
+    have and its fetch not. Closing the reliable connection settles it: the server puts back
+    every read still open there, and this client's items on it are lost (delivered again,
+    at least once), which is what ``_FAILED`` means for them."""
+    conn.close()
+    return _FAILED
+
+
 class _ClientCore:
     """What ``Client`` and ``AsyncClient`` do between their requests, written once: server
     choice for reads, the bookkeeping of reliable reads, and what each reply means. Each
@@ -665,9 +675,10 @@ class _ClientCore:
         return None
 
     def _finished(self, item: Any, option: str, state: str, found: object) -> bool:
-        """The reply to ``q/close`` or ``q/abort``. A broken connection (the node forgot the
-        item: LOST) or a refusal (cannot happen: close and abort always work; if it did, the
-        item is still open on a live connection) is False."""
+        """The reply to ``q/close`` or ``q/abort``. A broken connection, or a close its server
+        could not journal (the connection is closed then: ``lose_reads``), is False, the item
+        LOST; a refusal for the server's status (cannot happen: close and abort work under
+        any status; if it did, the item is still open on a live connection) is False too."""
         if found in (_FAILED, _REFUSED):
             return False
         if found != _EMPTY:

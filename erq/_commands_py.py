@@ -135,7 +135,12 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             if spec.abort:
                 session.abort_oldest(name)
             if spec.close:
-                session.close_oldest(name)
+                try:
+                    session.close_oldest(name)
+                except JournalError as exc:  # disk full: the read stays open, nothing fetched
+                    JOURNAL_FAILED_LOG.log("get %s: %s", name, exc)
+                    session.out.append(journal_failed(exc))
+                    return True
             if not spec.fetches:
                 index += 1
                 continue
@@ -143,8 +148,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             if not spec.peek:
                 counters.cmd_get += 1  # refused or not: a get was asked for (PROTOCOL §10)
             if state.status == "QUIESCENT":
-                refuse_rest(session, specs, index + 1)
-                session.out.append(QUIESCENT)
+                session.out.append(refuse_rest(session, specs, index + 1))
                 return True
             if spec.peek:
                 counters.cmd_peek += 1  # a refused peek counts nowhere (PROTOCOL §10)
@@ -196,19 +200,26 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
     return True
 
 
-def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> None:
+def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> bytes:
     """Under QUIESCENT, after a refused key: the keys from ``index`` still confirm and abort
-    (each key is its own get, PROTOCOL §10); their fetches are refused, gets counted."""
+    (each key is its own get, PROTOCOL §10); their fetches are refused, gets counted. The
+    reply: QUIESCENT, or a journal failure's if a confirm could not be journaled (that read
+    stays open, and the keys after it do nothing)."""
     counters = session.state.counters
     while index < len(specs):
         spec = specs[index]
         if spec.abort:
             session.abort_oldest(spec.name)
         if spec.close:
-            session.close_oldest(spec.name)
+            try:
+                session.close_oldest(spec.name)
+            except JournalError as exc:
+                JOURNAL_FAILED_LOG.log("get %s: %s", spec.name, exc)
+                return journal_failed(exc)
         if spec.fetches and not spec.peek:
             counters.cmd_get += 1
         index += 1
+    return QUIESCENT
 
 
 def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) -> None:

@@ -635,21 +635,20 @@ class Queue:
         return self._open.get(read.item.id) is read
 
     def confirm(self, read: OpenRead) -> bool:
+        """The open read is done with: the item is gone for good. Raises JournalError, the
+        read still open, when the confirm cannot be journaled (disk full): one the journal
+        does not hold would be undone by a restart, which hands the item out again, so it is
+        refused as a get whose removal cannot be journaled is."""
         if not self.is_open(read):
             return False
         item_id = read.item.id
+        if self._journal is not None:
+            self._journal.confirm(item_id)
         del self._open[item_id]
         self._open_bytes -= len(read.item.data)
         if self._timed_opens:
             self._forget_closed_reads()
         self.last_activity = self._now()
-        if self._journal is not None:
-            try:
-                self._journal.confirm(item_id)
-            except JournalError as exc:
-                # The journal still says "open": after a restart the item is handed out
-                # again (at-least-once), never lost.
-                log.warning("queue %s: confirm not journaled: %s", self.name, exc)
         return True
 
     def unremove(self, read: OpenRead) -> bool:

@@ -494,14 +494,17 @@ class Session:
 
     def close_oldest(self, name: str) -> bool:
         """Confirm this connection's oldest read of ``name``; False if there is none, or if
-        it was taken back (its close is used up all the same)."""
+        it was taken back (its close is used up all the same). Raises JournalError when the
+        confirm cannot be journaled: the read stays open, and the oldest."""
         reads = self.open_reads.get(name)
         if not reads:
             if reads is None and self._taken_back:
                 self._use_up_taken_back(name)
             return False
-        queue, read = reads.popleft()
-        if not queue.confirm(read):
+        queue, read = reads[0]
+        confirmed = queue.confirm(read)
+        reads.popleft()
+        if not confirmed:
             return False
         self.wait_for_sync(queue.sync_ticket())
         return True

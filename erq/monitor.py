@@ -212,5 +212,12 @@ def cmd_confirm(session: Session, args: list[bytes]) -> None:
         session.out.append(ERROR)
         return
     for _ in range(count):
-        session.close_oldest(name)
+        try:
+            session.close_oldest(name)
+        except JournalError as exc:
+            # Disk full: the reads confirmed so far stay confirmed; this one and the rest
+            # stay open (returned to the queue with the connection, at least once).
+            JOURNAL_FAILED_LOG.log("confirm %s: %s", name, exc)
+            session.out.append(journal_failed(exc))
+            return
     session.out.append(END)

@@ -248,6 +248,39 @@ def test_a_reply_naming_another_key_raises_erq_error(make_client):
             mq.get(QUEUE)
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_confirm_its_server_could_not_journal_loses_the_connection_s_reads(make_client, chained):
+    """A server that cannot journal a confirm (disk full) refuses it with SERVER_ERROR and
+    keeps the read open; for ``q/close/open`` the client cannot tell whether the close took
+    effect. It closes its reliable connection, so that the server puts back what it still
+    holds there, and reports the item lost (False, state "lost"): delivered again, never
+    confirmed twice or taken for a later read's confirm."""
+    seen = []
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        seen.append(conn.recv(1024))
+        conn.sendall(b"VALUE jobs/open 0 1\r\na\r\nEND\r\n")
+        seen.append(conn.recv(1024))
+        conn.sendall(
+            b"SERVER_ERROR cannot write the record at offset 9 of a segment: disk full\r\n"
+        )
+        seen.append(conn.recv(1024))  # b"": the client closed the connection
+
+    with one_connection_server(handle) as server:
+        mq = make_client([server], timeout=0.5, retry_after=60)
+        item = mq.get_reliable(QUEUE)
+        assert (item.data, item.state) == (b"a", "open")
+        if chained:
+            assert mq.get_reliable(QUEUE, confirm=item) is None
+        else:
+            assert mq.confirm(item) is False
+        assert item.state == "lost"
+        assert mq.confirm(item) is False  # nothing is sent for a lost item
+    key = b"jobs/close/open" if chained else b"jobs/close"
+    assert seen == [b"get jobs/open\r\n", b"get %s\r\n" % key, b""], seen
+
+
 @pytest.mark.parametrize("call", ["put", "get"])
 def test_a_large_item_on_a_slow_link_takes_longer_than_the_timeout(make_client, call):
     # The timeout bounded the whole transfer (sendall; the async client's wait_for around

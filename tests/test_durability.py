@@ -790,6 +790,49 @@ def test_full_disk_reliable_read_that_cannot_be_journaled_leaves_the_item_at_the
     assert drain(client, "q") == stored[1:]
 
 
+def test_full_disk_confirm_that_cannot_be_journaled_is_refused_and_the_read_stays_open(
+    full_disk_server,
+):
+    """A ``/close`` (or ``confirm``) whose CONFIRM record cannot be written was answered END
+    while the journal still called the read open: a restart handed the item out again though
+    its client had been told it was confirmed. Now it is refused, as a get whose removal
+    cannot be journaled is: SERVER_ERROR, the read still open (and the oldest), nothing
+    fetched by a close/open; once there is room the same close confirms it for good."""
+    server = full_disk_server
+    reader = server.client()
+    stored, _, reply = fill_until_refused(reader)
+    assert reply.startswith(b"SERVER_ERROR "), reply
+    head = b"VALUE q/open 0 %d\r\n%s\r\nEND\r\n" % (len(stored[0]), stored[0])
+    assert reader.get("q/open") == head
+    # Another connection opens and aborts the next item until not even an OPEN fits.
+    other = server.client()
+    for _ in range(5000):
+        other.send(b"get q/open\r\n")
+        reply = read_reply(other)
+        if reply.startswith(b"SERVER_ERROR "):
+            break
+        assert reply.startswith(b"VALUE q/open "), reply
+        assert other.get("q/abort") == b"END\r\n"
+    else:
+        raise AssertionError("open/abort records never filled the segment")
+    for request in (b"get q/close\r\n", b"get q/close/open\r\n", b"confirm q 1\r\n"):
+        reply = reader.call(request)
+        assert reply.startswith(b"SERVER_ERROR ") and b"disk full" in reply, (request, reply)
+    stats = queue_stats(reader, "q")
+    assert (stats["items"], stats["open_transactions"]) == (len(stored) - 1, 1), stats
+    assert server.proc.poll() is None
+
+    assert reader.call(b"delete ballast\r\n") == b"DELETED\r\n"
+    files_removed(server)
+    assert reader.get("q/close") == b"END\r\n"  # the same read, confirmed now
+    assert queue_stats(reader, "q")["open_transactions"] == 0
+    reader.close()
+    other.close()
+    server.kill()
+    server.start()
+    assert drain(server.client(), "q") == stored[1:]  # the confirmed item stays gone
+
+
 # ---- 6. read-behind ------------------------------------------------------------------------------
 READ_BEHIND_CONFIG = '[queues.default]\nmax_memory_size = "64KiB"\n'
 MEMORY_CAP = 64 * KiB

@@ -100,7 +100,7 @@ cdef class Queue:
     cpdef object sync_ticket(self)
     cpdef OpenRead open_read(self, long long item_id)
     cpdef bint is_open(self, OpenRead read)
-    cpdef bint confirm(self, OpenRead read)
+    cpdef bint confirm(self, OpenRead read) except -1
     cpdef bint unremove(self, OpenRead read)
     cpdef long long unremove_all(self, list reads) except -1
     cdef bint _put_back(self, OpenRead read) except -1
