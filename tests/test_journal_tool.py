@@ -175,6 +175,38 @@ def test_pack_of_a_queue_whose_segments_are_all_lost_takes_its_data_directorys_l
     assert not (data_dir / "jobs" / datadir.LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("loss", ["set aside", "deleted"])
+def test_pack_of_a_queue_with_no_segment_left_leaves_a_drained_queue_s_header(data_dir, loss):
+    """Every segment of a queue set aside (a damaged header) or lost: pack reports it, and
+    leaves what it leaves for a drained queue, a 32-byte header that the range file names.
+    It left no segment at all, the range still naming the files that were gone, and
+    ``dump`` said the journal held them."""
+    queue = data_dir / "jobs"
+    for segment in segment_files(queue):
+        if loss == "deleted":
+            segment.unlink()
+        else:
+            segment.write_bytes(os.urandom(10))  # shorter than a header
+    out = io.StringIO()
+    assert tool.pack(queue, out) == 1  # the loss is reported
+    assert "jobs: 0 item(s)" in out.getvalue(), out.getvalue()
+    (left,) = segment_files(queue)
+    assert left.stat().st_size == 32
+    ranges = [p.name for p in queue.iterdir() if p.name.endswith(".range")]
+    assert ranges == [f"{left.stem}-{left.stem}.range"], ranges
+    out = io.StringIO()
+    assert tool.dump(queue, out) == 0
+    assert f"segments {left.name} to {left.name}" in out.getvalue(), out.getvalue()
+    journal, recovery = QueueJournal.open(queue, fsync="never")
+    assert recovery.items == [] and recovery.warnings == []  # a start finds nothing amiss
+    journal.add(1, 0, 0, 0, b"after the loss")
+    journal.close()
+    journal, recovery = QueueJournal.open(queue, fsync="never")
+    assert [it.data for it in all_items(journal, recovery)] == [b"after the loss"]
+    assert recovery.warnings == []
+    journal.close()
+
+
 @pytest.mark.parametrize("run", ["check", "dump"])
 def test_check_and_dump_on_a_live_directory_list_again_a_segment_released_meanwhile(
     data_dir, monkeypatch, run

@@ -174,8 +174,10 @@ class Reclaiming:
             self._poll_compaction()
             if self._job is not None or self._closed or self._lost:
                 raise JournalError(f"the journal in {self.directory} cannot be packed now")
-            if not self._segments:
-                return 0  # nothing was ever written, or every segment was set aside
+            if not self._segments and self._next_seq == 1:
+                return 0  # nothing was ever written
+            # Every segment lost or set aside: the snapshot is a drained queue's header, and
+            # the range names it, not the files that are gone (reported by the recovery).
             items = list(memory_items)
             live = self._disk.nbytes + self._disk.count * ADD_OVERHEAD
             live += sum(len(item.data) + ADD_OVERHEAD for item in items)
