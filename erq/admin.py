@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .server_commands import general_stats
+from .server_commands import GENERAL_COUNTERS, general_stats
 from .sliced import each_queue_stats
 from .state import STATUSES
 
@@ -122,26 +122,9 @@ async def stats_json(state: Any) -> Reply:
 
 # How the numeric stats fields are exported. The fields themselves come from ``general_stats``
 # and ``queue_stats``; these tables only add what Prometheus needs: which fields are counters
-# (exported as ``<field>_total``, a leading ``total_`` dropped), unit suffixes, and help text.
+# (exported as ``<field>_total``, a leading ``total_`` dropped; the general ones are
+# ``GENERAL_COUNTERS``, those ``stats reset`` zeroes), unit suffixes, and help text.
 # A numeric field missing from them is still exported, as a gauge with a generic help line.
-_COUNTERS = frozenset(
-    {
-        "total_connections",
-        "rejected_connections",
-        "pending_data_refusals",
-        "cmd_get",
-        "cmd_set",
-        "cmd_peek",
-        "get_hits",
-        "get_misses",
-        "bytes_read",
-        "bytes_written",
-        "total_items",
-        "queue_creates",
-        "queue_deletes",
-        "queue_expires",
-    }
-)
 _QUEUE_COUNTERS = frozenset(
     {
         "total_items",
@@ -249,7 +232,7 @@ def metrics_text(
     for field, value in general:
         if field in _NOT_EXPORTED or not _numeric(value):
             continue
-        counter = field in _COUNTERS
+        counter = field in GENERAL_COUNTERS
         name = _metric_name("erq_", field, counter)
         _family(out, name, "counter" if counter else "gauge", _HELP.get(field, f"stats {field}."))
         out.append(f"{name} {value}\n")

@@ -248,10 +248,11 @@ def general_stats(state: ServerState) -> list[tuple[str, object]]:
     ]
 
 
-# What ``stats reset`` zeroes, as memcached's does: the server-wide counts of events since
-# the start (the gauges, such as curr_connections and curr_items, and each queue's own
+# The general fields that count events since the start (the others are gauges), by where
+# each is kept: /metrics exports them as counters, and ``stats reset`` zeroes them, as
+# memcached's does (the gauges, such as curr_connections and curr_items, and each queue's own
 # fields stay as they are).
-_RESET_COUNTERS = (
+_REQUEST_COUNTS = (
     "cmd_get",
     "cmd_set",
     "cmd_peek",
@@ -262,17 +263,18 @@ _RESET_COUNTERS = (
     "total_connections",
     "rejected_connections",
 )
-_RESET_QUEUE_COUNTS = ("total_items", "queue_creates", "queue_deletes", "queue_expires")
+_QUEUE_COUNTS = ("total_items", "queue_creates", "queue_deletes", "queue_expires")
+GENERAL_COUNTERS = frozenset((*_REQUEST_COUNTS, *_QUEUE_COUNTS, "pending_data_refusals"))
 
 
 def cmd_stats(session: Session, args: list[bytes]) -> None:
     if args == [b"reset"]:
         state = session.state
-        for name in _RESET_COUNTERS:
+        for name in _REQUEST_COUNTS:
             setattr(state.counters, name, 0)
-        for name in _RESET_QUEUE_COUNTS:
+        for name in _QUEUE_COUNTS:
             setattr(state.queues, name, 0)
-        state.data_budget.refused = 0
+        state.data_budget.refused = 0  # pending_data_refusals
         session.out.append(b"RESET\r\n")
         return
     if args:
