@@ -405,6 +405,13 @@ def cmd_not_supported(session: Session, args: list[bytes]) -> None:
         session.out.append(NOT_SUPPORTED)
 
 
+def cmd_fetch_not_supported(session: Session, args: list[bytes]) -> None:
+    """gat, gats (get and touch): refused aloud. They have no noreply form, so a last key
+    named ``noreply`` is a key; memcached answers them, and a client that sent one waits for
+    its answer (an ERROR, the reply to an unknown word, is not one to some of them)."""
+    session.out.append(NOT_SUPPORTED)
+
+
 COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
     b"delete": cmd_delete,
     b"flush": cmd_flush,
@@ -425,4 +432,6 @@ COMMANDS: dict[bytes, Callable[[Session, list[bytes]], None]] = {
     b"incr": cmd_not_supported,
     b"decr": cmd_not_supported,
     b"touch": cmd_not_supported,
+    b"gat": cmd_fetch_not_supported,
+    b"gats": cmd_fetch_not_supported,
 }

@@ -78,6 +78,7 @@ def _request(rng: random.Random) -> bytes:
         "verbosity 1",
         "incr a 1",
         "touch a 10",
+        "gat 10 a",
         "frobnicate",
         "",
         "get",
