@@ -289,11 +289,13 @@ class PwriteSpy:
 
 
 def test_a_failed_fsync_fails_its_tickets_and_the_retry_writes_the_data_again(
-    codec, impl, tmp_path, monkeypatch, run
+    codec, impl, tmp_path, monkeypatch, run, caplog
 ):
     """After a failed fdatasync the kernel holds the data in clean pages, which the next
     fdatasync would not write: the retry writes everything since the last good sync again
-    (through the executor, whose sync does that), then batches go back to the worker."""
+    (through the executor, whose sync does that), then batches go back to the worker. The
+    failure and the recovery are logged, as a periodic sync's are (a group commit's were
+    answered SERVER_ERROR, counted, and not logged)."""
 
     async def main():
         commit = GroupCommit(asyncio.get_running_loop())
@@ -320,7 +322,12 @@ def test_a_failed_fsync_fails_its_tickets_and_the_retry_writes_the_data_again(
         journal.close()
         commit.close()
 
-    run(main())
+    with caplog.at_level("WARNING", logger="erq.journal"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "fsync of" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "failed" in lines[0] and os.strerror(errno.EINVAL) in lines[0]
+    assert "works again, after 1 failed" in lines[1]
 
 
 def test_a_batch_with_no_descriptor_for_its_copies_syncs_in_the_executor(
@@ -1116,7 +1123,7 @@ def test_failing_periodic_fsyncs_are_logged_once_then_their_recovery(
         spy.fail = False
         await spy.wait_entered()
         for _ in range(100):  # its done-callback runs on the loop after the sync returns
-            if journal.periodic_sync_failures == 0:
+            if journal.sync_failures_in_a_row == 0:
                 break
             await asyncio.sleep(0.01)
         journal.close()
@@ -1124,7 +1131,7 @@ def test_failing_periodic_fsyncs_are_logged_once_then_their_recovery(
 
     with caplog.at_level("WARNING", logger="erq.journal"):
         run(main())
-    lines = [r.getMessage() for r in caplog.records if "periodic fsync" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "fsync of" in r.getMessage()]
     assert len(lines) == 2, lines
     assert "failed" in lines[0] and "injected I/O error" in lines[0]
     assert "works again" in lines[1]

@@ -56,6 +56,29 @@ log = logging.getLogger("erq.journal")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
 
+def _sync_failed(journal: QueueJournal, error: BaseException) -> None:
+    """Log a journal's failed sync, periodic or a group commit's: the first of a streak (each
+    is retried, every period or with the next write, until one works; the stat
+    journal_sync_errors counts them all), so that a failing disk writes one line, not one a
+    write."""
+    journal.sync_failures_in_a_row += 1
+    if journal.sync_failures_in_a_row == 1:
+        log.warning(
+            "fsync of %s failed: %s (retried until it works, which is logged)",
+            journal.directory,
+            error,
+        )
+
+
+def _sync_works_again(journal: QueueJournal) -> None:
+    log.warning(
+        "fsync of %s works again, after %d failed",
+        journal.directory,
+        journal.sync_failures_in_a_row,
+    )
+    journal.sync_failures_in_a_row = 0
+
+
 def _sync_all(work: list[tuple[QueueJournal, SyncWork]]) -> dict[QueueJournal, JournalError]:
     """Executor side of a batch: sync every journal's segments, collect the failures."""
     errors = {}
@@ -329,11 +352,15 @@ class GroupCommit:
             return  # close() answered it already
         self._running = None
         for journal, targets in batch.work:
-            if journal in errors:
+            error = errors.get(journal) if errors else None
+            if error is not None:
                 journal.restore_dirty(targets)
                 journal.check_current()  # deleted under the server? heal it now
+                _sync_failed(journal, error)
             else:
                 targets.synced()
+                if journal.sync_failures_in_a_row:
+                    _sync_works_again(journal)
         if not self._closed:
             self._start_after_next_pass()
         # Settle every ticket of the batch before calling any waiter: a session waits only
@@ -412,24 +439,10 @@ class GroupCommit:
         for journal, targets in work:
             error = errors.get(journal)
             if error is not None:
-                # Retried every period until it works: one line for the streak, not one a
-                # period.
-                journal.periodic_sync_failures += 1
-                if journal.periodic_sync_failures == 1:
-                    log.warning(
-                        "periodic fsync of %s failed: %s (retried every period; logged again "
-                        "once it works)",
-                        journal.directory,
-                        error,
-                    )
+                _sync_failed(journal, error)
                 journal.restore_dirty(targets)
-            elif journal.periodic_sync_failures:
-                log.warning(
-                    "periodic fsync of %s works again, after %d failed",
-                    journal.directory,
-                    journal.periodic_sync_failures,
-                )
-                journal.periodic_sync_failures = 0
+            elif journal.sync_failures_in_a_row:
+                _sync_works_again(journal)
 
     # ---- other work off the loop ------------------------------------------------------------
     def background(self, work: Callable[[], object]) -> None:

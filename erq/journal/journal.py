@@ -179,7 +179,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         self._spares = 0  # spare files made: their names
         self._closed = False
         self.rotations = 0  # segments sealed because they were full or for a compaction
-        self.periodic_sync_failures = 0  # in a row: the first is logged, then the recovery
+        self.sync_failures_in_a_row = 0  # the first is logged, then the recovery (commit.py)
         self.sync_errors = 0  # syncs that failed (stats: journal_sync_errors)
         self._init_reclaiming()
         self._init_healing(directory)
