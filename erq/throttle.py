@@ -13,24 +13,26 @@ INTERVAL = 10.0  # seconds between two lines of one reason
 class Throttle:
     """One reason's log line: ``log()`` writes it at most once per ``interval`` seconds."""
 
-    __slots__ = ("logger", "level", "interval", "_next", "_skipped")
+    __slots__ = ("logger", "level", "interval", "_last", "_skipped")
 
     def __init__(self, logger: logging.Logger, level: int, interval: float = INTERVAL) -> None:
         self.logger = logger
         self.level = level
         self.interval = interval
-        self._next = 0.0  # monotonic time at which the next line may go out
+        self._last: float | None = None  # monotonic time of the last line written
         self._skipped = 0
 
     def log(self, msg: str, *args: object) -> None:
         now = time.monotonic()
-        if now < self._next:
+        last = self._last
+        if last is not None and now < last + self.interval:
             self._skipped += 1
             return
-        self._next = now + self.interval
+        self._last = now
         if self._skipped:
-            msg += " (and %d more like it in the last %.0f s)"
-            args = (*args, self._skipped, self.interval)
+            # Left out since the last line, which may be long before the interval's start.
+            msg += " (and %d more like it since the last such line, %.0f s ago)"
+            args = (*args, self._skipped, now - last)
             self._skipped = 0
         self.logger.log(self.level, msg, *args)
 

@@ -20,8 +20,13 @@ def test_one_line_per_interval_then_the_count_of_those_left_out(monkeypatch, cap
         line.log("refused %s", "c")
         now[0] += 10.0
         line.log("refused %s", "d")
+        now[0] += 1.0
+        line.log("refused %s", "e")  # left out, and told long after: the time is the true one
+        now[0] += 79.0
+        line.log("refused %s", "f")
     assert [r.getMessage() for r in caplog.records] == [
         "refused a",
-        "refused c (and 5 more like it in the last 10 s)",
+        "refused c (and 5 more like it since the last such line, 10 s ago)",
         "refused d",
+        "refused f (and 1 more like it since the last such line, 80 s ago)",
     ]
