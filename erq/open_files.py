@@ -29,8 +29,12 @@ JOURNAL_RESERVE = 64
 
 
 def raise_limit(max_connections: int, max_queues: int) -> int | None:
-    """Lift the soft limit on open files toward what max_connections and max_queues need (up
-    to the hard limit, as memcached does), and say so when even the hard limit is short.
+    """Lift the soft limit on open files to the hard limit, and say so when even that is short
+    of what max_connections and max_queues want. Not only to what they want: a queue's
+    journal holds descriptors for each of its segments (two: its own and its mapping's), so a
+    deep queue holds one pair per 64 MiB, which no setting bounds; a server that stopped at
+    what the settings name ran out when a backlog grew, and could not replay it at the next
+    start. (The Go runtime and the JVM lift it the same way; erq sizes nothing by it.)
     Returns the soft limit now in force (None: no limit, or none this platform tells)."""
     try:
         import resource
@@ -38,8 +42,10 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
         return None
     needed = max_connections + PER_QUEUE * max_queues + RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if soft != resource.RLIM_INFINITY:
+        # An infinite hard limit cannot be the soft one (Linux caps it at fs.nr_open, macOS
+        # at OPEN_MAX): there, what the settings want.
+        target = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
         if target > soft:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -5,10 +5,12 @@ periodic sweep, reload and graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import itertools
 import logging
+import os
 import signal
 import socket
 import threading
@@ -206,7 +208,13 @@ class Server:
             recover = startsignals.in_worker_thread(_recover)  # signals: the main thread's
             opened = await asyncio.to_thread(recover, queues, self._stop_recovery)
         except JournalError as exc:  # a journal this erq must not touch (another version)
-            raise StartError(f"cannot recover the journals: {exc}") from None
+            why = str(exc)
+            if os.strerror(errno.EMFILE) in why:  # the hard limit is short of the segments
+                why += (
+                    f" (the open-file limit is {open_file_limit}, and each journal segment"
+                    " holds two: raise the hard limit, ulimit -Hn)"
+                )
+            raise StartError(f"cannot recover the journals: {why}") from None
         queues.adopt(opened)
         if self._stopped.is_set():  # stopped while replaying (which got to its end): no port
             return

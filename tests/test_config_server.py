@@ -240,9 +240,11 @@ def _open_files_limit(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
-def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfall_logged(
+def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_logged(
     erq_factory,
 ):
+    """To the hard limit, not to what max_connections and max_queues want: a deep queue's
+    journal holds descriptors per segment, which those settings do not bound."""
     import resource
 
     def limits() -> None:  # in the child, before erq starts
@@ -251,12 +253,16 @@ def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfa
     enough = erq_factory(
         config=config(server="max_connections = 1000\nmax_queues = 500"), preexec_fn=limits
     )
-    assert _open_files_limit(enough.proc.pid) == 1000 + 2 * 500 + 128
+    assert _open_files_limit(enough.proc.pid) == 4096
     assert "open files" not in enough.read_log()
-    # max_connections and max_queues apply on a reload: so does the limit they need.
-    enough.write_config(config(server="max_connections = 1500\nmax_queues = 500"))
+    # max_connections and max_queues apply on a reload: so does the check of what they want.
+    enough.write_config(config(server="max_connections = 3000"))
     assert enough.client().call(b"reload\r\n") == RELOADED
-    assert _open_files_limit(enough.proc.pid) == 1500 + 2 * 500 + 128
+    assert _open_files_limit(enough.proc.pid) == 4096
+    assert (
+        "max_connections = 3000 and max_queues = 4096 want 11320 open files, and the limit "
+        "is 4096" in enough.read_log()
+    )
     short = erq_factory(
         config=config(server="max_connections = 3000"), preexec_fn=limits, name="short"
     )
@@ -265,6 +271,42 @@ def test_the_open_file_limit_is_raised_for_connections_and_queues_or_the_shortfa
         "max_connections = 3000 and max_queues = 4096 want 11320 open files, and the limit "
         "is 4096" in short.read_log()
     )
+
+
+def test_a_queue_deeper_than_the_soft_open_file_limit_is_served_and_replayed(erq_factory):
+    """A queue whose journal holds more segments than the soft limit has descriptors for
+    (two each): under a soft limit of 256 it stopped taking sets, then answered every get
+    SERVER_ERROR (a removal needs a segment too), and no restart could replay it. The hard
+    limit is what the server runs with; where even that is short, the start says so."""
+    import resource
+
+    def limits() -> None:  # in the child, before erq starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    # 64 KiB segments: 2,000 items of 8 KiB take ~250 of them. The settings want 198 files.
+    queues = '[queues.default]\nmax_journal_size = "256KiB"\n'
+    settings = "max_connections = 50\nmax_queues = 10"
+    server = erq_factory(config=config(server=settings, queues=queues), preexec_fn=limits)
+    c = server.client()
+    items = [b"%05d" % i + b"x" * 8187 for i in range(2000)]
+    for item in items:
+        assert c.set("deep", item) == STORED
+    segments = len(list((server.data_dir / "deep").glob("*.seg")))
+    assert segments > 200, segments
+    server.stop(signal.SIGKILL)
+    assert "Too many open files" not in server.read_log()
+    # A hard limit short of the segments stops the start, and the log says which limit.
+    server.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    server.start(wait=False)
+    assert server.proc.wait(60) == 1
+    assert "raise the hard limit, ulimit -Hn" in server.read_log()
+    server.stop()
+    server.preexec_fn = limits
+    server.start()
+    c = server.client()
+    for item in items:
+        assert c.get("deep") == b"VALUE deep 0 8192\r\n" + item + b"\r\nEND\r\n"
+    assert c.get("deep") == b"END\r\n"
 
 
 @pytest.mark.parametrize("fsync", ["always", "100ms"])
