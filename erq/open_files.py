@@ -26,6 +26,11 @@ MIN_CONNECTIONS = 8
 # What new queues leave (of RESERVE) for the journals' passing needs and the first
 # connections: a queue whose descriptor number would fall within it is refused.
 JOURNAL_RESERVE = 64
+# What a segment for an item leaves (of JOURNAL_RESERVE) for the segments of removals, opens,
+# confirms and compactions: a deep queue at the limit still drains and gives segments back.
+SEGMENT_RESERVE = 32
+
+_limit: int | None = None  # the soft limit raise_limit left in force (None: none, or unknown)
 
 
 def raise_limit(max_connections: int, max_queues: int) -> int | None:
@@ -36,6 +41,7 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
     what the settings name ran out when a backlog grew, and could not replay it at the next
     start. (The Go runtime and the JVM lift it the same way; erq sizes nothing by it.)
     Returns the soft limit now in force (None: no limit, or none this platform tells)."""
+    global _limit
     try:
         import resource
     except ImportError:  # pragma: no cover - not POSIX
@@ -52,6 +58,7 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
                 soft = target
             except (ValueError, OSError) as exc:
                 log.debug("cannot raise the open-file limit to %d: %s", target, exc)
+    _limit = None if soft == resource.RLIM_INFINITY else soft
     if soft == resource.RLIM_INFINITY:
         return None
     if soft < needed:
@@ -80,14 +87,26 @@ def room_for_a_journal(limit: int | None) -> bool:
     """Whether a new queue's journal leaves the other journals their passing needs under the
     open-file limit ``limit``: the number a new descriptor gets says how many are in use, as
     for a connection (a queue made past it would take the descriptors their syncs need)."""
-    if limit is None:
-        return True
+    return limit is None or _lowest_free_descriptor() < limit - JOURNAL_RESERVE
+
+
+def room_for_a_segment() -> bool:
+    """Whether a journal may start a segment for an item under the limit raise_limit set,
+    and leave SEGMENT_RESERVE descriptors to the segments of removals and compactions: a
+    queue whose segments had taken every descriptor answered each get SERVER_ERROR (its
+    removal needed a segment too) and could be emptied only by deleting it."""
+    return _limit is None or _lowest_free_descriptor() < _limit - SEGMENT_RESERVE
+
+
+def _lowest_free_descriptor() -> int:
+    """The number a new descriptor gets, which says how many are in use below it (the
+    limit, when none is left)."""
     try:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # none left at all
-        return False
+        return _limit if _limit is not None else 1 << 30
     os.close(fd)
-    return fd < limit - JOURNAL_RESERVE
+    return fd
 
 
 def descriptor_of(transport: object) -> int:

@@ -380,6 +380,46 @@ def test_a_few_clients_are_let_in_when_the_journals_hold_the_reserve(erq_factory
         c.close()
 
 
+def test_a_queue_at_the_open_file_limit_refuses_items_and_still_drains(erq_factory):
+    """Under a hard limit of 256, a queue's segments fill the descriptors: its sets are
+    refused SERVER_ERROR short of the limit, and its gets, whose removals need segments too,
+    go on into what that leaves, so the queue drains (it answered every get SERVER_ERROR, and
+    only a delete, which drops its items, emptied it). A restart replays it."""
+    import resource
+
+    def limits() -> None:  # in the child, before erq starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    queues = '[queues.default]\nmax_journal_size = "256KiB"\n'  # 64 KiB segments
+    settings = "max_connections = 50\nmax_queues = 10"
+    server = erq_factory(config=config(server=settings, queues=queues), preexec_fn=limits)
+    c = server.client()
+    items = []
+    while len(items) < 5000:
+        item = b"%05d" % len(items) + b"x" * 8187
+        reply = c.set("deep", item)
+        if reply != STORED:
+            break
+        items.append(item)
+    assert reply.startswith(b"SERVER_ERROR "), reply
+    assert len(items) > 500, len(items)
+    assert c.set("deep", b"z" * 8192) == reply  # and again: nothing was stored
+    third = len(items) // 3
+    for item in items[:third]:  # gets go on, live
+        assert c.get("deep") == b"VALUE deep 0 8192\r\n" + item + b"\r\nEND\r\n"
+    server.stop(signal.SIGKILL)
+    server.start()  # replayed under the same limit, and served
+    c = server.client()
+    for item in items[third:]:
+        assert c.get("deep") == b"VALUE deep 0 8192\r\n" + item + b"\r\nEND\r\n"
+    assert c.get("deep") == b"END\r\n"
+    poll(lambda: c.set("deep", b"after") == STORED, "a set once the queue drained")
+    server.stop(signal.SIGKILL)
+    server.start()
+    assert server.client().get("deep") == b"VALUE deep 0 5\r\nafter\r\nEND\r\n"
+    assert "Traceback" not in server.read_log()
+
+
 def test_new_queues_may_not_take_the_descriptors_the_other_journals_need(erq_factory):
     """Queues made one after another under an open-file limit of 300: past what the limit
     leaves (erq.open_files), a new queue is refused with SERVER_ERROR before its journal

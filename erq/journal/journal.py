@@ -28,10 +28,18 @@ from pathlib import Path
 from ..datadir import fsync_directory, remove_queue_dir
 from ..heap import paused_gc
 from ..journal_api import JournalError
+from ..open_files import room_for_a_segment
 from ..startsignals import block_in_this_thread
 from . import codec
 from .diskitems import DiskItems
-from .format import HEADER_FLAG_SNAPSHOT, HEADER_SIZE, OP_ADD, OP_FLUSH, OP_UNREMOVE
+from .format import (
+    HEADER_FLAG_SNAPSHOT,
+    HEADER_SIZE,
+    OP_ADD,
+    OP_FLUSH,
+    OP_RECORD_SIZE,
+    OP_UNREMOVE,
+)
 from .healing import Healing
 from .reclaim import Reclaiming
 from .recovery import RecoveredItem, Recovery, replay
@@ -349,6 +357,13 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
         if self._refusing:
             raise JournalError(
                 f"the journal in {self.directory} was deleted and cannot be written again yet"
+            )
+        if record_size > OP_RECORD_SIZE and not room_for_a_segment():
+            # An item's segment stops short of the open-file limit; one for removals, opens
+            # and confirms (OP_RECORD_SIZE) or a compaction (0), which gives segments back,
+            # may go on into what it leaves.
+            raise JournalError(
+                "too many open files for another journal segment (ulimit -n); gets go on"
             )
         if size is None:
             size = self._next_size
