@@ -10,7 +10,13 @@ class RecoveryStopped(Exception):
     the queues opened so far are closed again, and the next start replays them anew."""
 
 
-class TooManyQueues(JournalError):
-    """A new queue refused at ``max_queues``. A JournalError, because a request that cannot
-    have its queue is refused the same way whichever the reason: ``SERVER_ERROR <why>``,
-    nothing stored or taken, the connection usable."""
+class OverLimit(JournalError):
+    """A request refused by a limit the server keeps (``max_queues``, the open-file limit),
+    not failed by a disk. A JournalError, because it is refused the same way whichever the
+    reason: ``SERVER_ERROR <why>``, nothing stored or taken, the connection usable. Logged
+    apart from the failures, so that a client past a limit cannot hide a failing disk."""
+
+
+class TooManyQueues(OverLimit):
+    """A new queue refused at ``max_queues``, or where its journal would take the descriptors
+    the others need."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 
-from erq.journal_api import JournalError
+from erq.journal_api import JournalError, OverLimit
 from erq.throttle import Throttle
 
 END = b"END\r\n"
@@ -23,10 +23,27 @@ NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"  # max_pending_data
 NOT_SUPPORTED = b"CLIENT_ERROR not supported by a queue\r\n"
 STARTING = b"SERVER_ERROR starting\r\n"
 
-# A full disk or a lost journal fails every request that writes: one line per 10 s (for all
-# commands together), so that the log does not grow on that full disk at the rate of the
-# requests.
-JOURNAL_FAILED_LOG = Throttle(logging.getLogger("erq.commands"), logging.ERROR)
+
+class _JournalFailedLog:
+    """A full disk or a lost journal fails every request that writes: one line per 10 s (for
+    all commands together), so that the log does not grow on that full disk at the rate of
+    the requests. Refusals at a limit (OverLimit) have their own line, a warning: a client
+    past max_queues would otherwise have had a failing disk's lines counted into its own."""
+
+    __slots__ = ("_failed", "_over_limit")
+
+    def __init__(self) -> None:
+        logger = logging.getLogger("erq.commands")
+        self._failed = Throttle(logger, logging.ERROR)
+        self._over_limit = Throttle(logger, logging.WARNING)
+
+    def log(self, msg: str, *args: object) -> None:
+        """``args[-1]``: the JournalError."""
+        line = self._over_limit if isinstance(args[-1], OverLimit) else self._failed
+        line.log(msg, *args)
+
+
+JOURNAL_FAILED_LOG = _JournalFailedLog()
 
 
 # A path in a journal error, from its first slash: the client is told the file's name (a queue

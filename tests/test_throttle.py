@@ -30,3 +30,23 @@ def test_one_line_per_interval_then_the_count_of_those_left_out(monkeypatch, cap
         "refused d",
         "refused f (and 1 more like it since the last such line, 80 s ago)",
     ]
+
+
+def test_a_refusal_at_a_limit_does_not_hide_a_journal_failure_in_the_log(monkeypatch, caplog):
+    """Refusals at a limit (a client past max_queues, say) and failures (a full disk) are
+    throttled apart: one of each gets its line within one interval."""
+    from erq.journal_api import JournalError, TooManyQueues
+    from erq.replies import _JournalFailedLog
+
+    now = [100.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    log = _JournalFailedLog()
+    with caplog.at_level(logging.WARNING, logger="erq.commands"):
+        log.log("set %s: %s", "q1", TooManyQueues("too many queues (max_queues = 1)"))
+        log.log("set %s: %s", "q2", TooManyQueues("too many queues (max_queues = 1)"))
+        now[0] += 1.0
+        log.log("set %s: %s", "q", JournalError("cannot write: No space left on device"))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "set q1: too many queues (max_queues = 1)"),
+        ("ERROR", "set q: cannot write: No space left on device"),
+    ]

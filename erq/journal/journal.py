@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..datadir import fsync_directory, remove_queue_dir
 from ..heap import paused_gc
-from ..journal_api import JournalError
+from ..journal_api import JournalError, OverLimit
 from ..open_files import room_for_a_segment
 from ..startsignals import block_in_this_thread
 from . import codec
@@ -362,9 +362,7 @@ class QueueJournal(codec.AppendCore, Reclaiming, Healing, metaclass=_JournalType
             # An item's segment stops short of the open-file limit; one for removals, opens
             # and confirms (OP_RECORD_SIZE) or a compaction (0), which gives segments back,
             # may go on into what it leaves.
-            raise JournalError(
-                "too many open files for another journal segment (ulimit -n); gets go on"
-            )
+            raise OverLimit("too many open files for another journal segment (ulimit -n)")
         if size is None:
             size = self._next_size
         least = round_up(HEADER_SIZE + record_size)
