@@ -117,9 +117,10 @@ class Ring:
         return buf[(self._head + self._count - 1) & (len(buf) - 1)]
 
     def clear(self) -> None:
-        self._buf = [None] * self._min_capacity
+        # Empty first: dropping the old list may run code (a __del__) that uses the ring.
         self._head = 0
         self._count = 0
+        self._buf = [None] * self._min_capacity
 
     def __iter__(self) -> Iterator[Any]:
         buf = self._buf

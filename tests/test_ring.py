@@ -103,6 +103,34 @@ def test_empty_ring_raises(Ring):
         ring.peek_tail()
 
 
+def test_an_item_released_by_clear_finds_the_ring_empty_and_usable(Ring):
+    """clear released each item while the ring still counted it: an item whose release ran
+    code popping from the ring (a __del__) was handed out as it was freed, and freed twice
+    (a crash under AddressSanitizer in the compiled build)."""
+    ring = Ring()
+    seen: list = []
+
+    class Reentrant:
+        def __del__(self):
+            seen.append(len(ring))
+            if ring:
+                seen.append(ring.pop())
+            ring.push("pushed while clearing")
+
+    for _ in range(40):  # past the first capacity: clear shrinks it too
+        ring.push(Reentrant())
+    ring.clear()
+    assert seen == [0] + [1, "pushed while clearing"] * 39
+    assert len(ring) == 1 and ring.pop() == "pushed while clearing"
+    ring.push("after")
+    assert ring.pop() == "after" and not ring
+
+
+def test_a_capacity_past_what_memory_holds_is_refused(Ring):
+    with pytest.raises((MemoryError, OverflowError)):
+        Ring(2**62 + 1)  # the compiled ring doubled its size until it wrapped, and spun
+
+
 def test_items_are_released(Ring):
     import gc
     import weakref

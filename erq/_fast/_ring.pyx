@@ -7,6 +7,7 @@ so wrap-around is a mask. Growth doubles and re-lays the items from index 0.
 
 cimport cython
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.limits cimport LLONG_MAX
 from libc.stdint cimport uint32_t, uint64_t
@@ -95,6 +96,8 @@ ITEM_MAKER = _maker
 cdef class Ring:
     def __cinit__(self, Py_ssize_t capacity=16):
         cdef Py_ssize_t cap = 4
+        if capacity > PY_SSIZE_T_MAX // <Py_ssize_t>sizeof(PyObject*):
+            raise MemoryError()  # doubling up to it would wrap (and spin at 0)
         while cap < capacity:
             cap <<= 1
         self._buf = <PyObject**>PyMem_Calloc(cap, sizeof(PyObject*))
@@ -115,9 +118,11 @@ cdef class Ring:
     @cython.wraparound(False)
     cdef void _release(self):
         cdef Py_ssize_t i, mask = self._cap - 1
+        cdef PyObject* obj
         for i in range(self._count):
-            Py_XDECREF(self._buf[(self._head + i) & mask])
-            self._buf[(self._head + i) & mask] = NULL
+            obj = self._buf[(self._head + i) & mask]
+            self._buf[(self._head + i) & mask] = NULL  # before the decref, which may run code
+            Py_XDECREF(obj)
 
     def __len__(self):
         return self._count
@@ -195,19 +200,21 @@ cdef class Ring:
         return <object>self._buf[(self._head + self._count - 1) & (self._cap - 1)]
 
     cpdef clear(self):
-        cdef PyObject** smaller
-        self._release()
+        """Empty the ring before its items are released: releasing one may run code (a
+        ``__del__``) that uses the ring, which then finds it empty and whole, as the twin's
+        does. The new array comes first: should it not, MemoryError, the ring unchanged."""
+        cdef PyObject** old = self._buf
+        cdef Py_ssize_t i, head = self._head, count = self._count, mask = self._cap - 1
+        cdef PyObject** fresh = <PyObject**>PyMem_Calloc(self._min_cap, sizeof(PyObject*))
+        if fresh == NULL:
+            raise MemoryError()
+        self._buf = fresh
+        self._cap = self._min_cap
         self._head = 0
         self._count = 0
-        if self._cap != self._min_cap:
-            # The smaller array first: should it not come, the ring keeps its larger one,
-            # empty and whole (freeing first left _buf NULL under the old _cap).
-            smaller = <PyObject**>PyMem_Calloc(self._min_cap, sizeof(PyObject*))
-            if smaller == NULL:
-                return
-            PyMem_Free(self._buf)
-            self._buf = smaller
-            self._cap = self._min_cap
+        for i in range(count):
+            Py_XDECREF(old[(head + i) & mask])
+        PyMem_Free(old)
 
     cpdef bint shrink(self) except -1:
         """Give back the room of a ring that grew for a burst and has drained: once a
