@@ -350,7 +350,9 @@ class QueueCollection:
             except JournalError as exc:  # the removal is journaled next: say what is lost
                 result, ticket, why = None, None, str(exc)
             else:
-                why = "it is full"
+                limit = self.config.queue_config(target).max_item_size
+                too_large = limit is not None and len(item.data) > limit
+                why = f"over its max_item_size ({limit} bytes)" if too_large else "it is full"
             if result is STORED:
                 self.total_items += 1
                 if ticket is not None and queue.journal is not None:

@@ -576,6 +576,14 @@ max_items = 0
     assert c.set("src", b"y", exptime=-1) == STORED
     assert flush_expired(c, "src") == 1
     assert qint(c, "full", "total_items") == 0
+    # One too large for the target is dropped the same way, and the log says why (it said
+    # "it is full" for every refusal).
+    proc.write_config(config.replace("max_items = 0", "max_item_size = 1"))
+    c = restart(proc, crash=False)  # (a drop's log line is throttled: a new process logs it)
+    assert c.set("src", b"two", exptime=-1) == STORED
+    assert flush_expired(c, "src") == 1
+    assert "full refused it: over its max_item_size (1 bytes)" in proc.read_log()
+    assert qint(c, "full", "total_items") == 0
 
 
 # ---- max_queue_age -----------------------------------------------------------------------------
