@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger("erq.server")
 
@@ -21,7 +22,12 @@ log = logging.getLogger("erq.server")
 # (a group commit's copies of segment descriptors, directories synced, rotations,
 # compactions; a commit that finds no descriptor for its copies syncs without them).
 RESERVE = 128
-PER_QUEUE = 2  # a queue's current segment and its spare (more while it holds old segments)
+# Before Python 3.13 an mmap keeps a copy of the descriptor it maps, so a journal segment
+# holds two; 3.13 can map without one (trackfd), and erq.journal.segment does.
+MAPPING_HOLDS_A_DESCRIPTOR = sys.version_info < (3, 13)
+DESCRIPTORS_PER_SEGMENT = 2 if MAPPING_HOLDS_A_DESCRIPTOR else 1
+# A queue's current segment and its spare, a plain file (more while it holds old segments).
+PER_QUEUE = DESCRIPTORS_PER_SEGMENT + 1
 MIN_CONNECTIONS = 8
 # What new queues leave (of RESERVE) for the journals' passing needs and the first
 # connections: a queue whose descriptor number would fall within it is refused.
@@ -36,8 +42,8 @@ _limit: int | None = None  # the soft limit raise_limit left in force (None: non
 def raise_limit(max_connections: int, max_queues: int) -> int | None:
     """Lift the soft limit on open files to the hard limit, and say so when even that is short
     of what max_connections and max_queues want. Not only to what they want: a queue's
-    journal holds descriptors for each of its segments (two: its own and its mapping's), so a
-    deep queue holds one pair per 64 MiB, which no setting bounds; a server that stopped at
+    journal holds descriptors for each of its segments (its own, and before Python 3.13 its
+    mapping's), so a deep queue holds one or two per 64 MiB, which no setting bounds; a server that stopped at
     what the settings name ran out when a backlog grew, and could not replay it at the next
     start. (The Go runtime and the JVM lift it the same way; erq sizes nothing by it.)
     Returns the soft limit now in force (None: no limit, or none this platform tells)."""

@@ -210,9 +210,10 @@ class Server:
         except JournalError as exc:  # a journal this erq must not touch (another version)
             why = str(exc)
             if os.strerror(errno.EMFILE) in why:  # the hard limit is short of the segments
+                each = "one" if open_files.DESCRIPTORS_PER_SEGMENT == 1 else "two"
                 why += (
                     f" (the open-file limit is {open_file_limit}, and each journal segment"
-                    " holds two: raise the hard limit, ulimit -Hn)"
+                    f" holds {each}: raise the hard limit, ulimit -Hn)"
                 )
             raise StartError(f"cannot recover the journals: {why}") from None
         queues.adopt(opened)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from erq.open_files import DESCRIPTORS_PER_SEGMENT
+
 from conftest import ROOT, ErqProcess, RawClient, free_port
 from support import (
     DEFAULT_CONFIG,
@@ -247,6 +249,8 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_logged(
     journal holds descriptors per segment, which those settings do not bound."""
     import resource
 
+    from erq import open_files
+
     def limits() -> None:  # in the child, before erq starts
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, 4096))
 
@@ -255,12 +259,13 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_logged(
     )
     assert _open_files_limit(enough.proc.pid) == 4096
     assert "open files" not in enough.read_log()
+    wanted = 3000 + open_files.PER_QUEUE * 4096 + open_files.RESERVE  # 15,416 before 3.13
     # max_connections and max_queues apply on a reload: so does the check of what they want.
     enough.write_config(config(server="max_connections = 3000"))
     assert enough.client().call(b"reload\r\n") == RELOADED
     assert _open_files_limit(enough.proc.pid) == 4096
     assert (
-        "max_connections = 3000 and max_queues = 4096 want 11320 open files, and the limit "
+        f"max_connections = 3000 and max_queues = 4096 want {wanted} open files, and the limit "
         "is 4096" in enough.read_log()
     )
     short = erq_factory(
@@ -268,14 +273,14 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_logged(
     )
     assert _open_files_limit(short.proc.pid) == 4096
     assert (
-        "max_connections = 3000 and max_queues = 4096 want 11320 open files, and the limit "
+        f"max_connections = 3000 and max_queues = 4096 want {wanted} open files, and the limit "
         "is 4096" in short.read_log()
     )
 
 
 def test_a_queue_deeper_than_the_soft_open_file_limit_is_served_and_replayed(erq_factory):
     """A queue whose journal holds more segments than the soft limit has descriptors for
-    (two each): under a soft limit of 256 it stopped taking sets, then answered every get
+    (two each before Python 3.13): under a soft limit of 256 it stopped taking sets, then answered every get
     SERVER_ERROR (a removal needs a segment too), and no restart could replay it. The hard
     limit is what the server runs with; where even that is short, the start says so."""
     import resource
@@ -283,16 +288,17 @@ def test_a_queue_deeper_than_the_soft_open_file_limit_is_served_and_replayed(erq
     def limits() -> None:  # in the child, before erq starts
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 
-    # 64 KiB segments: 2,000 items of 8 KiB take ~250 of them. The settings want 198 files.
+    # 64 KiB segments, 8 items of 8 KiB each: ~500 descriptors' worth of them. The settings
+    # want about 200 files.
     queues = '[queues.default]\nmax_journal_size = "256KiB"\n'
     settings = "max_connections = 50\nmax_queues = 10"
     server = erq_factory(config=config(server=settings, queues=queues), preexec_fn=limits)
     c = server.client()
-    items = [b"%05d" % i + b"x" * 8187 for i in range(2000)]
+    items = [b"%05d" % i + b"x" * 8187 for i in range(8 * 500 // DESCRIPTORS_PER_SEGMENT)]
     for item in items:
         assert c.set("deep", item) == STORED
     segments = len(list((server.data_dir / "deep").glob("*.seg")))
-    assert segments > 200, segments
+    assert segments * DESCRIPTORS_PER_SEGMENT > 400, segments
     server.stop(signal.SIGKILL)
     assert "Too many open files" not in server.read_log()
     # A hard limit short of the segments stops the start, and the log says which limit.
@@ -368,7 +374,7 @@ def test_a_few_clients_are_let_in_when_the_journals_hold_the_reserve(erq_factory
 
     server = erq_factory(preexec_fn=limits)
     writer = server.client()
-    for i in range(90):  # two descriptors each: past 300 - RESERVE
+    for i in range(180 // DESCRIPTORS_PER_SEGMENT):  # a segment each: past 300 - RESERVE
         assert writer.set(f"q{i}", b"x") == STORED
     clients = [server.client() for _ in range(open_files.MIN_CONNECTIONS - 1)]
     for c in clients:
@@ -446,7 +452,7 @@ def test_new_queues_may_not_take_the_descriptors_the_other_journals_need(erq_fac
     while (reply := c.set(f"q{made}", b"x")) == STORED:
         made += 1
     assert reply == b"SERVER_ERROR too many queues for the open-file limit (ulimit -n)\r\n"
-    assert 50 < made < 150, made
+    assert 100 < made * DESCRIPTORS_PER_SEGMENT < 300, made  # descriptors: below the limit
     for i in range(made):  # each one's sync still finds its descriptors
         assert c.set(f"q{i}", b"more") == STORED
     assert c.set("volatile", b"kept in memory") == STORED
@@ -673,7 +679,7 @@ TOO_MANY_QUEUES = b"SERVER_ERROR too many queues (max_queues = 3)\r\n"
 
 
 def test_max_queues_refuses_a_new_queue_and_keeps_serving_the_others(erq_factory):
-    """Every set or get naming a new queue makes a directory, a segment and two descriptors:
+    """Every set or get naming a new queue makes a directory, a segment and its descriptors:
     a client must not make them without end. At max_queues a request that would create one
     more is refused with SERVER_ERROR (the connection stays usable); the queues that exist
     work on; a deletion makes room; a reload or a restart applies a new limit, and a restart

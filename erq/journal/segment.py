@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..journal_api import JournalError
+from ..open_files import MAPPING_HOLDS_A_DESCRIPTOR
 from . import codec
 from .format import (
     FORMAT_VERSION,
@@ -32,6 +33,9 @@ _HEADER_TAIL = struct.Struct("<II")  # crc32c of the first 24 bytes, reserved ze
 _ZERO_CHUNK = bytes(1 << 20)
 # fdatasync on Linux also writes back the file's dirty mmap pages; elsewhere use msync.
 _FDATASYNC_COVERS_MMAP = sys.platform.startswith("linux")
+# Mapped without a copy of the descriptor where Python can (3.13): the segment's own is the
+# one the syncs, compaction's sendfile and the deleted-file check use.
+_MAP_OPTIONS: dict[str, bool] = {} if MAPPING_HOLDS_A_DESCRIPTOR else {"trackfd": False}
 
 
 class SegmentHeaderError(Exception):
@@ -207,7 +211,9 @@ class Segment:
             os.pwrite(fd, encode_header(seq, flags, id_floor), 0)
             if spare is None:
                 _preallocate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(
+                fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_MAP_OPTIONS
+            )
             os.rename(tmp, path)
         except OSError as exc:
             os.close(fd)
@@ -236,7 +242,7 @@ class Segment:
             else:
                 flags, seq, id_floor = 0, damaged_as, 0
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MAP_OPTIONS)
         except BaseException:
             os.close(fd)
             raise
