@@ -39,7 +39,7 @@ from erq.replies import (
     journal_failed,
 )
 from erq.server_commands import COMMANDS
-from erq.session import SLOW_OPS_PER_PASS, Session
+from erq.session import REQUESTS_PER_PASS, SLOW_OPS_PER_PASS, Session
 from erq.throttle import Throttle
 
 log = logging.getLogger("erq.commands")
@@ -379,6 +379,8 @@ def feed(session: Session, requests: list) -> None:
         return
     queues = session.state.queues
     slow_ops = queues.slow_ops
+    count = len(requests)
+    turn = count if count <= REQUESTS_PER_PASS else REQUESTS_PER_PASS
     for i, request in enumerate(requests):
         dispatch(session, request)
         if session.blocked is not None or session.closing:
@@ -389,12 +391,13 @@ def feed(session: Session, requests: list) -> None:
             # The client is not taking its replies: the rest waits until it does.
             session.hold_back(requests[i + 1 :])
             break
-        if (
+        if i + 1 == turn < count or (
             queues.slow_ops != slow_ops
             and queues.slow_ops - slow_ops >= SLOW_OPS_PER_PASS
-            and i + 1 < len(requests)
+            and i + 1 < count
         ):
-            # Work on the file system piles up: the other connections go first.
+            # A long pipeline, or work on the file system piling up: the other connections
+            # go first.
             session.hold_back(requests[i + 1 :])
             session.give_way()
             break

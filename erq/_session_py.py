@@ -42,6 +42,11 @@ OUT_BUDGET = 1 << 20
 # loop back to the other connections: 4,000 gets of new names in one read held every other
 # client ~270 ms, 4,000 status changes 1.7 s.
 SLOW_OPS_PER_PASS = 16
+# Requests of one pipeline run in a pass of the loop before the other connections get their
+# turn (memcached's reqs_per_event): one client's 256 KiB read of small gets is ~37,000
+# requests, which held every other client ~0.1-0.2 s (compiled) or ~0.5 s (pure Python),
+# and a few such clients many times that. A pipeline of up to this many runs whole.
+REQUESTS_PER_PASS = 256
 # A connection keeps a line of reads per queue name it read with /open; lines left empty are
 # dropped once there are this many names more than the last time they were (a pooled
 # connection reading a reply queue per request would otherwise keep one per name it met),
@@ -205,12 +210,16 @@ class Session:
         pending = self.pending
         queues = self.state.queues
         slow_ops = queues.slow_ops
+        turn = REQUESTS_PER_PASS
         while pending and self.blocked is None and not self.closing:
             if self.write_paused or (self.out_room < 0 and self.output_full()):
                 break
-            if queues.slow_ops != slow_ops and queues.slow_ops - slow_ops >= SLOW_OPS_PER_PASS:
+            if turn == 0 or (
+                queues.slow_ops != slow_ops and queues.slow_ops - slow_ops >= SLOW_OPS_PER_PASS
+            ):
                 self.give_way()
                 break
+            turn -= 1
             request = pending.popleft()
             self.pending_bytes -= request_size(request)
             if self.pending_data:
@@ -232,8 +241,9 @@ class Session:
         self.flush()
 
     def give_way(self) -> None:
-        """The pipeline did SLOW_OPS_PER_PASS requests' work on the file system: the rest (in
-        pending) runs once the loop has served the other connections."""
+        """The pipeline ran REQUESTS_PER_PASS requests, or SLOW_OPS_PER_PASS requests' work on
+        the file system: the rest (in pending) runs once the loop has served the other
+        connections."""
         self.state.loop.call_soon(self.run)
 
     def unblock(self) -> None:
@@ -562,6 +572,7 @@ __all__ = [
     "MAX_PENDING_BYTES",
     "OPEN_NAMES_SLACK",
     "OUT_BUDGET",
+    "REQUESTS_PER_PASS",
     "SLOW_OPS_PER_PASS",
     "SYNC_FAILED",
     "Session",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
-from support import END
+from support import END, STORED
 
 
 def replies_so_far(client, wanted: bytes) -> int:
@@ -61,6 +61,36 @@ def test_a_client_is_served_while_another_changes_the_status_thousands_of_times(
     n = 1000
     served_midway(server, b"status READONLY\r\nstatus UP\r\n" * n, END, 2 * n)
     assert server.client().call(b"status\r\n") == b"UP\r\n"
+
+
+def test_a_client_is_served_while_another_pipelines_tens_of_thousands_of_requests(erq_factory):
+    """Cheap requests too: one write of 60,000 gets of an empty queue held every other
+    client until a whole read of them (256 KiB, ~23,000) was answered, ~0.1 s compiled and
+    ~0.5 s pure Python here, and a few such clients many times that. A pipeline runs REQUESTS_PER_PASS
+    of them, then gives the others their turn; it is answered whole and in order."""
+    from erq.session import REQUESTS_PER_PASS
+
+    server = erq_factory()
+    n = 60000
+    assert n > 100 * REQUESTS_PER_PASS
+    busy, other = server.client(), server.client()
+    busy.send(b"get empty\r\n" * n)
+    assert other.call(b"version\r\n").startswith(b"VERSION ")  # sent while busy's run
+    # Answered a few turns in (a read's worth, ~15,000-23,000, without them).
+    assert replies_so_far(busy, END) < 20 * REQUESTS_PER_PASS
+    busy.sock.settimeout(30)
+    assert b"".join(busy.line() for _ in range(n)) == END * n
+    # Sets and gets, interleaved, in order: every item once.
+    busy = server.client()
+    batch = b"".join(b"set q 0 0 5\r\n%05d\r\nget q\r\n" % i for i in range(n // 2))
+    busy.send(batch)
+    busy.sock.settimeout(30)
+    for i in range(n // 2):
+        assert busy.line() == STORED
+        assert busy.line() == b"VALUE q 0 5\r\n"
+        assert busy.line() == b"%05d\r\n" % i
+        assert busy.line() == END
+    assert busy.call(b"get q\r\n") == END
 
 
 def test_the_status_it_has_already_is_not_saved_again(erq_factory):

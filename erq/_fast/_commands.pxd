@@ -67,6 +67,12 @@ cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )
 cpdef cmd_get(c_session.Session session, tuple req)
-@cython.locals(i=cython.Py_ssize_t, queues=c_queues.QueueCollection, slow_ops=cython.longlong)
+@cython.locals(
+    i=cython.Py_ssize_t,
+    count=cython.Py_ssize_t,
+    turn=cython.Py_ssize_t,
+    queues=c_queues.QueueCollection,
+    slow_ops=cython.longlong,
+)
 cpdef feed(c_session.Session session, list requests)
 cpdef dispatch(c_session.Session session, tuple req)

@@ -41,7 +41,9 @@ cdef class Session:
     cdef public object gone  # a callable: is the client gone (see MemcacheProtocol)
 
     cpdef hold_back(self, list requests)
-    @cython.locals(queues=c_queues.QueueCollection, slow_ops=cython.longlong)
+    @cython.locals(
+        queues=c_queues.QueueCollection, slow_ops=cython.longlong, turn=cython.Py_ssize_t
+    )
     cpdef run(self)
     cpdef give_way(self)
     cpdef unblock(self)
