@@ -93,6 +93,30 @@ def test_a_client_is_served_while_another_pipelines_tens_of_thousands_of_request
     assert busy.call(b"get q\r\n") == END
 
 
+def test_a_large_write_with_big_items_and_a_blocked_get_runs_whole_and_in_order(erq_factory):
+    """A read is parsed a slice at a time (MemcacheProtocol.PARSE_SLICE): items cut across
+    slices, and a get that waits in the middle of a large write for another client's set,
+    with thousands of requests behind it, come out whole and in order."""
+    server = erq_factory()
+    busy, other = server.client(), server.client()
+    items = [bytes([65 + i % 26]) * (40_000 + i) for i in range(40)]
+    batch = b"".join(b"set big 0 0 %d\r\n%s\r\n" % (len(v), v) for v in items)
+    batch += b"get w/t=30000\r\n" + b"get big\r\n" * 40 + b"get empty\r\n" * 20000
+    busy.send(batch + b"version\r\n")
+    for _ in items:
+        assert busy.line() == STORED
+    assert other.call(b"set w 0 0 2\r\nhi\r\n") == STORED
+    busy.sock.settimeout(30)
+    assert busy.line() == b"VALUE w/t=30000 0 2\r\n"
+    assert busy.line() + busy.line() == b"hi\r\nEND\r\n"
+    for v in items:
+        assert busy.line() == b"VALUE big 0 %d\r\n" % len(v)
+        assert busy.line() == v + b"\r\n"
+        assert busy.line() == END
+    assert b"".join(busy.line() for _ in range(20000)) == END * 20000
+    assert busy.line().startswith(b"VERSION ")
+
+
 def test_the_status_it_has_already_is_not_saved_again(erq_factory):
     server = erq_factory()
     client = server.client()

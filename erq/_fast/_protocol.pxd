@@ -19,6 +19,8 @@ cdef class MemcacheProtocol:
     cdef int _reading_paused
     cdef object _linger
     cdef object _paused_watch
+    cdef object _rest
+    cdef Py_ssize_t _rest_at
 
     cdef _set_paused(self, int bit, bint on)
     cdef _unwatch_paused(self)
