@@ -44,6 +44,7 @@ from erq.throttle import Throttle
 
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
+_requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_commands.pxd)
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000
@@ -380,7 +381,7 @@ def feed(session: Session, requests: list) -> None:
     queues = session.state.queues
     slow_ops = queues.slow_ops
     count = len(requests)
-    turn = count if count <= REQUESTS_PER_PASS else REQUESTS_PER_PASS
+    turn = count if count <= _requests_per_pass else _requests_per_pass
     for i, request in enumerate(requests):
         dispatch(session, request)
         if session.blocked is not None or session.closing:

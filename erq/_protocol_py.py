@@ -55,6 +55,7 @@ _lingering = 0
 # Python, for which every other client waited, and each of a few such clients as long
 # (memcached reads 16 KiB at a time). Reading stops while a read's rest waits its turn.
 PARSE_SLICE = 16 * 1024
+_parse_slice = PARSE_SLICE  # a C integer when compiled (_protocol.pxd): read on every read
 # Bits of _reading_paused: the client's pipeline runs too far ahead (Session.hold_back), its
 # replies fill the write buffer, a read's rest is not parsed yet.
 _PIPELINE, _WRITE_BUFFER, _UNPARSED = 1, 2, 4
@@ -207,7 +208,7 @@ class MemcacheProtocol:
             return
         self._counters.bytes_read += len(data)
         self._active = True
-        if len(data) > PARSE_SLICE or self._rest is not None:
+        if len(data) > _parse_slice or self._rest is not None:
             self._parse_in_turn(data)
             return
         requests = self.parser.feed(data)
@@ -242,7 +243,7 @@ class MemcacheProtocol:
                     self.state.loop.call_soon(self._parse_rest)
                 return
             first = False
-            stop = at + PARSE_SLICE
+            stop = at + _parse_slice
             requests = parser.feed(data[at:stop])
             at = stop
             if requests:

@@ -47,6 +47,7 @@ SLOW_OPS_PER_PASS = 16
 # requests, which held every other client ~0.1-0.2 s (compiled) or ~0.5 s (pure Python),
 # and a few such clients many times that. A pipeline of up to this many runs whole.
 REQUESTS_PER_PASS = 256
+_requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_session.pxd)
 # A connection keeps a line of reads per queue name it read with /open; lines left empty are
 # dropped once there are this many names more than the last time they were (a pooled
 # connection reading a reply queue per request would otherwise keep one per name it met),
@@ -210,7 +211,7 @@ class Session:
         pending = self.pending
         queues = self.state.queues
         slow_ops = queues.slow_ops
-        turn = REQUESTS_PER_PASS
+        turn = _requests_per_pass
         while pending and self.blocked is None and not self.closing:
             if self.write_paused or (self.out_room < 0 and self.output_full()):
                 break

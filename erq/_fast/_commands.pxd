@@ -13,6 +13,8 @@ cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state
 cimport erq._fast._wire as _wire
 
+cdef Py_ssize_t _requests_per_pass
+
 
 @cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)
 cpdef cmd_set(c_session.Session session, tuple req)

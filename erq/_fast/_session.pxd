@@ -9,6 +9,8 @@ cimport erq._fast._queues as c_queues
 cimport erq._fast._state as c_state
 
 
+cdef Py_ssize_t _requests_per_pass
+
 cpdef Py_ssize_t set_data_size(tuple request) except -1
 cpdef Py_ssize_t request_size(tuple request) except -1
 
