@@ -165,6 +165,7 @@ class Parser:
         "_no_room",
         "_budget",
         "_held",
+        "stopped_at",
     )
 
     def __init__(
@@ -178,6 +179,7 @@ class Parser:
             raise TypeError(f"budget must be a DataBudget, not {type(budget).__name__}")
         self._budget = budget
         self._held = 0  # what the block being read holds in the budget
+        self.stopped_at = 0  # where the last feed stopped (see feed)
         self._buf = bytearray()
         self._state = _LINE
         self._closed = False
@@ -213,15 +215,21 @@ class Parser:
         """True once a closing error (or REQ_BINARY) was returned; input is then ignored."""
         return self._closed
 
-    def feed(self, data: bytes) -> list[tuple]:
-        """Consume one received chunk; return every request it completed, in order."""
+    def feed(self, data: bytes, start: int = 0, limit: int = 0) -> list[tuple]:
+        """Consume one received chunk, from ``start``; return every request it completed, in
+        order. With a ``limit``, stop before the next request line once that many are
+        complete: ``stopped_at`` then says where, and the bytes from there on are neither
+        parsed nor kept (feed them again). Otherwise ``stopped_at`` is ``len(data)``."""
         out: list[tuple] = []
+        n = len(data)
+        self.stopped_at = n
         if self._closed:
             return out
         if type(data) is not bytes:
             data = bytes(data)
-        n = len(data)
-        pos = 0
+        if not 0 <= start <= n:
+            raise ValueError(f"start {start} is outside the data ({n} bytes)")
+        pos = start
         buf = self._buf
         while buf and pos < n:
             # Finish the buffered line / trailer with just enough of the new chunk.
@@ -243,8 +251,11 @@ class Parser:
                 return out
             del buf[:used]
         if pos < n:
-            pos = self._run(data, pos, out)
+            pos = self._run(data, pos, out, limit)
             if not self._closed and pos < n:
+                if limit and len(out) >= limit and self._state == _LINE:
+                    self.stopped_at = pos
+                    return out
                 buf += data[pos:]
         return out
 
@@ -295,13 +306,16 @@ class Parser:
         self._release()
         self._state = _LINE
 
-    def _run(self, buf: bytes, pos: int, out: list[tuple]) -> int:
-        """Parse buf[pos:]; return the position of the first byte not consumed."""
+    def _run(self, buf: bytes, pos: int, out: list[tuple], limit: int = 0) -> int:
+        """Parse buf[pos:]; return the position of the first byte not consumed (with a
+        ``limit``, the start of the next request line once ``out`` holds that many)."""
         n = len(buf)
         max_line = self._max_line
         while pos < n:
             state = self._state
             if state == _LINE:
+                if limit and len(out) >= limit:
+                    return pos
                 if buf[pos] == 0x80:
                     self._close(out, _BINARY)
                     return n

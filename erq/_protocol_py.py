@@ -25,7 +25,7 @@ from erq.keepalive import enable as enable_keepalive
 from erq.open_files import RESERVE, descriptor_of, leaves_room
 from erq.parser import Parser
 from erq.paused_sockets import watch_paused
-from erq.session import Session
+from erq.session import REQUESTS_PER_PASS, Session
 from erq.throttle import Throttle
 from erq.wire import SocketWriter, peer_gone
 
@@ -49,16 +49,17 @@ REFUSAL = b"SERVER_ERROR too many open connections\r\n"
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 64
 _lingering = 0
-# A read larger than this is parsed a slice this long at a time, and the next slice only once
-# the requests before it have run (Session.REQUESTS_PER_PASS a pass of the loop): parsing a
-# whole read of 256 KiB of small requests (~37,000) took ~20 ms compiled and ~70 ms pure
-# Python, for which every other client waited, and each of a few such clients as long
-# (memcached reads 16 KiB at a time). Reading stops while a read's rest waits its turn.
-PARSE_SLICE = 16 * 1024
-_parse_slice = PARSE_SLICE  # a C integer when compiled (_protocol.pxd): read on every read
+# A read larger than this is parsed REQUESTS_PER_PASS requests at a time (Session), the next
+# ones a pass of the loop later and only once those before have run: parsing a whole read of
+# 256 KiB of small requests (~37,000) took ~20 ms compiled and ~70 ms pure Python, for which
+# every other client waited, and each of a few such clients as long (memcached reads 16 KiB
+# at a time and runs 20 requests an event). Reading stops while a read's rest waits its turn.
+PARSED_WHOLE = 16 * 1024
+_parsed_whole = PARSED_WHOLE  # a C integer when compiled (_protocol.pxd): read on every read
+_requests_per_pass = REQUESTS_PER_PASS  # likewise
 # Bits of _reading_paused: the client's pipeline runs too far ahead (Session.hold_back), its
-# replies fill the write buffer, a read's rest is not parsed yet.
-_PIPELINE, _WRITE_BUFFER, _UNPARSED = 1, 2, 4
+# replies fill the write buffer, a read's rest is not parsed yet, the server stops.
+_PIPELINE, _WRITE_BUFFER, _UNPARSED, _STOPPING = 1, 2, 4, 8
 
 
 def lingering_refusals() -> int:
@@ -119,7 +120,7 @@ class MemcacheProtocol:
         self._reading_paused = 0  # _PIPELINE | _WRITE_BUFFER | _UNPARSED
         self._linger = None  # a refused connection's deadline (a timer handle) while it lingers
         self._paused_watch = None  # on a loop's transport, the watch of its socket while paused
-        self._rest: bytes | None = None  # a read not parsed yet from _rest_at on (PARSE_SLICE)
+        self._rest: bytes | None = None  # a read not parsed yet from _rest_at on (PARSED_WHOLE)
         self._rest_at = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -208,7 +209,7 @@ class MemcacheProtocol:
             return
         self._counters.bytes_read += len(data)
         self._active = True
-        if len(data) > _parse_slice or self._rest is not None:
+        if len(data) > _parsed_whole or self._rest is not None:
             self._parse_in_turn(data)
             return
         requests = self.parser.feed(data)
@@ -220,22 +221,24 @@ class MemcacheProtocol:
         if rest is not None:  # (reading is paused meanwhile: only a lingering close reads on)
             data = rest[self._rest_at :] + data
             self._rest = None
-        self._parse_slices(data, 0)
+        self._parse_turns(data, 0)
 
-    def _parse_slices(self, data: bytes, at: int) -> None:
-        """Parse and run ``data`` from ``at``, a slice at a time: the first slice, and the
-        next ones while the connection's requests keep up. Once some wait (their turn, a
-        blocked get, replies not taken), the rest is input to parse on the loop's next pass,
-        a slice a pass (so that a connection that waits makes progress and cannot spin the
-        loop), and reading stops meanwhile."""
+    def _parse_turns(self, data: bytes, at: int) -> None:
+        """Parse and run ``data`` from ``at``, REQUESTS_PER_PASS requests at a time: the
+        first of them, and the next while the connection's requests keep up, up to that many
+        in all. Then, or once some wait (their turn, a blocked get, replies not taken), the
+        rest is input to parse on the loop's next pass (so that a connection that waits still
+        makes progress, and cannot spin the loop), and reading stops meanwhile. A request
+        is never cut: a set's data that came in one read is parsed in one piece."""
         session = self.session
         parser = self.parser
         end = len(data)
+        turn = _requests_per_pass
         first = True
         while at < end:
             if session is None or session.closing:
                 break  # a closing connection runs nothing more
-            if not first and (session.pending or session.blocked is not None):
+            if not first and (turn <= 0 or session.pending or session.blocked is not None):
                 self._rest = data
                 self._rest_at = at
                 self._set_paused(_UNPARSED, True)
@@ -243,10 +246,10 @@ class MemcacheProtocol:
                     self.state.loop.call_soon(self._parse_rest)
                 return
             first = False
-            stop = at + _parse_slice
-            requests = parser.feed(data[at:stop])
-            at = stop
+            requests = parser.feed(data, at, turn)
+            at = parser.stopped_at
             if requests:
+                turn -= len(requests)
                 _commands.feed(session, requests)
             session = self.session
         self._rest = None
@@ -261,7 +264,8 @@ class MemcacheProtocol:
         if data is None or self._reading_paused & _PIPELINE:
             return
         self._rest = None
-        self._parse_slices(data, self._rest_at)
+        self._active = True  # its input is still being taken: not idle (client_timeout)
+        self._parse_turns(data, self._rest_at)
 
     def eof_received(self) -> bool:
         """The client shut its side (``shutdown(SHUT_WR)``, ``nc -N``): it sends no more
@@ -344,6 +348,21 @@ class MemcacheProtocol:
         self._set_paused(_WRITE_BUFFER, False)
         if self.session is not None:
             self.session.writing_paused(False)
+
+    def stop_reading(self) -> None:
+        """The server stops: no more input is read; what was read runs (input_to_run)."""
+        self._set_paused(_STOPPING, True)
+
+    def input_to_run(self) -> bool:
+        """Requests read but not run yet (a pipeline's next turns, a read's unparsed rest)
+        that will run on the loop's next passes: not behind a blocked request or replies
+        the client has not taken."""
+        session = self.session
+        if session is None or session.closing or session.blocked is not None:
+            return False
+        if not (session.pending or self._rest is not None):
+            return False
+        return not session.write_paused and not (session.out_room < 0 and session.output_full())
 
     def client_left_while_paused(self) -> None:
         """erq's connection layer, or the watch of a loop's paused transport, heard the

@@ -457,6 +457,7 @@ class Server:
         for queue in state.queues:
             queue.wake_all()
         await asyncio.sleep(0)  # let woken sessions run their pipelines
+        await self._run_what_was_read(state)
         if self._commit is not None:
             await self._commit.drain()
         # Open reads go back to the head now, journaled, rather than when each transport's
@@ -489,6 +490,21 @@ class Server:
             )
         else:
             log.info("stopped")
+
+    async def _run_what_was_read(self, state: ServerState) -> None:
+        """PROTOCOL §6: in-flight requests finish. A pipeline runs REQUESTS_PER_PASS requests
+        a pass of the loop, and a large read is parsed as its requests run, so the requests
+        the connections have read take passes to run; nothing more is read meanwhile. At
+        most SHUTDOWN_SEND_SECONDS; those behind replies their client does not take are
+        dropped unrun by the close, as before."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_SEND_SECONDS
+        for proto in list(state.connections):
+            proto.stop_reading()
+        while loop.time() < deadline:
+            if not any(proto.input_to_run() for proto in list(state.connections)):
+                return
+            await asyncio.sleep(0)
 
     async def _send_replies_made(self, state: ServerState) -> None:
         """Let the closing connections send the replies they hold (up to OUT_BUDGET and a

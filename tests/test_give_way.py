@@ -6,9 +6,10 @@ names held them ~270 ms, 4,000 status changes ~1.7 s)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
-from support import END, STORED
+from support import END, STORED, config, poll
 
 
 def replies_so_far(client, wanted: bytes) -> int:
@@ -94,9 +95,9 @@ def test_a_client_is_served_while_another_pipelines_tens_of_thousands_of_request
 
 
 def test_a_large_write_with_big_items_and_a_blocked_get_runs_whole_and_in_order(erq_factory):
-    """A read is parsed a slice at a time (MemcacheProtocol.PARSE_SLICE): items cut across
-    slices, and a get that waits in the middle of a large write for another client's set,
-    with thousands of requests behind it, come out whole and in order."""
+    """A large read is parsed a turn at a time (MemcacheProtocol.PARSED_WHOLE): items of
+    tens of KiB, and a get that waits in the middle of a large write for another client's
+    set, with thousands of requests behind it, come out whole and in order."""
     server = erq_factory()
     busy, other = server.client(), server.client()
     items = [bytes([65 + i % 26]) * (40_000 + i) for i in range(40)]
@@ -115,6 +116,50 @@ def test_a_large_write_with_big_items_and_a_blocked_get_runs_whole_and_in_order(
         assert busy.line() == END
     assert b"".join(busy.line() for _ in range(20000)) == END * 20000
     assert busy.line().startswith(b"VERSION ")
+
+
+def test_a_set_that_came_whole_in_a_large_read_takes_no_room(erq_factory):
+    """A set whose data came in one read is not held in max_pending_data, also behind
+    hundreds of requests of the same read that wait their turn (a read cut into slices
+    made its data look as if it came in pieces, and a small limit refused it)."""
+    server = erq_factory(config=config(server='max_pending_data = "12KiB"'))
+    c = server.client()
+    value = b"v" * 12000
+    batch = b"set qa 0 0 1\r\nx\r\n" * 850 + b"set qb 0 0 12000\r\n" + value + b"\r\n"
+    c.send(batch)
+    c.sock.settimeout(30)
+    assert b"".join(c.line() for _ in range(851)) == STORED * 851
+    assert c.get("qb") == b"VALUE qb 0 12000\r\n" + value + b"\r\nEND\r\n"
+
+
+def test_a_stop_runs_the_requests_read_behind_a_blocked_get(erq_factory):
+    """PROTOCOL §6: a graceful stop finishes in-flight requests. Behind a get that waits,
+    thousands of sets were read; the stop answers the get END and then runs them all (a turn
+    of REQUESTS_PER_PASS a pass: one pass ran only the first turn, and the close dropped the
+    rest unrun), and every one is there after a restart."""
+    server = erq_factory()
+    busy, watcher = server.client(), server.client()
+    n = 3000
+    batch = b"get qw/t=60000\r\n" + b"".join(b"set qa 0 0 5\r\n%05d\r\n" % i for i in range(n))
+    asked = [int(watcher.stats()["bytes_read"])]
+
+    def batch_read() -> bool:  # bytes_read counts the watcher's stats requests too
+        asked.append(int(watcher.stats()["bytes_read"]))
+        return asked[-1] - 7 * (len(asked) - 1) >= asked[0] + len(batch)
+
+    busy.send(batch)
+    poll(batch_read, "the batch to be read")
+    watcher.close()
+    server.proc.send_signal(signal.SIGTERM)
+    busy.sock.settimeout(30)
+    assert busy.line() == END
+    assert b"".join(busy.line() for _ in range(n)) == STORED * n
+    busy.close()
+    assert server.proc.wait(30) == 0
+    server.start()
+    c = server.client()
+    assert int(c.stats()["curr_items"]) == n
+    assert c.get("qa") == b"VALUE qa 0 5\r\n00000\r\nEND\r\n"
 
 
 def test_the_status_it_has_already_is_not_saved_again(erq_factory):

@@ -739,3 +739,33 @@ def test_a_refused_key_keeps_no_trace_of_the_requests_refused_before(impl):
                 depth, tb = depth + 1, tb.tb_next
             depths.append(depth)
         assert depths[0] == depths[1] == depths[2], depths
+
+
+def test_a_limited_feed_stops_before_the_next_request_and_keeps_nothing_of_the_rest(mod):
+    """feed(data, start, limit): the server parses a large read a turn of requests at a
+    time, from where the last turn stopped, without copying the read. What the turns return
+    is what one feed returns; a set's data block is never cut by a turn; the bytes after
+    ``stopped_at`` are left to the next call, not kept."""
+    value = b"v\r\nv" * 5000
+    data = b"".join(
+        b"get a\r\n" if i % 7 else b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)
+        for i in range(1000)
+    )
+    whole = mod.Parser().feed(data)
+    for limit in (1, 2, 7, 256):
+        parser = mod.Parser()
+        turns, at = [], 0
+        while at < len(data):
+            got = parser.feed(data, at, limit)
+            assert 0 < len(got) <= limit
+            assert parser.buffered == 0 or parser.stopped_at == len(data)
+            turns.extend(got)
+            at = parser.stopped_at
+        assert turns == whole
+    # From a start, and an unfinished line kept as before (no limit reached).
+    parser = mod.Parser()
+    assert parser.feed(b"xxget a\r\nget b", 2, 5) == [(mod.REQ_GET, [b"a"], False)]
+    assert parser.stopped_at == 14 and parser.buffered == 5
+    assert parser.feed(b"\r\n") == [(mod.REQ_GET, [b"b"], False)]
+    with pytest.raises(ValueError):
+        parser.feed(b"abc", 4)

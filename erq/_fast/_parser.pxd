@@ -44,7 +44,9 @@ cdef class Parser:
     cdef bytes _last_name
     cdef bytes _last_token
 
-    cpdef list feed(self, object data)
+    cdef readonly Py_ssize_t stopped_at  # where the last feed stopped (see feed)
+
+    cpdef list feed(self, object data, Py_ssize_t start=*, Py_ssize_t limit=*)
     cdef int _append(self, const char* p, Py_ssize_t n) except -1
     cdef int _close(self, list out, tuple reply) except -1
     cdef void _release(self)
@@ -52,5 +54,5 @@ cdef class Parser:
     cdef list _tokens(self, const char* s, Py_ssize_t i, Py_ssize_t n)
     cdef int _emit(self, list out, object data) except -1
     cdef int _grow_block(self, Py_ssize_t room) except -1
-    cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1
+    cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out, Py_ssize_t limit) except -1
     cdef int _line(self, const char* s, Py_ssize_t n, list out) except -1

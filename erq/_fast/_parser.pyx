@@ -360,18 +360,25 @@ cdef class Parser:
         """True once a closing error (or REQ_BINARY) was returned; input is then ignored."""
         return self._closed
 
-    cpdef list feed(self, object data):
-        """Consume one received chunk; return every request it completed, in order."""
+    cpdef list feed(self, object data, Py_ssize_t start=0, Py_ssize_t limit=0):
+        """Consume one received chunk, from ``start``; return every request it completed, in
+        order. With a ``limit``, stop before the next request line once that many are
+        complete: ``stopped_at`` then says where, and the bytes from there on are neither
+        parsed nor kept (feed them again). Otherwise ``stopped_at`` is ``len(data)``."""
         cdef list out = []
         cdef const char* p
         cdef const char* nl
-        cdef Py_ssize_t n, pos = 0, take, used
+        cdef Py_ssize_t n, pos = start, take, used
         if self._closed:
+            self.stopped_at = len(data)
             return out
         if type(data) is not bytes:
             data = bytes(data)
         p = PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
+        self.stopped_at = n
+        if start < 0 or start > n:
+            raise ValueError(f"start {start} is outside the data ({n} bytes)")
         while self._buflen and pos < n:
             # Finish the buffered line / trailer with just enough of the new chunk.
             if self._state == ST_TRAILER:
@@ -393,7 +400,7 @@ cdef class Parser:
                 pos += take
                 if nl == NULL and self._buflen < self._max_line:
                     return out  # still one unfinished line, and all of data is in it
-            used = self._run(self._buf, self._buflen, out)
+            used = self._run(self._buf, self._buflen, out, 0)
             if self._closed:
                 return out
             if used < self._buflen:
@@ -404,8 +411,11 @@ cdef class Parser:
                 self._buf = NULL
                 self._bufcap = 0
         if pos < n:
-            pos += self._run(p + pos, n - pos, out)
+            pos += self._run(p + pos, n - pos, out, limit)
             if not self._closed and pos < n:
+                if limit and len(out) >= limit and self._state == ST_LINE:
+                    self.stopped_at = pos
+                    return out
                 self._append(p + pos, n - pos)
         return out
 
@@ -501,13 +511,16 @@ cdef class Parser:
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
-    cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out) except -1:
-        """Parse p[0:n]; return how many bytes were consumed (the rest must be kept)."""
+    cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out, Py_ssize_t limit) except -1:
+        """Parse p[0:n]; return how many bytes were consumed (the rest must be kept; with a
+        ``limit``, the rest from the next request line once ``out`` holds that many)."""
         cdef Py_ssize_t pos = 0, avail, lim, linelen, end, take, size, room
         cdef const char* nl
         cdef int r
         while pos < n:
             if self._state == ST_LINE:
+                if limit and len(out) >= limit:
+                    return pos
                 if <unsigned char>p[pos] == 0x80:
                     self._close(out, _BINARY)
                     return n

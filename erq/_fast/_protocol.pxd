@@ -7,7 +7,8 @@ cimport erq._fast._parser as c_parser
 cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state
 
-cdef Py_ssize_t _parse_slice
+cdef Py_ssize_t _parsed_whole
+cdef Py_ssize_t _requests_per_pass
 
 
 cdef class MemcacheProtocol:
