@@ -349,9 +349,11 @@ class MemcacheProtocol:
         if self.session is not None:
             self.session.writing_paused(False)
 
-    def stop_reading(self) -> None:
-        """The server stops: no more input is read; what was read runs (input_to_run)."""
-        self._set_paused(_STOPPING, True)
+    def stop_reading(self, on: bool = True) -> None:
+        """The server stops: no more input is read while what was read runs (input_to_run).
+        Lifted again just before the connection closes, so that the close tells a client
+        with input unread (paused otherwise) from an idle one (_close_transport)."""
+        self._set_paused(_STOPPING, on)
 
     def input_to_run(self) -> bool:
         """Requests read but not run yet (a pipeline's next turns, a read's unparsed rest)

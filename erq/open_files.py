@@ -26,8 +26,10 @@ RESERVE = 128
 # holds two; 3.13 can map without one (trackfd), and erq.journal.segment does.
 MAPPING_HOLDS_A_DESCRIPTOR = sys.version_info < (3, 13)
 DESCRIPTORS_PER_SEGMENT = 2 if MAPPING_HOLDS_A_DESCRIPTOR else 1
-# A queue's current segment and its spare, a plain file (more while it holds old segments).
-PER_QUEUE = DESCRIPTORS_PER_SEGMENT + 1
+# What a queue's journal holds as a rule, to size the warning: its current segment (two
+# descriptors before Python 3.13, one from it) and, from 3.13, its spare; a queue busy enough
+# for a spare holds one more before 3.13, and a deep one a segment per 64 MiB more.
+PER_QUEUE = 2
 MIN_CONNECTIONS = 8
 # What new queues leave (of RESERVE) for the journals' passing needs and the first
 # connections: a queue whose descriptor number would fall within it is refused.

@@ -469,6 +469,7 @@ class Server:
         for proto in list(state.connections):
             session = proto.session
             if session is not None:
+                proto.stop_reading(False)
                 # What was answered goes out, then the connection closes (a lingering close,
                 # MemcacheProtocol._close_transport); requests held back behind replies the
                 # client has not taken yet are dropped unrun (a get among them would take an

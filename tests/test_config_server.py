@@ -259,7 +259,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_logged(
     )
     assert _open_files_limit(enough.proc.pid) == 4096
     assert "open files" not in enough.read_log()
-    wanted = 3000 + open_files.PER_QUEUE * 4096 + open_files.RESERVE  # 15,416 before 3.13
+    wanted = 3000 + open_files.PER_QUEUE * 4096 + open_files.RESERVE
     # max_connections and max_queues apply on a reload: so does the check of what they want.
     enough.write_config(config(server="max_connections = 3000"))
     assert enough.client().call(b"reload\r\n") == RELOADED
