@@ -117,7 +117,7 @@ class MemcacheProtocol:
         # A read only sets _active; last_active turns it into a time when the sweep asks.
         self._active = False
         self._last_active = state.loop.time()
-        self._reading_paused = 0  # _PIPELINE | _WRITE_BUFFER | _UNPARSED
+        self._reading_paused = 0  # _PIPELINE | _WRITE_BUFFER | _UNPARSED | _STOPPING
         self._linger = None  # a refused connection's deadline (a timer handle) while it lingers
         self._paused_watch = None  # on a loop's transport, the watch of its socket while paused
         self._rest: bytes | None = None  # a read not parsed yet from _rest_at on (PARSED_WHOLE)
@@ -257,7 +257,7 @@ class MemcacheProtocol:
             self._set_paused(_UNPARSED, False)
 
     def _parse_rest(self) -> None:
-        """A pass of the loop later: the next slices of a read whose requests had to wait.
+        """A pass of the loop later: the next turn of a read whose requests had to wait.
         Not while the pipeline runs too far ahead: _pause_pipeline calls again once it has
         caught up."""
         data = self._rest
