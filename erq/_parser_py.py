@@ -229,6 +229,8 @@ class Parser:
             data = bytes(data)
         if not 0 <= start <= n:
             raise ValueError(f"start {start} is outside the data ({n} bytes)")
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
         pos = start
         buf = self._buf
         while buf and pos < n:

@@ -45,9 +45,9 @@ def raise_limit(max_connections: int, max_queues: int) -> int | None:
     """Lift the soft limit on open files to the hard limit, and say so when even that is short
     of what max_connections and max_queues want. Not only to what they want: a queue's
     journal holds descriptors for each of its segments (its own, and before Python 3.13 its
-    mapping's), so a deep queue holds one or two per 64 MiB, which no setting bounds; a server that stopped at
-    what the settings name ran out when a backlog grew, and could not replay it at the next
-    start. (The Go runtime and the JVM lift it the same way; erq sizes nothing by it.)
+    mapping's), so a deep queue holds one or two per 64 MiB, which no setting bounds; a
+    server that stopped at what the settings name ran out when a backlog grew, and could not
+    replay it at the next start. (The Go runtime and the JVM lift it the same way; erq sizes nothing by it.)
     Returns the soft limit now in force (None: no limit, or none this platform tells)."""
     global _limit
     try:

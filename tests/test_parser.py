@@ -769,3 +769,5 @@ def test_a_limited_feed_stops_before_the_next_request_and_keeps_nothing_of_the_r
     assert parser.feed(b"\r\n") == [(mod.REQ_GET, [b"b"], False)]
     with pytest.raises(ValueError):
         parser.feed(b"abc", 4)
+    with pytest.raises(ValueError):  # (it stopped at once, parsing nothing)
+        parser.feed(b"get a\r\n", 0, -1)

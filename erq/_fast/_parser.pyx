@@ -379,6 +379,8 @@ cdef class Parser:
         self.stopped_at = n
         if start < 0 or start > n:
             raise ValueError(f"start {start} is outside the data ({n} bytes)")
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
         while self._buflen and pos < n:
             # Finish the buffered line / trailer with just enough of the new chunk.
             if self._state == ST_TRAILER:
