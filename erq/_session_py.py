@@ -153,6 +153,10 @@ class Session:
         # and the tickets of each (two lists: no tuple per held reply).
         self._held_at: list[int] = []
         self._held_tickets: list[list] = []
+        # Where in out each ticket still to resolve starts to hold replies back, and the
+        # ticket: what comes before the first one's place may go out (_send_synced).
+        self._wait_at: list[int] = []
+        self._wait_tickets: list = []
         self._write = write
         self._close = close
         self._pause = pause
@@ -352,6 +356,8 @@ class Session:
             self._hold = ticket
             if not ticket.done:
                 ticket.waiters.append(self._held_done)
+                self._wait_at.append(len(self.out))
+                self._wait_tickets.append(ticket)
         if reply is not None:
             self._held_at.append(len(self.out))
             self._held_tickets.append(tickets)  # shared by the batch's sets: never changed
@@ -364,12 +370,57 @@ class Session:
             self.hold_for([ticket], None)
 
     def _held_done(self, ticket: Any) -> None:
+        """A sync that replies wait for is done: they go out, up to the first that waits for
+        a later one. A client that never stops pipelining sets always has a later one, and
+        waited for its first reply until it stopped."""
+        if self.closed:
+            return
         if ticket is self._hold:
             self._hold = None
-            if not self.closed:
-                self.flush()
-                if self.pending or self.blocked_on_output:
-                    self._output_taken()
+            self.flush()
+        elif not self._send_synced():
+            return
+        if self.pending or self.blocked_on_output:
+            self._output_taken()
+
+    def _send_synced(self) -> bool:
+        """Send the replies before the first that waits for a sync still to come (tickets
+        resolve in the order they were taken); False when there are none."""
+        at, tickets = self._wait_at, self._wait_tickets
+        n = 0
+        while n < len(tickets) and tickets[n].done:
+            n += 1
+        if n == len(tickets):
+            self.flush()  # every one is done (or none was waited for)
+            return True
+        end = at[n]
+        del at[:n]
+        del tickets[:n]
+        if end == 0:
+            return False
+        for i in range(len(at)):
+            at[i] -= end
+        out = self.out
+        sent = out[:end]
+        self.out = out[end:]
+        held_at, held = self._held_at, self._held_tickets
+        n = 0
+        while n < len(held_at) and held_at[n] < end:
+            own = held[n][0]
+            if own is not None and own.error is not None:
+                sent[held_at[n]] = SYNC_FAILED
+            n += 1
+        del held_at[:n]
+        del held[:n]
+        for i in range(len(held_at)):
+            held_at[i] -= end
+        # What is left counts whole against OUT_BUDGET (short lines too): a sync that stalls
+        # stops the pipeline once a budget's worth of replies waits for it.
+        self.out_room = OUT_BUDGET - sum([len(reply) for reply in self.out])
+        data = b"".join(sent)
+        self.state.counters.bytes_written += len(data)
+        self._write(data)
+        return True
 
     def add_long_reply(self, reply: bytes) -> None:
         """A reply that may be long (stats of many queues): counted against OUT_BUDGET."""
@@ -382,6 +433,9 @@ class Session:
         if self._hold is not None and not self._hold.done:
             return
         self._hold = None
+        if self._wait_at:
+            self._wait_at.clear()
+            self._wait_tickets.clear()
         if self.out:
             out = self.out
             self.out = []

@@ -55,8 +55,8 @@ def removals(data_dir, name):
     return ids
 
 
-async def release_held():
-    holding[0] = False
+async def release_held(keep_holding=False):
+    holding[0] = keep_holding
     for job in held:
         server._commit._worker.real.submit(*job)
     held.clear()
@@ -70,6 +70,9 @@ async def main(data_dir, config_path, case):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     if case == "expiry":
         await expiry_move(data_dir, reader, writer)
+        return
+    if case == "pipelined":
+        await one_sync_done(reader, writer)
         return
 
     async def call(request, end=b"END\r\n"):
@@ -130,6 +133,35 @@ async def expiry_move(data_dir, reader, writer):
     print(json.dumps(result))
 
 
+async def one_sync_done(reader, writer):
+    # Two sets in two syncs: the first one's reply goes out once its sync is done, while
+    # the second's waits for its own.
+    holding[0] = True
+    writer.write(b"set q 0 0 1\r\na\r\n")
+    await asyncio.sleep(0.1)
+    writer.write(b"set q 0 0 1\r\nb\r\nget q/peek\r\n")
+    await asyncio.sleep(0.1)
+    result = {"syncs_held": len(held)}
+    await release_held(keep_holding=True)  # the first sync: the second is held in its turn
+
+    async def replies():
+        got = b""
+        try:
+            while True:
+                got += await asyncio.wait_for(reader.read(100), 0.3)
+        except asyncio.TimeoutError:
+            return got.decode()
+
+    result["first_synced"] = await replies()
+    result["syncs_held_after"] = len(held)
+    await release_held()
+    result["second_synced"] = await replies()
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
@@ -165,6 +197,18 @@ def test_an_expired_item_leaves_its_queue_in_the_journal_once_its_moved_copy_is_
     assert result["removed_before_the_copy_synced"] == [], result
     assert result["removed_after"] == [1], result
     assert result["dst"] == "VALUE dst 0 1\r\nx\r\nEND\r\n", result
+
+
+def test_a_reply_goes_out_once_its_sync_is_done_while_later_ones_wait(impl, tmp_path):
+    """A client that pipelines sets faster than the disk syncs always has one waiting for
+    the next sync: each reply goes out with its own sync, not once the client stops."""
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.q]\nfsync = "always"\n')
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "pipelined")
+    assert result["syncs_held"] == 1, result  # the second set waits for the first's sync
+    assert result["first_synced"] == "STORED\r\n", result
+    assert result["syncs_held_after"] == 1, result
+    assert result["second_synced"] == "STORED\r\nVALUE q/peek 0 1\r\na\r\nEND\r\n", result
 
 
 FANOUT_SCRIPT = r"""

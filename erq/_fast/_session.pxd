@@ -31,6 +31,8 @@ cdef class Session:
     cdef c_append.Ticket _hold  # the commit ticket the held replies wait for (fsync = always)
     cdef list _held_at
     cdef list _held_tickets
+    cdef list _wait_at
+    cdef list _wait_tickets
     cdef object _write
     cdef object _close
     cdef object _pause
@@ -61,6 +63,11 @@ cdef class Session:
     cpdef bint output_full(self) except -1
     cpdef writing_paused(self, bint paused)
     cdef _output_taken(self)
+    @cython.locals(
+        at=list, tickets=list, held_at=list, held=list, out=list, n=cython.Py_ssize_t,
+        end=cython.Py_ssize_t, i=cython.Py_ssize_t,
+    )
+    cdef bint _send_synced(self) except -1
     @cython.locals(at=list, held=list, i=cython.Py_ssize_t)
     cdef _fail_unsynced(self, list out)
     cpdef close_after(self, object reply)
