@@ -31,8 +31,9 @@ log = logging.getLogger("erq.session")
 # requests or in the bytes they hold (request_size).
 MAX_PENDING = 4096
 MAX_PENDING_BYTES = 8 << 20
-# Replies a connection may hold that its client has not taken, in bytes (values and the long
-# replies, stats; short lines are bounded by the requests of one read). Past it the replies
+# Replies a connection may hold that its client has not taken, in bytes (values, the long
+# replies, stats, and replies waiting for a sync; other short lines are bounded by the
+# requests of one read). Past it the replies
 # go to the socket, and while the client does not read them (the transport's pause_writing)
 # or they wait for a sync, no further request runs: a client that pipelines gets of big
 # items without reading costs this much, not the sum of what it asked for.
@@ -350,7 +351,9 @@ class Session:
 
         Only the last one is waited for: tickets resolve in the order they were taken. The
         session joins its waiters once (a pipeline of appends shares one ticket per batch),
-        and the batch's end calls it directly, without a loop callback per session."""
+        and the batch's end calls it directly, without a loop callback per session. Held
+        replies count against OUT_BUDGET, short as they are: a client that pipelines sets
+        while a sync stalls holds a budget's worth of them, then its pipeline waits."""
         ticket = tickets[-1]
         if ticket is not self._hold:
             self._hold = ticket
@@ -362,6 +365,7 @@ class Session:
             self._held_at.append(len(self.out))
             self._held_tickets.append(tickets)  # shared by the batch's sets: never changed
             self.out.append(reply)
+            self.out_room -= len(reply)  # a stalled sync stops the pipeline: OUT_BUDGET
 
     def wait_for_sync(self, ticket: Any) -> None:
         """With fsync = "always", the reply that reports a journaled removal (a close, a
@@ -414,8 +418,7 @@ class Session:
         del held[:n]
         for i in range(len(held_at)):
             held_at[i] -= end
-        # What is left counts whole against OUT_BUDGET (short lines too): a sync that stalls
-        # stops the pipeline once a budget's worth of replies waits for it.
+        # What is left counts whole against OUT_BUDGET (short lines too, see hold_for).
         self.out_room = OUT_BUDGET - sum([len(reply) for reply in self.out])
         data = b"".join(sent)
         self.state.counters.bytes_written += len(data)

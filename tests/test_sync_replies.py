@@ -74,6 +74,9 @@ async def main(data_dir, config_path, case):
     if case == "pipelined":
         await one_sync_done(reader, writer)
         return
+    if case == "stalled":
+        await sync_stalled(reader, writer)
+        return
 
     async def call(request, end=b"END\r\n"):
         writer.write(request)
@@ -162,6 +165,36 @@ async def one_sync_done(reader, writer):
     print(json.dumps(result))
 
 
+async def sync_stalled(reader, writer):
+    # A pipeline of sets while the disk does not finish a sync: how many run?
+    count = 200_000
+    holding[0] = True
+    writer.write(b"set q 0 0 1\r\nx\r\n" * count)
+    queue, ran = None, -1
+    while True:  # until the sets stop running
+        await asyncio.sleep(0.3)
+        queue = queue or server.state.queues.get("q")
+        if queue is not None and queue.items == ran:
+            break
+        ran = queue.items if queue is not None else -1
+    result = {"ran_while_stalled": ran}
+    try:
+        early = await asyncio.wait_for(reader.read(100), 0.1)
+    except asyncio.TimeoutError:
+        early = b""
+    result["replies_while_stalled"] = early.decode()
+    await release_held()
+    got = 0
+    while got < count:
+        got += (await reader.read(1 << 16)).count(b"STORED\r\n")
+    result["stored"] = got
+    result["items"] = queue.items
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
@@ -209,6 +242,19 @@ def test_a_reply_goes_out_once_its_sync_is_done_while_later_ones_wait(impl, tmp_
     assert result["first_synced"] == "STORED\r\n", result
     assert result["syncs_held_after"] == 1, result
     assert result["second_synced"] == "STORED\r\nVALUE q/peek 0 1\r\na\r\nEND\r\n", result
+
+
+def test_replies_held_for_a_stalled_sync_stop_the_pipeline_at_the_output_budget(impl, tmp_path):
+    """Replies waiting for a sync count against OUT_BUDGET: a client pipelining sets while
+    the disk does not finish a sync holds ~1 MiB of STORED lines, then its sets wait, rather
+    than every set it sends running with its reply kept."""
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.q]\nfsync = "always"\n')
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "stalled")
+    budget = (1 << 20) // len(b"STORED\r\n")
+    assert budget <= result["ran_while_stalled"] < budget + 8192, result
+    assert result["replies_while_stalled"] == "", result
+    assert result["stored"] == result["items"] == 200_000, result
 
 
 FANOUT_SCRIPT = r"""
