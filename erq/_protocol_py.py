@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from erq import commands as _commands
 from erq.commands import dispatch
 from erq.keepalive import enable as enable_keepalive
-from erq.open_files import RESERVE, descriptor_of, leaves_room
+from erq.open_files import descriptor_of, leaves_room
 from erq.parser import Parser
 from erq.paused_sockets import watch_paused
 from erq.session import REQUESTS_PER_PASS, Session
@@ -139,14 +139,13 @@ class MemcacheProtocol:
             self._refuse(transport)
             return
         files = state.open_file_limit
-        if files is not None and not leaves_room(
-            files, descriptor_of(transport), counters.curr_connections
-        ):
+        descriptor = descriptor_of(transport)
+        if files is not None and not leaves_room(files, descriptor, counters.curr_connections):
             counters.rejected_connections += 1
             _REFUSED.log(
                 "at least %d of the %d open files allowed (ulimit -n) are in use, and the rest "
                 "are kept for the queues' journals; refusing a client from %s",
-                files - RESERVE,
+                descriptor + 1,  # it took the lowest number free: every one below is in use
                 files,
                 _peer(transport),
             )
