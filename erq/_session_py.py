@@ -357,7 +357,7 @@ class Session:
         ticket = tickets[-1]
         if ticket is not self._hold:
             self._hold = ticket
-            if not ticket.done:
+            if not ticket.done and not self._waits_for(ticket):
                 ticket.waiters.append(self._held_done)
                 self._wait_at.append(len(self.out))
                 self._wait_tickets.append(ticket)
@@ -366,6 +366,17 @@ class Session:
             self._held_tickets.append(tickets)  # shared by the batch's sets: never changed
             self.out.append(reply)
             self.out_room -= len(reply)  # a stalled sync stops the pipeline: OUT_BUDGET
+
+    def _waits_for(self, ticket: Any) -> bool:
+        # Whether the session joined the ticket's waiters already: sets alternating between
+        # two queues change _hold at every set, and a waiter joined again is called again.
+        waiting = self._wait_tickets
+        i = len(waiting)
+        while i:
+            i -= 1
+            if waiting[i] is ticket:
+                return True
+        return False
 
     def wait_for_sync(self, ticket: Any) -> None:
         """With fsync = "always", the reply that reports a journaled removal (a close, a
@@ -389,14 +400,15 @@ class Session:
 
     def _send_synced(self) -> bool:
         """Send the replies before the first that waits for a sync still to come (tickets
-        resolve in the order they were taken); False when there are none."""
+        resolve in the order they were taken); False when none went out."""
         at, tickets = self._wait_at, self._wait_tickets
         n = 0
         while n < len(tickets) and tickets[n].done:
             n += 1
-        if n == len(tickets):
-            self.flush()  # every one is done (or none was waited for)
-            return True
+        if n == len(tickets):  # every one is done, or none was waited for
+            sent = bool(self.out)
+            self.flush()
+            return sent
         end = at[n]
         del at[:n]
         del tickets[:n]

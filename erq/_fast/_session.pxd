@@ -57,6 +57,8 @@ cdef class Session:
     cdef _close_once_answered(self)
     @cython.locals(ticket=c_append.Ticket)
     cpdef hold_for(self, list tickets, object reply)
+    @cython.locals(waiting=list, i=cython.Py_ssize_t)
+    cdef bint _waits_for(self, object ticket) except -1
     cpdef wait_for_sync(self, object ticket)
     cpdef add_long_reply(self, bytes reply)
     cpdef flush(self)
