@@ -446,6 +446,8 @@ class Session:
         if self.closed:
             return
         if self._hold is not None and not self._hold.done:
+            if self._wait_at and self._wait_at[0]:
+                self._send_synced()  # the replies before the first that waits go now
             return
         self._hold = None
         if self._wait_at:

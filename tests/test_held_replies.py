@@ -4,7 +4,8 @@ closes, misses and flushes, while group-commit batches start and end, some of th
 in the order erq.journal.commit runs them: a batch's tickets are settled first, then their
 waiters are called. Whatever the session writes must be every reply in request order, each
 only once the syncs it waits for are done, and a set whose own sync failed answered
-SERVER_ERROR in place of its STORED; at the end every reply is out."""
+SERVER_ERROR in place of its STORED. After each read's flush and each sync, every reply
+before the first that waits is out; at the end, every reply."""
 
 from __future__ import annotations
 
@@ -65,6 +66,15 @@ class Model:
         if self.unread:
             raise Mismatch(f"written past the replies due: {bytes(self.unread)!r}")
 
+    def all_due_out(self) -> None:
+        """After a flush or a sync: every reply before the first that waits went out."""
+        self.write(b"")  # passes noreply sets, which write nothing
+        ready = self.taken
+        while ready < len(self.due) and all(t.done for t in self.due[ready][1]):
+            ready += 1
+        if ready != self.taken:
+            raise Mismatch(f"replies {self.taken}-{ready - 1} are due, and not out")
+
 
 def run(impl: str, seed: int, steps: int = 300) -> None:
     session_module = impl_module(impl, "_session", "_session_py")
@@ -121,12 +131,14 @@ def run(impl: str, seed: int, steps: int = 300) -> None:
             model.due.append((END, [], None))
         elif r < 0.7:  # the end of a read
             session.flush()
+            model.all_due_out()
         elif r < 0.8:
             if not running and pending:
                 running.extend(pending.values())
                 pending.clear()
         elif running:
             end_batch(0.2)
+            model.all_due_out()
         for t in pending.values():
             joined = [w for w in t.waiters if w == session._held_done]
             assert len(joined) <= 1, f"seed {seed}: the session joined a ticket's waiters twice"
@@ -136,7 +148,7 @@ def run(impl: str, seed: int, steps: int = 300) -> None:
         running.extend(pending.values())
         pending.clear()
     session.flush()
-    model.write(b"")  # passes noreply sets at the end, which wrote nothing
+    model.all_due_out()
     assert model.taken == len(model.due), f"seed {seed}: {model.taken} of {len(model.due)} out"
     if impl == "py":  # the compiled session's bookkeeping is private
         assert not session._wait_at and not session._held_at, f"seed {seed}: left over"

@@ -138,15 +138,7 @@ async def expiry_move(data_dir, reader, writer):
 
 async def one_sync_done(reader, writer):
     # Two sets in two syncs: the first one's reply goes out once its sync is done, while
-    # the second's waits for its own.
-    holding[0] = True
-    writer.write(b"set q 0 0 1\r\na\r\n")
-    await asyncio.sleep(0.1)
-    writer.write(b"set q 0 0 1\r\nb\r\nget q/peek\r\n")
-    await asyncio.sleep(0.1)
-    result = {"syncs_held": len(held)}
-    await release_held(keep_holding=True)  # the first sync: the second is held in its turn
-
+    # the second's waits for its own; a reply before the first, at once.
     async def replies():
         got = b""
         try:
@@ -155,6 +147,13 @@ async def one_sync_done(reader, writer):
         except asyncio.TimeoutError:
             return got.decode()
 
+    holding[0] = True
+    writer.write(b"version\r\nset q 0 0 1\r\na\r\n")
+    result = {"before_any_sync": await replies()}
+    writer.write(b"set q 0 0 1\r\nb\r\nget q/peek\r\n")
+    await asyncio.sleep(0.1)
+    result["syncs_held"] = len(held)
+    await release_held(keep_holding=True)  # the first sync: the second is held in its turn
     result["first_synced"] = await replies()
     result["syncs_held_after"] = len(held)
     await release_held()
@@ -238,6 +237,7 @@ def test_a_reply_goes_out_once_its_sync_is_done_while_later_ones_wait(impl, tmp_
     config = tmp_path / "erq.toml"
     config.write_text('[queues.q]\nfsync = "always"\n')
     result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "pipelined")
+    assert result["before_any_sync"].startswith("VERSION "), result  # waits for no sync
     assert result["syncs_held"] == 1, result  # the second set waits for the first's sync
     assert result["first_synced"] == "STORED\r\n", result
     assert result["syncs_held_after"] == 1, result
