@@ -38,6 +38,16 @@ MAX_PENDING_BYTES = 8 << 20
 # or they wait for a sync, no further request runs: a client that pipelines gets of big
 # items without reading costs this much, not the sum of what it asked for.
 OUT_BUDGET = 1 << 20
+# Replies held back behind one that waits for a sync, in number: the short lines among them
+# (a version, a miss's END) are not counted in bytes, so a client streaming them while the
+# disk does not finish a sync is stopped by their number (~1 MiB of list slots).
+MAX_UNSENT = OUT_BUDGET // 8
+_max_unsent = MAX_UNSENT  # a C integer when compiled (_session.pxd)
+# A session joins a ticket's waiters once: hold_for looks for it among the last this many
+# tickets it waits for (sets round-robin over more queues join again, which costs a call
+# that finds nothing to send when the sync ends, not a scan of every queue's ticket).
+WAITS_LOOKED_AT = 8
+_waits_looked_at = WAITS_LOOKED_AT  # a C integer when compiled
 # Requests that work on the file system on the loop (QueueCollection.slow_ops: a queue made
 # or deleted, the status saved; ~0.1-0.4 ms each) that one pipeline runs before it gives the
 # loop back to the other connections: 4,000 gets of new names in one read held every other
@@ -368,11 +378,12 @@ class Session:
             self.out_room -= len(reply)  # a stalled sync stops the pipeline: OUT_BUDGET
 
     def _waits_for(self, ticket: Any) -> bool:
-        # Whether the session joined the ticket's waiters already: sets alternating between
+        # Whether the session joined the ticket's waiters lately: sets alternating between
         # two queues change _hold at every set, and a waiter joined again is called again.
         waiting = self._wait_tickets
         i = len(waiting)
-        while i:
+        last = i - _waits_looked_at if i > _waits_looked_at else 0
+        while i > last:
             i -= 1
             if waiting[i] is ticket:
                 return True
@@ -448,6 +459,8 @@ class Session:
         if self._hold is not None and not self._hold.done:
             if self._wait_at and self._wait_at[0]:
                 self._send_synced()  # the replies before the first that waits go now
+            if len(self.out) > _max_unsent and self.out_room >= 0:
+                self.out_room = -1  # the pipeline waits for the sync (output_full)
             return
         self._hold = None
         if self._wait_at:

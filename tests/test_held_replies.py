@@ -84,7 +84,9 @@ def run(impl: str, seed: int, steps: int = 300) -> None:
     model = Model(session_module.SYNC_FAILED)
     state = ServerState(Config(), QueueCollection(Config(), None), Loop())
     session = session_module.Session(state, None, model.write, lambda: None, None)
-    journals = rnd.choice((1, 2, 3))
+    # Over WAITS_LOOKED_AT journals, sets round-robin join a ticket's waiters again.
+    journals = rnd.choice((1, 2, 3, 12))
+    joins_once = journals <= session_module.WAITS_LOOKED_AT
     pending: dict[int, object] = {}  # the next batch's ticket of each journal
     running: list = []  # the batch syncing
 
@@ -139,7 +141,7 @@ def run(impl: str, seed: int, steps: int = 300) -> None:
         elif running:
             end_batch(0.2)
             model.all_due_out()
-        for t in pending.values():
+        for t in pending.values() if joins_once else ():
             joined = [w for w in t.waiters if w == session._held_done]
             assert len(joined) <= 1, f"seed {seed}: the session joined a ticket's waiters twice"
     for _ in range(2):  # the syncs still to come, all working

@@ -77,6 +77,9 @@ async def main(data_dir, config_path, case):
     if case == "stalled":
         await sync_stalled(reader, writer)
         return
+    if case == "stalled_lines":
+        await lines_behind_a_stalled_sync(reader, writer)
+        return
 
     async def call(request, end=b"END\r\n"):
         writer.write(request)
@@ -183,11 +186,33 @@ async def sync_stalled(reader, writer):
         early = b""
     result["replies_while_stalled"] = early.decode()
     await release_held()
-    got = 0
-    while got < count:
-        got += (await reader.read(1 << 16)).count(b"STORED\r\n")
-    result["stored"] = got
+    replies = b""
+    while replies.count(b"\n") < count:  # (a reply may be split between two reads)
+        replies += await reader.read(1 << 16)
+    result["stored"] = replies.count(b"STORED\r\n")
     result["items"] = queue.items
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+
+async def lines_behind_a_stalled_sync(reader, writer):
+    # One set whose sync does not finish, then short replies that wait for nothing but it.
+    count = 200_000
+    holding[0] = True
+    writer.write(b"set q 0 0 1\r\nx\r\n" + b"version\r\n" * count)
+    (session,) = [c.session for c in server.state.connections]
+    unsent = -1
+    while len(session.out) != unsent:  # until the requests stop running
+        unsent = len(session.out)
+        await asyncio.sleep(0.3)
+    result = {"unsent_while_stalled": unsent}
+    await release_held()
+    replies = b""
+    while replies.count(b"\n") < count + 1:  # (a reply may be split between two reads)
+        replies += await reader.read(1 << 16)
+    result["versions"] = replies.count(b"VERSION ")
     writer.close()
     server.request_shutdown("test")
     await server.shutdown()
@@ -255,6 +280,19 @@ def test_replies_held_for_a_stalled_sync_stop_the_pipeline_at_the_output_budget(
     assert budget <= result["ran_while_stalled"] < budget + 8192, result
     assert result["replies_while_stalled"] == "", result
     assert result["stored"] == result["items"] == 200_000, result
+
+
+def test_short_replies_behind_a_stalled_sync_stop_the_pipeline_at_their_number(impl, tmp_path):
+    """Short lines (a version, a miss's END) are not counted in bytes: behind a reply that
+    waits for a sync that does not finish, their number stops the pipeline (MAX_UNSENT),
+    rather than every request the client streams running with its reply kept."""
+    from erq._session_py import MAX_UNSENT, REQUESTS_PER_PASS
+
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.q]\nfsync = "always"\n')
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "stalled_lines")
+    assert MAX_UNSENT < result["unsent_while_stalled"] <= MAX_UNSENT + 2 * REQUESTS_PER_PASS
+    assert result["versions"] == 200_000, result
 
 
 FANOUT_SCRIPT = r"""

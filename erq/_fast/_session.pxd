@@ -10,6 +10,8 @@ cimport erq._fast._state as c_state
 
 
 cdef Py_ssize_t _requests_per_pass
+cdef Py_ssize_t _max_unsent
+cdef Py_ssize_t _waits_looked_at
 
 cpdef Py_ssize_t set_data_size(tuple request) except -1
 cpdef Py_ssize_t request_size(tuple request) except -1
@@ -57,7 +59,7 @@ cdef class Session:
     cdef _close_once_answered(self)
     @cython.locals(ticket=c_append.Ticket)
     cpdef hold_for(self, list tickets, object reply)
-    @cython.locals(waiting=list, i=cython.Py_ssize_t)
+    @cython.locals(waiting=list, i=cython.Py_ssize_t, last=cython.Py_ssize_t)
     cdef bint _waits_for(self, object ticket) except -1
     cpdef wait_for_sync(self, object ticket)
     cpdef add_long_reply(self, bytes reply)
