@@ -64,6 +64,10 @@ _requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_session.px
 # connection reading a reply queue per request would otherwise keep one per name it met),
 # and lines of reads all taken back become counts (_TakenBack).
 OPEN_NAMES_SLACK = 64
+# Names a connection keeps such a count for, at most: past it the oldest are forgotten (as a
+# line forgets its oldest past twice max_open_reads), so that one that never closes the reads
+# of reply queues deleted under it holds ~120 KB, not a count per queue it ever met.
+MAX_TAKEN_BACK_NAMES = 1024
 
 
 # The reply of a write whose journal sync failed (fsync = always), in place of its STORED.
@@ -516,7 +520,8 @@ class Session:
     def _compact_lines(self) -> None:
         # A line whose reads were all taken back is kept as its length alone: a client that
         # leaves reads open on queues deleted under it (a reply queue per request, say) holds
-        # no deleted Queue, OpenRead or Item for them, only a count per name.
+        # no deleted Queue, OpenRead or Item for them, only a count per name (of the last
+        # MAX_TAKEN_BACK_NAMES names).
         kept = {}
         taken_back = self._taken_back
         for name, reads in self.open_reads.items():
@@ -528,6 +533,10 @@ class Session:
                     break
             else:
                 taken_back[name] = len(reads)
+        excess = len(taken_back) - MAX_TAKEN_BACK_NAMES
+        if excess > 0:
+            for name in list(taken_back)[:excess]:  # the oldest: a dict keeps its order
+                del taken_back[name]
         self.open_reads = kept
         self._names_bound = 2 * len(kept) + OPEN_NAMES_SLACK
 

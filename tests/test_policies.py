@@ -1088,7 +1088,7 @@ def test_lines_of_reads_all_taken_back_keep_a_count_not_their_queues(impl):
     state = ServerState(Config(), QueueCollection(Config(), None), None)
     session = session_mod.Session(state, None, lambda data: None, lambda: None)
     deleted = []
-    for i in range(3_000):
+    for i in range(session_mod.MAX_TAKEN_BACK_NAMES - 2 * session_mod.OPEN_NAMES_SLACK):
         queue = Deleted()
         deleted.append(weakref.ref(queue))
         reads = session.open_deque(f"reply{i}")
@@ -1122,6 +1122,30 @@ def test_lines_of_reads_all_taken_back_keep_a_count_not_their_queues(impl):
     session.open_deque("reply5").append((live, "open at the end"))
     session.abort_all()
     assert live.aborted == ["open at the end"] and session.unclosed_count("reply4") == 0
+
+
+def test_a_connection_keeps_counts_of_reads_taken_back_for_its_latest_names_only(impl):
+    """A pooled connection that never closes the reads of reply queues deleted under it keeps
+    counts for the last MAX_TAKEN_BACK_NAMES names, not for every queue it ever met (~120
+    bytes each, for as long as it stays connected)."""
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    class Deleted:
+        def is_open(self, read) -> bool:
+            return False
+
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+    session = session_mod.Session(state, None, lambda data: None, lambda: None)
+    queue, names = Deleted(), 5_000
+    for i in range(names):
+        session.open_deque(f"reply{i}").append((queue, "read"))
+    counted = [i for i in range(names) if session.unclosed_count(f"reply{i}")]
+    assert len(counted) <= session_mod.MAX_TAKEN_BACK_NAMES + session_mod.OPEN_NAMES_SLACK
+    assert counted[-100:] == list(range(names - 100, names))  # the latest are kept
+    assert counted[0] > names - 2 * session_mod.MAX_TAKEN_BACK_NAMES  # the oldest forgotten
 
 
 def test_timed_out_read_reopened_by_another_connection_does_not_fail_a_plain_get(erq_factory):
