@@ -62,6 +62,20 @@ async def release_held(keep_holding=False):
     held.clear()
 
 
+async def finish(writer, result):
+    writer.close()
+    server.request_shutdown("test")
+    await server.shutdown()
+    print(json.dumps(result))
+
+
+async def read_lines(reader, count):
+    replies = b""
+    while replies.count(b"\n") < count:  # (a reply may be split between two reads)
+        replies += await reader.read(1 << 16)
+    return replies
+
+
 async def main(data_dir, config_path, case):
     global server
     config = load_config(config_path, cli={"port": 0, "admin_port": 0, "data_dir": data_dir})
@@ -113,10 +127,7 @@ async def main(data_dir, config_path, case):
     await call(b"set q 0 0 1\r\nf\r\n", b"\r\n")
     result["flush_all"] = await held_reply(b"flush_all\r\n", b"OK\r\n")
     result["items"] = server.state.queues.get("q").items
-    writer.close()
-    server.request_shutdown("test")
-    await server.shutdown()
-    print(json.dumps(result))
+    await finish(writer, result)
 
 async def expiry_move(data_dir, reader, writer):
     writer.write(b"set src 0 -1 1\r\nx\r\n")  # expired as it arrives
@@ -133,10 +144,7 @@ async def expiry_move(data_dir, reader, writer):
     result["removed_after"] = removals(data_dir, "src")
     writer.write(b"get dst\r\n")
     result["dst"] = (await reader.readuntil(b"END\r\n")).decode()
-    writer.close()
-    server.request_shutdown("test")
-    await server.shutdown()
-    print(json.dumps(result))
+    await finish(writer, result)
 
 
 async def one_sync_done(reader, writer):
@@ -161,10 +169,7 @@ async def one_sync_done(reader, writer):
     result["syncs_held_after"] = len(held)
     await release_held()
     result["second_synced"] = await replies()
-    writer.close()
-    server.request_shutdown("test")
-    await server.shutdown()
-    print(json.dumps(result))
+    await finish(writer, result)
 
 
 async def sync_stalled(reader, writer):
@@ -186,15 +191,9 @@ async def sync_stalled(reader, writer):
         early = b""
     result["replies_while_stalled"] = early.decode()
     await release_held()
-    replies = b""
-    while replies.count(b"\n") < count:  # (a reply may be split between two reads)
-        replies += await reader.read(1 << 16)
-    result["stored"] = replies.count(b"STORED\r\n")
+    result["stored"] = (await read_lines(reader, count)).count(b"STORED\r\n")
     result["items"] = queue.items
-    writer.close()
-    server.request_shutdown("test")
-    await server.shutdown()
-    print(json.dumps(result))
+    await finish(writer, result)
 
 
 async def lines_behind_a_stalled_sync(reader, writer):
@@ -209,14 +208,8 @@ async def lines_behind_a_stalled_sync(reader, writer):
         await asyncio.sleep(0.3)
     result = {"unsent_while_stalled": unsent}
     await release_held()
-    replies = b""
-    while replies.count(b"\n") < count + 1:  # (a reply may be split between two reads)
-        replies += await reader.read(1 << 16)
-    result["versions"] = replies.count(b"VERSION ")
-    writer.close()
-    server.request_shutdown("test")
-    await server.shutdown()
-    print(json.dumps(result))
+    result["versions"] = (await read_lines(reader, count + 1)).count(b"VERSION ")
+    await finish(writer, result)
 
 
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
