@@ -33,10 +33,10 @@ MAX_PENDING = 4096
 MAX_PENDING_BYTES = 8 << 20
 # Replies a connection may hold that its client has not taken, in bytes (values, the long
 # replies, stats, and replies waiting for a sync; other short lines are bounded by the
-# requests of one read). Past it the replies
-# go to the socket, and while the client does not read them (the transport's pause_writing)
-# or they wait for a sync, no further request runs: a client that pipelines gets of big
-# items without reading costs this much, not the sum of what it asked for.
+# requests of one read). Past it the replies go to the socket, and while the client does not
+# read them (the transport's pause_writing) or they wait for a sync, no further request runs:
+# a client that pipelines gets of big items without reading costs this much, not the sum of
+# what it asked for.
 OUT_BUDGET = 1 << 20
 # Replies held back behind one that waits for a sync, in number: the short lines among them
 # (a version, a miss's END) are not counted in bytes, so a client streaming them while the
