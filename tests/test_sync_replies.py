@@ -94,6 +94,9 @@ async def main(data_dir, config_path, case):
     if case == "stalled_lines":
         await lines_behind_a_stalled_sync(reader, writer)
         return
+    if case == "stop_while_stalled":
+        await stop_while_a_sync_stalls(reader, writer)
+        return
 
     async def call(request, end=b"END\r\n"):
         writer.write(request)
@@ -212,6 +215,35 @@ async def lines_behind_a_stalled_sync(reader, writer):
     await finish(writer, result)
 
 
+async def stop_while_a_sync_stalls(reader, writer):
+    # A stop while the pipeline waits for a sync (its held replies fill OUT_BUDGET): the sets
+    # it read are in flight, and run once the sync is done. (A few more than the budget: all
+    # of them are read, none left in the socket.)
+    count = 133_000
+    holding[0] = True
+    writer.write(b"set q 0 0 1\r\nx\r\n" * count)
+    (session,) = [c.session for c in server.state.connections]
+    while not session.pending:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    queue = server.state.queues.get("q")
+    result = {"ran_before_the_stop": queue.items}
+    server.request_shutdown("test")
+    stopping = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.3)
+    await release_held()
+    replies = b""
+    while True:
+        chunk = await reader.read(1 << 16)
+        if not chunk:
+            break
+        replies += chunk
+    await stopping
+    result["stored"] = replies.count(b"STORED\r\n")
+    result["items"] = queue.items
+    print(json.dumps(result))
+
+
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
@@ -286,6 +318,17 @@ def test_short_replies_behind_a_stalled_sync_stop_the_pipeline_at_their_number(i
     result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "stalled_lines")
     assert MAX_UNSENT < result["unsent_while_stalled"] <= MAX_UNSENT + 2 * REQUESTS_PER_PASS
     assert result["versions"] == 200_000, result
+
+
+def test_a_stop_while_a_sync_stalls_runs_the_sets_read_behind_it(impl, tmp_path):
+    """PROTOCOL §6: a graceful stop finishes the requests in flight. Sets held back while
+    their pipeline waits for a sync (OUT_BUDGET of replies waiting, since cda0869) run once
+    it is done, within the stop's wait for the syncs, before the connection closes."""
+    config = tmp_path / "erq.toml"
+    config.write_text('[queues.q]\nfsync = "always"\n')
+    result = run_script(impl, SCRIPT, str(tmp_path / "data"), str(config), "stop_while_stalled")
+    assert result["ran_before_the_stop"] < 133_000, result  # the pipeline waited
+    assert result["stored"] == result["items"] == 133_000, result
 
 
 FANOUT_SCRIPT = r"""
