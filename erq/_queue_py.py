@@ -290,11 +290,10 @@ class Queue:
         )
 
     # ---- adding ------------------------------------------------------------------------
-    def add(
-        self, data: bytes, flags: int, expiry: int, now: int | None = None
-    ) -> tuple[AddResult, Any]:
-        """Append an item. Returns (result, commit ticket or None); raises JournalError."""
-        if now is None:
+    def add(self, data: bytes, flags: int, expiry: int, now: int = -1) -> tuple[AddResult, Any]:
+        """Append an item, added at ``now`` (ms; the queue's clock when left out). Returns
+        (result, commit ticket or None); raises JournalError."""
+        if now < 0:  # a C integer when compiled, as the collection passes it: no int object
             now = self._now()
         max_item_size = self._max_item_size
         if max_item_size is not None and len(data) > max_item_size:

@@ -67,7 +67,7 @@ cdef class Queue:
     cpdef bint is_full(self)
     cdef long long _now(self) except? -1
     @cython.locals(item=c_ring.Item)
-    cpdef tuple add(self, object data, object flags, long long expiry, object now=*)
+    cpdef tuple add(self, object data, object flags, long long expiry, long long now=*)
     @cython.locals(journal=c_journal.AppendCore, cost=cython.longlong)
     cdef object _append(self, c_ring.Item item)
     @cython.locals(limit=cython.longlong, budget=cython.longlong, shared=cython.longlong,

@@ -32,5 +32,7 @@ cdef class QueueCollection:
     cdef object _copy_failed
 
     cpdef object get_or_create(self, object name)
-    @cython.locals(queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=dict)
+    @cython.locals(
+        queue=c_queue.Queue, child=c_queue.Queue, kids=tuple, found=dict, now=cython.longlong
+    )
     cpdef tuple add(self, object name, object data, object flags, long long expiry, object queue=*)
