@@ -63,6 +63,7 @@ cdef class Session:
     cdef bint _waits_for(self, object ticket) except -1
     cpdef wait_for_sync(self, object ticket)
     cpdef add_long_reply(self, bytes reply)
+    @cython.locals(out=list, data=bytes)
     cpdef flush(self)
     cpdef bint output_full(self) except -1
     cpdef writing_paused(self, bint paused)
