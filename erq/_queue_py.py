@@ -293,7 +293,8 @@ class Queue:
     def add(self, data: bytes, flags: int, expiry: int, now: int = -1) -> tuple[AddResult, Any]:
         """Append an item, added at ``now`` (ms; the queue's clock when left out). Returns
         (result, commit ticket or None); raises JournalError."""
-        if now < 0:  # a C integer when compiled, as the collection passes it: no int object
+        # now: a C integer when compiled (-1: not given), as callers pass it: no int object.
+        if now < 0:
             now = self._now()
         max_item_size = self._max_item_size
         if max_item_size is not None and len(data) > max_item_size:
@@ -564,11 +565,11 @@ class Queue:
             self._refill()
         return self._ring.peek().expired(now)
 
-    def head(self, now: int | None = None) -> Item | None:
+    def head(self, now: int = -1) -> Item | None:
         """The item a fetch would return (expired heads are removed first), or None.
 
         Raises ExpiryBacklog after EXPIRY_BATCH expired items with more behind them."""
-        if now is None:
+        if now < 0:
             now = self._now()
         if self.discard_expired(now, EXPIRY_BATCH) == EXPIRY_BATCH and self._head_expired(now):
             raise ExpiryBacklog(self.name)
@@ -576,19 +577,19 @@ class Queue:
             return None
         return self._ring.peek()
 
-    def peek(self, now: int | None = None) -> Item | None:
+    def peek(self, now: int = -1) -> Item | None:
         """The head, left in place: what a fetch would take now. Reads past open_timeout go
         back first, as at a fetch (PROTOCOL §10), so a peek does not miss (or wait up to a
         second for the timer over) an item a get at the same moment is handed."""
-        if now is None:
+        if now < 0:
             now = self._now()
         if self._open and self.config.open_timeout is not None:
             self.expire_open_reads(now)
         return self.head(now)
 
-    def take(self, reliable: bool, now: int | None = None) -> Item | None:
+    def take(self, reliable: bool, now: int = -1) -> Item | None:
         """Remove and return the head; with ``reliable`` it becomes an open read."""
-        if now is None:
+        if now < 0:
             now = self._now()
         if self._open and self.config.open_timeout is not None:
             self.expire_open_reads(now)

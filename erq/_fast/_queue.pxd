@@ -92,11 +92,11 @@ cdef class Queue:
     cpdef long long discard_expired(self, object now=*, object limit=*) except -1
     cdef bint _head_expired(self, long long now) except -1
     cpdef journal_removal(self, unsigned long long item_id)
-    cpdef object head(self, object now=*)
-    cpdef object peek(self, object now=*)
+    cpdef object head(self, long long now=*)
+    cpdef object peek(self, long long now=*)
     @cython.locals(ring=c_ring.Ring, head=c_ring.Item, item=c_ring.Item,
                    journal=c_journal.AppendCore)
-    cpdef object take(self, bint reliable, object now=*)
+    cpdef object take(self, bint reliable, long long now=*)
     cpdef object sync_ticket(self)
     cpdef OpenRead open_read(self, long long item_id)
     cpdef bint is_open(self, OpenRead read)
