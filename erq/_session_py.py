@@ -589,6 +589,8 @@ class Session:
         return len(reads)
 
     def has_open(self, name: str) -> bool:
+        if not self.open_reads:  # most connections never open a read: no lookup per get
+            return False
         reads = self.open_reads.get(name)
         if not reads:
             return False
