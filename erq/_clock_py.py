@@ -8,8 +8,3 @@ import time
 def now_ms() -> int:
     """Milliseconds since the epoch (item add times and expiry are wall-clock ms)."""
     return time.time_ns() // 1_000_000
-
-
-# The clock the queues stamp items with. The compiled one reuses a reading within a pass of
-# erq's own connection layer, which this build does not have: here it is the clock itself.
-stamp_ms = now_ms

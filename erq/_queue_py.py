@@ -326,10 +326,9 @@ class Queue:
         return answer
 
     def _now(self) -> int:
-        """The queue's clock: the default one called directly (a C call when compiled), as
-        the clock items are stamped with (``erq.clock.stamp_ms``)."""
+        """The queue's clock: the default one called directly (a C call when compiled)."""
         clock = self._clock
-        return _clock.stamp_ms() if clock is now_ms else clock()
+        return _clock.now_ms() if clock is now_ms else clock()
 
     def _append(self, item: Item) -> Any:
         cost = len(item.data) + self._item_overhead

@@ -266,9 +266,8 @@ class QueueCollection:
     ) -> tuple[AddResult, list | tuple]:
         """Add to ``name`` and a copy to each fanout child; the result is the parent's, with the
         commit tickets to wait for (empty when there are none)."""
-        # The default clock called directly: a C call when compiled, no callable lookup; as
-        # the clock items are stamped with (erq.clock.stamp_ms), as Queue._now.
-        now = _clock.stamp_ms() if self._clock is now_ms else self._clock()
+        # The default clock called directly: a C call when compiled, no callable lookup.
+        now = _clock.now_ms() if self._clock is now_ms else self._clock()
         created = False
         if queue is None:
             queue = self._queues.get(name)

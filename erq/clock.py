@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._clock import now_ms, stamp_ms
+    from ._fast._clock import now_ms
 else:
-    from ._clock_py import now_ms, stamp_ms
+    from ._clock_py import now_ms
 
-__all__ = ["now_ms", "stamp_ms"]
+__all__ = ["now_ms"]

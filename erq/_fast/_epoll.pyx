@@ -31,7 +31,6 @@ from libc.errno cimport EAGAIN, ECONNRESET, EINTR, ENOTCONN, errno
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as c_close
 
-cimport erq._fast._clock as _clock
 cimport erq._fast._protocol as c_protocol
 from erq._fast._wire cimport peer_gone as _fd_peer_gone
 
@@ -156,25 +155,21 @@ cdef class Hub:
         cdef int i
         cdef unsigned int ev
         cdef Connection conn
-        _clock.begin_pass()  # the queues' stamps may share a reading of the clock meanwhile
-        try:
-            for i in range(n):
-                conn = <Connection>events[i].data.ptr  # a reference of our own from here on
-                if conn._closed:
-                    continue
-                ev = events[i].events
-                if conn._reading:
-                    if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
-                        conn._read(self._buf)
-                elif ev & (EPOLLERR | EPOLLHUP) and not conn._unsent:
-                    conn._fail(ECONNRESET)  # paused or half closed, nothing to send: gone
-                    continue
-                elif ev & EPOLLRDHUP:
-                    conn._left_while_paused()
-                if conn._unsent and not conn._closed and ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                    conn._send_backlog()
-        finally:
-            _clock.end_pass()
+        for i in range(n):
+            conn = <Connection>events[i].data.ptr  # a reference of our own from here on
+            if conn._closed:
+                continue
+            ev = events[i].events
+            if conn._reading:
+                if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    conn._read(self._buf)
+            elif ev & (EPOLLERR | EPOLLHUP) and not conn._unsent:
+                conn._fail(ECONNRESET)  # paused or half closed, nothing to send: gone
+                continue
+            elif ev & EPOLLRDHUP:
+                conn._left_while_paused()
+            if conn._unsent and not conn._closed and ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                conn._send_backlog()
         if self._dead:
             self._dead.clear()
 
