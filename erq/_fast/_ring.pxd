@@ -3,7 +3,7 @@ from cpython.ref cimport PyObject
 
 cdef class Item:
     cdef public unsigned long long id
-    cdef public bytes data
+    cdef public object data
     cdef public unsigned int flags
     cdef public long long add_time
     cdef public long long expiry
@@ -11,7 +11,7 @@ cdef class Item:
     cpdef bint expired(self, long long now)
 
 
-cpdef Item new_item(unsigned long long id, bytes data, unsigned int flags,
+cpdef Item new_item(unsigned long long id, object data, unsigned int flags,
                     long long add_time, long long expiry)
 
 

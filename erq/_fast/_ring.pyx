@@ -51,7 +51,7 @@ cdef class Item:
     part of a cycle, and a deep queue of tracked items makes every full collection scan them.
     """
 
-    def __init__(self, unsigned long long id, bytes data, unsigned int flags,
+    def __init__(self, unsigned long long id, object data, unsigned int flags,
                  long long add_time, long long expiry):
         self.id = id
         self.data = data
@@ -66,7 +66,7 @@ cdef class Item:
         return f"Item(id={self.id}, flags={self.flags}, len={len(self.data)})"
 
 
-cpdef Item new_item(unsigned long long id, bytes data, unsigned int flags,
+cpdef Item new_item(unsigned long long id, object data, unsigned int flags,
                     long long add_time, long long expiry):
     """``Item(id, data, flags, add_time, expiry)`` as a C call, for the compiled queue: a set
     through the class call boxes its times into Python ints and builds an argument tuple."""
