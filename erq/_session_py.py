@@ -475,9 +475,13 @@ class Session:
             if self._held_at:
                 self._fail_unsynced(out)
             self.out_room = OUT_BUDGET
-            # One reply (a STORED, a get's fused block) goes as it is: no join, no copy.
-            data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
-            out.clear()  # the same list again: none made and freed per flush
+            # One reply (a STORED, a get's fused block) goes as it is: no join, no copy. The
+            # same list again, emptied: none made and freed per flush; emptied whatever the
+            # join does, so that a piece that is not bytes fails one flush, not every one.
+            try:
+                data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
+            finally:
+                out.clear()
             self.state.counters.bytes_written += len(data)
             self._write(data)
         if self.closing:

@@ -166,3 +166,23 @@ def test_held_replies_go_out_in_order_each_once_its_syncs_are_done(impl, seeds, 
             raise AssertionError(f"seed {seed}: {exc}") from None
     # A waiter that raised is logged, not raised, by Ticket.notify.
     assert not [r for r in caplog.records if "waiter failed" in r.getMessage()], caplog.text
+
+
+def test_a_reply_list_that_cannot_be_joined_fails_one_flush_not_every_one(impl):
+    """flush keeps its list from one flush to the next: emptied even when the join raises (a
+    piece that is not bytes, which would be a bug elsewhere), or every later flush would
+    raise on it again and the connection would never answer anything more."""
+    session_mod = impl_module(impl, "_session", "_session_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+    written: list[bytes] = []
+    session = session_mod.Session(state, None, written.append, lambda: None)
+    session.out.extend([b"ok\r\n", "not bytes"])
+    with pytest.raises(TypeError):
+        session.flush()
+    assert session.out == [] and written == []
+    session.out.append(b"NEXT\r\n")
+    session.flush()
+    assert written == [b"NEXT\r\n"]
+    session.out.extend([b"A\r\n", b"B\r\n"])  # and the list it keeps joins as before
+    session.flush()
+    assert written == [b"NEXT\r\n", b"A\r\nB\r\n"]
