@@ -335,6 +335,33 @@ def test_many_clients_are_served_side_by_side(layer):
     run(layer, body)
 
 
+def _descriptor(transport) -> int:
+    sock = transport.get_extra_info("socket")  # the loops' transports
+    return sock.fileno() if sock is not None else transport.get_extra_info("fileno")
+
+
+def test_an_accepted_client_is_non_blocking_close_on_exec_and_without_nagle(layer):
+    """What the loops do to a socket they accept, the epoll layer does to its descriptor: a
+    blocking one would stall the loop, an inherited one would outlive a fork's exec, and
+    Nagle's algorithm would hold a short reply back for the client's next ACK."""
+    import fcntl
+    import os
+
+    async def body(srv):
+        sock, proto = await srv.connect()
+        fd = _descriptor(proto.transport)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+        assert not os.get_inheritable(fd)
+        with socket.socket(fileno=os.dup(fd)) as view:
+            assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.sendall(b"echo ok")  # and it is served
+        assert await recv_exactly(sock, 2) == b"ok"
+        sock.close()
+        await asyncio.wait_for(proto.lost, 10)
+
+    run(layer, body)
+
+
 def test_closing_the_listener_keeps_the_open_connections(layer):
     async def body(srv):
         sock, proto = await srv.connect()
