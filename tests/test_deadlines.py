@@ -223,3 +223,45 @@ def test_deadlines_pushed_again_after_their_bucket_emptied_expire_once(deadlines
         deadlines.close()
 
     run(body)
+
+
+def test_entries_sharing_a_millisecond_expire_or_are_discarded_each_on_its_own(deadlines_class):
+    """A bucket holds its one entry as it is and several in a dict: every way from one form
+    to the other keeps the entries still pending, and only those, and each expires once."""
+    loop = ManualLoop()
+    deadlines = deadlines_class(loop)
+    log: list = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def expire(self) -> None:
+            log.append(self.name)
+
+    a, b, c, d, e = (Named(n) for n in "abcde")
+    at = deadlines.add(a, 0.01)
+    assert deadlines.add(a, 0.01) == at  # the same entry twice in its bucket: once
+    assert deadlines.add(b, 0.01) == at  # a second: the bucket becomes a dict
+    deadlines.discard(a, at)
+    deadlines.discard(a, at)  # twice: nothing more
+    assert deadlines.add(c, 0.01) == at
+    lone = deadlines.add(d, 0.02)  # a bucket of one entry
+    deadlines.discard(e, lone)  # an entry not in it takes nothing out
+    loop.now += 0.015
+    loop.fire_due()
+    assert sorted(log) == ["b", "c"]
+    deadlines.discard(b, at)  # after its time: nothing happens
+    loop.now += 0.01
+    loop.fire_due()
+    assert sorted(log) == ["b", "c", "d"]
+    # Emptied from two entries to one and then to none: its time passes quietly.
+    f = Named("f")
+    late = deadlines.add(e, 0.05)
+    assert deadlines.add(f, 0.05) == late
+    deadlines.discard(e, late)
+    deadlines.discard(f, late)
+    loop.now += 0.1
+    loop.fire_due()
+    assert sorted(log) == ["b", "c", "d"]
+    assert loop.armed() == []

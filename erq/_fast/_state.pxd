@@ -26,9 +26,9 @@ cdef class Deadlines:
     cdef long long _armed
     cdef object _timer
 
-    @cython.locals(now=cython.double, deadline=cython.longlong, bucket=dict)
+    @cython.locals(now=cython.double, deadline=cython.longlong, key=object, bucket=object)
     cpdef long long add(self, object entry, double delay) except -1
-    @cython.locals(bucket=dict)
+    @cython.locals(key=object, bucket=object)
     cpdef discard(self, object entry, long long deadline)
     cdef _arm(self, long long deadline)
 
