@@ -31,28 +31,14 @@ def test_take_beside_10000_open_reads(benchmark, impl):
     assert benchmark(cycle) == OPEN
 
 
-class _Waiter:
-    peek = False
-    reliable = False
-
-    def __init__(self) -> None:
-        self.active = True
-
-    def wake(self, item) -> None:
-        self.active = False
-
-    def gone(self) -> bool:
-        return False
-
-
 def test_waiters_leaving_from_the_middle_of_10000(benchmark, impl):
     queue_mod = load(impl, "_queue", "_queue_py")
     queue = queue_mod.Queue("t", QueueConfig(), None, clock=lambda: 1_000)
     for _ in range(OPEN):
-        queue.add_waiter(_Waiter())
+        queue.add_waiter(queue_mod.Waiter())  # never served: nothing is added
 
     def cycle() -> int:
-        leaving = [_Waiter() for _ in range(TAKES)]
+        leaving = [queue_mod.Waiter() for _ in range(TAKES)]
         for waiter in leaving:
             queue.add_waiter(waiter)
         for waiter in reversed(leaving):  # newest first: the far end of the line

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from erq import keys as _keys
+from erq import queue as _queue
 from erq import wire as _wire
 from erq.clock import now_ms
 from erq.journal_api import JournalError
@@ -260,7 +261,15 @@ class GetOperation:
         return run_keys(self.session, self.specs, self.gets, self.index, self)
 
     def _wait(self, queue: Queue, spec: KeySpec) -> None:
-        waiter = KeyWaiter(self, queue, spec)
+        # Made without a call of the type (its argument parsing and __init__ were ~1,000
+        # instructions of each blocked get): compiled, __new__ is the C allocation alone.
+        waiter = KeyWaiter.__new__(KeyWaiter)
+        waiter.active = True
+        waiter.peek = spec.peek
+        waiter.reliable = spec.open
+        waiter.op = self
+        waiter.queue = queue
+        waiter.spec = spec
         # The deadline first: nothing is left behind in the queue if it raises.
         self.deadline = self.session.state.deadlines.add(waiter, spec.timeout / 1000.0)
         self.waiter = waiter
@@ -289,18 +298,14 @@ class GetOperation:
             self.waiter = None
 
 
-class KeyWaiter:
-    """A blocked get's place in a queue's waiter line."""
+class KeyWaiter(_queue.Waiter):  # _queue: cimported under that name when compiled
+    """A blocked get's place in a queue's waiter line (made by GetOperation._wait)."""
 
-    __slots__ = ("op", "queue", "spec", "active", "peek", "reliable")
+    __slots__ = ("op", "queue", "spec")
 
-    def __init__(self, op: GetOperation, queue: Queue, spec: KeySpec) -> None:
-        self.op = op
-        self.queue = queue
-        self.spec = spec
-        self.active = True
-        self.peek = spec.peek
-        self.reliable = spec.open
+    op: GetOperation
+    queue: Queue
+    spec: KeySpec
 
     def wake(self, item) -> None:
         self.active = False

@@ -14,7 +14,7 @@ from erq import wire as _wire
 from erq.clock import now_ms as _now_ms
 from erq.journal_api import JournalError
 from erq.names import valid_queue_name
-from erq.queue import ExpiryBacklog
+from erq.queue import ExpiryBacklog, Waiter
 from erq.replies import (
     BAD_FORMAT,
     BAD_NAME,
@@ -159,15 +159,13 @@ class MonitorOperation:
         self._forget_deadline()
 
 
-class MonitorWaiter:
-    __slots__ = ("op", "active")
-    peek = False
-    reliable = True
+class MonitorWaiter(Waiter):
+    __slots__ = ("op",)
     monitor = True
 
     def __init__(self, op: MonitorOperation) -> None:
+        super().__init__(peek=False, reliable=True)  # fields a compiled queue reads in C
         self.op = op
-        self.active = True
 
     def wake(self, item) -> None:
         self.active = False

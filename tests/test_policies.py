@@ -662,22 +662,23 @@ def test_open_timeout_returns_a_read_to_the_head_by_the_timer_and_at_a_fetch(erq
     assert (stats["items"], stats["open_transactions"]) == ("0", "0")
 
 
-class _Waiter:
-    """A blocked get as the queue sees it (erq.commands.KeyWaiter): it records what it got."""
+def _waiter_type(queue_mod):
+    """A blocked get as the queue sees it (erq.commands.KeyWaiter): it records what it got.
+    A subclass of the build's own Waiter, as the compiled queue requires."""
 
-    peek = False
+    class Recording(queue_mod.Waiter):
+        def __init__(self, reliable: bool = False) -> None:
+            super().__init__(peek=False, reliable=reliable)
+            self.got: list = []
 
-    def __init__(self, reliable: bool = False) -> None:
-        self.active = True
-        self.reliable = reliable
-        self.got: list = []
+        def wake(self, item) -> None:
+            self.active = False
+            self.got.append(item)
 
-    def wake(self, item) -> None:
-        self.active = False
-        self.got.append(item)
+        def gone(self) -> bool:
+            return False
 
-    def gone(self) -> bool:
-        return False
+    return Recording
 
 
 def test_waiters_removed_from_anywhere_in_the_line_are_never_served_and_the_rest_keep_order(
@@ -692,12 +693,14 @@ def test_waiters_removed_from_anywhere_in_the_line_are_never_served_and_the_rest
     queue_mod = impl_module(impl, "_queue", "_queue_py")
     queue = queue_mod.Queue("t", QueueConfig(), None, clock=lambda: 1_000)
 
-    class Leaving(_Waiter):  # its hand-out makes a later waiter's client leave
+    recording = _waiter_type(queue_mod)
+
+    class Leaving(recording):  # its hand-out makes a later waiter's client leave
         def wake(self, item) -> None:
             super().wake(item)
             queue.remove_waiter(waiters[9])
 
-    waiters = [Leaving() if i == 3 else _Waiter() for i in range(300)]
+    waiters = [Leaving() if i == 3 else recording() for i in range(300)]
     for waiter in waiters:
         queue.add_waiter(waiter)
     gone = [w for i, w in enumerate(waiters) if i % 3 or i == 0]  # the front one included
@@ -782,7 +785,7 @@ def test_a_set_that_finds_a_timed_out_read_serves_a_waiter_once_and_keeps_its_it
     queue.add(b"x", 0, 0)
     read = queue.take(True)
     assert read.data == b"x"
-    waiter = _Waiter()
+    waiter = _waiter_type(queue_mod)()
     queue.add_waiter(waiter)
     now[0] = 1_200  # x's read is 200 ms old: timed out, and no timer has returned it yet
     assert queue.add(b"y", 0, 0)[0] == queue_mod.STORED

@@ -6,6 +6,7 @@ cimport cython
 
 cimport erq._fast._keys as _keys
 cimport erq._fast._keys as c_keys
+cimport erq._fast._queue as _queue
 cimport erq._fast._queue as c_queue
 cimport erq._fast._queues as c_queues
 cimport erq._fast._ring as c_ring
@@ -49,18 +50,18 @@ cdef class GetOperation:
     cdef public bint refetch
 
     cpdef bint run(self) except -1
-    cdef _wait(self, object queue, object spec)
+    @cython.locals(waiter=KeyWaiter)
+    cdef _wait(self, c_queue.Queue queue, c_keys.KeySpec spec)
+    cpdef resumed(self, c_keys.KeySpec spec, c_queue.Queue queue, c_ring.Item item)
     cdef _forget_deadline(self)
 
 
-cdef class KeyWaiter:
+cdef class KeyWaiter(_queue.Waiter):
     cdef public GetOperation op
-    cdef public object queue
-    cdef public object spec
-    cdef public bint active
-    cdef public bint peek
-    cdef public bint reliable
+    cdef public c_queue.Queue queue
+    cdef public c_keys.KeySpec spec
 
+    cpdef wake(self, c_ring.Item item)
     cpdef bint gone(self) except -1
 
 

@@ -20,6 +20,15 @@ cdef class OpenRead:
     cdef public long long opened_at
 
 
+cdef class Waiter:
+    cdef public bint active
+    cdef public bint peek
+    cdef public bint reliable
+
+    cpdef wake(self, c_ring.Item item)
+    cpdef bint gone(self) except -1
+
+
 cdef class Queue:
     cdef public object name
     cdef object _config
@@ -105,5 +114,8 @@ cdef class Queue:
     cpdef long long unremove_all(self, list reads) except -1
     cdef bint _put_back(self, OpenRead read) except -1
     cdef void _forget_closed_reads(self) except *
+    cpdef add_waiter(self, Waiter waiter)
+    cpdef remove_waiter(self, Waiter waiter)
     cdef void _serve_waiters(self) except *
+    @cython.locals(waiter=Waiter, item=c_ring.Item)
     cdef void _serve_waiters_now(self) except *
