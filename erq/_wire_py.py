@@ -13,6 +13,17 @@ import select
 from typing import Any
 
 
+class ReplyWriter:
+    """What a compiled Session hands its replies to with a C call (erq._fast._wire's, which
+    erq's epoll connection and the compiled SocketWriter subclass). Here only the name: this
+    build's Session calls whatever ``write`` it was given."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
 class SocketWriter:
     """Write replies for one connection; ``write`` is handed to its Session."""
 

@@ -5,6 +5,7 @@ from ._compat import USE_EXTENSIONS
 if USE_EXTENSIONS:
     from ._fast._wire import (
         VALUE_COPY_LIMIT,
+        ReplyWriter,
         SocketWriter,
         append_end,
         append_value,
@@ -14,6 +15,7 @@ if USE_EXTENSIONS:
 else:
     from ._wire_py import (
         VALUE_COPY_LIMIT,
+        ReplyWriter,
         SocketWriter,
         append_end,
         append_value,
@@ -23,6 +25,7 @@ else:
 
 __all__ = [
     "VALUE_COPY_LIMIT",
+    "ReplyWriter",
     "SocketWriter",
     "append_end",
     "append_value",

@@ -227,3 +227,46 @@ def test_append_end_ends_the_reply_and_fuses_only_into_a_piece_of_its_own(impl, 
     out = []
     wire.append_end(out)
     assert out == [b"END\r\n"]
+
+
+def test_a_session_sends_through_the_writer_it_was_given_whatever_its_kind(impl, pair):
+    """A compiled Session calls a ReplyWriter's ``write`` in C, and any other writer as it
+    is: the SocketWriter's replies reach the socket; a ReplyWriter subclass's own ``write``
+    is the one called; another method of a ReplyWriter is called as itself, not its write."""
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    session_module = impl_module(impl, "_session", "_session_py")
+    wire = impl_module(impl, "_wire", "_wire_py")
+    state = ServerState(Config(), QueueCollection(Config(), None), None)
+
+    def replies(write) -> None:
+        session = session_module.Session(state, None, write, lambda: None, None)
+        for reply in (b"STORED\r\n", b"END\r\n"):
+            session.out.append(reply)
+            session.flush()
+
+    server, client = pair
+    replies(wire.SocketWriter(BufferingTransport(server)).write)
+    assert read_all(client, 13) == b"STORED\r\nEND\r\n"
+
+    class Recording(wire.ReplyWriter):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.elsewhere: list[bytes] = []
+
+        def write(self, data) -> None:
+            self.got.append(data)
+
+        def aside(self, data) -> None:
+            self.elsewhere.append(data)
+
+    recording = Recording()
+    replies(recording.write)
+    assert recording.got == [b"STORED\r\n", b"END\r\n"] and not recording.elsewhere
+    replies(recording.aside)
+    assert recording.elsewhere == [b"STORED\r\n", b"END\r\n"]
+    plain: list[bytes] = []
+    replies(plain.append)
+    assert plain == [b"STORED\r\n", b"END\r\n"]

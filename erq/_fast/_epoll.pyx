@@ -33,6 +33,7 @@ from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close as c_close
 
 cimport erq._fast._protocol as c_protocol
+from erq._fast._wire cimport ReplyWriter
 from erq._fast._wire cimport peer_gone as _fd_peer_gone
 
 
@@ -192,8 +193,9 @@ cdef class Hub:
 
 
 @cython.final
-cdef class Connection:
-    """One client socket: the transport its protocol writes to and closes."""
+cdef class Connection(ReplyWriter):
+    """One client socket: the transport its protocol writes to and closes (a ReplyWriter: a
+    compiled Session calls its ``write`` in C)."""
 
     cdef int _fd
     cdef Hub _hub
@@ -221,7 +223,7 @@ cdef class Connection:
         """True: ``write`` is the system call itself, no writer needed in front of it."""
         return True
 
-    cpdef write(self, data):
+    cpdef write(self, object data):
         cdef Py_ssize_t size
         cdef ssize_t n
         if type(data) is not bytes:

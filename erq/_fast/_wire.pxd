@@ -2,14 +2,18 @@
 # The compiled reply side of the wire (erq/_fast/_wire.pyx): the commands module cimports it so
 # that a VALUE line is formatted by a C call.
 
-cdef class SocketWriter:
+cdef class ReplyWriter:
+    cpdef write(self, object data)
+
+
+cdef class SocketWriter(ReplyWriter):
     cdef int _fd
     cdef object _transport
     cdef object _transport_write
     cdef object _is_closing
     cdef bint _backlog  # the transport holds bytes not yet sent: the next writes go after them
 
-    cpdef write(self, bytes data)
+    cpdef write(self, object data)
 
 
 cpdef bint peer_gone(int fd) noexcept
