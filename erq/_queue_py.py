@@ -742,11 +742,16 @@ class Queue:
 
     # ---- waiters -----------------------------------------------------------------------
     def add_waiter(self, waiter: Waiter) -> None:
+        # Compiled, a typed argument lets None through; both builds refuse what is not one.
+        if not isinstance(waiter, Waiter):
+            raise TypeError(f"a Waiter, not {type(waiter).__name__}")
         self._waiters.append(waiter)
 
     def remove_waiter(self, waiter: Waiter) -> None:
         """Take an inactive waiter (its get timed out, or its client left) out of the line:
         at its front, or once the inactive ones are more than half of it, all at once."""
+        if not isinstance(waiter, Waiter):
+            raise TypeError(f"a Waiter, not {type(waiter).__name__}")
         waiter.active = False
         waiters = self._waiters
         if waiters and waiters[0] is waiter:

@@ -719,6 +719,23 @@ def test_waiters_removed_from_anywhere_in_the_line_are_never_served_and_the_rest
     assert queue.items == 3 and queue.waiter_count == 0
 
 
+def test_a_waiter_line_takes_only_waiters(impl):
+    """The compiled queue reads its waiters' fields in C: what is not a Waiter (None too,
+    which a typed argument lets through) is refused by both builds before it reaches the
+    line."""
+    from erq.config import QueueConfig
+
+    queue_mod = impl_module(impl, "_queue", "_queue_py")
+    queue = queue_mod.Queue("t", QueueConfig(), None, clock=lambda: 1_000)
+    for method in (queue.add_waiter, queue.remove_waiter):
+        for stranger in (None, object()):
+            with pytest.raises(TypeError):
+                method(stranger)
+    assert queue.waiter_count == 0
+    queue.add(b"x", 0, 0)
+    assert queue.items == 1
+
+
 def test_reads_closed_out_of_order_leave_the_timeout_to_the_oldest_still_open(impl):
     """The reads past open_timeout are found from the oldest opened; reads closed since
     (confirmed, aborted) are passed over, in any order and any number."""
