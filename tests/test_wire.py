@@ -123,6 +123,25 @@ def test_what_the_socket_does_not_take_waits_and_later_replies_go_after_it(
     assert len(transport.writes) == writes_before + (0 if impl == "c" else 1)
 
 
+def test_a_bytes_like_reply_is_sent_and_anything_else_refused(writer_class, pair):
+    """Like the loops' transports: a bytearray or memoryview goes out as its bytes; an int
+    (which bytes() would turn into that many zero bytes) is a TypeError, nothing sent."""
+
+    class StrictTransport(BufferingTransport):
+        def write(self, data) -> None:
+            memoryview(data)  # asyncio and uvloop refuse what is not bytes-like
+            super().write(data)
+
+    server, client = pair
+    writer = writer_class(StrictTransport(server))
+    writer.write(bytearray(b"STORED\r\n"))
+    writer.write(memoryview(b"END\r\n"))
+    with pytest.raises(TypeError):
+        writer.write(3)
+    writer.write(b"DELETED\r\n")
+    assert read_all(client, 22) == b"STORED\r\nEND\r\nDELETED\r\n"
+
+
 def test_a_closing_transport_gets_every_write(writer_class, pair):
     # Once closing, the descriptor may be closed and its number taken by another connection:
     # nothing may be written to it directly.

@@ -3,7 +3,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-class Connection:
+from erq._fast._wire import ReplyWriter
+
+class Connection(ReplyWriter):
     protocol: Any
     @property
     def writes_directly(self) -> bool: ...

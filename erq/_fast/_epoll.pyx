@@ -227,7 +227,7 @@ cdef class Connection(ReplyWriter):
         cdef Py_ssize_t size
         cdef ssize_t n
         if type(data) is not bytes:
-            data = bytes(data)
+            data = bytes(memoryview(data))  # a bytes-like object; an int is a TypeError
         size = PyBytes_GET_SIZE(data)
         if self._closing or self._closed or size == 0:
             return

@@ -1,6 +1,9 @@
 from typing import Any
 
-class SocketWriter:
+class ReplyWriter:
+    def write(self, data: bytes) -> None: ...
+
+class SocketWriter(ReplyWriter):
     def __init__(self, transport: Any) -> None: ...
     def write(self, data: bytes) -> None: ...
 

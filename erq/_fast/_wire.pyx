@@ -81,7 +81,7 @@ cdef class SocketWriter(ReplyWriter):
         cdef Py_ssize_t size
         cdef Py_ssize_t n
         if type(data) is not bytes:
-            data = bytes(data)
+            data = bytes(memoryview(data))  # a bytes-like object; an int is a TypeError
         size = PyBytes_GET_SIZE(data)
         if self._fd < 0 or self._is_closing():
             self._transport_write(data)
