@@ -74,7 +74,7 @@ class Waiter:
     """A blocked get, peek or monitor as a queue sees it: the queue hands it an item, or it
     waits. erq.commands.KeyWaiter and erq.monitor.MonitorWaiter subclass it. A base class
     rather than a protocol, so that the compiled queue calls ``wake`` and ``gone`` in C: as
-    Python-level calls they were ~2,500 of the ~21,000 instructions a woken get costs the
+    Python-level calls they were ~2,500 of the ~21,000 instructions a woken get cost the
     server."""
 
     __slots__ = ("active", "peek", "reliable")
