@@ -89,7 +89,7 @@ def cmd_set(session: Session, req: tuple) -> None:
         if not noreply:
             session.out.append(TOO_LARGE if data is None else NO_MEMORY)
         return
-    if state.status != "UP":
+    if not state.up:
         if not noreply:
             session.out.append(READ_ONLY)
         return
@@ -127,7 +127,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
         name = spec.name
         if op is not None and op.refetch:
             op.refetch = False  # this key's close, abort and checks ran before it gave way
-            if state.status == "QUIESCENT":
+            if state.quiescent:
                 # QUIESCENT came while it removed expired items: it ends as a blocked get
                 # does (PROTOCOL §3), without an item, and the keys after it are refused.
                 answer_key(session, spec, None, None, gets)
@@ -149,7 +149,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
             counters = state.counters
             if not spec.peek:
                 counters.cmd_get += 1  # refused or not: a get was asked for (PROTOCOL §10)
-            if state.status == "QUIESCENT":
+            if state.quiescent:
                 session.out.append(refuse_rest(session, specs, index + 1))
                 return True
             if spec.peek:

@@ -209,6 +209,19 @@ class ServerState:
         self.status = self._load_status()
 
     @property
+    def status(self) -> str:
+        """UP, READONLY or QUIESCENT (PROTOCOL §8). ``set_status`` changes it and saves it."""
+        return self._status
+
+    @status.setter
+    def status(self, word: str) -> None:
+        # Two flags kept beside the word: every set and get tests one as a C field, where
+        # comparing the word was a string compare (~95 instructions a get).
+        self._status = word
+        self.up = word == "UP"
+        self.quiescent = word == "QUIESCENT"
+
+    @property
     def config(self) -> Config:  # a property: its setter keeps ``kestrel`` flat
         return self._config
 
@@ -254,7 +267,7 @@ class ServerState:
         takes a file not written since the status was set; an rm -r takes it too): a drained
         server would otherwise come back UP at its next start. UP needs no file."""
         path = self._status_file
-        if path is None or self.status == "UP" or path.exists():
+        if path is None or self.up or path.exists():
             return
         try:
             self._save_status(self.status)

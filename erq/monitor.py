@@ -74,7 +74,7 @@ class MonitorOperation:
     def run(self) -> bool:
         session = self.session
         limit = session.state.config.server.max_open_reads
-        while self.remaining > 0 and session.state.status != "QUIESCENT":
+        while self.remaining > 0 and not session.state.quiescent:
             if session.at_open_limit(self.name, limit) and reads_still_held(
                 session, self.name, True
             ):
@@ -184,7 +184,7 @@ def cmd_monitor(session: Session, args: list[bytes]) -> None:
         session.out.append(BAD_NAME)
         return
     state = session.state
-    if state.status == "QUIESCENT":
+    if state.quiescent:
         session.out.append(QUIESCENT)
         return
     max_items = numbers[1] if len(args) == 3 else state.config.server.max_open_reads

@@ -88,7 +88,7 @@ def _named_write(
     name = _one_name(session, args, noreply)
     if name is None:
         return
-    if session.state.status != "UP":
+    if not session.state.up:
         if not noreply:
             session.out.append(READ_ONLY)
         return
@@ -138,7 +138,7 @@ def cmd_flush_all(session: Session, args: list[bytes]) -> None:
             session.out.append(BAD_FORMAT)
         return
     state = session.state
-    if state.status != "UP":
+    if not state.up:
         if not noreply:
             session.out.append(READ_ONLY)
         return
@@ -155,7 +155,7 @@ def cmd_flush_expired(session: Session, args: list[bytes]) -> None:
     name = _one_name(session, args)
     if name is None:
         return
-    if session.state.status != "UP":
+    if not session.state.up:
         session.out.append(READ_ONLY)
         return
     answer_in_slices(session, _flush_expired(session.state.queues, [name], f"flush_expired {name}"))
@@ -166,7 +166,7 @@ def cmd_flush_all_expired(session: Session, args: list[bytes]) -> None:
     if args:
         session.out.append(BAD_FORMAT)
         return
-    if state.status != "UP":
+    if not state.up:
         session.out.append(READ_ONLY)
         return
     answer_in_slices(

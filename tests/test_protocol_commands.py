@@ -759,6 +759,44 @@ def test_status_words_are_case_insensitive_and_survive_a_restart(server):
     assert c.set("q", b"x") == STORED
 
 
+def test_each_status_refuses_what_it_refuses_from_its_change_and_after_a_restart(server):
+    """UP takes sets and gets; READONLY refuses sets, deletes and flushes and serves gets;
+    QUIESCENT refuses gets and monitors too (PROTOCOL §8). The server reads flags kept beside
+    the word on every set and get: each change must move them, and so must a start that reads
+    the word from its file."""
+    read_only, quiescent = b"SERVER_ERROR read only\r\n", b"SERVER_ERROR quiescent\r\n"
+    c = server.client()
+
+    def behaves_as(word: bytes) -> None:
+        assert c.call(b"status\r\n") == word + b"\r\n"
+        if word == b"UP":
+            assert c.set("u", b"1") == STORED
+            assert c.get("u") == one("u", b"1")
+            return
+        assert c.call(set_req(b"q", b"1")) == read_only
+        assert c.call(b"delete q\r\n") == read_only
+        assert c.call(b"flush_all\r\n") == read_only
+        if word == b"READONLY":
+            assert c.get("q") == one("q", b"kept")
+            assert c.call(b"status UP\r\n") == END
+            assert c.set("q", b"kept") == STORED  # for the next READONLY
+            assert c.call(b"status READONLY\r\n") == END
+        else:
+            assert c.call(b"get q\r\n") == quiescent
+            assert c.call(b"monitor q 1\r\n") == quiescent
+
+    assert c.set("q", b"kept") == STORED
+    for word in (b"READONLY", b"QUIESCENT", b"UP", b"QUIESCENT", b"READONLY", b"UP", b"READONLY"):
+        assert c.call(b"status %s\r\n" % word) == END
+        behaves_as(word)
+    for word in (b"READONLY", b"QUIESCENT", b"UP"):
+        assert c.call(b"status %s\r\n" % word) == END
+        c.close()
+        server.restart()
+        c = server.client()
+        behaves_as(word)
+
+
 def test_a_status_file_deleted_under_the_server_is_written_again(server):
     """A tmp cleaner takes an erq.status not written since the status was set: the drained
     server came back UP at its next start, taking writes again."""

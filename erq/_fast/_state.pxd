@@ -49,4 +49,6 @@ cdef class ServerState:
     cdef public object reload_requested
     cdef public object open_file_limit
     cdef object _status_file
-    cdef public str status
+    cdef str _status
+    cdef readonly bint up
+    cdef readonly bint quiescent
