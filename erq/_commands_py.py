@@ -116,7 +116,7 @@ def cmd_set(session: Session, req: tuple) -> None:
 
 
 # ---- get -------------------------------------------------------------------------------
-def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op) -> bool:
+def run_keys(session: Session, specs: tuple[KeySpec, ...], gets: bool, index: int, op) -> bool:
     """Run a get's keys from ``index``, each as its own get; False when one blocked.
 
     ``op`` is the get's GetOperation, or None: most gets never wait, so the operation object
@@ -202,7 +202,7 @@ def run_keys(session: Session, specs: list[KeySpec], gets: bool, index: int, op)
     return True
 
 
-def refuse_rest(session: Session, specs: list[KeySpec], index: int) -> bytes:
+def refuse_rest(session: Session, specs: tuple[KeySpec, ...], index: int) -> bytes:
     """Under QUIESCENT, after a refused key: the keys from ``index`` still confirm and abort
     (each key is its own get, PROTOCOL §10); their fetches are refused, gets counted. The
     reply: QUIESCENT, or a journal failure's if a confirm could not be journaled (that read
@@ -247,7 +247,7 @@ class GetOperation:
 
     __slots__ = ("session", "specs", "index", "gets", "waiter", "deadline", "refetch")
 
-    def __init__(self, session: Session, specs: list[KeySpec], gets: bool) -> None:
+    def __init__(self, session: Session, specs: tuple[KeySpec, ...], gets: bool) -> None:
         self.session = session
         self.specs = specs
         self.index = 0
@@ -356,8 +356,11 @@ def cmd_get(session: Session, req: tuple) -> None:
         return
     try:
         # _keys.parse_key: a C call when compiled (the module is cimported under that name).
+        # A tuple: one key's is a single allocation (from a free list), a list's two.
         specs = (
-            [_keys.parse_key(key) for key in keys] if len(keys) > 1 else [_keys.parse_key(keys[0])]
+            tuple([_keys.parse_key(key) for key in keys])
+            if len(keys) > 1
+            else (_keys.parse_key(keys[0]),)
         )
     except KeyError_ as exc:
         # Refused before any key ran: each key still counts as a get asked for (PROTOCOL §10:

@@ -31,7 +31,7 @@ cdef class GetOperation
     spec=c_keys.KeySpec,
 )
 cpdef bint run_keys(
-    c_session.Session session, list specs, bint gets, Py_ssize_t index, GetOperation op
+    c_session.Session session, tuple specs, bint gets, Py_ssize_t index, GetOperation op
 ) except -1
 @cython.locals(counters=c_state.Counters)
 cpdef answer_key(
@@ -42,7 +42,7 @@ cpdef answer_key(
 
 cdef class GetOperation:
     cdef public c_session.Session session
-    cdef public list specs
+    cdef public tuple specs
     cdef public Py_ssize_t index
     cdef public bint gets
     cdef public object waiter
