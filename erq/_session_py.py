@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from erq import wire as _wire
 from erq.parser import NO_ROOM, REQ_CMD, REQ_GET, REQ_SET
 from erq.wire import ReplyWriter
 
@@ -484,12 +485,13 @@ class Session:
                 self._fail_unsynced(out)
             self.out_room = OUT_BUDGET
             # One reply (a STORED, a get's fused block) goes as it is: no join, no copy. The
-            # same list again, emptied: none made and freed per flush; emptied whatever the
-            # join does, so that a piece that is not bytes fails one flush, not every one.
+            # same list again, emptied (a C call when compiled, keeping its slots): none made
+            # and freed per flush; emptied whatever the join does, so that a piece that is not
+            # bytes fails one flush, not every one.
             try:
                 data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
             finally:
-                out.clear()
+                _wire.clear_replies(out)
             self.state.counters.bytes_written += len(data)
             if self._writer is not None:
                 self._writer.write(data)

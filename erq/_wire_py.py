@@ -71,4 +71,14 @@ def append_value(out: list, prefix: bytes, flags: int, data: bytes, cas: int = -
 def append_end(out: list) -> None:
     """Append ``END`` and its CRLF to a reply's pieces (the compiled twin may fuse it into
     the last piece; the bytes sent are the same)."""
+    if type(out) is not list:  # as the compiled twin's typed argument
+        raise TypeError(f"append_end takes a list, not {type(out).__name__}")
     out.append(b"END\r\n")
+
+
+def clear_replies(out: list) -> None:
+    """Empty a session's reply list after a flush (the compiled twin keeps its slot array
+    for the next replies)."""
+    if type(out) is not list:  # as the compiled twin's typed argument
+        raise TypeError(f"clear_replies takes a list, not {type(out).__name__}")
+    out.clear()

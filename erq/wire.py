@@ -9,6 +9,7 @@ if USE_EXTENSIONS:
         SocketWriter,
         append_end,
         append_value,
+        clear_replies,
         peer_gone,
         value_header,
     )
@@ -19,6 +20,7 @@ else:
         SocketWriter,
         append_end,
         append_value,
+        clear_replies,
         peer_gone,
         value_header,
     )
@@ -29,6 +31,7 @@ __all__ = [
     "SocketWriter",
     "append_end",
     "append_value",
+    "clear_replies",
     "peer_gone",
     "value_header",
 ]

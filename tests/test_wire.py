@@ -12,6 +12,7 @@ on both loops (tests/test_protocol_connection.py).
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 
@@ -289,3 +290,57 @@ def test_a_session_sends_through_the_writer_it_was_given_whatever_its_kind(impl,
     plain: list[bytes] = []
     replies(plain.append)
     assert plain == [b"STORED\r\n", b"END\r\n"]
+
+
+def test_clear_replies_empties_the_list_and_releases_every_piece(impl):
+    """A session's reply list after a flush: empty, each piece released once, ready for the
+    next replies. The compiled twin keeps a small list's slot array (the next reply appends
+    without an allocation) and gives a long pipeline's back. A finaliser that appends to the
+    list while its pieces are released leaves its piece in the list, as ``list.clear`` does."""
+    wire = impl_module(impl, "_wire", "_wire_py")
+    freed: list[int] = []
+
+    class Piece:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __del__(self) -> None:
+            freed.append(self.n)
+
+    out = [Piece(1), Piece(2), b"END\r\n"]
+    wire.clear_replies(out)
+    assert out == [] and sorted(freed) == [1, 2]
+    out.append(b"STORED\r\n")
+    assert out == [b"STORED\r\n"]
+
+    small = [b"STORED\r\n"] * 4
+    room = sys.getsizeof(small)
+    wire.clear_replies(small)
+    assert small == []
+    if impl == "c":
+        assert sys.getsizeof(small) == room  # the slots stay for the next replies
+    long_pipeline: list[bytes] = []
+    for _ in range(100):
+        long_pipeline.append(b"END\r\n")
+    wire.clear_replies(long_pipeline)
+    assert long_pipeline == [] and sys.getsizeof(long_pipeline) == sys.getsizeof([])
+
+    class Appender:
+        def __del__(self) -> None:
+            out.append(b"late")
+
+    out = [b"a", Appender(), b"b"]
+    wire.clear_replies(out)
+    assert out == [b"late"]
+    wire.clear_replies(out)
+    assert out == []
+
+
+@pytest.mark.parametrize("name", ["clear_replies", "append_end"])
+def test_a_reply_list_helper_takes_only_a_list(impl, name):
+    """Cython lets None through a typed argument: the compiled helpers would have read a
+    list's fields from None."""
+    helper = getattr(impl_module(impl, "_wire", "_wire_py"), name)
+    for wrong in (None, (), bytearray(b"x")):
+        with pytest.raises(TypeError):
+            helper(wrong)

@@ -7,6 +7,7 @@ cimport cython
 cimport erq._fast._append as c_append
 cimport erq._fast._queues as c_queues
 cimport erq._fast._state as c_state
+cimport erq._fast._wire as _wire
 cimport erq._fast._wire as c_wire
 
 

@@ -20,3 +20,4 @@ cpdef bint peer_gone(int fd) noexcept
 cpdef bytes value_header(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas=*)
 cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long long cas=*)
 cpdef append_end(list out)
+cpdef clear_replies(list out)

@@ -47,6 +47,13 @@ cdef extern from "Python.h":
     char *_bytes_data "PyBytes_AS_STRING"(PyObject *)
     Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *)
     int _PyBytes_Resize(PyObject **, Py_ssize_t)
+    # A list's slot array, for clear_replies: its layout is CPython's public (non-limited) API.
+    ctypedef struct PyListObject:
+        PyObject **ob_item
+        Py_ssize_t allocated
+    void _set_size "Py_SET_SIZE"(object, Py_ssize_t)
+    void Py_XDECREF(PyObject *)
+    void PyMem_Free(void *)
 
 
 cdef bytes _END = b"END\r\n"
@@ -154,9 +161,12 @@ cpdef append_end(list out):
     """Append ``END`` and its CRLF to a reply's pieces: into the last piece when it is a bytes
     only the list holds (the VALUE block just made for a get of one key), so that the reply is
     one piece, which the join at flush hands on as it is instead of copying it again."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(out)
+    cdef Py_ssize_t n
     cdef PyObject *last
     cdef Py_ssize_t size
+    if out is None:  # a typed argument lets None through; its size would be read from None
+        raise TypeError("append_end takes a list, not None")
+    n = PyList_GET_SIZE(out)
     if n:
         last = _list_item(out, n - 1)  # borrowed: the list's reference
         if _refcount(last) == 1 and _is_bytes(last):
@@ -171,6 +181,43 @@ cpdef append_end(list out):
             _list_set(out, n - 1, last)
             return
     out.append(_END)
+
+
+# An emptied reply list keeps its slot array up to this many slots (see clear_replies).
+cdef Py_ssize_t _SLOTS_KEPT = 16
+
+
+cpdef clear_replies(list out):
+    """Empty a session's reply list after a flush, keeping its slot array for the next
+    replies. ``list.clear`` gives the array back, and the next reply's append allocated it
+    again: ~100 instructions of every request. A list grown past 16 slots (a long
+    pipeline's replies) gives it back, so an idle connection holds a few slots at most. As in
+    ``list.clear``, the list is empty before its items are released, and an append made
+    while they are (by a finaliser) keeps the list's new array."""
+    cdef PyListObject *lst
+    cdef PyObject **items
+    cdef Py_ssize_t n, allocated, i
+    if out is None:  # a typed argument lets None through
+        raise TypeError("clear_replies takes a list, not None")
+    lst = <PyListObject *>out
+    items = lst.ob_item
+    n = PyList_GET_SIZE(out)
+    allocated = lst.allocated
+    if allocated > _SLOTS_KEPT or items == NULL:
+        del out[:]
+        return
+    lst.ob_item = NULL
+    lst.allocated = 0
+    _set_size(out, 0)
+    i = n
+    while i > 0:
+        i -= 1
+        Py_XDECREF(items[i])
+    if lst.ob_item == NULL:
+        lst.ob_item = items
+        lst.allocated = allocated
+    else:
+        PyMem_Free(items)
 
 
 cdef bytes _block(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas,
