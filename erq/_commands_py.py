@@ -333,7 +333,7 @@ def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, ge
         _wire.append_value(session.out, prefix, item.flags, item.data, cas)
 
 
-def gets_asked(keys: list) -> int:
+def gets_asked(keys: tuple) -> int:
     """What a get refused for its keys adds to cmd_get: its keys that fetch and do not peek
     (PROTOCOL §8), as the keys of a get refused under QUIESCENT count, and each key refused
     itself, whose options are unknown."""

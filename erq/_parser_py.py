@@ -405,7 +405,7 @@ class Parser:
                 return _DONE
         word = tokens[0].lower()
         if word == b"get" or word == b"gets":
-            out.append((REQ_GET, tokens[1:], word == b"gets"))
+            out.append((REQ_GET, tuple(tokens[1:]), word == b"gets"))
             return _DONE
         is_set = word == b"set"
         if is_set:

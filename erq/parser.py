@@ -5,7 +5,7 @@ Request tuples (see ``Parser.feed``):
 - ``(REQ_SET, name, flags, exptime, data, noreply)``: flags/exptime are None when malformed,
   data is None when the item was over ``max_item_size``, ``NO_ROOM`` when the DataBudget had
   no room for it (its bytes were skipped either way);
-- ``(REQ_GET, keys, is_gets)``;
+- ``(REQ_GET, keys, is_gets)``: keys a tuple of bytes;
 - ``(REQ_CMD, word, args)``: any other line, word lowercased (b"" for an empty line);
 - ``(REQ_UNSUPPORTED, word, noreply)``: add/replace/append/prepend/cas and
   memcached's meta set ``ms``, data block consumed;

@@ -256,7 +256,7 @@ def valid_request(draw) -> tuple[bytes, tuple]:
     if kind == "get":
         word = draw(st.sampled_from([b"get", b"gets"]))
         keys = draw(st.lists(valid_names, max_size=20))
-        return draw(line([draw(cased(word)), *keys])), (GET, keys, word == b"gets")
+        return draw(line([draw(cased(word)), *keys])), (GET, tuple(keys), word == b"gets")
     if kind == "unsupported":
         word = draw(st.sampled_from([b"add", b"replace", b"append", b"prepend", b"cas", b"ms"]))
         data = draw(st.binary(max_size=30))
@@ -314,7 +314,7 @@ def large_set_streams(draw):
         damaged = damaged or trailer != b"\r\n"
         parts.append(b"set big%d 0 0 %d\r\n" % (start, size) + data + trailer + b"get big\r\n")
         stored = data if size <= max_item else None
-        expected += [(SET, b"big%d" % start, 0, 0, stored, False), (GET, [b"big"], False)]
+        expected += [(SET, b"big%d" % start, 0, 0, stored, False), (GET, (b"big",), False)]
     stream = b"".join(parts)
     lengths = draw(st.lists(st.integers(1, 9000), min_size=1, max_size=12))
     # At most ~2,000 feeds per parser, however small the drawn lengths.

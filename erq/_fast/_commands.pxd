@@ -69,6 +69,7 @@ cdef class KeyWaiter(_queue.Waiter):
 cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
 )
+@cython.locals(keys=tuple)
 cpdef cmd_get(c_session.Session session, tuple req)
 @cython.locals(
     i=cython.Py_ssize_t,
