@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from support import LAYERS, STORED, VERSION_LINE, close_listener, new_loop, open_listener
+from support import END, LAYERS, STORED, VERSION_LINE, close_listener, new_loop, open_listener
 
 BIG = 8 << 20  # more than loopback's socket buffers take at once
 
@@ -426,3 +426,94 @@ def test_out_of_descriptors_clients_wait_and_are_served_once_some_close(tmp_path
         for client in served + waiting:
             client.close()
         server.stop()
+
+
+EPOLL_LAYERS = [name for name in LAYERS if name.startswith("epoll")]
+
+
+@pytest.mark.parametrize("epoll_layer", EPOLL_LAYERS)
+def test_erqs_protocol_reads_in_the_hubs_chunk_and_keeps_nothing_of_it(epoll_layer):
+    """A read up to 16 KiB is lent to erq's protocol in the hub's one chunk, not copied. What
+    the protocol made of a read (a set's value, a line or a value split across reads,
+    requests held behind a blocked get) must not change when the next read lands in the same
+    chunk, and the chunk must be free again after every read. A chunk someone else holds is
+    never written into: the next read takes a new one."""
+    from erq._fast import _protocol
+    from erq.config import Config
+    from erq.queues import QueueCollection
+    from erq.state import ServerState
+
+    loop = new_loop(epoll_layer)
+    state = ServerState(Config(), QueueCollection(Config(), None), loop)
+
+    async def main() -> None:
+        listener = await open_listener(loop, epoll_layer, lambda: _protocol.MemcacheProtocol(state))
+        sock = socket.create_connection(listener.sockets[0].getsockname())
+        sock.setblocking(False)
+        try:
+            chunk = id(listener.hub._chunk)  # not a reference: a chunk held is not lent
+            value = b"VALUE q 0 %d\r\n%s\r\nEND\r\n"
+            for piece, reply in (
+                (b"set q 0 0 10\r\n01234", b""),
+                (b"56789\r\nset q 0 0 3\r\nab", b"STORED\r\n"),
+                (b"c\r\nget w/t=300\r\nset q 0 0 3\r\nxyz\r\nget q\r\n", b"STORED\r\n"),
+                (b"", b"END\r\nSTORED\r\n" + value % (10, b"0123456789")),
+                (b"get q\r\nget q\r\nget q\r\n", value % (3, b"abc") + value % (3, b"xyz") + END),
+            ):
+                await loop.sock_sendall(sock, piece)
+                if reply:
+                    assert await recv_exactly(sock, len(reply)) == reply
+                else:
+                    await asyncio.sleep(0.05)  # the server reads the piece on its own
+                assert id(listener.hub._chunk) == chunk
+        finally:
+            sock.close()
+            await close_listener(listener, epoll_layer)
+
+    async def held() -> None:
+        listener = await open_listener(loop, epoll_layer, lambda: _protocol.MemcacheProtocol(state))
+        sock = socket.create_connection(listener.sockets[0].getsockname())
+        sock.setblocking(False)
+        try:
+            await loop.sock_sendall(sock, b"get q\r\n")
+            assert await recv_exactly(sock, 5) == END  # a first read: the chunk is the hub's
+            chunk = listener.hub._chunk
+            before = bytes(chunk)
+            await loop.sock_sendall(sock, b"set h 0 0 2\r\nhi\r\nget h\r\n")
+            reply = b"STORED\r\nVALUE h 0 2\r\nhi\r\nEND\r\n"
+            assert await recv_exactly(sock, len(reply)) == reply
+            assert chunk == before  # not written into
+            assert listener.hub._chunk is not chunk
+        finally:
+            sock.close()
+            await close_listener(listener, epoll_layer)
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
+        loop.run_until_complete(asyncio.wait_for(held(), 30))
+    finally:
+        state.queues.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("epoll_layer", EPOLL_LAYERS)
+def test_a_protocol_that_keeps_what_it_reads_keeps_each_read_as_it_came(epoll_layer):
+    """Any other protocol is handed a copy of each read: one that keeps the bytes objects it
+    is given must find them unchanged by the reads after them."""
+    kept: list[bytes] = []
+
+    async def body(srv: Server) -> None:
+        sock, recorder = await srv.connect()
+        loop = asyncio.get_running_loop()
+        recorder.data_received = kept.append  # keeps the objects themselves
+        pieces = [bytes([65 + i]) * (100 + i) for i in range(20)]
+        sent = 0
+        for piece in pieces:
+            await loop.sock_sendall(sock, piece)
+            sent += len(piece)
+            await until(lambda sent=sent: sum(map(len, kept)) == sent)
+        assert b"".join(kept) == b"".join(pieces)
+        assert all(len(set(read)) == 1 for read in kept)  # no read shows another's bytes
+        sock.close()
+
+    run(epoll_layer, body)

@@ -28,7 +28,6 @@ from erq.throttle import Throttle
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, ECONNRESET, EINTR, ENOTCONN, errno
-from libc.stdlib cimport free, malloc
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close as c_close
 
@@ -101,8 +100,30 @@ _accept_failed = Throttle(log, logging.ERROR)
 cdef int _IPPROTO_TCP = _socket.IPPROTO_TCP
 cdef int _TCP_NODELAY = _socket.TCP_NODELAY
 
+# A read's bytes object, made once and lent to every read that fits (see Hub._chunk): a bytes
+# of READ_SIZE whose length is set to what recv took, as _PyBytes_Resize sets it when it
+# shrinks in place. Its hash cache is reset too: the object is mutated, and nothing else holds
+# it then (its reference count is one), so nothing can have kept the hash of its old bytes.
+cdef extern from *:
+    """
+    static CYTHON_INLINE void erq_lend_chunk(PyObject *chunk, Py_ssize_t size) {
+        Py_SET_SIZE(chunk, size);
+        PyBytes_AS_STRING(chunk)[size] = '\\0';
+        _Py_COMP_DIAG_PUSH
+        _Py_COMP_DIAG_IGNORE_DEPR_DECLS
+        ((PyBytesObject *)chunk)->ob_shash = -1;
+        _Py_COMP_DIAG_POP
+    }
+    """
+    void erq_lend_chunk(object chunk, Py_ssize_t size)
+    Py_ssize_t _refcount "Py_REFCNT"(object)
+
 cdef enum:
     READ_SIZE = 256 * 1024  # bytes one recv may take (uvloop reads into a buffer of this size)
+    # A read up to this size is handed to erq's protocol in the Hub's chunk, not copied: the
+    # protocol keeps no read this small (it keeps a larger one's rest, PARSED_WHOLE, for the
+    # loop's next pass), so the chunk is free again when data_received returns.
+    LENT_MAX = 16 * 1024
     HIGH_WATER = 64 * 1024  # unsent bytes above which the protocol is told pause_writing
     LOW_WATER = 16 * 1024  # ... and below which, resume_writing
     MAX_EVENTS = 256  # ready sockets taken from the kernel per loop callback
@@ -116,7 +137,12 @@ cdef class Hub:
 
     cdef int _epfd
     cdef object _loop
-    cdef char *_buf
+    # What recv reads into: a bytes of READ_SIZE, lent as it is to erq's protocol for a small
+    # read, where a copy cost an allocation, a copy and a free each read (~700 instructions
+    # for a 1 KiB set, whose size glibc serves from its slowest bins). A chunk still held
+    # when the protocol returns (by a traceback, or a protocol that keeps what it reads) is
+    # left to its holders, and the next read makes another. Readable for the tests.
+    cdef readonly bytes _chunk
     cdef set _conns  # open connections; the epoll set holds borrowed pointers to them
     cdef list _dead  # closed during this callback: kept alive until it returns
     cdef bint _watched
@@ -125,11 +151,12 @@ cdef class Hub:
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
         if self._epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
-        self._buf = <char *>malloc(READ_SIZE)
-        if self._buf == NULL:
+        try:
+            self._chunk = PyBytes_FromStringAndSize(NULL, READ_SIZE)
+        except MemoryError:
             c_close(self._epfd)
             self._epfd = -1
-            raise MemoryError()
+            raise
         self._loop = loop
         self._conns = set()
         self._dead = []
@@ -137,8 +164,6 @@ cdef class Hub:
         self._watched = True
 
     def __dealloc__(self):
-        if self._buf != NULL:
-            free(self._buf)
         if self._epfd >= 0:
             c_close(self._epfd)
 
@@ -167,7 +192,7 @@ cdef class Hub:
             ev = events[i].events
             if conn._reading:
                 if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
-                    conn._read(self._buf)
+                    conn._read(self)
             elif ev & (EPOLLERR | EPOLLHUP) and not conn._unsent:
                 conn._fail(ECONNRESET)  # paused or half closed, nothing to send: gone
                 continue
@@ -376,10 +401,19 @@ cdef class Connection(ReplyWriter):
         if not self._closed:
             self._watch()
 
-    cdef _read(self, char *buf):
-        cdef ssize_t n = recv(self._fd, buf, READ_SIZE, 0)
+    cdef _read(self, Hub hub):
+        cdef bytes chunk = hub._chunk
+        cdef ssize_t n
+        hub._chunk = None  # lent while the protocol runs
+        if chunk is None or _refcount(chunk) != 1:  # held elsewhere: never written into
+            chunk = PyBytes_FromStringAndSize(NULL, READ_SIZE)
+        n = recv(self._fd, PyBytes_AS_STRING(chunk), READ_SIZE, 0)
         if n > 0:
-            data = PyBytes_FromStringAndSize(buf, n)
+            if n <= LENT_MAX and self._memcache is not None:
+                erq_lend_chunk(chunk, n)
+                data = chunk
+            else:
+                data = PyBytes_FromStringAndSize(PyBytes_AS_STRING(chunk), n)
             try:
                 if self._memcache is not None:
                     self._memcache.data_received(data)
@@ -387,7 +421,12 @@ cdef class Connection(ReplyWriter):
                     self.protocol.data_received(data)
             except Exception as exc:
                 self._protocol_failed("data_received", exc)
-        elif n == 0:
+            data = None
+        if _refcount(chunk) == 1:  # this function's reference alone: free to lend again
+            hub._chunk = chunk
+        if n > 0:
+            return
+        if n == 0:
             self._end_of_stream()
         elif errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
             self._fail(errno)
