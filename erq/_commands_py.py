@@ -122,6 +122,7 @@ def run_keys(session: Session, specs: tuple[KeySpec, ...], gets: bool, index: in
     ``op`` is the get's GetOperation, or None: most gets never wait, so the operation object
     is made only when a key has to (``/t=`` on an empty queue), and it then runs the rest."""
     state = session.state
+    ended = False  # the last key's VALUE block holds the reply's END
     while index < len(specs):
         spec = specs[index]
         name = spec.name
@@ -188,7 +189,7 @@ def run_keys(session: Session, specs: tuple[KeySpec, ...], gets: bool, index: in
             op.index = index
             op._wait(queue, spec)
             return False
-        answer_key(session, spec, queue, item, gets)
+        ended = answer_key(session, spec, queue, item, gets, index + 1 == len(specs))
         index += 1
         if session.out_room < 0 and index < len(specs) and session.output_full():
             # The client is not taking its replies: the keys left wait until it does.
@@ -198,7 +199,8 @@ def run_keys(session: Session, specs: tuple[KeySpec, ...], gets: bool, index: in
             session.blocked = op
             session.blocked_on_output = True
             return False
-    _wire.append_end(session.out)  # compiled: into the VALUE block of a one-key get
+    if not ended:
+        _wire.append_end(session.out)
     return True
 
 
@@ -224,12 +226,16 @@ def refuse_rest(session: Session, specs: tuple[KeySpec, ...], index: int) -> byt
     return QUIESCENT
 
 
-def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) -> None:
-    """Answer one key of a get: its VALUE block, or nothing for a miss."""
+def answer_key(
+    session: Session, spec: KeySpec, queue: Queue, item, gets: bool, last: bool = False
+) -> bool:
+    """Answer one key of a get: its VALUE block, or nothing for a miss. For the ``last`` key
+    the block takes the reply's END too (True then): a one-key get's reply is made in one
+    piece, not grown by five bytes after."""
     counters = session.state.counters
     if item is None:
         counters.get_misses += 1
-        return
+        return False
     counters.get_hits += 1
     if spec.open:
         session.open_deque(spec.name).append((queue, queue.open_read(item.id)))
@@ -238,7 +244,8 @@ def answer_key(session: Session, spec: KeySpec, queue: Queue, item, gets: bool) 
         ticket = queue.sync_ticket()
         if ticket is not None:  # fsync = "always": the value waits for the removal's sync
             session.hold_for([ticket], None)
-    value_block(session, spec.prefix, spec.kestrel_prefix, item, gets)
+    value_block(session, spec.prefix, spec.kestrel_prefix, item, gets, last)
+    return last
 
 
 class GetOperation:
@@ -322,15 +329,18 @@ class KeyWaiter(_queue.Waiter):  # _queue: cimported under that name when compil
             self.op.resumed(self.spec, self.queue, None)
 
 
-def value_block(session: Session, prefix: bytes, kestrel_prefix: bytes, item, gets: bool) -> None:
-    """Queue one VALUE block on ``session.out``. ``prefix`` is ``b"VALUE <key> "``; the pieces
-    are joined once, with the rest of the reply, when the session flushes."""
+def value_block(
+    session: Session, prefix: bytes, kestrel_prefix: bytes, item, gets: bool, end: bool = False
+) -> None:
+    """Queue one VALUE block on ``session.out`` (with ``end``, the reply's END after it).
+    ``prefix`` is ``b"VALUE <key> "``; the pieces are joined once, with the rest of the
+    reply, when the session flushes."""
     cas = item.id if gets else -1
     session.out_room -= len(item.data)
     if session.state.kestrel:  # Kestrel names the queue and sends no flags
-        _wire.append_value(session.out, kestrel_prefix, 0, item.data, cas)
+        _wire.append_value(session.out, kestrel_prefix, 0, item.data, cas, end)
     else:
-        _wire.append_value(session.out, prefix, item.flags, item.data, cas)
+        _wire.append_value(session.out, prefix, item.flags, item.data, cas, end)
 
 
 def gets_asked(keys: tuple) -> int:

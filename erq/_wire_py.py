@@ -61,11 +61,14 @@ def value_header(prefix: bytes, flags: int, size: int, cas: int = -1) -> bytes:
 VALUE_COPY_LIMIT = 4096
 
 
-def append_value(out: list, prefix: bytes, flags: int, data: bytes, cas: int = -1) -> None:
-    """Append a VALUE block for ``data`` to ``out``, a reply's pieces, joined when it is sent."""
+def append_value(
+    out: list, prefix: bytes, flags: int, data: bytes, cas: int = -1, end: bool = False
+) -> None:
+    """Append a VALUE block for ``data`` to ``out``, a reply's pieces, joined when it is sent;
+    with ``end`` (the last key of a get), the reply's END after it."""
     out.append(value_header(prefix, flags, len(data), cas))
     out.append(data)
-    out.append(b"\r\n")
+    out.append(b"\r\nEND\r\n" if end else b"\r\n")
 
 
 def append_end(out: list) -> None:

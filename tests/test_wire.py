@@ -206,16 +206,21 @@ def test_value_header_matches_decimal_formatting_everywhere(impl):
 
 @pytest.mark.parametrize("size", [0, 1, 10, 4095, 4096, 4097, 65536])
 @pytest.mark.parametrize("cas", [-1, 12345])
-def test_append_value_sends_the_line_the_value_and_crlf(impl, size, cas):
-    """Small values go in one piece with their line, large ones after it; the bytes are the same."""
+@pytest.mark.parametrize("end", [False, True])
+def test_append_value_sends_the_line_the_value_and_crlf(impl, size, cas, end):
+    """Small values go in one piece with their line (and the reply's END, when asked), large
+    ones after it; the bytes are the same."""
     wire = impl_module(impl, "_wire", "_wire_py")
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     out = [b"before "]
-    wire.append_value(out, b"VALUE q ", 3, data, cas)
+    wire.append_value(out, b"VALUE q ", 3, data, cas, end)
     line = b"VALUE q 3 %d\r\n" % size if cas < 0 else b"VALUE q 3 %d %d\r\n" % (size, cas)
-    assert b"".join(out) == b"before " + line + data + b"\r\n"
+    tail = b"\r\nEND\r\n" if end else b"\r\n"
+    assert b"".join(out) == b"before " + line + data + tail
     if impl == "c" and size > wire.VALUE_COPY_LIMIT:
         assert out[2] is data  # appended as it is: copied once, by the join
+    elif impl == "c":
+        assert len(out) == 2  # the line, the value, its CRLF and the END in one piece
 
 
 def test_append_value_takes_any_bytes_like_value(impl):

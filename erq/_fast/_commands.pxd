@@ -29,15 +29,16 @@ cdef class GetOperation
     counters=c_state.Counters,
     queue=c_queue.Queue,
     spec=c_keys.KeySpec,
+    ended=cython.bint,
 )
 cpdef bint run_keys(
     c_session.Session session, tuple specs, bint gets, Py_ssize_t index, GetOperation op
 ) except -1
 @cython.locals(counters=c_state.Counters)
-cpdef answer_key(
+cpdef bint answer_key(
     c_session.Session session, c_keys.KeySpec spec, c_queue.Queue queue, c_ring.Item item,
-    bint gets
-)
+    bint gets, bint last=*
+) except -1
 
 
 cdef class GetOperation:
@@ -67,7 +68,8 @@ cdef class KeyWaiter(_queue.Waiter):
 
 @cython.locals(cas=cython.longlong)
 cpdef value_block(
-    c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets
+    c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets,
+    bint end=*
 )
 @cython.locals(keys=tuple)
 cpdef cmd_get(c_session.Session session, tuple req)

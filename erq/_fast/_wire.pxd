@@ -18,6 +18,8 @@ cdef class SocketWriter(ReplyWriter):
 
 cpdef bint peer_gone(int fd) noexcept
 cpdef bytes value_header(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas=*)
-cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long long cas=*)
+cpdef append_value(
+    list out, bytes prefix, unsigned int flags, object data, long long cas=*, bint end=*
+)
 cpdef append_end(list out)
 cpdef clear_replies(list out)

@@ -57,6 +57,8 @@ cdef extern from "Python.h":
 
 
 cdef bytes _END = b"END\r\n"
+cdef bytes _CRLF = b"\r\n"
+cdef bytes _CRLF_END = b"\r\nEND\r\n"
 
 
 # A value up to this size is copied into its VALUE block (see append_value).
@@ -139,22 +141,24 @@ cpdef bytes value_header(bytes prefix, unsigned int flags, Py_ssize_t size, long
 
     Formatted through Python this took two int-to-str conversions, a join and an encode (~700
     instructions a get); here it is digits written backwards into a stack buffer."""
-    return _block(prefix, flags, size, cas, NULL)
+    return _block(prefix, flags, size, cas, NULL, False)
 
 
-cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long long cas=-1):
-    """Append a VALUE block for ``data`` to ``out``, a reply's pieces, joined when it is sent.
+cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long long cas=-1,
+                   bint end=False):
+    """Append a VALUE block for ``data`` to ``out``, a reply's pieces, joined when it is sent;
+    with ``end`` (the last key of a get), the reply's END after it.
 
-    A value up to VALUE_COPY_LIMIT bytes goes in one piece with its line and CRLF, so a get's
-    reply joins two pieces instead of four; a larger one is appended as it is, after its line,
-    so that its bytes are copied only by the join."""
+    A value up to VALUE_COPY_LIMIT bytes goes in one piece with its line and CRLF (and END),
+    so a one-key get's reply is one piece, sent as it is; a larger one is appended as it is,
+    after its line, so that its bytes are copied only by the join."""
     cdef Py_ssize_t size = len(data)
     if size <= _copy_limit and type(data) is bytes:
-        out.append(_block(prefix, flags, size, cas, <const char *><bytes>data))
+        out.append(_block(prefix, flags, size, cas, <const char *><bytes>data, end))
     else:
-        out.append(_block(prefix, flags, size, cas, NULL))
+        out.append(_block(prefix, flags, size, cas, NULL, False))
         out.append(data)
-        out.append(b"\r\n")
+        out.append(_CRLF_END if end else _CRLF)
 
 
 cpdef append_end(list out):
@@ -221,8 +225,9 @@ cpdef clear_replies(list out):
 
 
 cdef bytes _block(bytes prefix, unsigned int flags, Py_ssize_t size, long long cas,
-                  const char *data):
-    """The VALUE line, then (when ``data`` is not NULL) its ``size`` bytes and CRLF."""
+                  const char *data, bint with_end):
+    """The VALUE line, then (when ``data`` is not NULL) its ``size`` bytes and CRLF, and with
+    ``with_end`` the reply's END."""
     cdef char buf[64]  # three numbers of at most 20 digits, two spaces, CRLF
     cdef char *end = buf + 64
     cdef char *start = end - 2
@@ -240,7 +245,7 @@ cdef bytes _block(bytes prefix, unsigned int flags, Py_ssize_t size, long long c
     start[0] = 32
     start = _digits(start, flags)
     nlen = end - start
-    total = plen + nlen + (size + 2 if data != NULL else 0)
+    total = plen + nlen + (size + 2 + (5 if with_end else 0) if data != NULL else 0)
     result = PyBytes_FromStringAndSize(NULL, total)
     cdef char *out = PyBytes_AS_STRING(result)
     memcpy(out, <const char *>prefix, plen)
@@ -250,4 +255,6 @@ cdef bytes _block(bytes prefix, unsigned int flags, Py_ssize_t size, long long c
         memcpy(out, data, size)
         out[size] = 13
         out[size + 1] = 10
+        if with_end:
+            memcpy(out + size + 2, <const char *>_END, 5)
     return result
