@@ -19,7 +19,7 @@ from erq import queue as _queue
 from erq import wire as _wire
 from erq.clock import now_ms
 from erq.journal_api import JournalError
-from erq.keys import KeyError_, KeySpec
+from erq.keys import CACHED_KEY_MAX, KeyError_, KeySpec
 from erq.monitor import reads_still_held
 from erq.names import valid_queue_name
 from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
@@ -46,6 +46,7 @@ from erq.throttle import Throttle
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
 _requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_commands.pxd)
+_cached_key_max = CACHED_KEY_MAX  # likewise
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000
@@ -366,12 +367,23 @@ def cmd_get(session: Session, req: tuple) -> None:
         return
     try:
         # _keys.parse_key: a C call when compiled (the module is cimported under that name).
-        # A tuple: one key's is a single allocation (from a free list), a list's two.
-        specs = (
-            tuple([_keys.parse_key(key) for key in keys])
-            if len(keys) > 1
-            else (_keys.parse_key(keys[0]),)
-        )
+        if len(keys) > 1:
+            specs = tuple([_keys.parse_key(key) for key in keys])
+        else:
+            # A client's gets mostly repeat one key, which its parser hands on as the same
+            # object: its spec is the one found last, without the cache's dict lookup (and
+            # the bytes compare it makes when the cache holds another client's object). Only
+            # a key the cache would keep is kept, for as long as the session lives.
+            key = keys[0]
+            if key is session.last_key:
+                spec = session.last_spec
+            else:
+                spec = _keys.parse_key(key)
+                if len(key) <= _cached_key_max:
+                    session.last_key = key
+                    session.last_spec = spec
+            # A tuple: one key's is a single allocation (from a free list), a list's two.
+            specs = (spec,)
     except KeyError_ as exc:
         # Refused before any key ran: each key still counts as a get asked for (PROTOCOL §10:
         # refused requests count in cmd_get), as a get refused under QUIESCENT does.

@@ -174,3 +174,41 @@ def test_a_large_read_behind_a_blocked_get_waits_unparsed_without_spinning(proto
     version = b"VERSION %s\r\n" % erq.__version__.encode()
     reply = b"VALUE w/t=60000 0 2\r\nhi\r\nEND\r\n" + b"END\r\n" * n + version
     assert b"".join(transport.writes) == reply
+
+
+def test_a_repeated_key_takes_the_spec_found_last_and_a_long_key_is_not_kept(protocol_factory):
+    """A one-key get whose key is the session's last (the compiled parser hands a repeated
+    key on as the same object) takes the spec found for it; any other key, or the same queue
+    with other options, takes its own. A key longer than the key cache keeps is not held by
+    the session either."""
+    from erq.keys import CACHED_KEY_MAX
+
+    proto = protocol_factory()
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    long_key = b"q/" + b"x" * CACHED_KEY_MAX  # an unknown option: a plain get of q
+    for request in (
+        b"set q 0 0 1\r\na\r\nset q 0 0 1\r\nb\r\nset q 0 0 1\r\nc\r\n",
+        b"get q/peek\r\n",
+        b"get q/peek\r\n",
+        b"get q\r\n",
+        b"get q/peek\r\n",
+        b"get q\r\nget q\r\n",
+        b"get " + long_key + b"\r\n",
+        b"get q\r\n",
+    ):
+        proto.data_received(request)
+    assert transport.writes == [
+        b"STORED\r\n" * 3,
+        b"VALUE q/peek 0 1\r\na\r\nEND\r\n",
+        b"VALUE q/peek 0 1\r\na\r\nEND\r\n",
+        b"VALUE q 0 1\r\na\r\nEND\r\n",
+        b"VALUE q/peek 0 1\r\nb\r\nEND\r\n",
+        b"VALUE q 0 1\r\nb\r\nEND\r\nVALUE q 0 1\r\nc\r\nEND\r\n",
+        b"END\r\n",
+        b"END\r\n",
+    ]
+    session = proto.session
+    assert session.last_key == b"q" and session.last_spec.name == "q"
+    proto.data_received(b"get " + long_key + b"\r\n")
+    assert session.last_key == b"q"  # the long key's spec is not held

@@ -15,6 +15,7 @@ cimport erq._fast._state as c_state
 cimport erq._fast._wire as _wire
 
 cdef Py_ssize_t _requests_per_pass
+cdef Py_ssize_t _cached_key_max
 
 
 @cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)
@@ -71,7 +72,7 @@ cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets,
     bint end=*
 )
-@cython.locals(keys=tuple)
+@cython.locals(keys=tuple, key=object, spec=c_keys.KeySpec)
 cpdef cmd_get(c_session.Session session, tuple req)
 @cython.locals(
     i=cython.Py_ssize_t,
