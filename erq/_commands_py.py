@@ -371,19 +371,17 @@ def cmd_get(session: Session, req: tuple) -> None:
             specs = tuple([_keys.parse_key(key) for key in keys])
         else:
             # A client's gets mostly repeat one key, which its parser hands on as the same
-            # object: its spec is the one found last, without the cache's dict lookup (and
-            # the bytes compare it makes when the cache holds another client's object). Only
-            # a key the cache would keep is kept, for as long as the session lives.
+            # object: its specs are the ones found last, without the cache's dict lookup (and
+            # the bytes compare it makes when the cache holds another client's object) or a
+            # new tuple. Only a key the cache would keep is kept, as long as the session lives.
             key = keys[0]
             if key is session.last_key:
-                spec = session.last_spec
+                specs = session.last_specs
             else:
-                spec = _keys.parse_key(key)
+                specs = (_keys.parse_key(key),)
                 if len(key) <= _cached_key_max:
                     session.last_key = key
-                    session.last_spec = spec
-            # A tuple: one key's is a single allocation (from a free list), a list's two.
-            specs = (spec,)
+                    session.last_specs = specs
     except KeyError_ as exc:
         # Refused before any key ran: each key still counts as a get asked for (PROTOCOL §10:
         # refused requests count in cmd_get), as a get refused under QUIESCENT does.

@@ -161,9 +161,10 @@ class Session:
         self.closing = False
         self.closed = False
         self.open_reads: dict[str, deque[tuple[Queue, OpenRead]]] = {}
-        # The key of this client's last one-key get and its KeySpec (commands.cmd_get).
+        # The key of this client's last one-key get and its KeySpec, as a get's specs are
+        # (a tuple), for commands.cmd_get.
         self.last_key: bytes | None = None
-        self.last_spec: Any = None
+        self.last_specs: tuple = ()
         self._names_bound = OPEN_NAMES_SLACK  # open_reads' size that drops its empty lines
         # Lines of names whose reads were all taken back, as their lengths: the closes to use
         # up before a read opened since (_compact_lines).

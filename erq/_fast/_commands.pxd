@@ -72,7 +72,7 @@ cpdef value_block(
     c_session.Session session, bytes prefix, bytes kestrel_prefix, c_ring.Item item, bint gets,
     bint end=*
 )
-@cython.locals(keys=tuple, key=object, spec=c_keys.KeySpec)
+@cython.locals(keys=tuple, key=object)
 cpdef cmd_get(c_session.Session session, tuple req)
 @cython.locals(
     i=cython.Py_ssize_t,

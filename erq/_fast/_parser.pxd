@@ -43,6 +43,8 @@ cdef class Parser:
     # The last set name and the last argument token made, handed out again while they repeat.
     cdef bytes _last_name
     cdef bytes _last_token
+    cdef tuple _last_keys  # the keys of the last one-key get line: (_last_token,)
+    cdef tuple _last_get  # and its request tuple (a get, not gets)
 
     cdef readonly Py_ssize_t stopped_at  # where the last feed stopped (see feed)
 

@@ -487,7 +487,8 @@ cdef class Parser:
     cdef tuple _keys(self, const char* s, Py_ssize_t i, Py_ssize_t n):
         """The keys of a get, s[i:n], as a tuple: counted first, then made at their number
         (one allocation, from a free list for a few keys), where a list grown key by key
-        took two and a reallocation."""
+        took two and a reallocation. A client's gets mostly repeat one key: the tuple of the
+        last one-key line is handed back again when its key is the same."""
         cdef Py_ssize_t count = 0, at = i, k, end
         cdef tuple keys
         cdef bytes tok
@@ -499,6 +500,19 @@ cdef class Parser:
             count += 1
             while at < n and s[at] != c' ':
                 at += 1
+        if count == 1:
+            while s[i] == c' ':
+                i += 1
+            end = i + 1
+            while end < n and s[end] != c' ':
+                end += 1
+            if end - i > REUSE_MAX:
+                return (PyBytes_FromStringAndSize(s + i, end - i),)
+            tok = _reuse(self._last_token, s + i, end - i)
+            self._last_token = tok
+            if self._last_keys is None or <bytes>self._last_keys[0] is not tok:
+                self._last_keys = (tok,)
+            return self._last_keys
         keys = PyTuple_New(count)
         for k in range(count):
             while s[i] == c' ':
@@ -660,6 +674,7 @@ cdef class Parser:
         cdef Py_ssize_t tl[6]
         cdef int kind
         cdef unsigned long long count = 0
+        cdef tuple keys
         while i < n and s[i] == c' ':
             i += 1
         if i == n:
@@ -673,8 +688,15 @@ cdef class Parser:
         if kind == W_OTHER:
             out.append((O_CMD, _lower(s + ws, wl), self._tokens(s, i, n)))
             return LINE_DONE
-        if kind == W_GET or kind == W_GETS:
-            out.append((O_GET, self._keys(s, i, n), kind == W_GETS))
+        if kind == W_GETS:
+            out.append((O_GET, self._keys(s, i, n), True))
+            return LINE_DONE
+        if kind == W_GET:
+            keys = self._keys(s, i, n)
+            # A repeated one-key get is the same request: its tuple is handed back again.
+            if self._last_get is None or <tuple>self._last_get[1] is not keys:
+                self._last_get = (O_GET, keys, False)
+            out.append(self._last_get)
             return LINE_DONE
         # Storage command: only the first six arguments matter, and whether there are more.
         nargs = 0

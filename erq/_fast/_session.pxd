@@ -31,7 +31,7 @@ cdef class Session:
     cdef public bint closed
     cdef public dict open_reads
     cdef public object last_key
-    cdef public object last_spec
+    cdef public tuple last_specs
     cdef Py_ssize_t _names_bound
     cdef dict _taken_back
     cdef c_append.Ticket _hold  # the commit ticket the held replies wait for (fsync = always)
