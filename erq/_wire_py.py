@@ -66,6 +66,8 @@ def append_value(
 ) -> None:
     """Append a VALUE block for ``data`` to ``out``, a reply's pieces, joined when it is sent;
     with ``end`` (the last key of a get), the reply's END after it."""
+    if type(out) is not list:  # as the compiled twin's typed argument
+        raise TypeError(f"append_value takes a list, not {type(out).__name__}")
     out.append(value_header(prefix, flags, len(data), cas))
     out.append(data)
     out.append(b"\r\nEND\r\n" if end else b"\r\n")

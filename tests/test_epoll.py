@@ -431,6 +431,15 @@ def test_out_of_descriptors_clients_wait_and_are_served_once_some_close(tmp_path
 EPOLL_LAYERS = [name for name in LAYERS if name.startswith("epoll")]
 
 
+def test_no_read_lent_to_erqs_protocol_is_one_it_keeps():
+    """erq's protocol keeps a read longer than PARSED_WHOLE (its rest waits for the loop's
+    next pass): a lent read must be no longer, or each would pin the hub's chunk."""
+    from erq._fast import _epoll
+    from erq._fast._protocol import PARSED_WHOLE
+
+    assert 0 < _epoll.LENT_READ_MAX <= PARSED_WHOLE
+
+
 @pytest.mark.parametrize("epoll_layer", EPOLL_LAYERS)
 def test_erqs_protocol_reads_in_the_hubs_chunk_and_keeps_nothing_of_it(epoll_layer):
     """A read up to 16 KiB is lent to erq's protocol in the hub's one chunk, not copied. What

@@ -771,3 +771,28 @@ def test_a_limited_feed_stops_before_the_next_request_and_keeps_nothing_of_the_r
         parser.feed(b"abc", 4)
     with pytest.raises(ValueError):  # (it stopped at once, parsing nothing)
         parser.feed(b"get a\r\n", 0, -1)
+
+
+def test_a_repeated_one_key_get_is_handed_on_as_the_same_request(mod):
+    """Requests are equal whichever build parses them; the compiled parser hands a one-key get
+    that repeats the last one-key get's key on as the same tuple (its key, the same object,
+    is what the session's spec of it is found by), and any other as a new one."""
+    parser = mod.Parser()
+    out = parser.feed(
+        b"get q\r\nget q\r\nget r\r\nget q\r\ngets q\r\nget q\r\nget q r\r\nget q\r\n"
+    )
+    assert out == [
+        (GET, (b"q",), False),
+        (GET, (b"q",), False),
+        (GET, (b"r",), False),
+        (GET, (b"q",), False),
+        (GET, (b"q",), True),
+        (GET, (b"q",), False),
+        (GET, (b"q", b"r"), False),
+        (GET, (b"q",), False),
+    ]
+    if mod.__name__.endswith("_fast._parser"):
+        assert out[1] is out[0] and out[1][1][0] is out[0][1][0]
+        assert out[3] is not out[0] and out[3][1] is not out[0][1]  # r came between
+        assert out[4][1] is out[3][1] and out[5] is out[3]  # gets q: its own request
+        assert out[7] is not out[5]  # r was the last token again

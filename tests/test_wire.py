@@ -341,11 +341,16 @@ def test_clear_replies_empties_the_list_and_releases_every_piece(impl):
     assert out == []
 
 
-@pytest.mark.parametrize("name", ["clear_replies", "append_end"])
+@pytest.mark.parametrize("name", ["clear_replies", "append_end", "append_value"])
 def test_a_reply_list_helper_takes_only_a_list(impl, name):
     """Cython lets None through a typed argument: the compiled helpers would have read a
-    list's fields from None."""
+    list's fields from None. Both builds refuse anything but a list alike."""
     helper = getattr(impl_module(impl, "_wire", "_wire_py"), name)
-    for wrong in (None, (), bytearray(b"x")):
+    rest = (b"VALUE q ", 0, b"x") if name == "append_value" else ()
+
+    class Replies(list):
+        pass
+
+    for wrong in (None, (), bytearray(b"x"), Replies()):
         with pytest.raises(TypeError):
-            helper(wrong)
+            helper(wrong, *rest)

@@ -129,6 +129,8 @@ cdef enum:
     MAX_EVENTS = 256  # ready sockets taken from the kernel per loop callback
     IOV_PIECES = 64  # queued replies handed to one sendmsg
 
+LENT_READ_MAX = LENT_MAX  # for the tests: never more than the protocol's PARSED_WHOLE
+
 _ACCEPT_ERRORS_PAUSE = (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
 
 

@@ -153,6 +153,8 @@ cpdef append_value(list out, bytes prefix, unsigned int flags, object data, long
     so a one-key get's reply is one piece, sent as it is; a larger one is appended as it is,
     after its line, so that its bytes are copied only by the join."""
     cdef Py_ssize_t size = len(data)
+    if out is None:  # a typed argument lets None through
+        raise TypeError("append_value takes a list, not None")
     if size <= _copy_limit and type(data) is bytes:
         out.append(_block(prefix, flags, size, cas, <const char *><bytes>data, end))
     else:
