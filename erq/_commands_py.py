@@ -19,10 +19,18 @@ from erq import queue as _queue
 from erq import wire as _wire
 from erq.clock import now_ms
 from erq.journal_api import JournalError
-from erq.keys import CACHED_KEY_MAX, KeyError_, KeySpec
+from erq.keys import KeyError_, KeySpec
 from erq.monitor import reads_still_held
 from erq.names import valid_queue_name
-from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
+from erq.parser import (
+    REQ_BINARY,
+    REQ_CMD,
+    REQ_ERROR,
+    REQ_GET,
+    REQ_SET,
+    REQ_UNSUPPORTED,
+    REUSED_TOKEN_MAX,
+)
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import ExpiryBacklog, Queue
 from erq.replies import (
@@ -46,7 +54,7 @@ from erq.throttle import Throttle
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
 _requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_commands.pxd)
-_cached_key_max = CACHED_KEY_MAX  # likewise
+_reused_key_max = REUSED_TOKEN_MAX  # likewise
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000
@@ -373,13 +381,14 @@ def cmd_get(session: Session, req: tuple) -> None:
             # A client's gets mostly repeat one key, which its parser hands on as the same
             # object: its specs are the ones found last, without the cache's dict lookup (and
             # the bytes compare it makes when the cache holds another client's object) or a
-            # new tuple. Only a key the cache would keep is kept, as long as the session lives.
+            # new tuple. Only a key that can come as the same object again is kept (the
+            # parser's reused tokens), for as long as the session lives.
             key = keys[0]
             if key is session.last_key:
                 specs = session.last_specs
             else:
                 specs = (_keys.parse_key(key),)
-                if len(key) <= _cached_key_max:
+                if len(key) <= _reused_key_max:
                     session.last_key = key
                     session.last_specs = specs
     except KeyError_ as exc:

@@ -105,7 +105,7 @@ _CACHE_MAX = 4096
 # Longer keys are parsed each time, not cached: a spec holds its key twice, and a key may be
 # as long as max_line, so 4,096 of them could hold half a gigabyte after their clients left.
 # A queue name is at most 250 bytes; its options rarely take more than a few dozen.
-CACHED_KEY_MAX = 512
+_CACHE_KEY_MAX = 512
 
 
 def parse_key(key: bytes) -> KeySpec:
@@ -113,7 +113,7 @@ def parse_key(key: bytes) -> KeySpec:
     spec = _cache.get(key)
     if spec is None:
         spec = KeySpec(key)
-        if len(key) <= CACHED_KEY_MAX:
+        if len(key) <= _CACHE_KEY_MAX:
             if len(_cache) >= _CACHE_MAX:
                 _cache.clear()
             _cache[key] = spec

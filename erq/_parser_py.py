@@ -40,6 +40,9 @@ _ERR_TOO_LONG = (REQ_ERROR, b"CLIENT_ERROR line too long\r\n", True)
 _BINARY = (REQ_BINARY,)
 # The data of a set refused for want of room in the DataBudget (its bytes were skipped).
 NO_ROOM = False
+# The compiled twin hands a repeated token up to this long on as the same object (this one
+# makes new ones).
+REUSED_TOKEN_MAX = 256
 # A data block still arriving takes room as its bytes come: what came first, at least this
 # much (its whole size if smaller), then twice its room, or what came if that is more, up to
 # its size. The C twin allocates the block so; this twin counts the same room.

@@ -3,8 +3,8 @@
 from ._compat import USE_EXTENSIONS
 
 if USE_EXTENSIONS:
-    from ._fast._keys import CACHED_KEY_MAX, KeyError_, KeySpec, parse_key
+    from ._fast._keys import KeyError_, KeySpec, parse_key
 else:
-    from ._keys_py import CACHED_KEY_MAX, KeyError_, KeySpec, parse_key
+    from ._keys_py import KeyError_, KeySpec, parse_key
 
-__all__ = ["CACHED_KEY_MAX", "KeyError_", "KeySpec", "parse_key"]
+__all__ = ["KeyError_", "KeySpec", "parse_key"]

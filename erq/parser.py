@@ -24,6 +24,7 @@ if USE_EXTENSIONS:
         REQ_GET,
         REQ_SET,
         REQ_UNSUPPORTED,
+        REUSED_TOKEN_MAX,
         DataBudget,
         Parser,
     )
@@ -36,6 +37,7 @@ else:
         REQ_GET,
         REQ_SET,
         REQ_UNSUPPORTED,
+        REUSED_TOKEN_MAX,
         DataBudget,
         Parser,
     )
@@ -48,6 +50,7 @@ __all__ = [
     "REQ_GET",
     "REQ_SET",
     "REQ_UNSUPPORTED",
+    "REUSED_TOKEN_MAX",
     "DataBudget",
     "Parser",
 ]

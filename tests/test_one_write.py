@@ -179,14 +179,14 @@ def test_a_large_read_behind_a_blocked_get_waits_unparsed_without_spinning(proto
 def test_a_repeated_key_takes_the_spec_found_last_and_a_long_key_is_not_kept(protocol_factory):
     """A one-key get whose key is the session's last (the compiled parser hands a repeated
     key on as the same object) takes the spec found for it; any other key, or the same queue
-    with other options, takes its own. A key longer than the key cache keeps is not held by
-    the session either."""
-    from erq.keys import CACHED_KEY_MAX
+    with other options, takes its own. A key longer than the parser hands on as the same
+    object could never be found so: the session does not hold it."""
+    from erq.parser import REUSED_TOKEN_MAX
 
     proto = protocol_factory()
     transport = RecordingTransport()
     proto.connection_made(transport)
-    long_key = b"q/" + b"x" * CACHED_KEY_MAX  # an unknown option: a plain get of q
+    long_key = b"q/" + b"x" * REUSED_TOKEN_MAX  # an unknown option: a plain get of q
     for request in (
         b"set q 0 0 1\r\na\r\nset q 0 0 1\r\nb\r\nset q 0 0 1\r\nc\r\n",
         b"get q/peek\r\n",

@@ -15,7 +15,7 @@ cimport erq._fast._state as c_state
 cimport erq._fast._wire as _wire
 
 cdef Py_ssize_t _requests_per_pass
-cdef Py_ssize_t _cached_key_max
+cdef Py_ssize_t _reused_key_max
 
 
 @cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)

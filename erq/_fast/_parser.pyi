@@ -7,6 +7,7 @@ REQ_UNSUPPORTED: Final[int]
 REQ_ERROR: Final[int]
 REQ_BINARY: Final[int]
 NO_ROOM: Final[bool]
+REUSED_TOKEN_MAX: Final[int]
 FIRST_ROOM: Final[int]
 
 def next_room(room: int, need: int, size: int) -> int: ...

@@ -86,7 +86,10 @@ cdef unsigned long long I64_NEG_LIMIT = (<unsigned long long>1) << 63  # |INT64_
 cdef unsigned long long I64_POS_LIMIT = ((<unsigned long long>1) << 63) - 1
 cdef Py_ssize_t MAX_COUNT_DIGITS = 19
 cdef Py_ssize_t BUF_KEEP = 16384  # an emptied buffer larger than this is freed
-cdef Py_ssize_t REUSE_MAX = 256  # longest token kept for reuse (_reuse)
+# The longest token kept for reuse (_reuse): a repeated token up to this long is handed on
+# as the same object.
+REUSED_TOKEN_MAX = 256
+cdef Py_ssize_t REUSE_MAX = REUSED_TOKEN_MAX
 # A data block still arriving is allocated at what has come, at least this (its whole size if
 # smaller), and grows as its bytes come: a declared size is only a promise of the client's.
 cdef enum:
