@@ -22,15 +22,8 @@ from erq.journal_api import JournalError
 from erq.keys import KeyError_, KeySpec
 from erq.monitor import reads_still_held
 from erq.names import valid_queue_name
-from erq.parser import (
-    REQ_BINARY,
-    REQ_CMD,
-    REQ_ERROR,
-    REQ_GET,
-    REQ_SET,
-    REQ_UNSUPPORTED,
-    REUSED_TOKEN_MAX,
-)
+from erq.parser import REQ_BINARY, REQ_CMD, REQ_ERROR, REQ_GET, REQ_SET, REQ_UNSUPPORTED
+from erq.parser import REUSED_TOKEN_MAX as _REUSED_TOKEN_MAX
 from erq.queue import STORED as ITEM_STORED
 from erq.queue import ExpiryBacklog, Queue
 from erq.replies import (
@@ -54,7 +47,7 @@ from erq.throttle import Throttle
 log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
 _requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_commands.pxd)
-_reused_key_max = REUSED_TOKEN_MAX  # likewise
+_reused_key_max = _REUSED_TOKEN_MAX  # likewise
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000

@@ -55,6 +55,7 @@ cdef class Parser:
     cdef void _give_back(self)
     cdef list _tokens(self, const char* s, Py_ssize_t i, Py_ssize_t n)
     cdef tuple _keys(self, const char* s, Py_ssize_t i, Py_ssize_t n)
+    cdef bytes _token(self, const char* s, Py_ssize_t n)
     cdef int _emit(self, list out, object data) except -1
     cdef int _grow_block(self, Py_ssize_t room) except -1
     cdef Py_ssize_t _run(self, const char* p, Py_ssize_t n, list out, Py_ssize_t limit) except -1

@@ -244,6 +244,14 @@ cdef bytes _lower(const char* s, Py_ssize_t n):
     return b
 
 
+cdef inline Py_ssize_t _token_end(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """Where the token starting at s[i] (not a space) ends: the next space, or n."""
+    i += 1
+    while i < n and s[i] != c' ':
+        i += 1
+    return i
+
+
 cdef inline bytes _reuse(bytes last, const char* s, Py_ssize_t n):
     """``last`` if it holds exactly s[0:n], else a new bytes object.
 
@@ -474,16 +482,16 @@ cdef class Parser:
                 i += 1
             if i >= n:
                 return r
-            end = i + 1
-            while end < n and s[end] != c' ':
-                end += 1
-            if end - i <= REUSE_MAX:
-                tok = _reuse(self._last_token, s + i, end - i)
-                self._last_token = tok
-            else:
-                tok = PyBytes_FromStringAndSize(s + i, end - i)
-            r.append(tok)
+            end = _token_end(s, i, n)
+            r.append(self._token(s + i, end - i))
             i = end
+
+    cdef inline bytes _token(self, const char* s, Py_ssize_t n):
+        """s[0:n] as bytes: the last token again when it holds the same (up to REUSE_MAX)."""
+        if n > REUSE_MAX:
+            return PyBytes_FromStringAndSize(s, n)
+        self._last_token = _reuse(self._last_token, s, n)
+        return self._last_token
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
@@ -506,13 +514,10 @@ cdef class Parser:
         if count == 1:
             while s[i] == c' ':
                 i += 1
-            end = i + 1
-            while end < n and s[end] != c' ':
-                end += 1
-            if end - i > REUSE_MAX:
-                return (PyBytes_FromStringAndSize(s + i, end - i),)
-            tok = _reuse(self._last_token, s + i, end - i)
-            self._last_token = tok
+            end = _token_end(s, i, n)
+            tok = self._token(s + i, end - i)
+            if end - i > REUSE_MAX:  # not kept: a long key would be held as long as the parser
+                return (tok,)
             if self._last_keys is None or <bytes>self._last_keys[0] is not tok:
                 self._last_keys = (tok,)
             return self._last_keys
@@ -520,14 +525,8 @@ cdef class Parser:
         for k in range(count):
             while s[i] == c' ':
                 i += 1
-            end = i + 1
-            while end < n and s[end] != c' ':
-                end += 1
-            if end - i <= REUSE_MAX:
-                tok = _reuse(self._last_token, s + i, end - i)
-                self._last_token = tok
-            else:
-                tok = PyBytes_FromStringAndSize(s + i, end - i)
+            end = _token_end(s, i, n)
+            tok = self._token(s + i, end - i)
             Py_INCREF(tok)  # PyTuple_SET_ITEM takes the reference
             PyTuple_SET_ITEM(keys, k, tok)
             i = end
