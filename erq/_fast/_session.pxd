@@ -8,7 +8,6 @@ cimport erq._fast._append as c_append
 cimport erq._fast._queues as c_queues
 cimport erq._fast._state as c_state
 cimport erq._fast._wire as _wire
-cimport erq._fast._wire as c_wire
 
 
 cdef Py_ssize_t _requests_per_pass
@@ -40,7 +39,7 @@ cdef class Session:
     cdef list _wait_at
     cdef list _wait_tickets
     cdef object _write
-    cdef c_wire.ReplyWriter _writer  # _write's object, when it is one of erq's writers
+    cdef _wire.ReplyWriter _writer  # _write's object, when it is one of erq's writers
     cdef object _close
     cdef object _pause
     cdef bint _paused
