@@ -476,7 +476,6 @@ cdef class Parser:
         """The space-separated tokens of s[i:n] (runs of spaces count as one separator)."""
         cdef list r = []
         cdef Py_ssize_t end
-        cdef bytes tok
         while True:
             while i < n and s[i] == c' ':
                 i += 1
@@ -509,8 +508,7 @@ cdef class Parser:
             if at >= n:
                 break
             count += 1
-            while at < n and s[at] != c' ':
-                at += 1
+            at = _token_end(s, at, n)
         if count == 1:
             while s[i] == c' ':
                 i += 1
