@@ -477,6 +477,11 @@ class Server:
                 session.close_after(None)
                 session.flush()
         await self._send_replies_made(state)
+        # Every connection is closed now: erq's epoll layer closes its epoll set too, which
+        # the loop held, and its descriptor, until the loop closed (an embedder that stops a
+        # server may keep its loop running).
+        if self._listener is not None and CONNECTION_LAYER == "epoll":
+            self._listener.close_clients()
         self.unsynced_at_exit = state.queues.close()
         state.deadlines.close()  # blocked gets were answered above: only empty buckets left
         if self._commit is not None:

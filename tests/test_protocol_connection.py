@@ -16,6 +16,7 @@ import struct
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -821,3 +822,52 @@ def test_a_server_keeps_the_item_that_came_for_a_get_whose_client_had_just_reset
     item comes; the next reader gets it, five times out of five."""
     result = run_script(impl, JUST_LEFT_SCRIPT, str(tmp_path / "data"))
     assert result["kept"] == [f"VALUE q{i} 0 4\r\n" for i in range(5)], result
+
+
+STOPPED_SERVERS_SCRIPT = r"""
+import asyncio, json, os, sys
+from erq.config import load_config
+from erq.server import Server
+
+def descriptors():
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink("/proc/self/fd/" + fd))
+        except OSError:  # the listing's own descriptor, closed already
+            pass
+    return sorted(found)
+
+async def main(data_dir):
+    seen = []
+    for run in range(3):
+        server = Server(load_config(None, cli={
+            "port": 0, "admin_port": 0, "data_dir": os.path.join(data_dir, str(run))}))
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"set q 0 0 1\r\na\r\nget q/t=5000\r\nget q/t=5000\r\n")
+        await writer.drain()
+        await reader.readline()  # STORED; then the item, and a get that waits
+        server.request_shutdown("test")
+        await server.shutdown()
+        writer.close()
+        await asyncio.sleep(0.05)
+        seen.append(descriptors())
+    print(json.dumps({"seen": seen}))
+
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_a_server_stopped_in_process_leaves_no_descriptor_behind(impl, tmp_path):
+    """An embedder may stop a server and keep its loop: the second and third servers leave
+    what the first left. erq's epoll set stayed open, held by the loop's reader, until the
+    loop closed: one descriptor per stopped server."""
+    seen = run_script(impl, STOPPED_SERVERS_SCRIPT, str(tmp_path))["seen"]
+    assert seen[1] == seen[0] and seen[2] == seen[0], seen

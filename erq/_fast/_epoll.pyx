@@ -210,13 +210,18 @@ cdef class Hub:
         self._dead.append(conn)
 
     def close(self):
-        """Abort every connection and stop watching (the server is stopping)."""
+        """Abort every connection, stop watching and close the epoll set (the server has
+        stopped): the loop's reader held the hub, and its descriptor, until the loop closed.
+        A connection adopted after this fails at once (EBADF)."""
         for conn in list(self._conns):
             (<Connection>conn).abort()
         if self._watched:
             self._watched = False
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._epfd)
+        if self._epfd >= 0:
+            c_close(self._epfd)
+            self._epfd = -1
 
 
 @cython.final
@@ -598,9 +603,17 @@ cdef class Listener:
                 setsockopt(fd, _IPPROTO_TCP, _TCP_NODELAY, &one, sizeof(one))
             flags = fcntl(fd, F_GETFL)
             if flags < 0 or fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0:
+                _accept_failed.log(
+                    "cannot make a client's socket non-blocking (%s); closed it",
+                    _os.strerror(errno),
+                )
                 c_close(fd)
                 continue
-            conn = self.hub.adopt(fd, peername, sockname)
+            try:
+                conn = self.hub.adopt(fd, peername, sockname)
+            except BaseException:  # MemoryError: the descriptor is nobody's yet
+                c_close(fd)
+                raise
             conn._reading = True
             conn._watch()
             if conn._closed:
@@ -631,7 +644,9 @@ cdef class Listener:
         """Nothing to wait for: ``close`` closed the sockets already."""
 
     def close_clients(self):
-        """Abort every client connection still open and stop watching their epoll set."""
+        """Abort every client connection still open and close their epoll set; accepting
+        stops too (a client accepted later would have no epoll set to join)."""
+        self.close()
         self.hub.close()
 
 
