@@ -214,8 +214,10 @@ static uint32_t erq_crc32c_hw_update(uint32_t crc, const unsigned char *p, size_
 static uint32_t (*erq_crc32c_update)(uint32_t, const unsigned char *, size_t) = erq_crc32c_sw_update;
 static int erq_crc32c_uses_hw = 0;
 
-/* Fill the tables and pick the implementation; call once before any erq_crc32c. */
-static void erq_crc32c_init(void) {
+/* Fill the tables and pick the implementation; call once before any erq_crc32c. Inline only
+   so that the modules which include this header for its loads and stores (and never call the
+   CRC: their copy of the tables stays empty) compile it without an unused-function warning. */
+static inline void erq_crc32c_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
         for (int k = 0; k < 8; k++) {
