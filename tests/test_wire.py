@@ -254,6 +254,63 @@ def test_append_end_ends_the_reply_and_fuses_only_into_a_piece_of_its_own(impl, 
     assert out == [b"END\r\n"]
 
 
+class HoldingTransport(BufferingTransport):
+    """Keeps what the socket did not take as the objects it was given, as uvloop's transport
+    and erq's epoll layer do, instead of copying it."""
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        if not self.buffer:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self.buffer.append(data)
+
+    def drain(self) -> None:
+        while self.buffer:
+            try:
+                sent = self.sock.send(self.buffer[0])
+            except BlockingIOError:
+                return
+            if sent < len(self.buffer[0]):
+                self.buffer[0] = memoryview(self.buffer[0])[sent:]
+                return
+            del self.buffer[0]
+
+
+def test_a_value_block_still_held_is_never_made_again(impl, writer_class, pair):
+    """The compiled twin makes a one-key get's VALUE block in one bytes object, again for each
+    reply once the last was sent and let go. A reply the socket did not take is held by the
+    transport: the replies after it, and their END, are made elsewhere, and every reply
+    reaches the client whole and in order."""
+    wire = impl_module(impl, "_wire", "_wire_py")
+    server, client = pair
+    transport = HoldingTransport(server)
+    transport.buffer = []
+    write = writer_class(transport).write
+    expected = bytearray()
+    out: list = []
+    for i in range(300):
+        value = b"%04d" % i + bytes([65 + i % 26]) * (500 + 7 * i)  # ~0.5 to 2.6 KiB
+        wire.append_value(out, b"VALUE q ", i, value, -1, i % 2 == 0)
+        if i % 2:
+            wire.append_end(out)
+        expected += b"VALUE q %d %d\r\n" % (i, len(value)) + value + b"\r\nEND\r\n"
+        write(out[0] if len(out) == 1 else b"".join(out))  # as Session.flush sends them
+        wire.clear_replies(out)
+    assert len(transport.buffer) > 100  # most replies waited, held as they were written
+    got = bytearray()
+    client.settimeout(5)
+    while len(got) < len(expected):
+        transport.drain()
+        got += client.recv(1 << 20)
+    assert bytes(got) == bytes(expected)
+
+
 def test_a_session_sends_through_the_writer_it_was_given_whatever_its_kind(impl, pair):
     """A compiled Session calls a ReplyWriter's ``write`` in C, and any other writer as it
     is: the SocketWriter's replies reach the socket; a ReplyWriter subclass's own ``write``

@@ -100,22 +100,12 @@ _accept_failed = Throttle(log, logging.ERROR)
 cdef int _IPPROTO_TCP = _socket.IPPROTO_TCP
 cdef int _TCP_NODELAY = _socket.TCP_NODELAY
 
-# A read's bytes object, made once and lent to every read that fits (see Hub._chunk): a bytes
-# of READ_SIZE whose length is set to what recv took, as _PyBytes_Resize sets it when it
-# shrinks in place. Its hash cache is reset too: the object is mutated, and nothing else holds
-# it then (its reference count is one), so nothing can have kept the hash of its old bytes.
+# A read's bytes object, made once and lent to every read that fits (see Hub._chunk): its
+# length set to what recv took (lend.h).
+cdef extern from "lend.h":
+    void erq_lend_bytes(object bytes, Py_ssize_t size)
+
 cdef extern from *:
-    """
-    static CYTHON_INLINE void erq_lend_chunk(PyObject *chunk, Py_ssize_t size) {
-        Py_SET_SIZE(chunk, size);
-        PyBytes_AS_STRING(chunk)[size] = '\\0';
-        _Py_COMP_DIAG_PUSH
-        _Py_COMP_DIAG_IGNORE_DEPR_DECLS
-        ((PyBytesObject *)chunk)->ob_shash = -1;
-        _Py_COMP_DIAG_POP
-    }
-    """
-    void erq_lend_chunk(object chunk, Py_ssize_t size)
     Py_ssize_t _refcount "Py_REFCNT"(object)
 
 cdef enum:
@@ -417,7 +407,7 @@ cdef class Connection(ReplyWriter):
         n = recv(self._fd, PyBytes_AS_STRING(chunk), READ_SIZE, 0)
         if n > 0:
             if n <= LENT_MAX and self._memcache is not None:
-                erq_lend_chunk(chunk, n)
+                erq_lend_bytes(chunk, n)
                 data = chunk
             else:
                 data = PyBytes_FromStringAndSize(PyBytes_AS_STRING(chunk), n)
