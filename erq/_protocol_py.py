@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from erq import commands as _commands
+from erq import wire as _wire
 from erq.commands import dispatch
 from erq.keepalive import enable as enable_keepalive
 from erq.open_files import descriptor_of, leaves_room
@@ -214,6 +215,8 @@ class MemcacheProtocol:
         requests = self.parser.feed(data)
         if requests:
             _commands.feed(session, requests)  # a C call when compiled (cimported as _commands)
+            # Emptied, its slots kept: the parser hands the same list to the next read.
+            _wire.clear_replies(requests)
 
     def _parse_in_turn(self, data: bytes) -> None:
         rest = self._rest

@@ -62,6 +62,30 @@ def test_selector_exports_the_same_names():
     assert callable(parser.Parser)
 
 
+def test_a_list_feed_returned_changes_only_once_its_holder_emptied_it_and_let_go(mod):
+    """The compiled parser hands feed's list out again to save making one per read, but only
+    once its caller emptied it and holds it no more (the protocol's way): a list kept, full or
+    emptied, keeps what it held, and every feed still returns exactly its own requests."""
+    parser = mod.Parser()
+    kept = parser.feed(b"get a\r\nset b 0 0 1\r\nx\r\n")
+    assert kept == [(GET, (b"a",), False), (SET, b"b", 0, 0, b"x", False)]
+    assert parser.feed(b"get c\r\n") == [(GET, (b"c",), False)]
+    assert kept == [(GET, (b"a",), False), (SET, b"b", 0, 0, b"x", False)]
+    emptied = parser.feed(b"get d\r\n")
+    assert emptied == [(GET, (b"d",), False)]
+    emptied.clear()
+    assert parser.feed(b"get e\r\n") == [(GET, (b"e",), False)]
+    assert emptied == []
+    del kept, emptied
+    for name in (b"f", b"g", b"h"):
+        requests = parser.feed(b"get " + name + b"\r\n")
+        assert requests == [(GET, (name,), False)]
+        requests.clear()
+        del requests
+    assert parser.feed(b"set i 0 0 2\r\n") == []  # waits for its data: an empty list
+    assert parser.feed(b"hi\r\n") == [(SET, b"i", 0, 0, b"hi", False)]
+
+
 @pytest.mark.parametrize("limits", [{"max_line": 0}, {"max_item_size": -1}])
 def test_constructor_rejects_impossible_limits(mod, limits):
     with pytest.raises(ValueError):

@@ -6,6 +6,7 @@ cimport erq._fast._commands as _commands
 cimport erq._fast._parser as c_parser
 cimport erq._fast._session as c_session
 cimport erq._fast._state as c_state
+cimport erq._fast._wire as _wire
 
 cdef Py_ssize_t _parsed_whole
 cdef Py_ssize_t _requests_per_pass
