@@ -196,6 +196,10 @@ def test_set_with_more_than_five_arguments_has_no_flags_or_exptime_but_data_is_r
         (b"00012", 12),
         (b"0" * 5000 + b"7", 7),
         (b"9" * 5000, None),
+        (b"9" * 19, None),  # the most digits checked once, at the end: still over the limit
+        (b"9" * 20, None),
+        (b"0" * 18 + b"4294967295", 2**32 - 1),
+        (b"0" * 9 + b"4294967296", None),
         ("\u0663".encode(), None),  # ARABIC-INDIC DIGIT THREE: int() would take it
         ("\uff11".encode(), None),  # FULLWIDTH DIGIT ONE
         (b"\xb2", None),  # latin-1 superscript two
@@ -215,6 +219,8 @@ def test_set_flags_are_decimal_digits_up_to_u32_max(mod, token, flags):
         (b"2592000", 2592000),
         (b"9223372036854775807", 2**63 - 1),
         (b"9223372036854775808", None),
+        (b"9999999999999999999", None),
+        (b"18446744073709551616", None),  # 2**64: twenty digits
         (b"-9223372036854775808", -(2**63)),
         (b"-9223372036854775809", None),
         (b"000000000000000000000000042", 42),
