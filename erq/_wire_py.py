@@ -82,8 +82,8 @@ def append_end(out: list) -> None:
 
 
 def clear_replies(out: list) -> None:
-    """Empty a session's reply list after a flush (the compiled twin keeps its slot array
-    for the next replies)."""
+    """Empty a session's reply list after a flush, or the parser's request list once its
+    requests ran (the compiled twin keeps the list's slot array for the next use)."""
     if type(out) is not list:  # as the compiled twin's typed argument
         raise TypeError(f"clear_replies takes a list, not {type(out).__name__}")
     out.clear()

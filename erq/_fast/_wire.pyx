@@ -218,7 +218,8 @@ cpdef clear_replies(list out):
     again: ~100 instructions of every request. A list grown past 16 slots (a long
     pipeline's replies) gives it back, so an idle connection holds a few slots at most. As in
     ``list.clear``, the list is empty before its items are released, and an append made
-    while they are (by a finaliser) keeps the list's new array."""
+    while they are (by a finaliser) keeps the list's new array. The protocol empties the
+    parser's request list the same way once its requests ran."""
     cdef PyListObject *lst
     cdef PyObject **items
     cdef Py_ssize_t n, allocated, i
