@@ -258,6 +258,10 @@ class HoldingTransport(BufferingTransport):
     """Keeps what the socket did not take as the objects it was given, as uvloop's transport
     and erq's epoll layer do, instead of copying it."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.buffer: list = []  # the pieces not sent yet (its length: nonzero while any wait)
+
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         if not self.buffer:
@@ -290,7 +294,6 @@ def test_a_value_block_still_held_is_never_made_again(impl, writer_class, pair):
     wire = impl_module(impl, "_wire", "_wire_py")
     server, client = pair
     transport = HoldingTransport(server)
-    transport.buffer = []
     write = writer_class(transport).write
     expected = bytearray()
     out: list = []
