@@ -48,6 +48,15 @@ log = logging.getLogger("erq.commands")
 _BINARY = Throttle(log, logging.WARNING)  # one line per 10 s, however many clients send it
 _requests_per_pass = REQUESTS_PER_PASS  # a C integer when compiled (_commands.pxd)
 _reused_key_max = _REUSED_TOKEN_MAX  # likewise
+# A read's replies go out in one write once its requests ran, except on a connection the loop
+# found alone ready (erq's epoll layer says so: ReplyWriter.lone). Its long pipeline's replies
+# go out every SEND_EVERY requests: its client then writes its next requests while the rest
+# run, instead of each side waiting for the other's whole batch, the loop idle meanwhile (one
+# connection pipelining 64 sets kept the server's core ~55% busy). memcached does the same
+# every 20 requests (reqs_per_event). With other connections ready the loop has their work to
+# do meanwhile, and the extra sends would only cost.
+SEND_EVERY = 16
+_send_every = SEND_EVERY  # likewise
 
 THIRTY_DAYS = 2_592_000
 KESTREL_THRESHOLD = 1_000_000
@@ -412,6 +421,8 @@ def feed(session: Session, requests: list) -> None:
     slow_ops = queues.slow_ops
     count = len(requests)
     turn = count if count <= _requests_per_pass else _requests_per_pass
+    writer = session._writer
+    send_at = _send_every if writer is not None and writer.lone else 0
     for i, request in enumerate(requests):
         dispatch(session, request)
         if session.blocked is not None or session.closing:
@@ -432,6 +443,9 @@ def feed(session: Session, requests: list) -> None:
             session.hold_back(requests[i + 1 :])
             session.give_way()
             break
+        if i + 1 == send_at < count:
+            send_at += _send_every
+            session.flush()
     session.flush()
 
 

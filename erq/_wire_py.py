@@ -16,9 +16,11 @@ from typing import Any
 class ReplyWriter:
     """What a compiled Session hands its replies to with a C call (erq._fast._wire's, which
     erq's epoll connection and the compiled SocketWriter subclass). Here only the name: this
-    build's Session calls whatever ``write`` it was given."""
+    build's Session calls whatever ``write`` it was given. ``lone``: see the compiled class
+    (erq's epoll layer, which sets it, is compiled only)."""
 
     __slots__ = ()
+    lone = False
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError

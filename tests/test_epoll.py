@@ -526,3 +526,37 @@ def test_a_protocol_that_keeps_what_it_reads_keeps_each_read_as_it_came(epoll_la
         sock.close()
 
     run(epoll_layer, body)
+
+
+@pytest.mark.parametrize("epoll_layer", EPOLL_LAYERS)
+def test_a_read_is_lone_only_when_no_other_connection_was_ready_beside_it(epoll_layer):
+    """The hub tells a connection, while its protocol handles a read, whether it was the only
+    one ready (``lone``: a long pipeline's replies then go out as they are made,
+    commands.SEND_EVERY), and takes it back after."""
+    seen: list[tuple[str, bool]] = []
+
+    async def body(srv: Server) -> None:
+        clients = [await srv.connect() for _ in range(2)]
+        for (_sock, recorder), name in zip(clients, "ab", strict=True):
+            transport = recorder.transport
+
+            def record(data: bytes, name: str = name, transport=transport) -> None:
+                seen.append((name + data.decode(), transport.lone))
+
+            recorder.data_received = record
+        (a, ra), (b, rb) = clients
+        a.send(b"1")  # alone
+        await until(lambda: len(seen) == 1)
+        a.send(b"2")  # both ready when the loop looks
+        b.send(b"2")
+        await until(lambda: len(seen) == 3)
+        b.send(b"3")  # alone again
+        await until(lambda: len(seen) == 4)
+        assert seen[0] == ("a1", True)
+        assert sorted(seen[1:3]) == [("a2", False), ("b2", False)]
+        assert seen[3] == ("b3", True)
+        assert not ra.transport.lone and not rb.transport.lone  # only while it reads
+        for sock, _ in clients:
+            sock.close()
+
+    run(epoll_layer, body)

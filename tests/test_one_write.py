@@ -212,3 +212,52 @@ def test_a_repeated_key_takes_the_spec_found_last_and_a_long_key_is_not_kept(pro
     assert session.last_key == b"q" and [spec.name for spec in session.last_specs] == ["q"]
     proto.data_received(b"get " + long_key + b"\r\n")
     assert session.last_key == b"q"  # the long key's spec is not held
+
+
+def test_a_lone_connections_long_pipeline_is_answered_every_send_every_requests(impl):
+    """On a connection erq's epoll layer found alone ready (``ReplyWriter.lone``) a read's
+    replies go out every SEND_EVERY requests, so that its client writes its next requests
+    while the rest run: the same bytes, in order, in pieces. Not lone, one write, as before.
+    (Each build's own session and commands: the compiled protocol would pick the compiled.)"""
+    from erq import wire
+
+    commands = impl_module(impl, "_commands", "_commands_py")
+    session_module = impl_module(impl, "_session", "_session_py")
+    parser_module = impl_module(impl, "_parser", "_parser_py")
+    every = commands.SEND_EVERY
+
+    class DirectWriter(wire.ReplyWriter):
+        """erq's epoll connection as a session sees it: one of erq's own writers."""
+
+        def __init__(self, lone: bool) -> None:
+            self.lone = lone
+            self.writes: list[bytes] = []
+
+        def write(self, data) -> None:
+            self.writes.append(bytes(data))
+
+    n = 2 * every + 5
+    batch = b"".join(b"set q%d 0 0 5\r\nhel%02d\r\n" % (i % 2, i) for i in range(n))
+    batch += b"".join(b"get q%d\r\n" % (i % 2) for i in range(n))
+    loop = asyncio.new_event_loop()
+    state = ServerState(Config(), QueueCollection(Config(), None), loop)
+    budget = parser_module.DataBudget(Config().server.max_pending_data)
+    replies = {}
+    try:
+        for lone in (False, True):
+            writer = DirectWriter(lone)
+            session = session_module.Session(state, commands.dispatch, writer.write, lambda: None)
+            commands.feed(session, parser_module.Parser(budget=budget).feed(batch))
+            replies[lone] = writer.writes
+    finally:
+        state.queues.close()
+        loop.close()
+    assert len(replies[False]) == 1
+    whole = replies[False][0]
+    assert whole.startswith(b"STORED\r\n" * n + b"VALUE q0 0 5\r\nhel00\r\nEND\r\n")
+    assert b"".join(replies[True]) == whole
+    # every SEND_EVERY requests, then the rest: the sets' replies, then the gets'
+    pieces = replies[True]
+    assert [p.count(b"STORED\r\n") + p.count(b"END\r\n") for p in pieces] == [every] * (
+        2 * n // every
+    ) + [2 * n % every]

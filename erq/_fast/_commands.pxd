@@ -16,6 +16,7 @@ cimport erq._fast._wire as _wire
 
 cdef Py_ssize_t _requests_per_pass
 cdef Py_ssize_t _reused_key_max
+cdef Py_ssize_t _send_every
 
 
 @cython.locals(state=c_state.ServerState, queues=c_queues.QueueCollection, queue=c_queue.Queue)
@@ -81,5 +82,6 @@ cpdef cmd_get(c_session.Session session, tuple req)
     queues=c_queues.QueueCollection,
     slow_ops=cython.longlong,
 )
+@cython.locals(writer=_wire.ReplyWriter, send_at=Py_ssize_t)
 cpdef feed(c_session.Session session, list requests)
 cpdef dispatch(c_session.Session session, tuple req)

@@ -184,7 +184,9 @@ cdef class Hub:
             ev = events[i].events
             if conn._reading:
                 if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    conn.lone = n == 1  # nothing else to do while its client waits
                     conn._read(self)
+                    conn.lone = False
             elif ev & (EPOLLERR | EPOLLHUP) and not conn._unsent:
                 conn._fail(ECONNRESET)  # paused or half closed, nothing to send: gone
                 continue

@@ -3,6 +3,7 @@
 # that a VALUE line is formatted by a C call.
 
 cdef class ReplyWriter:
+    cdef public bint lone  # the only connection the loop found ready (SEND_EVERY)
     cpdef write(self, object data)
 
 

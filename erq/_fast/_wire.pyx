@@ -82,7 +82,11 @@ cdef bytes _spare = PyBytes_FromStringAndSize(NULL, SPARE_SIZE)
 cdef class ReplyWriter:
     """What a compiled Session hands its replies to with a C call: erq's epoll connection and
     the SocketWriter in front of a loop's transport. Through the bound ``write`` method it
-    was a Python call, ~90 instructions of each reply."""
+    was a Python call, ~90 instructions of each reply.
+
+    ``lone`` is True while erq's epoll layer hands the connection a read that no other
+    connection's was ready beside: its long pipeline's replies are then sent as they are made
+    (commands.SEND_EVERY), since nothing else would keep the loop busy meanwhile."""
 
     cpdef write(self, object data):
         raise NotImplementedError
