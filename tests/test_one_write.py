@@ -1,4 +1,5 @@
-"""One transport.write per data_received, however many requests were pipelined in it."""
+"""One transport.write per data_received, however many requests were pipelined in it; on a
+connection erq's epoll layer found alone ready, one every SEND_EVERY requests."""
 
 import asyncio
 import importlib
