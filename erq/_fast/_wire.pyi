@@ -1,6 +1,7 @@
 from typing import Any
 
 class ReplyWriter:
+    lone: bool
     def write(self, data: bytes) -> None: ...
 
 class SocketWriter(ReplyWriter):
