@@ -1,5 +1,6 @@
 # cython: annotation_typing=False
-"""The asyncio protocol: bytes in -> parser -> commands -> one write per read.
+"""The asyncio protocol: bytes in -> parser -> commands -> one write per read (a connection
+erq's epoll layer found alone ready: one every commands.SEND_EVERY requests).
 
 This is the only layer that touches a socket. It knows nothing of queues or disks.
 
