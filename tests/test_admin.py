@@ -507,6 +507,28 @@ def test_past_the_limit_a_probe_takes_the_place_of_the_longest_idle_connection()
     _run(scenario)
 
 
+class LoopPasses:
+    """Counts the loop's passes while entered (``async with``): a task that adds one and
+    yields, each pass."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopPasses:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 async def asked_and_not_reading(port: int):
     """A client that asked for /big with a small receive buffer, read the first bytes of the
     answer and no more: (reader, writer)."""
@@ -674,7 +696,7 @@ def test_an_answer_goes_out_a_piece_a_loop_pass_and_a_close_meanwhile_is_quiet(m
         return 200, TEXT, big
 
     monkeypatch.setitem(admin_module.ROUTES, "/big", shared)
-    passes = 0
+    passes = LoopPasses()
     writes: list[tuple[int, int, int]] = []  # (connection, loop pass, bytes)
     write = asyncio.StreamWriter.write
 
@@ -682,7 +704,7 @@ def test_an_answer_goes_out_a_piece_a_loop_pass_and_a_close_meanwhile_is_quiet(m
 
     def recorded(self, data):
         if bytes(data[:4]) != b"GET ":  # the server's, not the clients' requests
-            writes.append((id(self), passes, len(data)))
+            writes.append((id(self), passes.count, len(data)))
             if abort_after_first_piece[0] and len(writes) == 2:
                 abort_after_first_piece[0](self)
         return write(self, data)
@@ -691,44 +713,35 @@ def test_an_answer_goes_out_a_piece_a_loop_pass_and_a_close_meanwhile_is_quiet(m
     logged: list[dict] = []
 
     async def scenario() -> None:
-        nonlocal passes
         asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: logged.append(ctx))
         admin = AdminServer(SimpleNamespace(ready=True, status="UP"), max_connections=3)
         port = await admin.start("127.0.0.1", 0)
-
-        async def ticker() -> None:
-            nonlocal passes
-            while True:
-                passes += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
         try:
-            replies = await asyncio.gather(
-                *(_exchange(port, b"GET /big HTTP/1.1\r\n\r\n") for _ in range(3))
-            )
-            for raw in replies:
-                assert Reply(raw).body == big
-            mine = {}
-            for conn, when, size in writes:
-                assert size <= SEND_PIECE
-                mine.setdefault(conn, []).append(when)
-            assert len(mine) == 3
-            for whens in mine.values():  # a piece a pass, the body in 4 pieces
-                assert len(whens) >= 4 and len(set(whens)) == len(whens), whens
-            # A connection closed (as for a newer one past the limit) after its first piece.
-            writes.clear()
-            cut = asyncio.get_running_loop().call_soon
-            abort_after_first_piece[0] = lambda writer: cut(writer.transport.abort)
-            try:
-                raw = await _exchange(port, b"GET /big HTTP/1.1\r\n\r\n")
-            except ConnectionResetError:
-                raw = b""
-            assert len(raw) < len(big) and len(writes) == 2  # its head and one piece
-            while admin.connections:
-                await asyncio.sleep(0.001)
+            async with passes:
+                replies = await asyncio.gather(
+                    *(_exchange(port, b"GET /big HTTP/1.1\r\n\r\n") for _ in range(3))
+                )
+                for raw in replies:
+                    assert Reply(raw).body == big
+                mine = {}
+                for conn, when, size in writes:
+                    assert size <= SEND_PIECE
+                    mine.setdefault(conn, []).append(when)
+                assert len(mine) == 3
+                for whens in mine.values():  # a piece a pass, the body in 4 pieces
+                    assert len(whens) >= 4 and len(set(whens)) == len(whens), whens
+                # A connection closed (as for a newer one past the limit) after its first piece.
+                writes.clear()
+                cut = asyncio.get_running_loop().call_soon
+                abort_after_first_piece[0] = lambda writer: cut(writer.transport.abort)
+                try:
+                    raw = await _exchange(port, b"GET /big HTTP/1.1\r\n\r\n")
+                except ConnectionResetError:
+                    raw = b""
+                assert len(raw) < len(big) and len(writes) == 2  # its head and one piece
+                while admin.connections:
+                    await asyncio.sleep(0.001)
         finally:
-            task.cancel()
             admin.close()
         assert not logged, logged
 
@@ -747,13 +760,13 @@ def test_the_metrics_text_is_made_in_the_slices_not_on_a_thread(monkeypatch):
     queues, state = sliced_server_state(monkeypatch)
     for i in range(300):
         queues.add(f"q{i:04d}", b"x", 0, 0)
-    passes = 0
+    passes = LoopPasses()
     made_at: list[int] = []  # the loop pass of each piece of the text
     pieces = admin_module.metrics_pieces
 
     def recorded(*args):
         for piece in pieces(*args):
-            made_at.append(passes)
+            made_at.append(passes.count)
             yield piece
 
     monkeypatch.setattr(admin_module, "metrics_pieces", recorded)
@@ -764,21 +777,12 @@ def test_the_metrics_text_is_made_in_the_slices_not_on_a_thread(monkeypatch):
     monkeypatch.setattr(admin_module.asyncio, "to_thread", no_thread)
 
     async def scenario() -> str:
-        nonlocal passes
         admin = AdminServer(state)
         port = await admin.start("127.0.0.1", 0)
-
-        async def ticker() -> None:
-            nonlocal passes
-            while True:
-                passes += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
         try:
-            reply = Reply(await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))
+            async with passes:
+                reply = Reply(await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))
         finally:
-            task.cancel()
             admin.close()
         assert reply.status == 200
         return reply.body.decode()
@@ -882,31 +886,22 @@ def test_the_stats_json_text_is_made_a_queue_at_a_time_in_the_slices(monkeypatch
     queues, state = sliced_server_state(monkeypatch)
     for i in range(300):
         queues.add(f"q{i:04d}", b"x", 0, 0)
-    ticks = 0
+    passes = LoopPasses()
     dumped = []  # (loop passes so far, what one json.dumps made text of)
     dumps = json.dumps
     monkeypatch.setattr(
         admin_module.json,
         "dumps",
-        lambda obj, **kw: dumped.append((ticks, obj)) or dumps(obj, **kw),
+        lambda obj, **kw: dumped.append((passes.count, obj)) or dumps(obj, **kw),
     )
 
     async def scenario() -> None:
-        nonlocal ticks
         admin = AdminServer(state)
         port = await admin.start("127.0.0.1", 0)
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
         try:
-            reply = Reply(await _exchange(port, b"GET /stats.json HTTP/1.1\r\n\r\n"))
+            async with passes:
+                reply = Reply(await _exchange(port, b"GET /stats.json HTTP/1.1\r\n\r\n"))
         finally:
-            task.cancel()
             admin.close()
         doc = json.loads(reply.body)
         assert sorted(doc["queues"]) == [f"q{i:04d}" for i in range(300)]
