@@ -169,6 +169,7 @@ class Parser:
         "_budget",
         "_held",
         "stopped_at",
+        "extra_keys",
     )
 
     def __init__(
@@ -183,6 +184,7 @@ class Parser:
         self._budget = budget
         self._held = 0  # what the block being read holds in the budget
         self.stopped_at = 0  # where the last feed stopped (see feed)
+        self.extra_keys = 0  # the last feed's get keys beyond each get's first (see feed)
         self._buf = bytearray()
         self._state = _LINE
         self._closed = False
@@ -221,11 +223,14 @@ class Parser:
     def feed(self, data: bytes, start: int = 0, limit: int = 0) -> list[tuple]:
         """Consume one received chunk, from ``start``; return every request it completed, in
         order. With a ``limit``, stop before the next request line once that many are
-        complete: ``stopped_at`` then says where, and the bytes from there on are neither
-        parsed nor kept (feed them again). Otherwise ``stopped_at`` is ``len(data)``."""
+        complete, a get counting one per key (``extra_keys`` says how many more than the
+        requests that makes): ``stopped_at`` then says where, and the bytes from there on
+        are neither parsed nor kept (feed them again). Otherwise ``stopped_at`` is
+        ``len(data)``."""
         out: list[tuple] = []
         n = len(data)
         self.stopped_at = n
+        self.extra_keys = 0
         if self._closed:
             return out
         if type(data) is not bytes:
@@ -258,7 +263,7 @@ class Parser:
         if pos < n:
             pos = self._run(data, pos, out, limit)
             if not self._closed and pos < n:
-                if limit and len(out) >= limit and self._state == _LINE:
+                if limit and len(out) + self.extra_keys >= limit and self._state == _LINE:
                     self.stopped_at = pos
                     return out
                 buf += data[pos:]
@@ -319,7 +324,7 @@ class Parser:
         while pos < n:
             state = self._state
             if state == _LINE:
-                if limit and len(out) >= limit:
+                if limit and len(out) + self.extra_keys >= limit:
                     return pos
                 if buf[pos] == 0x80:
                     self._close(out, _BINARY)
@@ -408,6 +413,8 @@ class Parser:
                 return _DONE
         word = tokens[0].lower()
         if word == b"get" or word == b"gets":
+            if len(tokens) > 2:
+                self.extra_keys += len(tokens) - 2
             out.append((REQ_GET, tuple(tokens[1:]), word == b"gets"))
             return _DONE
         is_set = word == b"set"

@@ -803,6 +803,26 @@ def test_a_limited_feed_stops_before_the_next_request_and_keeps_nothing_of_the_r
         parser.feed(b"get a\r\n", 0, -1)
 
 
+def test_a_limited_feed_counts_a_get_one_request_per_key(mod):
+    """A turn of a large read is ``limit`` requests, a get counting one per key: a turn of
+    256 gets of 8,000 short keys each parsed two million keys, ~19 times their bytes as
+    objects, and held them all behind a get waiting for an item (13 MB a client). A get
+    longer than the turn is still parsed whole, alone; ``extra_keys`` says how many keys the
+    turn's gets had beyond their first."""
+    many = b"get " + b" ".join(b"k%d" % i for i in range(300)) + b"\r\n"
+    data = b"get a\r\nget a b c\r\n" + many + b"get d\r\n" * 3
+    parser = mod.Parser()
+    assert [len(r[1]) for r in parser.feed(data, 0, 4)] == [1, 3]  # 1 + 3 keys: 4
+    assert parser.extra_keys == 2
+    at = parser.stopped_at
+    assert [len(r[1]) for r in parser.feed(data, at, 4)] == [300]  # over the turn, alone
+    assert parser.extra_keys == 299
+    assert [len(r[1]) for r in parser.feed(data, parser.stopped_at, 4)] == [1, 1, 1]
+    assert parser.extra_keys == 0 and parser.stopped_at == len(data)
+    whole = mod.Parser()
+    assert len(whole.feed(data)) == 6 and whole.extra_keys == 2 + 299  # counted unlimited too
+
+
 def test_a_repeated_one_key_get_is_handed_on_as_the_same_request(mod):
     """Requests are equal whichever build parses them; the compiled parser hands a one-key get
     that repeats the last one-key get's key on as the same tuple (its key, the same object,

@@ -47,6 +47,7 @@ cdef class Parser:
     cdef tuple _last_get  # and its request tuple (a get, not gets)
 
     cdef readonly Py_ssize_t stopped_at  # where the last feed stopped (see feed)
+    cdef readonly Py_ssize_t extra_keys  # the last feed's get keys beyond each get's first
     cdef list _out  # feed's list: handed out again once its caller emptied it and let go
 
     cpdef list feed(self, object data, Py_ssize_t start=*, Py_ssize_t limit=*)

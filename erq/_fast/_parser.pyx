@@ -24,7 +24,7 @@ from cpython.list cimport PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize)
@@ -383,8 +383,10 @@ cdef class Parser:
     cpdef list feed(self, object data, Py_ssize_t start=0, Py_ssize_t limit=0):
         """Consume one received chunk, from ``start``; return every request it completed, in
         order. With a ``limit``, stop before the next request line once that many are
-        complete: ``stopped_at`` then says where, and the bytes from there on are neither
-        parsed nor kept (feed them again). Otherwise ``stopped_at`` is ``len(data)``.
+        complete, a get counting one per key (``extra_keys`` says how many more than the
+        requests that makes): ``stopped_at`` then says where, and the bytes from there on
+        are neither parsed nor kept (feed them again). Otherwise ``stopped_at`` is
+        ``len(data)``.
 
         The list is the last feed's again when its caller emptied it and holds it no more
         (the protocol empties it once the requests ran): a list made and freed per read, and
@@ -396,6 +398,7 @@ cdef class Parser:
         if out is None or _refcount(out) != 2 or PyList_GET_SIZE(out):
             out = []
             self._out = out
+        self.extra_keys = 0
         if self._closed:
             self.stopped_at = len(data)
             return out
@@ -442,7 +445,7 @@ cdef class Parser:
         if pos < n:
             pos += self._run(p + pos, n - pos, out, limit)
             if not self._closed and pos < n:
-                if limit and len(out) >= limit and self._state == ST_LINE:
+                if limit and len(out) + self.extra_keys >= limit and self._state == ST_LINE:
                     self.stopped_at = pos
                     return out
                 self._append(p + pos, n - pos)
@@ -585,7 +588,7 @@ cdef class Parser:
         cdef int r
         while pos < n:
             if self._state == ST_LINE:
-                if limit and len(out) >= limit:
+                if limit and len(out) + self.extra_keys >= limit:
                     return pos
                 if <unsigned char>p[pos] == 0x80:
                     self._close(out, _BINARY)
@@ -704,10 +707,15 @@ cdef class Parser:
             out.append((O_CMD, _lower(s + ws, wl), self._tokens(s, i, n)))
             return LINE_DONE
         if kind == W_GETS:
-            out.append((O_GET, self._keys(s, i, n), True))
+            keys = self._keys(s, i, n)
+            if PyTuple_GET_SIZE(keys) > 1:
+                self.extra_keys += PyTuple_GET_SIZE(keys) - 1
+            out.append((O_GET, keys, True))
             return LINE_DONE
         if kind == W_GET:
             keys = self._keys(s, i, n)
+            if PyTuple_GET_SIZE(keys) > 1:
+                self.extra_keys += PyTuple_GET_SIZE(keys) - 1
             # A repeated one-key get is the same request: its tuple is handed back again.
             if self._last_get is None or <tuple>self._last_get[1] is not keys:
                 self._last_get = (O_GET, keys, False)
