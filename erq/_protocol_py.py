@@ -210,7 +210,7 @@ class MemcacheProtocol:
             return
         self._counters.bytes_read += len(data)
         self._active = True
-        if len(data) > _parsed_whole or self._rest is not None:
+        if len(data) > _parsed_whole or self._rest is not None or session.blocked is not None:
             self._parse_in_turn(data)
             return
         requests = self.parser.feed(data)
@@ -241,6 +241,14 @@ class MemcacheProtocol:
         while at < end:
             if session is None or session.closing:
                 break  # a closing connection runs nothing more
+            if session.waits_for_an_item():
+                # Nothing of it can run before an item comes, for as long as the client
+                # likes: it waits as it came, not parsed (a get of many short keys, as
+                # objects, is ~19 times its bytes), and no more is read meanwhile.
+                self._rest = bytes(memoryview(data)[at:])  # a copy: a small read is lent
+                self._rest_at = 0
+                session.hold_input()
+                return
             if not first and (turn <= 0 or session.pending or session.blocked is not None):
                 self._rest = data
                 self._rest_at = at
@@ -252,7 +260,7 @@ class MemcacheProtocol:
             requests = parser.feed(data, at, turn)
             at = parser.stopped_at
             if requests:
-                turn -= len(requests)
+                turn -= len(requests) + parser.extra_keys  # a get's keys count one each
                 _commands.feed(session, requests)
             session = self.session
         self._rest = None

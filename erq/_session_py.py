@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.session")
 
 # Pause reading from a client whose pipeline runs this far ahead of a blocked request, in
-# requests or in the bytes they hold (request_size).
+# requests or in the bytes they hold (request_size). Behind a get that waits for an item,
+# reading pauses at once: that wait is the client's to end, for as long as it likes.
 MAX_PENDING = 4096
 MAX_PENDING_BYTES = 8 << 20
 # Replies a connection may hold that its client has not taken, in bytes (values, the long
@@ -202,7 +203,8 @@ class Session:
     def hold_back(self, requests: list) -> None:
         """Keep requests that cannot run yet (behind a blocked one, or while the client does
         not take its replies) for ``run``; stop reading from a client whose pipeline runs
-        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too).
+        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too),
+        or at once behind a get that waits for an item (``hold_input``).
 
         A set's data held back keeps room in ``max_pending_data`` until it runs. While the
         client holds the pipeline (a get waiting for an item, replies it does not take), for
@@ -213,7 +215,8 @@ class Session:
         refused."""
         pending = self.pending
         budget = self.state.data_budget
-        refusable = self.write_paused or self.blocked_on_output or self.waits_for_an_item()
+        waits = self.waits_for_an_item()
+        refusable = waits or self.write_paused or self.blocked_on_output
         for request in requests:
             size = set_data_size(request)
             if size:
@@ -226,11 +229,15 @@ class Session:
                     request = request[:4] + (NO_ROOM,) + request[5:]
             pending.append(request)
             self.pending_bytes += request_size(request)
-        if (
-            self._pause is not None
-            and not self._paused
-            and (len(self.pending) > MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES)
-        ):
+        if waits or len(self.pending) > MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES:
+            self.hold_input()
+
+    def hold_input(self) -> None:
+        """Stop reading from the client until the pipeline catches up: it runs MAX_PENDING
+        requests or MAX_PENDING_BYTES ahead, or a get waits for an item, for as long as the
+        client likes, with requests behind it (the protocol keeps a read that comes then
+        unparsed). Reading resumes in ``run``, or in ``unblock`` when nothing is held."""
+        if self._pause is not None and not self._paused:
             self._paused = True
             self._pause(True)
 
@@ -264,11 +271,15 @@ class Session:
             self._paused
             and len(pending) < MAX_PENDING // 2
             and self.pending_bytes < MAX_PENDING_BYTES // 2
+            and not self.waits_for_an_item()
         ):
-            self._paused = False
-            if self._pause is not None:
-                self._pause(False)
+            self._resume_input()
         self.flush()
+
+    def _resume_input(self) -> None:
+        self._paused = False
+        if self._pause is not None:
+            self._pause(False)
 
     def give_way(self) -> None:
         """The pipeline ran REQUESTS_PER_PASS requests, or SLOW_OPS_PER_PASS requests' work on
@@ -287,6 +298,8 @@ class Session:
         if self.pending:
             self.state.loop.call_soon(self.run)
         else:
+            if self._paused:  # a read that came while a get waited, if any, is parsed now
+                self._resume_input()
             if self.input_ended:
                 self._close_once_answered()
             self.flush()

@@ -327,10 +327,12 @@ def test_a_set_held_back_behind_a_blocked_get_keeps_its_room_until_it_runs(erq_f
 
 
 def test_one_set_held_back_alone_is_let_in_whatever_the_limit(erq_factory):
+    """A set larger than max_pending_data behind a get that waits: what came of it in the
+    get's read holds room, the rest is read once the get ends, and it is let in, alone."""
     server = start(erq_factory, server='max_pending_data = "64KiB"')
     watcher, client = server.client(), server.client()
     client.send(b"get wake/t=20000\r\nset q 0 0 200000\r\n" + b"a" * 200000 + b"\r\n")
-    wait_for_stat(watcher, "pending_data_bytes", "200000")
+    wait_for_stat(watcher, "queue_wake_waiters", "1")
     assert watcher.set("wake", b"1") == STORED
     assert client.until() == b"VALUE wake/t=20000 0 1\r\n1\r\nEND\r\n"
     assert client.line() == STORED
@@ -339,11 +341,15 @@ def test_one_set_held_back_alone_is_let_in_whatever_the_limit(erq_factory):
 
 
 def test_a_client_gone_with_sets_held_back_gives_their_room_back(erq_factory):
+    """The set read with the get is held back with its room; the one sent after waits
+    unread; the client leaves and the room comes back, nothing stored."""
     server = start(erq_factory, server='max_pending_data = "1MiB"')
     watcher, client = server.client(), server.client()
-    client.send(b"get wake/t=20000\r\nset q 0 0 100000\r\n" + b"a" * 100000 + b"\r\n")
+    client.send(b"get wake/t=20000\r\nset q 0 0 10000\r\n" + b"a" * 10000 + b"\r\n")
+    wait_for_stat(watcher, "pending_data_bytes", "10000")
     client.send(b"set q 0 0 100000\r\n" + b"b" * 100000 + b"\r\n")
-    wait_for_stat(watcher, "pending_data_bytes", "200000")
+    time.sleep(0.05)
+    assert watcher.stats()["pending_data_bytes"] == "10000"  # not read while the get waits
     client.close()
     stats = wait_for_stat(watcher, "pending_data_bytes", "0")
     assert stats["curr_items"] == "0"
@@ -355,16 +361,16 @@ def test_a_set_refused_as_it_came_waits_its_turn_behind_a_blocked_get(erq_factor
     answered in its turn, and the connection goes on (it used to end with a TypeError)."""
     server = start(erq_factory, server='max_pending_data = "1MiB"')
     watcher, holder, client = server.client(), server.client(), server.client()
-    holder.send(b"set held 0 0 1000000\r\n" + b"h" * 900_000)
-    wait_for_pending(watcher, 900_000)
+    holder.send(b"set held 0 0 1048000\r\n" + b"h" * 1_047_999)
+    wait_for_pending(watcher, 1_047_999)  # at most 577 bytes of room left
     client.send(b"get wake/t=20000\r\nset q 0 0 400000\r\n" + b"r" * 1000)
+    wait_for_stat(watcher, "pending_data_refusals", "1")  # refused as it came, held back
     client.send(b"r" * 399000 + b"\r\nversion\r\n")
-    wait_for_stat(watcher, "pending_data_refusals", "1")
     assert watcher.set("wake", b"1") == STORED
     assert client.until() == b"VALUE wake/t=20000 0 1\r\n1\r\nEND\r\n"
     assert client.line() == NO_MEMORY
     assert client.line().startswith(b"VERSION ")
-    holder.send(b"h" * 100_000 + b"\r\n")
+    holder.send(b"h\r\n")
     assert holder.line() == STORED
     wait_for_stat(watcher, "pending_data_bytes", "0")
 

@@ -200,6 +200,28 @@ def test_blocking_get_is_woken_by_a_set_on_another_connection_or_times_out_with_
     assert (stats["queue_q_waiters"], stats["queue_fresh_waiters"]) == ("0", "0")
 
 
+def test_requests_sent_while_a_get_waits_run_after_it_in_order_woken_or_timed_out(server):
+    """What a client sends while its get waits for an item waits unparsed, reading stopped
+    (a pipeline of many-key gets so held cost 13 MB a client), and runs after the get, in
+    order, whether an item wakes it or its t= elapses."""
+    c = server.client()
+    setter = server.client()
+    keys = b" ".join(b"k%d" % i for i in range(600))
+    behind = (b"get " + keys + b"\r\n") * 40 + set_req(b"r", b"hi") + b"get r\r\n"
+    for woken in (True, False):
+        block_on(c, "q/t=60000" if woken else "q/t=300", setter, "q")
+        c.send(behind)  # 24,000 keys: many turns of a read's 256
+        if woken:
+            assert setter.set("q", b"wake") == STORED
+            assert c.until() == one("q/t=60000", b"wake")
+        else:
+            assert c.until() == END
+        assert [c.until() for _ in range(40)] == [END] * 40
+        assert c.line() == STORED
+        assert c.until() == one("r", b"hi")
+        assert c.call(b"version\r\n").startswith(b"VERSION ")
+
+
 def test_blocked_gets_are_served_in_the_order_they_started_waiting(server):
     setter = server.client()
     waiters = [server.client() for _ in range(3)]

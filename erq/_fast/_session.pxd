@@ -51,6 +51,8 @@ cdef class Session:
     cdef public object gone  # a callable: is the client gone (see MemcacheProtocol)
 
     cpdef hold_back(self, list requests)
+    cpdef hold_input(self)
+    cdef _resume_input(self)
     @cython.locals(
         queues=c_queues.QueueCollection, slow_ops=cython.longlong, turn=cython.Py_ssize_t
     )
