@@ -388,10 +388,14 @@ class Queue:
         self.next_id = max(self.next_id, next_id)
 
     # ---- taking ------------------------------------------------------------------------
-    def _refill(self) -> None:
+    def _refill(self, ahead: bool = False) -> None:
         """Read items back from the journal, a REFILL_STEP of memory once that much of the
         budget is free (half of a budget smaller than two steps), and at least one item
-        whenever the ring is empty, so the head can be served whatever the limit."""
+        whenever the ring is empty, so the head can be served whatever the limit. Reading
+        ``ahead`` of a fetch (after a take, or for the sweep to see whether the head has
+        expired), an empty ring takes the head only if it fits: at the server's limit, 20
+        queues that had been read from or swept each held an 8 MiB head past it (160 MiB for
+        a 16 MiB limit); a fetch reads it when it comes."""
         if not self._disk_items or self._journal is None:
             return
         limit = self._max_memory_size
@@ -414,7 +418,7 @@ class Queue:
         # large one read early would sit in memory beside the limit's worth ahead of it.
         # (An empty ring takes it whatever its size.)
         first_max = -1
-        if self._ring:
+        if self._ring or ahead:
             first_max = budget - overhead
             if first_max < 0:
                 return
@@ -521,7 +525,7 @@ class Queue:
         self._last_removed_add_time = item.add_time
         if self._disk_items:
             try:
-                self._refill()
+                self._refill(True)
             except JournalError as exc:
                 # The item is out of the queue (its removal journaled): it must reach the
                 # caller. A fetch that finds the ring empty reads back again, and refuses
@@ -538,12 +542,16 @@ class Queue:
         if discard:
             self.discarded += 1
 
-    def discard_expired(self, now: int | None = None, limit: int | None = None) -> int:
-        """Remove expired items from the head (Kestrel's rule); returns how many."""
+    def discard_expired(
+        self, now: int | None = None, limit: int | None = None, sweep: bool = False
+    ) -> int:
+        """Remove expired items from the head (Kestrel's rule); returns how many. The
+        ``sweep`` reads a head that is only on disk back to look at it only within the
+        memory limits (``_refill``): a fetch finds it expired when it comes."""
         if now is None:
             now = self._now()
         n = 0
-        while (limit is None or n < limit) and self._head_expired(now):
+        while (limit is None or n < limit) and self._head_expired(now, sweep):
             # Out of the ring before the move to expire_to_queue: the move may wake a get
             # blocked there whose next key fetches from this queue at once, which must find
             # the item gone (not move it again, nor have its own item popped below).
@@ -570,11 +578,13 @@ class Queue:
         if self._journal is not None:
             self._journal.remove(item_id)
 
-    def _head_expired(self, now: int) -> bool:
+    def _head_expired(self, now: int, sweep: bool = False) -> bool:
         if not self._ring:
             if not self._disk_items:
                 return False
-            self._refill()
+            self._refill(sweep)
+            if not self._ring:  # the sweep's look: no room for the head
+                return False
         return self._ring.peek().expired(now)
 
     def head(self, now: int = -1) -> Item | None:

@@ -453,7 +453,7 @@ class QueueCollection:
             return False
         now = self._clock()
         try:
-            if expire and queue.discard_expired(now, EXPIRY_BATCH) == EXPIRY_BATCH:
+            if expire and queue.discard_expired(now, EXPIRY_BATCH, True) == EXPIRY_BATCH:
                 return True
             queue.expire_open_reads(now)
         except JournalError as exc:  # the head stays for a later sweep; the rest goes on

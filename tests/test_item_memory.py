@@ -87,6 +87,35 @@ def test_items_past_the_shared_limit_stay_on_disk_and_come_back_in_order(queue_m
     assert memory.used == 0
 
 
+def test_heads_on_disk_past_the_limit_are_read_back_for_a_fetch_only(queue_mod, make_queue):
+    """Past the server's limit, every queue that had been read from, or swept, held its head
+    in memory: the take read the next one back at once, and the sweep read one to look at
+    its expiry (20 queues of 8 MiB items and a 16 MiB limit: 160 MiB). Now only a fetch
+    reads a head back past the limit; the sweep looks only within it, and an expired head
+    on disk goes when a fetch comes."""
+    memory = queue_mod.ItemMemory(2 * COST)
+    queues = [make_queue(f"q{i}", memory) for i in range(5)]
+    for queue in queues:
+        for i in range(3):
+            queue.add(value(queue.name, i), 0, 0)
+    assert memory.used == 2 * COST  # the first queue's first two
+    for queue in queues:
+        queue.discard_expired(2_000, 100, True)  # the sweep's look
+    assert memory.used == 2 * COST
+    for queue in queues[1:]:
+        assert queue.take(False).data == value(queue.name, 0)  # read back for the fetch
+        assert memory.used == 2 * COST and queue.mem_items == 0  # and not the next
+    assert [drain(queue) for queue in queues[1:]] == [
+        [value(queue.name, i) for i in (1, 2)] for queue in queues[1:]
+    ]
+    expiring = make_queue("expiring", memory)
+    expiring.add(value("expiring", 0), 0, 1_500)  # expires at 1.5 s; the clock says 1 s
+    assert expiring.mem_items == 0
+    assert expiring.discard_expired(2_000, 100, True) == 0  # no room to look
+    assert expiring.items == 1
+    assert expiring.discard_expired(2_000, 100) == 1  # a fetch's look reads it back
+
+
 def test_memory_one_queue_gives_back_is_read_back_by_another(queue_mod, make_queue):
     step = queue_mod.REFILL_STEP
     memory = queue_mod.ItemMemory(4 * step)

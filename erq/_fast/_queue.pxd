@@ -83,7 +83,7 @@ cdef class Queue:
                    step=cython.longlong,
                    overhead=cython.longlong, first_max=cython.longlong, max_items=cython.longlong,
                    batch=list, item=c_ring.Item, n=cython.Py_ssize_t)
-    cdef void _refill(self) except *
+    cdef void _refill(self, bint ahead=*) except *
     @cython.locals(ring=c_ring.Ring)
     cdef void _push_tail(self, c_ring.Item item) except *
     @cython.locals(ring=c_ring.Ring)
@@ -98,8 +98,8 @@ cdef class Queue:
     @cython.locals(item=c_ring.Item)
     cdef c_ring.Item _pop_head(self)
     @cython.locals(head=c_ring.Item, item=c_ring.Item, last_removed=cython.longlong)
-    cpdef long long discard_expired(self, object now=*, object limit=*) except -1
-    cdef bint _head_expired(self, long long now) except -1
+    cpdef long long discard_expired(self, object now=*, object limit=*, bint sweep=*) except -1
+    cdef bint _head_expired(self, long long now, bint sweep=*) except -1
     cpdef journal_removal(self, unsigned long long item_id)
     cpdef object head(self, long long now=*)
     cpdef object peek(self, long long now=*)
