@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("erq.session")
 
 # Pause reading from a client whose pipeline runs this far ahead of a blocked request, in
-# requests or in the bytes they hold (request_size). Behind a get that waits for an item,
-# reading pauses at once: that wait is the client's to end, for as long as it likes.
+# requests or in the bytes they hold (request_size). Behind a get that waits for an item
+# (the client's to end, for as long as it likes), what comes is not parsed: the protocol
+# keeps it as it came, and stops reading past MAX_UNPARSED.
 MAX_PENDING = 4096
 MAX_PENDING_BYTES = 8 << 20
 # Replies a connection may hold that its client has not taken, in bytes (values, the long
@@ -187,6 +188,7 @@ class Session:
         self._close = close
         self._pause = pause
         self._paused = False
+        self._input_held = False  # the protocol keeps input unparsed behind a waiting get
         self.out_room = OUT_BUDGET  # what values and long replies may add to out before it
         self.write_paused = False  # the transport holds more than its high-water mark unsent
         self.blocked_on_output = False  # blocked is a get waiting for the client to read
@@ -203,8 +205,9 @@ class Session:
     def hold_back(self, requests: list) -> None:
         """Keep requests that cannot run yet (behind a blocked one, or while the client does
         not take its replies) for ``run``; stop reading from a client whose pipeline runs
-        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too),
-        or at once behind a get that waits for an item (``hold_input``).
+        MAX_PENDING requests or MAX_PENDING_BYTES ahead (the read that blocks counts too).
+        Behind a get that waits for an item, what is held is the rest of the read's turn
+        that blocked: what comes next waits unparsed in the protocol (``hold_input``).
 
         A set's data held back keeps room in ``max_pending_data`` until it runs. While the
         client holds the pipeline (a get waiting for an item, replies it does not take), for
@@ -215,8 +218,7 @@ class Session:
         refused."""
         pending = self.pending
         budget = self.state.data_budget
-        waits = self.waits_for_an_item()
-        refusable = waits or self.write_paused or self.blocked_on_output
+        refusable = self.write_paused or self.blocked_on_output or self.waits_for_an_item()
         for request in requests:
             size = set_data_size(request)
             if size:
@@ -229,15 +231,17 @@ class Session:
                     request = request[:4] + (NO_ROOM,) + request[5:]
             pending.append(request)
             self.pending_bytes += request_size(request)
-        if waits or len(self.pending) > MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES:
+        if len(self.pending) > MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES:
             self.hold_input()
 
-    def hold_input(self) -> None:
-        """Stop reading from the client until the pipeline catches up: it runs MAX_PENDING
-        requests or MAX_PENDING_BYTES ahead, or a get waits for an item, for as long as the
-        client likes, with requests behind it (the protocol keeps a read that comes then
-        unparsed). Reading resumes in ``run``, or in ``unblock`` when nothing is held."""
-        if self._pause is not None and not self._paused:
+    def hold_input(self, stop_reading: bool = True) -> None:
+        """Input waits until the pipeline catches up: it runs MAX_PENDING requests or
+        MAX_PENDING_BYTES ahead, or a get waits for an item, for as long as the client likes,
+        with requests behind it (the protocol keeps what comes then unparsed, and stops
+        reading past MAX_UNPARSED). ``run``, or ``unblock`` when nothing is held, has the
+        protocol go on with it (``_resume_input``)."""
+        self._input_held = True
+        if stop_reading and self._pause is not None and not self._paused:
             self._paused = True
             self._pause(True)
 
@@ -268,7 +272,7 @@ class Session:
         if self.input_ended:
             self._close_once_answered()
         if (
-            self._paused
+            (self._paused or self._input_held)
             and len(pending) < MAX_PENDING // 2
             and self.pending_bytes < MAX_PENDING_BYTES // 2
             and not self.waits_for_an_item()
@@ -277,7 +281,7 @@ class Session:
         self.flush()
 
     def _resume_input(self) -> None:
-        self._paused = False
+        self._paused = self._input_held = False
         if self._pause is not None:
             self._pause(False)
 
@@ -298,7 +302,7 @@ class Session:
         if self.pending:
             self.state.loop.call_soon(self.run)
         else:
-            if self._paused:  # a read that came while a get waited, if any, is parsed now
+            if self._paused or self._input_held:  # what came while a get waited runs now
                 self._resume_input()
             if self.input_ended:
                 self._close_once_answered()

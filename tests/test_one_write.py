@@ -151,13 +151,14 @@ def test_a_large_read_behind_a_blocked_get_waits_unparsed_without_spinning(proto
     """Behind a get that waits for an item, a large read was parsed a slice a pass into the
     held pipeline until that was MAX_PENDING long: a client's gets of many short keys so
     held cost ~13 MB a connection. Now only the turn that blocked is parsed (the requests
-    behind the get in it held), the rest waits as it came, reading paused, and nothing
-    runs until the get is answered; then the rest runs, in order."""
+    behind the get in it held), the rest waits as it came, reading paused (it is more than
+    MAX_UNPARSED), and nothing runs until the get is answered; then the rest runs, in
+    order."""
     proto = protocol_factory()
     transport = RecordingTransport()
     proto.connection_made(transport)
     session_module = impl_module_session(proto)
-    n = 60000
+    n = 60_000  # 420 KB: past what waits unparsed with reading on (MAX_UNPARSED)
     proto.data_received(b"get w/t=60000\r\n" + b"get e\r\n" * n + b"version\r\n")
     loop = proto.state.loop
     run_passes(loop, 200)

@@ -222,6 +222,24 @@ def test_requests_sent_while_a_get_waits_run_after_it_in_order_woken_or_timed_ou
         assert c.call(b"version\r\n").startswith(b"VERSION ")
 
 
+def test_a_client_that_leaves_a_pipeline_behind_a_waiting_get_is_heard_and_gets_no_item(
+    server,
+):
+    """A client sends a get that waits and 200 KB of requests behind it, then closes. The
+    server reads on behind the get up to 256 KiB, kept as it came (not parsed), so the
+    client's FIN reaches it: the get stops waiting and the next item stays queued rather
+    than going to a client that is gone."""
+    c = server.client()
+    watcher = server.client()
+    c.send(b"get q/t=60000\r\n")
+    wait_for_stat(watcher, "queue_q_waiters", "1")
+    c.send(b"version\r\n" * 22_000)
+    c.close()
+    wait_for_stat(watcher, "queue_q_waiters", "0")
+    assert watcher.set("q", b"kept") == STORED
+    assert watcher.stats()["queue_q_items"] == "1"
+
+
 def test_blocked_gets_are_served_in_the_order_they_started_waiting(server):
     setter = server.client()
     waiters = [server.client() for _ in range(3)]

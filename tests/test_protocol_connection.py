@@ -328,7 +328,7 @@ def test_reading_stops_while_a_blocked_get_holds_a_long_pipeline(loop, layer, pr
         writer.write(b"version\r\n")
         assert await reader.readexactly(len(VERSION_LINE)) == VERSION_LINE
         (proto,) = state.connections
-        behind = 5000  # more than the session's MAX_PENDING
+        behind = 30_000  # more than the session's MAX_PENDING, and past MAX_UNPARSED
         writer.write(b"get q/t=60000\r\n")
         await until(lambda: proto.session.blocked is not None, "the blocking get")
         writer.write(b"get empty\r\n" * behind)
@@ -379,9 +379,10 @@ def test_reading_stops_once_the_pipeline_behind_a_blocked_get_holds_too_many_byt
 
 
 def test_what_came_while_a_get_waited_runs_once_it_times_out_in_order(loop, layer, protocol_class):
-    """Requests that came while a get waited for an item, kept as they came (not parsed,
-    reading paused), run once the get ends without one (its t= elapsed, nothing held
-    parsed behind it), in order, and reading resumes."""
+    """Requests that came while a get waited for an item, kept as they came (not parsed;
+    reading paused past MAX_UNPARSED), run once the get ends without one (its t= elapsed,
+    nothing held parsed behind it), in order, and reading resumes."""
+    big = b"b" * (1 << 20)
 
     async def body(state, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -389,9 +390,10 @@ def test_what_came_while_a_get_waited_runs_once_it_times_out_in_order(loop, laye
         (proto,) = await until_connections(state)
         await until(lambda: proto.session.blocked is not None, "the blocking get")
         writer.write(b"set r 0 0 2\r\nhi\r\nget r\r\n" + b"version\r\n" * 3000)
+        writer.write(b"set big 0 0 %d\r\n%s\r\nversion\r\n" % (len(big), big))
         await until(lambda: not proto.transport.is_reading(), "reading to pause")
         assert not proto.session.pending  # waiting unparsed
-        expected = END + STORED + one("r", b"hi") + VERSION_LINE * 3000
+        expected = END + STORED + one("r", b"hi") + VERSION_LINE * 3000 + STORED + VERSION_LINE
         assert await reader.readexactly(len(expected)) == expected
         await until(proto.transport.is_reading, "reading to resume")
         writer.close()
@@ -454,7 +456,7 @@ def test_a_client_that_leaves_while_reading_is_paused_is_heard_at_once(
         (proto,) = state.connections
         queue = state.queues.get_or_create("w")
         if pause == "pipeline":
-            writer.write(b"get w/t=60000\r\n" + b"version\r\n" * 5000)
+            writer.write(b"get w/t=60000\r\n" + b"version\r\n" * 40_000)  # > MAX_UNPARSED
         else:  # 16 MiB of replies, more than the socket buffers take
             writer.write(b"set big 0 0 %d\r\n%s\r\n" % (len(item), item))
             writer.write(b"get big/peek\r\n" * 64)
@@ -481,13 +483,12 @@ async def until_connections(state) -> set:
 
 
 def test_a_blocking_get_and_a_long_pipeline_in_one_read_pause_reading_at_once(loop, protocol_class):
-    """The pipeline limit holds within the read that blocks, not from the next read on."""
-    from erq.session import MAX_PENDING
-
+    """The limit on what waits behind a get holds within the read that blocks, not from the
+    next read on: past MAX_UNPARSED of it, reading pauses at once."""
     proto = protocol_class(make_state(loop))
     transport = RecordingTransport()
     proto.connection_made(transport)
-    proto.data_received(b"get q/t=60000\r\n" + b"version\r\n" * (MAX_PENDING + 1))
+    proto.data_received(b"get q/t=60000\r\n" + b"version\r\n" * 40_000)  # 360 KB
     assert transport.calls == ["pause"]
     assert transport.writes == []  # everything waits behind the blocked get
     proto.connection_lost(None)

@@ -43,6 +43,7 @@ cdef class Session:
     cdef object _close
     cdef object _pause
     cdef bint _paused
+    cdef bint _input_held
     cdef public Py_ssize_t out_room
     cdef public bint write_paused
     cdef public bint blocked_on_output
@@ -51,7 +52,7 @@ cdef class Session:
     cdef public object gone  # a callable: is the client gone (see MemcacheProtocol)
 
     cpdef hold_back(self, list requests)
-    cpdef hold_input(self)
+    cpdef hold_input(self, bint stop_reading=*)
     cdef _resume_input(self)
     @cython.locals(
         queues=c_queues.QueueCollection, slow_ops=cython.longlong, turn=cython.Py_ssize_t
