@@ -252,9 +252,13 @@ class MemcacheProtocol:
                 # likes: it waits as it came, not parsed (a get of many short keys, as
                 # objects, is ~19 times its bytes), and past MAX_UNPARSED no more is read.
                 # (Reading on until then lets a client's FIN through a pipeline it left.)
-                self._rest = bytes(memoryview(data)[at:])  # a copy: a small read is lent
-                self._rest_at = 0
-                session.hold_input(len(self._rest) > MAX_UNPARSED)
+                if len(data) > _parsed_whole:  # a read of its own, or rest and read joined
+                    self._rest = data
+                    self._rest_at = at
+                else:  # a small read is lent (erq's epoll layer): what is kept is a copy
+                    self._rest = bytes(memoryview(data)[at:])
+                    self._rest_at = 0
+                session.hold_input(end - at > MAX_UNPARSED)
                 return
             if not first and (turn <= 0 or session.pending or session.blocked is not None):
                 self._rest = data

@@ -416,7 +416,7 @@ class Queue:
         overhead = self._item_overhead
         # With items in the ring, the next one is read only if it fits the free budget: a
         # large one read early would sit in memory beside the limit's worth ahead of it.
-        # (An empty ring takes it whatever its size.)
+        # (An empty ring takes it whatever its size, unless reading ahead of a fetch.)
         first_max = -1
         if self._ring or ahead:
             first_max = budget - overhead
